@@ -1,0 +1,70 @@
+"""Teacher targets: the AR teacher's next-token log-probs at every response position.
+
+One job: run the frozen teacher causally over ``[prompt | x0]`` and return, for response position
+i, the distribution p(x_i | x_<i): the teacher's logits at column ``P + i - 1`` (shifted right by
+one: the first response token gets the prediction made at the last prompt token). Either the full
+vocabulary (this rank's shard) or the top-k (default 16) log-probs and their global ids,
+computed vocabulary-parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from nemo_opdlm.models import masks
+from nemo_opdlm.runtime import vocab_parallel
+from nemo_opdlm.runtime.pipeline import Batch, forward_collect
+
+
+@dataclass
+class TeacherTargets:
+    """Teacher log-probs aligned to response positions.
+
+    Attributes:
+        logprobs: full-vocab: ``[B, L, V/tp]`` (this rank's shard); top-k: ``[B, L, k]`` values.
+        ids: top-k only: ``[B, L, k]`` global vocabulary ids; None for full-vocab targets.
+    """
+
+    logprobs: torch.Tensor
+    ids: Optional[torch.Tensor] = None
+
+    @property
+    def is_topk(self) -> bool:
+        return self.ids is not None
+
+
+def teacher_batch(prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, x0: torch.Tensor,
+                  x0_valid: torch.Tensor) -> Batch:
+    """Causal teacher input ``[left-padded prompt | x0]`` (block size 1, no xt)."""
+    if int(prompt_lens.min()) < 1:
+        raise ValueError("every row needs a non-empty prompt: the first response token is "
+                         "predicted from the last prompt token")
+    layout = masks.build_layout(prompt_lens, prompt_ids.shape[1], x0_valid, block_size=1, with_xt=False)
+    return dict(
+        input_ids=torch.cat([prompt_ids, x0], dim=1),
+        position_ids=layout.position_ids,
+        meta=layout.meta,
+    )
+
+
+def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,
+                    top_k: Optional[int]) -> TeacherTargets:
+    """Targets from teacher logits ``[B, P + L, V/tp]``: take columns ``P-1 .. P+L-2``."""
+    window = logits[:, prompt_width - 1: prompt_width + response_len - 1]  # [B, L, V/tp]
+    logprobs = vocab_parallel.log_softmax(window)  # [B, L, V/tp] fp32
+    if top_k is None:
+        return TeacherTargets(logprobs)
+    values, ids = vocab_parallel.topk(logprobs, top_k)  # [B, L, k]
+    return TeacherTargets(values, ids)
+
+
+@torch.no_grad()
+def compute_targets(teacher: Sequence[torch.nn.Module], batches: Sequence[Batch], prompt_width: int,
+                    response_len: int, top_k: Optional[int] = 16) -> list[TeacherTargets]:
+    """Teacher targets per micro-batch (on the last pipeline stage; empty list elsewhere)."""
+    return forward_collect(
+        teacher, batches, lambda logits, _: shifted_targets(logits, prompt_width, response_len, top_k)
+    )

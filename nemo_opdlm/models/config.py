@@ -1,0 +1,234 @@
+"""Model-provider config: the architecture of a Qwen3 / Qwen2.5 / Llama-3 style decoder.
+
+One job: hold an architecture's numbers, validate them, and turn them into a megatron-core
+``TransformerConfig`` for a given parallel layout (the role Megatron-Bridge's model providers play,
+without depending on it). Non-goals: building modules (``student.py``, ``teacher.py``), parallel
+layout validation against the world size (``runtime/distributed.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTENTION_BACKENDS = ("auto", "local", "sdpa", "flex")
+LINEAR_IMPLS = ("auto", "local", "te")
+RECOMPUTE = ("none", "selective", "full")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the key and the fix."""
+
+
+@dataclass(kw_only=True)
+class RopeScaling:
+    """Llama-3.1 style RoPE frequency scaling (``rope_scaling`` with ``rope_type: llama3`` in HF)."""
+
+    factor: float = 8.0
+    """Scale of the low frequencies."""
+    low_freq_factor: float = 1.0
+    """Wavelengths above original_max_position_embeddings / low_freq_factor are fully scaled."""
+    high_freq_factor: float = 4.0
+    """Wavelengths below original_max_position_embeddings / high_freq_factor are kept."""
+    original_max_position_embeddings: int = 8192
+    """Context length the base model was trained at."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Architecture of a decoder-only LM with RMSNorm, SwiGLU, GQA and RoPE."""
+
+    family: str = "qwen3"
+    """'qwen3', 'qwen2' or 'llama': the HF architecture this shape comes from (names tensors on export)."""
+    num_layers: int
+    """Transformer layers."""
+    hidden_size: int
+    """Model width."""
+    ffn_hidden_size: int
+    """SwiGLU inner width."""
+    num_attention_heads: int
+    """Query heads."""
+    num_query_groups: int
+    """Key/value heads (GQA groups); equal to num_attention_heads for MHA."""
+    head_dim: Optional[int] = None
+    """Per-head width; None means hidden_size // num_attention_heads."""
+    vocab_size: int
+    """Tokenizer vocabulary size (before padding to a TP-friendly multiple)."""
+    make_vocab_size_divisible_by: int = 128
+    """The embedding is padded to a multiple of this times TP; padding is masked from every softmax."""
+    max_position_embeddings: int = 4096
+    """Longest sequence the model is used at (rows are [prompt | x0 | xt], so up to P + 2L)."""
+    rotary_base: float = 1_000_000.0
+    """RoPE theta."""
+    rope_scaling: Optional[RopeScaling] = None
+    """Llama-3.1 RoPE scaling, or None."""
+    norm_eps: float = 1e-6
+    """RMSNorm epsilon."""
+    qk_layernorm: bool = False
+    """RMSNorm on queries and keys per head (Qwen3)."""
+    add_qkv_bias: bool = False
+    """Bias on the q/k/v projections (Qwen2/2.5)."""
+    tie_word_embeddings: bool = False
+    """Share the input embedding and the output layer."""
+    init_method_std: float = 0.02
+    """Std of random initialisation (weights are normally imported)."""
+    params_dtype: str = "float32"
+    """'float32', 'bfloat16' or 'float16'."""
+    attention_dropout: float = 0.0
+    """Dropout on attention probabilities."""
+    hidden_dropout: float = 0.0
+    """Dropout on residual branches."""
+    attention_backend: str = "auto"
+    """'auto' (flex on GPU, sdpa on CPU), 'local' (megatron-core dense reference), 'sdpa', 'flex'."""
+    linear_impl: str = "auto"
+    """'auto' (Transformer Engine when importable and on GPU), 'local' or 'te'."""
+    fp8: Optional[str] = None
+    """FP8 recipe passed to TE ('hybrid' or 'e4m3'); needs linear_impl te."""
+    recompute: str = "none"
+    """Activation recompute: 'none', 'selective' (core attention) or 'full' (every layer)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Further TransformerConfig keyword arguments, passed through verbatim."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.params_dtype]
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first inconsistent field."""
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
+                     "num_query_groups", "vocab_size", "max_position_embeddings"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.family not in ("qwen3", "qwen2", "llama"):
+            raise ConfigError(f"model.family must be 'qwen3', 'qwen2' or 'llama', got {self.family!r}")
+        if self.num_attention_heads % self.num_query_groups:
+            raise ConfigError(
+                f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"model.num_query_groups ({self.num_query_groups})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model.hidden_size ({self.hidden_size}) is not divisible by "
+                f"model.num_attention_heads ({self.num_attention_heads}); set model.head_dim"
+            )
+        if self.kv_channels % 2:
+            raise ConfigError(f"model head_dim must be even for RoPE, got {self.kv_channels}")
+        if self.params_dtype not in DTYPES:
+            raise ConfigError(f"model.params_dtype must be one of {sorted(DTYPES)}, got {self.params_dtype!r}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"model.attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}"
+            )
+        if self.linear_impl not in LINEAR_IMPLS:
+            raise ConfigError(f"model.linear_impl must be one of {LINEAR_IMPLS}, got {self.linear_impl!r}")
+        if self.recompute not in RECOMPUTE:
+            raise ConfigError(f"model.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
+        if self.fp8 is not None and self.fp8 not in ("hybrid", "e4m3"):
+            raise ConfigError(f"model.fp8 must be None, 'hybrid' or 'e4m3', got {self.fp8!r}")
+        if self.fp8 is not None and self.resolved_linear_impl() != "te":
+            raise ConfigError("model.fp8 needs Transformer Engine: set model.linear_impl=te (and install it)")
+        if self.resolved_linear_impl() == "te" and not te_available():
+            raise ConfigError("model.linear_impl=te but transformer_engine is not importable")
+
+    def padded_vocab_size(self, tp_size: int) -> int:
+        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp_size``."""
+        multiple = self.make_vocab_size_divisible_by * tp_size
+        return -(-self.vocab_size // multiple) * multiple
+
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend != "auto":
+            return self.attention_backend
+        from nemo_opdlm.models.attention import flex_available
+
+        return "flex" if torch.cuda.is_available() and flex_available() else "sdpa"
+
+    def resolved_linear_impl(self) -> str:
+        if self.linear_impl != "auto":
+            return self.linear_impl
+        return "te" if torch.cuda.is_available() and te_available() else "local"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def transformer_config(self, *, tp_size: int, pp_size: int, use_cpu_initialization: bool):
+        """The megatron-core ``TransformerConfig`` of this architecture at a TP/PP layout."""
+        from megatron.core.transformer.transformer_config import TransformerConfig
+
+        dtype = self.dtype
+        kwargs: dict[str, Any] = dict(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            ffn_hidden_size=self.ffn_hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.num_query_groups,
+            kv_channels=self.kv_channels,
+            normalization="RMSNorm",
+            layernorm_epsilon=self.norm_eps,
+            gated_linear_unit=True,
+            activation_func=F.silu,
+            add_bias_linear=False,
+            add_qkv_bias=self.add_qkv_bias,
+            qk_layernorm=self.qk_layernorm,
+            attention_dropout=self.attention_dropout,
+            hidden_dropout=self.hidden_dropout,
+            init_method_std=self.init_method_std,
+            tensor_model_parallel_size=tp_size,
+            pipeline_model_parallel_size=pp_size,
+            params_dtype=dtype,
+            bf16=dtype == torch.bfloat16,
+            fp16=dtype == torch.float16,
+            pipeline_dtype=dtype,
+            use_cpu_initialization=use_cpu_initialization,
+            # Fusions need apex/TE kernels; the unfused paths are exact and portable.
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            persist_layer_norm=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            bias_dropout_fusion=False,
+            attention_softmax_in_fp32=True,
+        )
+        if self.recompute == "full":
+            kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
+        elif self.recompute == "selective":
+            kwargs.update(recompute_granularity="selective")
+        if self.fp8 is not None:
+            kwargs.update(fp8=self.fp8)
+        kwargs.update(self.extra)
+        return TransformerConfig(**kwargs)
+
+
+def te_available() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+@dataclass(kw_only=True)
+class DiffusionConfig:
+    """What turns the AR architecture into a block-diffusion student."""
+
+    block_size: int = 4
+    """Tokens per diffusion block; 1 with an x0-only row is the causal teacher."""
+    mask_token_id: int
+    """Id of the [MASK] token (from the tokenizer, or a reserved id)."""
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ConfigError(f"diffusion.block_size must be >= 1, got {self.block_size}")
+        if self.mask_token_id < 0:
+            raise ConfigError(f"diffusion.mask_token_id must be >= 0, got {self.mask_token_id}")

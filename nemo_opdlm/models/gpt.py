@@ -1,0 +1,135 @@
+"""The decoder used for both student and teacher: megatron-core ``GPTModel`` with its own forward.
+
+One job: map (tokens, position ids, token metadata) to vocab-parallel logits. It keeps every
+module of ``GPTModel`` (embedding, ``TransformerBlock``, output layer, RoPE frequencies, sharded
+state dict, PP hooks) and replaces only ``forward``, for two reasons megatron-core's does not cover:
+
+- RoPE is taken at explicit ``position_ids`` per row: xt reuses x0's positions and left-padded
+  prompts start at 0 (megatron-core applies RoPE at 0..S-1 outside its inference paths);
+- the logits are returned ``[B, S, V/tp]`` with the vocabulary padding filled with the dtype's
+  minimum, so that no softmax, top-k or KL ever gives it mass (and no -inf makes NaN).
+
+There is no logit shift here: a position's logits predict the token *at* that position for the
+student; the teacher's right shift lives in ``distill/teacher_targets.py``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.parallel_state import get_tensor_model_parallel_rank
+from torch import Tensor
+
+from nemo_opdlm.models.config import ModelConfig
+
+
+class DiffusionGPTModel(GPTModel):
+    """megatron-core GPT whose forward takes position ids and block-mask metadata.
+
+    Args (beyond GPTModel's): ``real_vocab_size``: the tokenizer's vocabulary before padding.
+    """
+
+    def __init__(self, *args, real_vocab_size: int, rope_scaling_params=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.real_vocab_size = real_vocab_size
+        if rope_scaling_params is not None and hasattr(self, "rotary_pos_emb"):
+            # megatron-core only exposes the Llama-3 factor; apply all four HF parameters.
+            rope = self.rotary_pos_emb
+            base = 1.0 / (
+                kwargs["rotary_base"]
+                ** (torch.arange(0, rope.inv_freq.numel() * 2, 2, dtype=torch.float32) / (rope.inv_freq.numel() * 2))
+            )
+            rope.inv_freq = rope._apply_scaling(
+                base.to(rope.inv_freq.device),
+                factor=rope_scaling_params.factor,
+                low_freq_factor=rope_scaling_params.low_freq_factor,
+                high_freq_factor=rope_scaling_params.high_freq_factor,
+                original_max_position_embeddings=rope_scaling_params.original_max_position_embeddings,
+            )
+
+    def rope_freqs(self, position_ids: Tensor) -> Tensor:
+        """RoPE angles ``[S, B, 1, D]`` at explicit positions (fp32, as HF computes them)."""
+        inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)  # [D/2]
+        angles = position_ids.float()[..., None] * inv_freq  # [B, S, D/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [B, S, D]
+        return angles.transpose(0, 1)[:, :, None, :]  # [S, B, 1, D]
+
+    def forward(  # type: ignore[override]
+        self,
+        input_ids: Optional[Tensor],
+        position_ids: Tensor,
+        attention_mask: Tensor,
+        labels: Optional[Tensor] = None,
+        **unused,
+    ) -> Tensor:
+        """Logits ``[B, S, V_pad/tp]`` on the last stage, hidden states ``[S, B, H]`` elsewhere.
+
+        Args:
+            input_ids: ``[B, S]`` token ids (ignored on non-first PP stages).
+            position_ids: ``[B, S]`` RoPE positions.
+            attention_mask: ``[B, 2, S]`` token metadata from ``masks.build_layout``.
+        """
+        if labels is not None:
+            raise ValueError("DiffusionGPTModel returns logits; losses live in distill/loss.py")
+        decoder_input = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
+        hidden = self.decoder(
+            hidden_states=decoder_input,
+            attention_mask=attention_mask,
+            rotary_pos_emb=self.rope_freqs(position_ids),
+        )  # [S, B, H]
+        if not self.post_process:
+            return hidden
+        weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [S, B, V/tp]
+        logits = logits.transpose(0, 1).contiguous()  # [B, S, V/tp]
+        return mask_vocab_padding(logits, self.real_vocab_size)
+
+
+def mask_vocab_padding(logits: Tensor, real_vocab_size: int) -> Tensor:
+    """Fill the padded vocabulary entries of this TP rank's logit shard with the dtype's minimum."""
+    local = logits.shape[-1]
+    start = get_tensor_model_parallel_rank() * local
+    n_real = min(max(real_vocab_size - start, 0), local)
+    if n_real == local:
+        return logits
+    keep = torch.arange(local, device=logits.device) < n_real
+    return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+
+
+def build_gpt(
+    model: ModelConfig,
+    *,
+    tp_size: int,
+    pp_size: int,
+    pre_process: bool,
+    post_process: bool,
+    vp_stage: Optional[int] = None,
+) -> DiffusionGPTModel:
+    """Build one pipeline stage of the decoder (no weights loaded; see ``convert/``)."""
+    from nemo_opdlm.models.specs import layer_spec
+
+    config = model.transformer_config(
+        tp_size=tp_size, pp_size=pp_size, use_cpu_initialization=not torch.cuda.is_available()
+    )
+    kwargs = dict(
+        config=config,
+        transformer_layer_spec=layer_spec(model),
+        vocab_size=model.padded_vocab_size(tp_size),
+        max_sequence_length=model.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=model.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_base=model.rotary_base,
+        real_vocab_size=model.vocab_size,
+        rope_scaling_params=model.rope_scaling,
+    )
+    if vp_stage is not None:
+        kwargs["vp_stage"] = vp_stage
+    net = DiffusionGPTModel(**kwargs)
+    if torch.cuda.is_available():
+        net.cuda()
+    return net

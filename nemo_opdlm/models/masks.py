@@ -1,0 +1,190 @@
+"""Block-diffusion attention masks, built from named per-token parts.
+
+One job: describe who may attend to whom in the student's and the teacher's inputs. Non-goals:
+running attention (``attention.py``) and choosing which tokens are masked (``distill/states.py``).
+
+Every token carries two integers, stacked as ``meta[:, 0]`` and ``meta[:, 1]``:
+
+- ``block``: its block index. Response blocks count 0, 1, 2, ... from the first response token;
+  prompt blocks count -1, -2, ... backwards from the prompt's end, i.e. prompt blocks are aligned
+  to the prompt's end exactly as the rollout prefills a (left-padded) prompt.
+- ``kind``: ``PAD`` (a padding token: never a key), ``CLEAN`` (prompt or x0) or ``NOISY`` (xt).
+
+The rule, for a query ``q`` and a key ``k`` of the same row:
+
+- ``k`` is padding: never, except a token always sees itself (so no softmax row is empty);
+- ``k`` is clean: allowed if ``block(k) < block(q)``, or ``block(k) == block(q)`` and ``q`` is clean;
+- ``k`` is noisy: allowed only if ``q`` is noisy and in the same block.
+
+So clean tokens are block-causal (bidirectional in a block, causal across blocks), xt block b sees
+the prompt, x0 blocks < b and itself, and with block size 1 and no xt the mask is exactly causal
+(the AR teacher). A block size >= the sequence length makes a prompt-free row fully bidirectional.
+
+``meta`` is an integer tensor so that it can travel through megatron-core as the
+``attention_mask`` argument (activation recompute saves it with ``save_for_backward``); the core
+attention turns it into a dense mask or a FlexAttention ``BlockMask``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+PAD = 0
+CLEAN = 1
+NOISY = 2
+
+
+@dataclass(frozen=True)
+class RowLayout:
+    """Model inputs for one batch: token layout, position ids and mask metadata.
+
+    Attributes:
+        meta: ``[B, 2, S]`` int64, rows (block, kind) as described in the module docstring.
+        position_ids: ``[B, S]`` int64 RoPE positions; xt reuses x0's positions.
+        prompt_width: columns occupied by the (left-padded) prompt.
+        response_len: response length L1 (x0 and xt each occupy L1 columns).
+        has_xt: whether the row ends with an xt copy of the response.
+    """
+
+    meta: torch.Tensor
+    position_ids: torch.Tensor
+    prompt_width: int
+    response_len: int
+    has_xt: bool
+
+    @property
+    def x0_slice(self) -> slice:
+        return slice(self.prompt_width, self.prompt_width + self.response_len)
+
+    @property
+    def xt_slice(self) -> slice:
+        if not self.has_xt:
+            raise ValueError("this layout has no xt segment")
+        start = self.prompt_width + self.response_len
+        return slice(start, start + self.response_len)
+
+
+def prompt_blocks(prompt_lens: torch.Tensor, prompt_width: int, block_size: int) -> torch.Tensor:
+    """Block ids ``[B, prompt_width]`` of left-padded prompts, blocks aligned to the prompt's end."""
+    cols = torch.arange(prompt_width, device=prompt_lens.device)
+    dist_from_end = prompt_width - cols  # 1 for the last prompt column
+    return (-((dist_from_end + block_size - 1) // block_size)).expand(prompt_lens.shape[0], -1)
+
+
+def build_layout(
+    prompt_lens: torch.Tensor,
+    prompt_width: int,
+    response_valid: torch.Tensor,
+    block_size: int,
+    with_xt: bool,
+) -> RowLayout:
+    """The layout of rows ``[left-padded prompt | x0 | xt?]``.
+
+    Args:
+        prompt_lens: ``[B]`` true prompt lengths (<= prompt_width); prompts are left-padded.
+        prompt_width: prompt columns in the batch.
+        response_valid: ``[B, L]`` bool, False for response padding (after EOS, beyond the length).
+        block_size: tokens per block (>= 1).
+        with_xt: append the xt copy of the response (student training rows).
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    batch, response_len = response_valid.shape
+    if prompt_lens.shape != (batch,):
+        raise ValueError(f"prompt_lens must have shape [{batch}], got {tuple(prompt_lens.shape)}")
+    if prompt_lens.numel() and int(prompt_lens.max()) > prompt_width:
+        raise ValueError(f"a prompt is longer than prompt_width={prompt_width}")
+    device = response_valid.device
+    prompt_lens = prompt_lens.to(device)
+    cols = torch.arange(prompt_width, device=device)
+    prompt_real = cols[None, :] >= (prompt_width - prompt_lens)[:, None]  # [B, P]
+    p_block = prompt_blocks(prompt_lens, prompt_width, block_size)  # [B, P]
+    p_kind = torch.where(prompt_real, CLEAN, PAD)
+    p_pos = (cols[None, :] - (prompt_width - prompt_lens)[:, None]).clamp(min=0)  # [B, P]
+
+    r_idx = torch.arange(response_len, device=device)
+    r_block = (r_idx // block_size).expand(batch, -1)  # [B, L]
+    r_pos = prompt_lens[:, None] + r_idx[None, :]  # [B, L]
+    x0_kind = torch.where(response_valid, CLEAN, PAD)
+
+    blocks = [p_block, r_block]
+    kinds = [p_kind, x0_kind]
+    positions = [p_pos, r_pos]
+    if with_xt:
+        blocks.append(r_block)
+        kinds.append(torch.where(response_valid, NOISY, PAD))
+        positions.append(r_pos)
+    meta = torch.stack([torch.cat(blocks, 1), torch.cat(kinds, 1)], dim=1).long()  # [B, 2, S]
+    return RowLayout(
+        meta=meta,
+        position_ids=torch.cat(positions, 1).long(),
+        prompt_width=prompt_width,
+        response_len=response_len,
+        has_xt=with_xt,
+    )
+
+
+def sequence_layout(
+    batch: int, seq_len: int, block_size: int, device: torch.device | str = "cpu"
+) -> RowLayout:
+    """A prompt-free, unpadded row of ``seq_len`` clean tokens (block size 1 = causal)."""
+    valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
+    lens = torch.zeros(batch, dtype=torch.long, device=device)
+    return build_layout(lens, 0, valid, block_size, with_xt=False)
+
+
+def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
+    """Dense attention permission ``[B, Sq, Sk]`` (True = may attend).
+
+    The queries are the last ``Sq`` of the ``Sk`` keys (a KV cache holds the first ``Sk - Sq``).
+    """
+    q_block, q_kind = q_meta[:, 0, :, None], q_meta[:, 1, :, None]  # [B, Sq, 1]
+    k_block, k_kind = k_meta[:, 0, None, :], k_meta[:, 1, None, :]  # [B, 1, Sk]
+    q_clean = q_kind == CLEAN
+    clean_ok = (k_kind == CLEAN) & ((k_block < q_block) | ((k_block == q_block) & q_clean))
+    noisy_ok = (k_kind == NOISY) & (q_kind == NOISY) & (k_block == q_block)
+    sq, sk = q_meta.shape[-1], k_meta.shape[-1]
+    itself = torch.arange(sk, device=q_meta.device)[None, :] == (
+        torch.arange(sq, device=q_meta.device)[:, None] + (sk - sq)
+    )
+    return clean_ok | noisy_ok | itself[None]
+
+
+def reference_allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
+    """Loop-by-loop statement of the rule in the module docstring (slow; tests only)."""
+    batch, _, sq = q_meta.shape
+    sk = k_meta.shape[-1]
+    out = torch.zeros(batch, sq, sk, dtype=torch.bool)
+    for b in range(batch):
+        for i in range(sq):
+            qb, qk = int(q_meta[b, 0, i]), int(q_meta[b, 1, i])
+            for j in range(sk):
+                kb, kk = int(k_meta[b, 0, j]), int(k_meta[b, 1, j])
+                if j == i + sk - sq:
+                    ok = True
+                elif kk == CLEAN:
+                    ok = kb < qb or (kb == qb and qk == CLEAN)
+                elif kk == NOISY:
+                    ok = qk == NOISY and kb == qb
+                else:
+                    ok = False
+                out[b, i, j] = ok
+    return out
+
+
+def flex_mask_mod(q_meta: torch.Tensor, k_meta: torch.Tensor):
+    """The same rule as :func:`allowed`, as a FlexAttention ``mask_mod``."""
+    q_block, q_kind = q_meta[:, 0], q_meta[:, 1]  # [B, Sq]
+    k_block, k_kind = k_meta[:, 0], k_meta[:, 1]  # [B, Sk]
+    offset = k_meta.shape[-1] - q_meta.shape[-1]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        qb, qk = q_block[b, q_idx], q_kind[b, q_idx]
+        kb, kk = k_block[b, kv_idx], k_kind[b, kv_idx]
+        clean_ok = (kk == CLEAN) & ((kb < qb) | ((kb == qb) & (qk == CLEAN)))
+        noisy_ok = (kk == NOISY) & (qk == NOISY) & (kb == qb)
+        return clean_ok | noisy_ok | (kv_idx == q_idx + offset)
+
+    return mask_mod

@@ -1,0 +1,83 @@
+"""The block-diffusion student: the teacher's architecture, read with block-diffusion metadata.
+
+One job: build the student's model chunks (one per pipeline stage owned by this rank) and
+initialise them from the teacher. The student is the same ``DiffusionGPTModel`` as the teacher;
+only its inputs differ: block-causal metadata, ``[MASK]`` tokens, no logit shift.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from megatron.core import parallel_state
+
+from nemo_opdlm.models.config import ConfigError, DiffusionConfig, ModelConfig
+from nemo_opdlm.models.gpt import DiffusionGPTModel, build_gpt
+
+
+def build_chunks(model: ModelConfig) -> list[DiffusionGPTModel]:
+    """This rank's model chunks for the current megatron-core parallel state (one per VPP stage)."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    pp = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
+    chunks = []
+    for stage in range(vpp or 1):
+        vp_stage = stage if vpp else None
+        chunks.append(
+            build_gpt(
+                model,
+                tp_size=tp,
+                pp_size=pp,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+                vp_stage=vp_stage,
+            )
+        )
+    return chunks
+
+
+def check_diffusion(model: ModelConfig, diffusion: DiffusionConfig) -> None:
+    """The [MASK] id must be a row of the embedding."""
+    if diffusion.mask_token_id >= model.vocab_size:
+        raise ConfigError(
+            f"diffusion.mask_token_id={diffusion.mask_token_id} is outside the vocabulary "
+            f"(model.vocab_size={model.vocab_size}); pick an unused or reserved token id"
+        )
+
+
+def build_student(model: ModelConfig, diffusion: DiffusionConfig) -> list[DiffusionGPTModel]:
+    """The trainable student chunks (random init; load or ``from_teacher`` next)."""
+    check_diffusion(model, diffusion)
+    return build_chunks(model)
+
+
+@torch.no_grad()
+def from_teacher(student: list[DiffusionGPTModel], teacher: list[DiffusionGPTModel]) -> None:
+    """Copy the teacher's weights into the student exactly (same architecture and layout)."""
+    if len(student) != len(teacher):
+        raise ValueError(f"student has {len(student)} chunks, teacher {len(teacher)}: layouts differ")
+    for s_chunk, t_chunk in zip(student, teacher):
+        t_state = t_chunk.state_dict()
+        s_state = s_chunk.state_dict()
+        missing = sorted(set(s_state) ^ set(t_state))
+        missing = [k for k in missing if not k.endswith("_extra_state")]
+        if missing:
+            raise ValueError(f"student and teacher parameters differ: {missing[:5]}")
+        for name, tensor in s_state.items():
+            if name.endswith("_extra_state"):
+                continue
+            source = t_state[name]
+            if source.shape != tensor.shape:
+                raise ValueError(f"{name}: student {tuple(tensor.shape)} vs teacher {tuple(source.shape)}")
+            tensor.copy_(source)
+
+
+def unwrap(model: torch.nn.Module) -> DiffusionGPTModel:
+    """The DiffusionGPTModel inside DDP / Float16Module wrappers."""
+    while not isinstance(model, DiffusionGPTModel):
+        inner: Optional[torch.nn.Module] = getattr(model, "module", None)
+        if inner is None:
+            raise TypeError(f"no DiffusionGPTModel inside {type(model).__name__}")
+        model = inner
+    return model

@@ -1,0 +1,32 @@
+"""The frozen AR teacher: the same decoder as the student, read with a causal mask.
+
+One job: build the teacher's chunks frozen (eval mode, no gradients) and give its logits.
+Targets (shift, log-probs, top-k) are computed in ``distill/teacher_targets.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.models.gpt import DiffusionGPTModel
+from nemo_opdlm.models.student import build_chunks
+
+
+def freeze(chunks: list[DiffusionGPTModel]) -> list[DiffusionGPTModel]:
+    for chunk in chunks:
+        chunk.eval()
+        for p in chunk.parameters():
+            p.requires_grad_(False)
+    return chunks
+
+
+def build_teacher(model: ModelConfig) -> list[DiffusionGPTModel]:
+    """Frozen teacher chunks for the current parallel state (weights are loaded by ``convert/``)."""
+    return freeze(build_chunks(model))
+
+
+def offload(chunks: list[DiffusionGPTModel], device: torch.device | str) -> None:
+    """Move the teacher's weights to ``device`` (e.g. CPU between uses when GPU memory is tight)."""
+    for chunk in chunks:
+        chunk.to(device)

@@ -1,0 +1,258 @@
+"""One entry to start and stop the distributed runtime: torch.distributed + megatron-core groups.
+
+One job: read the launcher's environment (torchrun or Slurm ``srun``), initialise
+``torch.distributed`` (nccl on GPU, gloo on CPU) and megatron-core ``parallel_state`` for a
+validated TP/PP/CP/DP layout, seed every RNG, and tear all of it down. Non-goals: building models.
+
+Layouts are validated against the model *before* anything is built, so a bad layout fails in
+seconds with the numbers named, not after an hour in a queue.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+import re
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Iterator, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from nemo_opdlm.models.config import ConfigError, ModelConfig
+from nemo_opdlm.runtime.cpu_compat import enable_cpu_compat
+
+
+class LayoutError(ConfigError):
+    """The parallel layout does not fit the model or the world size."""
+
+
+@dataclass(kw_only=True)
+class ParallelLayout:
+    """How the world is split. DP is whatever is left: world / (TP * PP * CP)."""
+
+    tp: int = 1
+    """Tensor-parallel size: splits heads, query groups, FFN and vocabulary."""
+    pp: int = 1
+    """Pipeline-parallel size: splits layers into stages."""
+    cp: int = 1
+    """Context-parallel size (needs TE attention; block masks do not support it yet)."""
+    vpp: Optional[int] = None
+    """Virtual pipeline stages per rank (interleaved schedule), or None."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "cp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
+            raise LayoutError(f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
+        if self.cp > 1:
+            raise LayoutError(
+                f"parallel.cp={self.cp}: context parallelism needs Transformer Engine's attention, "
+                "which does not take block-diffusion masks; use cp=1"
+            )
+
+    @property
+    def model_parallel(self) -> int:
+        return self.tp * self.pp * self.cp
+
+    def dp(self, world_size: int) -> int:
+        """Data-parallel size for a world, after checking that the layout divides it."""
+        if world_size % self.model_parallel:
+            raise LayoutError(
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp} = {self.model_parallel}"
+            )
+        return world_size // self.model_parallel
+
+    def check_model(self, model: ModelConfig, what: str = "model") -> None:
+        """Raise LayoutError if TP does not divide heads/groups/FFN or PP does not divide layers."""
+        checks = [
+            ("num_attention_heads", model.num_attention_heads, "tp", self.tp),
+            ("num_query_groups", model.num_query_groups, "tp", self.tp),
+            ("ffn_hidden_size", model.ffn_hidden_size, "tp", self.tp),
+            ("num_layers", model.num_layers, "pp", self.pp * (self.vpp or 1)),
+        ]
+        for field_name, value, axis, size in checks:
+            if value % size:
+                stage = " * vpp" if axis == "pp" and self.vpp else ""
+                raise LayoutError(
+                    f"{what}.{field_name}={value} is not divisible by {axis}{stage}={size}; "
+                    f"choose {axis} among the divisors of {value}"
+                )
+
+
+@dataclass(frozen=True)
+class LaunchEnv:
+    """Rank information from the launcher's environment."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # 'torchrun', 'slurm' or 'single'
+
+
+def first_slurm_host(nodelist: str) -> str:
+    """The first host of a Slurm nodelist such as ``gpu[003-005,009],cpu01``."""
+    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not head:
+        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
+    prefix, ranges = head.group(1), head.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def read_launch_env(environ: Optional[dict[str, str]] = None) -> LaunchEnv:
+    """Rank, world size and rendezvous from torchrun (RANK...) or Slurm (SLURM_PROCID...) variables."""
+    env = dict(os.environ if environ is None else environ)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(
+            rank=int(env["RANK"]),
+            world_size=int(env["WORLD_SIZE"]),
+            local_rank=int(env.get("LOCAL_RANK", 0)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", 29500)),
+            launcher="torchrun",
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        job_id = int(env.get("SLURM_JOB_ID", "0"))
+        master = env.get("MASTER_ADDR") or first_slurm_host(
+            env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+        )
+        return LaunchEnv(
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", 0)),
+            master_addr=master,
+            master_port=int(env.get("MASTER_PORT", 10000 + job_id % 20000)),
+            launcher="slurm",
+        )
+    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port(), "single")
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """What a started runtime knows about this process."""
+
+    env: LaunchEnv
+    layout: ParallelLayout
+    device: torch.device
+    backend: str
+    seed: int
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.layout.dp(self.env.world_size)
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy, torch and megatron-core's model-parallel RNG tracker.
+
+    As in megatron-core training, pipeline stages get different streams (``seed + 100 * pp_rank``);
+    the tracker gives TP ranks distinct streams for dropout in TP regions and the same stream
+    elsewhere.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+
+
+def init_runtime(
+    layout: ParallelLayout,
+    *,
+    seed: int = 1234,
+    models: tuple[tuple[str, ModelConfig], ...] = (),
+    backend: Optional[str] = None,
+    timeout_minutes: int = 30,
+    environ: Optional[dict[str, str]] = None,
+) -> Runtime:
+    """Initialise torch.distributed and megatron-core groups for ``layout``; validate first.
+
+    Args:
+        layout: TP/PP/CP sizes; DP is derived from the world size.
+        seed: base seed (see :func:`seed_everything`).
+        models: (name, config) pairs to validate the layout against before anything is built.
+        backend: 'nccl' or 'gloo'; default nccl when CUDA is available, else gloo.
+        timeout_minutes: collective timeout.
+        environ: launcher variables (default ``os.environ``).
+    """
+    from megatron.core import parallel_state
+
+    env = read_launch_env(environ)
+    layout.dp(env.world_size)
+    for name, model in models:
+        layout.check_model(model, name)
+    enable_cpu_compat()
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank,
+            world_size=env.world_size,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        distributed_timeout_minutes=timeout_minutes,
+    )
+    seed_everything(seed)
+    return Runtime(env=env, layout=layout, device=device, backend=backend, seed=seed)
+
+
+def shutdown_runtime() -> None:
+    """Destroy megatron-core groups and the default process group (safe to call twice)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def runtime(layout: ParallelLayout, **kwargs) -> Iterator[Runtime]:
+    """``with runtime(layout) as rt: ...``: init, yield, and always tear down."""
+    rt = init_runtime(layout, **kwargs)
+    try:
+        yield rt
+    finally:
+        shutdown_runtime()

@@ -1,0 +1,73 @@
+"""Run model chunks over micro-batches through megatron-core's pipeline schedules.
+
+One job: adapt "a list of micro-batch dicts" to megatron-core's ``forward_step`` contract, so
+the teacher, the rollout sampler and the trainer all move data through pipeline stages the same
+way (``get_forward_backward_func`` picks no-pipelining, 1F1B or interleaved). Non-goals: losses.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+Batch = dict[str, torch.Tensor]
+
+
+def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
+    """The three tensors the decoder takes, from a batch dict."""
+    return dict(
+        input_ids=batch["input_ids"],
+        position_ids=batch["position_ids"],
+        attention_mask=batch["meta"],
+    )
+
+
+def run_schedule(
+    chunks: Sequence[torch.nn.Module],
+    microbatches: Sequence[Batch],
+    loss_fn: Callable[[torch.Tensor, Batch], tuple],
+    *,
+    forward_only: bool,
+) -> list[Any]:
+    """Forward (and backward unless ``forward_only``) over ``microbatches``.
+
+    ``loss_fn(output, batch)`` runs on the last stage and returns what megatron-core's loss_func
+    returns: ``(loss, num_tokens, reported)`` or ``(loss, reported)``. Returns the list of
+    ``reported`` values on the last pipeline stage (empty elsewhere).
+    """
+    if not microbatches:
+        return []
+    seq_len = microbatches[0]["input_ids"].shape[1]
+    mbs = microbatches[0]["input_ids"].shape[0]
+    iterators: list[Iterator[Batch]] = [iter(microbatches) for _ in chunks]
+
+    def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
+        batch = next(data_iterator)
+        output = model(**model_inputs(batch))
+        return output, lambda out: loss_fn(out, batch)
+
+    return get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(chunks) > 1 else iterators[0],
+        model=list(chunks),
+        num_microbatches=len(microbatches),
+        seq_length=seq_len,
+        micro_batch_size=mbs,
+        forward_only=forward_only,
+    )
+
+
+def forward_collect(
+    chunks: Sequence[torch.nn.Module],
+    microbatches: Sequence[Batch],
+    collect: Callable[[torch.Tensor, Batch], Any],
+) -> list[Any]:
+    """Forward-only: ``collect(last_stage_output, batch)`` per micro-batch, on the last stage."""
+
+    def loss_fn(output: torch.Tensor, batch: Batch) -> tuple:
+        return output.new_zeros(()), collect(output, batch)
+
+    with torch.no_grad():
+        return run_schedule(chunks, microbatches, loss_fn, forward_only=True)

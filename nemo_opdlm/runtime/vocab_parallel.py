@@ -1,0 +1,97 @@
+"""Softmax, top-k and gathers over a vocabulary split across the tensor-parallel group.
+
+One job: the vocabulary-parallel math shared by the teacher targets, the KL loss and the rollout
+sampler, done without ever gathering the full vocabulary on one rank. Reductions that need
+gradients go through megatron-core's autograd-aware mappings (forward all-reduce, backward
+identity: the loss is replicated across the TP group).
+
+Shapes: ``logits`` is this rank's shard ``[..., V/tp]`` of a ``[..., V]`` tensor; shard r holds
+global ids ``[r * V/tp, (r + 1) * V/tp)``.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from torch import Tensor
+
+
+def tp_group() -> Optional[dist.ProcessGroup]:
+    if parallel_state.get_tensor_model_parallel_world_size() == 1:
+        return None
+    return parallel_state.get_tensor_model_parallel_group()
+
+
+def shard_offset(local_vocab: int) -> int:
+    return parallel_state.get_tensor_model_parallel_rank() * local_vocab
+
+
+def all_reduce_max(x: Tensor) -> Tensor:
+    group = tp_group()
+    if group is not None:
+        dist.all_reduce(x, op=dist.ReduceOp.MAX, group=group)
+    return x
+
+
+def reduce_sum(x: Tensor) -> Tensor:
+    """Sum over the TP group; gradient flows back unchanged to every rank's local term."""
+    if tp_group() is None:
+        return x
+    return reduce_from_tensor_model_parallel_region(x)
+
+
+def log_softmax(logits: Tensor) -> Tensor:
+    """Log-softmax over the full (sharded) vocabulary; returns this rank's shard, in fp32."""
+    logits = logits.float()
+    max_logit = all_reduce_max(logits.detach().amax(dim=-1, keepdim=True))  # [..., 1]
+    shifted = logits - max_logit
+    log_z = reduce_sum(shifted.exp().sum(dim=-1, keepdim=True)).log()  # [..., 1]
+    return shifted - log_z
+
+
+def all_gather_last(x: Tensor) -> Tensor:
+    """Concatenate each rank's ``[..., n]`` along the last dim (no gradient)."""
+    group = tp_group()
+    if group is None:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts, dim=-1)
+
+
+def topk(values: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Global top-k ``(values, global ids)`` of a sharded ``[..., V/tp]`` tensor, sorted descending.
+
+    Each rank contributes its local top-k; the winners are chosen among tp * k candidates.
+    """
+    local = values.shape[-1]
+    k_local = min(k, local)
+    v, i = values.topk(k_local, dim=-1)  # [..., k_local]
+    i = i + shard_offset(local)
+    v, i = all_gather_last(v), all_gather_last(i)  # [..., tp * k_local]
+    if v.shape[-1] < k:
+        raise ValueError(f"top-k of {k} asked from a vocabulary of {v.shape[-1]}")
+    best_v, pos = v.topk(k, dim=-1)
+    return best_v, i.gather(-1, pos)
+
+
+def gather_global(values: Tensor, ids: Tensor) -> Tensor:
+    """``values[..., ids]`` for global vocabulary ids ``[..., k]``; differentiable.
+
+    Each rank fills the ids it owns and the TP group sums the partial results.
+    """
+    local = values.shape[-1]
+    local_ids = ids - shard_offset(local)
+    owned = (local_ids >= 0) & (local_ids < local)
+    picked = values.gather(-1, local_ids.clamp(0, local - 1)) * owned  # [..., k]
+    return reduce_sum(picked)
+
+
+def argmax(values: Tensor) -> tuple[Tensor, Tensor]:
+    """Global ``(max value, global id)`` over the last dim; ties go to the lowest id."""
+    v, i = topk(values, 1)
+    return v[..., 0], i[..., 0]
