@@ -16,7 +16,10 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.tensor_parallel.mappings import reduce_from_tensor_model_parallel_region
+from megatron.core.tensor_parallel.mappings import (
+    copy_to_tensor_model_parallel_region,
+    reduce_from_tensor_model_parallel_region,
+)
 from torch import Tensor
 
 
@@ -45,11 +48,18 @@ def reduce_sum(x: Tensor) -> Tensor:
 
 
 def log_softmax(logits: Tensor) -> Tensor:
-    """Log-softmax over the full (sharded) vocabulary; returns this rank's shard, in fp32."""
+    """Log-softmax over the full (sharded) vocabulary; returns this rank's shard, in fp32.
+
+    Differentiable: a loss built from the shard must be summed over the TP group (``reduce_sum``,
+    ``gather_global``); the normaliser's gradient is then all-reduced, since every rank's terms
+    depend on it.
+    """
     logits = logits.float()
     max_logit = all_reduce_max(logits.detach().amax(dim=-1, keepdim=True))  # [..., 1]
     shifted = logits - max_logit
     log_z = reduce_sum(shifted.exp().sum(dim=-1, keepdim=True)).log()  # [..., 1]
+    if tp_group() is not None:  # forward identity, backward all-reduce
+        log_z = copy_to_tensor_model_parallel_region(log_z)
     return shifted - log_z
 
 
