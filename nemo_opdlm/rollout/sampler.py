@@ -1,0 +1,434 @@
+"""On-policy rollouts: batched block-by-block decoding with the student's own (training) weights.
+
+One job: decode responses to a batch of left-padded prompts with the Megatron model chunks that
+train (same weights object: no copy, no reload), recording every decision: the round at which
+each token was unmasked (``step_map``), its block, and padding. Non-goals: turning rollouts into
+training rows (``distill/states.py``), choosing the rollout length (``schedules.LengthCurriculum``).
+
+Decoding, per block ``b`` (all rows in lockstep, so every row's block sits at the same columns):
+the block starts as ``block_size`` [MASK] tokens; each round runs the model over the block, picks a
+candidate and a confidence per position (``sampling.py``) and unmasks some positions
+(``schedules.py``): ``static`` the k most confident, ``dynamic`` every one above the threshold and
+at least k. The block ends when nothing is masked. A row whose block holds an EOS (or that reached
+the length limit) is finished; it is dropped from the batch (and the KV cache) so that it costs
+nothing more, and its later tokens are padding.
+
+Attention follows ``masks.build_layout`` of ``[prompt | response]`` exactly as training does: the
+prompt is block-causal with blocks aligned to its end, response blocks are block-causal. With the
+KV cache (``kv_cache.py``) the prompt and finished blocks are computed once: the first round of
+block ``b+1`` forwards ``[final tokens of block b | masks of block b+1]`` and commits block ``b``'s
+keys/values in the same call (``fuse_commit``; otherwise a separate forward commits them). Without
+the cache every round recomputes ``[prompt | blocks 0..b]``: the reference path.
+
+Under TP every rank computes the same decisions from vocab-parallel logits (same random stream);
+under PP the last stage decides and broadcasts, and rounds pass micro-batches through the stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from torch import Tensor
+
+from nemo_opdlm.models import masks
+from nemo_opdlm.models.config import ConfigError
+from nemo_opdlm.models.gpt import DiffusionGPTModel
+from nemo_opdlm.models.student import unwrap
+from nemo_opdlm.rollout import schedules
+from nemo_opdlm.rollout.kv_cache import BlockKVCache
+from nemo_opdlm.rollout.sampling import choose_tokens
+from nemo_opdlm.rollout.stages import MicroBatch, StageRunner, attention_layers, share_decisions, split_rows
+
+
+@dataclass(kw_only=True)
+class SamplerConfig:
+    """How rollouts are decoded."""
+
+    mask_token_id: int
+    """Id of the [MASK] token that fills undecoded positions."""
+    block_size: int = 4
+    """Tokens per block (the student's training block size)."""
+    steps_per_block: int = 4
+    """Rounds per block; the static rule unmasks block_size / steps_per_block tokens per round."""
+    mode: str = "dynamic"
+    """'static' (k most confident per round) or 'dynamic' (every one above threshold, at least k)."""
+    threshold: float = 0.9
+    """Dynamic rule: unmask positions whose raw-softmax confidence is strictly above this."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy."""
+    top_k: int = 0
+    """Sample among the k most likely tokens (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1.0 = off)."""
+    max_new_tokens: int = 512
+    """Response length limit (rounded up to whole blocks; the tail beyond it is padding)."""
+    eos_token_ids: tuple[int, ...] = ()
+    """Tokens that end a response (e.g. <|im_end|> and <|endoftext|>)."""
+    pad_token_id: Optional[int] = None
+    """Fills response positions that were never decoded; None: the first EOS id (0 without EOS)."""
+    use_cache: bool = True
+    """Block KV cache (False: recompute everything each round, the reference path)."""
+    fuse_commit: bool = True
+    """Commit block b's keys/values in block b+1's first round instead of a separate forward."""
+    num_microbatches: Optional[int] = None
+    """Micro-batches per round through the pipeline; None: the pipeline size (1 without PP)."""
+    suppress_mask_token: bool = True
+    """Never emit [MASK] as a decoded token (it still counts in the confidence's softmax)."""
+    seed: int = 0
+    """Seed of the sampler's random stream (offset by the data-parallel rank; same on TP/PP peers)."""
+
+    def __post_init__(self) -> None:
+        self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
+        if self.mode not in schedules.MODES:
+            raise ConfigError(f"sampler.mode must be one of {schedules.MODES}, got {self.mode!r}")
+        if self.block_size < 1:
+            raise ConfigError(f"sampler.block_size must be >= 1, got {self.block_size}")
+        schedules.static_counts(self.block_size, self.steps_per_block)  # validates steps_per_block
+        if self.temperature < 0:
+            raise ConfigError(f"sampler.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"sampler.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"sampler.top_p must be in (0, 1], got {self.top_p}")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"sampler.max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.mask_token_id < 0:
+            raise ConfigError(f"sampler.mask_token_id must be >= 0, got {self.mask_token_id}")
+        if self.mask_token_id in self.eos_token_ids:
+            raise ConfigError("sampler.mask_token_id must not be an EOS id")
+        if self.num_microbatches is not None and self.num_microbatches < 1:
+            raise ConfigError(f"sampler.num_microbatches must be >= 1 or None, got {self.num_microbatches}")
+
+    @property
+    def pad_id(self) -> int:
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return self.eos_token_ids[0] if self.eos_token_ids else 0
+
+
+@dataclass
+class RolloutMetrics:
+    """What one ``generate`` call did."""
+
+    tokens_generated: int
+    """Valid response tokens (EOS included, padding excluded)."""
+    rounds: int
+    """Batch-level denoising rounds (model forwards that produce logits)."""
+    tokens_per_round: float
+    """Parallelism: valid tokens / rounds each row actually needed (summed over its blocks)."""
+    frac_finished_eos: float
+    """Fraction of rows that ended with an EOS (the rest hit the length limit)."""
+    wall_time_s: float
+    tokens_per_s: float
+
+    def as_dict(self) -> dict[str, float]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Rollout:
+    """Decoded responses and every decision that produced them.
+
+    Attributes:
+        prompt_ids: ``[B, P]`` left-padded prompts (as given).
+        prompt_lens: ``[B]`` true prompt lengths.
+        tokens: ``[B, L]`` responses (x0); ``L`` is a multiple of ``block_size``. Blocks after a row
+            finished hold ``pad_id``; the block holding the EOS keeps what was decoded after it.
+        step_map: ``[B, L]`` round within its block at which each token was unmasked; -1 where
+            nothing was decoded.
+        block_index: ``[B, L]`` block of each response position.
+        valid: ``[B, L]`` True for real response tokens: decoded, up to and including the first
+            EOS, and within ``max_new_tokens``; False = padding.
+        finished_eos: ``[B]`` the row ended with an EOS.
+        block_size: tokens per block.
+        metrics: see :class:`RolloutMetrics`.
+    """
+
+    prompt_ids: Tensor
+    prompt_lens: Tensor
+    tokens: Tensor
+    step_map: Tensor
+    block_index: Tensor
+    valid: Tensor
+    finished_eos: Tensor
+    block_size: int
+    metrics: RolloutMetrics = field(repr=False)
+
+
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad token lists into ``([B, P] ids, [B] lengths)`` so every prompt ends at column P-1."""
+    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    width = int(lens.max()) if len(prompts) else 0
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        if len(p):
+            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
+    return ids, lens
+
+
+@contextlib.contextmanager
+def rollout_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
+    """Eval mode and no_grad for the duration of a rollout; every module's mode restored afterwards.
+
+    FlexAttention layers decode with SDPA: compiled flex kernels specialise on the key length,
+    which grows every block.
+    """
+    modes = [(m, m.training) for chunk in chunks for m in chunk.modules()]
+    layers = attention_layers(chunks)
+    backends = [(layer, layer.backend) for layer in layers]
+    try:
+        for chunk in chunks:
+            chunk.eval()
+        for layer in layers:
+            if layer.backend == "flex":
+                layer.backend = "sdpa"
+        with torch.no_grad():
+            yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for layer, backend in backends:
+            layer.backend = backend
+
+
+def _valid_mask(tokens: Tensor, step_map: Tensor, eos: Tensor, max_new: int) -> tuple[Tensor, Tensor]:
+    """``(valid [B, L], finished_eos [B])`` from what was decoded."""
+    cols = torch.arange(tokens.shape[1], device=tokens.device)
+    in_limit = (step_map >= 0) & (cols < max_new)[None]  # [B, L]
+    is_eos = torch.isin(tokens, eos) & in_limit  # [B, L]
+    after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # [B, L]
+    valid = in_limit & ~after_eos
+    return valid, (is_eos & valid).any(-1)
+
+
+def _rows_rounds(step_map: Tensor, valid: Tensor, block_size: int) -> int:
+    """Rounds the rows needed: per row and block with a valid token, its last unmasking round + 1."""
+    batch, length = step_map.shape
+    steps = step_map.view(batch, length // block_size, block_size)  # [B, nb, bs]
+    used = valid.view(batch, length // block_size, block_size).any(-1)  # [B, nb]
+    return int(((steps.amax(-1) + 1) * used).sum())
+
+
+class BlockSampler:
+    """Decodes with this rank's model chunks (the training weights) under a :class:`SamplerConfig`.
+
+    It owns its random stream (seeded once; successive calls continue it) and, per call, its KV
+    cache. ``generate`` is the block-diffusion rollout; ``generate_ar`` decodes the same weights
+    as a plain causal next-token model (the teacher's way; for baselines and evaluation).
+    """
+
+    def __init__(self, chunks: Sequence[torch.nn.Module], config: SamplerConfig) -> None:
+        self.config = config
+        self.chunks: list[DiffusionGPTModel] = [unwrap(c) for c in chunks]
+        self.stages = StageRunner(self.chunks)
+        self.device = self.stages.device
+        self.is_last_stage = self.stages.is_last_stage
+        model_config = self.chunks[0].config
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        self.groups = model_config.num_query_groups // tp
+        self.head_dim = model_config.kv_channels
+        self.num_microbatches = config.num_microbatches or parallel_state.get_pipeline_model_parallel_world_size()
+        seed = config.seed + 1_000_003 * parallel_state.get_data_parallel_rank()
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self._eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=self.device)
+
+    # --- shared machinery --------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _session(self, batch: int, capacity: int, use_cache: bool) -> Iterator[Optional[BlockKVCache]]:
+        """Rollout mode + output-layer column filter + (optionally) a bound KV cache."""
+        with rollout_mode(self.chunks), self.stages.last_columns_only():
+            if not use_cache:
+                yield None
+                return
+            layers = attention_layers(self.chunks)
+            cache = BlockKVCache(
+                num_layers=len(layers), batch=batch, capacity=capacity, groups=self.groups,
+                head_dim=self.head_dim, dtype=self.stages.dtype, device=self.device,
+            )
+            with cache.bind(layers):
+                yield cache
+
+    def _forward(
+        self, ids: Tensor, pos: Tensor, meta: Tensor, cache: Optional[BlockKVCache], commit: int, keep_last: int
+    ) -> Optional[Tensor]:
+        """One round over all active rows: logits ``[N, keep_last, V/tp]`` on the last stage."""
+        mbs = [
+            MicroBatch(ids[sl], pos[sl], meta[sl], sl) for sl in split_rows(ids.shape[0], self.num_microbatches)
+        ]
+        logits = self.stages.run(mbs, cache, keep_last)
+        if cache is not None:
+            cache.commit(commit)
+        return logits
+
+    def _choose(self, logits: Tensor, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """Candidates and confidences ``[N, width]`` for the active ``rows`` (original indices)."""
+        cfg = self.config
+        uniform = None
+        if cfg.temperature > 0:
+            # Drawn for every original row, so the stream does not depend on which rows remain.
+            uniform = torch.rand(self._batch, width, generator=self.generator, device=self.device)[rows]
+        return choose_tokens(
+            logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, uniform=uniform,
+            suppress_id=cfg.mask_token_id if cfg.suppress_mask_token else None,
+        )
+
+    def _check_prompts(self, prompt_ids: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
+        if prompt_ids.dim() != 2 or prompt_lens.shape != (prompt_ids.shape[0],):
+            raise ValueError(
+                f"prompt_ids must be [B, P] and prompt_lens [B]; got {tuple(prompt_ids.shape)}, "
+                f"{tuple(prompt_lens.shape)}"
+            )
+        if prompt_ids.shape[0] == 0:
+            raise ValueError("empty batch")
+        return prompt_ids.to(self.device), prompt_lens.to(self.device)
+
+    def _finish(
+        self, prompt_ids: Tensor, prompt_lens: Tensor, tokens: Tensor, step_map: Tensor, block_size: int,
+        max_new: int, rounds: int, start: float,
+    ) -> Rollout:
+        valid, finished = _valid_mask(tokens, step_map, self._eos, max_new)
+        n_tokens = int(valid.sum())
+        row_rounds = _rows_rounds(step_map, valid, block_size)
+        wall = time.perf_counter() - start
+        metrics = RolloutMetrics(
+            tokens_generated=n_tokens,
+            rounds=rounds,
+            tokens_per_round=n_tokens / max(row_rounds, 1),
+            frac_finished_eos=float(finished.float().mean()),
+            wall_time_s=wall,
+            tokens_per_s=n_tokens / max(wall, 1e-9),
+        )
+        cols = torch.arange(tokens.shape[1], device=tokens.device)
+        return Rollout(
+            prompt_ids=prompt_ids, prompt_lens=prompt_lens, tokens=tokens, step_map=step_map,
+            block_index=(cols // block_size).expand_as(tokens).clone(), valid=valid, finished_eos=finished,
+            block_size=block_size, metrics=metrics,
+        )
+
+    # --- block diffusion ---------------------------------------------------------------------
+    def generate(self, prompt_ids: Tensor, prompt_lens: Tensor, max_new_tokens: Optional[int] = None) -> Rollout:
+        """Block-diffusion rollouts for left-padded ``prompt_ids [B, P]`` with lengths ``prompt_lens [B]``.
+
+        ``max_new_tokens`` overrides the config (e.g. from the length curriculum). Every rank of
+        the model-parallel group must call this with the same prompts.
+        """
+        cfg = self.config
+        start = time.perf_counter()
+        prompt_ids, prompt_lens = self._check_prompts(prompt_ids, prompt_lens)
+        max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if max_new < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+        bs, mask_id = cfg.block_size, cfg.mask_token_id
+        batch, width = prompt_ids.shape
+        n_blocks = -(-max_new // bs)
+        length = n_blocks * bs
+        self._batch = batch
+        all_valid = torch.ones(batch, length, dtype=torch.bool, device=self.device)
+        layout = masks.build_layout(prompt_lens, width, all_valid, bs, with_xt=False)
+        pos_all, meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
+        tokens = torch.full((batch, length), cfg.pad_id, dtype=torch.long, device=self.device)
+        step_map = torch.full((batch, length), -1, dtype=torch.long, device=self.device)
+        counts = schedules.static_counts(bs, cfg.steps_per_block)
+        threshold = cfg.threshold if cfg.mode == "dynamic" else None
+        rows = torch.arange(batch, device=self.device)  # original ids of the active rows
+        rounds = 0
+        fused = cfg.use_cache and cfg.fuse_commit
+        with self._session(batch, width + length, cfg.use_cache) as cache:
+            if cache is not None and not fused and width > 0:
+                self._forward(prompt_ids, pos_all[:, :width], meta_all[:, :, :width], cache, width, 1)
+            for b in range(n_blocks):
+                blk = width + b * bs  # first column of block b
+                x = torch.full((rows.numel(), bs), mask_id, dtype=torch.long, device=self.device)  # [N, bs]
+                st = torch.full_like(x, -1)  # [N, bs]
+                for r, count in enumerate(counts):
+                    if cache is None:
+                        lo = 0
+                    elif fused and r == 0:
+                        lo = 0 if b == 0 else blk - bs  # prompt prefill / last block's final tokens
+                    else:
+                        lo = blk
+                    ids = torch.cat(
+                        [prompt_ids[rows, lo:width], tokens[rows, max(lo - width, 0): b * bs], x], dim=1
+                    )  # [N, blk + bs - lo]
+                    logits = self._forward(
+                        ids, pos_all[rows, lo: blk + bs], meta_all[rows, :, lo: blk + bs], cache,
+                        commit=blk - lo, keep_last=bs,
+                    )
+                    rounds += 1
+                    if logits is not None:
+                        cand, conf = self._choose(logits, rows, bs)  # [N, bs], [N, bs]
+                        chosen = schedules.select_unmask(conf, st < 0, count, threshold)  # [N, bs]
+                        x = torch.where(chosen, cand, x)
+                        st = torch.where(chosen, r, st)
+                    x, st = share_decisions(torch.stack([x, st])).unbind(0)
+                    if threshold is not None and not bool((st < 0).any()):
+                        break
+                tokens[rows, b * bs: (b + 1) * bs] = x
+                step_map[rows, b * bs: (b + 1) * bs] = st
+                in_limit = (torch.arange(bs, device=self.device) + b * bs) < max_new  # [bs]
+                done = (torch.isin(x, self._eos) & in_limit).any(-1) | (b == n_blocks - 1)  # [N]
+                if bool(done.any()):
+                    keep = (~done).nonzero()[:, 0]
+                    rows, x = rows[keep], x[keep]
+                    if cache is not None:
+                        cache.keep(keep)
+                    if rows.numel() == 0:
+                        break
+                if cache is not None and not fused:
+                    cols = slice(blk, blk + bs)
+                    self._forward(x, pos_all[rows, cols], meta_all[rows, :, cols], cache, bs, 1)
+        return self._finish(prompt_ids, prompt_lens, tokens, step_map, bs, max_new, rounds, start)
+
+    # --- plain autoregressive decoding ---------------------------------------------------------
+    def generate_ar(self, prompt_ids: Tensor, prompt_lens: Tensor, max_new_tokens: Optional[int] = None) -> Rollout:
+        """Causal next-token decoding of the same weights (the teacher's way), one token per forward.
+
+        Uses the config's sampling, EOS and cache settings; ``block_size``, ``steps_per_block`` and
+        ``mode`` do not apply (``step_map`` is 0 for every decoded token, blocks are of size 1).
+        """
+        cfg = self.config
+        start = time.perf_counter()
+        prompt_ids, prompt_lens = self._check_prompts(prompt_ids, prompt_lens)
+        if int(prompt_lens.min()) < 1:
+            raise ValueError("autoregressive decoding needs a non-empty prompt in every row")
+        max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
+        batch, width = prompt_ids.shape
+        self._batch = batch
+        all_valid = torch.ones(batch, max_new, dtype=torch.bool, device=self.device)
+        layout = masks.build_layout(prompt_lens, width, all_valid, 1, with_xt=False)
+        pos_all, meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
+        tokens = torch.full((batch, max_new), cfg.pad_id, dtype=torch.long, device=self.device)
+        step_map = torch.full((batch, max_new), -1, dtype=torch.long, device=self.device)
+        rows = torch.arange(batch, device=self.device)
+        rounds = 0
+        with self._session(batch, width + max_new, cfg.use_cache) as cache:
+            for i in range(max_new):
+                rounds += 1
+                # Token i is predicted at column width + i - 1 (the last prompt token for i = 0).
+                end = width + i
+                lo = 0 if cache is None or i == 0 else end - 1
+                ids = torch.cat([prompt_ids[rows, lo:width], tokens[rows, max(lo - width, 0): i]], dim=1)
+                logits = self._forward(
+                    ids, pos_all[rows, lo:end], meta_all[rows, :, lo:end], cache, commit=end - lo, keep_last=1
+                )
+                nxt = torch.zeros(rows.numel(), 1, dtype=torch.long, device=self.device)  # [N, 1]
+                if logits is not None:
+                    nxt = self._choose(logits, rows, 1)[0]
+                nxt = share_decisions(nxt)
+                tokens[rows, i] = nxt[:, 0]
+                step_map[rows, i] = 0
+                done = torch.isin(nxt[:, 0], self._eos) | (i == max_new - 1)  # [N]
+                if bool(done.any()):
+                    keep = (~done).nonzero()[:, 0]
+                    rows = rows[keep]
+                    if cache is not None:
+                        cache.keep(keep)
+                    if rows.numel() == 0:
+                        break
+        return self._finish(prompt_ids, prompt_lens, tokens, step_map, 1, max_new, rounds, start)

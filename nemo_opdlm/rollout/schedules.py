@@ -1,0 +1,94 @@
+"""Unmasking rules for one denoising round, and the rollout-length curriculum.
+
+One job: decide *which* masked positions of a block are unmasked in a round (static: the k most
+confident; dynamic: every position whose confidence is strictly above a threshold, and at least the
+static count), and how long rollouts are at a training step. Non-goals: computing confidences
+(``sampling.py``) and running the model (``sampler.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from nemo_opdlm.models.config import ConfigError
+
+MODES = ("static", "dynamic")
+
+
+def static_counts(block_size: int, steps_per_block: int) -> list[int]:
+    """Tokens to unmask in each round of a block; they sum to ``block_size``.
+
+    ``block_size / steps_per_block`` per round; a remainder goes to the first rounds (4 tokens in
+    3 rounds: [2, 1, 1]).
+    """
+    if not 1 <= steps_per_block <= block_size:
+        raise ConfigError(
+            f"steps_per_block must be in [1, block_size={block_size}], got {steps_per_block}"
+        )
+    base, extra = divmod(block_size, steps_per_block)
+    return [base + (1 if r < extra else 0) for r in range(steps_per_block)]
+
+
+def select_unmask(
+    confidence: torch.Tensor,
+    masked: torch.Tensor,
+    count: int,
+    threshold: Optional[float] = None,
+) -> torch.Tensor:
+    """Positions to unmask this round, ``[N, K]`` bool (a subset of ``masked``).
+
+    Args:
+        confidence: ``[N, K]`` confidence of each position's candidate token (finite).
+        masked: ``[N, K]`` bool, positions still masked.
+        count: the static number for this round: the ``count`` most confident masked positions
+            are unmasked (all of them if fewer remain; ties go to the leftmost position).
+        threshold: dynamic rule: also unmask every masked position with ``confidence > threshold``
+            (strict, as the reference). None: static rule only.
+    """
+    neg = torch.finfo(confidence.dtype).min
+    conf = confidence.masked_fill(~masked, neg)  # [N, K]
+    order = conf.argsort(dim=-1, descending=True, stable=True)  # [N, K]
+    positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)  # [N, K] rank of each position
+    chosen = (rank < count) & masked
+    if threshold is not None:
+        chosen |= masked & (confidence > threshold)
+    return chosen
+
+
+@dataclass(kw_only=True)
+class LengthCurriculum:
+    """Generation length grows linearly from ``min_length`` to ``max_length``.
+
+    ``L_s = min(L_max, L_min + floor(s / S_warm * (L_max - L_min)))`` at training step ``s``.
+    """
+
+    min_length: int = 100
+    """L_min: response tokens at step 0."""
+    max_length: int = 4000
+    """L_max: response tokens once the ramp is over."""
+    warmup_steps: int = 100
+    """S_warm: steps of the linear ramp (0: always ``max_length``)."""
+
+    def __post_init__(self) -> None:
+        if self.min_length < 1:
+            raise ConfigError(f"curriculum.min_length must be >= 1, got {self.min_length}")
+        if self.max_length < self.min_length:
+            raise ConfigError(
+                f"curriculum.max_length={self.max_length} is below min_length={self.min_length}"
+            )
+        if self.warmup_steps < 0:
+            raise ConfigError(f"curriculum.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def length(self, step: int) -> int:
+        """Rollout length L_s at training step ``step`` (>= 0)."""
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self.warmup_steps == 0:
+            return self.max_length
+        span = self.max_length - self.min_length
+        # Integer arithmetic: floor(s * span / S_warm) == floor(s / S_warm * span) without float error.
+        return min(self.max_length, self.min_length + (step * span) // self.warmup_steps)

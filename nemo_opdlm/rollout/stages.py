@@ -1,0 +1,154 @@
+"""Forward-only passes of the decode through pipeline stages, and sharing each round's decisions.
+
+One job: move one decode round's inputs through this rank's model chunks (explicit p2p of hidden
+states between stages, micro-batch by micro-batch so that stages overlap), return the logits on
+the last stage, and broadcast what the last stage decided to every rank of the model-parallel
+group. Non-goals: what is decoded (``sampler.py``), caching (``kv_cache.py``).
+
+Why not megatron-core's schedules here: decode rounds are short (a block of a few tokens), the
+micro-batch row counts change as sequences finish, and each micro-batch must open its own
+KV-cache scope; explicit ``isend``/``recv`` with shapes every rank can derive is simpler and keeps
+the shapes free. Interleaved chunks (VPP) are walked in model order around the pipeline ring.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from torch import Tensor
+
+from nemo_opdlm.models.attention import BlockAttention
+from nemo_opdlm.models.gpt import DiffusionGPTModel
+from nemo_opdlm.rollout.kv_cache import BlockKVCache
+
+
+@dataclass(frozen=True)
+class MicroBatch:
+    """Inputs of one micro-batch: rows ``rows`` of the active batch, ``S`` columns."""
+
+    input_ids: Tensor  # [b, S]
+    position_ids: Tensor  # [b, S]
+    meta: Tensor  # [b, 2, S]
+    rows: slice
+
+
+def attention_layers(chunks: Sequence[DiffusionGPTModel]) -> list[BlockAttention]:
+    """Every ``BlockAttention`` of this rank's chunks, in model order."""
+    return [m for chunk in chunks for m in chunk.modules() if isinstance(m, BlockAttention)]
+
+
+def split_rows(n: int, parts: int) -> list[slice]:
+    """``n`` rows cut into ``min(parts, n)`` contiguous, near-equal slices."""
+    parts = max(1, min(parts, n))
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(slice(start, start + size))
+        start += size
+    return out
+
+
+class StageRunner:
+    """Runs this rank's chunks forward-only over micro-batches, passing hidden states along the ring."""
+
+    def __init__(self, chunks: Sequence[DiffusionGPTModel]) -> None:
+        self.chunks = list(chunks)
+        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
+        if self.pp > 1:
+            self.group = parallel_state.get_pipeline_model_parallel_group()
+            self.prev = parallel_state.get_pipeline_model_parallel_prev_rank()
+            self.next = parallel_state.get_pipeline_model_parallel_next_rank()
+        self.is_last_stage = any(c.post_process for c in self.chunks)
+        config = self.chunks[0].config
+        self.hidden = config.hidden_size
+        self.dtype = config.pipeline_dtype or config.params_dtype
+        self.device = next(self.chunks[0].parameters()).device
+        self._keep_last = 0
+        self._hooks: list = []
+
+    @contextlib.contextmanager
+    def last_columns_only(self) -> Iterator[None]:
+        """While open, the output layer sees only the last ``keep_last`` columns of each forward.
+
+        The sampler needs logits of the current block only; the prompt and committed columns
+        would cost a ``[b, S, V/tp]`` projection for nothing.
+        """
+
+        def hook(module, args, kwargs):
+            hidden = args[0]  # [S, b, H]
+            return (hidden[-self._keep_last:], *args[1:]), kwargs
+
+        for chunk in self.chunks:
+            if chunk.post_process:
+                self._hooks.append(chunk.output_layer.register_forward_pre_hook(hook, with_kwargs=True))
+        try:
+            yield
+        finally:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
+
+    def run(
+        self, microbatches: Sequence[MicroBatch], cache: Optional[BlockKVCache], keep_last: int
+    ) -> Optional[Tensor]:
+        """Logits ``[n, keep_last, V/tp]`` of all micro-batches (rows concatenated) on the last stage.
+
+        Other stages return None. Every rank of the pipeline must call this with the same shapes.
+        """
+        if keep_last < 1:
+            raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+        self._keep_last = keep_last
+        logits: list[Tensor] = []
+        sends: list = []
+        for chunk in self.chunks:
+            for mb in microbatches:
+                if not chunk.pre_process:
+                    width, rows = mb.meta.shape[-1], mb.meta.shape[0]
+                    hidden = torch.empty(width, rows, self.hidden, dtype=self.dtype, device=self.device)
+                    dist.recv(hidden, src=self.prev, group=self.group)  # [S, b, H]
+                    chunk.set_input_tensor(hidden)
+                scope = cache.forward(mb.meta, mb.rows) if cache is not None else contextlib.nullcontext()
+                with scope:
+                    out = chunk(mb.input_ids if chunk.pre_process else None, mb.position_ids, mb.meta)
+                if not chunk.pre_process:
+                    chunk.set_input_tensor(None)
+                if chunk.post_process:
+                    logits.append(out)  # [b, keep_last, V/tp]
+                else:
+                    out = out.contiguous()  # [S, b, H]
+                    sends.append((dist.isend(out, dst=self.next, group=self.group), out))
+        for handle, _ in sends:
+            handle.wait()
+        if not logits:
+            return None
+        return logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
+
+
+def share_decisions(t: Tensor) -> Tensor:
+    """Make ``t`` (decided on the last pipeline stage) identical on every rank of the model-parallel group.
+
+    First TP rank 0 of the last stage overrides its TP peers (they computed the same values; this
+    removes any doubt), then the last stage sends to the other stages of its pipeline. ``t`` must
+    have the same shape and dtype on every rank (contents on non-last stages are ignored).
+    """
+    if parallel_state.get_tensor_model_parallel_world_size() > 1 and parallel_state.is_pipeline_last_stage(
+        ignore_virtual=True
+    ):
+        dist.broadcast(
+            t,
+            src=parallel_state.get_tensor_model_parallel_src_rank(),
+            group=parallel_state.get_tensor_model_parallel_group(),
+        )
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(
+            t,
+            src=parallel_state.get_pipeline_model_parallel_last_rank(),
+            group=parallel_state.get_pipeline_model_parallel_group(),
+        )
+    return t

@@ -1,0 +1,220 @@
+"""Rollout math without a model: unmasking rules, length curriculum, token choice, KV cache."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from nemo_opdlm.models.config import ConfigError
+from nemo_opdlm.rollout import sampling, schedules
+from nemo_opdlm.rollout.kv_cache import BlockKVCache
+from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_rank():
+    with runtime(ParallelLayout()) as rt:
+        yield rt
+
+
+# --- schedules ---------------------------------------------------------------------------------
+def test_static_counts():
+    assert schedules.static_counts(4, 4) == [1, 1, 1, 1]
+    assert schedules.static_counts(4, 3) == [2, 1, 1]
+    assert schedules.static_counts(8, 2) == [4, 4]
+    assert schedules.static_counts(1, 1) == [1]
+    with pytest.raises(ConfigError):
+        schedules.static_counts(4, 5)
+
+
+def _reference_select(conf, masked, count, threshold):
+    """Position-by-position statement of the rule."""
+    out = torch.zeros_like(masked)
+    for i in range(conf.shape[0]):
+        cands = [j for j in range(conf.shape[1]) if masked[i, j]]
+        cands.sort(key=lambda j: (-float(conf[i, j]), j))  # most confident first, leftmost on ties
+        for j in cands[:count]:
+            out[i, j] = True
+        if threshold is not None:
+            for j in cands:
+                if float(conf[i, j]) > threshold:
+                    out[i, j] = True
+    return out
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5, 0.9, 1.5])
+@pytest.mark.parametrize("count", [1, 2])
+def test_select_unmask_matches_reference(count, threshold):
+    gen = torch.Generator().manual_seed(3)
+    conf = torch.rand(64, 6, generator=gen)
+    conf[:, 4] = conf[:, 3]  # ties
+    conf[::5, 1] = 0.9  # exactly at the threshold: strict comparison keeps it masked
+    masked = torch.rand(64, 6, generator=gen) < 0.6
+    got = schedules.select_unmask(conf, masked, count, threshold)
+    assert torch.equal(got, _reference_select(conf, masked, count, threshold))
+    assert not (got & ~masked).any()
+
+
+def test_dynamic_above_one_equals_static():
+    conf = torch.rand(32, 4, generator=torch.Generator().manual_seed(0))
+    masked = torch.ones(32, 4, dtype=torch.bool)
+    assert torch.equal(schedules.select_unmask(conf, masked, 1, 1.01), schedules.select_unmask(conf, masked, 1))
+
+
+def test_curriculum_formula():
+    cur = schedules.LengthCurriculum()
+    assert (cur.min_length, cur.max_length, cur.warmup_steps) == (100, 4000, 100)
+    for s in [0, 1, 7, 29, 50, 99, 100, 101, 1000]:
+        expected = min(4000, 100 + math.floor(s * 3900 / 100))
+        assert cur.length(s) == expected
+    assert cur.length(0) == 100 and cur.length(50) == 2050 and cur.length(100) == 4000
+    odd = schedules.LengthCurriculum(min_length=10, max_length=17, warmup_steps=3)
+    assert [odd.length(s) for s in range(5)] == [10, 12, 14, 17, 17]
+    assert schedules.LengthCurriculum(warmup_steps=0).length(0) == 4000
+    with pytest.raises(ConfigError):
+        schedules.LengthCurriculum(min_length=10, max_length=5)
+
+
+# --- token choice ------------------------------------------------------------------------------
+def test_greedy_choice_and_raw_confidence():
+    logits = torch.randn(5, 3, 40, generator=torch.Generator().manual_seed(1)) * 3
+    ids, conf = sampling.choose_tokens(logits, temperature=0)
+    assert torch.equal(ids, logits.argmax(-1))
+    probs = logits.softmax(-1)
+    torch.testing.assert_close(conf, probs.gather(-1, ids[..., None])[..., 0])
+    # Suppressing the argmax token: the second best is chosen, its confidence still under the raw softmax.
+    top = int(logits[0, 0].argmax())
+    ids2, conf2 = sampling.choose_tokens(logits[:1, :1], temperature=0, suppress_id=top)
+    second = int(logits[0, 0].topk(2).indices[1])
+    assert int(ids2) == second
+    torch.testing.assert_close(conf2[0, 0], probs[0, 0, second])
+
+
+def test_non_finite_logits_do_not_crash():
+    logits = torch.randn(4, 10)
+    logits[0] = float("nan")
+    logits[1, 3] = float("inf")
+    logits[2, :] = float("-inf")
+    logits[3, 5] = float("nan")
+    for temperature in (0.0, 0.7, 1.0):
+        ids, conf = sampling.choose_tokens(
+            logits, temperature=temperature, top_k=5, top_p=0.9, uniform=torch.full((4,), 0.5)
+        )
+        assert torch.isfinite(conf).all() and ((ids >= 0) & (ids < 10)).all()
+        assert int(ids[1]) == 3 and float(conf[1]) == 1.0  # +inf dominates
+        assert int(ids[3]) != 5  # NaN is never preferred
+
+
+def _reference_inverse_cdf(probs, u):
+    cdf = probs.double().cumsum(-1)
+    target = u.double() * cdf[..., -1]
+    return (cdf <= target[..., None]).sum(-1)
+
+
+def test_inverse_cdf_matches_reference():
+    gen = torch.Generator().manual_seed(4)
+    probs = torch.rand(200, 50, generator=gen) ** 4
+    probs[:, 10:20] = 0.0  # zero-probability ids are never drawn
+    u = torch.rand(200, generator=gen)
+    ids = sampling.inverse_cdf(probs, u)
+    assert torch.equal(ids, _reference_inverse_cdf(probs, u))
+    assert (probs.gather(-1, ids[:, None]) > 0).all()
+    # u -> 1 cannot run past the last token with mass.
+    edge = sampling.inverse_cdf(probs[:3], torch.full((3,), 1.0 - 1e-9))
+    assert (probs[:3].gather(-1, edge[:, None]) > 0).all()
+
+
+def _reference_nucleus(probs, top_p):
+    """HF's rule: sort descending, keep while the mass of strictly more probable tokens < top_p."""
+    keep = torch.zeros_like(probs, dtype=torch.bool)
+    for i in range(probs.shape[0]):
+        for j in range(probs.shape[1]):
+            above = probs[i][probs[i] > probs[i, j]].double().sum()
+            keep[i, j] = above < top_p
+    return keep
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.9])
+def test_topp_threshold_is_exact_nucleus(top_p):
+    gen = torch.Generator().manual_seed(5)
+    probs = torch.softmax(torch.randn(20, 30, generator=gen) * 2, -1)
+    probs[0, :4] = probs[0, 4]  # ties at the boundary are kept together
+    tau = sampling.topp_threshold(probs, top_p)
+    assert torch.equal(probs >= tau[:, None], _reference_nucleus(probs, top_p))
+
+
+def test_sampling_respects_top_k_and_distribution():
+    torch.manual_seed(0)
+    logits = torch.randn(1, 16).expand(20000, 16).contiguous()
+    u = torch.rand(20000)
+    ids, conf = sampling.choose_tokens(logits, temperature=1.0, top_k=4, uniform=u)
+    allowed = set(logits[0].topk(4).indices.tolist())
+    assert set(ids.unique().tolist()) <= allowed
+    expected = torch.zeros(16)
+    expected[list(allowed)] = logits[0, list(allowed)].softmax(-1)
+    freq = torch.bincount(ids, minlength=16).float() / ids.numel()
+    assert (freq - expected).abs().max() < 0.015  # ~4 sigma for 20k draws
+    torch.testing.assert_close(conf, logits.softmax(-1).gather(-1, ids[:, None])[:, 0])  # raw softmax
+
+
+# --- KV cache ----------------------------------------------------------------------------------
+class _FakeLayer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.kv_cache = None
+        self.backend = "sdpa"
+
+
+def _meta(rows, cols, block):
+    return torch.stack([torch.full((rows, cols), block), torch.ones(rows, cols, dtype=torch.long)], 1)
+
+
+def test_kv_cache_extend_commit_keep_match_concatenation():
+    layers = [_FakeLayer(), _FakeLayer()]
+    cache = BlockKVCache(num_layers=2, batch=3, capacity=10, groups=2, head_dim=4, dtype=torch.float32, device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    reference = [torch.empty(0, 3, 2, 4) for _ in layers]  # committed keys per layer, [S, B, G, D]
+    with cache.bind(layers):
+        assert all(layer.kv_cache is not None for layer in layers)
+        for width, commit in [(4, 4), (2, 0), (4, 2), (2, 2)]:  # prefill, round, fused round, commit
+            meta = _meta(3, width, 0)
+            with cache.forward(meta):
+                for i, layer in enumerate(layers):
+                    key = torch.randn(width, 3, 2, 4, generator=gen)
+                    k_all, v_all, k_meta = layer.kv_cache.extend(key, key * 2, meta)
+                    torch.testing.assert_close(k_all, torch.cat([reference[i], key]), rtol=0, atol=0)
+                    torch.testing.assert_close(v_all, 2 * torch.cat([reference[i], key]), rtol=0, atol=0)
+                    assert k_meta.shape == (3, 2, reference[i].shape[0] + width)
+                    reference[i] = torch.cat([reference[i], key[:commit]])
+            cache.commit(commit)
+        assert cache.length == 8
+        cache.keep(torch.tensor([0, 2]))
+        assert cache.rows == 2
+        meta = _meta(2, 2, 1)
+        with cache.forward(meta):
+            key = torch.randn(2, 2, 2, 4)
+            k_all, _, _ = layers[0].kv_cache.extend(key, key, meta)
+            torch.testing.assert_close(k_all, torch.cat([reference[0][:, [0, 2]], key]), rtol=0, atol=0)
+        with pytest.raises(AssertionError):  # layer 1 did not write this round
+            cache.commit(2)
+    assert all(layer.kv_cache is None for layer in layers)
+
+
+def test_kv_cache_guards():
+    cache = BlockKVCache(num_layers=1, batch=2, capacity=4, groups=1, head_dim=2, dtype=torch.float32, device="cpu")
+    layer = _FakeLayer()
+    with cache.bind([layer]):
+        with pytest.raises(AssertionError):  # overflow
+            with cache.forward(_meta(2, 5, 0)):
+                pass
+        meta = _meta(2, 2, 0)
+        with cache.forward(meta):
+            with pytest.raises(AssertionError):  # metadata other than the forward's
+                layer.kv_cache.extend(torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2), meta.clone())
+        with pytest.raises(AssertionError):
+            cache.commit(3)  # wider than the round
+        cache.commit(0)
+        with pytest.raises(AssertionError):
+            cache.keep(torch.tensor([1, 0]))  # not ascending
