@@ -275,7 +275,8 @@ def load_prompts(cfg: PromptDataConfig, tokenizer, eos_id: Optional[int] = None)
 
 # --- batching --------------------------------------------------------------------------------
 
-def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: Sequence[Sequence[int]], pad_id: int,
+             width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, W] left-padded, lengths [B])``; W = the longest sequence unless given."""
     lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     width = int(lens.max()) if width is None else width
@@ -288,7 +289,8 @@ def left_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: Optional[int] = 
     return ids, lens
 
 
-def right_pad(seqs: Sequence[Sequence[int]], pad_id: int, width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def right_pad(seqs: Sequence[Sequence[int]], pad_id: int,
+              width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, W] right-padded, lengths [B])``; sequences longer than ``width`` are cut."""
     width = max(len(s) for s in seqs) if width is None else width
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)

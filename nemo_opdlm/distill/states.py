@@ -110,7 +110,8 @@ def first_eos_mask(response: Tensor, valid: Tensor, eos_ids: Sequence[int]) -> t
     ``before``: valid positions up to and including the first EOS (all valid positions when a row
     has none); ``is_first_eos``: the first EOS position of each row.
     """
-    is_eos = torch.isin(response, torch.as_tensor(list(eos_ids), dtype=response.dtype, device=response.device)) & valid
+    eos = torch.as_tensor(list(eos_ids), dtype=response.dtype, device=response.device)
+    is_eos = torch.isin(response, eos) & valid  # [B, L]
     seen = is_eos.long().cumsum(1)  # [B, L]
     is_first = is_eos & (seen == 1)
     before = valid & ((seen == 0) | is_first)
