@@ -1,0 +1,29 @@
+"""Errors raised by the Hugging Face <-> Megatron converters.
+
+One job: name each way a conversion can be refused, so that callers (and tests) can tell them
+apart. Every message says what was found and what to do about it.
+"""
+
+from __future__ import annotations
+
+from nemo_opdlm.models.config import ConfigError
+
+
+class ConvertError(ConfigError):
+    """A conversion cannot proceed; nothing has been written to the target."""
+
+
+class UnsupportedArchitectureError(ConvertError):
+    """The HF config names an architecture (or an architecture feature) this converter lacks."""
+
+
+class CheckpointFileError(ConvertError):
+    """A checkpoint file is missing, truncated or inconsistent with its index."""
+
+
+class TargetExistsError(ConvertError):
+    """The output directory exists and overwrite was not requested."""
+
+
+class VocabMismatchError(ConvertError):
+    """Two vocabularies that must agree (teacher/student, tokenizer/embedding) do not."""

@@ -1,0 +1,484 @@
+"""Block-diffusion language model exported by nemo_opdlm: self-contained ``trust_remote_code`` file.
+
+One job: run an exported OPDLM student in plain ``torch`` + ``transformers`` (this file imports
+nothing from nemo_opdlm) and decode with it. The weights keep the source architecture's names
+(Qwen3 / Qwen2 / Llama: ``model.layers.{i}.self_attn.q_proj.weight`` ...), so the model is the
+source decoder with one change: attention follows a block-diffusion mask instead of a causal one.
+
+Token metadata (the same convention as the training code): every token carries a block id and a
+kind, stacked as ``token_meta[:, 0]`` / ``token_meta[:, 1]`` (``[B, 2, S]`` int64).
+
+- kind ``PAD`` (0) is never a key and sees only itself, ``CLEAN`` (1) is a prompt or
+  committed token, ``NOISY`` (2) is a token of the block being denoised (``xt``).
+- Response blocks count 0, 1, ... from the first response token; prompt blocks count -1, -2, ...
+  backwards from the prompt's end (a left-padded prompt's blocks are aligned to its end).
+- A non-padding query q may attend to key k if k is clean and (block(k) < block(q), or same
+  block and q is clean), or k is noisy, q is noisy and they share a block; every token sees itself. Clean tokens are therefore
+  block-causal, and an ``xt`` block sees the prompt, earlier clean blocks and itself.
+
+Usage::
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64)           # static
+    out = model.generate(input_ids, attention_mask=mask, max_new_tokens=64, threshold=0.9)
+
+``generate`` decodes block by block: each block starts as ``[MASK]`` tokens and is unmasked over
+``steps_per_block`` rounds; confidence is the probability of the chosen token under the softmax
+of the raw logits. Static decoding unmasks a fixed count per round (most confident first);
+threshold decoding unmasks every masked position whose confidence is strictly above the
+threshold, and at least the scheduled count.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+PAD, CLEAN, NOISY = 0, 1, 2
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+
+class OPDLMConfig(PretrainedConfig):
+    """Architecture + diffusion settings of an exported student (written by nemo_opdlm's exporter)."""
+
+    model_type = "opdlm_block_diffusion"
+
+    def __init__(
+        self,
+        vocab_size: int = 32000,
+        hidden_size: int = 1024,
+        intermediate_size: int = 3072,
+        num_hidden_layers: int = 2,
+        num_attention_heads: int = 16,
+        num_key_value_heads: int = 8,
+        head_dim: Optional[int] = None,
+        max_position_embeddings: int = 4096,
+        rms_norm_eps: float = 1e-6,
+        rope_theta: float = 1_000_000.0,
+        rope_llama3: Optional[dict] = None,
+        qk_norm: bool = False,
+        qkv_bias: bool = False,
+        tie_word_embeddings: bool = False,
+        mask_token_id: Optional[int] = None,
+        block_size: int = 4,
+        attention_kind: str = "block_causal",
+        source_architecture: Optional[str] = None,
+        source_model_type: Optional[str] = None,
+        **kwargs,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.intermediate_size = intermediate_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.num_key_value_heads = num_key_value_heads
+        self.head_dim = head_dim or hidden_size // num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.rms_norm_eps = rms_norm_eps
+        self.rope_theta = rope_theta
+        self.rope_llama3 = rope_llama3
+        self.qk_norm = qk_norm
+        self.qkv_bias = qkv_bias
+        self.mask_token_id = mask_token_id
+        self.block_size = block_size
+        self.attention_kind = attention_kind
+        self.source_architecture = source_architecture
+        self.source_model_type = source_model_type
+        if attention_kind != "block_causal":
+            raise ValueError(f"attention_kind {attention_kind!r} is not supported (only 'block_causal')")
+        super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
+        self.tie_word_embeddings = tie_word_embeddings
+
+
+# ---------------------------------------------------------------------------------------------
+# Masks and layouts (the rule of the training code, restated).
+# ---------------------------------------------------------------------------------------------
+
+
+def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
+    """Dense permission ``[B, Sq, Sk]``; the queries are the last ``Sq`` of the ``Sk`` keys."""
+    q_block, q_kind = q_meta[:, 0, :, None], q_meta[:, 1, :, None]  # [B, Sq, 1]
+    k_block, k_kind = k_meta[:, 0, None, :], k_meta[:, 1, None, :]  # [B, 1, Sk]
+    clean_ok = (k_kind == CLEAN) & (q_kind != PAD) & ((k_block < q_block) | ((k_block == q_block) & (q_kind == CLEAN)))
+    noisy_ok = (k_kind == NOISY) & (q_kind == NOISY) & (k_block == q_block)
+    sq, sk = q_meta.shape[-1], k_meta.shape[-1]
+    cols = torch.arange(sk, device=q_meta.device)[None, :]
+    rows = torch.arange(sq, device=q_meta.device)[:, None] + (sk - sq)
+    return clean_ok | noisy_ok | (cols == rows)[None]
+
+
+def prompt_layout(attention_mask: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Metadata ``[B, 2, P]`` and positions ``[B, P]`` of left-padded prompts (1 = real token)."""
+    batch, width = attention_mask.shape
+    device = attention_mask.device
+    lens = attention_mask.long().sum(dim=1)  # [B]
+    cols = torch.arange(width, device=device)
+    block = (-((width - cols + block_size - 1) // block_size)).expand(batch, -1)  # [B, P]
+    real = cols[None, :] >= (width - lens)[:, None]  # [B, P]
+    kind = torch.where(real, CLEAN, PAD)
+    pos = (cols[None, :] - (width - lens)[:, None]).clamp(min=0)
+    return torch.stack([block, kind], dim=1).long(), pos.long()
+
+
+def response_layout(prompt_lens: torch.Tensor, start: int, length: int, block_size: int,
+                    kind: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Metadata ``[B, 2, length]`` and positions of response tokens ``[start, start + length)``."""
+    idx = torch.arange(start, start + length, device=prompt_lens.device)
+    block = (idx // block_size).expand(prompt_lens.shape[0], -1)
+    kinds = torch.full_like(block, kind)
+    return torch.stack([block, kinds], dim=1).long(), (prompt_lens[:, None] + idx[None, :]).long()
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder.
+# ---------------------------------------------------------------------------------------------
+
+
+class OPDLMRMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_inv_freq(config: OPDLMConfig) -> torch.Tensor:
+    """RoPE inverse frequencies ``[D/2]``, with Llama-3.1 scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = config.rope_llama3
+    if not scaling:
+        return inv_freq
+    factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old_ctx = scaling["original_max_position_embeddings"]
+    low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_ctx / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class OPDLMAttention(nn.Module):
+    def __init__(self, config: OPDLMConfig) -> None:
+        super().__init__()
+        self.heads, self.groups, self.dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        h = config.hidden_size
+        self.q_proj = nn.Linear(h, self.heads * self.dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(h, self.groups * self.dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(h, self.groups * self.dim, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(self.heads * self.dim, h, bias=False)
+        if config.qk_norm:
+            self.q_norm = OPDLMRMSNorm(self.dim, config.rms_norm_eps)
+            self.k_norm = OPDLMRMSNorm(self.dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                past: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+        """x ``[B, S, H]``, cos/sin ``[B, S, D]``, mask ``[B, S, S_past + S]`` -> (out, (k, v))."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.heads, self.dim)  # [B, S, nh, D]
+        k = self.k_proj(x).view(b, s, self.groups, self.dim)  # [B, S, G, D]
+        v = self.v_proj(x).view(b, s, self.groups, self.dim).transpose(1, 2)  # [B, G, S, D]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        cos, sin = cos[:, None].to(q.dtype), sin[:, None].to(q.dtype)  # [B, 1, S, D]
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, G, Sk, D]
+        rep = self.heads // self.groups
+        kr = k.repeat_interleave(rep, dim=1) if rep > 1 else k  # [B, nh, Sk, D]
+        vr = v.repeat_interleave(rep, dim=1) if rep > 1 else v
+        out = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask[:, None])  # [B, nh, S, D]
+        out = out.transpose(1, 2).reshape(b, s, self.heads * self.dim)
+        return self.o_proj(out), (k, v)
+
+
+class OPDLMMLP(nn.Module):
+    def __init__(self, config: OPDLMConfig) -> None:
+        super().__init__()
+        h, f = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, f, bias=False)
+        self.up_proj = nn.Linear(h, f, bias=False)
+        self.down_proj = nn.Linear(f, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class OPDLMDecoderLayer(nn.Module):
+    def __init__(self, config: OPDLMConfig) -> None:
+        super().__init__()
+        self.input_layernorm = OPDLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = OPDLMAttention(config)
+        self.post_attention_layernorm = OPDLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = OPDLMMLP(config)
+
+    def forward(self, x, cos, sin, mask, past=None):
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, past)
+        x = x + attn
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv
+
+
+class OPDLMPreTrainedModel(PreTrainedModel):
+    config_class = OPDLMConfig
+    base_model_prefix = "model"
+    _no_split_modules = ["OPDLMDecoderLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = 0.02
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, std=std)
+        elif isinstance(module, OPDLMRMSNorm):
+            nn.init.ones_(module.weight)
+
+
+class OPDLMModel(OPDLMPreTrainedModel):
+    def __init__(self, config: OPDLMConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(OPDLMDecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = OPDLMRMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_init()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, token_meta: torch.Tensor,
+                past_key_values: Optional[list] = None, past_meta: Optional[torch.Tensor] = None):
+        """Hidden states ``[B, S, H]`` and per-layer (k, v) of this call (prefixed by the past)."""
+        x = self.embed_tokens(input_ids)  # [B, S, H]
+        k_meta = token_meta if past_meta is None else torch.cat([past_meta, token_meta], dim=-1)
+        mask = allowed(token_meta, k_meta)  # [B, S, Sk]
+        # Recomputed per call (D/2 numbers): a buffer would be left uninitialised by meta-device loading.
+        inv_freq = rope_inv_freq(self.config).to(x.device)  # [D/2]
+        angles = position_ids.float()[..., None] * inv_freq  # [B, S, D/2]
+        angles = torch.cat([angles, angles], dim=-1)  # [B, S, D]
+        cos, sin = angles.cos(), angles.sin()
+        present = []
+        for i, layer in enumerate(self.layers):
+            x, kv = layer(x, cos, sin, mask, None if past_key_values is None else past_key_values[i])
+            present.append(kv)
+        return self.norm(x), present
+
+
+class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
+    """The exported student: ``forward`` gives logits under block-diffusion metadata; ``generate`` decodes."""
+
+    # transformers 5 maps tied targets to sources; 4.x lists the tied names.
+    _tied_weights_keys = (
+        {"lm_head.weight": "model.embed_tokens.weight"} if _TRANSFORMERS_MAJOR >= 5 else ["lm_head.weight"]
+    )
+
+    def __init__(self, config: OPDLMConfig) -> None:
+        super().__init__(config)
+        self.model = OPDLMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embed_tokens
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: Optional[torch.Tensor] = None,
+        token_meta: Optional[torch.Tensor] = None,
+        attention_mask: Optional[torch.Tensor] = None,
+        **unused,
+    ) -> CausalLMOutput:
+        """Logits ``[B, S, V]`` (the prediction *at* each position: no shift).
+
+        Args:
+            input_ids: ``[B, S]``.
+            position_ids: ``[B, S]`` RoPE positions (xt reuses x0's); default from the layout.
+            token_meta: ``[B, 2, S]`` block ids and kinds; default: the input is a left-padded
+                prompt (``attention_mask``, 1 = real token) read block-causally with
+                ``config.block_size``.
+        """
+        if token_meta is None:
+            if attention_mask is None:
+                attention_mask = torch.ones_like(input_ids)
+            token_meta, default_pos = prompt_layout(attention_mask, self.config.block_size)
+            position_ids = default_pos if position_ids is None else position_ids
+        if position_ids is None:
+            raise ValueError("position_ids are required together with token_meta")
+        hidden, _ = self.model(input_ids, position_ids, token_meta)
+        return CausalLMOutput(logits=self.lm_head(hidden))
+
+    def _logits_with_cache(self, input_ids, position_ids, token_meta, cache):
+        """Logits of new tokens given a cache ``{"kv": [...], "meta": [B, 2, Sc]}`` of clean tokens."""
+        hidden, present = self.model(input_ids, position_ids, token_meta,
+                                     past_key_values=cache.get("kv"), past_meta=cache.get("meta"))
+        return self.lm_head(hidden), present
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        max_new_tokens: int = 128,
+        block_size: Optional[int] = None,
+        steps_per_block: Optional[int] = None,
+        threshold: Optional[float] = None,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        mask_token_id: Optional[int] = None,
+        eos_token_id: Optional[int | list[int]] = None,
+        pad_token_id: Optional[int] = None,
+        suppress_mask_token: bool = True,
+        generator: Optional[torch.Generator] = None,
+        return_dict: bool = False,
+        **unused,
+    ):
+        """Block-diffusion decoding of left-padded prompts ``input_ids [B, P]``.
+
+        Blocks of ``block_size`` tokens are decoded one after another; each starts fully masked
+        and is unmasked over ``steps_per_block`` rounds (default ``block_size``: one token per
+        round). ``threshold=None`` is static decoding (the scheduled count per round, most
+        confident first, ties to the left); a float is confidence-threshold decoding (every
+        masked position strictly above it, and at least the scheduled count). Confidence is the
+        probability of the chosen token under the softmax of the raw logits. ``temperature=0``
+        is greedy; the [MASK] token is never chosen unless ``suppress_mask_token=False``.
+        A row finishes with the block in which it emits an EOS (that block is kept as decoded);
+        its later positions hold ``pad_token_id`` (default: the first EOS id, else 0). The prompt
+        and committed blocks are held in a KV cache.
+
+        Returns ``[B, P + L]`` ids (``L`` = ``max_new_tokens`` rounded up to whole blocks), or with
+        ``return_dict`` a dict with ``sequences`` and ``step_map`` (``[B, L]``: the round within
+        its block at which each token was unmasked; -1 where nothing was decoded).
+        """
+        cfg = self.config
+        bs = block_size or cfg.block_size
+        steps = steps_per_block or bs
+        mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
+        if mask_id is None:
+            raise ValueError("no mask_token_id in the config: pass mask_token_id")
+        if not 1 <= steps <= bs:
+            raise ValueError(f"steps_per_block must be in [1, block_size={bs}], got {steps}")
+        eos_ids = _as_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
+        pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+        batch, width = input_ids.shape
+        device = input_ids.device
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        prompt_meta, prompt_pos = prompt_layout(attention_mask, bs)
+        prompt_lens = attention_mask.long().sum(dim=1)
+        n_blocks = -(-max_new_tokens // bs)
+        tokens = torch.full((batch, n_blocks * bs), pad_id, dtype=torch.long, device=device)
+        step_map = torch.full_like(tokens, -1)
+        active = torch.ones(batch, dtype=torch.bool, device=device)
+        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+        _, kv = self._logits_with_cache(input_ids, prompt_pos, prompt_meta, {})
+        cache = {"kv": kv, "meta": prompt_meta}
+        for b in range(n_blocks):
+            cols = slice(b * bs, (b + 1) * bs)
+            noisy_meta, pos = response_layout(prompt_lens, b * bs, bs, bs, NOISY)
+            x = torch.full((batch, bs), mask_id, dtype=torch.long, device=device)  # [B, bs]
+            st = torch.full_like(x, -1)  # [B, bs] round of unmasking, -1 = still masked
+            for rnd, count in enumerate(_schedule(bs, steps)):
+                logits, _ = self._logits_with_cache(x, pos, noisy_meta, cache)  # [B, bs, V]
+                chosen, confidence = _choose(logits, temperature, top_k, top_p, generator,
+                                             mask_id if suppress_mask_token else None)
+                pick = _select(confidence, st < 0, count, threshold)  # [B, bs]
+                x = torch.where(pick, chosen, x)
+                st = torch.where(pick, rnd, st)
+                if threshold is not None and not bool((st[active] < 0).any()):
+                    break
+            tokens[active, cols] = x[active]
+            step_map[active, cols] = st[active]
+            in_limit = torch.arange(b * bs, (b + 1) * bs, device=device) < max_new_tokens  # [bs]
+            active &= ~(torch.isin(x, eos) & in_limit).any(dim=1)
+            if b == n_blocks - 1 or not bool(active.any()):
+                break
+            clean_meta, _ = response_layout(prompt_lens, b * bs, bs, bs, CLEAN)
+            _, kv = self._logits_with_cache(x, pos, clean_meta, cache)
+            cache = {"kv": kv, "meta": torch.cat([cache["meta"], clean_meta], dim=-1)}
+        sequences = torch.cat([input_ids, tokens], dim=1)
+        if return_dict:
+            return {"sequences": sequences, "step_map": step_map}
+        return sequences
+
+
+def _as_list(ids) -> list[int]:
+    if ids is None:
+        return []
+    return [int(i) for i in ids] if isinstance(ids, (list, tuple)) else [int(ids)]
+
+
+def _schedule(block_size: int, steps: int) -> list[int]:
+    """Tokens to unmask per round: ``block_size`` split as evenly as possible, earlier rounds first."""
+    base, extra = divmod(block_size, steps)
+    return [base + (1 if r < extra else 0) for r in range(steps)]
+
+
+def _choose(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+            generator: Optional[torch.Generator], suppress_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chosen tokens ``[B, n]`` and their confidence under the softmax of the raw logits."""
+    finfo = torch.finfo(torch.float32)
+    raw = torch.nan_to_num(logits.float(), nan=finfo.min, posinf=finfo.max, neginf=finfo.min)  # [B, n, V]
+    pickable = raw
+    if suppress_id is not None:
+        pickable = raw.clone()
+        pickable[..., suppress_id] = finfo.min
+    if temperature <= 0:
+        best, chosen = pickable.max(dim=-1)  # ties: the lowest id
+    else:
+        scaled = (pickable / temperature).clamp(min=finfo.min, max=finfo.max)
+        if top_k > 0:
+            kth = scaled.topk(min(top_k, scaled.shape[-1]), dim=-1).values[..., -1:]
+            scaled = scaled.masked_fill(scaled < kth, finfo.min)
+        probs = scaled.softmax(dim=-1)
+        if top_p < 1.0:
+            ordered, _ = probs.sort(dim=-1, descending=True)
+            before = ordered.cumsum(dim=-1) - ordered  # mass of strictly more probable tokens
+            tau = ordered.masked_fill(before >= top_p, float("inf")).amin(dim=-1, keepdim=True)
+            probs = probs.masked_fill(probs < tau, 0.0)
+        flat = probs.reshape(-1, probs.shape[-1])
+        chosen = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
+        best = raw.gather(-1, chosen[..., None]).squeeze(-1)
+    shift = raw.amax(dim=-1) if temperature > 0 else best
+    log_z = shift + (raw - shift[..., None]).exp().sum(dim=-1).log()
+    picked = raw.gather(-1, chosen[..., None]).squeeze(-1)
+    return chosen, (picked - log_z).exp()
+
+
+def _select(confidence: torch.Tensor, masked: torch.Tensor, count: int, threshold: Optional[float]) -> torch.Tensor:
+    """Positions ``[B, n]`` to unmask: the ``count`` most confident masked ones (ties: leftmost),
+    plus (threshold decoding) every masked one strictly above ``threshold``."""
+    conf = confidence.masked_fill(~masked, torch.finfo(confidence.dtype).min)
+    order = conf.argsort(dim=-1, descending=True, stable=True)
+    positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
+    rank = torch.empty_like(order).scatter_(-1, order, positions)
+    pick = (rank < count) & masked
+    if threshold is not None:
+        pick |= masked & (confidence > threshold)
+    return pick

@@ -1,0 +1,231 @@
+"""megatron-core chunks (or a torch_dist checkpoint at any TP/PP) -> a Hugging Face directory.
+
+One job: write the weights under the source architecture's HF names (safetensors shards + index),
+the config.json, the tokenizer files, and, for a block-diffusion student, the self-contained
+``modeling_opdlm.py`` that ``transformers`` loads with ``trust_remote_code=True``. A teacher (no
+diffusion settings) is written back as its original architecture, config.json verbatim.
+Non-goals: training-time checkpoints (``training/checkpoint.py``), loading HF (``hf_to_mcore.py``).
+
+How ranks share the work: each parameter's TP shards are all-gathered inside its TP group; the
+TP-rank-0, DP-rank-0 member of each pipeline stage writes that stage's tensors to its own shard
+files; rank 0 then names the files ``model-0000k-of-0000n.safetensors`` in layer order and writes
+the index. Nothing is written outside a staging directory until every rank has finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_opdlm.convert import hf_config as hfc
+from nemo_opdlm.convert.errors import ConvertError
+from nemo_opdlm.convert.hf_to_mcore import (ASSETS_DIR, INDEX_FILE, SINGLE_FILE, check_layout, load_dist_checkpoint,
+                                            parameter_sources, read_checkpoint_meta)
+from nemo_opdlm.convert.key_maps import to_hf
+from nemo_opdlm.convert.safetensors_io import write_safetensors
+from nemo_opdlm.convert.staging import check_target, is_rank0, staged_dir
+from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
+from nemo_opdlm.models.student import build_chunks, unwrap
+
+MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling", "modeling_opdlm.py")
+DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+
+
+def _parallel() -> dict[str, int]:
+    from megatron.core import parallel_state as ps
+
+    return dict(
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(),
+    )
+
+
+def _gather_tp(tensor: torch.Tensor, tp_size: int) -> list[torch.Tensor]:
+    """Every TP rank's shard of one parameter (in rank order)."""
+    if tp_size == 1:
+        return [tensor.detach()]
+    from megatron.core import parallel_state as ps
+
+    parts = [torch.empty_like(tensor) for _ in range(tp_size)]
+    dist.all_gather(parts, tensor.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    return parts
+
+
+class _ShardWriter:
+    """Buffers (name, tensor) pairs and writes a safetensors file whenever the buffer is full."""
+
+    def __init__(self, directory: str, tag: str, max_bytes: int) -> None:
+        self.directory, self.tag, self.max_bytes = directory, tag, max_bytes
+        self.pending: list[tuple[str, torch.Tensor]] = []
+        self.pending_bytes = 0
+        self.files: list[dict[str, Any]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_bytes:
+            self.flush()
+        self.pending.append((name, tensor))
+        self.pending_bytes += size
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        fname = f"part-{self.tag}-{len(self.files):05d}.safetensors"
+        nbytes = write_safetensors(os.path.join(self.directory, fname), self.pending)
+        self.files.append({"file": fname, "names": [n for n, _ in self.pending], "bytes": nbytes})
+        self.pending, self.pending_bytes = [], 0
+
+
+def _write_weights(chunks: list[torch.nn.Module], cfg: ModelConfig, directory: str, max_bytes: int,
+                   dtype: Optional[torch.dtype]) -> list[dict[str, Any]]:
+    """Write this stage's tensors (if this rank is its writer); return (virtual stage, file records)."""
+    par = _parallel()
+    writer = par["tp_rank"] == 0 and par["dp_rank"] == 0
+    records = []
+    for ci, chunk in enumerate(chunks):
+        stage = ci * par["pp_size"] + par["pp_rank"]  # virtual stage order = layer order
+        out = _ShardWriter(directory, f"{stage:05d}", max_bytes)
+        for name, tensor, rule, hf_names in parameter_sources(unwrap(chunk), cfg):
+            if name == "output_layer.weight" and cfg.tie_word_embeddings:
+                continue  # the last stage's copy of a tied embedding: the embedding is exported
+            shards = _gather_tp(tensor, par["tp_size"]) if rule.tp_axis is not None else [tensor.detach()]
+            if writer:
+                for hf_name, value in zip(hf_names, to_hf(rule, cfg, shards)):
+                    out.add(hf_name, value if dtype is None else value.to(dtype))
+            del shards
+        out.flush()
+        records.extend({"stage": stage, **rec} for rec in out.files)
+    return records
+
+
+def _name_shards(directory: str, records: list[dict[str, Any]]) -> None:
+    """Rename the stage files to HF's names and write the index (single file: no index)."""
+    records = sorted(records, key=lambda r: (r["stage"], r["file"]))
+    n = len(records)
+    weight_map: dict[str, str] = {}
+    for k, rec in enumerate(records, start=1):
+        final = SINGLE_FILE if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        os.rename(os.path.join(directory, rec["file"]), os.path.join(directory, final))
+        weight_map.update({name: final for name in rec["names"]})
+    if n > 1:
+        index = {"metadata": {"total_size": sum(r["bytes"] for r in records)},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        with open(os.path.join(directory, INDEX_FILE), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def _all_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    if not (dist.is_available() and dist.is_initialized()):
+        return records
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, records)
+    return [r for rank_records in everyone for r in rank_records]
+
+
+def _write_json(path: str, data: dict[str, Any]) -> None:
+    with open(path, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def export_chunks(
+    chunks: list[torch.nn.Module],
+    cfg: ModelConfig,
+    out_dir: str,
+    *,
+    source_config: Optional[dict[str, Any]] = None,
+    diffusion: Optional[DiffusionConfig] = None,
+    assets_dir: Optional[str] = None,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: Optional[torch.dtype] = None,
+) -> None:
+    """Write the chunks (this rank's share of a model at any layout) as an HF directory.
+
+    Collective: every rank calls it. Args:
+        source_config: the HF config.json the model came from; written verbatim for a teacher.
+        diffusion: the student's settings; None exports the unchanged AR architecture.
+        assets_dir: where tokenizer files (and generation_config.json) are copied from.
+        dtype: cast weights on the way out (default: as they are in the chunks).
+    """
+    check_layout(cfg)
+    with staged_dir(out_dir, overwrite) as staging:
+        records = _all_records(_write_weights(chunks, cfg, staging, max_shard_bytes, dtype))
+        if is_rank0():
+            _name_shards(staging, records)
+            write_hf_metadata(staging, cfg, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir)
+
+
+def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Optional[dict[str, Any]],
+                      diffusion: Optional[DiffusionConfig], assets_dir: Optional[str]) -> None:
+    """config.json, tokenizer files and (students) the modeling file."""
+    for name in hfc.TOKENIZER_FILES:
+        path = os.path.join(assets_dir, name) if assets_dir else ""
+        if path and os.path.isfile(path):
+            shutil.copy2(path, os.path.join(directory, name))
+    if diffusion is None:
+        config = dict(source_config) if source_config is not None else hfc.hf_config_from_model(cfg)
+        _write_json(os.path.join(directory, "config.json"), config)
+        return
+    _write_json(os.path.join(directory, "config.json"), hfc.student_hf_config(cfg, diffusion, source_config))
+    shutil.copy2(MODELING_FILE, os.path.join(directory, hfc.MODELING_MODULE + ".py"))
+
+
+def export_checkpoint(
+    ckpt_dir: str,
+    out_dir: str,
+    *,
+    diffusion: Optional[DiffusionConfig] = None,
+    as_teacher: bool = False,
+    hf_source: Optional[str] = None,
+    model_config: Optional[ModelConfig] = None,
+    prefix: str = "",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    dtype: Optional[torch.dtype] = None,
+    **overrides: Any,
+) -> ModelConfig:
+    """A torch_dist checkpoint (saved at any TP/PP) -> HF directory, at the current layout.
+
+    The architecture comes from, in order: ``model_config``, the checkpoint's own
+    ``opdlm_convert.json``, or ``hf_source``'s config.json. Diffusion settings come from
+    ``diffusion`` or the checkpoint's metadata; ``as_teacher`` forces the AR export. ``prefix``
+    is the sharded-key prefix of the model inside a training checkpoint, if any.
+    """
+    check_target(out_dir, overwrite)
+    meta = read_checkpoint_meta(ckpt_dir) or {}
+    source_config = meta.get("hf_config")
+    assets_dir = os.path.join(ckpt_dir, ASSETS_DIR) if os.path.isdir(os.path.join(ckpt_dir, ASSETS_DIR)) else None
+    if hf_source is not None:
+        source_config, assets_dir = hfc.read_hf_config(hf_source), hf_source
+    cfg = model_config
+    if cfg is None and meta.get("model_config"):
+        cfg = hfc.model_config_from_dict(meta["model_config"])
+    if cfg is None and source_config is not None:
+        cfg = hfc.model_config_from_hf(source_config)
+    if cfg is None:
+        raise ConvertError(f"{ckpt_dir} carries no model description: pass hf_source (--hf-source) or model_config")
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    if source_config is not None:
+        source_cfg = hfc.model_config_from_hf(source_config)
+        if source_cfg.vocab_size != cfg.vocab_size:
+            hfc.check_same_vocab(source_cfg, cfg)
+    if assets_dir is not None:
+        hfc.check_tokenizer_fits(assets_dir, cfg.vocab_size)
+    if diffusion is None and meta.get("diffusion") and not as_teacher:
+        diffusion = DiffusionConfig(**meta["diffusion"])
+    if as_teacher:
+        diffusion = None
+    check_layout(cfg)
+    chunks = build_chunks(cfg)
+    load_dist_checkpoint(chunks, ckpt_dir, prefix=prefix, cfg=cfg)
+    export_chunks(chunks, cfg, out_dir, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
+                  overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype)
+    return cfg
