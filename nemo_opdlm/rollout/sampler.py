@@ -266,13 +266,19 @@ class BlockSampler:
             cache.commit(commit)
         return logits
 
-    def _choose(self, logits: Tensor, rows: Tensor, width: int) -> tuple[Tensor, Tensor]:
-        """Candidates and confidences ``[N, width]`` for the active ``rows`` (original indices)."""
+    def _uniforms(self, *shape: int) -> Optional[Tensor]:
+        """Uniforms for sampling (None when greedy), drawn for every original row.
+
+        Callers draw a fixed amount per block (or per token), so the stream does not depend on
+        which rows are still decoding or how many rounds a block took.
+        """
+        if self.config.temperature == 0 or not self.is_last_stage:
+            return None
+        return torch.rand(*shape, generator=self.generator, device=self.device)
+
+    def _choose(self, logits: Tensor, uniform: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """Candidates and confidences ``[N, K]`` from logits ``[N, K, V/tp]``."""
         cfg = self.config
-        uniform = None
-        if cfg.temperature > 0:
-            # Drawn for every original row, so the stream does not depend on which rows remain.
-            uniform = torch.rand(self._batch, width, generator=self.generator, device=self.device)[rows]
         return choose_tokens(
             logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, uniform=uniform,
             suppress_id=cfg.mask_token_id if cfg.suppress_mask_token else None,
@@ -328,7 +334,6 @@ class BlockSampler:
         batch, width = prompt_ids.shape
         n_blocks = -(-max_new // bs)
         length = n_blocks * bs
-        self._batch = batch
         all_valid = torch.ones(batch, length, dtype=torch.bool, device=self.device)
         layout = masks.build_layout(prompt_lens, width, all_valid, bs, with_xt=False)
         pos_all, meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
@@ -346,6 +351,7 @@ class BlockSampler:
                 blk = width + b * bs  # first column of block b
                 x = torch.full((rows.numel(), bs), mask_id, dtype=torch.long, device=self.device)  # [N, bs]
                 st = torch.full_like(x, -1)  # [N, bs]
+                uniform = self._uniforms(batch, len(counts), bs)  # [B, steps, bs] or None
                 for r, count in enumerate(counts):
                     if cache is None:
                         lo = 0
@@ -362,7 +368,8 @@ class BlockSampler:
                     )
                     rounds += 1
                     if logits is not None:
-                        cand, conf = self._choose(logits, rows, bs)  # [N, bs], [N, bs]
+                        u = None if uniform is None else uniform[rows, r]  # [N, bs]
+                        cand, conf = self._choose(logits, u)  # [N, bs], [N, bs]
                         chosen = schedules.select_unmask(conf, st < 0, count, threshold)  # [N, bs]
                         x = torch.where(chosen, cand, x)
                         st = torch.where(chosen, r, st)
@@ -399,7 +406,6 @@ class BlockSampler:
             raise ValueError("autoregressive decoding needs a non-empty prompt in every row")
         max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch, width = prompt_ids.shape
-        self._batch = batch
         all_valid = torch.ones(batch, max_new, dtype=torch.bool, device=self.device)
         layout = masks.build_layout(prompt_lens, width, all_valid, 1, with_xt=False)
         pos_all, meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
@@ -419,7 +425,8 @@ class BlockSampler:
                 )
                 nxt = torch.zeros(rows.numel(), 1, dtype=torch.long, device=self.device)  # [N, 1]
                 if logits is not None:
-                    nxt = self._choose(logits, rows, 1)[0]
+                    uniform = self._uniforms(batch, 1)  # [B, 1] or None
+                    nxt = self._choose(logits, None if uniform is None else uniform[rows])[0]
                 nxt = share_decisions(nxt)
                 tokens[rows, i] = nxt[:, 0]
                 step_map[rows, i] = 0

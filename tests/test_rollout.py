@@ -1,0 +1,181 @@
+"""The block sampler on a tiny random student (fp32, CPU, one rank), against independent references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nemo_opdlm.models import masks
+from nemo_opdlm.models.student import build_chunks
+from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig, left_pad
+from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+from tests.tiny import tiny_model
+
+MASK = 95
+PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9], [10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
+
+
+@pytest.fixture(scope="module")
+def model():
+    """Tiny student; its output layer is scaled so that confidences spread over (0, 1)."""
+    with runtime(ParallelLayout()):
+        chunks = build_chunks(tiny_model(vocab_size=96, init_method_std=0.1))
+        with torch.no_grad():
+            chunks[0].output_layer.weight.mul_(10.0)
+        yield chunks
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return left_pad(PROMPTS, pad_id=0)
+
+
+def _run(chunks, prompts, method="generate", **kw):
+    kw = dict(dict(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7), **kw)
+    return getattr(BlockSampler(chunks, SamplerConfig(**kw)), method)(*prompts)
+
+
+def _same(a, b):
+    assert torch.equal(a.tokens, b.tokens), (a.tokens, b.tokens)
+    assert torch.equal(a.step_map, b.step_map), (a.step_map, b.step_map)
+    assert torch.equal(a.valid, b.valid)
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(mode="static"),
+        dict(mode="dynamic", threshold=0.5),
+        dict(mode="dynamic", threshold=0.5, block_size=8, steps_per_block=4),
+        dict(mode="dynamic", threshold=0.7, temperature=1.0, top_k=30, top_p=0.95),
+    ],
+)
+def test_cached_equals_uncached(model, prompts, settings):
+    """Cache (fused commit), cache (separate commit) and no cache decode the same tokens and rounds."""
+    uncached = _run(model, prompts, use_cache=False, **settings)
+    _same(_run(model, prompts, use_cache=True, **settings), uncached)
+    _same(_run(model, prompts, use_cache=True, fuse_commit=False, **settings), uncached)
+    if settings.get("mode") == "dynamic":
+        assert uncached.metrics.tokens_per_round > 1.0  # the threshold did unmask several per round
+
+
+def test_cached_equals_uncached_local_backend(model, prompts):
+    """megatron-core's DotProductAttention path (contiguous cache views) too."""
+    chunks = build_chunks(tiny_model(vocab_size=96, attention_backend="local"))
+    _same(_run(chunks, prompts, use_cache=True), _run(chunks, prompts, use_cache=False))
+
+
+def _reference_block1(chunks, prompt_ids, prompt_lens, steps):
+    """Greedy AR loop: [prompt | x_<i | MASK] under the causal (block size 1) layout, argmax at MASK."""
+    net = chunks[0]
+    batch, width = prompt_ids.shape
+    out = torch.empty(batch, 0, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(steps):
+            ids = torch.cat([prompt_ids, out, torch.full((batch, 1), MASK)], dim=1)
+            layout = masks.build_layout(prompt_lens, width, torch.ones(batch, i + 1, dtype=torch.bool), 1, False)
+            logits = net(ids, layout.position_ids, layout.meta)[:, -1]  # [B, V]
+            logits[:, MASK] = float("-inf")
+            out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+    return out
+
+
+def test_static_block1_equals_greedy_ar(model, prompts):
+    reference = _reference_block1(model, *prompts, steps=12)
+    for use_cache in (True, False):
+        got = _run(model, prompts, mode="static", block_size=1, steps_per_block=1, max_new_tokens=12,
+                   use_cache=use_cache)
+        assert torch.equal(got.tokens, reference)
+        assert (got.step_map == 0).all() and got.valid.all()
+
+
+def test_generate_ar_equals_next_token_loop(model, prompts):
+    """generate_ar: the causal teacher's next-token decoding, with and without the cache."""
+    net = chunks = model
+    prompt_ids, prompt_lens = prompts
+    batch, width = prompt_ids.shape
+    out = torch.empty(batch, 0, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(10):
+            ids = torch.cat([prompt_ids, out], dim=1)
+            layout = masks.build_layout(prompt_lens, width, torch.ones(batch, i, dtype=torch.bool), 1, False)
+            logits = net[0](ids, layout.position_ids, layout.meta)[:, -1]
+            logits[:, MASK] = float("-inf")
+            out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
+    for use_cache in (True, False):
+        got = _run(chunks, prompts, "generate_ar", max_new_tokens=10, use_cache=use_cache)
+        assert torch.equal(got.tokens, out)
+
+
+def test_dynamic_above_one_equals_static(model, prompts):
+    for temperature in (0.0, 1.0):
+        static = _run(model, prompts, mode="static", temperature=temperature)
+        _same(_run(model, prompts, mode="dynamic", threshold=1.01, temperature=temperature), static)
+
+
+@pytest.mark.parametrize("mode", ["static", "dynamic"])
+def test_every_token_has_a_round(model, prompts, mode):
+    got = _run(model, prompts, mode=mode, threshold=0.6, temperature=1.0, max_new_tokens=24)
+    bs, steps = 4, 4
+    assert got.tokens.shape == (5, 24) and got.valid.all()  # no EOS configured: all 24 decoded
+    assert ((got.step_map >= 0) & (got.step_map < steps)).all()
+    assert torch.equal(got.block_index, (torch.arange(24) // bs).expand(5, -1))
+    per_round = torch.stack([(got.step_map.view(5, 6, bs) == r).sum(-1) for r in range(steps)], -1)  # [B, nb, steps]
+    if mode == "static":
+        assert (per_round == 1).all()
+    else:  # at least one per round until the block is done, nothing after
+        done = per_round.cumsum(-1) == bs
+        first_done = done.float().argmax(-1, keepdim=True)
+        active = torch.arange(steps) <= first_done
+        assert ((per_round >= 1) == active).all()
+    assert got.metrics.tokens_generated == 5 * 24
+    rounds = int((got.step_map.view(5, 6, bs).amax(-1) + 1).sum())
+    assert got.metrics.tokens_per_round == pytest.approx(120 / rounds)
+
+
+def test_length_limit_and_partial_block(model, prompts):
+    got = _run(model, prompts, max_new_tokens=10)
+    assert got.tokens.shape == (5, 12)  # 3 whole blocks
+    assert got.valid[:, :10].all() and not got.valid[:, 10:].any()
+    assert (got.step_map >= 0).all()  # the tail of the last block is decoded, but it is padding
+    assert got.metrics.tokens_generated == 50 and got.metrics.frac_finished_eos == 0.0
+
+
+def test_eos_finishes_rows(model, prompts):
+    """EOS ends a row after its block; the other rows decode exactly as without EOS."""
+    free = _run(model, prompts, mode="dynamic", threshold=0.6, temperature=1.0, max_new_tokens=24)
+    eos = int(free.tokens[0, 9])  # a token row 0 samples in block 2
+    got = _run(model, prompts, mode="dynamic", threshold=0.6, temperature=1.0, max_new_tokens=24,
+               eos_token_ids=(eos,), pad_token_id=0)
+    bs, finished = 4, 0
+    for row in range(5):
+        hits = (free.tokens[row] == eos).nonzero()
+        if hits.numel() == 0:
+            assert torch.equal(got.tokens[row], free.tokens[row]) and got.valid[row].all()
+            assert not got.finished_eos[row]
+            continue
+        finished += 1
+        first = int(hits[0])
+        end = (first // bs + 1) * bs  # the EOS block is completed
+        assert torch.equal(got.tokens[row, :end], free.tokens[row, :end])
+        assert torch.equal(got.step_map[row, :end], free.step_map[row, :end])
+        assert (got.tokens[row, end:] == 0).all() and (got.step_map[row, end:] == -1).all()
+        assert got.valid[row, : first + 1].all() and not got.valid[row, first + 1:].any()
+        assert got.finished_eos[row]
+    assert finished >= 1
+    assert got.metrics.frac_finished_eos == pytest.approx(finished / 5)
+    assert got.metrics.tokens_generated == int(got.valid.sum())
+
+
+def test_sampling_is_seeded_and_modes_restored(model, prompts):
+    chunks = model
+    chunks[0].train()
+    a = _run(chunks, prompts, temperature=1.0, seed=3)
+    b = _run(chunks, prompts, temperature=1.0, seed=3)
+    c = _run(chunks, prompts, temperature=1.0, seed=4)
+    _same(a, b)
+    assert not torch.equal(a.tokens, c.tokens)
+    assert chunks[0].training and all(m.training for m in chunks[0].modules())
+    assert all(m.kv_cache is None for m in chunks[0].modules() if hasattr(m, "kv_cache"))
+    assert all(p.grad is None for p in chunks[0].parameters())
+    chunks[0].eval()
