@@ -111,6 +111,9 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     fam = FAMILIES[family]
     theta, scaling = _rope(hf)
     heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim")
+    if head_dim is not None and int(head_dim) * heads == int(hf["hidden_size"]):
+        head_dim = None  # the default: keep one spelling of the same architecture
     fields: dict[str, Any] = dict(
         family=family,
         num_layers=int(hf["num_hidden_layers"]),
@@ -118,7 +121,7 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
         ffn_hidden_size=int(hf["intermediate_size"]),
         num_attention_heads=heads,
         num_query_groups=int(hf.get("num_key_value_heads") or heads),
-        head_dim=hf.get("head_dim"),
+        head_dim=None if head_dim is None else int(head_dim),
         vocab_size=int(hf["vocab_size"]),
         max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
         rotary_base=theta,

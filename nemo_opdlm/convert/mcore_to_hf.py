@@ -87,6 +87,9 @@ def _write_weights(chunks: list[torch.nn.Module], cfg: ModelConfig, directory: s
     """Write this stage's tensors (if this rank is its writer); return (virtual stage, file records)."""
     par = _parallel()
     writer = par["tp_rank"] == 0 and par["dp_rank"] == 0
+    # megatron keeps some modules (torch RMSNorm) in fp32 whatever params_dtype says: the HF
+    # checkpoint gets one dtype, the model's, unless told otherwise.
+    dtype = dtype or cfg.dtype
     records = []
     for ci, chunk in enumerate(chunks):
         stage = ci * par["pp_size"] + par["pp_rank"]  # virtual stage order = layer order
@@ -97,7 +100,7 @@ def _write_weights(chunks: list[torch.nn.Module], cfg: ModelConfig, directory: s
             shards = _gather_tp(tensor, par["tp_size"]) if rule.tp_axis is not None else [tensor.detach()]
             if writer:
                 for hf_name, value in zip(hf_names, to_hf(rule, cfg, shards)):
-                    out.add(hf_name, value if dtype is None else value.to(dtype))
+                    out.add(hf_name, value.to(dtype))
             del shards
         out.flush()
         records.extend({"stage": stage, **rec} for rec in out.files)
@@ -152,7 +155,7 @@ def export_chunks(
         source_config: the HF config.json the model came from; written verbatim for a teacher.
         diffusion: the student's settings; None exports the unchanged AR architecture.
         assets_dir: where tokenizer files (and generation_config.json) are copied from.
-        dtype: cast weights on the way out (default: as they are in the chunks).
+        dtype: cast weights on the way out (default: the model's ``params_dtype``).
     """
     check_layout(cfg)
     with staged_dir(out_dir, overwrite) as staging:

@@ -1,0 +1,160 @@
+"""Imported HF models against transformers (TP=1), HF -> Megatron -> HF bit-identity, and exported
+students against the Megatron student (logits and greedy generation). One process; the TP=2 and
+PP=2 versions are in test_convert_dist.py."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from nemo_opdlm.convert import hf_config as hfc
+from nemo_opdlm.convert.hf_to_mcore import student_from_hf, teacher_from_hf
+from nemo_opdlm.convert.mcore_to_hf import export_chunks
+from nemo_opdlm.models import masks
+from nemo_opdlm.models.config import DiffusionConfig
+from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+from tests.convert_models import FAMILIES, VOCAB, assert_same_tensors, hf_logits, save_hf
+
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def rt():
+    with runtime(ParallelLayout()) as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory):
+    """family -> (directory, transformers model)."""
+    root = tmp_path_factory.mktemp("hf")
+    return {f: (str(root / f), save_hf(f, str(root / f), seed=i)) for i, f in enumerate(FAMILIES)}
+
+
+def teacher_layout(prompt_lens: torch.Tensor, width: int, response: int) -> masks.RowLayout:
+    """Block size 1, no xt: the causal AR teacher's rows (left-padded prompts + response)."""
+    valid = torch.ones(prompt_lens.shape[0], response, dtype=torch.bool)
+    return masks.build_layout(prompt_lens, width, valid, block_size=1, with_xt=False)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_logits_match_transformers(rt, hf_dirs, family):
+    directory, ref_model = hf_dirs[family]
+    cfg, chunks = teacher_from_hf(directory, attention_backend="sdpa")
+    torch.manual_seed(1)
+    width, response = 6, 5
+    lens = torch.tensor([6, 3])
+    lay = teacher_layout(lens, width, response)
+    ids = torch.randint(0, VOCAB, (2, width + response))
+    with torch.no_grad():
+        ours = chunks[0](ids, lay.position_ids, lay.meta)  # [B, S, V_pad]
+    real = lay.meta[:, 1] != masks.PAD  # [B, S]
+    hf_mask = real.long()
+    with torch.no_grad():
+        ref = ref_model(ids, attention_mask=hf_mask, position_ids=lay.position_ids).logits  # [B, S, V]
+    diff = (ours[..., :VOCAB] - ref).abs().amax(-1)  # [B, S]
+    assert float(diff[real].max()) <= TOL, diff
+    assert bool((ours[..., VOCAB:] == torch.finfo(ours.dtype).min).all())  # vocab padding masked
+    assert not chunks[0].embedding.word_embeddings.weight[VOCAB:].any()  # and zero in the weights
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_teacher_export_round_trip_is_bit_identical(rt, hf_dirs, tmp_path, family):
+    directory, _ = hf_dirs[family]
+    cfg, chunks = teacher_from_hf(directory)
+    out = str(tmp_path / "out")
+    export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(directory), assets_dir=directory,
+                  max_shard_bytes=30_000)
+    assert_same_tensors(directory, out)
+    assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(directory, "config.json")))
+    assert os.path.isfile(os.path.join(out, "model.safetensors.index.json"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert open(os.path.join(out, name)).read() == open(os.path.join(directory, name)).read()
+    assert not os.path.exists(os.path.join(out, "modeling_opdlm.py"))
+
+
+def test_bf16_checkpoint_round_trips_bit_identically_in_bf16(rt, tmp_path):
+    directory = str(tmp_path / "bf16")
+    save_hf("qwen3", directory, dtype=torch.bfloat16)
+    cfg, chunks = teacher_from_hf(directory)
+    assert cfg.params_dtype == "bfloat16"
+    assert chunks[0].decoder.layers[0].self_attention.linear_qkv.weight.dtype == torch.bfloat16
+    export_chunks(chunks, cfg, str(tmp_path / "out"), source_config=hfc.read_hf_config(directory))
+    assert_same_tensors(directory, str(tmp_path / "out"))
+
+
+def _perturb(chunks, scale_final_norm: float = 1.0) -> None:
+    """Stand in for training: the student's weights move away from the teacher's."""
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for p in chunks[0].parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.02)
+        chunks[0].decoder.final_layernorm.weight.mul_(scale_final_norm)
+
+
+def student_layout() -> tuple[masks.RowLayout, torch.Tensor]:
+    """``[left-padded prompt | x0 | xt]`` rows with response padding, block size 4."""
+    lens = torch.tensor([5, 3])
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    valid[1, 6:] = False
+    lay = masks.build_layout(lens, 5, valid, block_size=4, with_xt=True)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB - 1, (2, 5 + 16), generator=g)
+    ids[:, lay.xt_slice][torch.rand(2, 8, generator=g) < 0.5] = VOCAB - 1  # [MASK] where noised
+    return lay, ids
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exported_student_matches_megatron_student(rt, hf_dirs, tmp_path, family):
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = hf_dirs[family]
+    diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1)
+    cfg, chunks = student_from_hf(directory, diffusion, attention_backend="sdpa")
+    _perturb(chunks, scale_final_norm=40.0)
+    out = str(tmp_path / "student")
+    export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(directory), diffusion=diffusion,
+                  assets_dir=directory, max_shard_bytes=30_000)
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert (config["mask_token_id"], config["block_size"], config["attention_kind"]) == (VOCAB - 1, 4, "block_causal")
+    assert config["source_architecture"] == hfc.read_hf_config(directory)["architectures"][0]
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert type(model).__name__ == "OPDLMBlockDiffusionLM"
+    lay, ids = student_layout()
+    with torch.no_grad():
+        ours = chunks[0](ids, lay.position_ids, lay.meta)[..., :VOCAB]  # [B, S, V]
+        theirs = model(ids, position_ids=lay.position_ids, token_meta=lay.meta).logits  # [B, S, V]
+    assert float((ours - theirs).abs().max()) <= TOL
+    _generation_matches_project_sampler(chunks, model)
+
+
+def _generation_matches_project_sampler(chunks, model) -> None:
+    """Greedy static and threshold decoding: the exported model and rollout/sampler.py agree token
+    for token (and round for round)."""
+    sampler_mod = pytest.importorskip("nemo_opdlm.rollout.sampler")
+    prompt = torch.randint(0, VOCAB - 1, (3, 6), generator=torch.Generator().manual_seed(5))
+    am = torch.ones_like(prompt)
+    am[1, :2] = 0
+    am[2, :5] = 0
+    lens = am.sum(1)
+    # An EOS that the model really emits mid-way, so that rows stop at different blocks.
+    probe = model.generate(prompt, attention_mask=am, max_new_tokens=16, eos_token_id=[])[:, 6:]
+    eos = int(probe[0, 5])
+    multi_round = False
+    for mode, threshold in (("static", None), ("dynamic", 0.6)):
+        cfg = sampler_mod.SamplerConfig(mask_token_id=VOCAB - 1, block_size=4, steps_per_block=4, mode=mode,
+                                        threshold=threshold or 0.9, temperature=0.0, max_new_tokens=16,
+                                        eos_token_ids=(eos,))
+        ours = sampler_mod.BlockSampler(chunks, cfg).generate(prompt, lens)
+        theirs = model.generate(prompt, attention_mask=am, max_new_tokens=16, threshold=threshold,
+                                eos_token_id=eos, return_dict=True)
+        assert torch.equal(theirs["sequences"][:, 6:], ours.tokens), (theirs["sequences"], ours.tokens)
+        assert torch.equal(theirs["step_map"], ours.step_map)
+        if mode == "dynamic":
+            per_round = [(ours.step_map[:, b:b + 4] == r).sum(1) for b in range(0, 16, 4) for r in range(4)]
+            multi_round = any(bool((n > 1).any()) for n in per_round)
+    assert multi_round, "threshold decoding never unmasked two tokens in one round: test is too weak"
+    assert bool((ours.tokens == eos).any())

@@ -1,0 +1,96 @@
+"""Export a megatron-core torch_dist checkpoint (saved at any TP/PP) as a Hugging Face directory.
+
+Thin CLI over ``nemo_opdlm.convert``. A block-diffusion student (``--mask-token-id``, or diffusion
+settings stored in the checkpoint) becomes a ``trust_remote_code`` model with the source
+architecture's tensor names; ``--teacher`` (or a checkpoint without diffusion settings) restores
+the original architecture exactly::
+
+    python tools/export_hf.py --ckpt ckpt/student --out hf/student --mask-token-id 151669 --block-size 4
+    torchrun --nproc_per_node=2 tools/export_hf.py --ckpt ckpt/q8b --out hf/q8b --teacher --tp 2
+
+Checkpoints not written by ``tools/import_hf.py`` (e.g. training checkpoints) need ``--hf-source``
+(the HF directory of the base model: config.json and tokenizer) and, if the model's keys are
+nested, ``--prefix``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from typing import Optional
+
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '20KB' or a byte count -> bytes (powers of 1000 as in transformers)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B?)\s*", text.upper())
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot parse size {text!r} (e.g. 5GB, 500MB)")
+    scale = {"": 1, "B": 1, "KB": 10**3, "K": 10**3, "MB": 10**6, "M": 10**6, "GB": 10**9, "G": 10**9}[m.group(2)]
+    return int(float(m.group(1)) * scale)
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--ckpt", required=True, help="megatron-core torch_dist checkpoint directory")
+    p.add_argument("--out", required=True, help="output HF directory (must not exist unless --overwrite)")
+    p.add_argument("--hf-source", default=None, help="HF directory of the base model (config + tokenizer)")
+    p.add_argument("--teacher", action="store_true", help="export the unchanged AR architecture")
+    p.add_argument("--mask-token-id", type=int, default=None, help="student: the [MASK] token id")
+    p.add_argument("--block-size", type=int, default=4, help="student: tokens per diffusion block")
+    p.add_argument("--prefix", default="", help="sharded-key prefix of the model inside the checkpoint")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this job")
+    p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this job")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                   help="cast the exported weights (default: as stored)")
+    p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="per safetensors file")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from nemo_opdlm.convert import hf_config as hfc
+    from nemo_opdlm.convert.errors import ConvertError
+    from nemo_opdlm.convert.hf_to_mcore import read_checkpoint_meta
+    from nemo_opdlm.convert.mcore_to_hf import export_checkpoint
+    from nemo_opdlm.convert.staging import check_target, is_rank0
+    from nemo_opdlm.models.config import ConfigError, DiffusionConfig
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+    try:
+        check_target(args.out, args.overwrite)
+        meta = read_checkpoint_meta(args.ckpt) or {}
+        if meta.get("model_config"):
+            cfg = hfc.model_config_from_dict(meta["model_config"])
+        elif args.hf_source:
+            cfg = hfc.model_config_from_hf(hfc.read_hf_config(args.hf_source))
+        else:
+            raise ConvertError(f"{args.ckpt} carries no model description: pass --hf-source")
+        layout = ParallelLayout(tp=args.tp, pp=args.pp)
+        layout.check_model(cfg)
+        diffusion = None
+        if args.mask_token_id is not None and not args.teacher:
+            diffusion = DiffusionConfig(block_size=args.block_size, mask_token_id=args.mask_token_id)
+            if diffusion.mask_token_id >= cfg.vocab_size:
+                raise ConvertError(f"--mask-token-id {diffusion.mask_token_id} is outside the vocabulary ({cfg.vocab_size})")
+    except (ConvertError, ConfigError) as err:
+        print(f"export_hf: error: {err}", file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    with runtime(layout):
+        cfg = export_checkpoint(args.ckpt, args.out, diffusion=diffusion, as_teacher=args.teacher,
+                                hf_source=args.hf_source, prefix=args.prefix, overwrite=args.overwrite,
+                                max_shard_bytes=args.max_shard_size, dtype=dtype)
+        if is_rank0():
+            kind = "teacher" if args.teacher or (diffusion is None and not meta.get("diffusion")) else "student"
+            print(f"export_hf: {cfg.family} {kind} -> {args.out} in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
