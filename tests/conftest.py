@@ -5,3 +5,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def single_rank():
+    """A one-process gloo runtime with megatron-core groups (TP=PP=1), torn down after the module."""
+    from nemo_opdlm.runtime.distributed import ParallelLayout, init_runtime, shutdown_runtime
+
+    rt = init_runtime(ParallelLayout(), seed=1234, environ={})
+    yield rt
+    shutdown_runtime()

@@ -9,6 +9,7 @@ layout validation against the world size (``runtime/distributed.py``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -60,7 +61,8 @@ class ModelConfig:
     vocab_size: int
     """Tokenizer vocabulary size (before padding to a TP-friendly multiple)."""
     make_vocab_size_divisible_by: int = 128
-    """The embedding is padded to a multiple of this times TP; padding is masked from every softmax."""
+    """The embedding is padded to a multiple of lcm(this, TP): the padded size does not change with TP
+    (up to this number), so checkpoints reshard across TP layouts. Padding is masked from every softmax."""
     max_position_embeddings: int = 4096
     """Longest sequence the model is used at (rows are [prompt | x0 | xt], so up to P + 2L)."""
     rotary_base: float = 1_000_000.0
@@ -143,8 +145,8 @@ class ModelConfig:
             raise ConfigError("model.linear_impl=te but transformer_engine is not importable")
 
     def padded_vocab_size(self, tp_size: int) -> int:
-        """Vocabulary rounded up to a multiple of ``make_vocab_size_divisible_by * tp_size``."""
-        multiple = self.make_vocab_size_divisible_by * tp_size
+        """Vocabulary rounded up to a multiple of ``lcm(make_vocab_size_divisible_by, tp_size)``."""
+        multiple = math.lcm(self.make_vocab_size_divisible_by, tp_size)
         return -(-self.vocab_size // multiple) * multiple
 
     def resolved_attention_backend(self) -> str:

@@ -12,7 +12,7 @@ Every token carries two integers, stacked as ``meta[:, 0]`` and ``meta[:, 1]``:
 
 The rule, for a query ``q`` and a key ``k`` of the same row:
 
-- ``k`` is padding: never, except a token always sees itself (so no softmax row is empty);
+- ``k`` or ``q`` is padding: never, except a token always sees itself (so no softmax row is empty);
 - ``k`` is clean: allowed if ``block(k) < block(q)``, or ``block(k) == block(q)`` and ``q`` is clean;
 - ``k`` is noisy: allowed only if ``q`` is noisy and in the same block.
 
@@ -143,7 +143,7 @@ def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
     q_block, q_kind = q_meta[:, 0, :, None], q_meta[:, 1, :, None]  # [B, Sq, 1]
     k_block, k_kind = k_meta[:, 0, None, :], k_meta[:, 1, None, :]  # [B, 1, Sk]
     q_clean = q_kind == CLEAN
-    clean_ok = (k_kind == CLEAN) & ((k_block < q_block) | ((k_block == q_block) & q_clean))
+    clean_ok = (k_kind == CLEAN) & (q_kind != PAD) & ((k_block < q_block) | ((k_block == q_block) & q_clean))
     noisy_ok = (k_kind == NOISY) & (q_kind == NOISY) & (k_block == q_block)
     sq, sk = q_meta.shape[-1], k_meta.shape[-1]
     itself = torch.arange(sk, device=q_meta.device)[None, :] == (
@@ -164,6 +164,8 @@ def reference_allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tenso
                 kb, kk = int(k_meta[b, 0, j]), int(k_meta[b, 1, j])
                 if j == i + sk - sq:
                     ok = True
+                elif qk == PAD:
+                    ok = False
                 elif kk == CLEAN:
                     ok = kb < qb or (kb == qb and qk == CLEAN)
                 elif kk == NOISY:
@@ -183,7 +185,7 @@ def flex_mask_mod(q_meta: torch.Tensor, k_meta: torch.Tensor):
     def mask_mod(b, h, q_idx, kv_idx):
         qb, qk = q_block[b, q_idx], q_kind[b, q_idx]
         kb, kk = k_block[b, kv_idx], k_kind[b, kv_idx]
-        clean_ok = (kk == CLEAN) & ((kb < qb) | ((kb == qb) & (qk == CLEAN)))
+        clean_ok = (kk == CLEAN) & (qk != PAD) & ((kb < qb) | ((kb == qb) & (qk == CLEAN)))
         noisy_ok = (kk == NOISY) & (qk == NOISY) & (kb == qb)
         return clean_ok | noisy_ok | (kv_idx == q_idx + offset)
 

@@ -1,0 +1,89 @@
+"""Launcher environments, layout validation (before anything is built), and the CPU compat layer."""
+
+import pytest
+import torch
+
+from nemo_opdlm.runtime.distributed import (
+    LayoutError,
+    ParallelLayout,
+    first_slurm_host,
+    init_runtime,
+    read_launch_env,
+)
+from tests.tiny import tiny_model
+
+
+def test_torchrun_and_slurm_environments():
+    env = read_launch_env({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "n1",
+                           "MASTER_PORT": "1234"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
+        3, 8, 1, "n1", 1234, "torchrun")
+    env = read_launch_env({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "5",
+                           "SLURM_JOB_NODELIST": "gpu[007-008]", "SLURM_JOB_ID": "4242"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.launcher) == (
+        5, 16, 5, "gpu007", 14242, "slurm")
+    assert read_launch_env({}).launcher == "single"
+
+
+@pytest.mark.parametrize("nodelist,first", [
+    ("node01", "node01"), ("gpu[003-005,009]", "gpu003"), ("a[1,4],b[2-3]", "a1"), ("x12,x13", "x12"),
+])
+def test_slurm_nodelist(nodelist, first):
+    assert first_slurm_host(nodelist) == first
+
+
+def test_layout_errors_name_the_numbers():
+    model = tiny_model(num_layers=6, num_attention_heads=8, num_query_groups=2, hidden_size=64)
+    with pytest.raises(LayoutError, match=r"num_query_groups=2 is not divisible by tp=4"):
+        ParallelLayout(tp=4).check_model(model, "teacher")
+    with pytest.raises(LayoutError, match=r"num_attention_heads=8 is not divisible by tp=3"):
+        ParallelLayout(tp=3).check_model(model)
+    with pytest.raises(LayoutError, match=r"num_layers=6 is not divisible by pp=4"):
+        ParallelLayout(pp=4).check_model(model)
+    with pytest.raises(LayoutError, match=r"num_layers=4 is not divisible by pp \* vpp=6"):
+        ParallelLayout(pp=2, vpp=3).check_model(tiny_model(num_layers=4))
+    ParallelLayout(pp=2, vpp=3).check_model(tiny_model(num_layers=6))
+    with pytest.raises(LayoutError, match=r"world size 6 is not divisible by tp\*pp\*cp = 2\*2\*1 = 4"):
+        ParallelLayout(tp=2, pp=2).dp(6)
+    with pytest.raises(LayoutError, match="parallel.tp must be >= 1"):
+        ParallelLayout(tp=0)
+    with pytest.raises(LayoutError, match="context parallelism"):
+        ParallelLayout(cp=2)
+    assert ParallelLayout(tp=2, pp=2).dp(8) == 2
+
+
+def test_init_runtime_fails_before_building():
+    """A bad layout fails on validation: no process group is created, nothing waits for peers."""
+    env = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
+    with pytest.raises(LayoutError, match="world size 3"):
+        init_runtime(ParallelLayout(tp=2), environ=env)
+    env["WORLD_SIZE"] = "2"
+    with pytest.raises(LayoutError, match="student.num_query_groups=2 is not divisible by tp=2"):
+        init_runtime(ParallelLayout(tp=2), environ=env,
+                     models=(("student", tiny_model(num_attention_heads=4, num_query_groups=1).replace(
+                         num_query_groups=2, num_attention_heads=2)),))
+    assert not torch.distributed.is_initialized()
+
+
+def test_cpu_compat_layer(single_rank):
+    """On a CPU-only build the CUDA assumptions of megatron-core map to the CPU (see cpu_compat)."""
+    from megatron.core import tensor_parallel
+
+    from nemo_opdlm.runtime.cpu_compat import cpu_compat_enabled, enable_cpu_compat
+
+    assert cpu_compat_enabled() and enable_cpu_compat()  # idempotent
+    assert torch.zeros(2, device="cuda").device.type == "cpu"
+    assert torch.ones(1).to("cuda").device.type == "cpu"
+    assert torch.ones(1).cuda().device.type == "cpu"
+    assert torch.ones(1).type() == "torch.cuda.FloatTensor"
+    # the RNG tracker's model-parallel stream differs from the default stream and is reproducible
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(0)
+    with tracker.fork():
+        a = torch.rand(4)
+    with tracker.fork():
+        b = torch.rand(4)
+    default = torch.rand(4)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(4), default)
+    assert not torch.equal(a, b) and not torch.equal(a, default)
