@@ -218,3 +218,21 @@ def test_kv_cache_guards():
         cache.commit(0)
         with pytest.raises(AssertionError):
             cache.keep(torch.tensor([1, 0]))  # not ascending
+
+
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_temperature_one_sampling_distribution(top_p):
+    """The temperature-1 path (no top-k): the softmax without the suppressed id, cut to the nucleus."""
+    torch.manual_seed(1)
+    logits = (torch.randn(1, 12) * 1.5).expand(20000, 12).contiguous()
+    ids, conf = sampling.choose_tokens(logits, temperature=1.0, top_p=top_p, uniform=torch.rand(20000),
+                                       suppress_id=int(logits[0].argmax()))
+    probs = logits[0].softmax(-1)
+    expected = probs.clone()
+    expected[logits[0].argmax()] = 0.0
+    expected /= expected.sum()
+    expected[~_reference_nucleus(expected[None], top_p)[0]] = 0.0
+    expected /= expected.sum()
+    freq = torch.bincount(ids, minlength=12).float() / ids.numel()
+    assert (freq - expected).abs().max() < 0.015
+    torch.testing.assert_close(conf, probs[ids])  # raw softmax, suppressed id included

@@ -36,7 +36,7 @@ class _Pending:
     """The forward in flight: its query metadata, its rows, and the key metadata all layers share."""
 
     q_meta: Tensor
-    rows: slice
+    rows: slice | Tensor
     k_meta: Tensor
     width: int
 
@@ -123,14 +123,24 @@ class BlockKVCache:
 
     # --- one forward -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def forward(self, meta: Tensor, rows: Optional[slice] = None) -> Iterator[None]:
-        """Scope of one model forward over rows ``rows`` with current-token metadata ``meta [b, 2, Sq]``."""
+    def forward(self, meta: Tensor, rows: slice | Tensor | None = None) -> Iterator[None]:
+        """Scope of one model forward over rows ``rows`` with current-token metadata ``meta [b, 2, Sq]``.
+
+        ``rows``: a slice of the active rows, or an ascending index tensor (a subset of rows, e.g.
+        those whose block still has masks; their committed keys are then gathered, a copy).
+        """
         rows = slice(0, self.rows) if rows is None else rows
-        n_rows = len(range(*rows.indices(self.rows)))
+        if isinstance(rows, slice):
+            assert rows.step in (None, 1) and (rows.stop is None or rows.stop <= self.rows), (
+                f"rows {rows} must be a contiguous slice of the {self.rows} active rows"
+            )
+            n_rows = len(range(*rows.indices(self.rows)))
+        else:
+            assert rows.dim() == 1 and (rows.numel() == 0 or int(rows.max()) < self.rows), "bad row index"
+            n_rows = rows.numel()
         width = meta.shape[-1]
         assert self._pending is None, "a cache forward is already open"
-        assert meta.shape[0] == n_rows, f"meta has {meta.shape[0]} rows, the slice {n_rows}"
-        assert rows.stop is None or rows.stop <= self.rows, f"rows {rows} beyond the {self.rows} active rows"
+        assert meta.shape[0] == n_rows, f"meta has {meta.shape[0]} rows, the selection {n_rows}"
         assert self.length + width <= self.capacity, (
             f"cache overflow: {self.length} committed + {width} current > capacity {self.capacity}"
         )

@@ -44,6 +44,9 @@ from nemo_opdlm.rollout.kv_cache import BlockKVCache
 from nemo_opdlm.rollout.sampling import choose_tokens
 from nemo_opdlm.rollout.stages import MicroBatch, StageRunner, attention_layers, share_decisions, split_rows
 
+_SUBSET_BELOW = 0.75
+"""Dynamic mode forwards only the rows still masked once they are at most this fraction."""
+
 
 @dataclass(kw_only=True)
 class SamplerConfig:
@@ -255,12 +258,16 @@ class BlockSampler:
                 yield cache
 
     def _forward(
-        self, ids: Tensor, pos: Tensor, meta: Tensor, cache: Optional[BlockKVCache], commit: int, keep_last: int
+        self, ids: Tensor, pos: Tensor, meta: Tensor, cache: Optional[BlockKVCache], commit: int, keep_last: int,
+        subset: Optional[Tensor] = None,
     ) -> Optional[Tensor]:
-        """One round over all active rows: logits ``[N, keep_last, V/tp]`` on the last stage."""
-        mbs = [
-            MicroBatch(ids[sl], pos[sl], meta[sl], sl) for sl in split_rows(ids.shape[0], self.num_microbatches)
-        ]
+        """One round: logits ``[n, keep_last, V/tp]`` on the last stage (None elsewhere).
+
+        The inputs are for all active rows, or for ``subset`` (ascending positions among them).
+        """
+        mbs = []
+        for sl in split_rows(ids.shape[0], self.num_microbatches):
+            mbs.append(MicroBatch(ids[sl], pos[sl], meta[sl], sl if subset is None else subset[sl]))
         logits = self.stages.run(mbs, cache, keep_last)
         if cache is not None:
             cache.commit(commit)
@@ -359,20 +366,34 @@ class BlockSampler:
                         lo = 0 if b == 0 else blk - bs  # prompt prefill / last block's final tokens
                     else:
                         lo = blk
+                    # Dynamic mode: rows whose block is complete sit the round out when enough of
+                    # them do (below that, gathering the others' cache rows costs more than it saves).
+                    subset = None
+                    if r > 0 and threshold is not None:
+                        pending = (st < 0).any(-1)  # [N]
+                        if int(pending.sum()) <= _SUBSET_BELOW * rows.numel():
+                            subset = pending.nonzero()[:, 0]
+                    sel = rows if subset is None else rows[subset]  # original ids of the forwarded rows
+                    x_sel = x if subset is None else x[subset]  # [n, bs]
                     ids = torch.cat(
-                        [prompt_ids[rows, lo:width], tokens[rows, max(lo - width, 0): b * bs], x], dim=1
-                    )  # [N, blk + bs - lo]
+                        [prompt_ids[sel, lo:width], tokens[sel, max(lo - width, 0): b * bs], x_sel], dim=1
+                    )  # [n, blk + bs - lo]
                     logits = self._forward(
-                        ids, pos_all[rows, lo: blk + bs], meta_all[rows, :, lo: blk + bs], cache,
-                        commit=blk - lo, keep_last=bs,
+                        ids, pos_all[sel, lo: blk + bs], meta_all[sel, :, lo: blk + bs], cache,
+                        commit=blk - lo, keep_last=bs, subset=subset,
                     )
                     rounds += 1
                     if logits is not None:
-                        u = None if uniform is None else uniform[rows, r]  # [N, bs]
-                        cand, conf = self._choose(logits, u)  # [N, bs], [N, bs]
-                        chosen = schedules.select_unmask(conf, st < 0, count, threshold)  # [N, bs]
-                        x = torch.where(chosen, cand, x)
-                        st = torch.where(chosen, r, st)
+                        u = None if uniform is None else uniform[sel, r]  # [n, bs]
+                        cand, conf = self._choose(logits, u)  # [n, bs], [n, bs]
+                        st_sel = st if subset is None else st[subset]  # [n, bs]
+                        chosen = schedules.select_unmask(conf, st_sel < 0, count, threshold)  # [n, bs]
+                        x_sel = torch.where(chosen, cand, x_sel)
+                        st_sel = torch.where(chosen, r, st_sel)
+                        if subset is None:
+                            x, st = x_sel, st_sel
+                        else:
+                            x, st = x.index_copy(0, subset, x_sel), st.index_copy(0, subset, st_sel)
                     x, st = share_decisions(torch.stack([x, st])).unbind(0)
                     if threshold is not None and not bool((st < 0).any()):
                         break

@@ -36,14 +36,15 @@ def sanitize(logits: Tensor) -> Tensor:
     return torch.nan_to_num(logits.float(), nan=finfo.min, posinf=finfo.max, neginf=finfo.min)
 
 
-def suppress_token(logits: Tensor, token_id: int) -> Tensor:
-    """``logits`` (a shard) with one global id set to the minimum, on the rank that owns it."""
-    local = logits.shape[-1]
+def suppress_token(values: Tensor, token_id: int, fill: Optional[float] = None) -> Tensor:
+    """``values`` (a vocabulary shard) with one global id set to ``fill`` (default: the dtype's
+    minimum) on the rank that owns it; a copy when changed."""
+    local = values.shape[-1]
     local_id = token_id - vocab_parallel.shard_offset(local)
     if 0 <= local_id < local:
-        logits = logits.clone()
-        logits[..., local_id] = torch.finfo(logits.dtype).min
-    return logits
+        values = values.clone()
+        values[..., local_id] = torch.finfo(values.dtype).min if fill is None else fill
+    return values
 
 
 def log_normaliser(logits: Tensor, shift: Tensor) -> Tensor:
@@ -54,13 +55,6 @@ def log_normaliser(logits: Tensor, shift: Tensor) -> Tensor:
     """
     local = (logits - shift[..., None]).exp().sum(dim=-1)  # [...]
     return shift + vocab_parallel.reduce_sum(local).log()
-
-
-def confidence_of(raw: Tensor, ids: Tensor, shift: Tensor) -> Tensor:
-    """Probability of global ``ids [...]`` under the softmax of the sanitized raw logits ``[..., V/tp]``."""
-    log_z = log_normaliser(raw, shift)  # [...]
-    picked = vocab_parallel.gather_global(raw, ids[..., None])[..., 0]  # [...]
-    return (picked - log_z).exp()
 
 
 def topp_threshold(probs: Tensor, top_p: float) -> Tensor:
@@ -147,16 +141,26 @@ def choose_tokens(
         return ids, conf
     if uniform is None:
         raise ValueError("sampling with temperature > 0 needs the uniforms (same on all TP ranks)")
-    # Clamped: dividing the float32 extremes by a temperature < 1 gives +-inf (NaN downstream).
-    finfo = torch.finfo(torch.float32)
-    scaled = (pickable / temperature).clamp(min=finfo.min, max=finfo.max)  # [..., V/tp]
-    if top_k > 0:
-        kth = vocab_parallel.topk(scaled, top_k)[0][..., -1:]  # [..., 1]
-        scaled = scaled.masked_fill(scaled < kth, torch.finfo(scaled.dtype).min)
-    probs = vocab_parallel.log_softmax(scaled).exp()  # [..., V/tp]
+    # exp(raw - max pickable): the raw softmax's numerators, shared by the confidence and (at
+    # temperature 1 without top-k, the rollout setting) by the sampling distribution itself.
+    shift = vocab_parallel.all_reduce_max(pickable.amax(dim=-1))  # [...]
+    numer = (raw - shift[..., None]).exp()  # [..., V/tp]; +inf only if the suppressed id dominates
+    if temperature == 1.0 and top_k == 0:
+        probs = numer if suppress_id is None else suppress_token(numer, suppress_id, fill=0.0)
+        if top_p < 1.0:
+            probs = probs / vocab_parallel.reduce_sum(probs.sum(dim=-1, keepdim=True))
+    else:
+        # Clamped: dividing the float32 extremes by a temperature < 1 gives +-inf (NaN downstream).
+        finfo = torch.finfo(torch.float32)
+        scaled = (pickable / temperature).clamp(min=finfo.min, max=finfo.max)  # [..., V/tp]
+        if top_k > 0:
+            kth = vocab_parallel.topk(scaled, top_k)[0][..., -1:]  # [..., 1]
+            scaled = scaled.masked_fill(scaled < kth, finfo.min)
+        probs = vocab_parallel.log_softmax(scaled).exp()  # [..., V/tp]
     if top_p < 1.0:
         tau = topp_threshold(probs, top_p)  # [...]
         probs = probs.masked_fill(probs < tau[..., None], 0.0)
     ids = inverse_cdf(probs, uniform)  # [...]
-    shift = vocab_parallel.all_reduce_max(raw.amax(dim=-1))  # [...]
-    return ids, confidence_of(raw, ids, shift)
+    z = vocab_parallel.reduce_sum(numer.sum(dim=-1))  # [...] (inf -> confidence 0, never NaN)
+    picked = vocab_parallel.gather_global(numer, ids[..., None])[..., 0]  # [...]
+    return ids, picked / z
