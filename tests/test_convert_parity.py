@@ -86,6 +86,26 @@ def test_bf16_checkpoint_round_trips_bit_identically_in_bf16(rt, tmp_path):
     assert_same_tensors(directory, str(tmp_path / "out"))
 
 
+def test_student_and_teacher_must_share_a_vocabulary(rt, hf_dirs):
+    from nemo_opdlm.convert.errors import VocabMismatchError
+
+    directory, _ = hf_dirs["qwen2"]
+    teacher = hfc.model_config_from_hf(hfc.read_hf_config(directory)).replace(vocab_size=VOCAB + 28)
+    with pytest.raises(VocabMismatchError, match="share a tokenizer"):
+        student_from_hf(directory, DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1), teacher=teacher)
+
+
+def test_loading_a_checkpoint_into_another_architecture_is_refused(rt, hf_dirs, tmp_path):
+    from nemo_opdlm.convert.errors import CheckpointFileError
+    from nemo_opdlm.convert.hf_to_mcore import import_hf, load_dist_checkpoint
+    from nemo_opdlm.models.student import build_chunks
+
+    import_hf(hf_dirs["llama"][0], str(tmp_path / "ckpt"))
+    qwen3 = hfc.model_config_from_hf(hfc.read_hf_config(hf_dirs["qwen3"][0]))
+    with pytest.raises(CheckpointFileError, match="q_layernorm|shape"):
+        load_dist_checkpoint(build_chunks(qwen3), str(tmp_path / "ckpt"))
+
+
 def _perturb(chunks, scale_final_norm: float = 1.0) -> None:
     """Stand in for training: the student's weights move away from the teacher's."""
     g = torch.Generator().manual_seed(7)

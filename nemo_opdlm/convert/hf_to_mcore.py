@@ -183,6 +183,16 @@ def load_hf_weights(chunks: list[torch.nn.Module], ckpt: HFCheckpoint | str, cfg
         del shard
 
 
+def without_random_init(cfg: ModelConfig) -> ModelConfig:
+    """``cfg`` for building chunks whose every weight is about to be loaded.
+
+    megatron-core's random initialisation (a full fp32 master copy per weight on CPU) costs time
+    and peak memory and is overwritten anyway; ``load_hf_weights`` refuses parameters it cannot
+    fill, so nothing stays uninitialised.
+    """
+    return cfg.replace(extra={**cfg.extra, "perform_initialization": False})
+
+
 def _prepare(hf_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig, HFCheckpoint]:
     cfg = hfc.model_config_from_hf(hfc.read_hf_config(hf_dir), **overrides)
     hfc.check_tokenizer_fits(hf_dir, cfg.vocab_size)
@@ -198,7 +208,7 @@ def teacher_from_hf(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, list[Di
     ``overrides`` replace ModelConfig fields (e.g. ``attention_backend``, ``params_dtype``).
     """
     cfg, ckpt = _prepare(hf_dir, overrides)
-    chunks = build_teacher(cfg)
+    chunks = build_teacher(without_random_init(cfg))
     load_hf_weights(chunks, ckpt, cfg)
     return cfg, chunks
 
@@ -212,7 +222,7 @@ def student_from_hf(hf_dir: str, diffusion: DiffusionConfig, *, teacher: Optiona
     cfg, ckpt = _prepare(hf_dir, overrides)
     if teacher is not None:
         hfc.check_same_vocab(teacher, cfg)
-    chunks = build_student(cfg, diffusion)
+    chunks = build_student(without_random_init(cfg), diffusion)
     load_hf_weights(chunks, ckpt, cfg)
     return cfg, chunks
 

@@ -25,7 +25,7 @@ import torch.distributed as dist
 from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert.errors import ConvertError
 from nemo_opdlm.convert.hf_to_mcore import (ASSETS_DIR, INDEX_FILE, SINGLE_FILE, check_layout, load_dist_checkpoint,
-                                            parameter_sources, read_checkpoint_meta)
+                                            parameter_sources, read_checkpoint_meta, without_random_init)
 from nemo_opdlm.convert.key_maps import to_hf
 from nemo_opdlm.convert.safetensors_io import write_safetensors
 from nemo_opdlm.convert.staging import check_target, is_rank0, staged_dir
@@ -227,7 +227,7 @@ def export_checkpoint(
     if as_teacher:
         diffusion = None
     check_layout(cfg)
-    chunks = build_chunks(cfg)
+    chunks = build_chunks(without_random_init(cfg))
     load_dist_checkpoint(chunks, ckpt_dir, prefix=prefix, cfg=cfg)
     export_chunks(chunks, cfg, out_dir, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
                   overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype)
