@@ -1,0 +1,174 @@
+"""``opdlm eval``: score a student (or the AR teacher) on a verifiable task file from the command line.
+
+One job: parse the command line, start the runtime, load the model (an HF directory of an AR model,
+or a megatron-core distributed checkpoint written by the converter or the trainer), run
+:func:`evaluate.evaluate` for every requested decoding mode, print each score with its settings and
+a closing table, and write the results (with per-example generations) as JSON. Non-goals: the
+decoding and the scoring themselves.
+
+Examples::
+
+    opdlm eval --ckpt runs/student/final --task gsm8k --data gsm8k_test.jsonl --modes static dynamic
+    opdlm eval --hf Qwen3-0.6B --task math --data math500.jsonl --modes ar --max-new-tokens 1024
+    torchrun --nproc_per_node=2 -m nemo_opdlm.eval.cli --ckpt ... --tp 2 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from nemo_opdlm.eval.evaluate import MODES
+
+
+@dataclass
+class LoadedModel:
+    """Model chunks for this rank plus what decoding needs to know about them."""
+
+    chunks: list
+    tokenizer: Any
+    model_config: Any
+    mask_token_id: Optional[int]
+    block_size: Optional[int]
+
+
+def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Start the runtime once for this process (no-op when it is already running)."""
+    from megatron.core import parallel_state
+
+    from nemo_opdlm.runtime.distributed import ParallelLayout, init_runtime
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_runtime(ParallelLayout(tp=tp, pp=pp), seed=seed)
+
+
+def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[str]) -> str:
+    if tokenizer:
+        return tokenizer
+    if hf:
+        return hf
+    for sub in ("hf_assets", "tokenizer"):
+        path = os.path.join(ckpt or "", sub)
+        if os.path.isdir(path):
+            return path
+    raise SystemExit(f"no tokenizer found for {ckpt}: pass --tokenizer DIR")
+
+
+def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenizer: Optional[str] = None,
+               prefix: str = "", mask_token_id: Optional[int] = None, block_size: Optional[int] = None,
+               model_config: Any = None) -> LoadedModel:
+    """Load weights for the running runtime's layout.
+
+    ``hf``: an HF directory of a supported AR model (Qwen3 / Qwen2 / Llama). ``ckpt``: a torch_dist
+    checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
+    from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
+    the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token.
+    """
+    from transformers import AutoTokenizer
+
+    from nemo_opdlm.convert import hf_config as hfc
+    from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, read_checkpoint_meta, teacher_from_hf
+    from nemo_opdlm.models.student import build_chunks
+
+    if bool(hf) == bool(ckpt):
+        raise SystemExit("give exactly one of --hf DIR or --ckpt DIR")
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(tokenizer, hf, ckpt))
+    diffusion: dict = {}
+    if hf:
+        cfg, chunks = teacher_from_hf(hf)
+    else:
+        meta = read_checkpoint_meta(ckpt) or {}
+        diffusion = meta.get("diffusion") or {}
+        cfg = model_config
+        if cfg is None and meta.get("model_config"):
+            cfg = hfc.model_config_from_dict(meta["model_config"])
+        if cfg is None:
+            raise SystemExit(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
+                             "(evaluate through the training run, or use tools/import_hf.py)")
+        chunks = build_chunks(cfg)
+        load_dist_checkpoint(chunks, ckpt, prefix=prefix, cfg=cfg)
+    for c in chunks:
+        c.eval()
+    mask = mask_token_id if mask_token_id is not None else diffusion.get("mask_token_id", tok.mask_token_id)
+    return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"))
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="opdlm eval", description=__doc__.split("\n\n")[0])
+    src = p.add_argument_group("model")
+    src.add_argument("--hf", help="HF directory of an AR model (the teacher, or a student initialised from it)")
+    src.add_argument("--ckpt", help="megatron-core torch_dist checkpoint directory")
+    src.add_argument("--prefix", default="", help="sharded-key prefix of the model inside --ckpt")
+    src.add_argument("--tokenizer", help="tokenizer directory (default: --hf, or --ckpt/hf_assets)")
+    src.add_argument("--mask-token-id", type=int, help="[MASK] id (default: checkpoint metadata or tokenizer)")
+    src.add_argument("--tp", type=int, default=1)
+    src.add_argument("--pp", type=int, default=1)
+    task = p.add_argument_group("task")
+    task.add_argument("--task", required=True, choices=("gsm8k", "math", "synthetic", "exact"))
+    task.add_argument("--data", required=True, help="JSONL / JSON / Parquet file or a save_to_disk folder")
+    task.add_argument("--split", default="test", help="split of a saved DatasetDict")
+    task.add_argument("--limit", type=int, help="score only the first N examples")
+    task.add_argument("--num-fewshot", type=int, default=0)
+    task.add_argument("--fewshot-data", help="file with few-shot examples (default: the head of --data)")
+    task.add_argument("--question-field", help="'exact' task: the prompt field (default 'prompt')")
+    task.add_argument("--answer-field", help="'exact' task: the answer field (default 'answer')")
+    dec = p.add_argument_group("decoding")
+    dec.add_argument("--modes", nargs="+", default=["static", "dynamic"], choices=MODES,
+                     help="decoding modes to score: ar (causal teacher), static, dynamic")
+    dec.add_argument("--block-size", type=int, help="default: checkpoint metadata, else 4")
+    dec.add_argument("--steps-per-block", type=int, help="default: block size (1 token per round)")
+    dec.add_argument("--threshold", type=float, default=0.9)
+    dec.add_argument("--temperature", type=float, default=0.0)
+    dec.add_argument("--max-new-tokens", type=int, default=256)
+    dec.add_argument("--chat-template", default="auto", choices=("auto", "always", "never"))
+    dec.add_argument("--batch-size", type=int, default=16)
+    dec.add_argument("--no-cache", action="store_true", help="decode without the KV cache (reference path)")
+    dec.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", help="write results (and per-example generations) to this JSON file")
+    return p.parse_args(argv)
+
+
+def eval_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``opdlm eval``; returns the process exit code."""
+    args = parse_args(argv)
+    from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate, format_table
+    from nemo_opdlm.eval.tasks import load_task
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+    overrides = {k: v for k, v in (("question_field", args.question_field), ("answer_field", args.answer_field))
+                 if v}
+    task = load_task(args.task, args.data, split=args.split, num_fewshot=args.num_fewshot,
+                     fewshot_path=args.fewshot_data, limit=args.limit, **overrides)
+    with runtime(ParallelLayout(tp=args.tp, pp=args.pp)) as rt:
+        loaded = load_model(hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer, prefix=args.prefix,
+                            mask_token_id=args.mask_token_id, block_size=args.block_size)
+        say = print if rt.is_main else (lambda *_: None)
+        say(f"{task.name}: {len(task.examples)} examples, {len(task.fewshot)} few-shot")
+        rows = []
+        for mode in args.modes:
+            settings = DecodeSettings(
+                mode=mode, block_size=loaded.block_size or 4, steps_per_block=args.steps_per_block,
+                threshold=args.threshold, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                chat_template=args.chat_template, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                use_cache=not args.no_cache, seed=args.seed,
+            )
+            result = evaluate(loaded.chunks, loaded.tokenizer, task, settings,
+                              mask_token_id=loaded.mask_token_id, log=say)
+            say(result.summary())
+            rows.append((mode, result))
+        say("\n" + format_table(rows))
+        if args.output and rt.is_main:
+            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+            with open(args.output, "w") as f:
+                json.dump({"model": args.hf or args.ckpt, "data": args.data,
+                           "results": [r.as_dict() for _, r in rows]}, f, indent=2)
+            say(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(eval_main())
