@@ -58,8 +58,18 @@ def test_import_then_export_round_trip_and_student(hf_dir, tmp_path, capsys):
 
     model = AutoModelForCausalLM.from_pretrained(student, trust_remote_code=True)
     assert model.config.mask_token_id == 99 and model.config.block_size == 4
-    seq = model.generate(torch.tensor([[3, 4, 5]]), max_new_tokens=8, threshold=0.9)
-    assert seq.shape == (1, 11) and bool((seq[0, 3:] != 99).all())
+    prompt = torch.tensor([[3, 4, 5], [0, 7, 8]])
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    greedy = model.generate(prompt, attention_mask=mask, max_new_tokens=8, threshold=0.9)
+    assert greedy.shape == (2, 11) and bool((greedy[:, 3:] != 99).all())
+    # Sampling that can only pick the argmax reproduces greedy decoding.
+    g = torch.Generator().manual_seed(0)
+    for kw in ({"top_k": 1}, {"top_p": 1e-6}):
+        sampled = model.generate(prompt, attention_mask=mask, max_new_tokens=8, threshold=0.9, temperature=0.7,
+                                 generator=g, **kw)
+        assert torch.equal(sampled, greedy), kw
+    free = model.generate(prompt, attention_mask=mask, max_new_tokens=8, temperature=1.0, generator=g)
+    assert free.shape == (2, 11) and bool((free[:, 3:] != 99).all())
 
 
 def test_refusals_leave_nothing(hf_dir, tmp_path, capsys):

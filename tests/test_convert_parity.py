@@ -16,7 +16,7 @@ from nemo_opdlm.convert.mcore_to_hf import export_chunks
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
-from tests.convert_models import FAMILIES, VOCAB, assert_same_tensors, hf_logits, save_hf
+from tests.convert_models import FAMILIES, VOCAB, assert_same_tensors, save_hf
 
 TOL = 1e-4
 

@@ -76,7 +76,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.mask_token_id is not None and not args.teacher:
             diffusion = DiffusionConfig(block_size=args.block_size, mask_token_id=args.mask_token_id)
             if diffusion.mask_token_id >= cfg.vocab_size:
-                raise ConvertError(f"--mask-token-id {diffusion.mask_token_id} is outside the vocabulary ({cfg.vocab_size})")
+                raise ConvertError(
+                    f"--mask-token-id {diffusion.mask_token_id} is outside the vocabulary ({cfg.vocab_size})")
     except (ConvertError, ConfigError) as err:
         print(f"export_hf: error: {err}", file=sys.stderr)
         return 2

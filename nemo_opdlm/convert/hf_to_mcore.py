@@ -21,8 +21,10 @@ from typing import Any, Iterable, Optional
 import torch
 
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.errors import CheckpointFileError, ConvertError, UnsupportedArchitectureError, VocabMismatchError
-from nemo_opdlm.convert.key_maps import GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule, expected_hf_shapes, fuse_gate_up, fuse_qkv, rule_for, shard_rows, split_layer_name
+from nemo_opdlm.convert.errors import (CheckpointFileError, ConvertError, UnsupportedArchitectureError,
+                                       VocabMismatchError)
+from nemo_opdlm.convert.key_maps import (GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule, expected_hf_shapes, fuse_gate_up,
+                                         fuse_qkv, rule_for, shard_rows, split_layer_name)
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile
 from nemo_opdlm.convert.staging import check_target, is_rank0, staged_dir
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
@@ -101,7 +103,8 @@ class HFCheckpoint:
         for name, shape in expected.items():
             found = self.shape(name)
             if found != shape:
-                kind = VocabMismatchError if name in ("model.embed_tokens.weight", "lm_head.weight") else CheckpointFileError
+                vocab = name in ("model.embed_tokens.weight", "lm_head.weight")
+                kind = VocabMismatchError if vocab else CheckpointFileError
                 raise kind(f"{name} has shape {found} in {self.hf_dir} but config.json implies {shape}")
 
 
@@ -124,7 +127,8 @@ def check_layout(cfg: ModelConfig) -> None:
     ).check_model(cfg)
 
 
-def parameter_sources(chunk: DiffusionGPTModel, cfg: ModelConfig) -> Iterable[tuple[str, torch.Tensor, Rule, list[str]]]:
+def parameter_sources(chunk: DiffusionGPTModel,
+                      cfg: ModelConfig) -> Iterable[tuple[str, torch.Tensor, Rule, list[str]]]:
     """(local name, tensor, rule, HF names) for every parameter of one chunk, in state-dict order.
 
     Raises if a parameter has no HF source: an unmapped parameter would stay randomly initialised.

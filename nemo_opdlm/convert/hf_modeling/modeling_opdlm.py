@@ -13,8 +13,9 @@ kind, stacked as ``token_meta[:, 0]`` / ``token_meta[:, 1]`` (``[B, 2, S]`` int6
 - Response blocks count 0, 1, ... from the first response token; prompt blocks count -1, -2, ...
   backwards from the prompt's end (a left-padded prompt's blocks are aligned to its end).
 - A non-padding query q may attend to key k if k is clean and (block(k) < block(q), or same
-  block and q is clean), or k is noisy, q is noisy and they share a block; every token sees itself. Clean tokens are therefore
-  block-causal, and an ``xt`` block sees the prompt, earlier clean blocks and itself.
+  block and q is clean), or k is noisy, q is noisy and they share a block; every token sees
+  itself. Clean tokens are therefore block-causal, and an ``xt`` block sees the prompt, earlier
+  clean blocks and itself.
 
 Usage::
 
@@ -107,7 +108,8 @@ def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
     """Dense permission ``[B, Sq, Sk]``; the queries are the last ``Sq`` of the ``Sk`` keys."""
     q_block, q_kind = q_meta[:, 0, :, None], q_meta[:, 1, :, None]  # [B, Sq, 1]
     k_block, k_kind = k_meta[:, 0, None, :], k_meta[:, 1, None, :]  # [B, 1, Sk]
-    clean_ok = (k_kind == CLEAN) & (q_kind != PAD) & ((k_block < q_block) | ((k_block == q_block) & (q_kind == CLEAN)))
+    same_block_ok = (k_block == q_block) & (q_kind == CLEAN)
+    clean_ok = (k_kind == CLEAN) & (q_kind != PAD) & ((k_block < q_block) | same_block_ok)
     noisy_ok = (k_kind == NOISY) & (q_kind == NOISY) & (k_block == q_block)
     sq, sk = q_meta.shape[-1], k_meta.shape[-1]
     cols = torch.arange(sk, device=q_meta.device)[None, :]
