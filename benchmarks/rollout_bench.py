@@ -97,6 +97,7 @@ def main() -> None:
         print(f"model {n_params / 1e6:.1f}M params, batch {batch}, {tokens} tokens, "
               f"{torch.get_num_threads()} thread(s)", flush=True)
         run(chunks, ids[:2], lens[:2], 8)  # warm-up
+        load_before = os.getloadavg()
         t0 = time.perf_counter()
         results: dict = {}
         print("full length:")
@@ -139,6 +140,8 @@ def main() -> None:
             "diffusion_t0.9_block4_not_slower_than_ar": ratios["diffusion_t0.9_over_ar"] >= 1.0,
         },
         "total_bench_time_s": round(total, 1),
+        "load_average_1_5_15min": {"before": [round(x, 2) for x in load_before],
+                                   "after": [round(x, 2) for x in os.getloadavg()]},
     }
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
