@@ -1,0 +1,189 @@
+"""``opdlm plan``: every recipe passes on its cluster; broken ones fail with the right message.
+
+Memory numbers are checked against closed forms computed by hand from the published shapes (not
+against the estimator's own helpers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import recipes
+from nemo_opdlm.config import resolve
+from nemo_opdlm.plan import GIB, Cluster, check_layout, estimate_stage, make_plan, plan_main, suggest, usable_bytes
+from recipes.tiny import MASK_ID, hf_config, tiny_shape
+
+H100x8 = Cluster(1, 8, "h100-80g")
+
+
+@pytest.mark.parametrize("name", sorted(recipes.ALL_RECIPES))
+def test_every_recipe_passes_on_its_cluster(name, capsys):
+    assert plan_main([name]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("ok") and "fits" in out
+
+
+def test_broken_layout_names_the_field(capsys):
+    assert plan_main(["qwen3_8b_self_tp2_pp1_8g", "parallel.tp=3"]) == 2
+    assert "model.num_attention_heads=32 is not divisible by tp=3" in capsys.readouterr().err
+
+
+def test_world_that_does_not_divide_the_prompts(capsys):
+    # 3 nodes x 8 GPUs at tp=2: DP=12 does not divide 128 prompts
+    assert plan_main(["qwen3_8b_self_tp2_pp1_8g", "--nodes", "3"]) == 2
+    assert "train.prompts_per_step=128 is not divisible by DP=12" in capsys.readouterr().err
+    # a layout larger than the world
+    assert plan_main(["qwen3_32b_to_8b_tp8_pp1_8g", "--gpus-per-node", "4"]) == 2
+    assert "world size 4 is not divisible by tp*pp*cp" in capsys.readouterr().err
+
+
+def test_plan_that_does_not_fit_is_refused_with_remedies(capsys):
+    args = ["qwen3_8b_self_tp2_pp1_8g", "model.recompute=none", "train.micro_batch_size=2", "--gpu", "a100-40g"]
+    assert plan_main(args) == 1
+    out = capsys.readouterr().out
+    assert "DOES NOT FIT" in out and out.rstrip().endswith("refused: the plan does not fit in GPU memory")
+    assert "model.recompute=full" in out and "parallel.tp=4" in out and "combined:" in out
+    # the suggested combination really fits when applied
+    cfg = resolve(args[0], args[1:3])
+    cluster = Cluster(1, 8, "a100-40g")
+    _, combo = suggest(cfg, cluster)
+    overrides = [o for r in combo for o in r.overrides]
+    nodes = [r.nodes for r in combo if r.nodes]
+    fixed = make_plan(resolve(args[0], args[1:3] + overrides), Cluster(nodes[-1] if nodes else 1, 8, "a100-40g"))
+    assert fixed.fits
+
+
+def test_memory_closed_forms_qwen3_8b_tp2():
+    """Qwen3-8B at TP=2, DP=4, 32 rollouts per rank, rows of 1024 + 2 x 4000, top-16, bf16."""
+    cfg = resolve("qwen3_8b_self_tp2_pp1_8g", [])
+    shape, _ = check_layout(cfg, H100x8)
+    assert (shape.dp, shape.rows_per_rank, shape.student_row, shape.teacher_row) == (4, 32, 9024, 5024)
+    est = estimate_stage(cfg, shape, 0, overhead_gib=3.0)
+    # 8,190,735,360 parameters, of which 308,224 are norms (replicated); the rest is split in two
+    per_rank = (8_190_735_360 - 308_224) // 2 + 308_224
+    assert est.static["student weights"] == 2 * per_rank
+    assert est.static["student grads (fp32)"] == 4 * per_rank
+    assert est.static["optimizer (fp32 master + Adam m, v) / 4"] == pytest.approx(12 * per_rank / 4)
+    assert est.static["teacher weights"] == 2 * per_rank
+    # KV cache: 32 rows x 5024 columns x 36 layers x (k, v) x 4 KV heads x 128 x 2 bytes
+    assert est.phases["rollout"]["rollout KV cache"] == 32 * 5024 * 36 * 2 * 4 * 128 * 2
+    # top-16 targets: 32 rows x 4000 positions x 16 x (fp32 value + int64 id)
+    assert est.phases["train"]["teacher targets, top-16 (held for the step)"] == 32 * 4000 * 16 * 12
+    # full recompute: each of the 36 layers keeps its bf16 input [9024, 4096] + one layer rebuilt
+    full = est.activations["full"]
+    assert 36 * 9024 * 4096 * 2 < full < 36 * 9024 * 4096 * 2 + 9024 * 4096 * 2 * 20
+    assert est.activations["none"] > 5 * full
+
+
+def test_full_vocabulary_targets_and_attention_backends():
+    """Qwen3-0.6B: full-vocab targets are 16 rows x 4000 x 151936 x 4 bytes; 'local' materialises scores."""
+    cfg = resolve("qwen3_0_6b_self_tp1_pp1_8g", [])
+    shape, _ = check_layout(cfg, H100x8)
+    est = estimate_stage(cfg, shape, 0, 3.0)
+    assert est.phases["train"]["teacher targets, full vocabulary (fp32) (held for the step)"] == 16 * 4000 * 151936 * 4
+    local = estimate_stage(resolve("qwen3_0_6b_self_tp1_pp1_8g", ["model.attention_backend=local"]), shape, 0, 3.0)
+    # no recompute: 28 layers x 9024 queries x 16 heads x 9024 keys x (fp32 + bf16 probabilities) more
+    extra = local.activations["none"] - est.activations["none"]
+    assert extra == pytest.approx(28 * 9024 * (16 * 9024 * 6 + 9024 - 16 * 4), rel=1e-9)
+    assert local.activations["selective"] < 0.1 * local.activations["none"]  # selective drops the scores
+
+
+def test_pipeline_stages_and_offload():
+    cfg = resolve("llama31_70b_to_8b_tp8_pp2_32g", [])
+    cluster = Cluster(4, 8, "h100-80g")
+    shape, _ = check_layout(cfg, cluster)
+    first, last = estimate_stage(cfg, shape, 0, 3.0), estimate_stage(cfg, shape, 1, 3.0)
+    assert "student logits + loss" in last.phases["train"] and "student logits + loss" not in first.phases["train"]
+    # 1F1B: the first stage holds 2 micro-batches of layer inputs, the last one
+    assert first.activations["full"] > last.activations["full"]
+    offloaded = estimate_stage(resolve("llama31_70b_to_8b_tp8_pp2_32g", ["distill.teacher_offload=true"]), shape, 1, 3.0)
+    assert "teacher weights" not in offloaded.static
+    assert offloaded.phase_total("rollout") == pytest.approx(last.phase_total("rollout") - last.static["teacher weights"])
+    assert offloaded.phase_total("teacher") == pytest.approx(last.phase_total("teacher"))
+
+
+# --- checks against files on disk ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_dirs(tmp_path_factory):
+    """config.json + tokenizer of the tiny shape (teacher), a 4-layer one, and a foreign tokenizer."""
+    from nemo_opdlm.eval.synthetic import build_tokenizer
+    from tests.convert_models import save_tokenizer
+
+    root = tmp_path_factory.mktemp("plan_ckpt")
+    dirs = {}
+    for name, shape in (("t2", tiny_shape()), ("t4", tiny_shape(4))):
+        d = root / name
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps(hf_config(shape)))
+        build_tokenizer().save_pretrained(str(d))
+        dirs[name] = str(d)
+    foreign = root / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps(hf_config(tiny_shape())))
+    save_tokenizer(str(foreign), vocab=25)  # w0..w24: same size, different tokens
+    dirs["foreign"] = str(foreign)
+    data = root / "train.jsonl"
+    data.write_text('{"prompt": "Q: 1+1=? A:"}\n')
+    dirs["data"] = str(data)
+    return dirs
+
+
+def _plan(spec, overrides, require=True):
+    return make_plan(resolve(spec, overrides), Cluster(1, 2, "cpu"), require_paths=require)
+
+
+def _errors(rep):
+    return [f.text for f in rep.findings if f.level == "error"]
+
+
+def test_matching_checkpoint_passes(tiny_dirs):
+    rep = _plan("tiny:tiny_self_tp1_pp1_2g", [f"init.teacher_hf={tiny_dirs['t2']}", f"data.path={tiny_dirs['data']}"])
+    assert rep.ok, _errors(rep)
+    assert any("[MASK] id 2 is the special token '[MASK]'" in f.text for f in rep.findings)
+
+
+def test_checkpoint_with_other_architecture_is_refused(tiny_dirs):
+    rep = _plan("tiny:tiny_self_tp1_pp1_2g", [f"init.teacher_hf={tiny_dirs['t4']}", f"data.path={tiny_dirs['data']}"])
+    assert not rep.ok
+    assert "num_layers: recipe 2, checkpoint 4" in _errors(rep)[0]
+
+
+def test_mask_id_that_is_a_real_token_is_refused(tiny_dirs):
+    rep = _plan("tiny:tiny_self_tp1_pp1_2g", [f"init.teacher_hf={tiny_dirs['t2']}", f"data.path={tiny_dirs['data']}",
+                                              "diffusion.mask_token_id=10"])
+    assert any("diffusion.mask_token_id=10 is the ordinary token" in e for e in _errors(rep))
+
+
+def test_teacher_and_student_tokenizers_must_agree(tiny_dirs):
+    base = [f"init.teacher_hf={tiny_dirs['t4']}", f"data.path={tiny_dirs['data']}"]
+    good = _plan("tiny:tiny_4l_to_2l_tp1_pp1_2g", base + [f"init.student_hf={tiny_dirs['t2']}"])
+    assert good.ok, _errors(good)
+    bad = _plan("tiny:tiny_4l_to_2l_tp1_pp1_2g", base + [f"init.student_hf={tiny_dirs['foreign']}"])
+    assert any("teacher and student tokenizers differ at 25 ids" in e for e in _errors(bad))
+
+
+def test_missing_paths_are_notes_unless_required(tiny_dirs, capsys):
+    spec = ["tiny:tiny_self_tp1_pp1_2g", "init.teacher_hf=/nonexistent/hf", "data.path=/nonexistent/p.jsonl"]
+    assert _plan(spec[0], spec[1:], require=False).ok
+    assert plan_main(spec + ["--require-paths"]) == 1
+    out = capsys.readouterr().out
+    assert "error teacher checkpoint /nonexistent/hf not found here" in out
+    assert "refused: 2 check(s) failed" in out
+
+
+def test_get_prints_resolved_values(capsys):
+    assert plan_main(["qwen3_32b_to_8b_tp8_pp1_16g", "--get", "parallel.tp", "--get", "init.student_hf",
+                      "--get", "teacher.num_layers", "--get", "init.teacher_checkpoint"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["8", "hf/Qwen3-8B", "64", ""]
+
+
+def test_usable_memory_and_json(capsys):
+    assert usable_bytes(H100x8) == pytest.approx(79.6 * 0.95 * GIB)
+    assert plan_main(["qwen3_1_7b_self_tp1_pp1_8g", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] and data["shape"]["dp"] == 8 and data["peak_bytes"] < data["usable_bytes"]
+    assert os.path.basename(data["recipe"]) == "qwen3_1_7b_self_tp1_pp1_8g"

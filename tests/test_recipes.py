@@ -1,0 +1,98 @@
+"""Recipes: names match layouts, the paper's defaults, and model shapes against published parameter counts."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+import recipes
+from nemo_opdlm.config import ConfigError, load_recipe, resolve
+from nemo_opdlm.plan import stage_params
+from recipes import models as m
+
+NAME = re.compile(r"_tp(\d+)_pp(\d+)_(\d+)g$")
+
+
+@pytest.mark.parametrize("name", sorted(recipes.ALL_RECIPES))
+def test_name_spells_the_layout_and_cluster(name):
+    cfg = load_recipe(name)
+    tp, pp, gpus = map(int, NAME.search(name).groups())
+    assert (cfg.parallel.tp, cfg.parallel.pp) == (tp, pp)
+    assert recipes.CLUSTERS[name].world_size == gpus
+    assert cfg.name == name
+    # the module:function spelling resolves to the same config
+    module = recipes.ALL_RECIPES[name].__module__.split(".")[-1]
+    assert load_recipe(f"{module}:{name}") == cfg
+
+
+@pytest.mark.parametrize("name", sorted(recipes.GPU_RECIPES))
+def test_paper_hyperparameters(name):
+    cfg = load_recipe(name)
+    o, r = cfg.optim, cfg.rollout
+    assert (o.lr, o.min_lr, o.warmup_steps, o.clip_grad) == (1e-5, 1e-6, 5, 1.0)
+    assert o.distributed_optimizer
+    assert cfg.diffusion.block_size == 4
+    assert (r.mode, r.threshold, r.steps_per_block, r.temperature, r.top_p, r.top_k) == ("dynamic", 0.9, 4, 1.0, 1.0, 0)
+    assert (r.min_length, r.max_length, r.curriculum_steps) == (100, 4000, 100)
+    assert cfg.train.prompts_per_step == 128 and cfg.train.micro_batch_size == 1
+    assert cfg.model.params_dtype == "bfloat16" and cfg.model.recompute == "full"
+    # full-vocabulary KL at 0.6B / 1.7B students, top-16 from 4B up
+    small = cfg.model.hidden_size <= 2048
+    assert cfg.distill.top_k == (None if small else 16)
+    assert cfg.distill.method == "opdlm"
+    # the [MASK] id is a row of the embedding that is not an end-of-turn token
+    assert cfg.diffusion.mask_token_id < cfg.model.vocab_size
+    assert cfg.diffusion.mask_token_id not in m.QWEN3_EOS_IDS + m.LLAMA31_EOS_IDS
+    # larger teachers need the student's own weights
+    assert (cfg.teacher_model is None) == (cfg.init.student_hf is None)
+
+
+# Published counts: non-embedding parameters from the Qwen3 model cards (0.44B, 1.4B, 3.6B, 6.95B, 31.2B);
+# exact totals of Llama-3.1-8B / 70B and Qwen2.5-7B (safetensors metadata) and Qwen2.5-32B.
+NON_EMBEDDING = {m.qwen3_0_6b: (0.44e9, 0.005e9), m.qwen3_1_7b: (1.4e9, 0.05e9), m.qwen3_4b: (3.6e9, 0.05e9),
+                 m.qwen3_8b: (6.95e9, 0.005e9), m.qwen3_32b: (31.2e9, 0.05e9)}
+"""Shape -> (model card's non-embedding count, half its last printed digit)."""
+TOTAL = {m.llama31_8b: 8_030_261_248, m.llama31_70b: 70_553_706_496, m.qwen25_7b: 7_615_616_512,
+         m.qwen25_32b: 32_763_876_352}
+
+
+@pytest.mark.parametrize("shape,published", list(NON_EMBEDDING.items()), ids=lambda x: getattr(x, "__name__", ""))
+def test_qwen3_shapes_match_published_non_embedding_counts(shape, published):
+    cfg = shape()
+    count, rounding = published
+    embedding = cfg.vocab_size * cfg.hidden_size * (1 if cfg.tie_word_embeddings else 2)
+    assert cfg.padded_vocab_size(1) == cfg.vocab_size  # 151936 is a multiple of 128: no padding rows
+    assert stage_params(cfg, 1, 1, 0) - embedding == pytest.approx(count, abs=rounding)
+
+
+@pytest.mark.parametrize("shape,published", list(TOTAL.items()), ids=lambda x: getattr(x, "__name__", ""))
+def test_llama_and_qwen25_shapes_match_published_totals(shape, published):
+    assert stage_params(shape(), 1, 1, 0) == published
+
+
+def test_shape_facts():
+    q06, q8, l8 = m.qwen3_0_6b(), m.qwen3_8b(), m.llama31_8b()
+    assert q06.tie_word_embeddings and not q8.tie_word_embeddings and q06.qk_layernorm
+    assert q06.kv_channels == 128 and q06.hidden_size == 1024  # head_dim * heads (2048) != hidden
+    assert l8.rope_scaling is not None and l8.rope_scaling.factor == 8.0 and l8.rotary_base == 500_000.0
+    assert m.qwen25_7b().add_qkv_bias and not m.qwen25_7b().qk_layernorm
+    assert (m.qwen3_32b().num_attention_heads, m.qwen25_32b().num_attention_heads) == (64, 40)
+
+
+def test_overrides_apply_and_typos_are_refused():
+    cfg = resolve("qwen3_8b_self_tp2_pp1_8g", ["train.steps=10", "rollout.threshold=0.8"])
+    assert cfg.train.steps == 10 and cfg.rollout.threshold == 0.8
+    with pytest.raises(ConfigError, match="did you mean 'rollout.threshold'"):
+        resolve("qwen3_8b_self_tp2_pp1_8g", ["rollout.treshold=0.8"])
+    with pytest.raises(ConfigError, match="did you mean 'qwen3_8b_self_tp2_pp1_8g'"):
+        load_recipe("qwen3:qwen3_8b_self_tp2_pp1_8")
+
+
+def test_mixed_family_teacher_is_refused():
+    """A Qwen2.5 teacher (152,064 rows) cannot teach a Qwen3 student (151,936): one vocabulary is needed."""
+    with pytest.raises(ConfigError, match="must share a tokenizer"):
+        resolve("qwen25_32b_to_7b_tp4_pp1_8g",
+                [f"model.{k}={v}" for k, v in dict(vocab_size=151936, num_layers=36, hidden_size=4096,
+                                                   ffn_hidden_size=12288, num_attention_heads=32,
+                                                   num_query_groups=8).items()])
