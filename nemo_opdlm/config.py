@@ -1,0 +1,393 @@
+"""The run config: one schema for a whole OPDLM job, validated before any heavy work.
+
+One job: the ``RunConfig`` dataclass tree, its loading from a recipe (a Python function returning a
+``RunConfig``) or a YAML file, and ``key=value`` overrides. Unknown keys are refused with the
+closest valid key named; every section validates itself in ``__post_init__``; errors name the key.
+Non-goals: building anything from the config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+from nemo_opdlm.data.prompts import PromptDataConfig
+from nemo_opdlm.models.config import ConfigError, DiffusionConfig, ModelConfig, RopeScaling
+from nemo_opdlm.runtime.distributed import ParallelLayout
+
+METHODS = ("opdlm", "random_mask", "off_policy", "sft", "ar")
+
+
+@dataclass(kw_only=True)
+class InitConfig:
+    """Where the weights come from."""
+
+    teacher_hf: Optional[str] = None
+    """HF checkpoint directory of the AR teacher (imported on the fly)."""
+    teacher_checkpoint: Optional[str] = None
+    """A megatron dist checkpoint of the teacher (from tools/import_hf.py), instead of teacher_hf."""
+    student_hf: Optional[str] = None
+    """HF directory for the student's initial weights; None = the teacher's weights (self-distillation)."""
+    tokenizer: Optional[str] = None
+    """Tokenizer directory; None = teacher_hf."""
+
+    def __post_init__(self) -> None:
+        if self.teacher_hf and self.teacher_checkpoint:
+            raise ConfigError("init.teacher_hf and init.teacher_checkpoint are exclusive: set one")
+
+
+@dataclass(kw_only=True)
+class RolloutConfig:
+    """How the student decodes its own responses each step."""
+
+    mode: str = "dynamic"
+    """'static' (block_size / steps_per_block tokens per round) or 'dynamic' (confidence threshold)."""
+    threshold: float = 0.9
+    """Dynamic decoding: unmask every position whose raw-softmax confidence exceeds this."""
+    steps_per_block: int = 4
+    """Rounds per block for the static schedule (and the minimum per round in dynamic mode)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off)."""
+    min_length: int = 100
+    """Curriculum: generation length at step 0."""
+    max_length: int = 4000
+    """Curriculum: generation length after ``curriculum_steps``."""
+    curriculum_steps: int = 100
+    """Steps over which the length grows linearly from min_length to max_length."""
+    use_cache: bool = True
+    """Block KV cache during rollouts (False: the uncached reference path)."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("static", "dynamic"):
+            raise ConfigError(f"rollout.mode must be 'static' or 'dynamic', got {self.mode!r}")
+        if not 1 <= self.min_length <= self.max_length:
+            raise ConfigError(
+                f"rollout.min_length ({self.min_length}) must be >= 1 and <= rollout.max_length ({self.max_length})"
+            )
+        if self.curriculum_steps < 0:
+            raise ConfigError(f"rollout.curriculum_steps must be >= 0, got {self.curriculum_steps}")
+
+
+@dataclass(kw_only=True)
+class DistillConfig:
+    """What the student learns from."""
+
+    method: str = "opdlm"
+    """'opdlm' (own rollouts, masks from the decoding trajectory), 'random_mask' (own rollouts,
+    random masks), 'off_policy' (teacher responses, random masks, KL), 'sft' (dataset responses,
+    random masks, cross-entropy), 'ar' (causal next-token pre-training of a teacher: the demo)."""
+    top_k: Optional[int] = None
+    """KL over the teacher's top-k log-probs (16 at >= 4B in the paper); None = full vocabulary."""
+    exclude_eos: bool = True
+    """Leave the end-of-turn token itself out of the loss (the reference does)."""
+    teacher_offload: bool = False
+    """Keep the teacher's weights on CPU between uses (GPU memory is tight)."""
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"distill.method must be one of {METHODS}, got {self.method!r}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ConfigError(f"distill.top_k must be >= 1 or None, got {self.top_k}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with cosine decay and linear warm-up (the paper's defaults)."""
+
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 1e-6
+    """Final learning rate of the cosine decay."""
+    warmup_steps: int = 5
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW beta1."""
+    adam_beta2: float = 0.999
+    """AdamW beta2."""
+    adam_eps: float = 1e-8
+    """AdamW epsilon."""
+    clip_grad: float = 1.0
+    """Global gradient-norm clip (0 = off)."""
+    distributed_optimizer: bool = False
+    """Shard optimizer state across data-parallel ranks (megatron-core distributed optimizer)."""
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError(f"optim.min_lr ({self.min_lr}) must be in [0, optim.lr={self.lr}]")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.clip_grad < 0:
+            raise ConfigError(f"optim.clip_grad must be >= 0, got {self.clip_grad}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Steps, batch sizes, checkpoints and logging."""
+
+    steps: int = 100
+    """Optimizer steps (one rollout batch each)."""
+    prompts_per_step: int = 128
+    """Prompts rolled out per step (global, across data-parallel ranks)."""
+    micro_batch_size: int = 1
+    """Training rows per micro-batch on one data-parallel rank."""
+    seed: int = 1234
+    """Base seed; every random stream is derived from it, the step and the rank."""
+    log_every: int = 1
+    """Print and record metrics every N steps."""
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    save_dir: Optional[str] = None
+    """Checkpoint directory (step_N/ sub-directories and a 'latest' file); None = no checkpoints."""
+    resume: bool = True
+    """Resume from save_dir's latest checkpoint when there is one."""
+    max_nonfinite_in_row: int = 3
+    """Non-finite losses skip their step; this many in a row stop the run with an error."""
+    tensorboard_dir: Optional[str] = None
+    """TensorBoard scalars; None = save_dir/tensorboard when save_dir is set."""
+    wandb_project: Optional[str] = None
+    """Weights & Biases project (off when None)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "prompts_per_step", "micro_batch_size", "log_every", "max_nonfinite_in_row"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """A whole OPDLM job."""
+
+    name: str = "opdlm"
+    """Run name (logs, checkpoints)."""
+    model: ModelConfig
+    """Student architecture (the teacher's unless teacher_model is set)."""
+    teacher_model: Optional[ModelConfig] = None
+    """A different (e.g. larger) teacher architecture; None = same as the student."""
+    diffusion: DiffusionConfig
+    """Block size and [MASK] id."""
+    parallel: ParallelLayout = field(default_factory=ParallelLayout)
+    """TP/PP layout shared by the colocated student and teacher; DP is the rest."""
+    init: InitConfig = field(default_factory=InitConfig)
+    """Weights and tokenizer."""
+    data: Optional[PromptDataConfig] = None
+    """Prompts (and responses for off_policy/sft); None only for synthetic demo tasks."""
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    """On-policy decoding."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Method and loss."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and LR schedule."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Loop, checkpoints, logging."""
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    @property
+    def teacher(self) -> ModelConfig:
+        return self.teacher_model or self.model
+
+    def validate(self) -> None:
+        """Cross-section checks (each section checked itself already)."""
+        if self.diffusion.mask_token_id >= self.model.vocab_size:
+            raise ConfigError(
+                f"diffusion.mask_token_id={self.diffusion.mask_token_id} is outside model.vocab_size="
+                f"{self.model.vocab_size}"
+            )
+        if self.teacher.vocab_size != self.model.vocab_size:
+            raise ConfigError(
+                f"teacher_model.vocab_size={self.teacher.vocab_size} differs from model.vocab_size="
+                f"{self.model.vocab_size}: teacher and student must share a tokenizer"
+            )
+        self.parallel.check_model(self.model, "model")
+        if self.teacher_model is not None:
+            self.parallel.check_model(self.teacher_model, "teacher_model")
+        if self.distill.top_k is not None and self.distill.top_k > self.model.vocab_size:
+            raise ConfigError(f"distill.top_k={self.distill.top_k} exceeds model.vocab_size={self.model.vocab_size}")
+        if self.distill.method in ("sft", "off_policy") and self.data is not None and not self.data.response_field:
+            if self.distill.method == "sft":
+                raise ConfigError("distill.method=sft needs data.response_field (the responses to learn)")
+        rows = self.train.prompts_per_step
+        if rows % self.train.micro_batch_size:
+            raise ConfigError(
+                f"train.prompts_per_step={rows} is not divisible by train.micro_batch_size="
+                f"{self.train.micro_batch_size}"
+            )
+        longest = (self.data.max_prompt_tokens if self.data else 0) + 2 * self.rollout.max_length
+        if self.data is not None and longest > self.model.max_position_embeddings:
+            raise ConfigError(
+                f"rows are [prompt | x0 | xt]: data.max_prompt_tokens + 2 * rollout.max_length = {longest} "
+                f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}"
+            )
+
+
+# ----------------------------------------------------------------------------------------------
+# dict <-> dataclass, with unknown keys refused
+
+
+def to_dict(cfg: Any) -> Any:
+    """A dataclass tree as plain dicts/lists (tuples become lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def _dataclass_of(tp: Any) -> Optional[type]:
+    if dataclasses.is_dataclass(tp):
+        return tp
+    if typing.get_origin(tp) is Union:
+        for arg in typing.get_args(tp):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check (and, for numbers written as strings such as '3e-3', convert) a scalar value."""
+    if value is None:
+        if typing.get_origin(hint) is Union and type(None) in typing.get_args(hint):
+            return None
+        if hint is Any:
+            return None
+        raise ConfigError(f"{where} must not be null")
+    if typing.get_origin(hint) is Union:
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if len(options) == 1:
+            return _coerce(value, options[0], where)
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"{where} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if hint is str and not isinstance(value, str):
+        raise ConfigError(f"{where} must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming the closest key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        where = f"{path}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names), n=1)
+            hint = f"; did you mean '{path}{close[0]}'?" if close else f"; valid keys: {sorted(names)}"
+            raise ConfigError(f"unknown config key '{where}'{hint}")
+        sub = _dataclass_of(hints[key])
+        if sub is not None and isinstance(value, dict):
+            value = from_dict(sub, value, where + ".")
+        elif sub is None:
+            value = _coerce(value, hints[key], where)
+        kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # missing required fields
+        raise ConfigError(f"{path.rstrip('.') or cls.__name__}: {e}") from None
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text) if text != "" else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (YAML-parsed values) to a config dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=10)")
+        key, raw = item.split("=", 1)
+        node = data
+        parts = key.strip().split(".")
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                raise ConfigError(f"override {key!r}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = node[part]
+        node[parts[-1]] = _parse_value(raw)
+    return data
+
+
+def load_recipe(spec: str) -> RunConfig:
+    """A recipe: ``module:function`` (or ``module.function``) returning a RunConfig, or a YAML path."""
+    if spec.endswith((".yaml", ".yml")):
+        from omegaconf import OmegaConf
+
+        if not os.path.exists(spec):
+            raise ConfigError(f"config file {spec} does not exist")
+        data = OmegaConf.to_container(OmegaConf.load(spec), resolve=True)
+        return from_dict(RunConfig, data)  # type: ignore[arg-type]
+    module_name, _, fn_name = spec.replace(":", ".").rpartition(".")
+    if not module_name:
+        module_name, fn_name = "recipes", spec
+    if not module_name.startswith(("recipes", "nemo_opdlm")):
+        module_name = f"recipes.{module_name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"recipe module {module_name!r} not found ({e})") from None
+    fn = getattr(module, fn_name, None)
+    if fn is None:
+        options = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        close = difflib.get_close_matches(fn_name, options, n=1)
+        raise ConfigError(f"recipe {fn_name!r} not in {module_name}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    cfg = fn()
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"recipe {spec} returned {type(cfg).__name__}, not RunConfig")
+    return cfg
+
+
+def resolve(spec: str, overrides: list[str]) -> RunConfig:
+    """Recipe + overrides -> a validated RunConfig."""
+    cfg = load_recipe(spec)
+    if not overrides:
+        return cfg
+    return from_dict(RunConfig, apply_overrides(to_dict(cfg), overrides))
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    import yaml
+
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+__all__ = [
+    "RunConfig", "InitConfig", "RolloutConfig", "DistillConfig", "OptimConfig", "TrainConfig",
+    "ModelConfig", "DiffusionConfig", "ParallelLayout", "PromptDataConfig", "RopeScaling",
+    "ConfigError", "from_dict", "to_dict", "apply_overrides", "load_recipe", "resolve", "dump_yaml",
+]

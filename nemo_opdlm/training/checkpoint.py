@@ -1,0 +1,129 @@
+"""Training checkpoints: megatron-core dist_checkpointing, atomic, resumable at any step.
+
+One job: save and restore everything a run needs to continue exactly: student weights, optimizer
+state, LR schedule, data cursor and step (the curriculum position is a function of the step, and
+every random stream is re-derived from (seed, step, rank) at each step, so no RNG state needs
+to be carried). Non-goals: HF export (``convert/``), when to save (``loop.py``).
+
+Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can read: model under
+``model``, plus ``opdlm_convert.json``) and ``save_dir/latest`` naming the newest complete one.
+A checkpoint is written to a staging directory and renamed into place, and ``latest`` is replaced
+atomically afterwards, so a crash while writing never damages the previous good checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from nemo_opdlm.convert.hf_config import model_config_to_dict
+from nemo_opdlm.convert.hf_to_mcore import META_FILE, META_VERSION, sharded_model_state
+from nemo_opdlm.convert.staging import barrier, is_rank0, staged_dir
+from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.training.optim import TrainState
+
+LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing or cannot be read."""
+
+
+def step_dir(save_dir: str, step: int) -> str:
+    return os.path.join(save_dir, f"step_{step:07d}")
+
+
+def latest_checkpoint(save_dir: Optional[str]) -> Optional[str]:
+    """The newest complete checkpoint under ``save_dir``, or None."""
+    if not save_dir:
+        return None
+    path = os.path.join(save_dir, LATEST)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        name = f.read().strip()
+    ckpt = os.path.join(save_dir, name)
+    if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
+        raise CheckpointError(f"{path} names {name}, which is not a complete checkpoint")
+    return ckpt
+
+
+def _write_latest(save_dir: str, name: str) -> None:
+    tmp = os.path.join(save_dir, f".{LATEST}.tmp")
+    with open(tmp, "w") as f:
+        f.write(name + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(save_dir, LATEST))
+
+
+def _sharded_state(state: TrainState, is_loading: bool) -> dict[str, Any]:
+    model = sharded_model_state(state.chunks)
+    merged: dict[str, Any] = {}
+    for part in model.values():
+        merged.update(part)
+    sharded = dict(model)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(merged, is_loading=is_loading)
+    return sharded
+
+
+def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], model: ModelConfig,
+         diffusion: Optional[dict[str, Any]] = None) -> str:
+    """Save a complete checkpoint for ``step`` (collective) and point ``latest`` at it."""
+    from megatron.core import dist_checkpointing
+
+    if is_rank0():
+        os.makedirs(save_dir, exist_ok=True)
+    barrier()
+    target = step_dir(save_dir, step)
+    sharded = _sharded_state(state, is_loading=False)
+    sharded["common"] = dict(extra, step=step, scheduler=state.scheduler.state_dict())
+    with staged_dir(target, overwrite=True) as staging:
+        dist_checkpointing.save(sharded, staging)
+        if is_rank0():
+            meta = {"format_version": META_VERSION, "model_config": model_config_to_dict(model),
+                    "hf_config": None, "diffusion": diffusion, "step": step}
+            with open(os.path.join(staging, META_FILE), "w") as f:
+                json.dump(meta, f, indent=2)
+    if is_rank0():
+        _write_latest(save_dir, os.path.basename(target))
+    barrier()
+    return target
+
+
+@torch.no_grad()
+def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
+    """Restore weights, optimizer and schedule from ``ckpt_dir``; returns the saved ``common`` dict."""
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        raise CheckpointError(f"{ckpt_dir} is not a checkpoint (no metadata.json)")
+    sharded = _sharded_state(state, is_loading=True)
+    loaded = dist_checkpointing.load(sharded, ckpt_dir)
+    for key, chunk in zip([k for k in sharded if k.startswith("model")], state.chunks):
+        _inner(chunk).load_state_dict(loaded[key], strict=True)
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    common = loaded["common"]
+    state.scheduler.load_state_dict(common["scheduler"])
+    return common
+
+
+def _inner(module: torch.nn.Module) -> torch.nn.Module:
+    from nemo_opdlm.models.student import unwrap
+
+    return unwrap(module)
+
+
+def agree(flag: bool) -> bool:
+    """True on every rank if it is True on any rank (e.g. a pre-emption signal seen by one)."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

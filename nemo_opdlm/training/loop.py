@@ -1,0 +1,180 @@
+"""The OPDLM training loop: rollout -> states -> teacher -> fwd/bwd -> optimizer; nothing else.
+
+One job: run steps in order, checkpoint, and stop cleanly. Each step derives every random stream
+from (seed, step, rank), so a resumed run repeats exactly what an uninterrupted one would have
+done. Pre-emption (SIGTERM / SIGUSR1, as Slurm sends before a time limit) saves a checkpoint at
+the end of the current step and returns; non-finite losses skip their step and, too many in a
+row, stop the run with an error.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+
+from nemo_opdlm.config import RunConfig, to_dict
+from nemo_opdlm.distill.loss import count_sequences
+from nemo_opdlm.distill.states import split_microbatches
+from nemo_opdlm.models.teacher import offload
+from nemo_opdlm.rollout.schedules import LengthCurriculum
+from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
+from nemo_opdlm.runtime.pipeline import run_schedule
+from nemo_opdlm.training import checkpoint
+from nemo_opdlm.training.metrics import MetricsLogger
+from nemo_opdlm.training.optim import optimizer_step, wrap_for_training, zero_grads
+from nemo_opdlm.training.setup import build
+from nemo_opdlm.training.step import (
+    attach_teacher_targets,
+    get_responses,
+    make_loss_fn,
+    reduce_reported,
+    sampler_config,
+    training_rows,
+)
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps had a non-finite loss."""
+
+
+class _Preemption:
+    """Remembers SIGTERM / SIGUSR1 so that the loop can checkpoint at the end of the step."""
+
+    def __init__(self) -> None:
+        self.seen = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_Preemption":
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.seen = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def step_seed(seed: int, step: int) -> int:
+    return seed * 1_000_003 + step * 7919
+
+
+def train(cfg: RunConfig) -> dict[str, Any]:
+    """Run ``cfg`` in this process (one rank of a torchrun/srun job). Returns a summary."""
+    init_runtime(cfg.parallel, seed=cfg.train.seed, models=(("model", cfg.model), ("teacher_model", cfg.teacher)))
+    try:
+        return _train(cfg)
+    finally:
+        shutdown_runtime()
+
+
+def _train(cfg: RunConfig) -> dict[str, Any]:
+    s = build(cfg)
+    state = wrap_for_training(s.student, cfg.model, cfg.optim, cfg.train.steps)
+    log = MetricsLogger(total_steps=cfg.train.steps, out_dir=cfg.train.save_dir,
+                        tensorboard_dir=cfg.train.tensorboard_dir, wandb_project=cfg.train.wandb_project,
+                        run_name=cfg.name, config=to_dict(cfg))
+    start = 0
+    resume_from = checkpoint.latest_checkpoint(cfg.train.save_dir) if cfg.train.resume else None
+    if resume_from:
+        common = checkpoint.load(resume_from, state)
+        s.loader.load_state_dict(common["data"])
+        start = int(common["step"])
+        log.note(f"resumed from {resume_from} at step {start}")
+    curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
+                                  warmup_steps=cfg.rollout.curriculum_steps)
+    dp = parallel_state.get_data_parallel_world_size()
+    dp_rank = parallel_state.get_data_parallel_rank()
+    diffusion = {"block_size": cfg.diffusion.block_size, "mask_token_id": cfg.diffusion.mask_token_id}
+    history: list[dict[str, float]] = []
+    bad_in_row, step, status = 0, start, "completed"
+
+    def save(at: int) -> None:
+        if cfg.train.save_dir:
+            checkpoint.save(cfg.train.save_dir, at, state, extra={"data": s.loader.state_dict()},
+                            model=cfg.model, diffusion=diffusion)
+
+    with _Preemption() as preempt:
+        for step in range(start + 1, cfg.train.steps + 1):
+            t0 = time.perf_counter()
+            seed = step_seed(cfg.train.seed, step)
+            seed_everything(seed)
+            batch = s.loader.next_batch()
+            length = curriculum.length(step - 1)
+            scfg = sampler_config(cfg, s.eos_ids, s.pad_id, seed, max_new_tokens=length)
+            resp = get_responses(cfg, batch, s.student, s.teacher, scfg, length)
+            t_rollout = time.perf_counter() - t0
+
+            generator = torch.Generator().manual_seed(seed + 31 * dp_rank)
+            rows = training_rows(cfg, resp, s.eos_ids, generator)
+            n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
+            microbatches = split_microbatches(rows, n_mb)
+            if s.teacher is not None:
+                if cfg.distill.teacher_offload and torch.cuda.is_available():
+                    offload(s.teacher, "cuda")
+                attach_teacher_targets(cfg, s.teacher, resp, microbatches)
+                if cfg.distill.teacher_offload and torch.cuda.is_available():
+                    offload(s.teacher, "cpu")
+            num_seq = count_sequences([mb["loss_mask"] for mb in microbatches],
+                                      parallel_state.get_data_parallel_group())
+            zero_grads(state)
+            t1 = time.perf_counter()
+            reported = run_schedule(state.chunks, microbatches, make_loss_fn(cfg.distill.method, num_seq, n_mb * dp),
+                                    forward_only=False)
+            metrics = reduce_reported(reported)
+            finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
+            if checkpoint.agree(not finite):
+                bad_in_row += 1
+                log.note(f"step {step}: non-finite loss, update skipped ({bad_in_row} in a row)")
+                if bad_in_row >= cfg.train.max_nonfinite_in_row:
+                    raise NonFiniteLossError(
+                        f"{bad_in_row} consecutive non-finite losses (train.max_nonfinite_in_row="
+                        f"{cfg.train.max_nonfinite_in_row}); last checkpoint is kept, lower optim.lr or check data")
+                grad_norm = float("nan")
+            else:
+                bad_in_row = 0
+                _, grad_norm = optimizer_step(state)
+            t_train = time.perf_counter() - t1
+
+            scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, state, t_rollout, t_train,
+                               time.perf_counter() - t0, dp)
+            history.append(dict(step=step, **scalars))
+            if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                log.log(step, scalars)
+            stop = checkpoint.agree(preempt.seen)
+            if stop or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+                save(step)
+            if stop:
+                status = "preempted"
+                log.note(f"pre-emption signal: checkpoint saved at step {step}, exiting")
+                break
+    log.close()
+    return {"status": status, "step": step, "history": history}
+
+
+def _scalars(metrics: dict[str, float], rollout: dict[str, float], rows: dict, length: int, grad_norm: float,
+             state, t_rollout: float, t_train: float, t_step: float, dp: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    if metrics:
+        tokens = max(metrics.get("num_tokens", 0.0), 1.0)
+        out["loss"] = metrics["loss"]
+        for name in ("kl", "ce"):
+            if f"{name}_sum" in metrics:
+                out[name] = metrics[f"{name}_sum"] / tokens  # per-token mean (the loss is per-sequence)
+        out["train/loss_tokens"] = metrics.get("num_tokens", 0.0)
+        out["train/sequences"] = metrics.get("num_sequences", 0.0)
+    for k, v in rollout.items():
+        out[f"rollout/{k}"] = float(v)
+    trained = float(rows["input_ids"].numel()) * dp
+    out.update({
+        "rollout/length_limit": float(length), "grad_norm": grad_norm,
+        "lr": float(state.optimizer.param_groups[0]["lr"]), "time/rollout_s": t_rollout, "time/train_s": t_train,
+        "time/step_s": t_step, "throughput/tokens_per_s": trained / max(t_step, 1e-9),
+    })
+    return out

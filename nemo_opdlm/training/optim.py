@@ -1,0 +1,96 @@
+"""Wrap the student for training: bf16 module, megatron-core DDP, optimizer and LR schedule.
+
+One job: turn the student's bare chunks into what ``get_forward_backward_func`` and the optimizer
+step need, the way megatron-core's own training does (Float16Module -> DDP -> MegatronOptimizer
+with fp32 master weights -> OptimizerParamScheduler), and wire the schedule's hooks
+(``finalize_model_grads``, ``no_sync``, loss scaling). Non-goals: the loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.transformer.module import Float16Module
+
+from nemo_opdlm.config import OptimConfig
+from nemo_opdlm.models.config import ModelConfig
+
+
+@dataclass
+class TrainState:
+    """The trainable model and its optimizer state."""
+
+    chunks: list[torch.nn.Module]
+    """DDP-wrapped chunks (what the schedule runs)."""
+    optimizer: Any
+    """megatron-core MegatronOptimizer."""
+    scheduler: OptimizerParamScheduler
+    """LR / weight-decay schedule, stepped once per optimizer step."""
+
+
+def wrap_for_training(chunks: list[torch.nn.Module], model: ModelConfig, optim: OptimConfig,
+                      total_steps: int) -> TrainState:
+    """DDP + optimizer + cosine schedule for the student's chunks (weights already loaded)."""
+    config = chunks[0].config
+    if model.dtype != torch.float32:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=optim.distributed_optimizer,
+    )
+    wrapped = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    opt_config = OptimizerConfig(
+        optimizer="adam",
+        lr=optim.lr,
+        min_lr=optim.min_lr,
+        weight_decay=optim.weight_decay,
+        adam_beta1=optim.adam_beta1,
+        adam_beta2=optim.adam_beta2,
+        adam_eps=optim.adam_eps,
+        clip_grad=optim.clip_grad,
+        bf16=model.dtype == torch.bfloat16,
+        fp16=model.dtype == torch.float16,
+        params_dtype=model.dtype,
+        use_distributed_optimizer=optim.distributed_optimizer,
+    )
+    optimizer = get_megatron_optimizer(opt_config, wrapped)
+    scheduler = OptimizerParamScheduler(
+        optimizer,
+        init_lr=0.0 if optim.warmup_steps else optim.lr,
+        max_lr=optim.lr,
+        min_lr=optim.min_lr,
+        lr_warmup_steps=optim.warmup_steps,
+        lr_decay_steps=max(total_steps, optim.warmup_steps + 1),
+        lr_decay_style="cosine",
+        start_wd=optim.weight_decay,
+        end_wd=optim.weight_decay,
+        wd_incr_steps=max(total_steps, 1),
+        wd_incr_style="constant",
+    )
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = optimizer.scale_loss
+    config.no_sync_func = [c.no_sync for c in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return TrainState(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)
+
+
+def zero_grads(state: TrainState) -> None:
+    for chunk in state.chunks:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+
+
+def optimizer_step(state: TrainState) -> tuple[bool, float]:
+    """One optimizer + scheduler step; returns (updated, grad norm)."""
+    updated, grad_norm, _ = state.optimizer.step()
+    if updated:
+        state.scheduler.step(increment=1)
+    return bool(updated), float(grad_norm) if grad_norm is not None else float("nan")

@@ -1,0 +1,134 @@
+"""Everything a run builds before its first step: tokenizer, teacher, student, prompts.
+
+One job: turn a validated ``RunConfig`` into ready objects, failing early with errors that name
+the config key (missing weights, tokenizer/vocab mismatches, an empty or too-small prompt set).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+from megatron.core import parallel_state
+
+from nemo_opdlm.config import ConfigError, RunConfig
+from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, load_hf_weights
+from nemo_opdlm.data.prompts import load_prompts
+from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
+from nemo_opdlm.models.gpt import DiffusionGPTModel
+from nemo_opdlm.models.student import build_student, from_teacher
+from nemo_opdlm.models.teacher import build_teacher
+from nemo_opdlm.training.step import USES_TEACHER
+
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+def tokenizer_dir(cfg: RunConfig) -> str:
+    path = cfg.init.tokenizer or cfg.init.teacher_hf or cfg.init.student_hf
+    if not path:
+        raise ConfigError("set init.tokenizer (or init.teacher_hf) to a directory with the tokenizer files")
+    if not os.path.isdir(path):
+        raise ConfigError(f"init.tokenizer: {path} is not a directory")
+    return path
+
+
+def load_tokenizer(cfg: RunConfig):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
+    if len(tok) > cfg.model.vocab_size:
+        raise ConfigError(
+            f"the tokenizer has {len(tok)} tokens but model.vocab_size={cfg.model.vocab_size}: "
+            "teacher/student and tokenizer do not match"
+        )
+    if cfg.init.student_hf and cfg.init.teacher_hf and cfg.init.student_hf != cfg.init.teacher_hf:
+        other = AutoTokenizer.from_pretrained(cfg.init.student_hf)
+        if other.get_vocab() != tok.get_vocab():
+            raise ConfigError(
+                f"init.student_hf ({cfg.init.student_hf}) and init.teacher_hf ({cfg.init.teacher_hf}) have "
+                "different tokenizers: on-policy distillation needs one shared vocabulary"
+            )
+    return tok
+
+
+def eos_ids(tokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the end-of-turn tokens it knows."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
+    if not ids:
+        raise ConfigError("the tokenizer has no EOS token: responses could never end")
+    return tuple(dict.fromkeys(ids))
+
+
+def pad_id(tokenizer) -> int:
+    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+
+
+def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str], ckpt: Optional[str]) -> bool:
+    if hf:
+        load_hf_weights(chunks, hf, cfg_model)
+        return True
+    if ckpt:
+        if not os.path.isdir(ckpt):
+            raise ConfigError(f"init.teacher_checkpoint: {ckpt} does not exist")
+        load_dist_checkpoint(chunks, ckpt, cfg=cfg_model)
+        return True
+    return False
+
+
+def build_models(cfg: RunConfig) -> tuple[list[DiffusionGPTModel], Optional[list[DiffusionGPTModel]]]:
+    """(student, teacher or None), weights loaded as ``init`` says."""
+    teacher = None
+    if cfg.distill.method in USES_TEACHER:
+        if not (cfg.init.teacher_hf or cfg.init.teacher_checkpoint):
+            raise ConfigError(f"distill.method={cfg.distill.method} needs the teacher's weights: "
+                              "set init.teacher_hf or init.teacher_checkpoint")
+        teacher = build_teacher(cfg.teacher)
+        _load_weights(teacher, cfg.teacher, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)
+    student = build_student(cfg.model, cfg.diffusion)
+    if cfg.init.student_hf:
+        load_hf_weights(student, cfg.init.student_hf, cfg.model)
+    elif teacher is not None and cfg.teacher_model is None:
+        from_teacher(student, teacher)  # self-distillation: the student starts as the teacher
+    elif teacher is not None:
+        raise ConfigError("a teacher_model different from the student needs init.student_hf for the student")
+    else:
+        _load_weights(student, cfg.model, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)
+    return student, teacher
+
+
+def build_loader(cfg: RunConfig, tokenizer) -> PromptLoader:
+    if cfg.data is None:
+        raise ConfigError("data.path is not set: give a JSONL/Parquet prompt file or a saved dataset")
+    dp = parallel_state.get_data_parallel_world_size()
+    if cfg.train.prompts_per_step % (dp * cfg.train.micro_batch_size):
+        raise ConfigError(
+            f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of data-parallel size "
+            f"({dp}) x train.micro_batch_size ({cfg.train.micro_batch_size})"
+        )
+    prompts = load_prompts(cfg.data, tokenizer, tokenizer.eos_token_id)
+    sampler = ShardedSampler(
+        len(prompts), global_batch_size=cfg.train.prompts_per_step, dp_rank=parallel_state.get_data_parallel_rank(),
+        dp_size=dp, seed=cfg.train.seed,
+    )
+    return PromptLoader(prompts, sampler, pad_id(tokenizer))
+
+
+@dataclass
+class Setup:
+    tokenizer: object
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    student: list[DiffusionGPTModel]
+    teacher: Optional[list[DiffusionGPTModel]]
+    loader: PromptLoader
+
+
+def build(cfg: RunConfig) -> Setup:
+    """Tokenizer and prompts first (cheap, most likely to be wrong), then the models."""
+    tokenizer = load_tokenizer(cfg)
+    loader = build_loader(cfg, tokenizer)
+    student, teacher = build_models(cfg)
+    return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader)

@@ -1,0 +1,167 @@
+"""One training step's data and losses, for every method, in megatron-core's loss_func contract.
+
+One job: prompts -> responses (own rollouts, teacher rollouts or dataset answers) -> training
+micro-batches (states + teacher targets) -> the loss of one micro-batch. Non-goals: the optimizer,
+checkpoints, logging (``loop.py``).
+
+Methods (``distill.method``):
+
+- ``opdlm``: the student's own rollouts, one state per block from the decoding trajectory, KL.
+- ``random_mask``: own rollouts with random per-block masks, KL ("OPDLM off" in the paper).
+- ``off_policy``: teacher responses (the dataset's when it has them, else the teacher's own
+  causal rollouts) with random masks, KL.
+- ``sft``: dataset responses with random masks, masked-diffusion cross-entropy.
+- ``ar``: causal next-token cross-entropy on dataset responses (trains an AR model: the demo's
+  teacher). Rows are ``[prompt | response]``, block size 1, no xt.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from torch import Tensor
+
+from nemo_opdlm.config import RunConfig
+from nemo_opdlm.data.sampler import PromptBatch
+from nemo_opdlm.distill import loss as losses
+from nemo_opdlm.distill.ablations import response_valid
+from nemo_opdlm.distill.states import build_states, split_microbatches
+from nemo_opdlm.distill.teacher_targets import compute_targets, teacher_batch
+from nemo_opdlm.models import masks
+from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
+
+USES_TEACHER = ("opdlm", "random_mask", "off_policy")
+OWN_ROLLOUTS = ("opdlm", "random_mask")
+
+
+@dataclass
+class Responses:
+    """What the student learns on this step: prompts and responses, with decoding records."""
+
+    prompt_ids: Tensor  # [B, P] left-padded
+    prompt_lens: Tensor  # [B]
+    tokens: Tensor  # [B, L]
+    valid: Tensor  # [B, L]
+    step_map: Optional[Tensor]  # [B, L] or None for given responses
+    rollout_metrics: dict[str, float]
+
+
+def sampler_config(cfg: RunConfig, eos_ids: Sequence[int], pad_id: int, seed: int, *,
+                   max_new_tokens: int) -> SamplerConfig:
+    r = cfg.rollout
+    return SamplerConfig(
+        mask_token_id=cfg.diffusion.mask_token_id, block_size=cfg.diffusion.block_size,
+        steps_per_block=r.steps_per_block, mode=r.mode, threshold=r.threshold, temperature=r.temperature,
+        top_k=r.top_k, top_p=r.top_p, max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos_ids),
+        pad_token_id=pad_id, use_cache=r.use_cache, seed=seed,
+    )
+
+
+def _from_rollout(rollout: Rollout) -> Responses:
+    return Responses(rollout.prompt_ids, rollout.prompt_lens, rollout.tokens, rollout.valid,
+                     rollout.step_map, rollout.metrics.as_dict())
+
+
+def _from_dataset(batch: PromptBatch, eos_ids: Sequence[int]) -> Responses:
+    if batch.response_ids is None:
+        raise ValueError("this method trains on dataset responses: set data.response_field")
+    valid = response_valid(batch.response_ids, batch.response_lens, eos_ids)
+    return Responses(batch.prompt_ids, batch.prompt_lens, batch.response_ids, valid, None, {})
+
+
+def get_responses(cfg: RunConfig, batch: PromptBatch, student: list, teacher: Optional[list],
+                  sampler_cfg: SamplerConfig, length: int) -> Responses:
+    """Responses for this step's prompts, from the source the method prescribes."""
+    method = cfg.distill.method
+    if method in OWN_ROLLOUTS:
+        return _from_rollout(BlockSampler(student, sampler_cfg).generate(batch.prompt_ids, batch.prompt_lens, length))
+    if method == "off_policy" and batch.response_ids is None:
+        assert teacher is not None
+        return _from_rollout(BlockSampler(teacher, sampler_cfg).generate_ar(batch.prompt_ids, batch.prompt_lens, length))
+    return _from_dataset(batch, sampler_cfg.eos_token_ids)
+
+
+def ar_rows(resp: Responses) -> dict[str, Tensor]:
+    """Causal rows ``[prompt | response]`` with a loss on every valid response token."""
+    layout = masks.build_layout(resp.prompt_lens, resp.prompt_ids.shape[1], resp.valid, 1, with_xt=False)
+    return dict(
+        input_ids=torch.cat([resp.prompt_ids, resp.tokens], 1),  # [B, P + L]
+        position_ids=layout.position_ids,
+        meta=layout.meta,
+        loss_mask=resp.valid.clone(),  # [B, L]
+        x0=resp.tokens,
+    )
+
+
+def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], generator: torch.Generator) -> dict:
+    """The student's rows for this step (all of this rank's sequences, before micro-batching)."""
+    if cfg.distill.method == "ar":
+        return ar_rows(resp)
+    masking = "on_policy" if cfg.distill.method == "opdlm" else "random"
+    return build_states(
+        resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.step_map, resp.valid,
+        block_size=cfg.diffusion.block_size, steps_per_block=cfg.rollout.steps_per_block,
+        mask_token_id=cfg.diffusion.mask_token_id, eos_ids=eos_ids, generator=generator,
+        masking=masking, exclude_eos=cfg.distill.exclude_eos,
+    )
+
+
+def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses,
+                           microbatches: list[dict]) -> None:
+    """Add teacher log-probs (``t_logprobs``, ``t_ids``) to each micro-batch on the last stage."""
+    n = len(microbatches)
+    rows = split_microbatches(
+        dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid), n
+    )
+    batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in rows]
+    targets = compute_targets(teacher, batches, resp.prompt_ids.shape[1], resp.tokens.shape[1], cfg.distill.top_k)
+    for mb, target in zip(microbatches, targets):
+        mb["t_logprobs"] = target.logprobs
+        if target.ids is not None:
+            mb["t_ids"] = target.ids
+
+
+def make_loss_fn(method: str, num_sequences: int, scale: float):
+    """megatron-core ``loss_func`` for one micro-batch: ``(loss * scale, reported metrics)``.
+
+    ``scale`` = micro-batches x DP size: the schedule divides by the former and DDP averages over
+    the latter, while ``distill/loss.py`` already divides by the global sequence count.
+    """
+
+    def loss_fn(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        if method == "ar":
+            loss, metrics = causal_loss(logits, batch, num_sequences)
+        elif method == "sft":
+            loss, metrics = losses.cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
+                                                      num_sequences=num_sequences)
+        else:
+            loss, metrics = losses.kl_loss(logits, batch["loss_mask"], batch["t_logprobs"], batch.get("t_ids"),
+                                           num_sequences=num_sequences)
+        metrics = dict(metrics, loss=loss.detach())
+        return loss * scale, metrics
+
+    return loss_fn
+
+
+def causal_loss(logits: Tensor, batch: dict[str, Tensor], num_sequences: int) -> tuple[Tensor, dict]:
+    """Next-token cross-entropy on response tokens: column ``P + i - 1`` predicts response token i."""
+    loss_mask = batch["loss_mask"].bool()
+    length = loss_mask.shape[1]
+    width = logits.shape[1] - length
+    shifted = logits[:, width - 1: width + length - 1]  # [B, L, V/tp]
+    per_token = losses.token_cross_entropy(shifted[loss_mask], batch["x0"][loss_mask])  # [N]
+    return losses.reduce_per_sequence(per_token, loss_mask, num_sequences, "ce")
+
+
+def reduce_reported(reported: list[dict[str, Tensor]]) -> dict[str, float]:
+    """Sum the micro-batch metrics, then over data-parallel ranks (last pipeline stage only)."""
+    if not reported:
+        return {}
+    keys = sorted(reported[0])
+    total = torch.stack([sum(r[k].float() for r in reported) for k in keys])
+    if parallel_state.get_data_parallel_world_size() > 1:
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return {k: float(v) for k, v in zip(keys, total)}

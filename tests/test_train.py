@@ -1,0 +1,199 @@
+"""The trainer end to end on a tiny Qwen3: methods, exact resume after SIGKILL, TP/PP parity,
+micro-batch invariance, a falling KL, and bad inputs."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from nemo_opdlm.config import ConfigError, dump_yaml
+from nemo_opdlm.data.prompts import DataError
+from nemo_opdlm.training import loop
+from nemo_opdlm.training.loop import NonFiniteLossError, train
+from tests.dist import ROOT, torchrun
+from tests.train_fixtures import make_run
+
+ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def losses(history):
+    return [h["loss"] for h in history]
+
+
+def read_metrics(run_dir):
+    by_step = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            by_step[row["step"]] = row["loss"]  # a resumed run's lines replace the killed run's
+    return by_step
+
+
+@pytest.mark.parametrize("method", ["opdlm", "random_mask", "off_policy", "sft", "ar"])
+def test_every_method_trains(tmp_path, method):
+    cfg = make_run(str(tmp_path), f"distill.method={method}", "train.save_dir=null", "train.steps=2")
+    result = train(cfg)
+    assert result["status"] == "completed" and len(result["history"]) == 2
+    for h in result["history"]:
+        assert math.isfinite(h["loss"]) and h["loss"] > 0 and h["train/loss_tokens"] > 0
+        assert math.isfinite(h["grad_norm"])
+    if method in ("opdlm", "random_mask"):
+        assert result["history"][0]["rollout/tokens_generated"] > 0
+
+
+def test_off_policy_teacher_rollouts_and_topk(tmp_path):
+    cfg = make_run(str(tmp_path), "distill.method=off_policy", "data.response_field=null", "distill.top_k=8",
+                   "train.save_dir=null", "train.steps=1")
+    h = train(cfg)["history"][0]
+    assert h["rollout/tokens_generated"] > 0 and math.isfinite(h["loss"])
+
+
+def test_microbatch_count_does_not_change_the_step(tmp_path):
+    a = train(make_run(str(tmp_path), "train.micro_batch_size=1", "train.save_dir=null"))
+    b = train(make_run(str(tmp_path), "train.micro_batch_size=4", "train.save_dir=null"))
+    for x, y in zip(losses(a["history"]), losses(b["history"])):
+        assert abs(x - y) <= 1e-6 * max(1.0, abs(x)), (losses(a["history"]), losses(b["history"]))
+
+
+def test_kl_falls_over_50_steps(tmp_path):
+    cfg = make_run(str(tmp_path), "train.steps=50", "train.save_dir=null", "train.log_every=10",
+                   "optim.lr=3e-3", "optim.min_lr=1e-3", "rollout.temperature=0", "rollout.mode=static")
+    kl = [h["kl"] for h in train(cfg)["history"]]
+    first, last = sum(kl[:10]) / 10, sum(kl[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    thirds = [sum(kl[i:i + 16]) / 16 for i in (0, 17, 34)]
+    assert thirds[0] > thirds[1] > thirds[2], thirds
+
+
+def _cli(cfg_path, *extra):
+    return [sys.executable, "-m", "nemo_opdlm.cli", "train", "--recipe", cfg_path, *extra]
+
+
+def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
+    cfg = make_run(str(tmp_path), "train.steps=6", "train.save_every=1")
+    straight = tmp_path / "straight.yaml"
+    straight.write_text(dump_yaml(cfg))
+    subprocess.run(_cli(str(straight), "train.save_dir=" + str(tmp_path / "a")), env=ENV, check=True,
+                   capture_output=True, timeout=300)
+    want = read_metrics(tmp_path / "a")
+    assert sorted(want) == [1, 2, 3, 4, 5, 6]
+
+    run_b = tmp_path / "b"
+    proc = subprocess.Popen(_cli(str(straight), "train.save_dir=" + str(run_b)), env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 3/6" in line:
+            proc.send_signal(signal.SIGKILL)  # a real kill: no handler, no cleanup
+            break
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    latest = (run_b / "latest").read_text().strip()
+    killed_at = int(latest.split("_")[1])
+    assert 2 <= killed_at <= 3
+    done = subprocess.run(_cli(str(straight), "train.save_dir=" + str(run_b)), env=ENV, check=True,
+                          capture_output=True, text=True, timeout=300)
+    assert f"resumed from" in done.stdout and f"at step {killed_at}" in done.stdout
+    got = read_metrics(run_b)
+    assert sorted(got) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        assert got[step] == want[step], (step, got, want)
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    cfg = make_run(str(tmp_path), "train.steps=200", "train.save_every=0")
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    proc = subprocess.Popen(_cli(str(path)), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "step 2/200" in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+    out = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 0, out
+    assert "pre-emption signal: checkpoint saved" in out
+    assert (tmp_path / "run" / "latest").read_text().strip().startswith("step_")
+
+
+def _run_layout(tmp_dir, layout, name):
+    rank = int(os.environ["RANK"])
+    result = train(make_run(tmp_dir, layout, "train.save_dir=null", "train.steps=2"))
+    got = [h.get("loss") for h in result["history"]]
+    if got[0] is not None:
+        with open(os.path.join(tmp_dir, f"{name}_{rank}.json"), "w") as f:
+            json.dump(got, f)
+
+
+def worker_tp2(tmp_dir):
+    _run_layout(tmp_dir, "parallel.tp=2", "tp2")
+
+
+def worker_pp2(tmp_dir):
+    _run_layout(tmp_dir, "parallel.pp=2", "pp2")
+
+
+def test_tp2_and_pp2_steps_equal_single(tmp_path):
+    ref = losses(train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2"))["history"])
+    torchrun("tests.test_train:worker_tp2", 2, tmp_path, timeout=300)
+    torchrun("tests.test_train:worker_pp2", 2, tmp_path, timeout=300)
+    tp = [json.load(open(tmp_path / f"tp2_{r}.json")) for r in (0, 1)]
+    assert tp[0] == tp[1]
+    pp = json.load(open(tmp_path / "pp2_1.json"))  # the last stage holds the loss
+    for got in (tp[0], pp):
+        for x, y in zip(got, ref):
+            assert abs(x - y) <= 1e-5 * max(1.0, abs(y)), (got, ref)
+
+
+def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
+    real = loop.make_loss_fn
+    calls = {"n": 0}
+
+    def poisoned(method, num_sequences, scale, bad_steps):
+        fn = real(method, num_sequences, scale)
+        calls["n"] += 1
+        step = calls["n"]
+
+        def wrapped(logits, batch):
+            loss, metrics = fn(logits, batch)
+            if step in bad_steps:
+                loss = loss * float("nan")
+                metrics = dict(metrics, loss=metrics["loss"] * float("nan"))
+            return loss, metrics
+        return wrapped
+
+    monkeypatch.setattr(loop, "make_loss_fn", lambda m, n, s: poisoned(m, n, s, {2}))
+    history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=3"))["history"]
+    assert math.isnan(history[1]["loss"]) and math.isnan(history[1]["grad_norm"])
+    assert math.isfinite(history[2]["loss"])
+
+    calls["n"] = 0
+    monkeypatch.setattr(loop, "make_loss_fn", lambda m, n, s: poisoned(m, n, s, {1, 2, 3, 4}))
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses"):
+        train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=4", "train.max_nonfinite_in_row=2"))
+
+
+def test_bad_inputs(tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    with pytest.raises(DataError, match="empty"):
+        train(make_run(str(tmp_path), f"data.path={empty}", "train.save_dir=null"))
+    with pytest.raises(DataError):
+        train(make_run(str(tmp_path), "data.max_prompt_tokens=1", "train.save_dir=null"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        train(make_run(str(tmp_path), "init.teacher_hf=null", f"init.teacher_checkpoint={tmp_path}/nope",
+                       f"init.tokenizer={tmp_path}/teacher_hf", "train.save_dir=null"))
+    other = tmp_path / "other_hf"
+    from tests.convert_models import save_hf, save_tokenizer
+    save_hf("qwen3", str(other), seed=1)
+    save_tokenizer(str(other), vocab=90)  # a different vocabulary
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        train(make_run(str(tmp_path), f"init.student_hf={other}", "train.save_dir=null"))
+    with pytest.raises(ConfigError, match="unknown config key 'train.stepz'; did you mean 'train.steps'"):
+        make_run(str(tmp_path), "train.stepz=3")
+    with pytest.raises(ConfigError, match="rollout.min_length"):
+        make_run(str(tmp_path), "rollout.min_length=0")

@@ -1,0 +1,59 @@
+"""A tiny but complete training setup on disk: HF teacher, tokenizer, prompt file, RunConfig."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+
+from nemo_opdlm.config import (
+    DiffusionConfig,
+    DistillConfig,
+    OptimConfig,
+    PromptDataConfig,
+    RolloutConfig,
+    RunConfig,
+    TrainConfig,
+    InitConfig,
+    from_dict,
+    apply_overrides,
+    to_dict,
+)
+from nemo_opdlm.convert.hf_config import model_config_from_hf, read_hf_config
+from tests.convert_models import save_hf
+
+
+def write_prompts(path: str, n: int = 16, seed: int = 0, with_responses: bool = True) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            prompt = " ".join(f"w{rng.randint(10, 60)}" for _ in range(rng.randint(2, 6)))
+            record = {"prompt": prompt}
+            if with_responses:
+                record["response"] = " ".join(f"w{rng.randint(10, 60)}" for _ in range(rng.randint(3, 9)))
+            f.write(json.dumps(record) + "\n")
+
+
+def make_run(tmp_dir: str, *overrides: str) -> RunConfig:
+    """A 3-step OPDLM run on a tiny Qwen3 teacher (self-distillation), 4 prompts per step."""
+    hf_dir = os.path.join(tmp_dir, "teacher_hf")
+    if not os.path.isdir(hf_dir):
+        save_hf("qwen3", hf_dir, seed=0)
+    prompts = os.path.join(tmp_dir, "prompts.jsonl")
+    if not os.path.exists(prompts):
+        write_prompts(prompts)
+    model = model_config_from_hf(read_hf_config(hf_dir), attention_backend="sdpa", max_position_embeddings=256)
+    cfg = RunConfig(
+        name="tiny",
+        model=model,
+        diffusion=DiffusionConfig(block_size=4, mask_token_id=99),
+        init=InitConfig(teacher_hf=hf_dir),
+        data=PromptDataConfig(path=prompts, response_field="response", max_prompt_tokens=16, chat_template="never"),
+        rollout=RolloutConfig(min_length=8, max_length=16, curriculum_steps=2, temperature=1.0),
+        distill=DistillConfig(method="opdlm"),
+        optim=OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=1),
+        train=TrainConfig(steps=3, prompts_per_step=4, micro_batch_size=2, save_dir=os.path.join(tmp_dir, "run")),
+    )
+    if overrides:
+        cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), list(overrides)))
+    return cfg
