@@ -91,7 +91,7 @@ opdlm_job_main() {
   mkdir -p "$log_dir" "$(dirname "$TEACHER_CKPT")"
   local job_log="$log_dir/${SLURM_JOB_ID}-restart${restart}.log"
   log "job $SLURM_JOB_ID (restart $restart): $RECIPE on $nodes node(s) x $gpn GPUs, tp=$tp pp=$pp; log $job_log"
-  if ! "${plan[@]}" 2>&1 | tee -a "$job_log"; then
+  if ! "${plan[@]}" --require-paths 2>&1 | tee -a "$job_log"; then
     die "opdlm plan refused $RECIPE (see above); nothing was started"
   fi
 
