@@ -1,0 +1,352 @@
+"""``opdlm demo``: the whole method on a CPU in minutes, on a task generated in code.
+
+One job: run the pipeline a newcomer wants to see, end to end, with the same Megatron stack and
+trainer as a real job, and show the result:
+
+1. write the synthetic arithmetic task (``eval/synthetic.py``): train / held-out JSONL + tokenizer;
+2. pre-train a tiny AR teacher from scratch on the training responses (``distill.method='ar'``);
+3. convert it into a block-diffusion student with OPDLM (``distill.method='opdlm'``, the teacher
+   loaded from step 2's checkpoint, the student initialised with its weights);
+4. evaluate on the held-out split: the teacher (AR decoding), the teacher's weights read as a
+   block-diffusion model before conversion, and the student (static: 1 token per round; dynamic:
+   confidence threshold) at every saved checkpoint;
+5. print a table, save ``demo_results.json`` and a PNG of accuracy against training tokens.
+
+Non-goals: anything a real run would tune (the sizes are chosen to finish in minutes on 2 cores).
+Training tokens are response tokens the model trained on: dataset responses for the AR teacher,
+the student's own rollout tokens for OPDLM (T in the paper's FLOPs formula).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+from nemo_opdlm.eval import synthetic as S
+
+MASK_ID = 2  # [MASK] in the synthetic tokenizer
+
+
+@dataclass(kw_only=True)
+class DemoConfig:
+    """Sizes of the demo; the defaults finish in well under 10 minutes on 2 CPU cores."""
+
+    out_dir: str = "runs/demo"
+    """Where the task, checkpoints, results and the plot go."""
+    task: S.ArithmeticConfig = field(default_factory=S.ArithmeticConfig)
+    """Difficulty knobs of the arithmetic task."""
+    num_train: int = 4000
+    """Training problems (responses for the teacher; prompts for the conversion)."""
+    num_test: int = 100
+    """Held-out problems scored at every evaluation."""
+    hidden_size: int = 128
+    num_layers: int = 4
+    teacher_steps: int = 600
+    """AR pre-training steps of the teacher."""
+    teacher_lr: float = 2e-3
+    student_steps: int = 400
+    """OPDLM conversion steps."""
+    student_lr: float = 2e-3
+    prompts_per_step: int = 32
+    """Rows per optimizer step (teacher) / rollouts per step (student)."""
+    teacher_eval_every: int = 150
+    student_eval_every: int = 50
+    block_size: int = 4
+    threshold: float = 0.9
+    """Dynamic decoding's confidence threshold (rollouts and evaluation)."""
+    max_new_tokens: int = 32
+    """Generation length (rollouts and evaluation): the longest worked answer fits."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        from nemo_opdlm.models.config import ConfigError
+
+        for name in ("num_train", "num_test", "teacher_steps", "student_steps", "prompts_per_step",
+                     "teacher_eval_every", "student_eval_every", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"demo.{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_new_tokens % self.block_size:
+            raise ConfigError(f"demo.max_new_tokens ({self.max_new_tokens}) must be a multiple of "
+                              f"block_size ({self.block_size})")
+
+
+QUICK = dict(num_train=200, num_test=16, hidden_size=64, num_layers=2, teacher_steps=20, student_steps=5,
+             teacher_eval_every=10, student_eval_every=5, prompts_per_step=8)
+"""The CI-sized run: teacher 20 steps, student 5 steps (tests/test_demo.py)."""
+
+
+# --- configs -----------------------------------------------------------------------------------
+
+def model_config(cfg: DemoConfig):
+    from nemo_opdlm.models.config import ModelConfig
+
+    return ModelConfig(family="qwen3", num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                       ffn_hidden_size=2 * cfg.hidden_size, num_attention_heads=4, num_query_groups=2,
+                       vocab_size=32, make_vocab_size_divisible_by=8, max_position_embeddings=256,
+                       rotary_base=10000.0, qk_layernorm=True, tie_word_embeddings=True, params_dtype="float32",
+                       attention_backend="sdpa")
+
+
+def run_config(cfg: DemoConfig, data: S.SyntheticData, *, method: str, steps: int, lr: float, save_every: int,
+               teacher_checkpoint: Optional[str] = None, name: Optional[str] = None,
+               min_lr: Optional[float] = None, response_field: Optional[str] = "response"):
+    """The trainer's RunConfig for one stage of the demo (also used by the token-efficiency benchmark).
+
+    ``min_lr`` defaults to lr / 10 (cosine decay); ``response_field=None`` hides the dataset's
+    responses (off-policy KD then distils on the teacher's own rollouts).
+    """
+    from nemo_opdlm.config import (
+        DistillConfig, InitConfig, OptimConfig, PromptDataConfig, RolloutConfig, RunConfig, TrainConfig,
+    )
+    from nemo_opdlm.models.config import DiffusionConfig
+
+    name = name or method
+    return RunConfig(
+        name=f"demo_{name}",
+        model=model_config(cfg),
+        diffusion=DiffusionConfig(block_size=cfg.block_size, mask_token_id=MASK_ID),
+        init=InitConfig(tokenizer=data.tokenizer, teacher_checkpoint=teacher_checkpoint),
+        data=PromptDataConfig(path=data.train, response_field=response_field, chat_template="never",
+                              max_prompt_tokens=32),
+        rollout=RolloutConfig(mode="dynamic", threshold=cfg.threshold, steps_per_block=cfg.block_size,
+                              temperature=1.0, min_length=cfg.max_new_tokens, max_length=cfg.max_new_tokens,
+                              curriculum_steps=0),
+        distill=DistillConfig(method=method),
+        optim=OptimConfig(lr=lr, min_lr=lr / 10 if min_lr is None else min_lr, warmup_steps=min(10, steps // 4)),
+        train=TrainConfig(steps=steps, prompts_per_step=cfg.prompts_per_step,
+                          micro_batch_size=cfg.prompts_per_step, seed=1234 + cfg.seed,
+                          log_every=max(1, min(25, steps // 10)), save_every=save_every,
+                          save_dir=os.path.join(cfg.out_dir, name), resume=False),
+    )
+
+
+# --- helpers shared with the benchmark ---------------------------------------------------------
+
+def step_tokens(entry: dict[str, float], method: str, mean_response_tokens: float, prompts_per_step: int) -> float:
+    """Response tokens one step trained on (one process: the rollout metrics are this rank's).
+
+    Own or teacher rollouts: the rollout's valid tokens. 'ar': the loss tokens (every valid
+    response token). Dataset responses with random masks ('sft', 'off_policy' on the file's
+    responses), whose loss covers only the masked part: the mean response length x prompts.
+    """
+    if "rollout/tokens_generated" in entry:
+        return float(entry["rollout/tokens_generated"])
+    if method == "ar" and "train/loss_tokens" in entry:
+        return float(entry["train/loss_tokens"])
+    return mean_response_tokens * prompts_per_step
+
+
+def mean_response_tokens(path: str, tokenizer) -> float:
+    with open(path) as f:
+        lens = [len(tokenizer(json.loads(line)["response"])["input_ids"]) + 1 for line in f]  # + EOS
+    return sum(lens) / len(lens)
+
+
+def checkpoints(save_dir: str) -> list[tuple[int, str]]:
+    """(step, path) of every saved checkpoint, oldest first."""
+    out: list[tuple[int, str]] = []
+    if not os.path.isdir(save_dir):
+        return out
+    for name in sorted(os.listdir(save_dir)):
+        if name.startswith("step_") and os.path.isfile(os.path.join(save_dir, name, "metadata.json")):
+            out.append((int(name[5:]), os.path.join(save_dir, name)))
+    return out
+
+
+def cumulative_tokens(history: Sequence[dict[str, float]], method: str, mean_resp: float,
+                      prompts: int) -> dict[int, float]:
+    """step -> response tokens trained on up to and including that step."""
+    total, out = 0.0, {0: 0.0}
+    for entry in history:
+        total += step_tokens(entry, method, mean_resp, prompts)
+        out[int(entry["step"])] = total
+    return out
+
+
+def evaluate_checkpoint(ckpt: str, tokenizer_dir: str, task, modes: Sequence[str], cfg: DemoConfig) -> dict[str, Any]:
+    """Accuracy / tokens-per-round / tokens-per-second of one checkpoint in each decoding mode."""
+    from nemo_opdlm.eval.cli import load_model
+    from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate
+
+    model = load_model(ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, block_size=cfg.block_size)
+    out = {}
+    for mode in modes:
+        settings = DecodeSettings(mode=mode, block_size=cfg.block_size, threshold=cfg.threshold, temperature=0.0,
+                                  max_new_tokens=cfg.max_new_tokens, chat_template="never",
+                                  batch_size=min(64, cfg.num_test), seed=cfg.seed)
+        out[mode] = evaluate(model.chunks, model.tokenizer, task, settings, mask_token_id=MASK_ID)
+    return out
+
+
+class Progress:
+    """Timestamped progress lines (elapsed time since the start)."""
+
+    def __init__(self, write: Callable[[str], None] = print) -> None:
+        self.start = time.perf_counter()
+        self.write = write
+
+    def __call__(self, msg: str) -> None:
+        t = time.perf_counter() - self.start
+        self.write(f"[demo {int(t) // 60:d}:{int(t) % 60:02d}] {msg}")
+        sys.stdout.flush()
+
+
+# --- the demo ----------------------------------------------------------------------------------
+
+def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
+    """Run all stages; returns the results (also written to ``out_dir/demo_results.json``)."""
+    from nemo_opdlm.eval import tasks as T
+    from nemo_opdlm.eval.evaluate import format_table
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+    from nemo_opdlm.training.loop import train
+
+    log = log or Progress()
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    data = S.write_task(os.path.join(cfg.out_dir, "task"), cfg.task, num_train=cfg.num_train,
+                        num_test=cfg.num_test, seed=cfg.seed)
+    tok = S.build_tokenizer()
+    mean_resp = mean_response_tokens(data.train, tok)
+    log(f"1/4 task: {data.num_train} train / {data.num_test} held-out arithmetic problems "
+        f"(e.g. {json.loads(open(data.test).readline())['prompt']!r}), vocab {len(tok)}, "
+        f"mean response {mean_resp:.1f} tokens")
+
+    log(f"2/4 AR teacher: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.teacher_steps} steps of "
+        f"{cfg.prompts_per_step} responses (distill.method=ar)")
+    t = time.perf_counter()
+    teacher_run = train(run_config(cfg, data, method="ar", steps=cfg.teacher_steps, lr=cfg.teacher_lr,
+                                   save_every=cfg.teacher_eval_every, name="teacher"))
+    timings["teacher_train_s"] = time.perf_counter() - t
+    teacher_ckpts = checkpoints(os.path.join(cfg.out_dir, "teacher"))
+    teacher_final = teacher_ckpts[-1][1]
+
+    log(f"3/4 OPDLM conversion: {cfg.student_steps} steps of {cfg.prompts_per_step} own rollouts "
+        f"(block {cfg.block_size}, dynamic thr {cfg.threshold}, T=1), teacher = {teacher_final}")
+    t = time.perf_counter()
+    student_run = train(run_config(cfg, data, method="opdlm", steps=cfg.student_steps, lr=cfg.student_lr,
+                                   save_every=cfg.student_eval_every, teacher_checkpoint=teacher_final,
+                                   name="student"))
+    timings["student_train_s"] = time.perf_counter() - t
+
+    log(f"4/4 evaluation on {cfg.num_test} held-out problems (greedy)")
+    t = time.perf_counter()
+    task = T.load_task("synthetic", data.test)
+    teacher_tokens = cumulative_tokens(teacher_run["history"], "ar", mean_resp, cfg.prompts_per_step)
+    student_tokens = cumulative_tokens(student_run["history"], "opdlm", mean_resp, cfg.prompts_per_step)
+    curves: dict[str, list[tuple[float, float]]] = {"teacher_ar": [(0.0, 0.0)], "student_static": [],
+                                                    "student_dynamic": []}
+    with runtime(ParallelLayout(), seed=1234 + cfg.seed):
+        final_teacher: dict[str, Any] = {}
+        for step, path in teacher_ckpts:
+            modes = ("ar", "static", "dynamic") if path == teacher_final else ("ar",)
+            res = evaluate_checkpoint(path, data.tokenizer, task, modes, cfg)
+            curves["teacher_ar"].append((teacher_tokens[step], res["ar"].accuracy))
+            log(f"  teacher step {step}: AR accuracy {res['ar'].accuracy:.3f}")
+            if path == teacher_final:
+                final_teacher = res
+        curves["student_static"].append((0.0, final_teacher["static"].accuracy))
+        curves["student_dynamic"].append((0.0, final_teacher["dynamic"].accuracy))
+        final_student: dict[str, Any] = {}
+        for step, path in checkpoints(os.path.join(cfg.out_dir, "student")):
+            res = evaluate_checkpoint(path, data.tokenizer, task, ("static", "dynamic"), cfg)
+            curves["student_static"].append((student_tokens[step], res["static"].accuracy))
+            curves["student_dynamic"].append((student_tokens[step], res["dynamic"].accuracy))
+            log(f"  student step {step}: static {res['static'].accuracy:.3f}, dynamic {res['dynamic'].accuracy:.3f} "
+                f"({res['dynamic'].tokens_per_round:.2f} tokens/round)")
+            final_student = res
+    timings["eval_s"] = time.perf_counter() - t
+
+    rows = [("teacher (AR)", final_teacher["ar"]),
+            ("teacher as diffusion", final_teacher["static"]),
+            ("teacher as diffusion", final_teacher["dynamic"]),
+            ("OPDLM student", final_student["static"]),
+            ("OPDLM student", final_student["dynamic"])]
+    table = format_table(rows)
+    plot_path = os.path.join(cfg.out_dir, "demo.png")
+    backend = save_plot(plot_path, curves, final_teacher["ar"].accuracy)
+    timings["total_s"] = time.perf_counter() - t0
+    results = {
+        "config": asdict(cfg),
+        "table": [{"model": label, **r.as_dict(with_samples=False)} for label, r in rows],
+        "curves": {k: [{"tokens": x, "accuracy": y} for x, y in v] for k, v in curves.items()},
+        "teacher_tokens": teacher_tokens[max(teacher_tokens)],
+        "student_tokens": student_tokens[max(student_tokens)],
+        "timings": timings,
+        "plot": plot_path,
+        "plot_backend": backend,
+        "examples": [{k: s[k] for k in ("question", "generation", "gold", "correct")}
+                     for s in final_student["dynamic"].samples[:3]],
+    }
+    with open(os.path.join(cfg.out_dir, "demo_results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    print("\n" + table)
+    print(f"\nteacher trained on {results['teacher_tokens']:.0f} response tokens; OPDLM conversion on "
+          f"{results['student_tokens']:.0f} rollout tokens")
+    for ex in results["examples"]:
+        print(f"  {ex['question']}{ex['generation']}   [{'ok' if ex['correct'] else 'wrong'}]")
+    log(f"done in {timings['total_s']:.0f}s: {os.path.join(cfg.out_dir, 'demo_results.json')}, "
+        f"plot {plot_path} ({backend})")
+    return results
+
+
+def save_plot(path: str, curves: dict[str, list[tuple[float, float]]], teacher_acc: float) -> str:
+    from nemo_opdlm.eval.plot import Panel, Series, save_line_plot
+
+    def series(label: str, key: str) -> Series:
+        return Series(label, [x for x, _ in curves[key]], [y for _, y in curves[key]])
+
+    panels = [
+        Panel("AR teacher pre-training", "training tokens (responses)", "held-out accuracy",
+              [series("teacher, AR decoding", "teacher_ar")]),
+        Panel("OPDLM conversion (block 4)", "training tokens (own rollouts)", "held-out accuracy",
+              [series("student, static 1 tok/round", "student_static"),
+               series("student, dynamic thr 0.9", "student_dynamic")],
+              hlines=[("teacher (AR)", teacher_acc)]),
+    ]
+    return save_line_plot(path, panels, title="opdlm demo: multi-step arithmetic, held-out accuracy")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="opdlm demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", default="runs/demo", help="output directory")
+    p.add_argument("--quick", action="store_true", help="CI size: teacher 20 steps, student 5 steps")
+    p.add_argument("--teacher-steps", type=int)
+    p.add_argument("--student-steps", type=int)
+    p.add_argument("--num-test", type=int)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overwrite", action="store_true", help="delete --out first")
+    return p.parse_args(argv)
+
+
+def demo_main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``opdlm demo``."""
+    args = parse_args(argv)
+    fields: dict[str, Any] = dict(QUICK) if args.quick else {}
+    for name in ("teacher_steps", "student_steps", "num_test"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    cfg = DemoConfig(out_dir=args.out, seed=args.seed, **fields)
+    if os.path.exists(cfg.out_dir) and os.listdir(cfg.out_dir):
+        if not args.overwrite:
+            print(f"opdlm demo: {cfg.out_dir} is not empty; pass --overwrite or another --out", file=sys.stderr)
+            return 2
+        shutil.rmtree(cfg.out_dir)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    run_demo(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(demo_main())

@@ -1,0 +1,49 @@
+"""The embedded demo end to end at CI size: AR teacher 20 steps -> OPDLM student 5 steps -> evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+from nemo_opdlm import demo
+from nemo_opdlm.eval.plot import read_png
+
+
+def test_demo_quick_end_to_end(tmp_path, capsys):
+    out = str(tmp_path / "demo")
+    start = time.perf_counter()
+    assert demo.demo_main(["--quick", "--out", out]) == 0
+    elapsed = time.perf_counter() - start
+    printed = capsys.readouterr().out
+    assert "1/4 task" in printed and "4/4 evaluation" in printed  # progress throughout
+    assert "OPDLM student" in printed and "dynamic thr=0.9" in printed and "AR (causal" in printed
+
+    results = json.load(open(os.path.join(out, "demo_results.json")))
+    q = demo.QUICK
+    # checkpoints: teacher every 10 of 20 steps, student every 5 of 5
+    assert [s for s, _ in demo.checkpoints(os.path.join(out, "teacher"))] == [10, 20]
+    assert [s for s, _ in demo.checkpoints(os.path.join(out, "student"))] == [5]
+    curves = results["curves"]
+    assert len(curves["teacher_ar"]) == 3 and len(curves["student_static"]) == 2 == len(curves["student_dynamic"])
+    assert all(0.0 <= p["accuracy"] <= 1.0 for c in curves.values() for p in c)
+    # token counts against the data: 20 steps x 8 responses whose lengths (+ EOS) the file bounds
+    from nemo_opdlm.eval.synthetic import build_tokenizer
+
+    tok = build_tokenizer()
+    lens = [len(tok(json.loads(line)["response"])["input_ids"]) + 1 for line in open(os.path.join(out, "task", "train.jsonl"))]
+    steps, rows = q["teacher_steps"], q["prompts_per_step"]
+    assert steps * rows * min(lens) <= results["teacher_tokens"] <= steps * rows * max(lens)
+    # student rollouts: 5 steps x 8 rows x at most max_new_tokens
+    assert 0 < results["student_tokens"] <= q["student_steps"] * rows * 32
+    table = {(r["model"], r["settings"]["mode"]): r for r in results["table"]}
+    assert set(table) == {("teacher (AR)", "ar"), ("teacher as diffusion", "static"),
+                          ("teacher as diffusion", "dynamic"), ("OPDLM student", "static"),
+                          ("OPDLM student", "dynamic")}
+    assert all(r["num_examples"] == q["num_test"] for r in results["table"])
+    assert table[("teacher (AR)", "ar")]["tokens_per_round"] == 1.0
+    assert open(results["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    if results["plot_backend"] == "builtin":
+        img = read_png(results["plot"])
+        assert img.shape[0] > 100 and (img < 250).any()  # something was drawn
+    assert elapsed < 120
