@@ -50,15 +50,18 @@ opdlm_job_main() {
   local nodes=${SLURM_JOB_NUM_NODES:-${SLURM_NNODES:-${NODES:-1}}}
   local gpn=${SLURM_NTASKS_PER_NODE:-${SLURM_GPUS_ON_NODE:-${GPUS_PER_NODE:-8}}}
   gpn=${gpn%%(*}  # "8(x2)" -> 8
-  local name=${RECIPE##*[:.]}
+  local name=${RECIPE##*/}
+  name=${name%.y*ml}
+  name=${name##*[:.]}  # module:function -> function; configs/x.yaml -> x
   RUN_DIR=${RUN_DIR:-$REPO/runs/$name}
   TEACHER_CKPT=${TEACHER_CKPT:-$RUN_DIR/teacher_mcore}
 
   # --- what the recipe says (also validates it: a broken recipe stops here)
-  local -a base=(train.save_dir="$RUN_DIR/checkpoints")
-  if [[ -n "${DATA:-}" ]]; then base+=(data.path="$DATA"); fi
-  if [[ -n "${STUDENT_HF:-}" ]]; then base+=(init.student_hf="$STUDENT_HF"); fi
-  if [[ -n "${TEACHER_HF:-}" ]]; then base+=(init.teacher_hf="$TEACHER_HF"); fi
+  local -a common=(train.save_dir="$RUN_DIR/checkpoints") teacher_src=()
+  if [[ -n "${DATA:-}" ]]; then common+=(data.path="$DATA"); fi
+  if [[ -n "${STUDENT_HF:-}" ]]; then common+=(init.student_hf="$STUDENT_HF"); fi
+  if [[ -n "${TEACHER_HF:-}" ]]; then teacher_src=(init.teacher_hf="$TEACHER_HF"); fi
+  local -a base=("${common[@]}" "${teacher_src[@]}")
   local -a extra=()
   if [[ -n "${OVERRIDES:-}" ]]; then read -r -a extra <<<"$OVERRIDES"; fi
   extra+=("$@")
@@ -70,13 +73,16 @@ opdlm_job_main() {
   local tp=${values[0]} pp=${values[1]} steps=${values[2]} teacher_hf=${values[3]} teacher_ckpt_cfg=${values[4]}
   local tokenizer=${values[5]}
 
-  local -a train_overrides=("${base[@]}")
+  # the import's overrides come last: they must win over an init.teacher_hf given as an argument
+  local -a train_overrides=("${common[@]}")
   local do_import=0
   if [[ "$IMPORT_TEACHER" == 1 && -n "$teacher_hf" && -z "$teacher_ckpt_cfg" ]]; then
     do_import=1
-    train_overrides+=(init.teacher_hf=null init.teacher_checkpoint="$TEACHER_CKPT" init.tokenizer="${tokenizer:-$teacher_hf}")
+    train_overrides+=("${extra[@]}" init.teacher_hf=null init.teacher_checkpoint="$TEACHER_CKPT"
+                      init.tokenizer="${tokenizer:-$teacher_hf}")
+  else
+    train_overrides+=("${teacher_src[@]}" "${extra[@]}")
   fi
-  train_overrides+=("${extra[@]}")
   local -a plan=("$PYTHON" -m nemo_opdlm.plan "$RECIPE" "${base[@]}" "${extra[@]}" --nodes "$nodes"
                  --gpus-per-node "$gpn" --gpu "$GPU_KIND")
 

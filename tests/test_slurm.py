@@ -35,6 +35,7 @@ FAKE_SRUN = textwrap.dedent(r"""
     if [[ -n "${FAKE_SRUN_SLEEP:-}" && "$*" == *nemo_opdlm.cli* ]]; then
       # stand-in for the trainer: announce, then exit 0 on USR1 (as the real one does after saving)
       trap 'echo "task got USR1" >> "$FAKE_SLURM_LOG"; exit 0' USR1
+      trap 'echo "task got TERM" >> "$FAKE_SLURM_LOG"; exit 0' TERM
       touch "$FAKE_SRUN_SLEEP"
       while true; do sleep 0.1; done
     fi
@@ -147,11 +148,13 @@ def _tiny_inputs(tmp) -> tuple[str, str]:
     return hf, write_prompts(os.path.join(tmp, "data"), num_train=16)
 
 
-@pytest.mark.parametrize("finished", [False, True], ids=["midway", "finished"])
-def test_preemption_forwards_the_signal_and_requeues(tmp_path, finished):
+@pytest.mark.parametrize("launcher,finished", [("srun", False), ("srun", True), ("torchrun", False)],
+                         ids=["srun-midway", "srun-finished", "torchrun-midway"])
+def test_preemption_forwards_the_signal_and_requeues(tmp_path, launcher, finished):
     hf, data = _tiny_inputs(str(tmp_path))
     started = str(tmp_path / "started")
-    env = _fake_slurm(str(tmp_path), TEACHER_HF=hf, DATA=data, IMPORT_TEACHER="0", FAKE_SRUN_SLEEP=started)
+    env = _fake_slurm(str(tmp_path), TEACHER_HF=hf, DATA=data, IMPORT_TEACHER="0", FAKE_SRUN_SLEEP=started,
+                      LAUNCHER=launcher)
     save_dir = os.path.join(env["RUN_DIR"], "checkpoints")
     os.makedirs(save_dir)
     with open(os.path.join(save_dir, "latest"), "w") as f:
@@ -166,7 +169,14 @@ def test_preemption_forwards_the_signal_and_requeues(tmp_path, finished):
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 0, out
     calls = _calls(env)
-    assert "task got USR1" in calls and "--kill-on-bad-exit=1" in calls
+    srun = [line for line in calls.splitlines() if line.startswith("srun")][0]
+    if launcher == "srun":  # one task per GPU; the trainer handles USR1 itself
+        assert "--ntasks=2 --ntasks-per-node=2" in srun and "task got USR1" in calls
+    else:  # one torchrun per node; its agent passes TERM on to the workers
+        assert "--ntasks=1 --ntasks-per-node=1" in srun and "task got TERM" in calls
+        assert "torch.distributed.run --nnodes=1 --nproc-per-node=2 --rdzv-backend=c10d" in srun
+        assert "--rdzv-endpoint=localhost:" in srun and "scontrol show hostnames localhost" in calls
+    assert "--kill-on-bad-exit=1" in srun
     if finished:
         assert "scontrol requeue" not in calls and "training finished (step 2 of 2): not requeueing" in out
     else:
