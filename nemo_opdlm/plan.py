@@ -173,7 +173,9 @@ def _model_from_source(path: str) -> tuple[Optional[ModelConfig], str]:
     meta = os.path.join(path, "opdlm_convert.json")
     if os.path.isfile(meta):
         with open(meta) as f:
-            return hfc.model_config_from_dict(json.load(f)["model_config"]), meta
+            data = json.load(f)["model_config"]
+        data.update(linear_impl="local", fp8=None)  # only the architecture is compared; TE may be absent here
+        return hfc.model_config_from_dict(data), meta
     if os.path.isfile(os.path.join(path, "config.json")):
         return hfc.model_config_from_hf(hfc.read_hf_config(path), linear_impl="local", fp8=None), \
             os.path.join(path, "config.json")
