@@ -343,6 +343,15 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+def ensure_recipes_importable() -> None:
+    """Recipes live in the checkout's ``recipes/`` (not installed): make them importable."""
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    if os.path.isfile(os.path.join(root, "recipes", "__init__.py")) and root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def load_recipe(spec: str) -> RunConfig:
     """A recipe: ``module:function`` (or ``module.function``) returning a RunConfig, or a YAML path."""
     if spec.endswith((".yaml", ".yml")):
@@ -352,6 +361,7 @@ def load_recipe(spec: str) -> RunConfig:
             raise ConfigError(f"config file {spec} does not exist")
         data = OmegaConf.to_container(OmegaConf.load(spec), resolve=True)
         return from_dict(RunConfig, data)  # type: ignore[arg-type]
+    ensure_recipes_importable()
     module_name, _, fn_name = spec.replace(":", ".").rpartition(".")
     if not module_name:
         module_name, fn_name = "recipes", spec

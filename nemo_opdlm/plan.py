@@ -666,13 +666,6 @@ def _describe(m: ModelConfig) -> str:
 # CLI
 
 
-def ensure_recipes_importable() -> None:
-    """Put the checkout holding ``recipes/`` on sys.path (the package is installed without it)."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, "recipes", "__init__.py")) and root not in sys.path:
-        sys.path.insert(0, root)
-
-
 def recipe_cluster(spec: str) -> Optional[Cluster]:
     """The cluster a recipe function was registered for (``@recipe``), or None (YAML, unregistered)."""
     if spec.endswith((".yaml", ".yml")):
@@ -715,6 +708,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def plan_main(argv: Optional[Sequence[str]] = None) -> int:
     """``opdlm plan``: 0 if the plan is valid and fits, 1 if refused, 2 if the config itself is invalid."""
     args = parse_args(argv)
+    from nemo_opdlm.config import ensure_recipes_importable
+
     ensure_recipes_importable()
     from nemo_opdlm.config import resolve
     from nemo_opdlm.convert.errors import ConvertError

@@ -58,10 +58,9 @@ def test_init_runtime_fails_before_building():
     with pytest.raises(LayoutError, match="world size 3"):
         init_runtime(ParallelLayout(tp=2), environ=env)
     env["WORLD_SIZE"] = "2"
-    with pytest.raises(LayoutError, match="student.num_query_groups=2 is not divisible by tp=2"):
+    with pytest.raises(LayoutError, match="student.num_query_groups=3 is not divisible by tp=2"):
         init_runtime(ParallelLayout(tp=2), environ=env,
-                     models=(("student", tiny_model(num_attention_heads=4, num_query_groups=1).replace(
-                         num_query_groups=2, num_attention_heads=2)),))
+                     models=(("student", tiny_model(num_attention_heads=6, num_query_groups=3, head_dim=16)),))
     assert not torch.distributed.is_initialized()
 
 

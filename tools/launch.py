@@ -57,7 +57,8 @@ def train_command(args: argparse.Namespace) -> str:
 
 def check_plan(args: argparse.Namespace) -> tuple[int, int, int]:
     """Run ``opdlm plan`` for the target cluster; return (nodes, gpus per node, exit code)."""
-    from nemo_opdlm.plan import ensure_recipes_importable, plan_main, recipe_cluster
+    from nemo_opdlm.config import ensure_recipes_importable
+    from nemo_opdlm.plan import plan_main, recipe_cluster
 
     ensure_recipes_importable()
     cluster = recipe_cluster(args.recipe)

@@ -57,7 +57,7 @@ def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
     if torch.cuda.is_available():
-        return torch.compile(flex_attention, dynamic=False)
+        return torch.compile(flex_attention)  # shapes change with the curriculum: let it go dynamic
     return flex_attention
 
 
