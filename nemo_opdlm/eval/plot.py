@@ -195,20 +195,33 @@ def _panel(img: np.ndarray, ox: int, panel: Panel, pw: int, ph: int, top: int) -
     _text(img, (left + right) // 2, bottom + 22, panel.xlabel, anchor="center")
     _text(img, ox + 4, (plot_top + bottom) // 2, panel.ylabel, vertical=True, anchor="center")
     legend: list[tuple[str, tuple[int, int, int], int]] = []
+    occupied: list[tuple[float, float]] = []  # sampled drawn points, to keep the legend off them
     for j, (label, y) in enumerate(panel.hlines):
         shade = (60 + 60 * j,) * 3
         _line(img, left, py(y), right, py(y), shade, 1, dash=6)
         legend.append((label, shade, 6))
+        occupied += [(x, py(y)) for x in np.linspace(left, right, 50)]
     for i, s in enumerate(panel.series):
         color = COLORS[i % len(COLORS)]
         pts = [(px(x), py(y)) for x, y in zip(s.xs, s.ys)]
         for (a, b), (c, d) in zip(pts, pts[1:]):
             _line(img, a, b, c, d, color, 2)
+            occupied += [(a + t * (c - a), b + t * (d - b)) for t in np.linspace(0, 1, 20)]
         for a, b in pts:
             img[max(int(b) - 2, 0): int(b) + 3, max(int(a) - 2, 0): int(a) + 3] = color
+        occupied += pts
         legend.append((s.label, color, 0))
-    ly = bottom - 8 - 11 * len(legend)  # bottom right: rising accuracy curves leave it empty
-    lx = right - 8 - max((6 * len(lbl) + 20 for lbl, _, _ in legend), default=0)
+    box_w = max((6 * len(lbl) + 20 for lbl, _, _ in legend), default=0)
+    box_h = 11 * len(legend)
+    corners = [(right - 8 - box_w, bottom - 8 - box_h), (left + 8, plot_top + 6), (right - 8 - box_w, plot_top + 6),
+               (left + 8, bottom - 8 - box_h), ((left + right - box_w) // 2, (plot_top + bottom - box_h) // 2)]
+
+    def crowding(corner: tuple[float, float]) -> int:
+        x0, y0 = corner
+        return sum(x0 - 4 <= x <= x0 + box_w + 4 and y0 - 4 <= y <= y0 + box_h + 4 for x, y in occupied)
+
+    lx, ly = (int(v) for v in min(corners, key=crowding))  # the emptiest corner (first one on ties)
+    img[ly - 2: ly + box_h, lx - 2: lx + box_w] = 255
     for label, color, dash in legend:
         _line(img, lx, ly + 3, lx + 14, ly + 3, color, 2, dash=dash // 2)
         _text(img, lx + 18, ly, label)
