@@ -153,8 +153,8 @@ def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
     real = loop.make_loss_fn
     calls = {"n": 0}
 
-    def poisoned(method, num_sequences, scale, bad_steps):
-        fn = real(method, num_sequences, scale)
+    def poisoned(bad_steps, *args):
+        fn = real(*args)
         calls["n"] += 1
         step = calls["n"]
 
@@ -166,13 +166,13 @@ def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
             return loss, metrics
         return wrapped
 
-    monkeypatch.setattr(loop, "make_loss_fn", lambda m, n, s: poisoned(m, n, s, {2}))
+    monkeypatch.setattr(loop, "make_loss_fn", lambda *args: poisoned({2}, *args))
     history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=3"))["history"]
     assert math.isnan(history[1]["loss"]) and math.isnan(history[1]["grad_norm"])
     assert math.isfinite(history[2]["loss"])
 
     calls["n"] = 0
-    monkeypatch.setattr(loop, "make_loss_fn", lambda m, n, s: poisoned(m, n, s, {1, 2, 3, 4}))
+    monkeypatch.setattr(loop, "make_loss_fn", lambda *args: poisoned({1, 2, 3, 4}, *args))
     with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses"):
         train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=4", "train.max_nonfinite_in_row=2"))
 

@@ -6,6 +6,9 @@ Targets (shift, log-probs, top-k) are computed in ``distill/teacher_targets.py``
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator, Optional
+
 import torch
 
 from nemo_opdlm.models.config import ModelConfig
@@ -30,3 +33,17 @@ def offload(chunks: list[DiffusionGPTModel], device: torch.device | str) -> None
     """Move the teacher's weights to ``device`` (e.g. CPU between uses when GPU memory is tight)."""
     for chunk in chunks:
         chunk.to(device)
+
+
+@contextlib.contextmanager
+def resident(chunks: Optional[list[DiffusionGPTModel]], enabled: bool) -> Iterator[None]:
+    """With ``enabled`` on a GPU: the teacher's weights live on the GPU only inside this block."""
+    if chunks is None or not enabled or not torch.cuda.is_available():
+        yield
+        return
+    offload(chunks, torch.device("cuda", torch.cuda.current_device()))
+    try:
+        yield
+    finally:
+        offload(chunks, "cpu")
+        torch.cuda.empty_cache()

@@ -19,7 +19,7 @@ from megatron.core import parallel_state
 from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.distill.loss import count_sequences
 from nemo_opdlm.distill.states import split_microbatches
-from nemo_opdlm.models.teacher import offload
+from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
 from nemo_opdlm.runtime.pipeline import run_schedule
@@ -108,25 +108,23 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             batch = s.loader.next_batch()
             length = curriculum.length(step - 1)
             scfg = sampler_config(cfg, s.eos_ids, s.pad_id, seed, max_new_tokens=length)
-            resp = get_responses(cfg, batch, s.student, s.teacher, scfg, length)
-            t_rollout = time.perf_counter() - t0
+            with resident(s.teacher, cfg.distill.teacher_offload):
+                resp = get_responses(cfg, batch, s.student, s.teacher, scfg, length)
+                t_rollout = time.perf_counter() - t0
 
-            generator = torch.Generator().manual_seed(seed + 31 * dp_rank)
-            rows = training_rows(cfg, resp, s.eos_ids, generator)
-            n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
-            microbatches = split_microbatches(rows, n_mb)
-            if s.teacher is not None:
-                if cfg.distill.teacher_offload and torch.cuda.is_available():
-                    offload(s.teacher, "cuda")
-                attach_teacher_targets(cfg, s.teacher, resp, microbatches)
-                if cfg.distill.teacher_offload and torch.cuda.is_available():
-                    offload(s.teacher, "cpu")
-            num_seq = count_sequences([mb["loss_mask"] for mb in microbatches],
-                                      parallel_state.get_data_parallel_group())
-            zero_grads(state)
-            t1 = time.perf_counter()
-            reported = run_schedule(state.chunks, microbatches, make_loss_fn(cfg.distill.method, num_seq, n_mb * dp),
-                                    forward_only=False)
+                generator = torch.Generator().manual_seed(seed + 31 * dp_rank)
+                rows = training_rows(cfg, resp, s.eos_ids, generator)
+                n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
+                microbatches = split_microbatches(rows, n_mb)
+                lazy_teacher = parallel_state.get_pipeline_model_parallel_world_size() == 1
+                if s.teacher is not None:
+                    attach_teacher_targets(cfg, s.teacher, resp, microbatches, lazy=lazy_teacher)
+                num_seq = count_sequences([mb["loss_mask"] for mb in microbatches],
+                                          parallel_state.get_data_parallel_group())
+                zero_grads(state)
+                t1 = time.perf_counter()
+                loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * dp, s.teacher, cfg.distill.top_k)
+                reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False)
             metrics = reduce_reported(reported)
             finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
             if checkpoint.agree(not finite):

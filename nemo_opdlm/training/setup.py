@@ -10,6 +10,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+import torch
 from megatron.core import parallel_state
 
 from nemo_opdlm.config import ConfigError, RunConfig
@@ -18,7 +19,7 @@ from nemo_opdlm.data.prompts import load_prompts
 from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_student, from_teacher
-from nemo_opdlm.models.teacher import build_teacher
+from nemo_opdlm.models.teacher import build_teacher, offload
 from nemo_opdlm.training.step import USES_TEACHER
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
@@ -87,6 +88,8 @@ def build_models(cfg: RunConfig) -> tuple[list[DiffusionGPTModel], Optional[list
                               "set init.teacher_hf or init.teacher_checkpoint")
         teacher = build_teacher(cfg.teacher)
         _load_weights(teacher, cfg.teacher, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)
+        if cfg.distill.teacher_offload and torch.cuda.is_available():
+            offload(teacher, "cpu")  # brought to the GPU only while a step uses it
     student = build_student(cfg.model, cfg.diffusion)
     if cfg.init.student_hf:
         load_hf_weights(student, cfg.init.student_hf, cfg.model)

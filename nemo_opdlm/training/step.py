@@ -29,7 +29,7 @@ from nemo_opdlm.data.sampler import PromptBatch
 from nemo_opdlm.distill import loss as losses
 from nemo_opdlm.distill.ablations import response_valid
 from nemo_opdlm.distill.states import build_states, split_microbatches
-from nemo_opdlm.distill.teacher_targets import compute_targets, teacher_batch
+from nemo_opdlm.distill.teacher_targets import compute_targets, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 
@@ -109,14 +109,24 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
     )
 
 
-def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses,
-                           microbatches: list[dict]) -> None:
-    """Add teacher log-probs (``t_logprobs``, ``t_ids``) to each micro-batch on the last stage."""
+def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, microbatches: list[dict], *,
+                           lazy: bool) -> None:
+    """Give each micro-batch its teacher targets (``t_logprobs``, ``t_ids``).
+
+    ``lazy`` (single pipeline stage): store only the teacher's inputs; the loss function runs the
+    teacher for one micro-batch at a time, so at most one micro-batch of targets is alive (full-
+    vocabulary targets are ``L x V`` floats per row). Otherwise the teacher's own pipeline pass
+    computes every micro-batch's targets up front, on the last stage.
+    """
     n = len(microbatches)
     rows = split_microbatches(
         dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid), n
     )
     batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in rows]
+    if lazy:
+        for mb, tb in zip(microbatches, batches):
+            mb.update({f"teacher_{k}": v for k, v in tb.items()})
+        return
     targets = compute_targets(teacher, batches, resp.prompt_ids.shape[1], resp.tokens.shape[1], cfg.distill.top_k)
     for mb, target in zip(microbatches, targets):
         mb["t_logprobs"] = target.logprobs
@@ -124,11 +134,22 @@ def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses,
             mb["t_ids"] = target.ids
 
 
-def make_loss_fn(method: str, num_sequences: int, scale: float):
+@torch.no_grad()
+def _lazy_targets(teacher: list, batch: dict[str, Tensor], top_k: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
+    ids = batch["teacher_input_ids"]
+    length = batch["loss_mask"].shape[1]
+    logits = teacher[0](ids, batch["teacher_position_ids"], batch["teacher_meta"])  # [B, P + L, V/tp]
+    target = shifted_targets(logits, ids.shape[1] - length, length, top_k)
+    return target.logprobs, target.ids
+
+
+def make_loss_fn(method: str, num_sequences: int, scale: float, teacher: Optional[list] = None,
+                 top_k: Optional[int] = None):
     """megatron-core ``loss_func`` for one micro-batch: ``(loss * scale, reported metrics)``.
 
     ``scale`` = micro-batches x DP size: the schedule divides by the former and DDP averages over
     the latter, while ``distill/loss.py`` already divides by the global sequence count.
+    ``teacher``/``top_k``: for micro-batches prepared with ``attach_teacher_targets(lazy=True)``.
     """
 
     def loss_fn(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
@@ -138,7 +159,12 @@ def make_loss_fn(method: str, num_sequences: int, scale: float):
             loss, metrics = losses.cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
                                                       num_sequences=num_sequences)
         else:
-            loss, metrics = losses.kl_loss(logits, batch["loss_mask"], batch["t_logprobs"], batch.get("t_ids"),
+            if "t_logprobs" in batch:
+                t_logprobs, t_ids = batch["t_logprobs"], batch.get("t_ids")
+            else:
+                assert teacher is not None, "micro-batch without teacher targets and no teacher to compute them"
+                t_logprobs, t_ids = _lazy_targets(teacher, batch, top_k)
+            loss, metrics = losses.kl_loss(logits, batch["loss_mask"], t_logprobs, t_ids,
                                            num_sequences=num_sequences)
         metrics = dict(metrics, loss=loss.detach())
         return loss * scale, metrics
