@@ -35,14 +35,11 @@ class DiffusionGPTModel(GPTModel):
         super().__init__(*args, **kwargs)
         self.real_vocab_size = real_vocab_size
         if rope_scaling_params is not None and hasattr(self, "rotary_pos_emb"):
-            # megatron-core only exposes the Llama-3 factor; apply all four HF parameters.
+            # megatron-core only exposes the Llama-3 factor; apply all four HF parameters to the
+            # unscaled frequencies it built (GPTModel got rope_scaling=False).
             rope = self.rotary_pos_emb
-            base = 1.0 / (
-                kwargs["rotary_base"]
-                ** (torch.arange(0, rope.inv_freq.numel() * 2, 2, dtype=torch.float32) / (rope.inv_freq.numel() * 2))
-            )
             rope.inv_freq = rope._apply_scaling(
-                base.to(rope.inv_freq.device),
+                rope.inv_freq,
                 factor=rope_scaling_params.factor,
                 low_freq_factor=rope_scaling_params.low_freq_factor,
                 high_freq_factor=rope_scaling_params.high_freq_factor,
