@@ -38,6 +38,9 @@ sys.path.insert(0, ROOT)
 METHODS = ("opdlm", "random_mask", "off_policy", "sft")
 MODES = ("static", "dynamic")
 TARGET = 0.95
+FRACTIONS = (0.5, 0.8, 0.95)
+"""Fractions of the teacher's accuracy at which tokens-to-reach are also reported (small budgets
+may leave 95% unreached by every method)."""
 
 
 def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> Optional[float]:
@@ -52,27 +55,83 @@ def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> Optional
     return None
 
 
+def summarize(result: dict[str, Any]) -> dict[str, Any]:
+    """Tokens to reach each fraction of the teacher's accuracy, and the ratio to OPDLM's, per method/mode."""
+    teacher = result["teacher"]["ar"]["accuracy"]
+    out: dict[str, Any] = {}
+    for frac in FRACTIONS:
+        reach = {m: {mode: tokens_to_reach([(p["tokens"], p["accuracy"]) for p in c[mode]], frac * teacher)
+                     for mode in MODES} for m, c in result["curves"].items()}
+        ratio = {m: {mode: (reach[m][mode] / reach["opdlm"][mode]
+                            if "opdlm" in reach and reach[m][mode] and reach["opdlm"][mode] else None)
+                     for mode in MODES} for m in reach}
+        out[f"{round(100 * frac)}pct"] = {"target_accuracy": frac * teacher, "tokens": reach, "ratio_to_opdlm": ratio}
+    return out
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    teacher = result["teacher"]["ar"]["accuracy"]
+    print(f"\nteacher AR accuracy {teacher:.3f}; tokens to reach a fraction of it (x OPDLM's), '-' = not reached")
+    fracs = list(result["reach"])
+    print(f"{'method':<12} {'mode':<8} {'final acc':>9} " + " ".join(f"{f:>20}" for f in fracs))
+    for m, c in result["curves"].items():
+        for mode in MODES:
+            cells = []
+            for f in fracs:
+                r, q = result["reach"][f]["tokens"][m][mode], result["reach"][f]["ratio_to_opdlm"][m][mode]
+                cells.append("-" if r is None else f"{r:.0f}" + ("" if q is None else f" ({q:.2f}x)"))
+            print(f"{m:<12} {mode:<8} {c[mode][-1]['accuracy']:>9.3f} " + " ".join(f"{x:>20}" for x in cells))
+
+
+def plot(result: dict[str, Any], png: str) -> str:
+    from nemo_opdlm.eval.plot import Panel, Series, save_line_plot
+
+    teacher = result["teacher"]["ar"]["accuracy"]
+    panels = [Panel(f"{mode} decoding" + (" (1 token/round)" if mode == "static" else " (thr 0.9)"),
+                    "training tokens", "held-out accuracy",
+                    [Series(m, [p["tokens"] for p in c[mode]], [p["accuracy"] for p in c[mode]])
+                     for m, c in result["curves"].items()],
+                    hlines=[("teacher (AR)", teacher), ("95% of teacher", TARGET * teacher)]) for mode in MODES]
+    return save_line_plot(png, panels, title="AR -> block diffusion (block 4): accuracy vs conversion tokens")
+
+
+def resummarize(path: str, argv: list[str]) -> int:
+    """Recompute the summary and the plot of an existing result file (no training)."""
+    with open(path) as f:
+        result = json.load(f)
+    result["reach"] = summarize(result)
+    result["summarized_by"] = "python benchmarks/token_efficiency.py " + " ".join(argv)
+    png = os.path.join(ROOT, result["plot"])
+    result["plot_backend"] = plot(result, png)
+    with open(path, "w") as f:
+        json.dump(result, f, indent=2)
+    print_summary(result)
+    return 0
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default="/tmp/opdlm_token_efficiency", help="checkpoints (not committed)")
     p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
     p.add_argument("--steps", type=int, default=400, help="conversion steps per method")
     p.add_argument("--eval-every", type=int, default=50, help="checkpoint (= token budget) spacing in steps")
-    p.add_argument("--teacher-steps", type=int, default=800)
+    p.add_argument("--teacher-steps", type=int, default=1000)
     p.add_argument("--lr", type=float, default=2e-3, help="constant conversion learning rate (after warm-up)")
     p.add_argument("--num-test", type=int, default=200)
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a minute-long smoke run (tiny model, few steps)")
+    p.add_argument("--resummarize", metavar="JSON", help="only recompute the summary and plot of a result file")
     return p.parse_args(argv)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize, list(argv if argv is not None else sys.argv[1:]))
     from nemo_opdlm import demo as D
     from nemo_opdlm.eval import synthetic as S
     from nemo_opdlm.eval import tasks as T
-    from nemo_opdlm.eval.plot import Panel, Series, save_line_plot
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from nemo_opdlm.training.loop import train
 
@@ -136,11 +195,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(args.results, exist_ok=True)
     name = "token_efficiency_quick" if args.quick else "token_efficiency"
     png = os.path.join(args.results, f"{name}.png")
-    panels = [Panel(f"{mode} decoding" + (" (1 token/round)" if mode == "static" else " (thr 0.9)"),
-                    "training tokens", "held-out accuracy",
-                    [Series(m, [x for x, _ in curves[m][mode]], [y for _, y in curves[m][mode]]) for m in curves],
-                    hlines=[("teacher (AR)", teacher_acc), ("95% of teacher", target)]) for mode in MODES]
-    backend = save_line_plot(png, panels, title="AR -> block diffusion (block 4): accuracy vs conversion tokens")
     result = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/token_efficiency.py " + " ".join(argv or sys.argv[1:]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
@@ -158,17 +212,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         "tokens_to_95pct_teacher": reach,
         "ratio_to_opdlm": ratio,
         "timings_s": dict(timings, total=time.perf_counter() - t_start),
-        "plot": os.path.relpath(png, ROOT), "plot_backend": backend,
+        "plot": os.path.relpath(png, ROOT),
     }
+    result["reach"] = summarize(result)
+    result["plot_backend"] = plot(result, png)
     with open(os.path.join(args.results, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
-    print(f"\nteacher AR accuracy {teacher_acc:.3f}; target (95%) {target:.3f}")
-    print(f"{'method':<12} {'mode':<8} {'final acc':>9} {'tokens to 95%':>14} {'x OPDLM':>8}")
-    for m in curves:
-        for mode in MODES:
-            r, q = reach[m][mode], ratio[m][mode]
-            print(f"{m:<12} {mode:<8} {curves[m][mode][-1][1]:>9.3f} {'-' if r is None else f'{r:.0f}':>14} "
-                  f"{'-' if q is None else f'{q:.2f}':>8}")
+    print_summary(result)
     log(f"wrote {os.path.join(args.results, name + '.json')} and {png}")
     return 0
 

@@ -47,7 +47,7 @@ class DemoConfig:
     """Held-out problems scored at every evaluation."""
     hidden_size: int = 128
     num_layers: int = 4
-    teacher_steps: int = 600
+    teacher_steps: int = 1000
     """AR pre-training steps of the teacher."""
     teacher_lr: float = 2e-3
     student_steps: int = 400
@@ -55,7 +55,7 @@ class DemoConfig:
     student_lr: float = 2e-3
     prompts_per_step: int = 32
     """Rows per optimizer step (teacher) / rollouts per step (student)."""
-    teacher_eval_every: int = 150
+    teacher_eval_every: int = 250
     student_eval_every: int = 50
     block_size: int = 4
     threshold: float = 0.9
