@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import ConfigError
 from nemo_opdlm.rollout import sampling, schedules
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
@@ -55,6 +56,19 @@ def test_select_unmask_matches_reference(count, threshold):
     got = schedules.select_unmask(conf, masked, count, threshold)
     assert torch.equal(got, _reference_select(conf, masked, count, threshold))
     assert not (got & ~masked).any()
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+def test_select_unmask_per_row_counts(threshold):
+    """One count per row (rows in different rounds of their blocks) = the rule row by row."""
+    gen = torch.Generator().manual_seed(4)
+    conf = torch.rand(40, 6, generator=gen)
+    masked = torch.rand(40, 6, generator=gen) < 0.7
+    counts = torch.randint(0, 4, (40,), generator=gen)
+    got = schedules.select_unmask(conf, masked, counts, threshold)
+    for i in range(40):
+        want = _reference_select(conf[i: i + 1], masked[i: i + 1], int(counts[i]), threshold)
+        assert torch.equal(got[i: i + 1], want), i
 
 
 def test_dynamic_above_one_equals_static():
@@ -189,7 +203,7 @@ def test_kv_cache_extend_commit_keep_match_concatenation():
                     assert k_meta.shape == (3, 2, reference[i].shape[0] + width)
                     reference[i] = torch.cat([reference[i], key[:commit]])
             cache.commit(commit)
-        assert cache.length == 8
+        assert cache.frontier == 8 and cache.lengths.tolist() == [8, 8, 8]
         cache.keep(torch.tensor([0, 2]))
         assert cache.rows == 2
         meta = _meta(2, 2, 1)
@@ -200,6 +214,51 @@ def test_kv_cache_extend_commit_keep_match_concatenation():
         with pytest.raises(AssertionError):  # layer 1 did not write this round
             cache.commit(2)
     assert all(layer.kv_cache is None for layer in layers)
+
+
+def test_kv_cache_per_row_commits_match_concatenation():
+    """Rows committing different counts (the asynchronous sampler): per row, the non-PAD keys are
+    exactly its committed keys followed by the current ones, the current ones are the last Sq keys,
+    and every key handed out is finite (holes are read, masked, by attention)."""
+    layers = [_FakeLayer(), _FakeLayer()]
+    batch, width = 4, 3
+    cache = BlockKVCache(num_layers=2, batch=batch, capacity=40, groups=2, head_dim=4, dtype=torch.float32,
+                         device="cpu")
+    gen = torch.Generator().manual_seed(1)
+    reference = [[torch.empty(0, 2, 4) for _ in range(batch)] for _ in layers]  # [layer][row] committed [S, G, D]
+    ref_meta = [torch.empty(2, 0, dtype=torch.long) for _ in range(batch)]  # [row] committed [2, S]
+    rows = list(range(batch))  # original ids of the active rows
+    plan = [[3, 3, 3, 3], [0, 2, 3, 1], [3, 0, 0, 2], [1, 1, 0, 0], [0, 3, 2, 3], [2, 0, 3, 0]]
+    with cache.bind(layers):
+        for i, counts in enumerate(plan):
+            if i == 4:  # drop rows 0 and 2 (finished)
+                cache.keep(torch.tensor([1, 3]))
+                rows = [rows[1], rows[3]]
+            counts = torch.tensor([counts[r] for r in rows])
+            n = len(rows)
+            meta = torch.stack([torch.full((n, width), i), torch.randint(1, 3, (n, width), generator=gen)], 1)
+            with cache.forward(meta):
+                for li, layer in enumerate(layers):
+                    key = torch.randn(width, n, 2, 4, generator=gen)  # [Sq, b, G, D]
+                    k_all, v_all, k_meta = layer.kv_cache.extend(key, key * 2, meta)
+                    assert torch.isfinite(k_all).all() and torch.isfinite(v_all).all()
+                    torch.testing.assert_close(k_all[-width:], key, rtol=0, atol=0)
+                    assert torch.equal(k_meta[:, :, -width:], meta)
+                    for j, r in enumerate(rows):
+                        real = k_meta[j, 1] != masks.PAD  # [Sk]
+                        expected = torch.cat([reference[li][r], key[:, j]])
+                        torch.testing.assert_close(k_all[real, j], expected, rtol=0, atol=0)
+                        torch.testing.assert_close(v_all[real, j], 2 * expected, rtol=0, atol=0)
+                        if li == 0:
+                            assert torch.equal(k_meta[j][:, real], torch.cat([ref_meta[r], meta[j]], 1))
+                        reference[li][r] = torch.cat([reference[li][r], key[: int(counts[j]), j]])
+                    if li == 0:
+                        for j, r in enumerate(rows):
+                            ref_meta[r] = torch.cat([ref_meta[r], meta[j, :, : int(counts[j])]], 1)
+            cache.commit(counts)
+            lengths = [reference[0][r].shape[0] for r in rows]
+            assert cache.lengths[:n].tolist() == lengths and cache.frontier == max(lengths)
+        assert cache.frontier < sum(max(c) for c in plan)  # rows behind fill their holes
 
 
 def test_kv_cache_guards():

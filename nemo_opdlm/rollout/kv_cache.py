@@ -1,22 +1,32 @@
-"""A preallocated block KV cache for the rollout sampler.
+"""A preallocated block KV cache for the rollout sampler, with a committed length per row.
 
-One job: keep the roped keys/values (and the token metadata) of the tokens a decode has
-*committed* (the prompt and finished blocks), for every ``BlockAttention`` layer of this rank, and
+One job: keep the roped keys/values (and the token metadata) of the tokens each row has
+*committed* (its prompt and finished blocks), for every ``BlockAttention`` layer of this rank, and
 hand each layer "committed + current" keys on every forward. Non-goals: deciding what to commit
 or when (the sampler owns the cache and drives it), attention itself (``models/attention.py``).
+
+Rows decode asynchronously (each row moves to its next block as soon as its own block is done),
+so rows have committed different numbers of columns. Layout of row ``r``'s buffer columns:
+
+    [ committed: lengths[r] | holes (PAD keys) up to frontier | current: Sq columns | unused ]
+
+``frontier = max(lengths)``. Every forward writes the current tokens of all rows at the same
+columns ``[frontier, frontier + Sq)``, so the queries are the last ``Sq`` keys of every row (the
+rule ``masks.allowed`` assumes), and hands out ``[:frontier + Sq]`` as views (no copy). A row's
+holes are PAD in the key metadata: nothing attends to them. They hold zeros or stale, finite
+keys (never uninitialised memory: a masked NaN value would still poison ``softmax @ V``).
 
 Life cycle, driven by the sampler:
 
 1. ``with cache.bind(layers):`` attaches one slot per layer (``layer.kv_cache``); detached on exit.
-2. Per forward (one per micro-batch): ``with cache.forward(meta, rows):`` the current ``Sq`` tokens
-   of rows ``rows`` are written at columns ``[length, length + Sq)``, and each layer's
-   ``extend(key, value, meta)`` returns the views ``[:length + Sq]``. Nothing is copied for the
-   committed part.
-3. After every round: ``cache.commit(n)`` makes the first ``n`` current columns permanent
-   (``length += n``); the other columns are overwritten by the next round (0 for a plain round).
+2. Per forward (one per micro-batch): ``with cache.forward(meta, rows):`` for a contiguous slice
+   ``rows`` of the active rows; each layer's ``extend(key, value, meta)`` writes the current
+   keys/values and returns the views.
+3. After every round: ``cache.commit(n)`` keeps the first ``n[r]`` current columns of row ``r``
+   (``n`` an int for all rows, or a ``[rows]`` tensor): they move to ``[lengths[r], lengths[r] +
+   n[r])`` (nothing moves for rows at the frontier) and ``lengths[r] += n[r]``.
 4. ``cache.keep(index)`` drops finished rows (compaction), so they cost nothing afterwards.
 
-All rows share one ``length``: the sampler decodes every row's block ``b`` at the same columns.
 Buffers are ``[B, G/tp, capacity, D]`` per layer so that the views handed out are, per head, one
 contiguous ``[Sk, D]`` run (what SDPA reads best); extend returns them as ``[Sk, B, G/tp, D]``.
 """
@@ -30,13 +40,15 @@ from typing import Iterator, Optional, Sequence
 import torch
 from torch import Tensor
 
+from nemo_opdlm.models.masks import PAD
+
 
 @dataclass
 class _Pending:
     """The forward in flight: its query metadata, its rows, and the key metadata all layers share."""
 
     q_meta: Tensor
-    rows: slice | Tensor
+    rows: slice
     k_meta: Tensor
     width: int
 
@@ -59,7 +71,7 @@ class BlockKVCache:
     Args:
         num_layers: ``BlockAttention`` layers on this rank (all model chunks together).
         batch: rows at the start (compaction only shrinks it).
-        capacity: columns (prompt width + response length).
+        capacity: columns (longest committed row + widest forward).
         groups: key/value heads on this rank (``num_query_groups / tp``).
         head_dim: per-head width.
         dtype, device: of the keys and values (the model's activations).
@@ -82,14 +94,17 @@ class BlockKVCache:
                 f"capacity={capacity} groups={groups} head_dim={head_dim}"
             )
         shape = (batch, groups, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.meta = torch.zeros(batch, 2, capacity, dtype=torch.long, device=device)  # [B, 2, C]
+        # Zeros, not empty: holes are read (masked) before anything is written there.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.meta = torch.full((batch, 2, capacity), PAD, dtype=torch.long, device=device)  # [B, 2, C]
         self.capacity = capacity
         self.rows = batch
         """Rows still decoding (the first ``rows`` of every buffer)."""
-        self.length = 0
-        """Committed columns (the same for every row)."""
+        self.lengths = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        """Committed columns of each active row (the first ``rows`` entries count)."""
+        self.frontier = 0
+        """``max(lengths)``: where the current tokens of every row are written."""
         self._pending: Optional[_Pending] = None
         # Per layer, rows written at the current round's columns (checked by commit).
         self._rows_written = [0] * num_layers
@@ -123,30 +138,23 @@ class BlockKVCache:
 
     # --- one forward -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def forward(self, meta: Tensor, rows: slice | Tensor | None = None) -> Iterator[None]:
-        """Scope of one model forward over rows ``rows`` with current-token metadata ``meta [b, 2, Sq]``.
-
-        ``rows``: a slice of the active rows, or an ascending index tensor (a subset of rows, e.g.
-        those whose block still has masks; their committed keys are then gathered, a copy).
-        """
+    def forward(self, meta: Tensor, rows: Optional[slice] = None) -> Iterator[None]:
+        """Scope of one model forward over the rows ``rows`` (a contiguous slice of the active rows,
+        default all) with current-token metadata ``meta [b, 2, Sq]``."""
         rows = slice(0, self.rows) if rows is None else rows
-        if isinstance(rows, slice):
-            assert rows.step in (None, 1) and (rows.stop is None or rows.stop <= self.rows), (
-                f"rows {rows} must be a contiguous slice of the {self.rows} active rows"
-            )
-            n_rows = len(range(*rows.indices(self.rows)))
-        else:
-            assert rows.dim() == 1 and (rows.numel() == 0 or int(rows.max()) < self.rows), "bad row index"
-            n_rows = rows.numel()
+        assert isinstance(rows, slice) and rows.step in (None, 1) and (rows.stop is None or rows.stop <= self.rows), (
+            f"rows {rows} must be a contiguous slice of the {self.rows} active rows"
+        )
+        n_rows = len(range(*rows.indices(self.rows)))
         width = meta.shape[-1]
         assert self._pending is None, "a cache forward is already open"
         assert meta.shape[0] == n_rows, f"meta has {meta.shape[0]} rows, the selection {n_rows}"
-        assert self.length + width <= self.capacity, (
-            f"cache overflow: {self.length} committed + {width} current > capacity {self.capacity}"
+        assert self.frontier + width <= self.capacity, (
+            f"cache overflow: frontier {self.frontier} + {width} current > capacity {self.capacity}"
         )
         assert self._round_width in (None, width), "all forwards of one round must have the same width"
-        end = self.length + width
-        self.meta[rows, :, self.length:end] = meta
+        end = self.frontier + width
+        self.meta[rows, :, self.frontier:end] = meta
         self._pending = _Pending(q_meta=meta, rows=rows, k_meta=self.meta[rows, :, :end], width=width)
         self._round_width = width
         try:
@@ -157,12 +165,12 @@ class BlockKVCache:
     def extend(
         self, layer: int, key: Tensor, value: Tensor, meta: Tensor, contiguous: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Write layer ``layer``'s current keys/values ``[Sq, b, G, D]``; return ``[:length + Sq]`` views."""
+        """Write layer ``layer``'s current keys/values ``[Sq, b, G, D]``; return ``[:frontier + Sq]`` views."""
         pending = self._pending
         assert pending is not None, "BlockAttention ran with a KV cache outside cache.forward()"
         assert meta is pending.q_meta, "attention metadata differs from the one the cache was opened with"
         assert key.shape[0] == pending.width, f"{key.shape[0]} current keys, forward opened for {pending.width}"
-        start, end = self.length, self.length + pending.width
+        start, end = self.frontier, self.frontier + pending.width
         k_buf, v_buf = self.keys[layer], self.values[layer]
         assert key.shape[1:] == (meta.shape[0], k_buf.shape[1], k_buf.shape[3]), (
             f"key {tuple(key.shape)} does not fit the cache [Sq, {meta.shape[0]}, {k_buf.shape[1]}, {k_buf.shape[3]}]"
@@ -177,17 +185,47 @@ class BlockKVCache:
         return key_all, value_all, pending.k_meta
 
     # --- between rounds ----------------------------------------------------------------------
-    def commit(self, n: int) -> None:
-        """End a round: keep its first ``n`` columns (``length += n``); the rest will be overwritten."""
+    def commit(self, n: int | Tensor) -> None:
+        """End a round: row ``r`` keeps its first ``n[r]`` current columns; the rest will be overwritten.
+
+        ``n``: one count for every active row, or a ``[rows]`` integer tensor.
+        """
         width = self._round_width or 0
         assert self._pending is None, "commit inside an open forward"
-        assert 0 <= n <= width, f"cannot commit {n} columns of a round {width} wide"
-        if n:
+        counts = torch.as_tensor(n, dtype=torch.long, device=self.lengths.device).expand(self.rows)  # [N]
+        hi = int(counts.max()) if self.rows else 0
+        assert int(counts.min()) >= 0 and hi <= width, f"cannot commit {n} columns of a round {width} wide"
+        self._round_width = None
+        if hi:
             missing = [i for i, r in enumerate(self._rows_written) if r != self.rows]
             assert not missing, f"layers {missing} did not write all {self.rows} rows this round"
-        self.length += n
         self._rows_written = [0] * self.num_layers
-        self._round_width = None
+        if hi == 0:
+            return
+        lengths = self.lengths[: self.rows]  # [N] (a view: updated in place below)
+        start = self.frontier
+        behind = lengths < start  # [N] rows whose kept columns must move down to their length
+        if bool((behind & (counts > 0)).any()):
+            offsets = torch.arange(hi, device=counts.device)  # [hi]
+            move = behind[:, None] & (offsets[None, :] < counts[:, None])  # [N, hi]
+            r_idx, j_idx = move.nonzero(as_tuple=True)  # [M], [M]
+            dst = lengths[r_idx] + j_idx  # [M]
+            src = start + j_idx  # [M]
+            for buf in (*self.keys, *self.values):
+                buf[r_idx, :, dst] = buf[r_idx, :, src]  # [M, G, D]; the source is read before writing
+            kept_meta = self.meta[r_idx, :, src]  # [M, 2]
+            # Clear the current columns of the rows behind (their holes must stay PAD), then place.
+            self.meta[: self.rows, 1, start:start + width][behind] = PAD
+            self.meta[r_idx, :, dst] = kept_meta
+        else:
+            self.meta[: self.rows, 1, start:start + width][behind] = PAD
+        # Rows at the frontier keep their columns in place; the rest of their round is scratch.
+        at = ~behind  # [N]
+        cols = torch.arange(width, device=counts.device)  # [width]
+        scratch = at[:, None] & (cols[None, :] >= counts[:, None])  # [N, width]
+        self.meta[: self.rows, 1, start:start + width][scratch] = PAD
+        lengths += counts
+        self.frontier = int(lengths.max())
 
     def keep(self, index: Tensor) -> None:
         """Keep rows ``index`` (ascending, 1-D) of the active rows, compacted to the front."""
@@ -196,10 +234,12 @@ class BlockKVCache:
         assert index.dim() == 1 and index.numel() <= self.rows
         if index.numel() and (int(index.max()) >= self.rows or bool((index[1:] <= index[:-1]).any())):
             raise AssertionError("keep() needs ascending row indices among the active rows")
-        n, cols = index.numel(), self.length
+        n, cols = index.numel(), self.frontier
         if n == self.rows:
             return
         for buf in (*self.keys, *self.values):
             buf[:n, :, :cols] = buf[index, :, :cols]
         self.meta[:n, :, :cols] = self.meta[index, :, :cols]
+        self.lengths[:n] = self.lengths[index]
         self.rows = n
+        self.frontier = int(self.lengths[:n].max()) if n else 0

@@ -5,20 +5,25 @@ train (same weights object: no copy, no reload), recording every decision: the r
 each token was unmasked (``step_map``), its block, and padding. Non-goals: turning rollouts into
 training rows (``distill/states.py``), choosing the rollout length (``schedules.LengthCurriculum``).
 
-Decoding, per block ``b`` (all rows in lockstep, so every row's block sits at the same columns):
-the block starts as ``block_size`` [MASK] tokens; each round runs the model over the block, picks a
-candidate and a confidence per position (``sampling.py``) and unmasks some positions
-(``schedules.py``): ``static`` the k most confident, ``dynamic`` every one above the threshold and
-at least k. The block ends when nothing is masked. A row whose block holds an EOS (or that reached
-the length limit) is finished; it is dropped from the batch (and the KV cache) so that it costs
-nothing more, and its later tokens are padding.
+Decoding, per row and block ``b``: the block starts as ``block_size`` [MASK] tokens; each round
+runs the model over the block, picks a candidate and a confidence per position (``sampling.py``)
+and unmasks some positions (``schedules.py``): ``static`` the k most confident, ``dynamic`` every
+one above the threshold and at least k. The block ends when nothing is masked. A row whose block
+holds an EOS (or that reached the length limit) is finished; it is dropped from the batch (and the
+KV cache) so that it costs nothing more, and its later tokens are padding.
+
+Rows are asynchronous: a row moves to its next block as soon as its own block is complete, so a
+batch round is one forward in which rows sit in different blocks (batch-level rounds = the
+slowest row's rounds, not the sum over blocks of the slowest row per block). With the KV cache
+(``kv_cache.py``, a committed length per row) every round forwards ``[commit slot | current
+block]`` per row: a row whose block just completed commits it there (its final tokens) while
+starting the next block; the others' commit slots are PAD. Every decision is the one the row
+would make decoding alone (its own context, round within the block and per-block uniforms).
 
 Attention follows ``masks.build_layout`` of ``[prompt | response]`` exactly as training does: the
-prompt is block-causal with blocks aligned to its end, response blocks are block-causal. With the
-KV cache (``kv_cache.py``) the prompt and finished blocks are computed once: the first round of
-block ``b+1`` forwards ``[final tokens of block b | masks of block b+1]`` and commits block ``b``'s
-keys/values in the same call (``fuse_commit``; otherwise a separate forward commits them). Without
-the cache every round recomputes ``[prompt | blocks 0..b]``: the reference path.
+prompt is block-causal with blocks aligned to its end, response blocks are block-causal. Without
+the cache (the reference path) rows decode in lockstep and every round recomputes
+``[prompt | blocks 0..b]``; it decodes the same tokens and rounds per row.
 
 Under TP every rank computes the same decisions from vocab-parallel logits (same random stream);
 under PP the last stage decides and broadcasts, and rounds pass micro-batches through the stages.
@@ -43,10 +48,6 @@ from nemo_opdlm.rollout import schedules
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
 from nemo_opdlm.rollout.sampling import choose_tokens
 from nemo_opdlm.rollout.stages import MicroBatch, StageRunner, attention_layers, share_decisions, split_rows
-
-_SUBSET_BELOW = 0.75
-"""Dynamic mode forwards only the rows still masked once they are at most this fraction."""
-
 
 @dataclass(kw_only=True)
 class SamplerConfig:
@@ -76,8 +77,6 @@ class SamplerConfig:
     """Fills response positions that were never decoded; None: the first EOS id (0 without EOS)."""
     use_cache: bool = True
     """Block KV cache (False: recompute everything each round, the reference path)."""
-    fuse_commit: bool = True
-    """Commit block b's keys/values in block b+1's first round instead of a separate forward."""
     num_microbatches: Optional[int] = None
     """Micro-batches per round through the pipeline; None: the pipeline size (1 without PP)."""
     suppress_mask_token: bool = True
@@ -217,6 +216,61 @@ def _rows_rounds(step_map: Tensor, valid: Tensor, block_size: int) -> int:
     return int(((steps.amax(-1) + 1) * used).sum())
 
 
+class _Decode:
+    """The state one ``generate`` call shares between its decoding loop and its records.
+
+    Holds the layout of ``[prompt | response]`` (positions, metadata), the response records being
+    filled (``tokens``, ``step_map``), the unmasking schedule, and the per-block uniforms: block
+    ``b``'s ``[B, steps, block_size]`` draw is the ``b``-th draw of the sampler's stream (drawn
+    lazily, in block order, when the first row reaches block ``b``), and row ``i`` in round ``r``
+    of block ``b`` reads ``[i, r]`` of it, whichever rows are decoding and whenever it gets there.
+    """
+
+    def __init__(self, sampler: "BlockSampler", prompt_ids: Tensor, prompt_lens: Tensor, n_blocks: int,
+                 max_new: int) -> None:
+        cfg, dev = sampler.config, sampler.device
+        self.sampler = sampler
+        self.prompt_ids = prompt_ids  # [B, P]
+        self.batch, self.width = prompt_ids.shape
+        self.block_size = cfg.block_size
+        self.n_blocks = n_blocks
+        self.length = n_blocks * cfg.block_size
+        self.max_new = max_new
+        all_valid = torch.ones(self.batch, self.length, dtype=torch.bool, device=dev)
+        layout = masks.build_layout(prompt_lens, self.width, all_valid, cfg.block_size, with_xt=False)
+        self.pos_all, self.meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
+        self.tokens = torch.full((self.batch, self.length), cfg.pad_id, dtype=torch.long, device=dev)  # [B, L]
+        self.step_map = torch.full((self.batch, self.length), -1, dtype=torch.long, device=dev)  # [B, L]
+        self.counts = torch.tensor(schedules.static_counts(cfg.block_size, cfg.steps_per_block), device=dev)
+        self.threshold = cfg.threshold if cfg.mode == "dynamic" else None
+        self._drawn: list[Optional[Tensor]] = []  # per block: [B, steps, bs] (None once no row needs it)
+        self._window: tuple[int, int, Optional[Tensor]] = (0, -1, None)
+
+    def uniforms(self, rows: Tensor, block: Tensor, step: Tensor) -> Optional[Tensor]:
+        """Uniforms ``[N, bs]`` of rows ``rows`` (original ids) in round ``step`` of block ``block``
+        (all ``[N]``); None when greedy or not on the last pipeline stage."""
+        lo, hi = int(block.min()), int(block.max())
+        while len(self._drawn) <= hi:
+            draw = self.sampler._uniforms(self.batch, len(self.counts), self.block_size)  # [B, steps, bs]
+            if draw is None:
+                return None
+            self._drawn.append(draw)
+        if self._window[:2] != (lo, hi):
+            for b in range(lo):  # no row will read blocks below the slowest row's again
+                self._drawn[b] = None
+            self._window = (lo, hi, torch.stack(self._drawn[lo: hi + 1]))  # [hi-lo+1, B, steps, bs]
+        window = self._window[2]
+        assert window is not None
+        return window[block - lo, rows, step]  # [N, bs]
+
+    def finishes(self, x: Tensor, block: Tensor) -> Tensor:
+        """``[N]``: a row whose block ``block`` now holds ``x [N, bs]`` is done (an EOS within the
+        length limit, or its last block)."""
+        cols = block[:, None] * self.block_size + torch.arange(self.block_size, device=x.device)  # [N, bs]
+        eos = torch.isin(x, self.sampler._eos) & (cols < self.max_new)  # [N, bs]
+        return eos.any(-1) | (block == self.n_blocks - 1)
+
+
 class BlockSampler:
     """Decodes with this rank's model chunks (the training weights) under a :class:`SamplerConfig`.
 
@@ -258,16 +312,14 @@ class BlockSampler:
                 yield cache
 
     def _forward(
-        self, ids: Tensor, pos: Tensor, meta: Tensor, cache: Optional[BlockKVCache], commit: int, keep_last: int,
-        subset: Optional[Tensor] = None,
+        self, ids: Tensor, pos: Tensor, meta: Tensor, cache: Optional[BlockKVCache], commit: int | Tensor,
+        keep_last: int,
     ) -> Optional[Tensor]:
-        """One round: logits ``[n, keep_last, V/tp]`` on the last stage (None elsewhere).
+        """One round over all active rows: logits ``[N, keep_last, V/tp]`` on the last stage (None elsewhere).
 
-        The inputs are for all active rows, or for ``subset`` (ascending positions among them).
+        ``commit``: current columns the cache keeps, for every row or per row (``[N]``).
         """
-        mbs = []
-        for sl in split_rows(ids.shape[0], self.num_microbatches):
-            mbs.append(MicroBatch(ids[sl], pos[sl], meta[sl], sl if subset is None else subset[sl]))
+        mbs = [MicroBatch(ids[sl], pos[sl], meta[sl], sl) for sl in split_rows(ids.shape[0], self.num_microbatches)]
         logits = self.stages.run(mbs, cache, keep_last)
         if cache is not None:
             cache.commit(commit)
@@ -337,81 +389,116 @@ class BlockSampler:
         max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         if max_new < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
-        bs, mask_id = cfg.block_size, cfg.mask_token_id
-        batch, width = prompt_ids.shape
-        n_blocks = -(-max_new // bs)
-        length = n_blocks * bs
-        all_valid = torch.ones(batch, length, dtype=torch.bool, device=self.device)
-        layout = masks.build_layout(prompt_lens, width, all_valid, bs, with_xt=False)
-        pos_all, meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
-        tokens = torch.full((batch, length), cfg.pad_id, dtype=torch.long, device=self.device)
-        step_map = torch.full((batch, length), -1, dtype=torch.long, device=self.device)
-        counts = schedules.static_counts(bs, cfg.steps_per_block)
-        threshold = cfg.threshold if cfg.mode == "dynamic" else None
-        rows = torch.arange(batch, device=self.device)  # original ids of the active rows
+        n_blocks = -(-max_new // cfg.block_size)
+        decode = _Decode(self, prompt_ids, prompt_lens, n_blocks, max_new)
+        if cfg.use_cache:
+            rounds = self._decode_async(decode)
+        else:
+            rounds = self._decode_lockstep(decode)
+        return self._finish(
+            prompt_ids, prompt_lens, decode.tokens, decode.step_map, cfg.block_size, max_new, rounds, start
+        )
+
+    def _decode_async(self, d: "_Decode") -> int:
+        """Cached decoding, each row on its own block; returns the batch-level rounds.
+
+        Every round forwards, per row, ``[commit slot | current block]`` (2 * block_size columns;
+        the first round forwards ``[prompt | block 0]`` and commits the prompt). A row whose block
+        completed in the previous round puts that block's final tokens in its commit slot (their
+        keys/values are committed after the forward) and its next block's masks after them; a row
+        still inside its block recomputes the block, its commit slot PAD (nothing attends to it,
+        nothing is committed). Each row's decisions depend on its own context, its own round within
+        the block and its own per-block uniforms only: the same as decoding it alone.
+        """
+        cfg, dev = self.config, self.device
+        bs, width, batch = cfg.block_size, d.width, d.batch
+        rows = torch.arange(batch, device=dev)  # original ids of the active rows
+        block = torch.zeros(batch, dtype=torch.long, device=dev)  # [N] current block per row
+        step = torch.zeros(batch, dtype=torch.long, device=dev)  # [N] round within the block
+        x = torch.full((batch, bs), cfg.mask_token_id, dtype=torch.long, device=dev)  # [N, bs]
+        st = torch.full_like(x, -1)  # [N, bs]
+        offsets = torch.arange(bs, device=dev)  # [bs]
         rounds = 0
-        fused = cfg.use_cache and cfg.fuse_commit
-        with self._session(batch, width + length, cfg.use_cache) as cache:
-            if cache is not None and not fused and width > 0:
-                self._forward(prompt_ids, pos_all[:, :width], meta_all[:, :, :width], cache, width, 1)
-            for b in range(n_blocks):
+        with self._session(batch, width + d.length + bs, use_cache=True) as cache:
+            assert cache is not None
+            while rows.numel():
+                if rounds == 0:
+                    ids = torch.cat([d.prompt_ids, x], dim=1)  # [B, P + bs]
+                    pos, meta = d.pos_all[:, : width + bs], d.meta_all[:, :, : width + bs]
+                    commit: int | Tensor = width
+                else:
+                    committing = (step == 0) & (block > 0)  # [N]
+                    cur = width + block[:, None] * bs + offsets  # [N, bs] columns of the current block
+                    cols = torch.cat([(cur - bs).clamp(min=0), cur], dim=1)  # [N, 2bs]
+                    prev = d.tokens[rows].gather(1, (cur - width - bs).clamp(min=0))  # [N, bs]
+                    ids = torch.cat([torch.where(committing[:, None], prev, cfg.pad_id), x], dim=1)  # [N, 2bs]
+                    pos = d.pos_all[rows].gather(1, cols)  # [N, 2bs]
+                    meta = d.meta_all[rows].gather(2, cols[:, None].expand(-1, 2, -1)).clone()  # [N, 2, 2bs]
+                    meta[:, 1, :bs] = torch.where(committing[:, None], meta[:, 1, :bs], masks.PAD)
+                    commit = committing.long() * bs  # [N]
+                logits = self._forward(ids, pos, meta, cache, commit, keep_last=bs)
+                rounds += 1
+                if logits is not None:
+                    uniform = d.uniforms(rows, block, step)  # [N, bs] or None
+                    cand, conf = self._choose(logits, uniform)  # [N, bs], [N, bs]
+                    chosen = schedules.select_unmask(conf, st < 0, d.counts[step], d.threshold)  # [N, bs]
+                    x = torch.where(chosen, cand, x)
+                    st = torch.where(chosen, step[:, None], st)
+                x, st = share_decisions(torch.stack([x, st])).unbind(0)
+                complete = ~(st < 0).any(-1)  # [N]
+                step = step + 1
+                if not bool(complete.any()):
+                    continue
+                done_rows = complete.nonzero()[:, 0]
+                cols = block[done_rows, None] * bs + offsets  # [n, bs]
+                d.tokens[rows[done_rows, None], cols] = x[done_rows]
+                d.step_map[rows[done_rows, None], cols] = st[done_rows]
+                finished = complete & d.finishes(x, block)  # [N]
+                block = torch.where(complete, block + 1, block)
+                step = torch.where(complete, 0, step)
+                x = torch.where(complete[:, None], cfg.mask_token_id, x)
+                st = torch.where(complete[:, None], -1, st)
+                if bool(finished.any()):
+                    keep = (~finished).nonzero()[:, 0]
+                    rows, block, step, x, st = rows[keep], block[keep], step[keep], x[keep], st[keep]
+                    cache.keep(keep)
+        return rounds
+
+    def _decode_lockstep(self, d: "_Decode") -> int:
+        """The reference: no cache, all rows on the same block, ``[prompt | blocks 0..b]`` recomputed
+        every round; a row whose block is complete sits the remaining rounds out (unchanged)."""
+        cfg, dev = self.config, self.device
+        bs, width = cfg.block_size, d.width
+        rows = torch.arange(d.batch, device=dev)
+        rounds = 0
+        with self._session(d.batch, 0, use_cache=False):
+            for b in range(d.n_blocks):
                 blk = width + b * bs  # first column of block b
-                x = torch.full((rows.numel(), bs), mask_id, dtype=torch.long, device=self.device)  # [N, bs]
+                x = torch.full((rows.numel(), bs), cfg.mask_token_id, dtype=torch.long, device=dev)  # [N, bs]
                 st = torch.full_like(x, -1)  # [N, bs]
-                uniform = self._uniforms(batch, len(counts), bs)  # [B, steps, bs] or None
-                for r, count in enumerate(counts):
-                    if cache is None:
-                        lo = 0
-                    elif fused and r == 0:
-                        lo = 0 if b == 0 else blk - bs  # prompt prefill / last block's final tokens
-                    else:
-                        lo = blk
-                    # Dynamic mode: rows whose block is complete sit the round out when enough of
-                    # them do (below that, gathering the others' cache rows costs more than it saves).
-                    subset = None
-                    if r > 0 and threshold is not None:
-                        pending = (st < 0).any(-1)  # [N]
-                        if int(pending.sum()) <= _SUBSET_BELOW * rows.numel():
-                            subset = pending.nonzero()[:, 0]
-                    sel = rows if subset is None else rows[subset]  # original ids of the forwarded rows
-                    x_sel = x if subset is None else x[subset]  # [n, bs]
-                    ids = torch.cat(
-                        [prompt_ids[sel, lo:width], tokens[sel, max(lo - width, 0): b * bs], x_sel], dim=1
-                    )  # [n, blk + bs - lo]
+                block = torch.full((rows.numel(),), b, dtype=torch.long, device=dev)  # [N]
+                for r in range(len(d.counts)):
+                    ids = torch.cat([d.prompt_ids[rows], d.tokens[rows, : b * bs], x], dim=1)  # [N, blk + bs]
                     logits = self._forward(
-                        ids, pos_all[sel, lo: blk + bs], meta_all[sel, :, lo: blk + bs], cache,
-                        commit=blk - lo, keep_last=bs, subset=subset,
+                        ids, d.pos_all[rows, : blk + bs], d.meta_all[rows, :, : blk + bs], None, 0, keep_last=bs
                     )
                     rounds += 1
                     if logits is not None:
-                        u = None if uniform is None else uniform[sel, r]  # [n, bs]
-                        cand, conf = self._choose(logits, u)  # [n, bs], [n, bs]
-                        st_sel = st if subset is None else st[subset]  # [n, bs]
-                        chosen = schedules.select_unmask(conf, st_sel < 0, count, threshold)  # [n, bs]
-                        x_sel = torch.where(chosen, cand, x_sel)
-                        st_sel = torch.where(chosen, r, st_sel)
-                        if subset is None:
-                            x, st = x_sel, st_sel
-                        else:
-                            x, st = x.index_copy(0, subset, x_sel), st.index_copy(0, subset, st_sel)
+                        step = torch.full_like(block, r)  # [N]
+                        cand, conf = self._choose(logits, d.uniforms(rows, block, step))  # [N, bs], [N, bs]
+                        chosen = schedules.select_unmask(conf, st < 0, d.counts[r], d.threshold)  # [N, bs]
+                        x = torch.where(chosen, cand, x)
+                        st = torch.where(chosen, r, st)
                     x, st = share_decisions(torch.stack([x, st])).unbind(0)
-                    if threshold is not None and not bool((st < 0).any()):
+                    if not bool((st < 0).any()):
                         break
-                tokens[rows, b * bs: (b + 1) * bs] = x
-                step_map[rows, b * bs: (b + 1) * bs] = st
-                in_limit = (torch.arange(bs, device=self.device) + b * bs) < max_new  # [bs]
-                done = (torch.isin(x, self._eos) & in_limit).any(-1) | (b == n_blocks - 1)  # [N]
-                if bool(done.any()):
-                    keep = (~done).nonzero()[:, 0]
-                    rows, x = rows[keep], x[keep]
-                    if cache is not None:
-                        cache.keep(keep)
-                    if rows.numel() == 0:
-                        break
-                if cache is not None and not fused:
-                    cols = slice(blk, blk + bs)
-                    self._forward(x, pos_all[rows, cols], meta_all[rows, :, cols], cache, bs, 1)
-        return self._finish(prompt_ids, prompt_lens, tokens, step_map, bs, max_new, rounds, start)
+                d.tokens[rows, b * bs: (b + 1) * bs] = x
+                d.step_map[rows, b * bs: (b + 1) * bs] = st
+                finished = d.finishes(x, block)  # [N]
+                rows = rows[~finished]
+                if rows.numel() == 0:
+                    break
+        return rounds
 
     # --- plain autoregressive decoding ---------------------------------------------------------
     def generate_ar(self, prompt_ids: Tensor, prompt_lens: Tensor, max_new_tokens: Optional[int] = None) -> Rollout:

@@ -35,7 +35,7 @@ def static_counts(block_size: int, steps_per_block: int) -> list[int]:
 def select_unmask(
     confidence: torch.Tensor,
     masked: torch.Tensor,
-    count: int,
+    count: int | torch.Tensor,
     threshold: Optional[float] = None,
 ) -> torch.Tensor:
     """Positions to unmask this round, ``[N, K]`` bool (a subset of ``masked``).
@@ -44,7 +44,8 @@ def select_unmask(
         confidence: ``[N, K]`` confidence of each position's candidate token (finite).
         masked: ``[N, K]`` bool, positions still masked.
         count: the static number for this round: the ``count`` most confident masked positions
-            are unmasked (all of them if fewer remain; ties go to the leftmost position).
+            are unmasked (all of them if fewer remain; ties go to the leftmost position). An int,
+            or one per row (``[N]``: rows in different rounds of their blocks).
         threshold: dynamic rule: also unmask every masked position with ``confidence > threshold``
             (strict, as the reference). None: static rule only.
     """
@@ -53,7 +54,8 @@ def select_unmask(
     order = conf.argsort(dim=-1, descending=True, stable=True)  # [N, K]
     positions = torch.arange(conf.shape[-1], device=conf.device).expand_as(order)
     rank = torch.empty_like(order).scatter_(-1, order, positions)  # [N, K] rank of each position
-    chosen = (rank < count) & masked
+    limit = count[:, None] if isinstance(count, torch.Tensor) and count.dim() == 1 else count  # [N, 1]
+    chosen = (rank < limit) & masked
     if threshold is not None:
         chosen |= masked & (confidence > threshold)
     return chosen

@@ -34,7 +34,7 @@ class MicroBatch:
     input_ids: Tensor  # [b, S]
     position_ids: Tensor  # [b, S]
     meta: Tensor  # [b, 2, S]
-    rows: slice | Tensor  # which active rows (cache rows): a slice, or an index tensor
+    rows: slice  # which active rows (cache rows)
 
 
 def attention_layers(chunks: Sequence[DiffusionGPTModel]) -> list[BlockAttention]:
