@@ -51,9 +51,11 @@ def _same(a, b):
     ],
 )
 def test_cached_equals_uncached(model, prompts, settings):
-    """The cache (rows asynchronous) and the lockstep reference without it decode the same tokens and rounds."""
+    """The cache (rows asynchronous; committing rows forwarded apart, or with PAD commit slots) and the
+    lockstep reference without it decode the same tokens and rounds."""
     uncached = _run(model, prompts, use_cache=False, **settings)
     _same(_run(model, prompts, use_cache=True, **settings), uncached)
+    _same(_run(model, prompts, use_cache=True, pad_commit_slots=True, **settings), uncached)
     if settings.get("mode") == "dynamic":
         assert uncached.metrics.tokens_per_round > 1.0  # the threshold did unmask several per round
 

@@ -98,7 +98,8 @@ def _tp2_extra(chunks, ref) -> None:
 
 def _pp2_extra(chunks, ref) -> None:
     prompts = left_pad(PROMPTS, pad_id=0)
-    for settings in (dict(num_microbatches=3), dict(num_microbatches=1), dict(use_cache=False)):
+    for settings in (dict(num_microbatches=3), dict(num_microbatches=1), dict(use_cache=False),
+                     dict(pad_commit_slots=True)):
         got = BlockSampler(chunks, SamplerConfig(**BASE, **SCENARIOS["greedy_dynamic"], **settings)).generate(*prompts)
         assert torch.equal(got.tokens, ref["greedy_dynamic"]["tokens"]), settings
         assert torch.equal(got.step_map, ref["greedy_dynamic"]["step_map"]), settings

@@ -19,9 +19,11 @@ keys (never uninitialised memory: a masked NaN value would still poison ``softma
 Life cycle, driven by the sampler:
 
 1. ``with cache.bind(layers):`` attaches one slot per layer (``layer.kv_cache``); detached on exit.
-2. Per forward (one per micro-batch): ``with cache.forward(meta, rows):`` for a contiguous slice
-   ``rows`` of the active rows; each layer's ``extend(key, value, meta)`` writes the current
-   keys/values and returns the views.
+2. Per forward (one per micro-batch): ``with cache.forward(meta, rows):`` for rows ``rows`` of
+   the active rows (a contiguous slice: views, no copy; or an index tensor: the committed keys are
+   gathered, a copy); each layer's ``extend(key, value, meta)`` writes the current keys/values and
+   returns the keys. Forwards of one round may differ in width (rows that commit forward a commit
+   slot before their block); each active row is in exactly one forward of a round.
 3. After every round: ``cache.commit(n)`` keeps the first ``n[r]`` current columns of row ``r``
    (``n`` an int for all rows, or a ``[rows]`` tensor): they move to ``[lengths[r], lengths[r] +
    n[r])`` (nothing moves for rows at the frontier) and ``lengths[r] += n[r]``.
@@ -48,7 +50,7 @@ class _Pending:
     """The forward in flight: its query metadata, its rows, and the key metadata all layers share."""
 
     q_meta: Tensor
-    rows: slice
+    rows: slice | Tensor
     k_meta: Tensor
     width: int
 
@@ -138,25 +140,30 @@ class BlockKVCache:
 
     # --- one forward -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def forward(self, meta: Tensor, rows: Optional[slice] = None) -> Iterator[None]:
-        """Scope of one model forward over the rows ``rows`` (a contiguous slice of the active rows,
-        default all) with current-token metadata ``meta [b, 2, Sq]``."""
+    def forward(self, meta: Tensor, rows: slice | Tensor | None = None) -> Iterator[None]:
+        """Scope of one model forward over rows ``rows`` with current-token metadata ``meta [b, 2, Sq]``.
+
+        ``rows``: a contiguous slice of the active rows (default all), or an ascending index tensor.
+        """
         rows = slice(0, self.rows) if rows is None else rows
-        assert isinstance(rows, slice) and rows.step in (None, 1) and (rows.stop is None or rows.stop <= self.rows), (
-            f"rows {rows} must be a contiguous slice of the {self.rows} active rows"
-        )
-        n_rows = len(range(*rows.indices(self.rows)))
+        if isinstance(rows, slice):
+            assert rows.step in (None, 1) and (rows.stop is None or rows.stop <= self.rows), (
+                f"rows {rows} must be a contiguous slice of the {self.rows} active rows"
+            )
+            n_rows = len(range(*rows.indices(self.rows)))
+        else:
+            assert rows.dim() == 1 and (rows.numel() == 0 or int(rows.max()) < self.rows), "bad row index"
+            n_rows = rows.numel()
         width = meta.shape[-1]
         assert self._pending is None, "a cache forward is already open"
         assert meta.shape[0] == n_rows, f"meta has {meta.shape[0]} rows, the selection {n_rows}"
         assert self.frontier + width <= self.capacity, (
             f"cache overflow: frontier {self.frontier} + {width} current > capacity {self.capacity}"
         )
-        assert self._round_width in (None, width), "all forwards of one round must have the same width"
         end = self.frontier + width
         self.meta[rows, :, self.frontier:end] = meta
         self._pending = _Pending(q_meta=meta, rows=rows, k_meta=self.meta[rows, :, :end], width=width)
-        self._round_width = width
+        self._round_width = max(self._round_width or 0, width)
         try:
             yield
         finally:
@@ -165,7 +172,7 @@ class BlockKVCache:
     def extend(
         self, layer: int, key: Tensor, value: Tensor, meta: Tensor, contiguous: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Write layer ``layer``'s current keys/values ``[Sq, b, G, D]``; return ``[:frontier + Sq]`` views."""
+        """Write layer ``layer``'s current keys/values ``[Sq, b, G, D]``; return keys ``[:frontier + Sq]``."""
         pending = self._pending
         assert pending is not None, "BlockAttention ran with a KV cache outside cache.forward()"
         assert meta is pending.q_meta, "attention metadata differs from the one the cache was opened with"
@@ -188,7 +195,8 @@ class BlockKVCache:
     def commit(self, n: int | Tensor) -> None:
         """End a round: row ``r`` keeps its first ``n[r]`` current columns; the rest will be overwritten.
 
-        ``n``: one count for every active row, or a ``[rows]`` integer tensor.
+        ``n``: one count for every active row, or a ``[rows]`` integer tensor. Every active row must
+        have been forwarded this round (by every layer) when anything is committed.
         """
         width = self._round_width or 0
         assert self._pending is None, "commit inside an open forward"

@@ -77,6 +77,11 @@ class SamplerConfig:
     """Fills response positions that were never decoded; None: the first EOS id (0 without EOS)."""
     use_cache: bool = True
     """Block KV cache (False: recompute everything each round, the reference path)."""
+    pad_commit_slots: bool = False
+    """Cached rounds where only some rows commit: True = one forward, every row ``[commit slot |
+    block]`` with the slots of rows not committing PAD (fewest launches: GPU decode, memory-bound);
+    False = the rows that commit and the others forward separately, no padded tokens (compute-bound
+    CPU decode; the second group's cached keys are gathered, a copy)."""
     num_microbatches: Optional[int] = None
     """Micro-batches per round through the pipeline; None: the pipeline size (1 without PP)."""
     suppress_mask_token: bool = True
@@ -402,13 +407,13 @@ class BlockSampler:
     def _decode_async(self, d: "_Decode") -> int:
         """Cached decoding, each row on its own block; returns the batch-level rounds.
 
-        Every round forwards, per row, ``[commit slot | current block]`` (2 * block_size columns;
-        the first round forwards ``[prompt | block 0]`` and commits the prompt). A row whose block
-        completed in the previous round puts that block's final tokens in its commit slot (their
-        keys/values are committed after the forward) and its next block's masks after them; a row
-        still inside its block recomputes the block, its commit slot PAD (nothing attends to it,
-        nothing is committed). Each row's decisions depend on its own context, its own round within
-        the block and its own per-block uniforms only: the same as decoding it alone.
+        The first round forwards ``[prompt | block 0]`` for every row and commits the prompt. Then a
+        row whose block completed in the previous round forwards ``[final tokens of that block |
+        masks of its next block]`` and commits the first part after the forward; a row still inside
+        its block forwards the block. Rows of both kinds go in separate forwards, or in one with the
+        others' commit slots PAD (``pad_commit_slots``). Each row's decisions depend on its own
+        context, its own round within the block and its own per-block uniforms only: the same as
+        decoding it alone.
         """
         cfg, dev = self.config, self.device
         bs, width, batch = cfg.block_size, d.width, d.batch
@@ -424,19 +429,28 @@ class BlockSampler:
             while rows.numel():
                 if rounds == 0:
                     ids = torch.cat([d.prompt_ids, x], dim=1)  # [B, P + bs]
-                    pos, meta = d.pos_all[:, : width + bs], d.meta_all[:, :, : width + bs]
+                    mbs = self._microbatches(
+                        ids, d.pos_all[:, : width + bs], d.meta_all[:, :, : width + bs], slice(0, batch)
+                    )
                     commit: int | Tensor = width
+                    logits = self.stages.run(mbs, cache, bs)
                 else:
                     committing = (step == 0) & (block > 0)  # [N]
-                    cur = width + block[:, None] * bs + offsets  # [N, bs] columns of the current block
-                    cols = torch.cat([(cur - bs).clamp(min=0), cur], dim=1)  # [N, 2bs]
-                    prev = d.tokens[rows].gather(1, (cur - width - bs).clamp(min=0))  # [N, bs]
-                    ids = torch.cat([torch.where(committing[:, None], prev, cfg.pad_id), x], dim=1)  # [N, 2bs]
-                    pos = d.pos_all[rows].gather(1, cols)  # [N, 2bs]
-                    meta = d.meta_all[rows].gather(2, cols[:, None].expand(-1, 2, -1)).clone()  # [N, 2, 2bs]
-                    meta[:, 1, :bs] = torch.where(committing[:, None], meta[:, 1, :bs], masks.PAD)
+                    n_commit = int(committing.sum())
+                    if n_commit in (0, rows.numel()) or cfg.pad_commit_slots:
+                        groups = [(slice(0, rows.numel()), n_commit > 0)]
+                    else:
+                        groups = [(committing.nonzero()[:, 0], True), ((~committing).nonzero()[:, 0], False)]
+                    mbs = []
+                    for index, with_slot in groups:
+                        mbs += self._microbatches(*self._round_inputs(d, rows, block, x, committing, index, with_slot),
+                                                  index)
+                    logits = self.stages.run(mbs, cache, bs)
+                    if logits is not None and len(groups) > 1:
+                        order = torch.cat([g[0] for g in groups])  # active row of each logits row
+                        logits = torch.empty_like(logits).index_copy_(0, order, logits)
                     commit = committing.long() * bs  # [N]
-                logits = self._forward(ids, pos, meta, cache, commit, keep_last=bs)
+                cache.commit(commit)
                 rounds += 1
                 if logits is not None:
                     uniform = d.uniforms(rows, block, step)  # [N, bs] or None
@@ -463,6 +477,39 @@ class BlockSampler:
                     rows, block, step, x, st = rows[keep], block[keep], step[keep], x[keep], st[keep]
                     cache.keep(keep)
         return rounds
+
+    def _round_inputs(
+        self, d: "_Decode", rows: Tensor, block: Tensor, x: Tensor, committing: Tensor, index: slice | Tensor,
+        with_slot: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``(ids, positions, meta)`` of active rows ``index`` for a cached round: their current block,
+        after a commit slot when ``with_slot`` (final tokens of the previous block for the rows
+        committing, PAD for the others)."""
+        cfg, bs = self.config, self.config.block_size
+        rows, block, x, committing = rows[index], block[index], x[index], committing[index]
+        cur = d.width + block[:, None] * bs + torch.arange(bs, device=rows.device)  # [n, bs] columns
+        ids = x  # [n, bs]
+        cols = cur
+        if with_slot:
+            prev = d.tokens[rows].gather(1, (cur - d.width - bs).clamp(min=0))  # [n, bs]
+            ids = torch.cat([torch.where(committing[:, None], prev, cfg.pad_id), x], dim=1)  # [n, 2bs]
+            cols = torch.cat([(cur - bs).clamp(min=0), cur], dim=1)  # [n, 2bs]
+        pos = d.pos_all[rows].gather(1, cols)  # [n, S]
+        meta = d.meta_all[rows].gather(2, cols[:, None].expand(-1, 2, -1))  # [n, 2, S]
+        if with_slot:
+            meta[:, 1, :bs] = torch.where(committing[:, None], meta[:, 1, :bs], masks.PAD)
+        return ids, pos, meta
+
+    def _microbatches(self, ids: Tensor, pos: Tensor, meta: Tensor, index: slice | Tensor) -> list[MicroBatch]:
+        """Micro-batches over active rows ``index`` (inputs given for those rows only)."""
+        out = []
+        for sl in split_rows(ids.shape[0], self.num_microbatches):
+            if isinstance(index, slice):
+                rows: slice | Tensor = slice(index.start + sl.start, index.start + sl.stop)
+            else:
+                rows = index[sl]
+            out.append(MicroBatch(ids[sl], pos[sl], meta[sl], rows))
+        return out
 
     def _decode_lockstep(self, d: "_Decode") -> int:
         """The reference: no cache, all rows on the same block, ``[prompt | blocks 0..b]`` recomputed

@@ -34,7 +34,7 @@ class MicroBatch:
     input_ids: Tensor  # [b, S]
     position_ids: Tensor  # [b, S]
     meta: Tensor  # [b, 2, S]
-    rows: slice  # which active rows (cache rows)
+    rows: slice | Tensor  # which active rows (cache rows): a slice, or an ascending index tensor
 
 
 def attention_layers(chunks: Sequence[DiffusionGPTModel]) -> list[BlockAttention]:
