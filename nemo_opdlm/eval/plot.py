@@ -214,7 +214,9 @@ def _panel(img: np.ndarray, ox: int, panel: Panel, pw: int, ph: int, top: int) -
     box_w = max((6 * len(lbl) + 20 for lbl, _, _ in legend), default=0)
     box_h = 11 * len(legend)
     corners = [(right - 8 - box_w, bottom - 8 - box_h), (left + 8, plot_top + 6), (right - 8 - box_w, plot_top + 6),
-               (left + 8, bottom - 8 - box_h), ((left + right - box_w) // 2, (plot_top + bottom - box_h) // 2)]
+               (left + 8, bottom - 8 - box_h)]
+    corners += [(left + 8 + fx * (right - left - 16 - box_w), plot_top + 6 + fy * (bottom - plot_top - 14 - box_h))
+                for fy in (0.2, 0.4, 0.6, 0.8) for fx in (0.0, 0.5, 1.0)]  # then a grid, if every corner is busy
 
     def crowding(corner: tuple[float, float]) -> int:
         x0, y0 = corner
