@@ -300,6 +300,31 @@ def read_checkpoint_meta(ckpt_dir: str) -> Optional[dict[str, Any]]:
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
+def check_readable(ckpt_dir: str) -> None:
+    """Refuse, naming the reason, a directory the installed megatron-core cannot load.
+
+    megatron-core >= 0.17 keeps the common (non-tensor) state inside the torch_dist files and
+    writes no ``common.pt``; 0.16 reads that state from ``common.pt`` only (its ``load`` still
+    takes a ``common_strategy``, which is how the older reader is recognised) and fails on a newer
+    checkpoint with an unrelated AttributeError. Checkpoints written by 0.16 load on both.
+    """
+    import inspect
+
+    import megatron.core
+    from megatron.core import dist_checkpointing
+
+    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
+        raise CheckpointFileError(f"{ckpt_dir} is not a megatron-core distributed checkpoint (no metadata.json)")
+    reads_common_pt_only = "common_strategy" in inspect.signature(dist_checkpointing.load).parameters
+    if reads_common_pt_only and not os.path.isfile(os.path.join(ckpt_dir, "common.pt")):
+        version = getattr(megatron.core, "__version__", "?")
+        raise CheckpointFileError(
+            f"{ckpt_dir} was written by megatron-core >= 0.17 (no common.pt), which megatron-core {version} "
+            "cannot read: read it with megatron-core >= 0.17 (Python >= 3.12), e.g. tools/export_hf.py to "
+            "get a Hugging Face copy any version can import"
+        )
+
+
 @torch.no_grad()
 def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix: str = "",
                          cfg: Optional[ModelConfig] = None) -> None:
@@ -313,8 +338,7 @@ def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
-        raise CheckpointFileError(f"{ckpt_dir} is not a megatron-core distributed checkpoint (no metadata.json)")
+    check_readable(ckpt_dir)
     saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     tp_rank, _ = _tp()
     sharded = sharded_model_state(chunks, prefix)

@@ -24,6 +24,21 @@ def model_inputs(batch: Batch) -> dict[str, torch.Tensor]:
     )
 
 
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Where a chunk's parameters live (CPU for a chunk without any)."""
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    """The batch with every tensor on ``device`` (no copy for tensors already there).
+
+    Rows built from dataset responses or prompts (``sft``, ``ar``, off-policy data, lazy teacher
+    inputs) are CPU tensors; on a GPU the model and the loss need them on the GPU.
+    """
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
 def run_schedule(
     chunks: Sequence[torch.nn.Module],
     microbatches: Sequence[Batch],
@@ -44,7 +59,7 @@ def run_schedule(
     iterators: list[Iterator[Batch]] = [iter(microbatches) for _ in chunks]
 
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
-        batch = next(data_iterator)
+        batch = to_device(next(data_iterator), model_device(model))
         output = model(**model_inputs(batch))
         return output, lambda out: loss_fn(out, batch)
 

@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 
 from nemo_opdlm.convert.hf_config import model_config_to_dict
-from nemo_opdlm.convert.hf_to_mcore import META_FILE, META_VERSION, sharded_model_state
+from nemo_opdlm.convert.hf_to_mcore import META_FILE, META_VERSION, check_readable, sharded_model_state
 from nemo_opdlm.convert.staging import barrier, is_rank0, staged_dir
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.training.optim import TrainState
@@ -102,6 +102,7 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
 
     if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
         raise CheckpointError(f"{ckpt_dir} is not a checkpoint (no metadata.json)")
+    check_readable(ckpt_dir)  # a megatron-core >= 0.17 checkpoint on 0.16: say so, not AttributeError
     sharded = _sharded_state(state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for key, chunk in zip([k for k in sharded if k.startswith("model")], state.chunks):

@@ -32,6 +32,7 @@ from nemo_opdlm.distill.states import build_states, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
+from nemo_opdlm.runtime.distributed import collective_device
 
 USES_TEACHER = ("opdlm", "random_mask", "off_policy")
 OWN_ROLLOUTS = ("opdlm", "random_mask")
@@ -187,7 +188,9 @@ def reduce_reported(reported: list[dict[str, Tensor]]) -> dict[str, float]:
     if not reported:
         return {}
     keys = sorted(reported[0])
-    total = torch.stack([sum(r[k].float() for r in reported) for k in keys])
+    total = torch.stack([sum(r[k].float() for r in reported) for k in keys])  # [K]
     if parallel_state.get_data_parallel_world_size() > 1:
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        group = parallel_state.get_data_parallel_group()
+        total = total.to(collective_device(group))  # NCCL needs CUDA, gloo CPU, whatever made the metrics
+        torch.distributed.all_reduce(total, group=group)
     return {k: float(v) for k, v in zip(keys, total)}
