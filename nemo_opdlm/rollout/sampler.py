@@ -125,7 +125,9 @@ class RolloutMetrics:
     tokens_generated: int
     """Valid response tokens (EOS included, padding excluded)."""
     rounds: int
-    """Batch-level denoising rounds (model forwards that produce logits)."""
+    """Batch-level denoising rounds: each gives every active row logits for its current block (with
+    rows asynchronous, the slowest row's own rounds; a cached round with rows committing and rows not
+    is two forwards unless ``pad_commit_slots``)."""
     tokens_per_round: float
     """Parallelism: valid tokens / rounds each row actually needed (summed over its blocks)."""
     frac_finished_eos: float
