@@ -65,6 +65,9 @@ class RolloutConfig:
     """Steps over which the length grows linearly from min_length to max_length."""
     use_cache: bool = True
     """Block KV cache during rollouts (False: the uncached reference path)."""
+    pad_commit_slots: Optional[bool] = None
+    """One forward per round with PAD commit slots (True) or committing / other rows as two forwards
+    (False); None = True on GPU (memory-bound: fewer launches win), False on CPU (fewer FLOPs win)."""
 
     def __post_init__(self) -> None:
         if self.mode not in ("static", "dynamic"):

@@ -58,6 +58,7 @@ def sampler_config(cfg: RunConfig, eos_ids: Sequence[int], pad_id: int, seed: in
         steps_per_block=r.steps_per_block, mode=r.mode, threshold=r.threshold, temperature=r.temperature,
         top_k=r.top_k, top_p=r.top_p, max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos_ids),
         pad_token_id=pad_id, use_cache=r.use_cache, seed=seed,
+        pad_commit_slots=torch.cuda.is_available() if r.pad_commit_slots is None else r.pad_commit_slots,
     )
 
 
