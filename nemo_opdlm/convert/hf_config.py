@@ -146,6 +146,19 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "architectures": [fam.architecture],
         "model_type": fam.model_type,
         "hidden_act": "silu",
+        **_shape_fields(cfg),
+        "rope_parameters": rope,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "dtype": cfg.params_dtype,
+    }
+    if cfg.family != "qwen2":
+        hf["attention_bias"] = False
+    return hf
+
+
+def _shape_fields(cfg: ModelConfig) -> dict[str, Any]:
+    """The HF config fields that give the decoder's shape (shared by the AR and student configs)."""
+    return {
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
         "num_hidden_layers": cfg.num_layers,
@@ -155,13 +168,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "vocab_size": cfg.vocab_size,
         "max_position_embeddings": cfg.max_position_embeddings,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_parameters": rope,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "dtype": cfg.params_dtype,
     }
-    if cfg.family != "qwen2":
-        hf["attention_bias"] = False
-    return hf
 
 
 def student_hf_config(cfg: ModelConfig, diffusion: DiffusionConfig, source: Optional[dict[str, Any]]) -> dict[str, Any]:
@@ -182,15 +189,7 @@ def student_hf_config(cfg: ModelConfig, diffusion: DiffusionConfig, source: Opti
         },
         "source_architecture": FAMILIES[cfg.family].architecture,
         "source_model_type": FAMILIES[cfg.family].model_type,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.kv_channels,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "rms_norm_eps": cfg.norm_eps,
+        **_shape_fields(cfg),
         "rope_theta": cfg.rotary_base,
         "rope_llama3": dataclasses.asdict(cfg.rope_scaling) if cfg.rope_scaling is not None else None,
         "qk_norm": cfg.qk_layernorm,
