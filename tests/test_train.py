@@ -86,10 +86,11 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
 
     run_b = tmp_path / "b"
     proc = subprocess.Popen(_cli(str(straight), "train.save_dir=" + str(run_b)), env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     for line in proc.stdout:
         if "step 3/6" in line:
-            proc.send_signal(signal.SIGKILL)  # a real kill: no handler, no cleanup
+            # a real kill, as a scheduler kills a job: the trainer and its checkpoint helper processes
+            os.killpg(proc.pid, signal.SIGKILL)
             break
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
