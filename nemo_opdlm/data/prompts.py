@@ -275,12 +275,25 @@ def load_prompts(cfg: PromptDataConfig, tokenizer, eos_id: Optional[int] = None)
 
 # --- batching --------------------------------------------------------------------------------
 
+END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
+    """The tokenizer's EOS plus the usual end-of-turn tokens it knows, plus ``extra`` (no duplicates)."""
+    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
+    vocab = tokenizer.get_vocab()
+    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
+    ids += [int(i) for i in extra]
+    return tuple(dict.fromkeys(ids))
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int,
              width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, W] left-padded, lengths [B])``; W = the longest sequence unless given."""
     lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
-    width = int(lens.max()) if width is None else width
-    if int(lens.max()) > width:
+    longest = int(lens.max()) if len(seqs) else 0
+    width = longest if width is None else width
+    if longest > width:
         raise ValueError(f"a sequence of {int(lens.max())} tokens does not fit width {width}")
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     for row, s in enumerate(seqs):

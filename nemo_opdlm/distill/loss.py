@@ -36,6 +36,7 @@ from megatron.core import tensor_parallel
 from torch import Tensor
 
 from nemo_opdlm.runtime import vocab_parallel
+from nemo_opdlm.runtime.distributed import collective_device
 
 Metrics = dict[str, Tensor]
 
@@ -151,9 +152,6 @@ def count_sequences(loss_masks: Iterable[Tensor], group: Optional[dist.ProcessGr
     local = sum(int(m.bool().any(-1).sum()) for m in masks)
     if group is None or dist.get_world_size(group) == 1:
         return local
-    device = masks[0].device if masks else torch.device("cpu")
-    if dist.get_backend(group) == "nccl" and device.type == "cpu":
-        device = torch.device("cuda", torch.cuda.current_device())
-    total = torch.tensor([local], dtype=torch.long, device=device)
+    total = torch.tensor([local], dtype=torch.long, device=collective_device(group))
     dist.all_reduce(total, group=group)
     return int(total.item())

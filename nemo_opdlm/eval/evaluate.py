@@ -18,13 +18,12 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from nemo_opdlm.data.prompts import left_pad
+from nemo_opdlm.data.prompts import eos_ids, left_pad  # noqa: F401  (eos_ids: re-exported)
 from nemo_opdlm.eval import tasks as T
 from nemo_opdlm.models.config import ConfigError
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 
 MODES = ("ar", "static", "dynamic")
-EXTRA_EOS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
 
 
 @dataclass(kw_only=True)
@@ -137,15 +136,6 @@ class EvalResult:
             out.pop("samples")
         out.update(accuracy=self.accuracy, tokens_per_round=self.tokens_per_round, tokens_per_s=self.tokens_per_s)
         return out
-
-
-def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
-    """The tokenizer's EOS plus the usual end-of-turn tokens it knows, plus ``extra``."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in EXTRA_EOS if t in vocab]
-    ids += [int(i) for i in extra]
-    return tuple(dict.fromkeys(ids))
 
 
 def row_rounds(rollout: Rollout) -> int:

@@ -40,6 +40,7 @@ import torch
 from megatron.core import parallel_state
 from torch import Tensor
 
+from nemo_opdlm.data.prompts import left_pad  # noqa: F401  (re-exported as nemo_opdlm.rollout.left_pad)
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import ConfigError
 from nemo_opdlm.models.gpt import DiffusionGPTModel
@@ -167,17 +168,6 @@ class Rollout:
     finished_eos: Tensor
     block_size: int
     metrics: RolloutMetrics = field(repr=False)
-
-
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
-    """Left-pad token lists into ``([B, P] ids, [B] lengths)`` so every prompt ends at column P-1."""
-    lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
-    width = int(lens.max()) if len(prompts) else 0
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        if len(p):
-            ids[i, width - len(p):] = torch.as_tensor(list(p), dtype=torch.long)
-    return ids, lens
 
 
 @contextlib.contextmanager

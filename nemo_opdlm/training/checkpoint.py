@@ -24,6 +24,8 @@ from nemo_opdlm.convert.hf_config import model_config_to_dict
 from nemo_opdlm.convert.hf_to_mcore import META_FILE, META_VERSION, check_readable, sharded_model_state
 from nemo_opdlm.convert.staging import barrier, is_rank0, staged_dir
 from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.models.student import unwrap
+from nemo_opdlm.runtime.distributed import collective_device
 from nemo_opdlm.training.optim import TrainState
 
 LATEST = "latest"
@@ -106,25 +108,17 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     sharded = _sharded_state(state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for key, chunk in zip([k for k in sharded if k.startswith("model")], state.chunks):
-        _inner(chunk).load_state_dict(loaded[key], strict=True)
+        unwrap(chunk).load_state_dict(loaded[key], strict=True)
     state.optimizer.load_state_dict(loaded["optimizer"])
     common = loaded["common"]
     state.scheduler.load_state_dict(common["scheduler"])
     return common
 
 
-def _inner(module: torch.nn.Module) -> torch.nn.Module:
-    from nemo_opdlm.models.student import unwrap
-
-    return unwrap(module)
-
-
 def agree(flag: bool) -> bool:
     """True on every rank if it is True on any rank (e.g. a pre-emption signal seen by one)."""
     if not dist.is_initialized():
         return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32)
-    if dist.get_backend() == "nccl":
-        t = t.cuda()
+    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())

@@ -15,15 +15,13 @@ from megatron.core import parallel_state
 
 from nemo_opdlm.config import ConfigError, RunConfig
 from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, load_hf_weights
+from nemo_opdlm.data.prompts import eos_ids as tokenizer_eos_ids
 from nemo_opdlm.data.prompts import load_prompts
 from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher, offload
 from nemo_opdlm.training.step import USES_TEACHER
-
-END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
-
 
 def tokenizer_dir(cfg: RunConfig) -> str:
     path = cfg.init.tokenizer or cfg.init.teacher_hf or cfg.init.student_hf
@@ -54,13 +52,11 @@ def load_tokenizer(cfg: RunConfig):
 
 
 def eos_ids(tokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS plus the end-of-turn tokens it knows."""
-    ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
-    vocab = tokenizer.get_vocab()
-    ids += [vocab[t] for t in END_OF_TURN if t in vocab]
+    """The tokenizer's EOS and end-of-turn tokens; a run whose responses could never end is refused."""
+    ids = tokenizer_eos_ids(tokenizer)
     if not ids:
         raise ConfigError("the tokenizer has no EOS token: responses could never end")
-    return tuple(dict.fromkeys(ids))
+    return ids
 
 
 def pad_id(tokenizer) -> int:
