@@ -10,7 +10,7 @@ import torch
 
 from nemo_opdlm.distill import loss as L
 from nemo_opdlm.distill import states
-from nemo_opdlm.distill.teacher_targets import compute_targets, teacher_batch
+from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher
@@ -57,8 +57,11 @@ def test_kl_through_the_schedule_matches_a_plain_forward(models, top_k):
     batch = states.build_states(prompt_ids, prompt_lens, response, step_map, valid, block_size=4,
                                 steps_per_block=4, mask_token_id=MASK, eos_ids=[EOS],
                                 generator=torch.Generator().manual_seed(1))
-    targets = compute_targets(teacher, [teacher_batch(prompt_ids, prompt_lens, response, valid)],
-                              prompt_ids.shape[1], response.shape[1], top_k=top_k)[0]
+    t_batch = teacher_batch(prompt_ids, prompt_lens, response, valid)
+    targets = compute_targets(teacher, [t_batch], prompt_ids.shape[1], response.shape[1], top_k=top_k)[0]
+    with torch.no_grad():  # compute_targets projects only the response columns: same targets as in full
+        full = shifted_targets(teacher[0](**model_inputs(t_batch)), prompt_ids.shape[1], response.shape[1], top_k)
+    assert torch.allclose(full.logprobs, targets.logprobs, atol=1e-6, rtol=0)
     n_seq = L.count_sequences([batch["loss_mask"]])
 
     # plain forward of the whole batch
@@ -69,7 +72,8 @@ def test_kl_through_the_schedule_matches_a_plain_forward(models, top_k):
     ref_grads = [p.grad.clone() for p in student[0].parameters()]
     assert ref.item() > 0 and torch.isfinite(ref)
 
-    for n_micro in (1, 2):
+    # 1 or 2 micro-batches; logits of every column, or of the response's columns only
+    for n_micro, last in ((1, None), (2, None), (1, logits_needed(response.shape[1])), (2, response.shape[1])):
         mbs = states.split_microbatches(batch, n_micro)
         tgt = [t.chunk(n_micro) if t is not None else [None] * n_micro for t in (targets.logprobs, targets.ids)]
         for i, mb in enumerate(mbs):
@@ -83,9 +87,9 @@ def test_kl_through_the_schedule_matches_a_plain_forward(models, top_k):
             return loss * n_micro, metrics  # the schedule divides by n_micro
 
         student[0].zero_grad()
-        reported = run_schedule(student, mbs, loss_fn, forward_only=False)
+        reported = run_schedule(student, mbs, loss_fn, forward_only=False, logits_last=last)
         total = sum(r["seq_mean_sum"] for r in reported) / n_seq
-        assert abs(total.item() - ref.item()) < 1e-6, n_micro
+        assert abs(total.item() - ref.item()) < 1e-6, (n_micro, last)
         assert sum(r["num_tokens"] for r in reported).item() == batch["loss_mask"].sum().item()
         for p, g in zip(student[0].parameters(), ref_grads):
-            assert torch.allclose(p.grad, g, atol=1e-7, rtol=1e-5), n_micro
+            assert torch.allclose(p.grad, g, atol=1e-7, rtol=1e-5), (n_micro, last)

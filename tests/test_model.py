@@ -137,6 +137,20 @@ def test_vocab_padding_is_masked(student):
     assert logits.log_softmax(-1)[..., 100:].exp().sum() == 0
 
 
+@torch.no_grad()
+def test_logits_last_projects_only_the_last_columns(student):
+    """``logits_last=k`` gives exactly the last k columns of the full logits; out of range is refused."""
+    ids, layout = training_row()
+    full = student(ids, layout.position_ids, layout.meta)  # [B, S, V]
+    for k in (1, 10, full.shape[1]):
+        last = student(ids, layout.position_ids, layout.meta, logits_last=k)
+        assert last.shape == (full.shape[0], k, full.shape[2])
+        assert torch.allclose(last, full[:, -k:], atol=1e-6, rtol=0)  # same math; BLAS may block M differently
+    for bad in (0, full.shape[1] + 1):
+        with pytest.raises(ValueError, match="logits_last"):
+            student(ids, layout.position_ids, layout.meta, logits_last=bad)
+
+
 def test_bad_configs():
     with pytest.raises(ConfigError, match="num_query_groups"):
         tiny_model(num_attention_heads=4, num_query_groups=3)

@@ -42,9 +42,12 @@ Metrics = dict[str, Tensor]
 
 
 def xt_logits(logits: Tensor, response_len: int) -> Tensor:
-    """The student's logits at xt positions: the last ``response_len`` columns ``[B, L, V/tp]``."""
-    if logits.dim() != 3 or logits.shape[1] < 2 * response_len:
-        raise ValueError(f"student logits {tuple(logits.shape)} cannot hold x0 and xt of length {response_len}")
+    """The student's logits at xt positions: the last ``response_len`` columns ``[B, L, V/tp]``.
+
+    ``logits`` cover ``[prompt | x0 | xt]``, or only their last columns (``logits_last``).
+    """
+    if logits.dim() != 3 or logits.shape[1] < response_len:
+        raise ValueError(f"student logits {tuple(logits.shape)} cannot hold an xt of length {response_len}")
     return logits[:, -response_len:]
 
 

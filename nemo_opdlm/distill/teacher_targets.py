@@ -50,10 +50,24 @@ def teacher_batch(prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, x0: torch
     )
 
 
+def logits_needed(response_len: int) -> int:
+    """Trailing columns of ``[prompt | response]`` whose logits a shifted target or a causal loss
+    reads: the last prompt column predicts the first response token; the last column predicts
+    nothing, but keeping it keeps every slice a plain "last n columns"."""
+    return response_len + 1
+
+
 def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,
                     top_k: Optional[int]) -> TeacherTargets:
-    """Targets from teacher logits ``[B, P + L, V/tp]``: take columns ``P-1 .. P+L-2``."""
-    window = logits[:, prompt_width - 1: prompt_width + response_len - 1]  # [B, L, V/tp]
+    """Targets from teacher logits ``[B, P + L, V/tp]``: take columns ``P-1 .. P+L-2``.
+
+    The logits may also be those of the last ``logits_needed(L)`` columns only
+    (``forward(..., logits_last=...)``): the same columns, counted from the end.
+    """
+    if logits.shape[1] not in (prompt_width + response_len, logits_needed(response_len)):
+        raise ValueError(f"teacher logits {tuple(logits.shape)} are neither the {prompt_width} + {response_len} "
+                         f"columns of [prompt | x0] nor their last {logits_needed(response_len)}")
+    window = logits[:, -response_len - 1: -1]  # [B, L, V/tp]
     logprobs = vocab_parallel.log_softmax(window)  # [B, L, V/tp] fp32
     if top_k is None:
         return TeacherTargets(logprobs)
@@ -66,5 +80,6 @@ def compute_targets(teacher: Sequence[torch.nn.Module], batches: Sequence[Batch]
                     response_len: int, top_k: Optional[int] = 16) -> list[TeacherTargets]:
     """Teacher targets per micro-batch (on the last pipeline stage; empty list elsewhere)."""
     return forward_collect(
-        teacher, batches, lambda logits, _: shifted_targets(logits, prompt_width, response_len, top_k)
+        teacher, batches, lambda logits, _: shifted_targets(logits, prompt_width, response_len, top_k),
+        logits_last=logits_needed(response_len),
     )

@@ -59,6 +59,7 @@ class DiffusionGPTModel(GPTModel):
         position_ids: Tensor,
         attention_mask: Tensor,
         labels: Optional[Tensor] = None,
+        logits_last: Optional[int] = None,
         **unused,
     ) -> Tensor:
         """Logits ``[B, S, V_pad/tp]`` on the last stage, hidden states ``[S, B, H]`` elsewhere.
@@ -67,6 +68,10 @@ class DiffusionGPTModel(GPTModel):
             input_ids: ``[B, S]`` token ids (ignored on non-first PP stages).
             position_ids: ``[B, S]`` RoPE positions.
             attention_mask: ``[B, 2, S]`` token metadata from ``masks.build_layout``.
+            logits_last: project only the last ``logits_last`` columns to the vocabulary (logits
+                ``[B, logits_last, V_pad/tp]``). The losses read the response columns only; at a
+                151k vocabulary the output layer is about a fifth of a 0.6B model's FLOPs, and the
+                prompt and x0 columns' logits would be computed (and stored for backward) for nothing.
         """
         if labels is not None:
             raise ValueError("DiffusionGPTModel returns logits; losses live in distill/loss.py")
@@ -78,6 +83,10 @@ class DiffusionGPTModel(GPTModel):
         )  # [S, B, H]
         if not self.post_process:
             return hidden
+        if logits_last is not None:
+            if not 1 <= logits_last <= hidden.shape[0]:
+                raise ValueError(f"logits_last={logits_last} must be in [1, {hidden.shape[0]}] columns")
+            hidden = hidden[-logits_last:]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         logits, _ = self.output_layer(hidden, weight=weight)  # [S, B, V/tp]
         logits = logits.transpose(0, 1).contiguous()  # [B, S, V/tp]

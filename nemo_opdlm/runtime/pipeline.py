@@ -7,7 +7,7 @@ way (``get_forward_backward_func`` picks no-pipelining, 1F1B or interleaved). No
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -45,12 +45,14 @@ def run_schedule(
     loss_fn: Callable[[torch.Tensor, Batch], tuple],
     *,
     forward_only: bool,
+    logits_last: Optional[int] = None,
 ) -> list[Any]:
     """Forward (and backward unless ``forward_only``) over ``microbatches``.
 
     ``loss_fn(output, batch)`` runs on the last stage and returns what megatron-core's loss_func
     returns: ``(loss, num_tokens, reported)`` or ``(loss, reported)``. Returns the list of
-    ``reported`` values on the last pipeline stage (empty elsewhere).
+    ``reported`` values on the last pipeline stage (empty elsewhere). ``logits_last``: the last
+    stage computes logits for the last this-many columns only (``DiffusionGPTModel.forward``).
     """
     if not microbatches:
         return []
@@ -60,7 +62,7 @@ def run_schedule(
 
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         batch = to_device(next(data_iterator), model_device(model))
-        output = model(**model_inputs(batch))
+        output = model(**model_inputs(batch), logits_last=logits_last)
         return output, lambda out: loss_fn(out, batch)
 
     return get_forward_backward_func()(
@@ -78,6 +80,7 @@ def forward_collect(
     chunks: Sequence[torch.nn.Module],
     microbatches: Sequence[Batch],
     collect: Callable[[torch.Tensor, Batch], Any],
+    logits_last: Optional[int] = None,
 ) -> list[Any]:
     """Forward-only: ``collect(last_stage_output, batch)`` per micro-batch, on the last stage."""
 
@@ -85,4 +88,4 @@ def forward_collect(
         return output.new_zeros(()), collect(output, batch)
 
     with torch.no_grad():
-        return run_schedule(chunks, microbatches, loss_fn, forward_only=True)
+        return run_schedule(chunks, microbatches, loss_fn, forward_only=True, logits_last=logits_last)

@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 
 from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.distill.loss import count_sequences
+from nemo_opdlm.distill.teacher_targets import logits_needed
 from nemo_opdlm.distill.states import split_microbatches
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
@@ -124,7 +125,8 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                 zero_grads(state)
                 t1 = time.perf_counter()
                 loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * dp, s.teacher, cfg.distill.top_k)
-                reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False)
+                reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False,
+                                        logits_last=logits_needed(rows["loss_mask"].shape[1]))
             metrics = reduce_reported(reported)
             finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
             if checkpoint.agree(not finite):

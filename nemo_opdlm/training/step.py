@@ -29,7 +29,7 @@ from nemo_opdlm.data.sampler import PromptBatch
 from nemo_opdlm.distill import loss as losses
 from nemo_opdlm.distill.ablations import response_valid
 from nemo_opdlm.distill.states import build_states, split_microbatches
-from nemo_opdlm.distill.teacher_targets import compute_targets, shifted_targets, teacher_batch
+from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 from nemo_opdlm.runtime.distributed import collective_device
@@ -140,7 +140,8 @@ def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, micro
 def _lazy_targets(teacher: list, batch: dict[str, Tensor], top_k: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
     ids = batch["teacher_input_ids"]
     length = batch["loss_mask"].shape[1]
-    logits = teacher[0](ids, batch["teacher_position_ids"], batch["teacher_meta"])  # [B, P + L, V/tp]
+    logits = teacher[0](ids, batch["teacher_position_ids"], batch["teacher_meta"],
+                        logits_last=logits_needed(length))  # [B, L + 1, V/tp]
     target = shifted_targets(logits, ids.shape[1] - length, length, top_k)
     return target.logprobs, target.ids
 
@@ -175,11 +176,13 @@ def make_loss_fn(method: str, num_sequences: int, scale: float, teacher: Optiona
 
 
 def causal_loss(logits: Tensor, batch: dict[str, Tensor], num_sequences: int) -> tuple[Tensor, dict]:
-    """Next-token cross-entropy on response tokens: column ``P + i - 1`` predicts response token i."""
+    """Next-token cross-entropy on response tokens: column ``P + i - 1`` predicts response token i.
+
+    ``logits`` cover ``[prompt | response]`` or their last ``logits_needed(L)`` columns.
+    """
     loss_mask = batch["loss_mask"].bool()
     length = loss_mask.shape[1]
-    width = logits.shape[1] - length
-    shifted = logits[:, width - 1: width + length - 1]  # [B, L, V/tp]
+    shifted = logits[:, -length - 1: -1]  # [B, L, V/tp]
     per_token = losses.token_cross_entropy(shifted[loss_mask], batch["x0"][loss_mask])  # [N]
     return losses.reduce_per_sequence(per_token, loss_mask, num_sequences, "ce")
 
