@@ -26,7 +26,7 @@ rollout sections the student's final norm is scaled (``--calibrate``) so that th
 about ``--tokens-per-round`` tokens per round (the paper's trained students give ~2 at block 4).
 The scale changes what is decoded, not what a round costs.
 
-Run on one GPU (about 6 minutes on an H100 with the defaults; ``--shapes qwen3-0.6b`` halves it)::
+Run on one GPU (an estimate, not yet measured: 3 to 5 minutes per shape)::
 
     python benchmarks/gpu_bench.py                  # -> benchmarks/results/gpu_bench_<gpu>.json
 
