@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import sys
+import threading
+
 import pytest
 import torch
 
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.student import build_chunks
+from nemo_opdlm.rollout.kv_cache import BlockKVCache
 from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig, left_pad
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 from tests.tiny import tiny_model
@@ -193,3 +198,105 @@ def test_sampling_is_seeded_and_modes_restored(model, prompts):
     assert all(m.kv_cache is None for m in chunks[0].modules() if hasattr(m, "kv_cache"))
     assert all(p.grad is None for p in chunks[0].parameters())
     chunks[0].eval()
+
+
+class _HostReads:
+    """Counts reads of tensor values on the host made by the project's code (``nemo_opdlm``).
+
+    On a GPU each one is a sync: the host waits for every queued kernel. Counted: ``bool``/``int``/
+    ``float``/``index`` conversions, ``item``, ``tolist``, ``numpy``, ``nonzero``-like calls (their
+    output size is a device value) and boolean-mask indexing (a hidden ``nonzero``). Calls made by
+    torch's own Python code are charged to the project line that called torch; calls made by
+    megatron-core are not counted (e.g. its check of the CPU RNG state, a host tensor on a GPU
+    too). Re-entrant calls (the CPU compatibility layer's torch-function mode dispatches a method
+    again) count once.
+    """
+
+    METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "nonzero",
+               "argwhere", "masked_select", "unique")
+    FUNCTIONS = ("nonzero", "argwhere", "masked_select", "unique")
+
+    def __init__(self, monkeypatch):
+        self._torch_dir = os.path.dirname(torch.__file__) + os.sep
+        self._project_dir = os.path.dirname(os.path.dirname(sys.modules[BlockSampler.__module__].__file__)) + os.sep
+        self._local = threading.local()
+        self.count = 0
+        self.sites: dict[str, int] = {}
+        for name in self.METHODS:
+            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name)))
+        for name in self.FUNCTIONS:
+            monkeypatch.setattr(torch, name, self._wrap(getattr(torch, name)))
+        getitem, setitem = torch.Tensor.__getitem__, torch.Tensor.__setitem__
+        monkeypatch.setattr(torch.Tensor, "__getitem__", self._wrap(getitem, _bool_mask_index))
+        monkeypatch.setattr(torch.Tensor, "__setitem__", self._wrap(setitem, _bool_mask_index))
+
+    def _charge(self) -> None:
+        frame = sys._getframe(2)  # the caller of the wrapped function
+        while frame is not None and frame.f_code.co_filename.startswith(self._torch_dir):
+            frame = frame.f_back
+        if frame is not None and frame.f_code.co_filename.startswith(self._project_dir):
+            site = f"{frame.f_code.co_filename[len(self._project_dir):]}:{frame.f_lineno}"
+            self.sites[site] = self.sites.get(site, 0) + 1
+            self.count += 1
+
+    def _wrap(self, fn, applies=lambda *args: True):
+        def wrapper(*args, **kwargs):
+            if getattr(self._local, "inside", False):
+                return fn(*args, **kwargs)
+            self._local.inside = True
+            try:
+                if applies(*args):
+                    self._charge()
+                return fn(*args, **kwargs)
+            finally:
+                self._local.inside = False
+
+        return wrapper
+
+
+def _bool_mask_index(tensor, index, *value) -> bool:
+    """Indexing with a boolean tensor (it sizes its result, or its writes, from the device)."""
+    parts = index if isinstance(index, tuple) else (index,)
+    return any(isinstance(p, torch.Tensor) and p.dtype == torch.bool and p.dim() > 0 for p in parts)
+
+
+@pytest.mark.parametrize("pad_commit_slots", [True, False])
+def test_cached_round_reads_the_device_once(model, prompts, monkeypatch, pad_commit_slots):
+    """One host read per cached round (the GPU default, ``pad_commit_slots``, and the grouped CPU
+    path alike), rounds where rows finish included: on a GPU each read would stall the host until
+    the device caught up, so the next forward's launches could not overlap this one's kernels.
+
+    Bound: ``syncs <= rounds + 6`` (the prompt check and the records at the end read a few values
+    once per call), and between a short and a long rollout the extra reads are at most the extra
+    rounds. Sampling with top-k/top-p (``choose_tokens``) and EOS (compaction) are on the path.
+    """
+    settings = dict(mode="dynamic", threshold=0.6, temperature=1.0, top_k=40, top_p=0.95,
+                    pad_commit_slots=pad_commit_slots, pad_token_id=0)
+    free = _run(model, prompts, max_new_tokens=40, **settings)
+    eos = int(free.tokens[0, 13])  # row 0 finishes by block 3, the others at their own time or never
+    counts = {}
+    for max_new in (20, 40):
+        reference = _run(model, prompts, max_new_tokens=max_new, eos_token_ids=(eos,), use_cache=False, **settings)
+        with monkeypatch.context() as patch:
+            reads = _HostReads(patch)
+            got = _run(model, prompts, max_new_tokens=max_new, eos_token_ids=(eos,), **settings)
+        _same(got, reference)
+        rounds = got.metrics.rounds
+        assert reads.count <= rounds + 6, (reads.count, rounds, reads.sites)
+        counts[max_new] = (reads.count, rounds)
+    assert 0 < got.finished_eos.sum() < 5  # rows finished early: compaction was exercised
+    (short_reads, short_rounds), (long_reads, long_rounds) = counts[20], counts[40]
+    assert long_rounds > short_rounds and long_reads - short_reads <= long_rounds - short_rounds, counts
+
+
+@pytest.mark.parametrize("pad_commit_slots", [True, False])
+def test_cache_host_bookkeeping_matches_the_device(model, prompts, monkeypatch, pad_commit_slots):
+    """The frontier, largest commit and row indices the sampler hands the cache as host ints (from
+    its one read per round) are what the device holds: ``BlockKVCache.verify`` checks each one."""
+    settings = dict(mode="dynamic", threshold=0.6, temperature=1.0, max_new_tokens=24,
+                    pad_commit_slots=pad_commit_slots, pad_token_id=0)
+    eos = int(_run(model, prompts, **settings).tokens[1, 6])
+    monkeypatch.setattr(BlockKVCache, "verify", True)
+    got = _run(model, prompts, eos_token_ids=(eos,), **settings)
+    _same(got, _run(model, prompts, eos_token_ids=(eos,), use_cache=False, **settings))
+    assert got.finished_eos.any()

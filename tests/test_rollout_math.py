@@ -216,14 +216,18 @@ def test_kv_cache_extend_commit_keep_match_concatenation():
     assert all(layer.kv_cache is None for layer in layers)
 
 
-def test_kv_cache_per_row_commits_match_concatenation():
+@pytest.mark.parametrize("values", ["device", "host", "host_verified"])
+def test_kv_cache_per_row_commits_match_concatenation(values):
     """Rows committing different counts (the asynchronous sampler): per row, the non-PAD keys are
     exactly its committed keys followed by the current ones, the current ones are the last Sq keys,
-    and every key handed out is finite (holes are read, masked, by attention)."""
+    and every key handed out is finite (holes are read, masked, by attention). The largest count and
+    the frontier read from the device, or given as host ints (the sampler's way: no sync), checked
+    against the device under ``verify``."""
     layers = [_FakeLayer(), _FakeLayer()]
     batch, width = 4, 3
     cache = BlockKVCache(num_layers=2, batch=batch, capacity=40, groups=2, head_dim=4, dtype=torch.float32,
                          device="cpu")
+    cache.verify = values == "host_verified"
     gen = torch.Generator().manual_seed(1)
     reference = [[torch.empty(0, 2, 4) for _ in range(batch)] for _ in layers]  # [layer][row] committed [S, G, D]
     ref_meta = [torch.empty(2, 0, dtype=torch.long) for _ in range(batch)]  # [row] committed [2, S]
@@ -232,8 +236,9 @@ def test_kv_cache_per_row_commits_match_concatenation():
     with cache.bind(layers):
         for i, counts in enumerate(plan):
             if i == 4:  # drop rows 0 and 2 (finished)
-                cache.keep(torch.tensor([1, 3]))
                 rows = [rows[1], rows[3]]
+                kept_longest = max(reference[0][r].shape[0] for r in rows)
+                cache.keep(torch.tensor([1, 3]), frontier=None if values == "device" else kept_longest)
             counts = torch.tensor([counts[r] for r in rows])
             n = len(rows)
             meta = torch.stack([torch.full((n, width), i), torch.randint(1, 3, (n, width), generator=gen)], 1)
@@ -255,8 +260,11 @@ def test_kv_cache_per_row_commits_match_concatenation():
                     if li == 0:
                         for j, r in enumerate(rows):
                             ref_meta[r] = torch.cat([ref_meta[r], meta[j, :, : int(counts[j])]], 1)
-            cache.commit(counts)
             lengths = [reference[0][r].shape[0] for r in rows]
+            if values == "device":
+                cache.commit(counts)
+            else:
+                cache.commit(counts, largest=int(counts.max()), frontier=max(lengths))
             assert cache.lengths[:n].tolist() == lengths and cache.frontier == max(lengths)
         assert cache.frontier < sum(max(c) for c in plan)  # rows behind fill their holes
 
@@ -277,6 +285,11 @@ def test_kv_cache_guards():
         cache.commit(0)
         with pytest.raises(AssertionError):
             cache.keep(torch.tensor([1, 0]))  # not ascending
+        cache.verify = True  # host-supplied values are checked against the device
+        with cache.forward(meta):
+            layer.kv_cache.extend(torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2), meta)
+        with pytest.raises(AssertionError):
+            cache.commit(torch.tensor([1, 2]), largest=2, frontier=1)  # the longest row has 2
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])

@@ -29,6 +29,16 @@ Life cycle, driven by the sampler:
    n[r])`` (nothing moves for rows at the frontier) and ``lengths[r] += n[r]``.
 4. ``cache.keep(index)`` drops finished rows (compaction), so they cost nothing afterwards.
 
+No host syncs: on a GPU, reading a device value on the host (``int(t)``, ``bool(t)``,
+``t.nonzero()``, a boolean-mask index) waits for every queued kernel, so the launches of the next
+forward cannot overlap this one. What the host needs (``rows``, ``frontier``, the largest count of
+a commit) are host ints; a caller that knows them passes them (``commit(n, largest=, frontier=)``,
+``keep(index, frontier=)``: the sampler derives them from its one read per round), otherwise they
+are read from the device (one sync each). Data movement has fixed shapes: a commit copies
+``[rows, largest]`` columns, the entries that do not move being copied onto themselves, instead of
+selecting the moving ones with ``nonzero``. Checks of device values run only where the values are
+read anyway, or when ``BlockKVCache.verify`` is set (tests, debugging).
+
 Buffers are ``[B, G/tp, capacity, D]`` per layer so that the views handed out are, per head, one
 contiguous ``[Sk, D]`` run (what SDPA reads best); extend returns them as ``[Sk, B, G/tp, D]``.
 """
@@ -79,6 +89,10 @@ class BlockKVCache:
         dtype, device: of the keys and values (the model's activations).
     """
 
+    verify: bool = False
+    """Also check host-supplied values (``largest``, ``frontier``, index tensors) against the device:
+    a host sync each. For tests and debugging; off in the decode loop."""
+
     def __init__(
         self,
         *,
@@ -107,6 +121,9 @@ class BlockKVCache:
         """Committed columns of each active row (the first ``rows`` entries count)."""
         self.frontier = 0
         """``max(lengths)``: where the current tokens of every row are written."""
+        self._aligned = True
+        """Every active row has committed ``frontier`` columns (so far only equal counts): no row is
+        behind, a commit moves nothing (a host flag: the autoregressive decode never moves)."""
         self._pending: Optional[_Pending] = None
         # Per layer, rows written at the current round's columns (checked by commit).
         self._rows_written = [0] * num_layers
@@ -152,7 +169,9 @@ class BlockKVCache:
             )
             n_rows = len(range(*rows.indices(self.rows)))
         else:
-            assert rows.dim() == 1 and (rows.numel() == 0 or int(rows.max()) < self.rows), "bad row index"
+            assert rows.dim() == 1, "bad row index"
+            if self.verify:
+                assert rows.numel() == 0 or int(rows.max()) < self.rows, "row index beyond the active rows"
             n_rows = rows.numel()
         width = meta.shape[-1]
         assert self._pending is None, "a cache forward is already open"
@@ -192,56 +211,81 @@ class BlockKVCache:
         return key_all, value_all, pending.k_meta
 
     # --- between rounds ----------------------------------------------------------------------
-    def commit(self, n: int | Tensor) -> None:
+    def commit(self, n: int | Tensor, *, largest: Optional[int] = None, frontier: Optional[int] = None) -> None:
         """End a round: row ``r`` keeps its first ``n[r]`` current columns; the rest will be overwritten.
 
         ``n``: one count for every active row, or a ``[rows]`` integer tensor. Every active row must
-        have been forwarded this round (by every layer) when anything is committed.
+        have been forwarded this round (by every layer) when anything is committed. With a tensor,
+        ``largest`` (``max(n)``) and ``frontier`` (``max(lengths + n)``, the committed lengths
+        afterwards) are host values the caller knows: without them they are read from the device
+        (a host sync each, and the counts are checked).
         """
         width = self._round_width or 0
         assert self._pending is None, "commit inside an open forward"
         counts = torch.as_tensor(n, dtype=torch.long, device=self.lengths.device).expand(self.rows)  # [N]
-        hi = int(counts.max()) if self.rows else 0
-        assert int(counts.min()) >= 0 and hi <= width, f"cannot commit {n} columns of a round {width} wide"
+        if isinstance(n, int):
+            largest = n if self.rows else 0
+            frontier = self.frontier + n if self.rows else 0  # every row grows by n, the longest too
+        elif largest is None or self.verify:
+            low, hi = (int(counts.min()), int(counts.max())) if self.rows else (0, 0)
+            assert low >= 0 and hi <= width, f"cannot commit {n} columns of a round {width} wide"
+            assert largest in (None, hi), f"largest={largest} given, the counts' maximum is {hi}"
+            largest = hi
+        assert 0 <= largest <= width, f"cannot commit {largest} columns of a round {width} wide"
         self._round_width = None
-        if hi:
+        if largest:
             missing = [i for i, r in enumerate(self._rows_written) if r != self.rows]
             assert not missing, f"layers {missing} did not write all {self.rows} rows this round"
         self._rows_written = [0] * self.num_layers
-        if hi == 0:
+        if largest == 0:
             return
         lengths = self.lengths[: self.rows]  # [N] (a view: updated in place below)
         start = self.frontier
-        behind = lengths < start  # [N] rows whose kept columns must move down to their length
-        if bool((behind & (counts > 0)).any()):
-            offsets = torch.arange(hi, device=counts.device)  # [hi]
-            move = behind[:, None] & (offsets[None, :] < counts[:, None])  # [N, hi]
-            r_idx, j_idx = move.nonzero(as_tuple=True)  # [M], [M]
-            dst = lengths[r_idx] + j_idx  # [M]
-            src = start + j_idx  # [M]
-            for buf in (*self.keys, *self.values):
-                buf[r_idx, :, dst] = buf[r_idx, :, src]  # [M, G, D]; the source is read before writing
-            kept_meta = self.meta[r_idx, :, src]  # [M, 2]
-            # Clear the current columns of the rows behind (their holes must stay PAD), then place.
-            self.meta[: self.rows, 1, start:start + width][behind] = PAD
-            self.meta[r_idx, :, dst] = kept_meta
-        else:
-            self.meta[: self.rows, 1, start:start + width][behind] = PAD
-        # Rows at the frontier keep their columns in place; the rest of their round is scratch.
-        at = ~behind  # [N]
-        cols = torch.arange(width, device=counts.device)  # [width]
-        scratch = at[:, None] & (cols[None, :] >= counts[:, None])  # [N, width]
-        self.meta[: self.rows, 1, start:start + width][scratch] = PAD
+        if not self._aligned:
+            self._move_behind(lengths, counts, largest)
+        self._aligned = self._aligned and isinstance(n, int)
         lengths += counts
-        self.frontier = int(lengths.max())
+        # Every current column at or past a row's new length is a hole (rows behind) or scratch (rows
+        # at the frontier): PAD, so that nothing attends to it.
+        cols = start + torch.arange(width, device=counts.device)  # [width]
+        self.meta[: self.rows, 1, start:start + width].masked_fill_(cols[None, :] >= lengths[:, None], PAD)
+        if frontier is None or self.verify:
+            longest = int(lengths.max())
+            assert frontier in (None, longest), f"frontier={frontier} given, the longest row has {longest}"
+            frontier = longest
+        self.frontier = frontier
 
-    def keep(self, index: Tensor) -> None:
-        """Keep rows ``index`` (ascending, 1-D) of the active rows, compacted to the front."""
+    def _move_behind(self, lengths: Tensor, counts: Tensor, largest: int) -> None:
+        """Rows behind the frontier move their first ``counts[r]`` current columns down to
+        ``lengths[r]`` (keys, values and metadata); rows at the frontier keep them in place.
+
+        Fixed shapes, no host sync: every entry of the ``[N, largest]`` grid is copied, the ones
+        that do not move onto themselves (``nonzero`` would pick the moving ones at the price of a
+        sync). The targets are distinct: a row's moved columns end below ``frontier + counts[r]``,
+        where its unmoved ones begin.
+        """
+        start, dev = self.frontier, counts.device
+        offsets = torch.arange(largest, device=dev)  # [hi]
+        src = (start + offsets).expand(self.rows, -1)  # [N, hi]
+        move = (lengths < start)[:, None] & (offsets[None, :] < counts[:, None])  # [N, hi]
+        dst = torch.where(move, lengths[:, None] + offsets, src)  # [N, hi]
+        r_idx = torch.arange(self.rows, device=dev)[:, None].expand_as(src)  # [N, hi]
+        for buf in (*self.keys, *self.values):
+            buf[r_idx, :, dst] = buf[r_idx, :, src]  # [N, hi, G, D]; the source is read before writing
+        self.meta[r_idx, :, dst] = self.meta[r_idx, :, src]  # [N, hi, 2]
+
+    def keep(self, index: Tensor, frontier: Optional[int] = None) -> None:
+        """Keep rows ``index`` (ascending, 1-D) of the active rows, compacted to the front.
+
+        ``frontier``: the longest committed length among the kept rows, when the caller knows it on
+        the host; without it, it is read from the device (a host sync) and ``index`` is checked.
+        """
         assert self._pending is None and self._round_width is None, "compaction in the middle of a round"
         index = index.to(self.meta.device)
         assert index.dim() == 1 and index.numel() <= self.rows
-        if index.numel() and (int(index.max()) >= self.rows or bool((index[1:] <= index[:-1]).any())):
-            raise AssertionError("keep() needs ascending row indices among the active rows")
+        if frontier is None or self.verify:
+            if index.numel() and (int(index.max()) >= self.rows or bool((index[1:] <= index[:-1]).any())):
+                raise AssertionError("keep() needs ascending row indices among the active rows")
         n, cols = index.numel(), self.frontier
         if n == self.rows:
             return
@@ -250,4 +294,8 @@ class BlockKVCache:
         self.meta[:n, :, :cols] = self.meta[index, :, :cols]
         self.lengths[:n] = self.lengths[index]
         self.rows = n
-        self.frontier = int(self.lengths[:n].max()) if n else 0
+        if frontier is None or self.verify:
+            longest = int(self.lengths[:n].max()) if n else 0
+            assert frontier in (None, longest), f"frontier={frontier} given, the longest kept row has {longest}"
+            frontier = longest
+        self.frontier = frontier

@@ -20,6 +20,13 @@ block]`` per row: a row whose block just completed commits it there (its final t
 starting the next block; the others' commit slots are PAD. Every decision is the one the row
 would make decoding alone (its own context, round within the block and per-block uniforms).
 
+A cached round reads the device once (``_RoundSummary``): on a GPU every read of a device value
+on the host waits for the queued kernels, so the Python and launch work of the next forward could
+not overlap this one. What the host needs for the next round (rows complete or finished, rows
+committing, the lowest and highest block, the cache's frontier) is reduced on the device and read
+as one small tensor; everything else (which rows commit, finish or move in the cache) stays on the
+device as masks, and index tensors come from sorts whose sizes the host knows (never ``nonzero``).
+
 Attention follows ``masks.build_layout`` of ``[prompt | response]`` exactly as training does: the
 prompt is block-causal with blocks aligned to its end, response blocks are block-causal. Without
 the cache (the reference path) rows decode in lockstep and every round recomputes
@@ -213,6 +220,40 @@ def _rows_rounds(step_map: Tensor, valid: Tensor, block_size: int) -> int:
     return int(((steps.amax(-1) + 1) * used).sum())
 
 
+def _first_true(mask: Tensor, count: int) -> Tensor:
+    """Ascending indices ``[count]`` of the True entries of ``mask [N]``, ``count`` of them (known on
+    the host): a stable sort puts them first. ``mask.nonzero()`` would read the device to size its
+    output, a host sync."""
+    return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+
+
+@dataclass(frozen=True)
+class _RoundSummary:
+    """What the host knows after a cached round: the round's only read of device values."""
+
+    complete: int
+    """Rows whose block is complete (they record it and move to their next block)."""
+    finished: int
+    """Rows among those that are done (dropped from the batch, and the cache)."""
+    lo: int
+    """Lowest block of the rows still decoding (their block next round)."""
+    hi: int
+    """Highest block of the rows still decoding: the cache frontier after next round's commit is
+    ``P + hi * bs`` (a row in block ``b`` has committed its prompt and blocks ``0..b-1``)."""
+    kept_hi: int
+    """Highest block this round among the rows that stay: the frontier after the compaction."""
+
+    @classmethod
+    def read(cls, block: Tensor, complete: Tensor, finished: Tensor) -> "_RoundSummary":
+        """From this round's blocks, complete and finished rows (all ``[N]``, N >= 1): one host sync."""
+        nxt = block + complete.long()  # [N] each row's block next round
+        counts = torch.stack([complete, finished]).sum(-1)  # [2]
+        # Over the rows that stay: max of -nxt (= -lo), of nxt (hi) and of block (kept_hi).
+        blocks = torch.where(~finished, torch.stack([-nxt, nxt, block]), torch.iinfo(torch.long).min).amax(-1)  # [3]
+        n_complete, n_finished, neg_lo, hi, kept_hi = torch.cat([counts, blocks]).tolist()
+        return cls(n_complete, n_finished, -neg_lo, hi, kept_hi)
+
+
 class _Decode:
     """The state one ``generate`` call shares between its decoding loop and its records.
 
@@ -243,10 +284,10 @@ class _Decode:
         self._drawn: list[Optional[Tensor]] = []  # per block: [B, steps, bs] (None once no row needs it)
         self._window: tuple[int, int, Optional[Tensor]] = (0, -1, None)
 
-    def uniforms(self, rows: Tensor, block: Tensor, step: Tensor) -> Optional[Tensor]:
+    def uniforms(self, rows: Tensor, block: Tensor, step: Tensor, lo: int, hi: int) -> Optional[Tensor]:
         """Uniforms ``[N, bs]`` of rows ``rows`` (original ids) in round ``step`` of block ``block``
-        (all ``[N]``); None when greedy or not on the last pipeline stage."""
-        lo, hi = int(block.min()), int(block.max())
+        (all ``[N]``); None when greedy or not on the last pipeline stage. ``lo``/``hi``: the lowest
+        and highest of ``block``, known on the host (reading them here would be a host sync)."""
         while len(self._drawn) <= hi:
             draw = self.sampler._uniforms(self.batch, len(self.counts), self.block_size)  # [B, steps, bs]
             if draw is None:
@@ -263,9 +304,12 @@ class _Decode:
     def finishes(self, x: Tensor, block: Tensor) -> Tensor:
         """``[N]``: a row whose block ``block`` now holds ``x [N, bs]`` is done (an EOS within the
         length limit, or its last block)."""
+        last = block == self.n_blocks - 1  # [N]
+        if not self.sampler._eos.numel():
+            return last
         cols = block[:, None] * self.block_size + torch.arange(self.block_size, device=x.device)  # [N, bs]
-        eos = torch.isin(x, self.sampler._eos) & (cols < self.max_new)  # [N, bs]
-        return eos.any(-1) | (block == self.n_blocks - 1)
+        eos = (x[..., None] == self.sampler._eos).any(-1) & (cols < self.max_new)  # [N, bs] (isin can sync)
+        return eos.any(-1) | last
 
 
 class BlockSampler:
@@ -405,7 +449,8 @@ class BlockSampler:
         its block forwards the block. Rows of both kinds go in separate forwards, or in one with the
         others' commit slots PAD (``pad_commit_slots``). Each row's decisions depend on its own
         context, its own round within the block and its own per-block uniforms only: the same as
-        decoding it alone.
+        decoding it alone. The host reads the device once per round (``_RoundSummary``); active
+        rows, rows committing and the block range are host ints taken from that read.
         """
         cfg, dev = self.config, self.device
         bs, width, batch = cfg.block_size, d.width, d.batch
@@ -416,58 +461,62 @@ class BlockSampler:
         st = torch.full_like(x, -1)  # [N, bs]
         offsets = torch.arange(bs, device=dev)  # [bs]
         rounds = 0
+        n, n_commit, lo, hi = batch, 0, 0, 0  # host: active rows, rows committing, block range
         with self._session(batch, width + d.length + bs, use_cache=True) as cache:
             assert cache is not None
-            while rows.numel():
+            while n:
                 if rounds == 0:
                     ids = torch.cat([d.prompt_ids, x], dim=1)  # [B, P + bs]
                     mbs = self._microbatches(
                         ids, d.pos_all[:, : width + bs], d.meta_all[:, :, : width + bs], slice(0, batch)
                     )
-                    commit: int | Tensor = width
                     logits = self.stages.run(mbs, cache, bs)
+                    cache.commit(width)
                 else:
-                    committing = (step == 0) & (block > 0)  # [N]
-                    n_commit = int(committing.sum())
-                    if n_commit in (0, rows.numel()) or cfg.pad_commit_slots:
-                        groups = [(slice(0, rows.numel()), n_commit > 0)]
+                    committing = (step == 0) & (block > 0)  # [N] (n_commit of them)
+                    order: Optional[Tensor] = None
+                    if n_commit in (0, n) or cfg.pad_commit_slots:
+                        groups: list[tuple[slice | Tensor, bool]] = [(slice(0, n), n_commit > 0)]
                     else:
-                        groups = [(committing.nonzero()[:, 0], True), ((~committing).nonzero()[:, 0], False)]
+                        order = _first_true(committing, n)  # [N] committing rows first, then the others
+                        groups = [(order[:n_commit], True), (order[n_commit:], False)]
                     mbs = []
                     for index, with_slot in groups:
                         mbs += self._microbatches(*self._round_inputs(d, rows, block, x, committing, index, with_slot),
                                                   index)
                     logits = self.stages.run(mbs, cache, bs)
-                    if logits is not None and len(groups) > 1:
-                        order = torch.cat([g[0] for g in groups])  # active row of each logits row
+                    if logits is not None and order is not None:
                         logits = torch.empty_like(logits).index_copy_(0, order, logits)
-                    commit = committing.long() * bs  # [N]
-                cache.commit(commit)
+                    # A row in block b has committed its prompt and blocks 0..b-1 after this commit.
+                    cache.commit(committing.long() * bs, largest=bs if n_commit else 0, frontier=width + hi * bs)
                 rounds += 1
                 if logits is not None:
-                    uniform = d.uniforms(rows, block, step)  # [N, bs] or None
+                    uniform = d.uniforms(rows, block, step, lo, hi)  # [N, bs] or None
                     cand, conf = self._choose(logits, uniform)  # [N, bs], [N, bs]
                     chosen = schedules.select_unmask(conf, st < 0, d.counts[step], d.threshold)  # [N, bs]
                     x = torch.where(chosen, cand, x)
                     st = torch.where(chosen, step[:, None], st)
                 x, st = share_decisions(torch.stack([x, st])).unbind(0)
                 complete = ~(st < 0).any(-1)  # [N]
+                finished = complete & d.finishes(x, block)  # [N]
                 step = step + 1
-                if not bool(complete.any()):
+                summary = _RoundSummary.read(block, complete, finished)  # the round's host sync
+                lo, hi, n_commit = summary.lo, summary.hi, summary.complete - summary.finished
+                if not summary.complete:
                     continue
-                done_rows = complete.nonzero()[:, 0]
-                cols = block[done_rows, None] * bs + offsets  # [n, bs]
+                done_rows = _first_true(complete, summary.complete)  # [c]
+                cols = block[done_rows, None] * bs + offsets  # [c, bs]
                 d.tokens[rows[done_rows, None], cols] = x[done_rows]
                 d.step_map[rows[done_rows, None], cols] = st[done_rows]
-                finished = complete & d.finishes(x, block)  # [N]
                 block = torch.where(complete, block + 1, block)
                 step = torch.where(complete, 0, step)
                 x = torch.where(complete[:, None], cfg.mask_token_id, x)
                 st = torch.where(complete[:, None], -1, st)
-                if bool(finished.any()):
-                    keep = (~finished).nonzero()[:, 0]
+                if summary.finished:
+                    n -= summary.finished
+                    keep = _first_true(~finished, n)  # [n]
                     rows, block, step, x, st = rows[keep], block[keep], step[keep], x[keep], st[keep]
-                    cache.keep(keep)
+                    cache.keep(keep, frontier=width + summary.kept_hi * bs if n else 0)
         return rounds
 
     def _round_inputs(
@@ -524,7 +573,7 @@ class BlockSampler:
                     rounds += 1
                     if logits is not None:
                         step = torch.full_like(block, r)  # [N]
-                        cand, conf = self._choose(logits, d.uniforms(rows, block, step))  # [N, bs], [N, bs]
+                        cand, conf = self._choose(logits, d.uniforms(rows, block, step, b, b))  # [N, bs], [N, bs]
                         chosen = schedules.select_unmask(conf, st < 0, d.counts[r], d.threshold)  # [N, bs]
                         x = torch.where(chosen, cand, x)
                         st = torch.where(chosen, r, st)

@@ -19,6 +19,7 @@ gathering the full vocabulary anywhere. Non-goals: which candidates are kept (``
 
 from __future__ import annotations
 
+import struct
 from typing import Optional
 
 import torch
@@ -28,6 +29,7 @@ from torch import Tensor
 from nemo_opdlm.runtime import vocab_parallel
 
 _TOPP_BISECTION_STEPS = 31  # 2**31 > bit pattern of 1.0f: the bisection is exact
+_ONE_BITS = struct.unpack("<i", struct.pack("<f", 1.0))[0]  # int32 bit pattern of 1.0f (a host int)
 
 
 def sanitize(logits: Tensor) -> Tensor:
@@ -71,7 +73,7 @@ def topp_threshold(probs: Tensor, top_p: float) -> Tensor:
     flat_sorted = ascending.reshape(-1, ascending.shape[-1])  # [M, V/tp]
     flat_suffix = suffix.reshape(-1, suffix.shape[-1])  # [M, V/tp + 1]
     lo = torch.zeros(flat_sorted.shape[0], dtype=torch.int32, device=probs.device)  # S(0) = 1
-    hi = torch.full_like(lo, int(torch.tensor(1.0).view(torch.int32)) + 1)  # S(>1) = 0
+    hi = torch.full_like(lo, _ONE_BITS + 1)  # S(>1) = 0
     for _ in range(_TOPP_BISECTION_STEPS):
         mid = lo + (hi - lo) // 2  # [M]
         tau = mid.view(torch.float32)  # [M]
