@@ -137,6 +137,22 @@ def test_vocab_padding_is_masked(student):
     assert logits.log_softmax(-1)[..., 100:].exp().sum() == 0
 
 
+def test_grouped_query_sdpa_equals_sdpa_gqa():
+    """Folding query heads into the query length (the decode path) == SDPA's own GQA, any mask."""
+    import torch.nn.functional as F
+
+    from nemo_opdlm.models.attention import grouped_query_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 5, 16, generator=g)  # 8 query heads in 2 groups, 5 queries
+    k, v = torch.randn(2, 3, 2, 19, 16, generator=g).unbind(0)  # [B, G, Sk, D] each
+    allowed = torch.rand(3, 5, 19, generator=g) < 0.6
+    allowed[..., 0] = True  # every query sees at least one key
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=0.3, enable_gqa=True)
+    got = grouped_query_sdpa(q, k, v, allowed, 0.3)
+    assert (got - want).abs().max() < 1e-6
+
+
 @torch.no_grad()
 def test_logits_last_projects_only_the_last_columns(student):
     """``logits_last=k`` gives exactly the last k columns of the full logits; out of range is refused."""

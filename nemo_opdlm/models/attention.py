@@ -9,7 +9,9 @@ Back ends, chosen per model by config (``ModelConfig.attention_backend``):
 - ``local``: megatron-core's own ``DotProductAttention`` with a dense boolean mask
   (``AttnMaskType.arbitrary``). It materialises the score matrix: the reference path.
 - ``sdpa``: ``torch.nn.functional.scaled_dot_product_attention`` with the dense mask and native
-  GQA. Fast on CPU, with backward: the CPU default.
+  GQA. Fast on CPU, with backward: the CPU default. While a KV cache is bound (rollout decoding:
+  a block or two of queries against the whole cache) GQA is done by folding query heads instead
+  (``grouped_query_sdpa``), so no key is ever repeated.
 - ``flex``: FlexAttention with a ``BlockMask`` built from the same rule (GPU default, compiled;
   forward only on CPU). Transformer Engine's fused kernels do not take arbitrary block masks,
   so with TE present only the linear layers come from TE and attention stays here.
@@ -175,6 +177,8 @@ class BlockAttention(MegatronModule):
                 q, k, v, block_mask=_flex_block_mask(q_meta, k_meta), scale=self.softmax_scale,
                 enable_gqa=gqa,
             )
+        elif self.kv_cache is not None and gqa:
+            out = grouped_query_sdpa(q, k, v, _dense_allowed(q_meta, k_meta), self.softmax_scale)
         else:
             dropout = self.dropout_p if self.training else 0.0
             with tensor_parallel.get_cuda_rng_tracker().fork():
@@ -183,3 +187,22 @@ class BlockAttention(MegatronModule):
                     dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa,
                 )
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)  # [Sq, B, H*D]
+
+
+def grouped_query_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, allowed: torch.Tensor,
+                       scale: float) -> torch.Tensor:
+    """GQA attention of a few queries against a long KV cache, without repeating the keys.
+
+    ``q [B, H, Sq, D]``, ``k``/``v [B, G, Sk, D]``, ``allowed [B, Sq, Sk]``; returns ``[B, H, Sq, D]``.
+    The ``H / G`` query heads of a group read the same keys, so they are folded into the query
+    length (``[B, G, H/G * Sq, D]``) and attention runs as plain multi-head attention over G heads.
+    SDPA's own GQA (``enable_gqa``) may fall back to a path that repeats every cached key and value
+    H/G times: per decoding round that is a copy of the whole cache, for a few query tokens.
+    """
+    batch, heads, sq, dim = q.shape
+    groups = k.shape[1]
+    rep = heads // groups
+    folded = q.reshape(batch, groups, rep * sq, dim)  # heads h = g * rep + i: consecutive heads share a group
+    mask = allowed[:, None, None].expand(batch, 1, rep, sq, allowed.shape[-1]).reshape(batch, 1, rep * sq, -1)
+    out = F.scaled_dot_product_attention(folded, k, v, attn_mask=mask, scale=scale)  # [B, G, rep * Sq, D]
+    return out.reshape(batch, heads, sq, dim)
