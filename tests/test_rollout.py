@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.student import build_chunks
@@ -200,7 +200,7 @@ def test_sampling_is_seeded_and_modes_restored(model, prompts):
     chunks[0].eval()
 
 
-class _HostReads:
+class _HostReads(TorchFunctionMode):
     """Counts reads of tensor values on the host made by the project's code (``nemo_opdlm``).
 
     On a GPU each one is a sync: the host waits for every queued kernel. Counted: ``bool``/``int``/
@@ -208,50 +208,39 @@ class _HostReads:
     output size is a device value) and boolean-mask indexing (a hidden ``nonzero``). Calls made by
     torch's own Python code are charged to the project line that called torch; calls made by
     megatron-core are not counted (e.g. its check of the CPU RNG state, a host tensor on a GPU
-    too). Re-entrant calls (the CPU compatibility layer's torch-function mode dispatches a method
-    again) count once.
+    too). A torch-function mode sees every such call without patching ``torch.Tensor`` (patched
+    and restored dunder methods change how torch treats tensors for the rest of the process), and
+    calls re-dispatched below it (the CPU compatibility layer's mode) are not seen twice.
     """
 
-    METHODS = ("__bool__", "__int__", "__float__", "__index__", "item", "tolist", "numpy", "nonzero",
-               "argwhere", "masked_select", "unique")
-    FUNCTIONS = ("nonzero", "argwhere", "masked_select", "unique")
+    READS = frozenset({
+        torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
+        torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.numpy, torch.Tensor.nonzero, torch.nonzero,
+        torch.Tensor.argwhere, torch.argwhere, torch.Tensor.masked_select, torch.masked_select,
+        torch.Tensor.unique, torch.unique,
+    })
+    INDEXING = frozenset({torch.Tensor.__getitem__, torch.Tensor.__setitem__})
 
-    def __init__(self, monkeypatch):
+    def __init__(self) -> None:
+        super().__init__()
         self._torch_dir = os.path.dirname(torch.__file__) + os.sep
         self._project_dir = os.path.dirname(os.path.dirname(sys.modules[BlockSampler.__module__].__file__)) + os.sep
-        self._local = threading.local()
         self.count = 0
         self.sites: dict[str, int] = {}
-        for name in self.METHODS:
-            monkeypatch.setattr(torch.Tensor, name, self._wrap(getattr(torch.Tensor, name)))
-        for name in self.FUNCTIONS:
-            monkeypatch.setattr(torch, name, self._wrap(getattr(torch, name)))
-        getitem, setitem = torch.Tensor.__getitem__, torch.Tensor.__setitem__
-        monkeypatch.setattr(torch.Tensor, "__getitem__", self._wrap(getitem, _bool_mask_index))
-        monkeypatch.setattr(torch.Tensor, "__setitem__", self._wrap(setitem, _bool_mask_index))
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in self.READS or (func in self.INDEXING and _bool_mask_index(*args)):
+            self._charge()
+        return func(*args, **(kwargs or {}))
 
     def _charge(self) -> None:
-        frame = sys._getframe(2)  # the caller of the wrapped function
+        frame = sys._getframe(2)  # the caller of the intercepted function
         while frame is not None and frame.f_code.co_filename.startswith(self._torch_dir):
             frame = frame.f_back
         if frame is not None and frame.f_code.co_filename.startswith(self._project_dir):
             site = f"{frame.f_code.co_filename[len(self._project_dir):]}:{frame.f_lineno}"
             self.sites[site] = self.sites.get(site, 0) + 1
             self.count += 1
-
-    def _wrap(self, fn, applies=lambda *args: True):
-        def wrapper(*args, **kwargs):
-            if getattr(self._local, "inside", False):
-                return fn(*args, **kwargs)
-            self._local.inside = True
-            try:
-                if applies(*args):
-                    self._charge()
-                return fn(*args, **kwargs)
-            finally:
-                self._local.inside = False
-
-        return wrapper
 
 
 def _bool_mask_index(tensor, index, *value) -> bool:
@@ -261,7 +250,7 @@ def _bool_mask_index(tensor, index, *value) -> bool:
 
 
 @pytest.mark.parametrize("pad_commit_slots", [True, False])
-def test_cached_round_reads_the_device_once(model, prompts, monkeypatch, pad_commit_slots):
+def test_cached_round_reads_the_device_once(model, prompts, pad_commit_slots):
     """One host read per cached round (the GPU default, ``pad_commit_slots``, and the grouped CPU
     path alike), rounds where rows finish included: on a GPU each read would stall the host until
     the device caught up, so the next forward's launches could not overlap this one's kernels.
@@ -277,8 +266,7 @@ def test_cached_round_reads_the_device_once(model, prompts, monkeypatch, pad_com
     counts = {}
     for max_new in (20, 40):
         reference = _run(model, prompts, max_new_tokens=max_new, eos_token_ids=(eos,), use_cache=False, **settings)
-        with monkeypatch.context() as patch:
-            reads = _HostReads(patch)
+        with _HostReads() as reads:
             got = _run(model, prompts, max_new_tokens=max_new, eos_token_ids=(eos,), **settings)
         _same(got, reference)
         rounds = got.metrics.rounds

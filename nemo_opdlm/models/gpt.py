@@ -136,6 +136,11 @@ def build_gpt(
     if vp_stage is not None:
         kwargs["vp_stage"] = vp_stage
     net = DiffusionGPTModel(**kwargs)
+    if model.dtype != torch.float32:
+        # megatron-core creates torch norms in fp32 whatever params_dtype says (Float16Module
+        # casts them for training). The frozen teacher and the rollout run without that wrapper,
+        # and a bf16 input with an fp32 norm weight misses the fused RMSNorm kernel in every layer.
+        net.to(model.dtype)
     if torch.cuda.is_available():
         net.cuda()
     return net
