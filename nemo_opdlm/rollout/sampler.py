@@ -339,8 +339,8 @@ class BlockSampler:
     # --- shared machinery --------------------------------------------------------------------
     @contextlib.contextmanager
     def _session(self, batch: int, capacity: int, use_cache: bool) -> Iterator[Optional[BlockKVCache]]:
-        """Rollout mode + output-layer column filter + (optionally) a bound KV cache."""
-        with rollout_mode(self.chunks), self.stages.last_columns_only():
+        """Rollout mode + (optionally) a bound KV cache."""
+        with rollout_mode(self.chunks):
             if not use_cache:
                 yield None
                 return

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -69,41 +69,18 @@ class StageRunner:
         self.hidden = config.hidden_size
         self.dtype = config.pipeline_dtype or config.params_dtype
         self.device = next(self.chunks[0].parameters()).device
-        self._keep_last = 0
-        self._hooks: list = []
-
-    @contextlib.contextmanager
-    def last_columns_only(self) -> Iterator[None]:
-        """While open, the output layer sees only the last ``keep_last`` columns of each forward.
-
-        The sampler needs logits of the current block only; the prompt and committed columns
-        would cost a ``[b, S, V/tp]`` projection for nothing.
-        """
-
-        def hook(module, args, kwargs):
-            hidden = args[0]  # [S, b, H]
-            return (hidden[-self._keep_last:], *args[1:]), kwargs
-
-        for chunk in self.chunks:
-            if chunk.post_process:
-                self._hooks.append(chunk.output_layer.register_forward_pre_hook(hook, with_kwargs=True))
-        try:
-            yield
-        finally:
-            for handle in self._hooks:
-                handle.remove()
-            self._hooks = []
 
     def run(
         self, microbatches: Sequence[MicroBatch], cache: Optional[BlockKVCache], keep_last: int
     ) -> Optional[Tensor]:
         """Logits ``[n, keep_last, V/tp]`` of all micro-batches (rows concatenated) on the last stage.
 
-        Other stages return None. Every rank of the pipeline must call this with the same shapes.
+        Only the last ``keep_last`` columns (the current block) reach the output layer: the prompt
+        and committed columns would cost a ``[b, S, V/tp]`` projection for nothing. Other stages
+        return None. Every rank of the pipeline must call this with the same shapes.
         """
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-        self._keep_last = keep_last
         logits: list[Tensor] = []
         sends: list = []
         for chunk in self.chunks:
@@ -115,7 +92,8 @@ class StageRunner:
                     chunk.set_input_tensor(hidden)
                 scope = cache.forward(mb.meta, mb.rows) if cache is not None else contextlib.nullcontext()
                 with scope:
-                    out = chunk(mb.input_ids if chunk.pre_process else None, mb.position_ids, mb.meta)
+                    out = chunk(mb.input_ids if chunk.pre_process else None, mb.position_ids, mb.meta,
+                                logits_last=keep_last)
                 if not chunk.pre_process:
                     chunk.set_input_tensor(None)
                 if chunk.post_process:
