@@ -288,3 +288,18 @@ def test_cache_host_bookkeeping_matches_the_device(model, prompts, monkeypatch, 
     got = _run(model, prompts, eos_token_ids=(eos,), **settings)
     _same(got, _run(model, prompts, eos_token_ids=(eos,), use_cache=False, **settings))
     assert got.finished_eos.any()
+
+
+def test_rollout_lifts_the_cpu_device_mode(model):
+    """On CPU the compatibility layer's device mode is off while decoding and back on afterwards."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    from nemo_opdlm.rollout.sampler import rollout_mode
+    from nemo_opdlm.runtime import cpu_compat
+
+    if not cpu_compat.cpu_compat_enabled():
+        pytest.skip("the device mode only exists on CPU")
+    assert _get_current_function_mode_stack()[-1] is cpu_compat._MODE
+    with rollout_mode(model):
+        assert cpu_compat._MODE not in _get_current_function_mode_stack()
+    assert _get_current_function_mode_stack()[-1] is cpu_compat._MODE

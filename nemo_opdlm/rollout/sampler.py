@@ -56,6 +56,7 @@ from nemo_opdlm.rollout import schedules
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
 from nemo_opdlm.rollout.sampling import choose_tokens
 from nemo_opdlm.rollout.stages import MicroBatch, StageRunner, attention_layers, share_decisions, split_rows
+from nemo_opdlm.runtime.cpu_compat import device_mode_suspended
 
 @dataclass(kw_only=True)
 class SamplerConfig:
@@ -182,7 +183,8 @@ def rollout_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
     """Eval mode and no_grad for the duration of a rollout; every module's mode restored afterwards.
 
     FlexAttention layers decode with SDPA: compiled flex kernels specialise on the key length,
-    which grows every block.
+    which grows every block, and tile queries by 128 where a round has a block or two. On CPU the
+    compatibility layer's device mode is lifted (``cpu_compat.device_mode_suspended``).
     """
     modes = [(m, m.training) for chunk in chunks for m in chunk.modules()]
     layers = attention_layers(chunks)
@@ -193,7 +195,7 @@ def rollout_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
         for layer in layers:
             if layer.backend == "flex":
                 layer.backend = "sdpa"
-        with torch.no_grad():
+        with torch.no_grad(), device_mode_suspended():
             yield
     finally:
         for module, training in modes:
