@@ -261,7 +261,8 @@ def attended_pairs(meta: torch.Tensor) -> int:
 
 
 def random_targets(b: int, length: int, k: int, vocab: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k teacher targets of the right shapes: normalised log-probs and distinct-enough ids."""
+    """Top-k teacher targets of the right shapes: normalised log-probs and random ids (repeats do
+    not change what the loss costs)."""
     gen = torch.Generator().manual_seed(seed)
     logprobs = torch.randn(b, length, k, generator=gen).log_softmax(-1)
     ids = torch.randint(0, vocab, (b, length, k), generator=gen)
