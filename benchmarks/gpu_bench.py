@@ -47,6 +47,7 @@ import platform
 import re
 import sys
 import time
+import traceback
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -463,11 +464,12 @@ class Report:
     def __init__(self, path: str, header: dict[str, Any]) -> None:
         self.path = path
         self.data: dict[str, Any] = dict(header, shapes={})
+        self.failed: list[str] = []
 
     def add(self, shape: str, section: str, result: dict[str, Any]) -> None:
         rounded = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()}
         self.data["shapes"].setdefault(shape, {})[section] = rounded
-        shown = ", ".join(f"{k}={v}" for k, v in rounded.items() if k.endswith(("per_s", "_s", "gib", "round")))
+        shown = ", ".join(f"{k}={v}" for k, v in rounded.items() if k.endswith(("per_s", "_s", "gib", "round", "error")))
         print(f"  [{shape}] {section}: {shown}", flush=True)
         self.write()
 
@@ -512,10 +514,20 @@ def release() -> None:
 
 
 def measure(report: Report, shape: str, section: str, fn: Callable[[], dict[str, Any]]) -> None:
-    """Run one section with its own peak-memory window and record it."""
+    """Run one section with its own peak-memory window and record it.
+
+    A section that fails (out of memory, a compile error) is recorded with its error and the run
+    goes on: a GPU session has minutes, and the other sections' numbers are worth keeping.
+    """
     mem = Memory()
     mem.reset()
-    result = fn()
+    try:
+        result = fn()
+    except Exception as exc:  # noqa: BLE001 (reported in the JSON and on stderr, and the exit code)
+        traceback.print_exc()
+        result = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+        report.failed.append(f"{shape}/{section}")
+        release()
     result.setdefault("peak_gib", mem.peak_gib())
     report.add(shape, section, result)
 
@@ -561,12 +573,22 @@ def bench_shape(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted
     print(f"{name}: {cfg.num_layers} layers x {cfg.hidden_size}, vocab {cfg.vocab_size}, {cfg.params_dtype}",
           flush=True)
     if wanted & {"hf_train", "hf_generate"}:
-        bench_hf(report, name, cfg, s, wanted, prompts)
-        release()
+        measure_part(report, name, "hf_model", lambda: bench_hf(report, name, cfg, s, wanted, prompts))
     if wanted & {"student_step", "teacher", "rollout", "opdlm_step"}:
-        bench_ours(report, name, cfg, s, wanted, prompts)
-        release()
+        measure_part(report, name, "our_models", lambda: bench_ours(report, name, cfg, s, wanted, prompts))
     report.ratios(name, peak)
+
+
+def measure_part(report: Report, shape: str, part: str, fn: Callable[[], None]) -> None:
+    """Build one side's models and run its sections; a failure to build is recorded like a section's."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001
+        traceback.print_exc()
+        report.data["shapes"].setdefault(shape, {})[f"{part}_error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        report.failed.append(f"{shape}/{part}")
+        report.write()
+    release()
 
 
 def versions() -> dict[str, str]:
@@ -617,7 +639,10 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                 print(f"note: {name} in bf16 on CPU is slow; use --tiny for a smoke run", flush=True)
             bench_shape(report, name, cfg, s, wanted, peak)
     report.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
+    report.data["failed"] = report.failed
     report.write()
+    if report.failed:
+        raise SystemExit(f"failed: {', '.join(report.failed)} (the other sections are in {out})")
     return report.data
 
 

@@ -101,3 +101,21 @@ def test_settings_validation():
         gpu_bench.Settings(train_seq=2047)
     with pytest.raises(ValueError, match="step_micro_batch"):
         gpu_bench.Settings(step_prompts=30, step_micro_batch=4)
+
+
+def test_a_failing_section_is_recorded_and_the_rest_kept(tmp_path):
+    """An out-of-memory or compile error in one section must not lose the others (a GPU session
+    has minutes): the error goes into the JSON, the run goes on, and the exit code says so."""
+    report = gpu_bench.Report(str(tmp_path / "r.json"), {"benchmark": "test"})
+    gpu_bench.measure(report, "tiny", "teacher", lambda: {"tokens_per_s": 5.0})
+
+    def out_of_memory():
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    gpu_bench.measure(report, "tiny", "hf_train", out_of_memory)
+    gpu_bench.measure_part(report, "tiny", "our_models", out_of_memory)
+    written = json.loads((tmp_path / "r.json").read_text())["shapes"]["tiny"]
+    assert written["teacher"]["tokens_per_s"] == 5.0
+    assert written["hf_train"]["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    assert "simulated" in written["our_models_error"]
+    assert report.failed == ["tiny/hf_train", "tiny/our_models"]
