@@ -88,8 +88,10 @@ class DiffusionGPTModel(GPTModel):
                 raise ValueError(f"logits_last={logits_last} must be in [1, {hidden.shape[0]}] columns")
             hidden = hidden[-logits_last:]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
-        logits, _ = self.output_layer(hidden, weight=weight)  # [S, B, V/tp]
-        logits = logits.transpose(0, 1).contiguous()  # [B, S, V/tp]
+        # Batch-first before the projection: transposing [S, B, H] costs V/H times less than
+        # transposing the logits (a copy of every logit, forward and backward).
+        hidden = hidden.transpose(0, 1).contiguous()  # [B, S, H]
+        logits, _ = self.output_layer(hidden, weight=weight)  # [B, S, V/tp]
         return mask_vocab_padding(logits, self.real_vocab_size)
 
 
