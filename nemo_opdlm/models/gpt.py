@@ -70,7 +70,7 @@ class DiffusionGPTModel(GPTModel):
             attention_mask: ``[B, 2, S]`` token metadata from ``masks.build_layout``.
             logits_last: project only the last ``logits_last`` columns to the vocabulary (logits
                 ``[B, logits_last, V_pad/tp]``). The losses read the response columns only; at a
-                151k vocabulary the output layer is about a fifth of a 0.6B model's FLOPs, and the
+                151k vocabulary the output layer is about a quarter of a 0.6B model's FLOPs, and the
                 prompt and x0 columns' logits would be computed (and stored for backward) for nothing.
         """
         if labels is not None:
