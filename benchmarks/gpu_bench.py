@@ -61,8 +61,7 @@ warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|full scop
 from nemo_opdlm.config import DistillConfig, OptimConfig, RolloutConfig, RunConfig, TrainConfig  # noqa: E402
 from nemo_opdlm.convert.hf_config import hf_config_from_model  # noqa: E402
 from nemo_opdlm.data.sampler import PromptBatch  # noqa: E402
-from nemo_opdlm.distill.loss import count_sequences  # noqa: E402
-from nemo_opdlm.distill.states import build_states, split_microbatches  # noqa: E402
+from nemo_opdlm.distill.states import build_states  # noqa: E402
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, teacher_batch  # noqa: E402
 from nemo_opdlm.models import masks  # noqa: E402
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig  # noqa: E402
@@ -72,9 +71,7 @@ from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig  # noqa: E402
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime  # noqa: E402
 from nemo_opdlm.runtime.pipeline import run_schedule  # noqa: E402
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training, zero_grads  # noqa: E402
-from nemo_opdlm.training.step import (  # noqa: E402
-    attach_teacher_targets, get_responses, make_loss_fn, sampler_config, training_rows,
-)
+from nemo_opdlm.training.step import forward_backward, make_loss_fn  # noqa: E402
 from recipes.models import QWEN3_MASK_ID, qwen3_0_6b, qwen3_1_7b  # noqa: E402
 
 TARGETS = {"student_step_vs_hf_fwd_bwd": 1.0, "rollout_t0.9_vs_hf_generate": 3.0}
@@ -423,27 +420,20 @@ def step_config(cfg: ModelConfig, s: Settings, mask_id: int) -> RunConfig:
 
 
 def bench_opdlm_step(state, teacher, cfg: ModelConfig, s: Settings, mask_id: int, prompts) -> dict[str, Any]:
-    """One trainer step, phase by phase, with the trainer's functions (teacher targets computed up
-    front, as under pipeline parallelism, so that the teacher's time stands apart)."""
+    """One trainer step, phase by phase, through the trainer's own ``forward_backward`` (teacher
+    targets computed up front, as under pipeline parallelism, so that the teacher's time stands
+    apart) and optimizer step."""
     run = step_config(cfg, s, mask_id)
     ids, lens = prompts[0][: s.step_prompts], prompts[1][: s.step_prompts]
     batch = PromptBatch(indices=list(range(ids.shape[0])), prompt_ids=ids, prompt_lens=lens)
-    n_mb = s.step_prompts // s.step_micro_batch
 
     def step(seed: int) -> dict[str, float]:
-        scfg = sampler_config(run, (), 0, seed, max_new_tokens=s.step_tokens)
-        t_roll, resp = timed(lambda: get_responses(run, batch, state.chunks, teacher, scfg, s.step_tokens))
-        rows = training_rows(run, resp, (), torch.Generator().manual_seed(seed))
-        mbs = split_microbatches(rows, n_mb)
-        t_teacher, _ = timed(lambda: attach_teacher_targets(run, teacher, resp, mbs, lazy=False))
-        loss_fn = make_loss_fn("opdlm", count_sequences([mb["loss_mask"] for mb in mbs]), n_mb)
-        zero_grads(state)
-        t_student, _ = timed(lambda: run_schedule(state.chunks, mbs, loss_fn, forward_only=False,
-                                                  logits_last=logits_needed(s.step_tokens)))
+        out = forward_backward(run, batch, state, teacher, (), 0, seed=seed, length=s.step_tokens,
+                               lazy_teacher=False, sync=sync)
         t_opt, _ = timed(lambda: optimizer_step(state))
-        return {"rollout_s": t_roll, "teacher_s": t_teacher, "student_fwd_bwd_s": t_student, "optimizer_s": t_opt,
-                "step_s": t_roll + t_teacher + t_student + t_opt,
-                "rollout_tokens": float(resp.valid.sum()), "trained_tokens": float(rows["input_ids"].numel())}
+        return dict(out.seconds, optimizer_s=t_opt, step_s=sum(out.seconds.values()) + t_opt,
+                    rollout_tokens=float(out.responses.valid.sum()),
+                    trained_tokens=float(out.rows["input_ids"].numel()))
 
     step(0)  # warm-up (untimed)
     mem = Memory()

@@ -14,7 +14,7 @@ import torch
 
 from nemo_opdlm.config import ConfigError, dump_yaml
 from nemo_opdlm.data.prompts import DataError
-from nemo_opdlm.training import loop
+from nemo_opdlm.training import step as train_step
 from nemo_opdlm.training.loop import NonFiniteLossError, train
 from tests.dist import ROOT, torchrun
 from tests.train_fixtures import make_run
@@ -172,7 +172,7 @@ def test_dp2_step_equals_dp1(tmp_path):
 
 
 def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
-    real = loop.make_loss_fn
+    real = train_step.make_loss_fn
     calls = {"n": 0}
 
     def poisoned(bad_steps, *args):
@@ -188,13 +188,13 @@ def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
             return loss, metrics
         return wrapped
 
-    monkeypatch.setattr(loop, "make_loss_fn", lambda *args: poisoned({2}, *args))
+    monkeypatch.setattr(train_step, "make_loss_fn", lambda *args: poisoned({2}, *args))
     history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=3"))["history"]
     assert math.isnan(history[1]["loss"]) and math.isnan(history[1]["grad_norm"])
     assert math.isfinite(history[2]["loss"])
 
     calls["n"] = 0
-    monkeypatch.setattr(loop, "make_loss_fn", lambda *args: poisoned({1, 2, 3, 4}, *args))
+    monkeypatch.setattr(train_step, "make_loss_fn", lambda *args: poisoned({1, 2, 3, 4}, *args))
     with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses"):
         train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=4", "train.max_nonfinite_in_row=2"))
 

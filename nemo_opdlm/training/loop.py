@@ -17,25 +17,14 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_opdlm.config import RunConfig, to_dict
-from nemo_opdlm.distill.loss import count_sequences
-from nemo_opdlm.distill.teacher_targets import logits_needed
-from nemo_opdlm.distill.states import split_microbatches
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
-from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.training import checkpoint
 from nemo_opdlm.training.metrics import MetricsLogger
-from nemo_opdlm.training.optim import optimizer_step, wrap_for_training, zero_grads
+from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
-from nemo_opdlm.training.step import (
-    attach_teacher_targets,
-    get_responses,
-    make_loss_fn,
-    reduce_reported,
-    sampler_config,
-    training_rows,
-)
+from nemo_opdlm.training.step import forward_backward, reduce_reported
 
 
 class NonFiniteLossError(RuntimeError):
@@ -91,7 +80,6 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps)
     dp = parallel_state.get_data_parallel_world_size()
-    dp_rank = parallel_state.get_data_parallel_rank()
     diffusion = {"block_size": cfg.diffusion.block_size, "mask_token_id": cfg.diffusion.mask_token_id}
     history: list[dict[str, float]] = []
     bad_in_row, step, status = 0, start, "completed"
@@ -108,25 +96,12 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             seed_everything(seed)
             batch = s.loader.next_batch()
             length = curriculum.length(step - 1)
-            scfg = sampler_config(cfg, s.eos_ids, s.pad_id, seed, max_new_tokens=length)
             with resident(s.teacher, cfg.distill.teacher_offload):
-                resp = get_responses(cfg, batch, s.student, s.teacher, scfg, length)
-                t_rollout = time.perf_counter() - t0
-
-                generator = torch.Generator().manual_seed(seed + 31 * dp_rank)
-                rows = training_rows(cfg, resp, s.eos_ids, generator)
-                n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
-                microbatches = split_microbatches(rows, n_mb)
-                lazy_teacher = parallel_state.get_pipeline_model_parallel_world_size() == 1
-                if s.teacher is not None:
-                    attach_teacher_targets(cfg, s.teacher, resp, microbatches, lazy=lazy_teacher)
-                num_seq = count_sequences([mb["loss_mask"] for mb in microbatches],
-                                          parallel_state.get_data_parallel_group())
-                zero_grads(state)
-                t1 = time.perf_counter()
-                loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * dp, s.teacher, cfg.distill.top_k)
-                reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False,
-                                        logits_last=logits_needed(rows["loss_mask"].shape[1]))
+                out = forward_backward(cfg, batch, state, s.teacher, s.eos_ids, s.pad_id, seed=seed, length=length,
+                                       lazy_teacher=parallel_state.get_pipeline_model_parallel_world_size() == 1)
+            resp, rows, reported = out.responses, out.rows, out.reported
+            t_rollout = out.seconds["rollout_s"]
+            t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
             metrics = reduce_reported(reported)
             finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
             if checkpoint.agree(not finite):

@@ -1,8 +1,9 @@
 """One training step's data and losses, for every method, in megatron-core's loss_func contract.
 
 One job: prompts -> responses (own rollouts, teacher rollouts or dataset answers) -> training
-micro-batches (states + teacher targets) -> the loss of one micro-batch. Non-goals: the optimizer,
-checkpoints, logging (``loop.py``).
+micro-batches (states + teacher targets) -> the loss of one micro-batch, and their composition up
+to the gradients (``forward_backward``). Non-goals: the optimizer step, checkpoints, logging
+(``loop.py``).
 
 Methods (``distill.method``):
 
@@ -17,8 +18,9 @@ Methods (``distill.method``):
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from megatron.core import parallel_state
@@ -33,6 +35,8 @@ from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, s
 from nemo_opdlm.models import masks
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 from nemo_opdlm.runtime.distributed import collective_device
+from nemo_opdlm.runtime.pipeline import run_schedule
+from nemo_opdlm.training.optim import TrainState, zero_grads
 
 USES_TEACHER = ("opdlm", "random_mask", "off_policy")
 OWN_ROLLOUTS = ("opdlm", "random_mask")
@@ -173,6 +177,54 @@ def make_loss_fn(method: str, num_sequences: int, scale: float, teacher: Optiona
         return loss * scale, metrics
 
     return loss_fn
+
+
+@dataclass
+class StepOutcome:
+    """A step up to the optimizer: what was learned from, the schedule's reports, phase seconds."""
+
+    responses: Responses
+    rows: dict[str, Tensor]
+    """The student's rows (all of this rank's sequences, before micro-batching)."""
+    reported: list[dict[str, Tensor]]
+    """Per micro-batch metrics of the loss function (last pipeline stage; empty elsewhere)."""
+    seconds: dict[str, float]
+    """``rollout_s``; ``teacher_s``: states, micro-batches and teacher targets (the targets ~0 when
+    lazy: the teacher then runs inside the schedule); ``student_fwd_bwd_s``."""
+
+
+def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teacher: Optional[list],
+                     eos_ids: Sequence[int], pad_id: int, *, seed: int, length: int, lazy_teacher: bool,
+                     sync: Callable[[], None] = lambda: None) -> StepOutcome:
+    """Responses -> states -> teacher targets -> forward/backward of the student, gradients left in
+    the DDP buffers for the optimizer (the trainer's step and the GPU benchmark's, one code path).
+
+    ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``lazy_teacher``
+    see ``attach_teacher_targets``; ``sync`` is called before each phase ends (a benchmark passes
+    ``torch.cuda.synchronize`` so that the seconds are the device's).
+    """
+    dp = parallel_state.get_data_parallel_world_size()
+    t0 = time.perf_counter()
+    scfg = sampler_config(cfg, eos_ids, pad_id, seed, max_new_tokens=length)
+    resp = get_responses(cfg, batch, state.chunks, teacher, scfg, length)
+    sync()
+    t1 = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed + 31 * parallel_state.get_data_parallel_rank())
+    rows = training_rows(cfg, resp, eos_ids, generator)
+    n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
+    microbatches = split_microbatches(rows, n_mb)
+    if teacher is not None:
+        attach_teacher_targets(cfg, teacher, resp, microbatches, lazy=lazy_teacher)
+    num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel_state.get_data_parallel_group())
+    sync()
+    t2 = time.perf_counter()
+    zero_grads(state)
+    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * dp, teacher, cfg.distill.top_k)
+    reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False,
+                            logits_last=logits_needed(rows["loss_mask"].shape[1]))
+    sync()
+    seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
+    return StepOutcome(resp, rows, reported, seconds)
 
 
 def causal_loss(logits: Tensor, batch: dict[str, Tensor], num_sequences: int) -> tuple[Tensor, dict]:
