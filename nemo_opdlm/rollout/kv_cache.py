@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -226,11 +226,10 @@ class BlockKVCache:
         if isinstance(n, int):
             largest = n if self.rows else 0
             frontier = self.frontier + n if self.rows else 0  # every row grows by n, the longest too
-        elif largest is None or self.verify:
-            low, hi = (int(counts.min()), int(counts.max())) if self.rows else (0, 0)
-            assert low >= 0 and hi <= width, f"cannot commit {n} columns of a round {width} wide"
-            assert largest in (None, hi), f"largest={largest} given, the counts' maximum is {hi}"
-            largest = hi
+        else:
+            if largest is None or self.verify:
+                assert not self.rows or int(counts.min()) >= 0, f"cannot commit {n} columns"
+            largest = self._host_value(largest, lambda: int(counts.max()) if self.rows else 0, "largest")
         assert 0 <= largest <= width, f"cannot commit {largest} columns of a round {width} wide"
         self._round_width = None
         if largest:
@@ -249,11 +248,16 @@ class BlockKVCache:
         # at the frontier): PAD, so that nothing attends to it.
         cols = start + torch.arange(width, device=counts.device)  # [width]
         self.meta[: self.rows, 1, start:start + width].masked_fill_(cols[None, :] >= lengths[:, None], PAD)
-        if frontier is None or self.verify:
-            longest = int(lengths.max())
-            assert frontier in (None, longest), f"frontier={frontier} given, the longest row has {longest}"
-            frontier = longest
-        self.frontier = frontier
+        self.frontier = self._host_value(frontier, lambda: int(lengths.max()), "frontier")
+
+    def _host_value(self, given: Optional[int], read: Callable[[], int], name: str) -> int:
+        """``given`` (a host value the caller knows: no sync), else ``read()`` from the device; under
+        ``verify`` both, and they must agree."""
+        if given is not None and not self.verify:
+            return given
+        actual = read()
+        assert given in (None, actual), f"{name}={given} given, the device holds {actual}"
+        return actual
 
     def _move_behind(self, lengths: Tensor, counts: Tensor, largest: int) -> None:
         """Rows behind the frontier move their first ``counts[r]`` current columns down to
@@ -294,8 +298,4 @@ class BlockKVCache:
         self.meta[:n, :, :cols] = self.meta[index, :, :cols]
         self.lengths[:n] = self.lengths[index]
         self.rows = n
-        if frontier is None or self.verify:
-            longest = int(self.lengths[:n].max()) if n else 0
-            assert frontier in (None, longest), f"frontier={frontier} given, the longest kept row has {longest}"
-            frontier = longest
-        self.frontier = frontier
+        self.frontier = self._host_value(frontier, lambda: int(self.lengths[:n].max()) if n else 0, "frontier")
