@@ -1,8 +1,11 @@
-"""Token efficiency of AR-to-diffusion conversion methods, from one teacher, on the synthetic task.
+"""Token efficiency of AR-to-diffusion conversion methods: three training seeds each, two tasks.
 
-One job: pre-train one AR teacher on the arithmetic task (as ``opdlm demo`` does), then convert it
-into a block-diffusion student (block 4) with each method, for the same number of steps with a
-constant learning rate, saving a checkpoint every ``--eval-every`` steps (each one a token budget):
+One job: for each synthetic task (``arithmetic``, ``sort``), pre-train one AR teacher (the demo's
+``teacher_config``), then convert that same teacher into a block-4 student with every method and
+training seed under the demo's conversion recipe (``conversion_config``: the same learning rate,
+rollout settings and shifted student for every method), checkpoint every ``--eval-every`` steps,
+and score each checkpoint on the held-out split with greedy static (1 token per round) and
+threshold-0.9 decoding. Methods:
 
 - ``opdlm``: the student's own rollouts, masks from its decoding trajectory, forward KL;
 - ``random_mask``: own rollouts, random masks, forward KL ("OPDLM off" in the paper);
@@ -10,16 +13,22 @@ constant learning rate, saving a checkpoint every ``--eval-every`` steps (each o
 - ``sft``: the training file's responses, random masks, masked-diffusion cross-entropy (the
   standard AR-to-diffusion conversion).
 
-Every checkpoint is scored on the held-out split with greedy static (1 token per round) and dynamic
-(threshold 0.9) decoding. Training tokens are response tokens trained on (rollout tokens; the
-dataset's response tokens for sft). Reported: accuracy against tokens per method and mode, and
-the tokens each method needs to reach 95% of the teacher's accuracy (linear interpolation between
-checkpoints; None if it never does within the budget) with its ratio to OPDLM's.
+Training tokens are the response tokens trained on (rollout tokens; the dataset's response tokens
+for ``sft``). Reported per task, method and checkpoint: the mean and min/max over seeds of static
+and threshold accuracy and tokens per round; per seed, the tokens needed to reach 50 / 80 / 90 /
+95% of the teacher's accuracy (linear interpolation between checkpoints; a lower bound, the run's
+whole budget, when it never does) and their ratio to OPDLM's; the spread over seeds at the end of
+the budget; and the drop from static to threshold decoding. The plot shows each method's mean
+with its min/max band.
 
-Writes ``benchmarks/results/token_efficiency.json`` and ``.png``. Run (about half an hour on 2
-shared cores)::
+Every run is its own process with a fixed thread count (``--threads``, recorded), ``--jobs`` of
+them at a time. A finished run leaves ``curve.json`` in its directory and is not recomputed when
+the benchmark is started again (it resumes); ``--resummarize JSON`` recomputes the summary and the
+plot from a result file's per-seed curves alone. The committed JSON names the commit it measured.
 
-    OMP_NUM_THREADS=1 python benchmarks/token_efficiency.py [--steps 400 --eval-every 50] [--quick]
+    python benchmarks/token_efficiency.py                      # both tasks, 4 methods, seeds 0 1 2
+    python benchmarks/token_efficiency.py --tasks sort --methods opdlm sft --seeds 0 --quick
+    python benchmarks/token_efficiency.py --resummarize benchmarks/results/token_efficiency.json
 """
 
 from __future__ import annotations
@@ -28,6 +37,8 @@ import argparse
 import json
 import os
 import platform
+import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Optional
@@ -36,12 +47,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 METHODS = ("opdlm", "random_mask", "off_policy", "sft")
+TASKS = ("arithmetic", "sort")
 MODES = ("static", "dynamic")
-TARGET = 0.95
-FRACTIONS = (0.5, 0.8, 0.95)
-"""Fractions of the teacher's accuracy at which tokens-to-reach are also reported (small budgets
-may leave 95% unreached by every method)."""
+FRACTIONS = (0.5, 0.8, 0.9, 0.95)
+"""Fractions of the teacher's accuracy at which the tokens to reach them are reported."""
 
+
+# --- curves and their summary (pure functions of the per-seed curves) ------------------------
 
 def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> Optional[float]:
     """First training-token count at which the (piecewise linear) accuracy curve reaches ``target``."""
@@ -55,172 +67,398 @@ def tokens_to_reach(curve: list[tuple[float, float]], target: float) -> Optional
     return None
 
 
-def summarize(result: dict[str, Any]) -> dict[str, Any]:
-    """Tokens to reach each fraction of the teacher's accuracy, and the ratio to OPDLM's, per method/mode."""
-    teacher = result["teacher"]["ar"]["accuracy"]
+def _stats(values: list[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+
+def summarize_method(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per checkpoint (the same steps in every seed): tokens, accuracy and tokens/round over seeds."""
+    points = []
+    for i, step in enumerate(p["step"] for p in runs[0]["points"]):
+        at = [r["points"][i] for r in runs]
+        if any(p["step"] != step for p in at):
+            raise ValueError(f"seeds were checkpointed at different steps ({[p['step'] for p in at]})")
+        row: dict[str, Any] = {"step": step, "tokens": _stats([p["tokens"] for p in at])}
+        for mode in MODES:
+            row[mode] = {"accuracy": _stats([p[mode]["accuracy"] for p in at]),
+                         "tokens_per_round": _stats([p[mode]["tokens_per_round"] for p in at])}
+        points.append(row)
+    return points
+
+
+def reach_table(runs_by_method: dict[str, list[dict[str, Any]]], teacher_accuracy: float) -> dict[str, Any]:
+    """Tokens each seed needs to reach each fraction of the teacher (or its budget, as a lower bound),
+    and the ratio of each method's mean to OPDLM's."""
     out: dict[str, Any] = {}
     for frac in FRACTIONS:
-        reach = {m: {mode: tokens_to_reach([(p["tokens"], p["accuracy"]) for p in c[mode]], frac * teacher)
-                     for mode in MODES} for m, c in result["curves"].items()}
-        ratio = {m: {mode: (reach[m][mode] / reach["opdlm"][mode]
-                            if "opdlm" in reach and reach[m][mode] and reach["opdlm"][mode] else None)
-                     for mode in MODES} for m in reach}
-        out[f"{round(100 * frac)}pct"] = {"target_accuracy": frac * teacher, "tokens": reach, "ratio_to_opdlm": ratio}
+        target = frac * teacher_accuracy
+        per: dict[str, Any] = {}
+        for method, runs in runs_by_method.items():
+            per[method] = {}
+            for mode in MODES:
+                seeds = []
+                for r in runs:
+                    curve = [(p["tokens"], p[mode]["accuracy"]) for p in r["points"]]
+                    hit = tokens_to_reach(curve, target)
+                    seeds.append({"seed": r["seed"], "tokens": hit, "budget": curve[-1][0]})
+                reached = [s["tokens"] for s in seeds if s["tokens"] is not None]
+                per[method][mode] = {
+                    "per_seed": seeds,
+                    "reached": f"{len(reached)}/{len(seeds)}",
+                    # a seed that never reached counts with its whole budget: the mean is then a lower bound
+                    "mean_tokens": statistics.fmean(s["tokens"] if s["tokens"] is not None else s["budget"]
+                                                    for s in seeds),
+                    "lower_bound": len(reached) < len(seeds),
+                }
+        for method in per:
+            for mode in MODES:
+                cell, ref = per[method][mode], per.get("opdlm", {}).get(mode)
+                ok = ref is not None and not ref["lower_bound"] and ref["mean_tokens"] > 0
+                cell["ratio_to_opdlm"] = cell["mean_tokens"] / ref["mean_tokens"] if ok else None
+        out[f"{round(100 * frac)}pct"] = {"target_accuracy": target, "methods": per}
     return out
 
 
+def final_spread(runs_by_method: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """At the end of each method's budget: accuracy over seeds, its spread (max - min), and the drop
+    from static to threshold decoding (the paper's robustness-to-parallel-decoding claim)."""
+    out = {}
+    for method, runs in runs_by_method.items():
+        last = [r["points"][-1] for r in runs]
+        acc = {mode: [p[mode]["accuracy"] for p in last] for mode in MODES}
+        drop = [s - d for s, d in zip(acc["static"], acc["dynamic"])]
+        out[method] = {
+            "step": last[0]["step"],
+            **{mode: dict(_stats(acc[mode]), spread=max(acc[mode]) - min(acc[mode]),
+                          tokens_per_round=statistics.fmean(p[mode]["tokens_per_round"] for p in last))
+               for mode in MODES},
+            "static_minus_dynamic": _stats(drop),
+        }
+    return out
+
+
+def summarize_task(task: dict[str, Any]) -> dict[str, Any]:
+    runs = task["runs"]
+    teacher = task["teacher"]["ar"]["accuracy"]
+    return {
+        "points": {m: summarize_method(r) for m, r in runs.items()},
+        "reach": reach_table(runs, teacher),
+        "final": final_spread(runs),
+    }
+
+
+# --- printing and plotting ---------------------------------------------------------------------
+
+def _fmt_reach(cell: dict[str, Any]) -> str:
+    tokens = f"{'>=' if cell['lower_bound'] else ''}{cell['mean_tokens'] / 1e3:.0f}K"
+    ratio = "" if cell["ratio_to_opdlm"] is None else f" ({'>=' if cell['lower_bound'] else ''}" \
+                                                       f"{cell['ratio_to_opdlm']:.1f}x)"
+    return f"{tokens}{ratio} {cell['reached']}"
+
+
 def print_summary(result: dict[str, Any]) -> None:
-    teacher = result["teacher"]["ar"]["accuracy"]
-    print(f"\nteacher AR accuracy {teacher:.3f}; tokens to reach a fraction of it (x OPDLM's), '-' = not reached")
-    fracs = list(result["reach"])
-    print(f"{'method':<12} {'mode':<8} {'final acc':>9} " + " ".join(f"{f:>20}" for f in fracs))
-    for m, c in result["curves"].items():
-        for mode in MODES:
-            cells = []
-            for f in fracs:
-                r, q = result["reach"][f]["tokens"][m][mode], result["reach"][f]["ratio_to_opdlm"][m][mode]
-                cells.append("-" if r is None else f"{r:.0f}" + ("" if q is None else f" ({q:.2f}x)"))
-            print(f"{m:<12} {mode:<8} {c[mode][-1]['accuracy']:>9.3f} " + " ".join(f"{x:>20}" for x in cells))
+    for name, task in result["tasks"].items():
+        s = task["summary"]
+        teacher = task["teacher"]["ar"]["accuracy"]
+        print(f"\n== {name}: teacher AR accuracy {teacher:.3f}; seeds {result['setup']['seeds']}")
+        print(f"{'method':<12} {'mode':<8} {'final acc mean [min,max]':>26} {'tok/round':>9} "
+              + " ".join(f"{f:>22}" for f in s["reach"]))
+        for method, fin in s["final"].items():
+            for mode in MODES:
+                f = fin[mode]
+                cells = [_fmt_reach(s["reach"][k]["methods"][method][mode]) for k in s["reach"]]
+                print(f"{method:<12} {mode:<8} {f['mean']:>10.3f} [{f['min']:.2f}, {f['max']:.2f}]{'':>7} "
+                      f"{f['tokens_per_round']:>9.2f} " + " ".join(f"{c:>22}" for c in cells))
+        print("tokens to reach a fraction of the teacher (mean over seeds, x OPDLM's; '>=': some seed never "
+              "did, its whole budget counted); static minus threshold accuracy at the end: "
+              + ", ".join(f"{m} {v['static_minus_dynamic']['mean']:+.3f}" for m, v in s["final"].items()))
 
 
 def plot(result: dict[str, Any], png: str) -> str:
     from nemo_opdlm.eval.plot import Panel, Series, save_line_plot
 
-    teacher = result["teacher"]["ar"]["accuracy"]
-    panels = [Panel(f"{mode} decoding" + (" (1 token/round)" if mode == "static" else " (thr 0.9)"),
-                    "training tokens", "held-out accuracy",
-                    [Series(m, [p["tokens"] for p in c[mode]], [p["accuracy"] for p in c[mode]])
-                     for m, c in result["curves"].items()],
-                    hlines=[("teacher (AR)", teacher), ("95% of teacher", TARGET * teacher)]) for mode in MODES]
-    return save_line_plot(png, panels, title="AR -> block diffusion (block 4): accuracy vs conversion tokens")
+    panels = []
+    for name, task in result["tasks"].items():
+        teacher = task["teacher"]["ar"]["accuracy"]
+        for mode in MODES:
+            series = []
+            for method, points in task["summary"]["points"].items():
+                xs = [0.0] + [p["tokens"]["mean"] for p in points]
+                start = task["teacher"][mode]["accuracy"]
+                acc = [p[mode]["accuracy"] for p in points]
+                series.append(Series(method, xs, [start] + [a["mean"] for a in acc],
+                                     lo=[start] + [a["min"] for a in acc], hi=[start] + [a["max"] for a in acc]))
+            label = "static (1 tok/round)" if mode == "static" else "threshold 0.9"
+            panels.append(Panel(f"{name}: {label}", "training tokens", "held-out accuracy", series,
+                                hlines=[("teacher (AR)", teacher), ("95% of teacher", 0.95 * teacher)]))
+    seeds = len(result["setup"]["seeds"])
+    return save_line_plot(png, panels, title=f"AR -> block diffusion (block 4): mean and min/max of {seeds} seeds",
+                          columns=len(MODES))
 
 
 def resummarize(path: str, argv: list[str]) -> int:
-    """Recompute the summary and the plot of an existing result file (no training)."""
+    """Recompute the summaries and the plot of an existing result file from its per-seed curves."""
     with open(path) as f:
         result = json.load(f)
-    result["reach"] = summarize(result)
+    for task in result["tasks"].values():
+        task["summary"] = summarize_task(task)
     result["summarized_by"] = "python benchmarks/token_efficiency.py " + " ".join(argv)
-    png = os.path.join(ROOT, result["plot"])
-    result["plot_backend"] = plot(result, png)
-    with open(path, "w") as f:
-        json.dump(result, f, indent=2)
+    result["plot_backend"] = plot(result, os.path.join(ROOT, result["plot"]))
+    _write_json(path, result)
     print_summary(result)
     return 0
 
 
-def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--work-dir", default="/tmp/opdlm_token_efficiency", help="checkpoints (not committed)")
-    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
-    p.add_argument("--steps", type=int, default=400, help="conversion steps per method")
-    p.add_argument("--eval-every", type=int, default=50, help="checkpoint (= token budget) spacing in steps")
-    p.add_argument("--teacher-steps", type=int, default=1000)
-    p.add_argument("--lr", type=float, default=2e-3, help="constant conversion learning rate (after warm-up)")
-    p.add_argument("--num-test", type=int, default=200)
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a minute-long smoke run (tiny model, few steps)")
-    p.add_argument("--resummarize", metavar="JSON", help="only recompute the summary and plot of a result file")
-    return p.parse_args(argv)
+# --- running ------------------------------------------------------------------------------------
+
+def _write_json(path: str, data: Any) -> None:
+    """Atomically: a crash leaves the previous file or the new one, never half of one."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = parse_args(argv)
-    if args.resummarize:
-        return resummarize(args.resummarize, list(argv if argv is not None else sys.argv[1:]))
+def _read_json(path: str) -> Optional[Any]:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def commit() -> dict[str, Any]:
+    def git(*a: str) -> str:
+        return subprocess.run(["git", *a], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"sha": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
+
+
+def _demo_config(args: argparse.Namespace, task: str):
+    from nemo_opdlm import demo as D
+    from nemo_opdlm.eval import synthetic as S
+
+    fields: dict[str, Any] = dict(D.QUICK) if args.quick else {}
+    for key in ("teacher_steps", "num_test"):
+        if getattr(args, key) is not None:
+            fields[key] = getattr(args, key)
+    fields.pop("student_steps", None)
+    fields.pop("student_eval_every", None)
+    return D.DemoConfig(out_dir=os.path.join(args.work_dir, task), task=S.task_config(task), seed=0, **fields)
+
+
+def prepare_task(args: argparse.Namespace, task: str, log) -> dict[str, Any]:
+    """The task files and its teacher (trained once; reused when its final checkpoint exists)."""
     from nemo_opdlm import demo as D
     from nemo_opdlm.eval import synthetic as S
     from nemo_opdlm.eval import tasks as T
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from nemo_opdlm.training.loop import train
 
-    fields: dict[str, Any] = dict(D.QUICK) if args.quick else {}
-    fields.update(num_test=fields.get("num_test", args.num_test),
-                  teacher_steps=fields.get("teacher_steps", args.teacher_steps),
-                  teacher_eval_every=fields.get("teacher_steps", args.teacher_steps))
-    steps = 4 if args.quick else args.steps
-    every = 2 if args.quick else args.eval_every
-    cfg = D.DemoConfig(out_dir=args.work_dir, seed=args.seed, **{k: v for k, v in fields.items()
-                                                                  if k not in ("student_steps", "student_eval_every")})
-    log = D.Progress()
+    cfg = _demo_config(args, task)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    t_start = time.perf_counter()
+    cached = _read_json(os.path.join(cfg.out_dir, "teacher.json"))
+    if cached is not None and cached.get("teacher_steps") == cfg.teacher_steps:
+        return cached
     data = S.write_task(os.path.join(cfg.out_dir, "task"), cfg.task, num_train=cfg.num_train,
                         num_test=cfg.num_test, seed=cfg.seed)
-    mean_resp = D.mean_response_tokens(data.train, S.build_tokenizer())
-    task = T.load_task("synthetic", data.test)
-
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
-    if not D.checkpoints(teacher_dir) or D.checkpoints(teacher_dir)[-1][0] != cfg.teacher_steps:
-        log(f"teacher: {cfg.teacher_steps} AR steps")
-        train(D.run_config(cfg, data, method="ar", steps=cfg.teacher_steps, lr=cfg.teacher_lr,
-                           save_every=cfg.teacher_steps, name="teacher"))
-    teacher_ckpt = D.checkpoints(teacher_dir)[-1][1]
-    with runtime(ParallelLayout(), seed=1234 + cfg.seed):
-        teacher_eval = D.evaluate_checkpoint(teacher_ckpt, data.tokenizer, task, ("ar",) + MODES, cfg)
-    teacher_acc = teacher_eval["ar"].accuracy
-    log(f"teacher: AR accuracy {teacher_acc:.3f}; as diffusion before conversion: static "
-        f"{teacher_eval['static'].accuracy:.3f}, dynamic {teacher_eval['dynamic'].accuracy:.3f}")
+    log(f"{task}: teacher, {cfg.teacher_steps} AR steps")
+    t = time.perf_counter()
+    train(D.teacher_config(**D.demo_paths(cfg), save_dir=teacher_dir, steps=cfg.teacher_steps,
+                           save_every=cfg.teacher_steps, **D._sizes(cfg)))
+    train_s = time.perf_counter() - t
+    ckpt = D.checkpoints(teacher_dir)[-1][1]
+    shift = D.conversion_config().diffusion.shift_logits
+    with runtime(ParallelLayout(), seed=1234):
+        res = D.evaluate_checkpoint(ckpt, data.tokenizer, T.load_task(data.eval_format, data.test),
+                                    ("ar",) + MODES, cfg, shift_logits=shift)
+    info = {
+        "teacher_steps": cfg.teacher_steps, "checkpoint": ckpt, "train_s": train_s, "family": data.family,
+        "data": {"train": data.train, "test": data.test, "tokenizer": data.tokenizer, "num_train": data.num_train,
+                 "num_test": data.num_test, "eval_format": data.eval_format,
+                 "mean_response_tokens": D.mean_response_tokens(data.train, S.build_tokenizer(data.family))},
+        "task_config": cfg.task.__dict__,
+        **{m: res[m].as_dict(with_samples=False) for m in ("ar",) + MODES},
+    }
+    _write_json(os.path.join(cfg.out_dir, "teacher.json"), info)
+    log(f"{task}: teacher AR accuracy {res['ar'].accuracy:.3f}; as a shifted diffusion model before conversion: "
+        f"static {res['static'].accuracy:.3f}, threshold {res['dynamic'].accuracy:.3f}")
+    return info
 
-    curves: dict[str, dict[str, list[tuple[float, float]]]] = {}
-    tokens_per_round: dict[str, dict[str, list[float]]] = {}
-    timings: dict[str, float] = {}
-    for method in args.methods:
-        log(f"{method}: {steps} steps x {cfg.prompts_per_step} prompts, lr {args.lr} constant")
-        t = time.perf_counter()
-        run = train(D.run_config(cfg, data, method=method, steps=steps, lr=args.lr, min_lr=args.lr,
-                                 save_every=every, teacher_checkpoint=teacher_ckpt, name=method,
-                                 response_field=None if method == "off_policy" else "response"))
-        timings[f"{method}_train_s"] = time.perf_counter() - t
-        cum = D.cumulative_tokens(run["history"], method, mean_resp, cfg.prompts_per_step)
-        curves[method] = {m: [(0.0, teacher_eval[m].accuracy)] for m in MODES}
-        tokens_per_round[method] = {m: [teacher_eval[m].tokens_per_round] for m in MODES}
-        t = time.perf_counter()
-        with runtime(ParallelLayout(), seed=1234 + cfg.seed):
-            for step, path in D.checkpoints(os.path.join(cfg.out_dir, method)):
-                res = D.evaluate_checkpoint(path, data.tokenizer, task, MODES, cfg)
-                for m in MODES:
-                    curves[method][m].append((cum[step], res[m].accuracy))
-                    tokens_per_round[method][m].append(res[m].tokens_per_round)
-                log(f"  {method} step {step} ({cum[step]:.0f} tokens): static {res['static'].accuracy:.3f}, "
-                    f"dynamic {res['dynamic'].accuracy:.3f} ({res['dynamic'].tokens_per_round:.2f} tok/round)")
-        timings[f"{method}_eval_s"] = time.perf_counter() - t
 
-    target = TARGET * teacher_acc
-    reach = {m: {mode: tokens_to_reach(curves[m][mode], target) for mode in MODES} for m in curves}
-    ratio = {m: {mode: (reach[m][mode] / reach["opdlm"][mode]
-                        if "opdlm" in reach and reach[m][mode] and reach["opdlm"][mode] else None)
-                 for mode in MODES} for m in curves}
+def run_dir(args: argparse.Namespace, task: str, method: str, seed: int) -> str:
+    return os.path.join(args.work_dir, task, f"{method}_seed{seed}")
+
+
+def budget(args: argparse.Namespace, method: str) -> int:
+    return args.steps if method == "opdlm" else args.baseline_steps or args.steps
+
+
+def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
+    """One conversion (this process): train, score every checkpoint, write ``curve.json``."""
+    import torch
+
+    from nemo_opdlm import demo as D
+    from nemo_opdlm.eval import tasks as T
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+    from nemo_opdlm.training.loop import train
+
+    torch.set_num_threads(args.threads)
+    teacher = _read_json(os.path.join(args.work_dir, task, "teacher.json"))
+    assert teacher is not None, "prepare_task runs first"
+    cfg = _demo_config(args, task)
+    out = run_dir(args, task, method, seed)
+    steps = budget(args, method)
+    every = max(1, args.eval_every)
+    data = teacher["data"]
+    t = time.perf_counter()
+    run = train(D.conversion_config(
+        teacher_checkpoint=teacher["checkpoint"], data_path=data["train"], tokenizer=data["tokenizer"], save_dir=out,
+        method=method, steps=steps, save_every=every, seed=1234 + seed, prompts_per_step=cfg.prompts_per_step,
+        hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
+        response_field=None if method == "off_policy" else "response"))
+    train_s = time.perf_counter() - t
+    tokens = D.cumulative_tokens(run["history"], method, data["mean_response_tokens"], cfg.prompts_per_step)
+    task_obj = T.load_task(data["eval_format"], data["test"])
+    points = []
+    t = time.perf_counter()
+    with runtime(ParallelLayout(), seed=1234):
+        for step, path in D.checkpoints(out):
+            res = D.evaluate_checkpoint(path, data["tokenizer"], task_obj, MODES, cfg)
+            points.append({"step": step, "tokens": tokens[step],
+                           **{m: {"accuracy": res[m].accuracy, "tokens_per_round": res[m].tokens_per_round}
+                              for m in MODES}})
+    kl = [h["kl"] for h in run["history"] if "kl" in h]
+    _write_json(os.path.join(out, "curve.json"), {
+        "task": task, "method": method, "seed": seed, "steps": steps, "points": points, "train_s": train_s,
+        "eval_s": time.perf_counter() - t, "threads": args.threads,
+        "first_kl": kl[:5], "grad_norm_mean": statistics.fmean(h["grad_norm"] for h in run["history"]),
+    })
+    return 0
+
+
+def _child(args: argparse.Namespace, task: str, method: str, seed: int) -> subprocess.Popen:
+    cmd = [sys.executable, os.path.abspath(__file__), "--one", task, method, str(seed), "--work-dir", args.work_dir,
+           "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--threads", str(args.threads)]
+    for key in ("baseline_steps", "teacher_steps", "num_test"):
+        if getattr(args, key) is not None:
+            cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
+    if args.quick:
+        cmd.append("--quick")
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
+    logf = open(os.path.join(args.work_dir, task, f"{method}_seed{seed}.log"), "w")
+    return subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
+
+
+def run_all(args: argparse.Namespace, log) -> dict[str, Any]:
+    """Every (task, method, seed) not finished yet, ``--jobs`` at a time; returns the task results."""
+    tasks = {task: prepare_task(args, task, log) for task in args.tasks}
+    todo = [(t, m, s) for t in args.tasks for m in args.methods for s in args.seeds
+            if _read_json(os.path.join(run_dir(args, t, m, s), "curve.json")) is None]
+    done = len(args.tasks) * len(args.methods) * len(args.seeds) - len(todo)
+    log(f"{len(todo)} runs to do ({done} finished earlier), {args.jobs} at a time, {args.threads} thread(s) each")
+    running: list[tuple[tuple[str, str, int], subprocess.Popen, float]] = []
+    failed = []
+    while todo or running:
+        while todo and len(running) < args.jobs:
+            key = todo.pop(0)
+            running.append((key, _child(args, *key), time.perf_counter()))
+        time.sleep(2)
+        for item in list(running):
+            key, proc, start = item
+            if proc.poll() is None:
+                continue
+            running.remove(item)
+            curve = _read_json(os.path.join(run_dir(args, *key), "curve.json"))
+            if proc.returncode or curve is None:
+                failed.append(key)
+                log(f"  {key} failed (rc {proc.returncode}); see {run_dir(args, *key)}.log")
+                continue
+            last = curve["points"][-1]
+            log(f"  {key[0]} {key[1]} seed {key[2]}: {curve['steps']} steps, {last['tokens'] / 1e3:.0f}K tokens, static "
+                f"{last['static']['accuracy']:.2f}, threshold {last['dynamic']['accuracy']:.2f} "
+                f"({last['dynamic']['tokens_per_round']:.2f} tok/round) in {time.perf_counter() - start:.0f}s")
+    if failed:
+        raise SystemExit(f"token_efficiency: {len(failed)} run(s) failed: {failed}")
+    out = {}
+    for task, teacher in tasks.items():
+        runs = {m: [_read_json(os.path.join(run_dir(args, task, m, s), "curve.json")) for s in args.seeds]
+                for m in args.methods}
+        out[task] = {"teacher": teacher, "runs": runs}
+    return out
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--work-dir", default="/tmp/opdlm_token_efficiency", help="checkpoints and per-run curves")
+    p.add_argument("--results", default=os.path.join(ROOT, "benchmarks", "results"))
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2], help="training seeds (same teacher)")
+    p.add_argument("--steps", type=int, default=300, help="OPDLM's conversion steps")
+    p.add_argument("--baseline-steps", type=int, default=None, help="the other methods' steps (default: --steps)")
+    p.add_argument("--eval-every", type=int, default=50, help="checkpoint (= token budget) spacing in steps")
+    p.add_argument("--teacher-steps", type=int, default=None, help="default: the demo's")
+    p.add_argument("--num-test", type=int, default=None, help="held-out problems (default: the demo's)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per run (fixed, recorded)")
+    p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
+    p.add_argument("--quick", action="store_true", help="a smoke run: the demo's CI sizes, 4 steps")
+    p.add_argument("--resummarize", metavar="JSON", help="only recompute the summary and plot of a result file")
+    p.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick and args.one is None:
+        args.steps, args.eval_every = 4, 2
+        args.baseline_steps = None
+    for name in ("steps", "eval_every", "threads", "jobs"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.resummarize:
+        return resummarize(args.resummarize, argv)
+    if args.one:
+        task, method, seed = args.one
+        return one_run(args, task, method, int(seed))
+    from nemo_opdlm import demo as D
+
+    log = D.Progress()
+    t_start = time.perf_counter()
+    tasks = run_all(args, log)
+    for task in tasks.values():
+        task["summary"] = summarize_task(task)
     os.makedirs(args.results, exist_ok=True)
     name = "token_efficiency_quick" if args.quick else "token_efficiency"
     png = os.path.join(args.results, f"{name}.png")
     result = {
-        "command": "OMP_NUM_THREADS=1 python benchmarks/token_efficiency.py " + " ".join(argv or sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
-                    "load_avg": os.getloadavg() if hasattr(os, "getloadavg") else None},
-        "setup": {"task": cfg.task.__dict__, "num_train": data.num_train, "num_test": data.num_test,
-                  "model": {"layers": cfg.num_layers, "hidden": cfg.hidden_size}, "block_size": cfg.block_size,
-                  "threshold": cfg.threshold, "steps": steps, "eval_every": every, "lr": args.lr,
-                  "prompts_per_step": cfg.prompts_per_step, "teacher_steps": cfg.teacher_steps,
-                  "mean_response_tokens": mean_resp},
-        "teacher": {m: teacher_eval[m].as_dict(with_samples=False) for m in ("ar",) + MODES},
-        "target_accuracy": target,
-        "curves": {m: {mode: [{"tokens": x, "accuracy": y, "tokens_per_round": tpr}
-                              for (x, y), tpr in zip(curves[m][mode], tokens_per_round[m][mode])]
-                       for mode in MODES} for m in curves},
-        "tokens_to_95pct_teacher": reach,
-        "ratio_to_opdlm": ratio,
-        "timings_s": dict(timings, total=time.perf_counter() - t_start),
+        "command": "python benchmarks/token_efficiency.py " + " ".join(argv),
+        "commit": commit(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
+        "setup": {"seeds": args.seeds, "methods": args.methods, "steps": {m: budget(args, m) for m in args.methods},
+                  "eval_every": args.eval_every, "threads_per_run": args.threads, "parallel_runs": args.jobs,
+                  "recipe": "nemo_opdlm.demo.conversion_config (tiny:tiny_convert_4l_tp1_pp1_1g)",
+                  "conversion": _conversion_summary()},
+        "tasks": tasks,
+        "wall_s": time.perf_counter() - t_start,
         "plot": os.path.relpath(png, ROOT),
     }
-    result["reach"] = summarize(result)
     result["plot_backend"] = plot(result, png)
-    with open(os.path.join(args.results, f"{name}.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    _write_json(os.path.join(args.results, f"{name}.json"), result)
     print_summary(result)
     log(f"wrote {os.path.join(args.results, name + '.json')} and {png}")
     return 0
+
+
+def _conversion_summary() -> dict[str, Any]:
+    from nemo_opdlm import demo as D
+    from nemo_opdlm.config import to_dict
+
+    cfg = D.conversion_config()
+    return {k: to_dict(getattr(cfg, k)) for k in ("diffusion", "rollout", "optim")} | {
+        "prompts_per_step": cfg.train.prompts_per_step}
 
 
 if __name__ == "__main__":

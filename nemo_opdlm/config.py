@@ -18,6 +18,7 @@ from typing import Any, Optional, Union
 
 from nemo_opdlm.data.prompts import PromptDataConfig
 from nemo_opdlm.models.config import ConfigError, DiffusionConfig, ModelConfig, RopeScaling
+from nemo_opdlm.rollout.schedules import CURRICULA
 from nemo_opdlm.runtime.distributed import ParallelLayout
 
 METHODS = ("opdlm", "random_mask", "off_policy", "sft", "ar")
@@ -57,12 +58,25 @@ class RolloutConfig:
     """Top-k sampling (0 = off)."""
     top_p: float = 1.0
     """Nucleus sampling (1.0 = off)."""
+    static_fraction: float = 0.0
+    """Share of each step's rollouts (the first rows of every rank's batch; prompts are shuffled)
+    decoded with the static schedule instead of the threshold, in the same forwards (mode
+    'dynamic' only). A confident student's threshold rollouts finish most blocks in one round, so
+    their states are almost all fully masked and the partly decoded blocks that static evaluation
+    visits go untrained; static rows put those states back. 0 = the paper's all-threshold rollouts."""
     min_length: int = 100
     """Curriculum: generation length at step 0."""
     max_length: int = 4000
     """Curriculum: generation length after ``curriculum_steps``."""
     curriculum_steps: int = 100
-    """Steps over which the length grows linearly from min_length to max_length."""
+    """Steps over which the length grows from min_length to max_length."""
+    curriculum: str = "linear"
+    """Shape of that growth: 'linear' (the paper) or 'cosine' (the reference launcher's ramp,
+    rounded to whole blocks; see ``rollout/schedules.LengthCurriculum``)."""
+    max_length_by_domain: dict[str, int] = field(default_factory=dict)
+    """Per-domain caps on the rollout length, e.g. ``{science: 1024, code: 2048, chat: 2048}`` as the
+    reference caps them: a prompt whose ``data.domain_field`` names a listed domain is rolled out
+    to at most that many tokens (other prompts follow the curriculum alone)."""
     use_cache: bool = True
     """Block KV cache during rollouts (False: the uncached reference path)."""
     pad_commit_slots: Optional[bool] = None
@@ -78,6 +92,16 @@ class RolloutConfig:
             )
         if self.curriculum_steps < 0:
             raise ConfigError(f"rollout.curriculum_steps must be >= 0, got {self.curriculum_steps}")
+        if self.curriculum not in CURRICULA:
+            raise ConfigError(f"rollout.curriculum must be one of {CURRICULA}, got {self.curriculum!r}")
+        for domain, cap in self.max_length_by_domain.items():
+            if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+                raise ConfigError(f"rollout.max_length_by_domain.{domain} must be an integer >= 1, got {cap!r}")
+        if not 0.0 <= self.static_fraction <= 1.0:
+            raise ConfigError(f"rollout.static_fraction must be in [0, 1], got {self.static_fraction}")
+        if self.static_fraction > 0 and self.mode != "dynamic":
+            raise ConfigError("rollout.static_fraction mixes static rows into threshold rollouts: it needs "
+                              f"rollout.mode='dynamic' (got {self.mode!r}; static rollouts are all static already)")
 
 
 @dataclass(kw_only=True)
@@ -223,6 +247,9 @@ class RunConfig:
         if self.distill.method in ("sft", "off_policy") and self.data is not None and not self.data.response_field:
             if self.distill.method == "sft":
                 raise ConfigError("distill.method=sft needs data.response_field (the responses to learn)")
+        if self.rollout.max_length_by_domain and (self.data is None or not self.data.domain_field):
+            raise ConfigError("rollout.max_length_by_domain caps rollouts by each prompt's domain: set "
+                              "data.domain_field to the record field that names it")
         rows = self.train.prompts_per_step
         if rows % self.train.micro_batch_size:
             raise ConfigError(

@@ -24,7 +24,10 @@ from recipes.qwen3 import (
     qwen3_32b_to_8b_tp8_pp1_16g,
 )
 from recipes.qwen25 import qwen25_32b_to_7b_tp4_pp1_8g
-from recipes.tiny import tiny_4l_to_2l_tp1_pp1_2g, tiny_self_tp1_pp1_2g, tiny_self_tp1_pp2_2g, tiny_self_tp2_pp1_2g
+from recipes.tiny import (
+    tiny_4l_to_2l_tp1_pp1_2g, tiny_convert_4l_tp1_pp1_1g, tiny_self_tp1_pp1_2g, tiny_self_tp1_pp2_2g,
+    tiny_self_tp2_pp1_2g, tiny_teacher_4l_tp1_pp1_1g,
+)
 
 GPU_RECIPES: dict[str, Callable[[], RunConfig]] = {
     fn.__name__: fn for fn in (
@@ -37,7 +40,7 @@ GPU_RECIPES: dict[str, Callable[[], RunConfig]] = {
 """The recipes sized for GPU clusters (what ``opdlm plan`` must accept on their cluster)."""
 CPU_RECIPES: dict[str, Callable[[], RunConfig]] = {
     fn.__name__: fn for fn in (tiny_self_tp1_pp1_2g, tiny_self_tp2_pp1_2g, tiny_self_tp1_pp2_2g,
-                               tiny_4l_to_2l_tp1_pp1_2g)
+                               tiny_4l_to_2l_tp1_pp1_2g, tiny_teacher_4l_tp1_pp1_1g, tiny_convert_4l_tp1_pp1_1g)
 }
 """Tiny recipes for tests and CPU smoke runs."""
 ALL_RECIPES = {**GPU_RECIPES, **CPU_RECIPES}

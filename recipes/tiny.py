@@ -19,6 +19,7 @@ from nemo_opdlm.config import (
     DistillConfig, InitConfig, OptimConfig, ParallelLayout, PromptDataConfig, RolloutConfig, RunConfig,
     TrainConfig,
 )
+from nemo_opdlm.demo import conversion_config, teacher_config
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from recipes.base import recipe
 
@@ -82,6 +83,22 @@ def tiny_self_tp1_pp2_2g() -> RunConfig:
 def tiny_4l_to_2l_tp1_pp1_2g() -> RunConfig:
     """A 4-layer teacher -> the 2-layer student (the larger-teacher path), DP=2."""
     return tiny_run("tiny_4l_to_2l_tp1_pp1_2g", teacher_layers=4)
+
+
+@recipe(nodes=1, gpus_per_node=1, gpu="cpu")
+def tiny_teacher_4l_tp1_pp1_1g() -> RunConfig:
+    """The demo's AR teacher: 4 layers x 128 pre-trained from random weights on a synthetic task
+    (750 steps; ``opdlm demo`` writes the task files under runs/demo/task)."""
+    return teacher_config()
+
+
+@recipe(nodes=1, gpus_per_node=1, gpu="cpu")
+def tiny_convert_4l_tp1_pp1_1g() -> RunConfig:
+    """The demo's OPDLM conversion of that teacher: the settings measured to keep >= 95% of a tiny
+    teacher's accuracy (``nemo_opdlm.demo.conversion_config`` says why each differs from the paper's).
+    Convert your own tiny teacher with ``init.teacher_checkpoint=... data.path=... init.tokenizer=...``
+    (and ``model.*`` for another shape)."""
+    return conversion_config()
 
 
 # --- files a test writes ----------------------------------------------------------------------

@@ -50,14 +50,17 @@ def test_import_then_export_round_trip_and_student(hf_dir, tmp_path, capsys):
     assert json.load(open(os.path.join(out, "config.json"))) == json.load(open(os.path.join(hf_dir, "config.json")))
     _refused(capsys, export_hf, ["--ckpt", ckpt, "--out", out], "already exists", str(tmp_path / "never"))
     assert export_hf(["--ckpt", ckpt, "--out", out, "--overwrite"]) == 0  # replaced in one rename
-    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == ["ckpt", "out"]
+    assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == ["ckpt", "out"]  # before the students
     _refused(capsys, export_hf, ["--ckpt", ckpt, "--out", student, "--mask-token-id", "100"], "outside the vocabulary",
              student)
     assert export_hf(["--ckpt", ckpt, "--out", student, "--mask-token-id", "99", "--block-size", "4"]) == 0
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(student, trust_remote_code=True)
-    assert model.config.mask_token_id == 99 and model.config.block_size == 4
+    assert model.config.mask_token_id == 99 and model.config.block_size == 4 and model.config.shift_logits is False
+    shifted = str(tmp_path / "shifted")
+    assert export_hf(["--ckpt", ckpt, "--out", shifted, "--mask-token-id", "99", "--shift-logits"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(shifted, trust_remote_code=True).config.shift_logits is True
     prompt = torch.tensor([[3, 4, 5], [0, 7, 8]])
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
     greedy = model.generate(prompt, attention_mask=mask, max_new_tokens=8, threshold=0.9)

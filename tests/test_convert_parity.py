@@ -151,7 +151,25 @@ def test_exported_student_matches_megatron_student(rt, hf_dirs, tmp_path, family
     _generation_matches_project_sampler(chunks, model)
 
 
-def _generation_matches_project_sampler(chunks, model) -> None:
+def test_exported_shifted_student_matches_megatron_student(rt, hf_dirs, tmp_path):
+    """A shifted student (``diffusion.shift_logits``) exports the flag, and the exported ``generate``
+    reads a block's first token from the token before it exactly as the project's sampler does."""
+    from transformers import AutoModelForCausalLM
+
+    directory, _ = hf_dirs["qwen3"]
+    diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1, shift_logits=True)
+    cfg, chunks = student_from_hf(directory, diffusion, attention_backend="sdpa")
+    _perturb(chunks, scale_final_norm=40.0)
+    out = str(tmp_path / "student")
+    export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(directory), diffusion=diffusion,
+                  assets_dir=directory, max_shard_bytes=30_000)
+    assert json.load(open(os.path.join(out, "config.json")))["shift_logits"] is True
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    assert model.config.shift_logits is True
+    _generation_matches_project_sampler(chunks, model, shift_logits=True)
+
+
+def _generation_matches_project_sampler(chunks, model, shift_logits: bool = False) -> None:
     """Greedy static and threshold decoding: the exported model and rollout/sampler.py agree token
     for token (and round for round)."""
     sampler_mod = pytest.importorskip("nemo_opdlm.rollout.sampler")
@@ -167,7 +185,7 @@ def _generation_matches_project_sampler(chunks, model) -> None:
     for mode, threshold in (("static", None), ("dynamic", 0.6)):
         cfg = sampler_mod.SamplerConfig(mask_token_id=VOCAB - 1, block_size=4, steps_per_block=4, mode=mode,
                                         threshold=threshold or 0.9, temperature=0.0, max_new_tokens=16,
-                                        eos_token_ids=(eos,))
+                                        eos_token_ids=(eos,), shift_logits=shift_logits)
         ours = sampler_mod.BlockSampler(chunks, cfg).generate(prompt, lens)
         theirs = model.generate(prompt, attention_mask=am, max_new_tokens=16, threshold=threshold,
                                 eos_token_id=eos, return_dict=True)

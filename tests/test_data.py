@@ -208,6 +208,20 @@ def test_loader_pads_prompts_left_and_responses_right(tmp_path):
     assert batch.response_ids.tolist() == [ids("be brief <eos>"), ids("four <eos>") + [0]]
     assert batch.response_lens.tolist() == [3, 2]
     assert loader.state_dict()["position"] == 4
+    assert batch.domains is None
+
+
+def test_domain_field_travels_with_each_prompt(tmp_path):
+    rows = [dict(r, domain=d) for r, d in zip(RECORDS, ["math", "code", "math", "chat"])]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    cfg = PromptDataConfig(path=path, prompt_field="question", domain_field="domain")
+    prompts = load_prompts(cfg, make_tokenizer(chat=False))
+    assert [e.domain for e in prompts.examples] == ["math", "code", "math", "chat"]
+    loader = PromptLoader(prompts, ShardedSampler(len(prompts), global_batch_size=4, shuffle=False), pad_id=0)
+    assert loader.next_batch().domains == ["math", "code", "math", "chat"]
+    with pytest.raises(DataError, match=r"record 0 has no field 'area' \(data.domain_field\)"):
+        load_prompts(PromptDataConfig(path=path, prompt_field="question", domain_field="area"),
+                     make_tokenizer(chat=False))
 
 
 def test_padding_helpers():

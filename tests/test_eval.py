@@ -184,16 +184,20 @@ def arith_task():
     return T.Task(fmt, T.records_to_examples(rows, fmt))
 
 
-@pytest.mark.parametrize("mode", ["ar", "static", "dynamic"])
-def test_evaluate_scores_what_the_sampler_decodes(student, arith_task, mode):
-    """Generations equal a direct sampler call; golds set to those generations score 1.0, others 0."""
+@pytest.mark.parametrize("mode,shift", [("ar", False), ("static", False), ("dynamic", False), ("static", True),
+                                        ("dynamic", True)])
+def test_evaluate_scores_what_the_sampler_decodes(student, arith_task, mode, shift):
+    """Generations equal a direct sampler call; golds set to those generations score 1.0, others 0.
+    A shifted student (``shift_logits``) is decoded as one."""
     tok = S.build_tokenizer()
     settings = DecodeSettings(mode=mode, max_new_tokens=16, batch_size=3, threshold=0.5)
-    result = evaluate(student, tok, arith_task, settings, mask_token_id=tok.mask_token_id)
+    result = evaluate(student, tok, arith_task, settings, mask_token_id=tok.mask_token_id, shift_logits=shift)
     assert result.num_examples == 7
     # reference: one sampler call over all prompts at once (batching must not change greedy output)
     eos = (tok.eos_token_id,)
-    cfg = settings.sampler_config(mask_token_id=tok.mask_token_id, eos_token_ids=eos, pad_token_id=0)
+    cfg = settings.sampler_config(mask_token_id=tok.mask_token_id, eos_token_ids=eos, pad_token_id=0,
+                                  shift_logits=shift)
+    assert cfg.shift_logits == shift
     ids, lens = left_pad([tok(e.question)["input_ids"] for e in arith_task.examples], 0)
     sampler = BlockSampler(student, cfg)
     ro = sampler.generate_ar(ids, lens) if mode == "ar" else sampler.generate(ids, lens)
@@ -210,9 +214,11 @@ def test_evaluate_scores_what_the_sampler_decodes(student, arith_task, mode):
     golds = [T.final_number(T.truncate_at(t, ["\n"])) or "-424242" for t in texts]
     oracle = T.Task(arith_task.format, [T.Example(e.question, g) for e, g in zip(arith_task.examples, golds)])
     expected = sum(g != "-424242" for g in golds) / 7
-    assert evaluate(student, tok, oracle, settings, mask_token_id=tok.mask_token_id).accuracy == expected
+    assert evaluate(student, tok, oracle, settings, mask_token_id=tok.mask_token_id,
+                    shift_logits=shift).accuracy == expected
     wrong = T.Task(arith_task.format, [T.Example(e.question, "-424242") for e in arith_task.examples])
-    assert evaluate(student, tok, wrong, settings, mask_token_id=tok.mask_token_id).accuracy == 0.0
+    assert evaluate(student, tok, wrong, settings, mask_token_id=tok.mask_token_id,
+                    shift_logits=shift).accuracy == 0.0
     line = result.summary()
     assert "fewshot=0" in line and "T=0" in line and "gen=16" in line
     assert ("thr=0.5" in line) == (mode == "dynamic")

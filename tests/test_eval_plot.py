@@ -38,6 +38,20 @@ def test_render_draws_series_where_the_axes_say(tmp_path):
     assert P.save_line_plot(str(tmp_path / "p.png"), [panel, panel]) in ("builtin", "matplotlib")
 
 
+def test_bands_and_grid_layout():
+    """A series' min/max band is shaded in a tint of its colour between the bounds only; four panels
+    in two columns make a 2 x 2 image."""
+    band = P.Panel("t", "x", "y", [P.Series("a", [0, 10], [0.5, 0.5], lo=[0.4, 0.4], hi=[0.6, 0.6])])
+    img = P.render([band])
+    tint = np.array([int(255 - 0.22 * (255 - c)) for c in P.COLORS[0]], dtype=np.uint8)
+    rows = np.nonzero(np.all(img == tint, axis=-1))[0]
+    line = np.nonzero(np.all(img == np.array(P.COLORS[0], dtype=np.uint8), axis=-1))[0]
+    assert rows.size and rows.min() < line.mean() < rows.max()  # the band straddles the line
+    assert rows.max() - rows.min() < 0.4 * img.shape[0]  # and stays within [0.4, 0.6] of the axis
+    grid = P.render([band] * 4, columns=2, pw=300, ph=200)
+    assert grid.shape[:2] == (400, 600)
+
+
 def test_tokens_to_reach_interpolates():
     from benchmarks.token_efficiency import tokens_to_reach
 

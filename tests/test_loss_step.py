@@ -11,6 +11,7 @@ import torch
 from nemo_opdlm.distill import loss as L
 from nemo_opdlm.distill import states
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
+from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher
@@ -93,3 +94,61 @@ def test_kl_through_the_schedule_matches_a_plain_forward(models, top_k):
         assert sum(r["num_tokens"] for r in reported).item() == batch["loss_mask"].sum().item()
         for p, g in zip(student[0].parameters(), ref_grads):
             assert torch.allclose(p.grad, g, atol=1e-7, rtol=1e-5), (n_micro, last)
+
+
+def _kl_at(student, batch, targets, columns):
+    """Mean token KL with the student's predictions read at ``columns`` of a full forward."""
+    with torch.no_grad():
+        logits = student[0](**model_inputs(batch))[:, columns]  # [B, L, V_pad]
+    n_seq = L.count_sequences([batch["loss_mask"]])
+    _, metrics = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, num_sequences=n_seq)
+    return float(metrics["kl_sum"] / metrics["num_tokens"])
+
+
+def test_shifted_block1_student_starts_at_its_teacher(models):
+    """Shifted with block size 1, every xt token is predicted from the clean x0 token before it, which
+    sees exactly the causal context: the student copied from the teacher starts at KL 0, while the
+    unshifted student (predicting a [MASK] at its own position) is far from it."""
+    student, teacher = models
+    prompt_ids, prompt_lens, response, _, valid = fake_rollout()
+    batch = states.build_states(prompt_ids, prompt_lens, response, torch.zeros_like(response), valid, block_size=1,
+                                steps_per_block=1, mask_token_id=MASK, eos_ids=[EOS],
+                                generator=torch.Generator().manual_seed(1))
+    assert bool(batch["loss_mask"].any())
+    targets = compute_targets(teacher, [teacher_batch(prompt_ids, prompt_lens, response, valid)],
+                              prompt_ids.shape[1], response.shape[1], top_k=None)[0]
+    width, length = prompt_ids.shape[1], response.shape[1]
+    shifted = _kl_at(student, batch, targets, masks.prediction_columns(width, length, 1, True))
+    own = _kl_at(student, batch, targets, masks.prediction_columns(width, length, 1, False))
+    assert shifted < 1e-6 and own > 1e-2, (shifted, own)  # random tiny weights: near-uniform outputs
+
+
+def test_shifted_columns_through_the_schedule_match_a_plain_forward(models):
+    """``logits_columns`` through megatron-core's schedule: the same loss and gradients as a full
+    forward whose logits are gathered at the prediction columns."""
+    student, teacher = models
+    prompt_ids, prompt_lens, response, step_map, valid = fake_rollout()
+    batch = states.build_states(prompt_ids, prompt_lens, response, step_map, valid, block_size=4,
+                                steps_per_block=4, mask_token_id=MASK, eos_ids=[EOS],
+                                generator=torch.Generator().manual_seed(1))
+    targets = compute_targets(teacher, [teacher_batch(prompt_ids, prompt_lens, response, valid)],
+                              prompt_ids.shape[1], response.shape[1], top_k=None)[0]
+    columns = masks.prediction_columns(prompt_ids.shape[1], response.shape[1], 4, True)
+    n_seq = L.count_sequences([batch["loss_mask"]])
+    student[0].zero_grad()
+    logits = student[0](**model_inputs(batch))[:, columns]
+    ref, _ = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, num_sequences=n_seq)
+    ref.backward()
+    ref_grads = [p.grad.clone() for p in student[0].parameters()]
+    mbs = states.split_microbatches(dict(batch, teacher_logprobs=targets.logprobs), 2)
+
+    def loss_fn(out, mb):
+        assert out.shape[1] == response.shape[1]  # exactly the prediction columns reached the output layer
+        loss, metrics = L.kl_loss(out, mb["loss_mask"], mb["teacher_logprobs"], num_sequences=n_seq)
+        return loss * 2, metrics
+
+    student[0].zero_grad()
+    reported = run_schedule(student, mbs, loss_fn, forward_only=False, logits_columns=columns)
+    assert abs(float(sum(r["seq_mean_sum"] for r in reported) / n_seq) - ref.item()) < 1e-6
+    for p, g in zip(student[0].parameters(), ref_grads):
+        assert torch.allclose(p.grad, g, atol=1e-7, rtol=1e-5)

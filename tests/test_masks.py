@@ -115,3 +115,13 @@ def test_bad_inputs():
         masks.build_layout(torch.tensor([4]), 2, torch.ones(1, 2, dtype=torch.bool), 4, True)
     with pytest.raises(ValueError, match="prompt_lens"):
         masks.build_layout(torch.tensor([1, 1]), 2, torch.ones(1, 2, dtype=torch.bool), 4, True)
+
+
+def test_prediction_columns():
+    """[prompt (3) | x0 (6) | xt (6)], block 4: unshifted, xt itself; shifted, the previous xt column
+    inside a block and, at a block's first token, the clean column before it (x0, or the prompt)."""
+    assert masks.prediction_columns(3, 6, 4, False).tolist() == [9, 10, 11, 12, 13, 14]
+    assert masks.prediction_columns(3, 6, 4, True).tolist() == [2, 9, 10, 11, 6, 13]
+    assert masks.prediction_columns(2, 3, 1, True).tolist() == [1, 2, 3]  # block 1: x0 before each token
+    with pytest.raises(ValueError, match="prompt"):
+        masks.prediction_columns(0, 4, 4, True)

@@ -55,9 +55,12 @@ def _same(a, b):
         dict(mode="dynamic", threshold=0.7, temperature=1.0, top_k=30, top_p=0.95),
     ],
 )
-def test_cached_equals_uncached(model, prompts, settings):
+@pytest.mark.parametrize("shift", [False, True])
+def test_cached_equals_uncached(model, prompts, settings, shift):
     """The cache (rows asynchronous; committing rows forwarded apart, or with PAD commit slots) and the
-    lockstep reference without it decode the same tokens and rounds."""
+    lockstep reference without it decode the same tokens and rounds, for an unshifted and a shifted
+    model (a block's first token predicted from the clean token before it, kept across rounds)."""
+    settings = dict(settings, shift_logits=shift)
     uncached = _run(model, prompts, use_cache=False, **settings)
     _same(_run(model, prompts, use_cache=True, **settings), uncached)
     _same(_run(model, prompts, use_cache=True, pad_commit_slots=True, **settings), uncached)
@@ -93,6 +96,73 @@ def test_static_block1_equals_greedy_ar(model, prompts):
                    use_cache=use_cache)
         assert torch.equal(got.tokens, reference)
         assert (got.step_map == 0).all() and got.valid.all()
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_rows_decode_as_a_static_run(model, prompts, use_cache, temperature):
+    """``static_rows``: those rows decode exactly as in an all-static run, the others exactly as in an
+    all-dynamic one (each row's decisions depend on its own context and uniforms only)."""
+    kw = dict(use_cache=use_cache, temperature=temperature, threshold=0.5)
+    rows = torch.tensor([True, False, True, False, False])
+    dynamic = _run(model, prompts, mode="dynamic", **kw)
+    static = _run(model, prompts, mode="static", use_cache=use_cache, temperature=temperature)
+    cfg = SamplerConfig(mask_token_id=MASK, max_new_tokens=22, seed=7, mode="dynamic", **kw)
+    mixed = BlockSampler(model, cfg).generate(*prompts, static_rows=rows)
+    for got, want, sel in ((mixed, static, rows), (mixed, dynamic, ~rows)):
+        assert torch.equal(got.tokens[sel], want.tokens[sel])
+        assert torch.equal(got.step_map[sel], want.step_map[sel])
+    assert not torch.equal(static.step_map, dynamic.step_map)  # the two rules differ on these prompts
+    with pytest.raises(ValueError, match="static_rows"):
+        BlockSampler(model, cfg).generate(*prompts, static_rows=rows[:2])
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_per_row_length_limits(model, prompts, use_cache):
+    """``max_new_tokens`` per row: each row decodes exactly as in a run whose limit is its own, and
+    nothing beyond its limit is valid (block diffusion and AR decoding)."""
+    limits = torch.tensor([22, 8, 13, 22, 5])
+    for method, kw in (("generate", dict(mode="dynamic", threshold=0.5)), ("generate_ar", {})):
+        sampler = BlockSampler(model, SamplerConfig(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7,
+                                                    use_cache=use_cache, **kw))
+        mixed = getattr(sampler, method)(*prompts, limits)
+        for row, limit in enumerate(limits.tolist()):
+            alone = _run(model, prompts, method, max_new_tokens=limit, use_cache=use_cache, **kw)
+            width = alone.tokens.shape[1]
+            assert torch.equal(mixed.valid[row, :width], alone.valid[row]), (method, row)
+            assert torch.equal(mixed.tokens[row, :width][alone.valid[row]], alone.tokens[row][alone.valid[row]])
+            assert not mixed.valid[row, limit:].any()
+    with pytest.raises(ValueError, match="shape"):
+        sampler.generate(*prompts, limits[:2])
+    with pytest.raises(ValueError, match=">= 1"):
+        sampler.generate(*prompts, torch.tensor([4, 0, 4, 4, 4]))
+
+
+def test_shifted_block1_equals_ar(model, prompts):
+    """A shifted model with block size 1 predicts each token from the clean token before it: exactly
+    causal next-token decoding, whatever [MASK] does (with and without the cache, greedy and sampled)."""
+    for temperature in (0.0, 1.0):
+        ar = _run(model, prompts, "generate_ar", max_new_tokens=12, temperature=temperature)
+        for use_cache in (True, False):
+            got = _run(model, prompts, mode="static", block_size=1, steps_per_block=1, max_new_tokens=12,
+                       use_cache=use_cache, shift_logits=True, temperature=temperature)
+            assert torch.equal(got.tokens[got.valid], ar.tokens[ar.valid]), (got.tokens, ar.tokens)
+
+
+def test_shifted_first_token_is_the_prompts_prediction(model, prompts):
+    """Shifted, the first response token is the prompt's own next-token prediction (greedy): the
+    argmax of the logits at the last prompt column, read block-causally."""
+    net = model[0]
+    prompt_ids, prompt_lens = prompts
+    layout = masks.build_layout(prompt_lens, prompt_ids.shape[1], torch.ones(len(PROMPTS), 0, dtype=torch.bool),
+                                4, with_xt=False)
+    with torch.no_grad():
+        logits = net(prompt_ids, layout.position_ids, layout.meta)[:, -1]  # [B, V]
+    logits[:, MASK] = float("-inf")
+    for use_cache in (True, False):
+        got = _run(model, prompts, mode="static", use_cache=use_cache, shift_logits=True)
+        assert torch.equal(got.tokens[:, 0], logits.argmax(-1))
+        assert torch.equal(got.step_map[:, 0] >= 0, torch.ones(len(PROMPTS), dtype=torch.bool))
 
 
 def test_generate_ar_equals_next_token_loop(model, prompts):

@@ -22,6 +22,9 @@ SCENARIOS = {
     "greedy_dynamic": dict(mode="dynamic", threshold=0.6, temperature=0.0),
     "sampled": dict(mode="dynamic", threshold=0.7, temperature=1.0, top_k=30, top_p=0.9),
     "sampled_eos": dict(mode="dynamic", threshold=0.7, temperature=1.0),  # EOS set from the TP=1 run
+    # a shifted model (first-token predictions kept across rounds) with two rows decoded statically
+    "shifted_mixed": dict(mode="dynamic", threshold=0.6, temperature=1.0, shift_logits=True,
+                          static_rows=(True, False, True, False, False)),
 }
 
 
@@ -68,9 +71,11 @@ def _decode_all(chunks, references: dict) -> dict:
     prompts = left_pad(PROMPTS, pad_id=0)
     out = {}
     for name, settings in SCENARIOS.items():
+        settings = dict(settings)
+        rows = settings.pop("static_rows", None)
         extra = dict(eos_token_ids=(references["eos"],)) if name == "sampled_eos" else {}
         sampler = BlockSampler(chunks, SamplerConfig(**BASE, **settings, **extra))
-        out[name] = sampler.generate(*prompts)
+        out[name] = sampler.generate(*prompts, static_rows=None if rows is None else torch.tensor(rows))
     out["ar"] = BlockSampler(chunks, SamplerConfig(**BASE, temperature=0.0)).generate_ar(*prompts)
     return out
 

@@ -91,6 +91,21 @@ def test_curriculum_formula():
         schedules.LengthCurriculum(min_length=10, max_length=5)
 
 
+def test_cosine_curriculum_is_the_reference_ramp_in_whole_blocks():
+    """start + (end - start) * (1 - cos(pi/2 * s / N)), rounded to a multiple of the block size."""
+    cur = schedules.LengthCurriculum(min_length=100, max_length=4000, warmup_steps=100, shape="cosine", block_size=4)
+    for s in [0, 1, 10, 33, 50, 77, 99, 100, 250]:
+        raw = 100 + 3900 * (1 - math.cos(math.pi / 2 * min(s, 100) / 100))
+        assert cur.length(s) == min(4000, 4 * round(raw / 4)), s
+        assert cur.length(s) % 4 == 0
+    lengths = [cur.length(s) for s in range(101)]
+    assert lengths == sorted(lengths) and lengths[0] == 100 and lengths[-1] == 4000
+    # slow first, fast last: the first half of the ramp covers less than a third of the span
+    assert cur.length(50) - 100 < (4000 - 100) / 3 < 4000 - cur.length(50)
+    with pytest.raises(ConfigError, match="shape"):
+        schedules.LengthCurriculum(shape="exp")
+
+
 # --- token choice ------------------------------------------------------------------------------
 def test_greedy_choice_and_raw_confidence():
     logits = torch.randn(5, 3, 40, generator=torch.Generator().manual_seed(1)) * 3

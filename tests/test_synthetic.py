@@ -99,3 +99,55 @@ def test_write_task(tmp_path):
     assert not {r["expression"] for r in rows} & {r["expression"] for r in test_rows}
     meta = json.load(open(tmp_path / "arith" / "task.json"))
     assert meta["config"]["max_operands"] == 3 and meta["seed"] == 5
+
+
+# --- the sort family -----------------------------------------------------------------------------
+
+def test_sort_problems_answers_and_knobs():
+    cfg = S.SortConfig(min_length=3, max_length=6, alphabet="abcdef")
+    for p in S.make_split(cfg, "train", 200, seed=0):
+        assert 3 <= len(p.letters) <= 6 and set(p.letters) <= set("abcdef")
+        assert p.answer == "".join(sorted(p.letters)) and p.response == " " + p.answer
+        assert p.prompt == f"S: {p.letters} A:"
+    assert S.family_of(cfg).name == "sort" and S.family_of(S.ArithmeticConfig()).name == "arithmetic"
+    with pytest.raises(ConfigError, match="alphabet"):
+        S.SortConfig(alphabet="abz")
+    with pytest.raises(ConfigError, match="min_length"):
+        S.SortConfig(min_length=1)
+    with pytest.raises(ConfigError, match="unknown synthetic task"):
+        S.task_config("reverse")
+
+
+def test_sort_split_is_disjoint_and_deterministic():
+    cfg = S.SortConfig(min_length=2, max_length=3, alphabet="abcd")  # 16 + 64 words: both splits exhausted
+    train = {p.letters for s in range(3) for p in S.make_split(cfg, "train", 10_000, seed=s)}
+    test = {p.letters for s in range(3) for p in S.make_split(cfg, "test", 10_000, seed=s)}
+    assert not train & test and len(train) + len(test) == 16 + 64
+    assert S.make_split(cfg, "train", 20, seed=1) == S.make_split(cfg, "train", 20, seed=1)
+
+
+def test_sort_tokenizer_is_its_own_vocabulary(tmp_path):
+    tok = S.build_tokenizer("sort")
+    arith = S.build_tokenizer("arithmetic")
+    assert (tok.pad_token_id, tok.eos_token_id, tok.mask_token_id) == (0, 1, 2)  # the shared specials
+    assert len(tok) <= 32 and "S:" in tok.get_vocab() and "Q:" not in tok.get_vocab()
+    assert "#" not in tok.get_vocab() and "a" not in arith.get_vocab()
+    for p in S.make_split(S.SortConfig(), "train", 50, seed=0):
+        text = p.prompt + p.response
+        ids = tok(text)["input_ids"]
+        assert tok.unk_token_id not in ids and tok.decode(ids) == text
+        assert len(ids) == len(text) - text.count("S:") - text.count("A:")  # one token per letter and space
+
+
+def test_write_sort_task_is_scored_by_exact_match(tmp_path):
+    from nemo_opdlm.eval import tasks as T
+
+    data = S.write_task(str(tmp_path / "sort"), S.SortConfig(), num_train=20, num_test=6, seed=2)
+    assert data.family == "sort" and data.eval_format == "sort"
+    meta = json.load(open(tmp_path / "sort" / "task.json"))
+    assert meta["family"] == "sort" and meta["config"]["alphabet"] == "abcdefghijkl"
+    task = T.load_task(data.eval_format, data.test)
+    ex = task.examples[0]
+    rec = json.loads(open(data.test).readline())
+    assert T.score(task, rec["response"] + "\nS: x", ex.gold, chat=False).correct
+    assert not T.score(task, " " + rec["answer"][::-1] + "z", ex.gold, chat=False).correct

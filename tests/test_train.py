@@ -47,6 +47,52 @@ def test_every_method_trains(tmp_path, method):
         assert result["history"][0]["rollout/tokens_generated"] > 0
 
 
+def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
+    """``diffusion.shift_logits`` trains (rollouts and loss on the shifted columns), is recorded in the
+    checkpoint's diffusion metadata, and evaluation's loader reads it back."""
+    from nemo_opdlm.eval.cli import load_model
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+    cfg = make_run(str(tmp_path), "diffusion.shift_logits=true", "train.steps=2", "train.save_every=2")
+    result = train(cfg)
+    assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in result["history"])
+    ckpt = os.path.join(cfg.train.save_dir, "step_0000002")
+    meta = json.load(open(os.path.join(ckpt, "opdlm_convert.json")))
+    assert meta["diffusion"] == {"block_size": 4, "mask_token_id": 99, "shift_logits": True}
+    with runtime(ParallelLayout()):
+        loaded = load_model(ckpt=ckpt, tokenizer=cfg.init.teacher_hf)
+        assert loaded.shift_logits is True and loaded.block_size == 4 and loaded.mask_token_id == 99
+        assert load_model(ckpt=ckpt, tokenizer=cfg.init.teacher_hf, shift_logits=False).shift_logits is False
+
+
+def test_static_rows_cosine_curriculum_and_domain_caps(tmp_path):
+    """rollout.static_fraction, the cosine curriculum and per-domain caps reach the rollouts: capped
+    rows never produce more tokens than their domain's cap, the others follow the curriculum."""
+    prompts = tmp_path / "domains.jsonl"
+    rows = [{"prompt": f"w{10 + i} w{20 + i}", "domain": "short" if i % 2 else "long"} for i in range(8)]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = make_run(str(tmp_path), f"data.path={prompts}", "data.response_field=null", "data.domain_field=domain",
+                   "rollout.max_length_by_domain={short: 4}", "rollout.static_fraction=0.5",
+                   "rollout.curriculum=cosine", "train.save_dir=null", "train.steps=2")
+    seen = []
+    real = train_step.get_responses
+
+    def spy(cfg_, batch, *args):
+        resp = real(cfg_, batch, *args)
+        seen.append((list(batch.domains), resp.valid.sum(-1).tolist(), resp.tokens.shape[1]))
+        return resp
+
+    import unittest.mock as mock
+    with mock.patch.object(train_step, "get_responses", spy):
+        history = train(cfg)["history"]
+    assert len(seen) == 2 and all(math.isfinite(h["loss"]) for h in history)
+    for domains, lengths, width in seen:
+        assert all(n <= 4 for d, n in zip(domains, lengths) if d == "short")
+        assert any(n > 4 for d, n in zip(domains, lengths) if d == "long") or width <= 8
+    # the cosine ramp from 8 to 16 over 2 steps, in whole blocks of 4: 8 at step 0, 12 at step 1
+    assert [h["rollout/length_limit"] for h in history] == [8.0, 12.0]
+
+
 def test_off_policy_teacher_rollouts_and_topk(tmp_path):
     cfg = make_run(str(tmp_path), "distill.method=off_policy", "data.response_field=null", "distill.top_k=8",
                    "train.save_dir=null", "train.steps=1")
@@ -121,9 +167,9 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert (tmp_path / "run" / "latest").read_text().strip().startswith("step_")
 
 
-def _run_layout(tmp_dir, layout, name):
+def _run_layout(tmp_dir, layout, name, *extra):
     rank = int(os.environ["RANK"])
-    result = train(make_run(tmp_dir, layout, "train.save_dir=null", "train.steps=2"))
+    result = train(make_run(tmp_dir, layout, "train.save_dir=null", "train.steps=2", *extra))
     got = {"loss": [h.get("loss") for h in result["history"]],
            "grad_norm": [h["grad_norm"] for h in result["history"]]}
     if got["loss"][0] is not None:
@@ -143,14 +189,29 @@ def worker_pp2(tmp_dir):
     _run_layout(tmp_dir, "parallel.pp=2", "pp2")
 
 
-def test_tp2_and_pp2_steps_equal_single(tmp_path):
-    history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2"))["history"]
+SHIFTED = ("diffusion.shift_logits=true", "rollout.static_fraction=0.5")
+"""A shifted student (logits read at scattered columns) with half its rollout rows decoded statically."""
+
+
+def worker_tp2_shifted(tmp_dir):
+    _run_layout(tmp_dir, "parallel.tp=2", "tp2s", *SHIFTED)
+
+
+def worker_pp2_shifted(tmp_dir):
+    _run_layout(tmp_dir, "parallel.pp=2", "pp2s", *SHIFTED)
+
+
+@pytest.mark.parametrize("shifted", [False, True])
+def test_tp2_and_pp2_steps_equal_single(tmp_path, shifted):
+    extra, suffix = (SHIFTED, "_shifted") if shifted else ((), "")
+    history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2", *extra))["history"]
     ref, ref_norm = losses(history), [h["grad_norm"] for h in history]
-    torchrun("tests.test_train:worker_tp2", 2, tmp_path, timeout=300)
-    torchrun("tests.test_train:worker_pp2", 2, tmp_path, timeout=300)
-    tp = [json.load(open(tmp_path / f"tp2_{r}.json")) for r in (0, 1)]
+    torchrun(f"tests.test_train:worker_tp2{suffix}", 2, tmp_path, timeout=300)
+    torchrun(f"tests.test_train:worker_pp2{suffix}", 2, tmp_path, timeout=300)
+    tag = "s" if shifted else ""
+    tp = [json.load(open(tmp_path / f"tp2{tag}_{r}.json")) for r in (0, 1)]
     assert tp[0] == tp[1]
-    pp = json.load(open(tmp_path / "pp2_1.json"))  # the last stage holds the loss
+    pp = json.load(open(tmp_path / f"pp2{tag}_1.json"))  # the last stage holds the loss
     for got in (tp[0], pp):
         close(got["loss"], ref, 1e-5)
         close(got["grad_norm"], ref_norm, 1e-4)
@@ -219,3 +280,13 @@ def test_bad_inputs(tmp_path):
         make_run(str(tmp_path), "train.stepz=3")
     with pytest.raises(ConfigError, match="rollout.min_length"):
         make_run(str(tmp_path), "rollout.min_length=0")
+    with pytest.raises(ConfigError, match="rollout.static_fraction must be in"):
+        make_run(str(tmp_path), "rollout.static_fraction=1.5")
+    with pytest.raises(ConfigError, match="needs rollout.mode='dynamic'"):
+        make_run(str(tmp_path), "rollout.static_fraction=0.5", "rollout.mode=static")
+    with pytest.raises(ConfigError, match="rollout.curriculum must be one of"):
+        make_run(str(tmp_path), "rollout.curriculum=exp")
+    with pytest.raises(ConfigError, match="set data.domain_field"):
+        make_run(str(tmp_path), "rollout.max_length_by_domain={math: 8}")
+    with pytest.raises(ConfigError, match="max_length_by_domain.math must be an integer >= 1"):
+        make_run(str(tmp_path), "rollout.max_length_by_domain={math: 0}", "data.domain_field=domain")

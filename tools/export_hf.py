@@ -39,6 +39,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--teacher", action="store_true", help="export the unchanged AR architecture")
     p.add_argument("--mask-token-id", type=int, default=None, help="student: the [MASK] token id")
     p.add_argument("--block-size", type=int, default=4, help="student: tokens per diffusion block")
+    p.add_argument("--shift-logits", action="store_true",
+                   help="student: it predicts token i at position i - 1 (diffusion.shift_logits; a trainer "
+                        "checkpoint records this itself)")
     p.add_argument("--prefix", default="", help="sharded-key prefix of the model inside the checkpoint")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this job")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this job")
@@ -74,7 +77,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         layout.check_model(cfg)
         diffusion = None
         if args.mask_token_id is not None and not args.teacher:
-            diffusion = DiffusionConfig(block_size=args.block_size, mask_token_id=args.mask_token_id)
+            diffusion = DiffusionConfig(block_size=args.block_size, mask_token_id=args.mask_token_id,
+                                        shift_logits=args.shift_logits)
             if diffusion.mask_token_id >= cfg.vocab_size:
                 raise ConvertError(
                     f"--mask-token-id {diffusion.mask_token_id} is outside the vocabulary ({cfg.vocab_size})")

@@ -198,6 +198,7 @@ def student_hf_config(cfg: ModelConfig, diffusion: DiffusionConfig, source: Opti
         "dtype": cfg.params_dtype,
         "mask_token_id": diffusion.mask_token_id,
         "block_size": diffusion.block_size,
+        "shift_logits": diffusion.shift_logits,
         "attention_kind": ATTENTION_KIND,
         **keep,
     }

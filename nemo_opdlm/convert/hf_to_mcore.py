@@ -13,6 +13,7 @@ plain reads (no memory map), so the resident set does not grow with the checkpoi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -277,8 +278,7 @@ def save_dist_checkpoint(
         "format_version": META_VERSION,
         "model_config": hfc.model_config_to_dict(cfg),
         "hf_config": hf_config,
-        "diffusion": None if diffusion is None else {"block_size": diffusion.block_size,
-                                                     "mask_token_id": diffusion.mask_token_id},
+        "diffusion": None if diffusion is None else dataclasses.asdict(diffusion),
     }
     with staged_dir(ckpt_dir, overwrite) as staging:
         dist_checkpointing.save(sharded_model_state(chunks), staging)

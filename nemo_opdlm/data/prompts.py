@@ -55,6 +55,9 @@ class PromptDataConfig:
     """A system message placed before string prompts when the chat template is used."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra template variables, e.g. ``{"enable_thinking": False}`` for Qwen3."""
+    domain_field: Optional[str] = None
+    """Record field naming each prompt's domain (e.g. 'math', 'code'), for
+    ``rollout.max_length_by_domain``; None: prompts carry no domain."""
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -76,6 +79,7 @@ class Example:
     index: int
     prompt_ids: list[int]
     response_ids: Optional[list[int]] = None
+    domain: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -251,6 +255,13 @@ def load_prompts(cfg: PromptDataConfig, tokenizer, eos_id: Optional[int] = None)
     if cfg.response_field:
         eos = tokenizer.eos_token_id if eos_id is None else eos_id
         response_ids = encode_responses([r[cfg.response_field] for r in records], tokenizer, eos)
+    domains: list[Optional[str]] = [None] * len(records)
+    if cfg.domain_field:
+        missing = next((i for i, r in enumerate(records) if r.get(cfg.domain_field) is None), None)
+        if missing is not None:
+            raise DataError(f"{cfg.path}: record {missing} has no field {cfg.domain_field!r} (data.domain_field); "
+                            f"fields are {sorted(records[missing])}")
+        domains = [str(r[cfg.domain_field]) for r in records]
     examples, too_long, resp_too_long = [], 0, 0
     for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
         if not p:
@@ -260,7 +271,7 @@ def load_prompts(cfg: PromptDataConfig, tokenizer, eos_id: Optional[int] = None)
         elif r is not None and cfg.max_response_tokens is not None and len(r) > cfg.max_response_tokens:
             resp_too_long += 1
         else:
-            examples.append(Example(i, p, r))
+            examples.append(Example(i, p, r, domains[i]))
     if too_long or resp_too_long:
         logger.warning("%s: dropped %d of %d prompts longer than %d tokens%s", cfg.path, too_long,
                        len(records), cfg.max_prompt_tokens,

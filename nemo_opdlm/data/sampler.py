@@ -96,6 +96,8 @@ class PromptBatch:
     """``[b, L]`` right-padded reference responses (closed by EOS), or None."""
     response_lens: Optional[torch.Tensor] = None
     """``[b]`` response lengths, or None."""
+    domains: Optional[list[str]] = None
+    """Each prompt's domain (``data.domain_field``), or None."""
 
 
 class PromptLoader:
@@ -112,7 +114,8 @@ class PromptLoader:
         response_ids = response_lens = None
         if picked[0].response_ids is not None:
             response_ids, response_lens = right_pad([e.response_ids for e in picked], self.pad_id)
-        return PromptBatch([e.index for e in picked], prompt_ids, prompt_lens, response_ids, response_lens)
+        domains = None if picked[0].domain is None else [str(e.domain) for e in picked]
+        return PromptBatch([e.index for e in picked], prompt_ids, prompt_lens, response_ids, response_lens, domains)
 
     def state_dict(self) -> dict[str, Any]:
         return self.sampler.state_dict()

@@ -34,6 +34,8 @@ class LoadedModel:
     model_config: Any
     mask_token_id: Optional[int]
     block_size: Optional[int]
+    shift_logits: bool = False
+    """The student predicts token i at position i - 1 (``DiffusionConfig.shift_logits``)."""
 
 
 def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
@@ -60,13 +62,14 @@ def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[s
 
 def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenizer: Optional[str] = None,
                prefix: str = "", mask_token_id: Optional[int] = None, block_size: Optional[int] = None,
-               model_config: Any = None) -> LoadedModel:
+               shift_logits: Optional[bool] = None, model_config: Any = None) -> LoadedModel:
     """Load weights for the running runtime's layout.
 
     ``hf``: an HF directory of a supported AR model (Qwen3 / Qwen2 / Llama). ``ckpt``: a torch_dist
     checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
     from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
-    the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token.
+    the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token;
+    ``shift_logits`` from the argument, else the metadata, else False.
     """
     from transformers import AutoTokenizer
 
@@ -94,7 +97,8 @@ def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenize
     for c in chunks:
         c.eval()
     mask = mask_token_id if mask_token_id is not None else diffusion.get("mask_token_id", tok.mask_token_id)
-    return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"))
+    shift = bool(diffusion.get("shift_logits", False)) if shift_logits is None else shift_logits
+    return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"), shift)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -157,7 +161,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
                 use_cache=not args.no_cache, seed=args.seed,
             )
             result = evaluate(loaded.chunks, loaded.tokenizer, task, settings,
-                              mask_token_id=loaded.mask_token_id, log=say)
+                              mask_token_id=loaded.mask_token_id, shift_logits=loaded.shift_logits, log=say)
             say(result.summary())
             rows.append((mode, result))
         say("\n" + format_table(rows))

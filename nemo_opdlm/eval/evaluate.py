@@ -80,7 +80,7 @@ class DecodeSettings:
                 f"chat={self.chat_template} fewshot={self.num_fewshot}")
 
     def sampler_config(self, *, mask_token_id: Optional[int], eos_token_ids: Sequence[int],
-                       pad_token_id: Optional[int]) -> SamplerConfig:
+                       pad_token_id: Optional[int], shift_logits: bool = False) -> SamplerConfig:
         if self.mode == "ar":
             # The AR path never feeds [MASK]; any id outside the EOS set satisfies the config.
             mask = mask_token_id if mask_token_id is not None else next(
@@ -95,7 +95,7 @@ class DecodeSettings:
             mask_token_id=mask_token_id, block_size=self.block_size, steps_per_block=self.rounds_per_block,
             mode=self.mode, threshold=self.threshold, temperature=self.temperature,
             max_new_tokens=self.max_new_tokens, eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
-            use_cache=self.use_cache, seed=self.seed,
+            use_cache=self.use_cache, seed=self.seed, shift_logits=shift_logits,
         )
 
 
@@ -175,16 +175,21 @@ def evaluate(
     settings: DecodeSettings,
     *,
     mask_token_id: Optional[int] = None,
+    shift_logits: bool = False,
     eos_token_ids: Optional[Sequence[int]] = None,
     chat_kwargs: Optional[dict] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> EvalResult:
-    """Decode and score every example of ``task``; the result is the same on every rank."""
+    """Decode and score every example of ``task``; the result is the same on every rank.
+
+    ``mask_token_id`` and ``shift_logits`` describe the block-diffusion model (its checkpoint's
+    ``DiffusionConfig``; see ``cli.load_model``); AR decoding ignores them.
+    """
     chat = T.use_chat(tokenizer, settings.chat_template)
     eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     sampler = BlockSampler(chunks, settings.sampler_config(mask_token_id=mask_token_id, eos_token_ids=eos,
-                                                           pad_token_id=pad))
+                                                           pad_token_id=pad, shift_logits=shift_logits))
     dp_rank, dp_size, dp_group = _dp()
     mine = list(range(dp_rank, len(task.examples), dp_size))
     prompts = [T.build_prompt(task, task.examples[i], tokenizer, chat=chat, chat_kwargs=chat_kwargs) for i in mine]

@@ -48,11 +48,14 @@ class SamplerLM:
         settings: decoding settings (``mode``, ``block_size``, ``threshold``, ...); keyword
             arguments named like :class:`DecodeSettings` fields override them.
         mask_token_id: the student's [MASK] id (not needed for mode='ar').
+        shift_logits: the student predicts token i at position i - 1 (default: the checkpoint's
+            diffusion metadata when loading, else False).
     """
 
     def __init__(self, chunks: Optional[Sequence[Any]] = None, tokenizer: Any = None, *,
                  settings: Optional[DecodeSettings] = None, mask_token_id: Optional[int] = None,
-                 hf: Optional[str] = None, ckpt: Optional[str] = None, **kwargs: Any) -> None:
+                 shift_logits: Optional[bool] = None, hf: Optional[str] = None, ckpt: Optional[str] = None,
+                 **kwargs: Any) -> None:
         if chunks is None:
             if not (hf or ckpt):
                 raise ValueError("SamplerLM needs model chunks, or hf=<HF dir> / ckpt=<checkpoint dir> to load")
@@ -60,8 +63,9 @@ class SamplerLM:
 
             start_single_runtime()
             loaded = load_model(hf=hf, ckpt=ckpt, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
-                                mask_token_id=mask_token_id)
+                                mask_token_id=mask_token_id, shift_logits=_coerce(shift_logits))
             chunks, tokenizer, mask_token_id = loaded.chunks, loaded.tokenizer, loaded.mask_token_id
+            shift_logits = loaded.shift_logits
             if "block_size" not in kwargs and loaded.block_size:
                 kwargs["block_size"] = loaded.block_size
         if tokenizer is None:
@@ -70,11 +74,12 @@ class SamplerLM:
         unknown = sorted(set(kwargs) - set(fields))
         if unknown:
             raise ValueError(f"unknown opdlm model arguments {unknown}; valid: "
-                             f"{sorted(DecodeSettings.__dataclass_fields__) + ['hf', 'ckpt', 'tokenizer', 'mask_token_id']}")
+                             f"{sorted(DecodeSettings.__dataclass_fields__) + ['hf', 'ckpt', 'tokenizer', 'mask_token_id', 'shift_logits']}")
         self.settings = replace(settings or DecodeSettings(), **fields)
         self.chunks = list(chunks)
         self.tokenizer = tokenizer
         self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(tokenizer, "mask_token_id", None)
+        self.shift_logits = bool(_coerce(shift_logits))
         self.eos = eos_ids(tokenizer)
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
 
@@ -92,7 +97,8 @@ class SamplerLM:
         for key, idx in groups.items():
             settings = replace(self.settings, max_new_tokens=key[0], temperature=key[1])
             sampler = BlockSampler(self.chunks, settings.sampler_config(
-                mask_token_id=self.mask_token_id, eos_token_ids=self.eos, pad_token_id=self.pad))
+                mask_token_id=self.mask_token_id, eos_token_ids=self.eos, pad_token_id=self.pad,
+                shift_logits=self.shift_logits))
             for lo in range(0, len(idx), settings.batch_size):
                 batch = idx[lo: lo + settings.batch_size]
                 enc = self.tokenizer([parsed[i][0] for i in batch], add_special_tokens=False)["input_ids"]

@@ -23,6 +23,9 @@ class Series:
     label: str
     xs: Sequence[float]
     ys: Sequence[float]
+    lo: Optional[Sequence[float]] = None
+    """With ``hi``: a band drawn around the line (e.g. the min and max over seeds)."""
+    hi: Optional[Sequence[float]] = None
 
 
 @dataclass
@@ -40,20 +43,29 @@ COLORS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (255, 127, 14), (148, 10
           (227, 119, 194), (127, 127, 127)]
 
 
-def save_line_plot(path: str, panels: Sequence[Panel], title: Optional[str] = None) -> str:
-    """Write the panels to ``path``; returns the backend used ('matplotlib' or 'builtin')."""
+def save_line_plot(path: str, panels: Sequence[Panel], title: Optional[str] = None,
+                   columns: Optional[int] = None) -> str:
+    """Write the panels to ``path`` (``columns`` per row, default all in one row); returns the backend
+    used ('matplotlib' or 'builtin')."""
+    cols = min(columns or len(panels), len(panels))
+    rows = -(-len(panels) // cols)
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        write_png(path, render(panels, title))
+        write_png(path, render(panels, title, columns=cols))
         return "builtin"
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
-    for ax, panel in zip(axes[0], panels):
+    fig, axes = plt.subplots(rows, cols, figsize=(5.5 * cols, 4.2 * rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, panel in zip(axes.flat, panels):
         for i, s in enumerate(panel.series):
-            ax.plot(s.xs, s.ys, marker="o", ms=3, label=s.label, color=np.array(COLORS[i % len(COLORS)]) / 255)
+            color = np.array(COLORS[i % len(COLORS)]) / 255
+            if s.lo is not None and s.hi is not None:
+                ax.fill_between(s.xs, s.lo, s.hi, color=color, alpha=0.18, lw=0)
+            ax.plot(s.xs, s.ys, marker="o", ms=3, label=s.label, color=color)
         for j, (label, y) in enumerate(panel.hlines):
             ax.axhline(y, ls="--", lw=1, color="k", alpha=0.6 - 0.2 * j, label=label)
         ax.set_title(panel.title)
@@ -203,6 +215,8 @@ def _panel(img: np.ndarray, ox: int, panel: Panel, pw: int, ph: int, top: int) -
         occupied += [(x, py(y)) for x in np.linspace(left, right, 50)]
     for i, s in enumerate(panel.series):
         color = COLORS[i % len(COLORS)]
+        if s.lo is not None and s.hi is not None:
+            _band(img, [px(x) for x in s.xs], [py(y) for y in s.lo], [py(y) for y in s.hi], color)
         pts = [(px(x), py(y)) for x, y in zip(s.xs, s.ys)]
         for (a, b), (c, d) in zip(pts, pts[1:]):
             _line(img, a, b, c, d, color, 2)
@@ -230,14 +244,27 @@ def _panel(img: np.ndarray, ox: int, panel: Panel, pw: int, ph: int, top: int) -
         ly += 11
 
 
-def render(panels: Sequence[Panel], title: Optional[str] = None, pw: int = 520, ph: int = 380) -> np.ndarray:
-    """The RGB image ``[H, W, 3]`` of the panels side by side."""
+def _band(img: np.ndarray, xs: Sequence[float], lo: Sequence[float], hi: Sequence[float], color) -> None:
+    """Shade between two curves (pixel coordinates), a light tint of ``color``, column by column."""
+    tint = tuple(int(255 - 0.22 * (255 - c)) for c in color)
+    for (x0, a0, b0), (x1, a1, b1) in zip(zip(xs, lo, hi), list(zip(xs, lo, hi))[1:]):
+        for x in range(int(round(x0)), int(round(x1)) + 1):
+            t = 0.0 if x1 == x0 else (x - x0) / (x1 - x0)
+            top, bot = sorted((a0 + t * (a1 - a0), b0 + t * (b1 - b0)))
+            img[int(round(top)): int(round(bot)) + 1, x][(img[int(round(top)): int(round(bot)) + 1, x] == 255).all(-1)] = tint
+
+
+def render(panels: Sequence[Panel], title: Optional[str] = None, pw: int = 520, ph: int = 380,
+           columns: Optional[int] = None) -> np.ndarray:
+    """The RGB image ``[H, W, 3]`` of the panels, ``columns`` per row (default: one row)."""
+    cols = min(columns or len(panels), len(panels))
+    rows = -(-len(panels) // cols)
     top = 18 if title else 0
-    img = np.full((ph + top, pw * len(panels), 3), 255, dtype=np.uint8)
+    img = np.full((ph * rows + top, pw * cols, 3), 255, dtype=np.uint8)
     if title:
         _text(img, img.shape[1] // 2, 5, title, anchor="center")
     for k, panel in enumerate(panels):
-        _panel(img, k * pw, panel, pw, ph, top)
+        _panel(img, (k % cols) * pw, panel, pw, ph, top + (k // cols) * ph)
     return img
 
 

@@ -1,22 +1,36 @@
-"""A synthetic verifiable task family: multi-step integer arithmetic with step-by-step answers.
+"""Synthetic verifiable task families, small enough to train and convert on a CPU in minutes.
 
 One job: generate problems (deterministic by seed, with difficulty knobs), split them into train and
-held-out sets that can never overlap, build the matching tiny tokenizer in code, and write both to
+held-out sets that can never overlap, build each family's tiny tokenizer in code, and write both to
 disk in the layouts the rest of the package reads (JSONL prompt files, ``save_pretrained``
-tokenizer folders). Non-goals: training, scoring (``tasks.py`` extracts the ``#### N`` answer).
+tokenizer folders). Non-goals: training, scoring (``tasks.py``: the ``synthetic`` format extracts the
+``#### N`` answer, the ``sort`` format compares the answer exactly).
 
-A problem and its response::
+Two families of different kinds, each with its own vocabulary (the four special tokens keep the same
+ids in both: ``[PAD]=0, [EOS]=1, [MASK]=2, [UNK]=3``):
+
+``arithmetic`` (:class:`ArithmeticConfig`): multi-step integer arithmetic with worked steps::
 
     prompt:   "Q: 3+4*2-5=? A:"
     response: " 4*2=8. 3+8=11. 11-5=6. #### 6"
 
 The response performs one operation per step in the usual precedence order (every ``*`` first,
 left to right, then ``+`` and ``-`` left to right), so the answer is reachable only by chaining
-the steps: a task a tiny model can learn on a CPU in minutes and whose answers are checked exactly.
+the steps: a sequential computation whose later tokens depend on results written earlier.
+
+``sort`` (:class:`SortConfig`): sort a word of letters, duplicates kept::
+
+    prompt:   "S: dacab A:"
+    response: " aabcd"
+
+Every output letter depends on the whole input and on how many of each letter were already
+written: a global rearrangement rather than a chain of local steps, and one where the tokens of a
+block constrain each other (a block decoded in parallel must agree on the counts).
 
 The split is decided by a hash of the problem's text, not by the seed: a problem is held out iff
-``sha256(text) mod 1000 < 1000 * heldout_fraction``, so train and held-out sets drawn with any
-seeds are disjoint, and a larger held-out set contains a smaller one.
+``sha256(key) mod 1000 < 1000 * heldout_fraction`` (the key is the expression or the input word),
+so train and held-out sets drawn with any seeds are disjoint, and a larger held-out set contains a
+smaller one.
 """
 
 from __future__ import annotations
@@ -25,18 +39,15 @@ import hashlib
 import json
 import os
 import random
+import re
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator, Sequence
+from typing import Iterable, Iterator, Sequence, Union
 
 from nemo_opdlm.models.config import ConfigError
 
 OPERATORS = ("+", "-", "*")
 PAD, EOS, MASK, UNK = "[PAD]", "[EOS]", "[MASK]", "[UNK]"
 SPECIAL_TOKENS = (PAD, EOS, MASK, UNK)
-# Multi-character words first: the pre-tokenizer tries the alternatives in this order.
-WORDS = ("####", "Q:", "A:")
-CHARS = tuple("0123456789") + ("+", "-", "*", "=", "?", ".", " ", "\n")
-SPLIT_PATTERN = "|".join(["####", "Q:", "A:", r"\d", r"[+\-*=?.]", " ", "\n"])
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -89,6 +100,11 @@ class Problem:
     answer: int
 
     @property
+    def key(self) -> str:
+        """The text that decides the split and identity of the problem."""
+        return self.expression
+
+    @property
     def prompt(self) -> str:
         return f"Q: {self.expression}=? A:"
 
@@ -130,8 +146,10 @@ def is_heldout(text: str, fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") % 1000 < round(1000 * fraction)
 
 
-def draw(rng: random.Random, cfg: ArithmeticConfig) -> Problem:
-    """One problem (redrawn until its values respect the config's limits)."""
+def draw(rng: random.Random, cfg: TaskConfig) -> AnyProblem:
+    """One problem of ``cfg``'s family (arithmetic: redrawn until its values respect the limits)."""
+    if isinstance(cfg, SortConfig):
+        return draw_sort(rng, cfg)
     while True:
         n = rng.randint(cfg.min_operands, cfg.max_operands)
         numbers = [rng.randint(cfg.min_value, cfg.max_value) for _ in range(n)]
@@ -145,7 +163,112 @@ def draw(rng: random.Random, cfg: ArithmeticConfig) -> Problem:
         return Problem(expression, tuple(steps), values[-1])
 
 
-def problems(cfg: ArithmeticConfig, split: str, seed: int) -> Iterator[Problem]:
+# --- the sort family ----------------------------------------------------------------------------
+
+SORT_LETTERS = "abcdefghijklmnop"
+"""The sort family's vocabulary of letters (an alphabet is a subset of it)."""
+
+@dataclass(kw_only=True, frozen=True)
+class SortConfig:
+    """Difficulty knobs of the sorting family."""
+
+    min_length: int = 5
+    """Fewest letters in a word."""
+    max_length: int = 10
+    """Most letters in a word."""
+    alphabet: str = "abcdefghijkl"
+    """Letters to draw from (each one token; duplicates allowed in a word)."""
+    heldout_fraction: float = 0.1
+    """Share of the problem space (by hash) reserved for the held-out split."""
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.min_length <= self.max_length:
+            raise ConfigError(f"sort: need 2 <= min_length ({self.min_length}) <= max_length ({self.max_length})")
+        if len(set(self.alphabet)) != len(self.alphabet) or len(self.alphabet) < 2 or \
+                not set(self.alphabet) <= set(SORT_LETTERS):
+            raise ConfigError(f"sort.alphabet must be >= 2 distinct letters of {SORT_LETTERS!r}, got {self.alphabet!r}")
+        if not 0.0 < self.heldout_fraction < 1.0:
+            raise ConfigError(f"sort.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+@dataclass(frozen=True)
+class SortProblem:
+    """One word to sort."""
+
+    letters: str
+    """The input word, e.g. 'dacab'."""
+
+    @property
+    def key(self) -> str:
+        return self.letters
+
+    @property
+    def answer(self) -> str:
+        return "".join(sorted(self.letters))
+
+    @property
+    def prompt(self) -> str:
+        return f"S: {self.letters} A:"
+
+    @property
+    def response(self) -> str:
+        return " " + self.answer
+
+    def record(self) -> dict:
+        """The JSONL record: prompt + response (training data), answer (scoring), the input word."""
+        return {"prompt": self.prompt, "response": self.response, "answer": self.answer, "letters": self.letters}
+
+
+def draw_sort(rng: random.Random, cfg: SortConfig) -> SortProblem:
+    n = rng.randint(cfg.min_length, cfg.max_length)
+    return SortProblem("".join(rng.choice(cfg.alphabet) for _ in range(n)))
+
+
+# --- families ----------------------------------------------------------------------------------
+
+TaskConfig = Union[ArithmeticConfig, SortConfig]
+AnyProblem = Union[Problem, SortProblem]
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the synthetic families."""
+
+    name: str
+    config: type
+    words: tuple[str, ...]
+    """Multi-character tokens (tried first by the pre-tokenizer)."""
+    chars: tuple[str, ...]
+    """Single-character tokens."""
+    eval_format: str
+    """The ``eval/tasks.py`` format that scores the family's held-out file."""
+
+
+FAMILIES: dict[str, Family] = {
+    "arithmetic": Family("arithmetic", ArithmeticConfig, words=("####", "Q:", "A:"),
+                         chars=tuple("0123456789") + ("+", "-", "*", "=", "?", ".", " ", "\n"),
+                         eval_format="synthetic"),
+    "sort": Family("sort", SortConfig, words=("S:", "A:"), chars=tuple(SORT_LETTERS) + (" ", "\n"),
+                   eval_format="sort"),
+}
+
+
+def family_of(cfg: TaskConfig) -> Family:
+    """The family whose knobs ``cfg`` holds."""
+    for fam in FAMILIES.values():
+        if isinstance(cfg, fam.config):
+            return fam
+    raise ConfigError(f"not a synthetic task config: {type(cfg).__name__}")
+
+
+def task_config(name: str) -> TaskConfig:
+    """Default knobs of family ``name`` ('arithmetic' or 'sort')."""
+    if name not in FAMILIES:
+        raise ConfigError(f"unknown synthetic task {name!r}; choose one of {sorted(FAMILIES)}")
+    return FAMILIES[name].config()
+
+
+def problems(cfg: TaskConfig, split: str, seed: int) -> Iterator[AnyProblem]:
     """An endless stream of distinct problems of ``split`` ('train' or 'test'), fixed by ``seed``.
 
     Stops (rather than looping forever) once 200 consecutive draws in a row found nothing new,
@@ -154,20 +277,22 @@ def problems(cfg: ArithmeticConfig, split: str, seed: int) -> Iterator[Problem]:
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     want_heldout = split == "test"
-    rng = random.Random(f"opdlm-arith-{seed}-{split}")
+    fam = family_of(cfg)
+    # The arithmetic stream keeps its original seed string (the demo's problems stay the same).
+    rng = random.Random(f"opdlm-{'arith' if fam.name == 'arithmetic' else fam.name}-{seed}-{split}")
     seen: set[str] = set()
     misses = 0
     while misses < 200 * max(1, round(1 / min(cfg.heldout_fraction, 1 - cfg.heldout_fraction))):
         p = draw(rng, cfg)
-        if p.expression in seen or is_heldout(p.expression, cfg.heldout_fraction) != want_heldout:
+        if p.key in seen or is_heldout(p.key, cfg.heldout_fraction) != want_heldout:
             misses += 1
             continue
         misses = 0
-        seen.add(p.expression)
+        seen.add(p.key)
         yield p
 
 
-def make_split(cfg: ArithmeticConfig, split: str, n: int, seed: int) -> list[Problem]:
+def make_split(cfg: TaskConfig, split: str, n: int, seed: int) -> list[AnyProblem]:
     """``n`` distinct problems of ``split`` (fewer only if the split's problem space is smaller)."""
     out: list[Problem] = []
     for p in problems(cfg, split, seed):
@@ -179,13 +304,20 @@ def make_split(cfg: ArithmeticConfig, split: str, n: int, seed: int) -> list[Pro
 
 # --- tokenizer ---------------------------------------------------------------------------------
 
-def vocabulary() -> dict[str, int]:
+def vocabulary(family: str = "arithmetic") -> dict[str, int]:
     """Token -> id: the specials first ([PAD]=0, [EOS]=1, [MASK]=2, [UNK]=3), then words and chars."""
-    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + WORDS + CHARS)}
+    fam = FAMILIES[family]
+    return {tok: i for i, tok in enumerate(SPECIAL_TOKENS + fam.words + fam.chars)}
 
 
-def build_tokenizer():
-    """A ``PreTrainedTokenizerFast`` for the task: one token per digit/symbol/space, exact round trip.
+def split_pattern(family: str = "arithmetic") -> str:
+    """The pre-tokenizer's regex: each word, then any single character of the vocabulary."""
+    fam = FAMILIES[family]
+    return "|".join([re.escape(w) for w in fam.words] + ["[" + "".join(re.escape(c) for c in fam.chars) + "]"])
+
+
+def build_tokenizer(family: str = "arithmetic"):
+    """A ``PreTrainedTokenizerFast`` for a family: one token per character or word, exact round trip.
 
     Word-level model over a regex pre-tokenizer (every match is one token) with a fusing decoder,
     so ``decode(encode(text)) == text``. No BOS, no post-processor, no chat template.
@@ -193,8 +325,10 @@ def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab=vocabulary(), unk_token=UNK))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="isolated")
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown synthetic task {family!r}; choose one of {sorted(FAMILIES)}")
+    tok = Tokenizer(models.WordLevel(vocab=vocabulary(family), unk_token=UNK))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(split_pattern(family)), behavior="isolated")
     tok.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token=PAD, eos_token=EOS, mask_token=MASK, unk_token=UNK,
@@ -224,18 +358,25 @@ class SyntheticData:
     tokenizer: str
     num_train: int
     num_test: int
+    family: str = "arithmetic"
+    """The family's name (its ``eval_format`` scores ``test``)."""
+
+    @property
+    def eval_format(self) -> str:
+        return FAMILIES[self.family].eval_format
 
 
-def write_task(out_dir: str, cfg: ArithmeticConfig, *, num_train: int, num_test: int, seed: int = 0) -> SyntheticData:
+def write_task(out_dir: str, cfg: TaskConfig, *, num_train: int, num_test: int, seed: int = 0) -> SyntheticData:
     """``train.jsonl``, ``test.jsonl``, ``tokenizer/`` and ``task.json`` (the knobs) under ``out_dir``."""
+    fam = family_of(cfg)
     os.makedirs(out_dir, exist_ok=True)
     train = os.path.join(out_dir, "train.jsonl")
     test = os.path.join(out_dir, "test.jsonl")
     tok_dir = os.path.join(out_dir, "tokenizer")
     n_train = write_jsonl(train, (p.record() for p in make_split(cfg, "train", num_train, seed)))
     n_test = write_jsonl(test, (p.record() for p in make_split(cfg, "test", num_test, seed)))
-    build_tokenizer().save_pretrained(tok_dir)
+    build_tokenizer(fam.name).save_pretrained(tok_dir)
     with open(os.path.join(out_dir, "task.json"), "w") as f:
-        json.dump({"family": "arithmetic", "seed": seed, "config": asdict(cfg),
+        json.dump({"family": fam.name, "seed": seed, "config": asdict(cfg),
                    "num_train": n_train, "num_test": n_test}, f, indent=2)
-    return SyntheticData(train, test, tok_dir, n_train, n_test)
+    return SyntheticData(train, test, tok_dir, n_train, n_test, fam.name)

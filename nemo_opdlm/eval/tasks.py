@@ -192,6 +192,10 @@ FORMATS: dict[str, TaskFormat] = {
         name="synthetic", question_field="prompt", answer_field="answer", solution_field="response",
         gold_from="exact", extract="number", template="{question}", shot_separator="\n", stop=("\n",),
     ),
+    "sort": TaskFormat(  # eval/synthetic.py's sort family: the answer is the whole (sorted) response
+        name="sort", question_field="prompt", answer_field="answer", solution_field="response",
+        gold_from="exact", extract="exact", template="{question}", shot_separator="\n", stop=("\n",),
+    ),
 }
 
 

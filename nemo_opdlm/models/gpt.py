@@ -60,6 +60,7 @@ class DiffusionGPTModel(GPTModel):
         attention_mask: Tensor,
         labels: Optional[Tensor] = None,
         logits_last: Optional[int] = None,
+        logits_columns: Optional[Tensor] = None,
         **unused,
     ) -> Tensor:
         """Logits ``[B, S, V_pad/tp]`` on the last stage, hidden states ``[S, B, H]`` elsewhere.
@@ -72,6 +73,9 @@ class DiffusionGPTModel(GPTModel):
                 ``[B, logits_last, V_pad/tp]``). The losses read the response columns only; at a
                 151k vocabulary the output layer is about a quarter of a 0.6B model's FLOPs, and the
                 prompt and x0 columns' logits would be computed (and stored for backward) for nothing.
+            logits_columns: instead of ``logits_last``, project these columns ``[n]`` (any order,
+                repeats allowed; logits ``[B, n, V_pad/tp]``): a shifted student reads its
+                predictions from columns scattered over x0 and xt (``masks.prediction_columns``).
         """
         if labels is not None:
             raise ValueError("DiffusionGPTModel returns logits; losses live in distill/loss.py")
@@ -83,10 +87,14 @@ class DiffusionGPTModel(GPTModel):
         )  # [S, B, H]
         if not self.post_process:
             return hidden
+        if logits_last is not None and logits_columns is not None:
+            raise ValueError("give logits_last or logits_columns, not both")
         if logits_last is not None:
             if not 1 <= logits_last <= hidden.shape[0]:
                 raise ValueError(f"logits_last={logits_last} must be in [1, {hidden.shape[0]}] columns")
             hidden = hidden[-logits_last:]
+        elif logits_columns is not None:
+            hidden = hidden.index_select(0, logits_columns.to(hidden.device))  # [n, B, H]
         weight = self.shared_embedding_or_output_weight() if self.share_embeddings_and_output_weights else None
         # Batch-first before the projection: transposing [S, B, H] costs V/H times less than
         # transposing the logits (a copy of every logit, forward and backward).

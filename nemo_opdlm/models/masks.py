@@ -126,6 +126,26 @@ def build_layout(
     )
 
 
+def prediction_columns(prompt_width: int, response_len: int, block_size: int, shift: bool,
+                       device: torch.device | str = "cpu") -> torch.Tensor:
+    """Columns ``[L]`` of a ``[prompt | x0 | xt]`` row whose outputs predict response tokens 0..L-1.
+
+    Unshifted (the paper): xt column ``P + L + i``, the token's own position. Shifted
+    (``DiffusionConfig.shift_logits``): the previous token of the same xt block, ``P + L + i - 1``;
+    a block's first token has no previous token in its block, so it is predicted from the last
+    clean token before the block: x0 column ``P + i - 1``, which for ``i = 0`` is the prompt's last
+    column. That clean column sees exactly the context an AR model would (the prompt and x0 up to
+    ``i - 1``), which is why a shifted student starts near its teacher.
+    """
+    i = torch.arange(response_len, device=device)
+    if not shift:
+        return prompt_width + response_len + i
+    if prompt_width < 1:
+        raise ValueError("shifted predictions need a prompt: the first response token is predicted "
+                         "from the last prompt token")
+    return torch.where(i % block_size != 0, prompt_width + response_len + i - 1, prompt_width + i - 1)
+
+
 def sequence_layout(
     batch: int, seq_len: int, block_size: int, device: torch.device | str = "cpu"
 ) -> RowLayout:

@@ -95,6 +95,10 @@ class SamplerConfig:
     """Micro-batches per round through the pipeline; None: the pipeline size (1 without PP)."""
     suppress_mask_token: bool = True
     """Never emit [MASK] as a decoded token (it still counts in the confidence's softmax)."""
+    shift_logits: bool = False
+    """The model predicts token i at position i - 1 (``DiffusionConfig.shift_logits``): a block's
+    first token from the last clean token before the block, the others from the previous position
+    of the block. False: every position predicts itself (the paper)."""
     seed: int = 0
     """Seed of the sampler's random stream (offset by the data-parallel rank; same on TP/PP peers)."""
 
@@ -204,10 +208,25 @@ def rollout_mode(chunks: Sequence[torch.nn.Module]) -> Iterator[None]:
             layer.backend = backend
 
 
-def _valid_mask(tokens: Tensor, step_map: Tensor, eos: Tensor, max_new: int) -> tuple[Tensor, Tensor]:
-    """``(valid [B, L], finished_eos [B])`` from what was decoded."""
+def _row_limits(max_new: int | Tensor, batch: int, device: torch.device) -> tuple[Tensor, int]:
+    """``(limits [B], longest)``: every row's response-length limit (one for all, or one per row)."""
+    if isinstance(max_new, Tensor):
+        if max_new.shape != (batch,):
+            raise ValueError(f"max_new_tokens must be an int or have shape [{batch}], got {tuple(max_new.shape)}")
+        lo, longest = (int(v) for v in torch.stack([max_new.min(), max_new.max()]).tolist())  # one host read
+        limits = max_new.to(device=device, dtype=torch.long)
+    else:
+        lo = longest = int(max_new)
+        limits = torch.full((batch,), longest, dtype=torch.long, device=device)
+    if lo < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
+    return limits, longest
+
+
+def _valid_mask(tokens: Tensor, step_map: Tensor, eos: Tensor, limits: Tensor) -> tuple[Tensor, Tensor]:
+    """``(valid [B, L], finished_eos [B])`` from what was decoded within each row's ``limits [B]``."""
     cols = torch.arange(tokens.shape[1], device=tokens.device)
-    in_limit = (step_map >= 0) & (cols < max_new)[None]  # [B, L]
+    in_limit = (step_map >= 0) & (cols[None] < limits[:, None])  # [B, L]
     is_eos = torch.isin(tokens, eos) & in_limit  # [B, L]
     after_eos = (is_eos.long().cumsum(-1) - is_eos.long()) > 0  # [B, L]
     valid = in_limit & ~after_eos
@@ -227,6 +246,20 @@ def _first_true(mask: Tensor, count: int) -> Tensor:
     the host): a stable sort puts them first. ``mask.nonzero()`` would read the device to size its
     output, a host sync."""
     return torch.sort((~mask).to(torch.uint8), stable=True).indices[:count]
+
+
+def _shifted(logits: Tensor, first: Optional[Tensor], starting: Tensor) -> tuple[Tensor, Tensor]:
+    """Predictions ``[N, bs, V/tp]`` of a shifted model's block positions, and the updated ``first``.
+
+    ``logits [N, bs + 1, V/tp]``: column 0 is the last clean token before the block for the rows
+    ``starting [N]`` their block this round (the prompt's last token, or the previous block's last
+    token in its commit slot), and unspecified for the others; columns 1.. are the block. A row's
+    first-token prediction comes from its clean context only, so it is computed once, when the
+    block starts, and kept in ``first [N, V/tp]`` for the block's later rounds.
+    """
+    fresh = logits[:, 0]  # [N, V/tp]
+    first = fresh if first is None else torch.where(starting[:, None], fresh, first)
+    return torch.cat([first[:, None], logits[:, 1:-1]], dim=1), first
 
 
 @dataclass(frozen=True)
@@ -266,23 +299,27 @@ class _Decode:
     of block ``b`` reads ``[i, r]`` of it, whichever rows are decoding and whenever it gets there.
     """
 
-    def __init__(self, sampler: "BlockSampler", prompt_ids: Tensor, prompt_lens: Tensor, n_blocks: int,
-                 max_new: int) -> None:
+    def __init__(self, sampler: "BlockSampler", prompt_ids: Tensor, prompt_lens: Tensor, limits: Tensor,
+                 longest: int, static_rows: Optional[Tensor] = None) -> None:
         cfg, dev = sampler.config, sampler.device
         self.sampler = sampler
         self.prompt_ids = prompt_ids  # [B, P]
         self.batch, self.width = prompt_ids.shape
         self.block_size = cfg.block_size
-        self.n_blocks = n_blocks
-        self.length = n_blocks * cfg.block_size
-        self.max_new = max_new
+        self.n_blocks = -(-longest // cfg.block_size)
+        self.length = self.n_blocks * cfg.block_size
+        self.limits = limits  # [B] each row's length limit
+        self.last_block = (limits + cfg.block_size - 1) // cfg.block_size - 1  # [B] each row's last block
         all_valid = torch.ones(self.batch, self.length, dtype=torch.bool, device=dev)
         layout = masks.build_layout(prompt_lens, self.width, all_valid, cfg.block_size, with_xt=False)
         self.pos_all, self.meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
         self.tokens = torch.full((self.batch, self.length), cfg.pad_id, dtype=torch.long, device=dev)  # [B, L]
         self.step_map = torch.full((self.batch, self.length), -1, dtype=torch.long, device=dev)  # [B, L]
         self.counts = torch.tensor(schedules.static_counts(cfg.block_size, cfg.steps_per_block), device=dev)
-        self.threshold = cfg.threshold if cfg.mode == "dynamic" else None
+        self.threshold: Optional[float | Tensor] = cfg.threshold if cfg.mode == "dynamic" else None
+        if static_rows is not None and self.threshold is not None:
+            # [B, 1]: rows decoded with the static rule get a threshold no confidence exceeds
+            self.threshold = torch.where(static_rows.to(dev), float("inf"), cfg.threshold)[:, None].float()
         self._drawn: list[Optional[Tensor]] = []  # per block: [B, steps, bs] (None once no row needs it)
         self._window: tuple[int, int, Optional[Tensor]] = (0, -1, None)
 
@@ -303,14 +340,20 @@ class _Decode:
         assert window is not None
         return window[block - lo, rows, step]  # [N, bs]
 
-    def finishes(self, x: Tensor, block: Tensor) -> Tensor:
-        """``[N]``: a row whose block ``block`` now holds ``x [N, bs]`` is done (an EOS within the
-        length limit, or its last block)."""
-        last = block == self.n_blocks - 1  # [N]
+    def threshold_of(self, rows: Tensor) -> Optional[float | Tensor]:
+        """The dynamic rule's threshold for rows ``rows`` (original ids): None (static), a float, or
+        ``[N, 1]`` when some rows decode statically (``generate``'s ``static_rows``)."""
+        return self.threshold[rows] if isinstance(self.threshold, Tensor) else self.threshold
+
+    def finishes(self, x: Tensor, rows: Tensor, block: Tensor) -> Tensor:
+        """``[N]``: rows ``rows`` (original ids) whose block ``block`` now holds ``x [N, bs]`` are done
+        (an EOS within the row's length limit, or its last block)."""
+        last = block == self.last_block[rows]  # [N]
         if not self.sampler._eos.numel():
             return last
         cols = block[:, None] * self.block_size + torch.arange(self.block_size, device=x.device)  # [N, bs]
-        eos = (x[..., None] == self.sampler._eos).any(-1) & (cols < self.max_new)  # [N, bs] (isin can sync)
+        in_limit = cols < self.limits[rows, None]  # [N, bs]
+        eos = (x[..., None] == self.sampler._eos).any(-1) & in_limit  # [N, bs] (isin can sync)
         return eos.any(-1) | last
 
 
@@ -398,9 +441,9 @@ class BlockSampler:
 
     def _finish(
         self, prompt_ids: Tensor, prompt_lens: Tensor, tokens: Tensor, step_map: Tensor, block_size: int,
-        max_new: int, rounds: int, start: float,
+        limits: Tensor, rounds: int, start: float,
     ) -> Rollout:
-        valid, finished = _valid_mask(tokens, step_map, self._eos, max_new)
+        valid, finished = _valid_mask(tokens, step_map, self._eos, limits)
         n_tokens = int(valid.sum())
         row_rounds = _rows_rounds(step_map, valid, block_size)
         wall = time.perf_counter() - start
@@ -420,26 +463,35 @@ class BlockSampler:
         )
 
     # --- block diffusion ---------------------------------------------------------------------
-    def generate(self, prompt_ids: Tensor, prompt_lens: Tensor, max_new_tokens: Optional[int] = None) -> Rollout:
+    def generate(self, prompt_ids: Tensor, prompt_lens: Tensor, max_new_tokens: Optional[int | Tensor] = None,
+                 static_rows: Optional[Tensor] = None) -> Rollout:
         """Block-diffusion rollouts for left-padded ``prompt_ids [B, P]`` with lengths ``prompt_lens [B]``.
 
-        ``max_new_tokens`` overrides the config (e.g. from the length curriculum). Every rank of
-        the model-parallel group must call this with the same prompts.
+        ``max_new_tokens`` overrides the config (e.g. from the length curriculum): one limit, or one
+        per row (``[B]``, e.g. ``rollout.max_length_by_domain``; a row stops at its own limit and
+        the response width is the longest). ``static_rows``
+        (``[B]`` bool, dynamic mode only): these rows decode with the static rule (the scheduled
+        count per round, no threshold), the others with the threshold, in the same forwards: the
+        rollout then holds the block states of both decoders (``rollout.static_fraction``). Every
+        rank of the model-parallel group must call this with the same prompts.
         """
         cfg = self.config
         start = time.perf_counter()
         prompt_ids, prompt_lens = self._check_prompts(prompt_ids, prompt_lens)
-        max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if max_new < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new}")
-        n_blocks = -(-max_new // cfg.block_size)
-        decode = _Decode(self, prompt_ids, prompt_lens, n_blocks, max_new)
+        limits, longest = _row_limits(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+                                      prompt_ids.shape[0], self.device)
+        if cfg.shift_logits and int(prompt_lens.min()) < 1:
+            raise ValueError("a shifted model needs a non-empty prompt in every row: it predicts the first "
+                             "response token from the last prompt token")
+        if static_rows is not None and static_rows.shape != prompt_lens.shape:
+            raise ValueError(f"static_rows must have shape {tuple(prompt_lens.shape)}, got {tuple(static_rows.shape)}")
+        decode = _Decode(self, prompt_ids, prompt_lens, limits, longest, static_rows)
         if cfg.use_cache:
             rounds = self._decode_async(decode)
         else:
             rounds = self._decode_lockstep(decode)
         return self._finish(
-            prompt_ids, prompt_lens, decode.tokens, decode.step_map, cfg.block_size, max_new, rounds, start
+            prompt_ids, prompt_lens, decode.tokens, decode.step_map, cfg.block_size, limits, rounds, start
         )
 
     def _decode_async(self, d: "_Decode") -> int:
@@ -462,6 +514,8 @@ class BlockSampler:
         x = torch.full((batch, bs), cfg.mask_token_id, dtype=torch.long, device=dev)  # [N, bs]
         st = torch.full_like(x, -1)  # [N, bs]
         offsets = torch.arange(bs, device=dev)  # [bs]
+        n_out = bs + int(cfg.shift_logits)  # logit columns per row; shifted: also the one before the block
+        first: Optional[Tensor] = None  # shifted: [N, V/tp] each row's prediction of its block's first token
         rounds = 0
         n, n_commit, lo, hi = batch, 0, 0, 0  # host: active rows, rows committing, block range
         with self._session(batch, width + d.length + bs, use_cache=True) as cache:
@@ -472,7 +526,7 @@ class BlockSampler:
                     mbs = self._microbatches(
                         ids, d.pos_all[:, : width + bs], d.meta_all[:, :, : width + bs], slice(0, batch)
                     )
-                    logits = self.stages.run(mbs, cache, bs)
+                    logits = self.stages.run(mbs, cache, n_out)
                     cache.commit(width)
                 else:
                     committing = (step == 0) & (block > 0)  # [N] (n_commit of them)
@@ -486,21 +540,23 @@ class BlockSampler:
                     for index, with_slot in groups:
                         mbs += self._microbatches(*self._round_inputs(d, rows, block, x, committing, index, with_slot),
                                                   index)
-                    logits = self.stages.run(mbs, cache, bs)
+                    logits = self.stages.run(mbs, cache, n_out)
                     if logits is not None and order is not None:
                         logits = torch.empty_like(logits).index_copy_(0, order, logits)
                     # A row in block b has committed its prompt and blocks 0..b-1 after this commit.
                     cache.commit(committing.long() * bs, largest=bs if n_commit else 0, frontier=width + hi * bs)
                 rounds += 1
                 if logits is not None:
+                    if cfg.shift_logits:
+                        logits, first = _shifted(logits, first, step == 0)
                     uniform = d.uniforms(rows, block, step, lo, hi)  # [N, bs] or None
                     cand, conf = self._choose(logits, uniform)  # [N, bs], [N, bs]
-                    chosen = schedules.select_unmask(conf, st < 0, d.counts[step], d.threshold)  # [N, bs]
+                    chosen = schedules.select_unmask(conf, st < 0, d.counts[step], d.threshold_of(rows))  # [N, bs]
                     x = torch.where(chosen, cand, x)
                     st = torch.where(chosen, step[:, None], st)
                 x, st = share_decisions(torch.stack([x, st])).unbind(0)
                 complete = ~(st < 0).any(-1)  # [N]
-                finished = complete & d.finishes(x, block)  # [N]
+                finished = complete & d.finishes(x, rows, block)  # [N]
                 step = step + 1
                 summary = _RoundSummary.read(block, complete, finished)  # the round's host sync
                 lo, hi, n_commit = summary.lo, summary.hi, summary.complete - summary.finished
@@ -516,9 +572,10 @@ class BlockSampler:
                 st = torch.where(complete[:, None], -1, st)
                 if summary.finished:
                     n -= summary.finished
-                    keep = _first_true(~finished, n)  # [n]
-                    rows, block, step, x, st = rows[keep], block[keep], step[keep], x[keep], st[keep]
-                    cache.keep(keep, frontier=width + summary.kept_hi * bs if n else 0)
+                    kept = _first_true(~finished, n)  # [n]
+                    rows, block, step, x, st = rows[kept], block[kept], step[kept], x[kept], st[kept]
+                    first = None if first is None else first[kept]
+                    cache.keep(kept, frontier=width + summary.kept_hi * bs if n else 0)
         return rounds
 
     def _round_inputs(
@@ -569,14 +626,16 @@ class BlockSampler:
                 block = torch.full((rows.numel(),), b, dtype=torch.long, device=dev)  # [N]
                 for r in range(len(d.counts)):
                     ids = torch.cat([d.prompt_ids[rows], d.tokens[rows, : b * bs], x], dim=1)  # [N, blk + bs]
-                    logits = self._forward(
-                        ids, d.pos_all[rows, : blk + bs], d.meta_all[rows, :, : blk + bs], None, 0, keep_last=bs
-                    )
+                    # Shifted: the column before the block (its clean context's last token) predicts
+                    # the block's first token, and each block column predicts the next one.
+                    logits = self._forward(ids, d.pos_all[rows, : blk + bs], d.meta_all[rows, :, : blk + bs], None, 0,
+                                           keep_last=bs + int(cfg.shift_logits))
                     rounds += 1
                     if logits is not None:
+                        logits = logits[:, :bs]  # [N, bs, V/tp] the predictions of the block's positions
                         step = torch.full_like(block, r)  # [N]
                         cand, conf = self._choose(logits, d.uniforms(rows, block, step, b, b))  # [N, bs], [N, bs]
-                        chosen = schedules.select_unmask(conf, st < 0, d.counts[r], d.threshold)  # [N, bs]
+                        chosen = schedules.select_unmask(conf, st < 0, d.counts[r], d.threshold_of(rows))  # [N, bs]
                         x = torch.where(chosen, cand, x)
                         st = torch.where(chosen, r, st)
                     x, st = share_decisions(torch.stack([x, st])).unbind(0)
@@ -584,26 +643,29 @@ class BlockSampler:
                         break
                 d.tokens[rows, b * bs: (b + 1) * bs] = x
                 d.step_map[rows, b * bs: (b + 1) * bs] = st
-                finished = d.finishes(x, block)  # [N]
+                finished = d.finishes(x, rows, block)  # [N]
                 rows = rows[~finished]
                 if rows.numel() == 0:
                     break
         return rounds
 
     # --- plain autoregressive decoding ---------------------------------------------------------
-    def generate_ar(self, prompt_ids: Tensor, prompt_lens: Tensor, max_new_tokens: Optional[int] = None) -> Rollout:
+    def generate_ar(self, prompt_ids: Tensor, prompt_lens: Tensor,
+                    max_new_tokens: Optional[int | Tensor] = None) -> Rollout:
         """Causal next-token decoding of the same weights (the teacher's way), one token per forward.
 
         Uses the config's sampling, EOS and cache settings; ``block_size``, ``steps_per_block`` and
         ``mode`` do not apply (``step_map`` is 0 for every decoded token, blocks are of size 1).
+        ``max_new_tokens``: one limit or one per row, as for ``generate``.
         """
         cfg = self.config
         start = time.perf_counter()
         prompt_ids, prompt_lens = self._check_prompts(prompt_ids, prompt_lens)
         if int(prompt_lens.min()) < 1:
             raise ValueError("autoregressive decoding needs a non-empty prompt in every row")
-        max_new = cfg.max_new_tokens if max_new_tokens is None else max_new_tokens
         batch, width = prompt_ids.shape
+        limits, max_new = _row_limits(cfg.max_new_tokens if max_new_tokens is None else max_new_tokens, batch,
+                                      self.device)
         all_valid = torch.ones(batch, max_new, dtype=torch.bool, device=self.device)
         layout = masks.build_layout(prompt_lens, width, all_valid, 1, with_xt=False)
         pos_all, meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
@@ -628,7 +690,7 @@ class BlockSampler:
                 nxt = share_decisions(nxt)
                 tokens[rows, i] = nxt[:, 0]
                 step_map[rows, i] = 0
-                done = torch.isin(nxt[:, 0], self._eos) | (i == max_new - 1)  # [N]
+                done = torch.isin(nxt[:, 0], self._eos) | (i == limits[rows] - 1)  # [N]
                 if bool(done.any()):
                     keep = (~done).nonzero()[:, 0]
                     rows = rows[keep]
@@ -636,4 +698,4 @@ class BlockSampler:
                         cache.keep(keep)
                     if rows.numel() == 0:
                         break
-        return self._finish(prompt_ids, prompt_lens, tokens, step_map, 1, max_new, rounds, start)
+        return self._finish(prompt_ids, prompt_lens, tokens, step_map, 1, limits, rounds, start)

@@ -8,6 +8,7 @@ static count), and how long rollouts are at a training step. Non-goals: computin
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -36,7 +37,7 @@ def select_unmask(
     confidence: torch.Tensor,
     masked: torch.Tensor,
     count: int | torch.Tensor,
-    threshold: Optional[float] = None,
+    threshold: Optional[float | torch.Tensor] = None,
 ) -> torch.Tensor:
     """Positions to unmask this round, ``[N, K]`` bool (a subset of ``masked``).
 
@@ -47,7 +48,8 @@ def select_unmask(
             are unmasked (all of them if fewer remain; ties go to the leftmost position). An int,
             or one per row (``[N]``: rows in different rounds of their blocks).
         threshold: dynamic rule: also unmask every masked position with ``confidence > threshold``
-            (strict, as the reference). None: static rule only.
+            (strict, as the reference); a float, or one per row (``[N, 1]``; ``inf`` = the static
+            rule for that row). None: static rule only.
     """
     neg = torch.finfo(confidence.dtype).min
     conf = confidence.masked_fill(~masked, neg)  # [N, K]
@@ -61,11 +63,16 @@ def select_unmask(
     return chosen
 
 
+CURRICULA = ("linear", "cosine")
+
+
 @dataclass(kw_only=True)
 class LengthCurriculum:
-    """Generation length grows linearly from ``min_length`` to ``max_length``.
+    """Generation length grows from ``min_length`` to ``max_length`` over ``warmup_steps``.
 
-    ``L_s = min(L_max, L_min + floor(s / S_warm * (L_max - L_min)))`` at training step ``s``.
+    ``linear`` (the paper): ``L_s = min(L_max, L_min + floor(s / S_warm * (L_max - L_min)))`` at
+    training step ``s``. ``cosine`` (the reference launcher): ``L_min + (L_max - L_min) * (1 -
+    cos(pi/2 * s / S_warm))``, rounded to a whole number of blocks, slow at first and fast at the end.
     """
 
     min_length: int = 100
@@ -73,9 +80,17 @@ class LengthCurriculum:
     max_length: int = 4000
     """L_max: response tokens once the ramp is over."""
     warmup_steps: int = 100
-    """S_warm: steps of the linear ramp (0: always ``max_length``)."""
+    """S_warm: steps of the ramp (0: always ``max_length``)."""
+    shape: str = "linear"
+    """'linear' or 'cosine'."""
+    block_size: int = 1
+    """The cosine ramp rounds to a multiple of this (the student's block size)."""
 
     def __post_init__(self) -> None:
+        if self.shape not in CURRICULA:
+            raise ConfigError(f"curriculum shape must be one of {CURRICULA}, got {self.shape!r}")
+        if self.block_size < 1:
+            raise ConfigError(f"curriculum.block_size must be >= 1, got {self.block_size}")
         if self.min_length < 1:
             raise ConfigError(f"curriculum.min_length must be >= 1, got {self.min_length}")
         if self.max_length < self.min_length:
@@ -92,5 +107,9 @@ class LengthCurriculum:
         if self.warmup_steps == 0:
             return self.max_length
         span = self.max_length - self.min_length
+        if self.shape == "cosine":
+            frac = 1.0 - math.cos(math.pi / 2 * min(step, self.warmup_steps) / self.warmup_steps)
+            raw = self.min_length + span * frac
+            return min(self.max_length, max(self.block_size, self.block_size * round(raw / self.block_size)))
         # Integer arithmetic: floor(s * span / S_warm) == floor(s / S_warm * span) without float error.
         return min(self.max_length, self.min_length + (step * span) // self.warmup_steps)

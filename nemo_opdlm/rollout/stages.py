@@ -76,8 +76,10 @@ class StageRunner:
         """Logits ``[n, keep_last, V/tp]`` of all micro-batches (rows concatenated) on the last stage.
 
         Only the last ``keep_last`` columns (the current block) reach the output layer: the prompt
-        and committed columns would cost a ``[b, S, V/tp]`` projection for nothing. Other stages
-        return None. Every rank of the pipeline must call this with the same shapes.
+        and committed columns would cost a ``[b, S, V/tp]`` projection for nothing. A micro-batch
+        with fewer than ``keep_last`` columns projects all of them and its logits are left-padded
+        with zeros (a shifted model's rows without a commit slot: their first column is unused).
+        Other stages return None. Every rank of the pipeline must call this with the same shapes.
         """
         if keep_last < 1:
             raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -93,11 +95,12 @@ class StageRunner:
                 scope = cache.forward(mb.meta, mb.rows) if cache is not None else contextlib.nullcontext()
                 with scope:
                     out = chunk(mb.input_ids if chunk.pre_process else None, mb.position_ids, mb.meta,
-                                logits_last=keep_last)
+                                logits_last=min(keep_last, mb.meta.shape[-1]))
                 if not chunk.pre_process:
                     chunk.set_input_tensor(None)
                 if chunk.post_process:
-                    logits.append(out)  # [b, keep_last, V/tp]
+                    short = keep_last - out.shape[1]
+                    logits.append(torch.nn.functional.pad(out, (0, 0, short, 0)) if short else out)  # [b, keep_last, V/tp]
                 else:
                     out = out.contiguous()  # [S, b, H]
                     sends.append((dist.isend(out, dst=self.next, group=self.group), out))

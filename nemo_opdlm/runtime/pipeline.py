@@ -46,13 +46,15 @@ def run_schedule(
     *,
     forward_only: bool,
     logits_last: Optional[int] = None,
+    logits_columns: Optional[torch.Tensor] = None,
 ) -> list[Any]:
     """Forward (and backward unless ``forward_only``) over ``microbatches``.
 
     ``loss_fn(output, batch)`` runs on the last stage and returns what megatron-core's loss_func
     returns: ``(loss, num_tokens, reported)`` or ``(loss, reported)``. Returns the list of
     ``reported`` values on the last pipeline stage (empty elsewhere). ``logits_last``: the last
-    stage computes logits for the last this-many columns only (``DiffusionGPTModel.forward``).
+    stage computes logits for the last this-many columns only, ``logits_columns`` for these columns
+    (``DiffusionGPTModel.forward``).
     """
     if not microbatches:
         return []
@@ -62,7 +64,7 @@ def run_schedule(
 
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         batch = to_device(next(data_iterator), model_device(model))
-        output = model(**model_inputs(batch), logits_last=logits_last)
+        output = model(**model_inputs(batch), logits_last=logits_last, logits_columns=logits_columns)
         return output, lambda out: loss_fn(out, batch)
 
     return get_forward_backward_func()(

@@ -9,6 +9,7 @@ row, stop the run with an error.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import time
 from typing import Any
@@ -78,9 +79,10 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
         start = int(common["step"])
         log.note(f"resumed from {resume_from} at step {start}")
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
-                                  warmup_steps=cfg.rollout.curriculum_steps)
+                                  warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
+                                  block_size=cfg.diffusion.block_size)
     dp = parallel_state.get_data_parallel_world_size()
-    diffusion = {"block_size": cfg.diffusion.block_size, "mask_token_id": cfg.diffusion.mask_token_id}
+    diffusion = dataclasses.asdict(cfg.diffusion)
     history: list[dict[str, float]] = []
     bad_in_row, step, status = 0, start, "completed"
 

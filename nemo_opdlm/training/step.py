@@ -61,7 +61,7 @@ def sampler_config(cfg: RunConfig, eos_ids: Sequence[int], pad_id: int, seed: in
         mask_token_id=cfg.diffusion.mask_token_id, block_size=cfg.diffusion.block_size,
         steps_per_block=r.steps_per_block, mode=r.mode, threshold=r.threshold, temperature=r.temperature,
         top_k=r.top_k, top_p=r.top_p, max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos_ids),
-        pad_token_id=pad_id, use_cache=r.use_cache, seed=seed,
+        pad_token_id=pad_id, use_cache=r.use_cache, seed=seed, shift_logits=cfg.diffusion.shift_logits,
         pad_commit_slots=torch.cuda.is_available() if r.pad_commit_slots is None else r.pad_commit_slots,
     )
 
@@ -78,16 +78,35 @@ def _from_dataset(batch: PromptBatch, eos_ids: Sequence[int]) -> Responses:
     return Responses(batch.prompt_ids, batch.prompt_lens, batch.response_ids, valid, None, {})
 
 
+def rollout_lengths(cfg: RunConfig, batch: PromptBatch, length: int) -> int | Tensor:
+    """This step's rollout length: the curriculum's ``length``, or per row ``[B]`` capped by
+    ``rollout.max_length_by_domain`` for the rows whose domain it lists."""
+    caps = cfg.rollout.max_length_by_domain
+    if not caps or batch.domains is None:
+        return length
+    return torch.tensor([min(length, caps.get(d, length)) for d in batch.domains], dtype=torch.long)
+
+
 def get_responses(cfg: RunConfig, batch: PromptBatch, student: list, teacher: Optional[list],
                   sampler_cfg: SamplerConfig, length: int) -> Responses:
     """Responses for this step's prompts, from the source the method prescribes."""
     method = cfg.distill.method
+    limits = rollout_lengths(cfg, batch, length)
     if method in OWN_ROLLOUTS:
-        return _from_rollout(BlockSampler(student, sampler_cfg).generate(batch.prompt_ids, batch.prompt_lens, length))
+        sampler = BlockSampler(student, sampler_cfg)
+        return _from_rollout(sampler.generate(batch.prompt_ids, batch.prompt_lens, limits,
+                                              static_rows=static_rows(cfg, batch.prompt_ids.shape[0])))
     if method == "off_policy" and batch.response_ids is None:
         assert teacher is not None
-        return _from_rollout(BlockSampler(teacher, sampler_cfg).generate_ar(batch.prompt_ids, batch.prompt_lens, length))
+        return _from_rollout(BlockSampler(teacher, sampler_cfg).generate_ar(batch.prompt_ids, batch.prompt_lens, limits))
     return _from_dataset(batch, sampler_cfg.eos_token_ids)
+
+
+def static_rows(cfg: RunConfig, batch: int) -> Optional[Tensor]:
+    """``[batch]`` bool: the rows this rank decodes statically (``rollout.static_fraction``), or None."""
+    if cfg.rollout.mode != "dynamic" or cfg.rollout.static_fraction == 0:
+        return None
+    return torch.arange(batch) < round(cfg.rollout.static_fraction * batch)
 
 
 def ar_rows(resp: Responses) -> dict[str, Tensor]:
@@ -220,11 +239,25 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     t2 = time.perf_counter()
     zero_grads(state)
     loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * dp, teacher, cfg.distill.top_k)
-    reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False,
-                            logits_last=logits_needed(rows["loss_mask"].shape[1]))
+    reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False, **student_outputs(cfg, rows))
     sync()
     seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
     return StepOutcome(resp, rows, reported, seconds)
+
+
+def student_outputs(cfg: RunConfig, rows: dict[str, Tensor]) -> dict[str, Any]:
+    """Which of the student's columns reach the output layer (``run_schedule``'s logits arguments).
+
+    Unshifted: the last ``L + 1`` columns (xt, and for ``ar`` the column predicting the first
+    response token; the losses read the last ``L``). Shifted (``diffusion.shift_logits``): exactly
+    the ``L`` prediction columns of ``masks.prediction_columns``, in response order, so that the
+    losses' "last ``L`` columns" are the aligned predictions.
+    """
+    length = rows["loss_mask"].shape[1]
+    if not cfg.diffusion.shift_logits or cfg.distill.method == "ar":
+        return {"logits_last": logits_needed(length)}
+    prompt_width = rows["input_ids"].shape[1] - 2 * length
+    return {"logits_columns": masks.prediction_columns(prompt_width, length, cfg.diffusion.block_size, True)}
 
 
 def causal_loss(logits: Tensor, batch: dict[str, Tensor], num_sequences: int) -> tuple[Tensor, dict]:

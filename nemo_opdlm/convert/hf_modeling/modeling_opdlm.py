@@ -70,6 +70,7 @@ class OPDLMConfig(PretrainedConfig):
         tie_word_embeddings: bool = False,
         mask_token_id: Optional[int] = None,
         block_size: int = 4,
+        shift_logits: bool = False,
         attention_kind: str = "block_causal",
         source_architecture: Optional[str] = None,
         source_model_type: Optional[str] = None,
@@ -90,6 +91,7 @@ class OPDLMConfig(PretrainedConfig):
         self.qkv_bias = qkv_bias
         self.mask_token_id = mask_token_id
         self.block_size = block_size
+        self.shift_logits = shift_logits
         self.attention_kind = attention_kind
         self.source_architecture = source_architecture
         self.source_model_type = source_model_type
@@ -316,7 +318,9 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
         attention_mask: Optional[torch.Tensor] = None,
         **unused,
     ) -> CausalLMOutput:
-        """Logits ``[B, S, V]`` (the prediction *at* each position: no shift).
+        """Logits ``[B, S, V]``: the prediction of the token *at* each position, or with
+        ``config.shift_logits`` of the token *after* it (as an AR model's; ``generate`` then reads a
+        block's first token from the clean token before the block).
 
         Args:
             input_ids: ``[B, S]``.
@@ -377,6 +381,10 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
         Returns ``[B, P + L]`` ids (``L`` = ``max_new_tokens`` rounded up to whole blocks), or with
         ``return_dict`` a dict with ``sequences`` and ``step_map`` (``[B, L]``: the round within
         its block at which each token was unmasked; -1 where nothing was decoded).
+
+        With ``config.shift_logits`` position ``j`` of a block is predicted by the logits at
+        ``j - 1``, and the block's first position by the last token before the block (the
+        prompt's last token, or the previous block's last token when that block is committed).
         """
         cfg = self.config
         bs = block_size or cfg.block_size
@@ -399,7 +407,11 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
         step_map = torch.full_like(tokens, -1)
         active = torch.ones(batch, dtype=torch.bool, device=device)
         eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-        _, kv = self._logits_with_cache(input_ids, prompt_pos, prompt_meta, {})
+        shift = bool(getattr(cfg, "shift_logits", False))
+        if shift and int(prompt_lens.min()) < 1:
+            raise ValueError("a shifted model needs a non-empty prompt in every row")
+        logits, kv = self._logits_with_cache(input_ids, prompt_pos, prompt_meta, {})
+        first = logits[:, -1:]  # [B, 1, V] shifted: the prediction of the next block's first token
         cache = {"kv": kv, "meta": prompt_meta}
         for b in range(n_blocks):
             cols = slice(b * bs, (b + 1) * bs)
@@ -408,6 +420,8 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
             st = torch.full_like(x, -1)  # [B, bs] round of unmasking, -1 = still masked
             for rnd, count in enumerate(_schedule(bs, steps)):
                 logits, _ = self._logits_with_cache(x, pos, noisy_meta, cache)  # [B, bs, V]
+                if shift:
+                    logits = torch.cat([first, logits[:, :-1]], dim=1)  # [B, bs, V] position j from j - 1
                 chosen, confidence = _choose(logits, temperature, top_k, top_p, generator,
                                              mask_id if suppress_mask_token else None)
                 pick = _select(confidence, st < 0, count, threshold)  # [B, bs]
@@ -422,7 +436,8 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
             if b == n_blocks - 1 or not bool(active.any()):
                 break
             clean_meta, _ = response_layout(prompt_lens, b * bs, bs, bs, CLEAN)
-            _, kv = self._logits_with_cache(x, pos, clean_meta, cache)
+            logits, kv = self._logits_with_cache(x, pos, clean_meta, cache)
+            first = logits[:, -1:]  # [B, 1, V]
             cache = {"kv": kv, "meta": torch.cat([cache["meta"], clean_meta], dim=-1)}
         sequences = torch.cat([input_ids, tokens], dim=1)
         if return_dict:
