@@ -183,11 +183,9 @@ def plot(result: dict[str, Any], png: str) -> str:
         for mode in MODES:
             series = []
             for method, points in task["summary"]["points"].items():
-                xs = [0.0] + [p["tokens"]["mean"] for p in points]
-                start = task["teacher"][mode]["accuracy"]
                 acc = [p[mode]["accuracy"] for p in points]
-                series.append(Series(method, xs, [start] + [a["mean"] for a in acc],
-                                     lo=[start] + [a["min"] for a in acc], hi=[start] + [a["max"] for a in acc]))
+                series.append(Series(method, [p["tokens"]["mean"] for p in points], [a["mean"] for a in acc],
+                                     lo=[a["min"] for a in acc], hi=[a["max"] for a in acc]))
             label = "static (1 tok/round)" if mode == "static" else "threshold 0.9"
             panels.append(Panel(f"{name}: {label}", "training tokens", "held-out accuracy", series,
                                 hlines=[("teacher (AR)", teacher), ("95% of teacher", 0.95 * teacher)]))
@@ -320,7 +318,9 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
     train_s = time.perf_counter() - t
     tokens = D.cumulative_tokens(run["history"], method, data["mean_response_tokens"], cfg.prompts_per_step)
     task_obj = T.load_task(data["eval_format"], data["test"])
-    points = []
+    # step 0: the teacher's weights read as the student (every method's starting point)
+    points = [{"step": 0, "tokens": 0.0, **{m: {k: teacher[m][k] for k in ("accuracy", "tokens_per_round")}
+                                            for m in MODES}}]
     t = time.perf_counter()
     with runtime(ParallelLayout(), seed=1234):
         for step, path in D.checkpoints(out):
