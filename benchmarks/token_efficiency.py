@@ -270,8 +270,11 @@ def prepare_task(args: argparse.Namespace, task: str, log) -> dict[str, Any]:
     with runtime(ParallelLayout(), seed=1234):
         res = D.evaluate_checkpoint(ckpt, data.tokenizer, T.load_task(data.eval_format, data.test),
                                     ("ar",) + MODES, cfg, shift_logits=shift)
+    import torch
+
     info = {
         "teacher_steps": cfg.teacher_steps, "checkpoint": ckpt, "train_s": train_s, "family": data.family,
+        "threads": torch.get_num_threads(),
         "data": {"train": data.train, "test": data.test, "tokenizer": data.tokenizer, "num_train": data.num_train,
                  "num_test": data.num_test, "eval_format": data.eval_format,
                  "mean_response_tokens": D.mean_response_tokens(data.train, S.build_tokenizer(data.family))},

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from nemo_opdlm.data.prompts import PromptDataConfig
+from nemo_opdlm.distill.methods import get_method
 from nemo_opdlm.models.config import ConfigError, DiffusionConfig, ModelConfig, RopeScaling
 from nemo_opdlm.rollout.schedules import CURRICULA
 from nemo_opdlm.runtime.distributed import ParallelLayout
 
-METHODS = ("opdlm", "random_mask", "off_policy", "sft", "ar")
 
 
 @dataclass(kw_only=True)
@@ -111,7 +111,8 @@ class DistillConfig:
     method: str = "opdlm"
     """'opdlm' (own rollouts, masks from the decoding trajectory), 'random_mask' (own rollouts,
     random masks), 'off_policy' (teacher responses, random masks, KL), 'sft' (dataset responses,
-    random masks, cross-entropy), 'ar' (causal next-token pre-training of a teacher: the demo)."""
+    random masks, cross-entropy), 'ar' (causal next-token pre-training of a teacher: the demo);
+    ``distill/methods.py`` describes each."""
     top_k: Optional[int] = None
     """KL over the teacher's top-k log-probs (16 at >= 4B in the paper); None = full vocabulary."""
     exclude_eos: bool = True
@@ -120,8 +121,7 @@ class DistillConfig:
     """Keep the teacher's weights on CPU between uses (GPU memory is tight)."""
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ConfigError(f"distill.method must be one of {METHODS}, got {self.method!r}")
+        get_method(self.method)  # a known method
         if self.top_k is not None and self.top_k < 1:
             raise ConfigError(f"distill.top_k must be >= 1 or None, got {self.top_k}")
 
@@ -244,9 +244,9 @@ class RunConfig:
             self.parallel.check_model(self.teacher_model, "teacher_model")
         if self.distill.top_k is not None and self.distill.top_k > self.model.vocab_size:
             raise ConfigError(f"distill.top_k={self.distill.top_k} exceeds model.vocab_size={self.model.vocab_size}")
-        if self.distill.method in ("sft", "off_policy") and self.data is not None and not self.data.response_field:
-            if self.distill.method == "sft":
-                raise ConfigError("distill.method=sft needs data.response_field (the responses to learn)")
+        method = get_method(self.distill.method)
+        if method.needs_dataset_responses and self.data is not None and not self.data.response_field:
+            raise ConfigError(f"distill.method={method.name} needs data.response_field (the responses to learn)")
         if self.rollout.max_length_by_domain and (self.data is None or not self.data.domain_field):
             raise ConfigError("rollout.max_length_by_domain caps rollouts by each prompt's domain: set "
                               "data.domain_field to the record field that names it")

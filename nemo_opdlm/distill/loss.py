@@ -145,6 +145,23 @@ def cross_entropy_loss(student_logits: Tensor, loss_mask: Tensor, targets: Tenso
     return reduce_per_sequence(per_token, loss_mask, num_sequences, "ce")
 
 
+def causal_cross_entropy_loss(logits: Tensor, loss_mask: Tensor, targets: Tensor, *,
+                              num_sequences: Union[int, Tensor]) -> tuple[Tensor, Metrics]:
+    """Next-token cross-entropy on the response of causal ``[prompt | response]`` rows (the ``ar``
+    method), same reduction: response token i is predicted at column ``P + i - 1``, the teacher's
+    window (``teacher_targets.next_token_logits``).
+
+    ``logits`` cover ``[prompt | response]`` or their last ``logits_needed(L)`` columns;
+    ``loss_mask`` and ``targets`` are ``[B, L]``. Metrics as :func:`kl_loss` with ``ce_sum``.
+    """
+    from nemo_opdlm.distill.teacher_targets import next_token_logits
+
+    loss_mask = loss_mask.bool()
+    per_token = token_cross_entropy(next_token_logits(logits, loss_mask.shape[1])[loss_mask],
+                                    targets[loss_mask])  # [N]
+    return reduce_per_sequence(per_token, loss_mask, num_sequences, "ce")
+
+
 def count_sequences(loss_masks: Iterable[Tensor], group: Optional[dist.ProcessGroup] = None) -> int:
     """Sequences with >= 1 loss token over these micro-batches, summed over ``group`` (the DP group).
 

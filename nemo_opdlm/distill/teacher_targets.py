@@ -57,6 +57,13 @@ def logits_needed(response_len: int) -> int:
     return response_len + 1
 
 
+def next_token_logits(logits: torch.Tensor, response_len: int) -> torch.Tensor:
+    """The causal model's predictions of the response's tokens ``[B, L, V/tp]``: columns
+    ``P - 1 .. P + L - 2`` of ``[prompt | response]`` logits, counted from the end (so the logits
+    may also be only the last ``logits_needed(L)`` columns)."""
+    return logits[:, -response_len - 1: -1]
+
+
 def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,
                     top_k: Optional[int]) -> TeacherTargets:
     """Targets from teacher logits ``[B, P + L, V/tp]``: take columns ``P-1 .. P+L-2``.
@@ -67,7 +74,7 @@ def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,
     if logits.shape[1] not in (prompt_width + response_len, logits_needed(response_len)):
         raise ValueError(f"teacher logits {tuple(logits.shape)} are neither the {prompt_width} + {response_len} "
                          f"columns of [prompt | x0] nor their last {logits_needed(response_len)}")
-    window = logits[:, -response_len - 1: -1]  # [B, L, V/tp]
+    window = next_token_logits(logits, response_len)  # [B, L, V/tp]
     logprobs = vocab_parallel.log_softmax(window)  # [B, L, V/tp] fp32
     if top_k is None:
         return TeacherTargets(logprobs)

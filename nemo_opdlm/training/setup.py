@@ -21,7 +21,7 @@ from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher, offload
-from nemo_opdlm.training.step import USES_TEACHER
+from nemo_opdlm.distill.methods import get_method
 
 def tokenizer_dir(cfg: RunConfig) -> str:
     path = cfg.init.tokenizer or cfg.init.teacher_hf or cfg.init.student_hf
@@ -78,7 +78,7 @@ def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str],
 def build_models(cfg: RunConfig) -> tuple[list[DiffusionGPTModel], Optional[list[DiffusionGPTModel]]]:
     """(student, teacher or None), weights loaded as ``init`` says."""
     teacher = None
-    if cfg.distill.method in USES_TEACHER:
+    if get_method(cfg.distill.method).needs_teacher:
         if not (cfg.init.teacher_hf or cfg.init.teacher_checkpoint):
             raise ConfigError(f"distill.method={cfg.distill.method} needs the teacher's weights: "
                               "set init.teacher_hf or init.teacher_checkpoint")

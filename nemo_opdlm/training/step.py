@@ -2,18 +2,9 @@
 
 One job: prompts -> responses (own rollouts, teacher rollouts or dataset answers) -> training
 micro-batches (states + teacher targets) -> the loss of one micro-batch, and their composition up
-to the gradients (``forward_backward``). Non-goals: the optimizer step, checkpoints, logging
-(``loop.py``).
-
-Methods (``distill.method``):
-
-- ``opdlm``: the student's own rollouts, one state per block from the decoding trajectory, KL.
-- ``random_mask``: own rollouts with random per-block masks, KL ("OPDLM off" in the paper).
-- ``off_policy``: teacher responses (the dataset's when it has them, else the teacher's own
-  causal rollouts) with random masks, KL.
-- ``sft``: dataset responses with random masks, masked-diffusion cross-entropy.
-- ``ar``: causal next-token cross-entropy on dataset responses (trains an AR model: the demo's
-  teacher). Rows are ``[prompt | response]``, block size 1, no xt.
+to the gradients (``forward_backward``). What each method does is data (``distill/methods.py``:
+its responses, masking and loss); this module composes those choices. Non-goals: the optimizer
+step, checkpoints, logging (``loop.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +21,7 @@ from nemo_opdlm.config import RunConfig
 from nemo_opdlm.data.sampler import PromptBatch
 from nemo_opdlm.distill import loss as losses
 from nemo_opdlm.distill.ablations import response_valid
+from nemo_opdlm.distill.methods import Method, get_method
 from nemo_opdlm.distill.states import build_states, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
@@ -37,9 +29,6 @@ from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 from nemo_opdlm.runtime.distributed import collective_device
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.training.optim import TrainState, zero_grads
-
-USES_TEACHER = ("opdlm", "random_mask", "off_policy")
-OWN_ROLLOUTS = ("opdlm", "random_mask")
 
 
 @dataclass
@@ -90,13 +79,13 @@ def rollout_lengths(cfg: RunConfig, batch: PromptBatch, length: int) -> int | Te
 def get_responses(cfg: RunConfig, batch: PromptBatch, student: list, teacher: Optional[list],
                   sampler_cfg: SamplerConfig, length: int) -> Responses:
     """Responses for this step's prompts, from the source the method prescribes."""
-    method = cfg.distill.method
+    method = get_method(cfg.distill.method)
     limits = rollout_lengths(cfg, batch, length)
-    if method in OWN_ROLLOUTS:
+    if method.responses == "own_rollouts":
         sampler = BlockSampler(student, sampler_cfg)
         return _from_rollout(sampler.generate(batch.prompt_ids, batch.prompt_lens, limits,
                                               static_rows=static_rows(cfg, batch.prompt_ids.shape[0])))
-    if method == "off_policy" and batch.response_ids is None:
+    if method.responses == "teacher" and batch.response_ids is None:
         assert teacher is not None
         return _from_rollout(BlockSampler(teacher, sampler_cfg).generate_ar(batch.prompt_ids, batch.prompt_lens, limits))
     return _from_dataset(batch, sampler_cfg.eos_token_ids)
@@ -123,14 +112,14 @@ def ar_rows(resp: Responses) -> dict[str, Tensor]:
 
 def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], generator: torch.Generator) -> dict:
     """The student's rows for this step (all of this rank's sequences, before micro-batching)."""
-    if cfg.distill.method == "ar":
+    method = get_method(cfg.distill.method)
+    if method.causal:
         return ar_rows(resp)
-    masking = "on_policy" if cfg.distill.method == "opdlm" else "random"
     return build_states(
         resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.step_map, resp.valid,
         block_size=cfg.diffusion.block_size, steps_per_block=cfg.rollout.steps_per_block,
         mask_token_id=cfg.diffusion.mask_token_id, eos_ids=eos_ids, generator=generator,
-        masking=masking, exclude_eos=cfg.distill.exclude_eos,
+        masking=method.masking, exclude_eos=cfg.distill.exclude_eos,
     )
 
 
@@ -169,19 +158,22 @@ def _lazy_targets(teacher: list, batch: dict[str, Tensor], top_k: Optional[int])
     return target.logprobs, target.ids
 
 
-def make_loss_fn(method: str, num_sequences: int, scale: float, teacher: Optional[list] = None,
+def make_loss_fn(method: str | Method, num_sequences: int, scale: float, teacher: Optional[list] = None,
                  top_k: Optional[int] = None):
     """megatron-core ``loss_func`` for one micro-batch: ``(loss * scale, reported metrics)``.
 
-    ``scale`` = micro-batches x DP size: the schedule divides by the former and DDP averages over
-    the latter, while ``distill/loss.py`` already divides by the global sequence count.
-    ``teacher``/``top_k``: for micro-batches prepared with ``attach_teacher_targets(lazy=True)``.
+    ``method``'s loss (a ``distill.method`` name or its ``Method``). ``scale`` = micro-batches x DP
+    size: the schedule divides by the former and DDP averages over the latter, while
+    ``distill/loss.py`` already divides by the global sequence count. ``teacher``/``top_k``: for
+    micro-batches prepared with ``attach_teacher_targets(lazy=True)``.
     """
+    kind = (get_method(method) if isinstance(method, str) else method).loss
 
     def loss_fn(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
-        if method == "ar":
-            loss, metrics = causal_loss(logits, batch, num_sequences)
-        elif method == "sft":
+        if kind == "causal_ce":
+            loss, metrics = losses.causal_cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
+                                                             num_sequences=num_sequences)
+        elif kind == "ce":
             loss, metrics = losses.cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
                                                       num_sequences=num_sequences)
         else:
@@ -254,22 +246,10 @@ def student_outputs(cfg: RunConfig, rows: dict[str, Tensor]) -> dict[str, Any]:
     losses' "last ``L`` columns" are the aligned predictions.
     """
     length = rows["loss_mask"].shape[1]
-    if not cfg.diffusion.shift_logits or cfg.distill.method == "ar":
+    if not cfg.diffusion.shift_logits or get_method(cfg.distill.method).causal:
         return {"logits_last": logits_needed(length)}
     prompt_width = rows["input_ids"].shape[1] - 2 * length
     return {"logits_columns": masks.prediction_columns(prompt_width, length, cfg.diffusion.block_size, True)}
-
-
-def causal_loss(logits: Tensor, batch: dict[str, Tensor], num_sequences: int) -> tuple[Tensor, dict]:
-    """Next-token cross-entropy on response tokens: column ``P + i - 1`` predicts response token i.
-
-    ``logits`` cover ``[prompt | response]`` or their last ``logits_needed(L)`` columns.
-    """
-    loss_mask = batch["loss_mask"].bool()
-    length = loss_mask.shape[1]
-    shifted = logits[:, -length - 1: -1]  # [B, L, V/tp]
-    per_token = losses.token_cross_entropy(shifted[loss_mask], batch["x0"][loss_mask])  # [N]
-    return losses.reduce_per_sequence(per_token, loss_mask, num_sequences, "ce")
 
 
 def reduce_reported(reported: list[dict[str, Tensor]]) -> dict[str, float]:
