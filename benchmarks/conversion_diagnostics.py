@@ -12,8 +12,9 @@ still differs from its teacher, on two sources of block states:
 Per source and checkpoint: the mean forward KL(teacher || student) and the student/teacher top-1
 agreement at the loss positions, each by position in the block and by the number of masked tokens
 in the block; the share of loss tokens per masked count; the share of rollout tokens decoded in
-each round of their block; the teacher's mean top-1 probability. Per variant: the KL and gradient
-norm of the first training steps, and what the student decodes at its first checkpoints.
+each round of their block; the teacher's mean top-1 probability. Per checkpoint: its held-out
+accuracy under greedy static and threshold decoding. Per variant: the KL and gradient norm of the
+first training steps, and what the student decodes at its first checkpoints.
 
 Variants (``--variants``): ``paper`` (the paper's unshifted student and all-threshold rollouts,
 with the tiny recipe's learning rate), ``shift`` (+ ``diffusion.shift_logits``), ``recipe`` (the
@@ -101,13 +102,15 @@ def state_diagnostics(cfg, student, teacher, batch, eos, pad, *, seed: int, stat
 
 
 def diagnose_run(cfg, run_dir: str, teacher_info: dict[str, Any], rows: int) -> list[dict[str, Any]]:
-    """Diagnostics of the teacher's weights (step 0) and every checkpoint of a run."""
+    """Diagnostics of the teacher's weights (step 0) and every checkpoint of a run, with the
+    held-out accuracy of each (greedy static and threshold decoding)."""
     import dataclasses
 
     from nemo_opdlm import demo as D
+    from nemo_opdlm.eval import tasks as T
     from nemo_opdlm.data.prompts import load_prompts
     from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
-    from nemo_opdlm.eval.cli import load_model
+    from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.models.teacher import freeze
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from nemo_opdlm.training.setup import eos_ids, load_tokenizer, pad_id
@@ -125,12 +128,17 @@ def diagnose_run(cfg, run_dir: str, teacher_info: dict[str, Any], rows: int) -> 
             return loader.next_batch()
 
         train_batch, test_batch = batch_of(data["train"]), batch_of(data["test"])
+        task = T.load_task(data["eval_format"], data["test"])
         teacher = freeze(load_model(ckpt=teacher_info["checkpoint"], tokenizer=data["tokenizer"]).chunks)
         points = [(0, teacher_info["checkpoint"])] + D.checkpoints(run_dir)
         for step, path in points:
             student = load_model(ckpt=path, tokenizer=data["tokenizer"],
                                  shift_logits=cfg.diffusion.shift_logits).chunks
+            scores = D.evaluate_checkpoint(path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
+                                           shift_logits=cfg.diffusion.shift_logits)
             out.append({"step": step,
+                        "accuracy": {m: scores[m].accuracy for m in ("static", "dynamic")},
+                        "tokens_per_round": {m: scores[m].tokens_per_round for m in ("static", "dynamic")},
                         "rollout": state_diagnostics(cfg, student, teacher, train_batch, eos, pad, seed=11,
                                                      static_eval=False),
                         "static_eval": state_diagnostics(cfg, student, teacher, test_batch, eos, pad, seed=11,
@@ -209,7 +217,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         }
         for pt in points:
             r, e = pt["rollout"], pt["static_eval"]
-            log(f"  {name} step {pt['step']}: rollout KL {r['kl']:.3f} (by position {r['kl_by_position']}), "
+            log(f"  {name} step {pt['step']}: accuracy static {pt['accuracy']['static']:.2f} / threshold "
+                f"{pt['accuracy']['dynamic']:.2f}; rollout KL {r['kl']:.3f} (by position {r['kl_by_position']}), "
                 f"static-eval KL {e['kl']:.3f} (by masked-in-block {e['kl_by_masked_in_block']}), "
                 f"round shares {r['round_share']}")
     result["wall_s"] = time.perf_counter() - t0

@@ -91,12 +91,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (help_, _) in COMMANDS.items())
         print(f"usage: opdlm COMMAND [args]\n\ncommands:\n{lines}")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    from nemo_opdlm.config import ConfigError
+    from nemo_opdlm.errors import ConfigError, OPDLMError
 
     try:
         return COMMANDS[argv[0]][1](argv[1:])
-    except ConfigError as e:
-        print(f"opdlm {argv[0]}: config error: {e}", file=sys.stderr)
+    except OPDLMError as e:  # a problem the user can fix: one line, no traceback
+        kind = "config error" if isinstance(e, ConfigError) else f"error ({type(e).__name__})"
+        print(f"opdlm {argv[0]}: {kind}: {e}", file=sys.stderr)
         return 2
 
 

@@ -18,7 +18,8 @@ from typing import Any, Optional, Union
 
 from nemo_opdlm.data.prompts import PromptDataConfig
 from nemo_opdlm.distill.methods import get_method
-from nemo_opdlm.models.config import ConfigError, DiffusionConfig, ModelConfig, RopeScaling
+from nemo_opdlm.errors import ConfigError
+from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
 from nemo_opdlm.rollout.schedules import CURRICULA
 from nemo_opdlm.runtime.distributed import ParallelLayout
 

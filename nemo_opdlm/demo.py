@@ -67,7 +67,7 @@ class DemoConfig:
     """Task sampling and training seed (the trainers' ``train.seed`` is 1234 + seed)."""
 
     def __post_init__(self) -> None:
-        from nemo_opdlm.models.config import ConfigError
+        from nemo_opdlm.errors import ConfigError
 
         for name in ("num_train", "num_test", "teacher_steps", "student_steps", "prompts_per_step",
                      "teacher_eval_every", "student_eval_every"):
@@ -231,7 +231,7 @@ def evaluate_checkpoint(ckpt: str, tokenizer_dir: str, task, modes: Sequence[str
                         shift_logits: Optional[bool] = None) -> dict[str, Any]:
     """Accuracy / tokens-per-round / tokens-per-second of one checkpoint in each decoding mode
     (greedy; ``shift_logits``: read the weights as a shifted student, default the checkpoint's)."""
-    from nemo_opdlm.eval.cli import load_model
+    from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate
 
     model = load_model(ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, block_size=BLOCK_SIZE,

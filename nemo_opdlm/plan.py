@@ -22,7 +22,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
-from nemo_opdlm.models.config import ConfigError, ModelConfig
+from nemo_opdlm.errors import ConfigError, OPDLMError
+from nemo_opdlm.models.config import ModelConfig
 
 GIB = 1024**3
 OVERHEAD_GIB = 3.0
@@ -528,12 +529,10 @@ def candidate_remedies(cfg, cluster: Cluster) -> list[Remedy]:
 
 def try_remedy(cfg, cluster: Cluster, remedy: Remedy) -> Optional[tuple[float, Any, Cluster]]:
     """(peak bytes, config, cluster) after the change, or None if the change itself is invalid."""
-    from nemo_opdlm.data.prompts import DataError
-
     try:
         new_cfg, new_cluster = _apply(cfg, remedy, cluster)
         shape, _ = check_layout(new_cfg, new_cluster)
-    except (ConfigError, DataError):
+    except OPDLMError:
         return None
     return estimate_memory(new_cfg, shape, new_cluster).peak, new_cfg, new_cluster
 
@@ -712,8 +711,6 @@ def plan_main(argv: Optional[Sequence[str]] = None) -> int:
 
     ensure_recipes_importable()
     from nemo_opdlm.config import resolve
-    from nemo_opdlm.convert.errors import ConvertError
-    from nemo_opdlm.data.prompts import DataError
 
     try:
         cfg = resolve(args.recipe, list(args.overrides))
@@ -726,7 +723,7 @@ def plan_main(argv: Optional[Sequence[str]] = None) -> int:
         cluster = Cluster(nodes=args.nodes or default.nodes, gpus_per_node=args.gpus_per_node or default.gpus_per_node,
                           gpu=args.gpu or default.gpu)
         rep = make_plan(cfg, cluster, spec=args.recipe, require_paths=args.require_paths)
-    except (ConfigError, DataError, ConvertError) as err:
+    except OPDLMError as err:
         print(f"opdlm plan: error: {err}", file=sys.stderr)
         return 2
     if args.json:

@@ -36,3 +36,22 @@ def test_eval_cli_hf_and_checkpoint_agree(tmp_path, capsys):
     res_ck = json.loads(out_ck.read_text())["results"]
     for a, b in zip(res[:2], res_ck):
         assert [s["generation"] for s in a["samples"]] == [s["generation"] for s in b["samples"]]
+
+
+def test_eval_cli_refusals_are_one_line(tmp_path, capsys):
+    """A trainer-style checkpoint without tokenizer files, and two models at once: rc 2 through ``opdlm
+    eval`` with one line saying what to pass (was a SystemExit naming only a CLI flag)."""
+    import os
+
+    from nemo_opdlm import cli
+
+    data = S.write_task(str(tmp_path / "task"), S.ArithmeticConfig(), num_train=1, num_test=2, seed=0)
+    bare = tmp_path / "step_0000001"
+    os.makedirs(bare)
+    (bare / "metadata.json").write_text("{}")
+    base = ["eval", "--task", "synthetic", "--data", data.test]
+    assert cli.main(base + ["--ckpt", str(bare)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no tokenizer found" in err[0] and "tokenizer=DIR" in err[0], err
+    assert cli.main(base + ["--ckpt", str(bare), "--hf", str(bare)]) == 2
+    assert "give exactly one model" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_every_method_trains(tmp_path, method):
 def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
     """``diffusion.shift_logits`` trains (rollouts and loss on the shifted columns), is recorded in the
     checkpoint's diffusion metadata, and evaluation's loader reads it back."""
-    from nemo_opdlm.eval.cli import load_model
+    from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
     cfg = make_run(str(tmp_path), "diffusion.shift_logits=true", "train.steps=2", "train.save_every=2")

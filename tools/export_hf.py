@@ -61,7 +61,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from nemo_opdlm.convert.hf_to_mcore import read_checkpoint_meta
     from nemo_opdlm.convert.mcore_to_hf import export_checkpoint
     from nemo_opdlm.convert.staging import check_target, is_rank0
-    from nemo_opdlm.models.config import ConfigError, DiffusionConfig
+    from nemo_opdlm.errors import OPDLMError
+    from nemo_opdlm.models.config import DiffusionConfig
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
     try:
@@ -82,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             if diffusion.mask_token_id >= cfg.vocab_size:
                 raise ConvertError(
                     f"--mask-token-id {diffusion.mask_token_id} is outside the vocabulary ({cfg.vocab_size})")
-    except (ConvertError, ConfigError) as err:
+    except OPDLMError as err:
         print(f"export_hf: error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()

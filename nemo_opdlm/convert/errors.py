@@ -6,19 +6,16 @@ apart. Every message says what was found and what to do about it.
 
 from __future__ import annotations
 
-from nemo_opdlm.models.config import ConfigError
-
-
-class ConvertError(ConfigError):
-    """A conversion cannot proceed; nothing has been written to the target."""
+from nemo_opdlm.errors import CheckpointError, ConvertError  # noqa: F401  (ConvertError re-exported)
 
 
 class UnsupportedArchitectureError(ConvertError):
     """The HF config names an architecture (or an architecture feature) this converter lacks."""
 
 
-class CheckpointFileError(ConvertError):
-    """A checkpoint file is missing, truncated or inconsistent with its index."""
+class CheckpointFileError(ConvertError, CheckpointError):
+    """A checkpoint file is missing, truncated or inconsistent with its index (a ``CheckpointError``
+    met while converting or loading weights)."""
 
 
 class TargetExistsError(ConvertError):

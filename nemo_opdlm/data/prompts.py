@@ -21,14 +21,14 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from nemo_opdlm.errors import DataError  # noqa: F401  (re-exported)
+
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "disk")
 CHAT_TEMPLATE = ("auto", "always", "never")
 
 
-class DataError(ValueError):
-    """A dataset cannot be used as configured; the message names the file / field and the fix."""
 
 
 @dataclass(kw_only=True)

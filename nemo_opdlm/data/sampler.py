@@ -16,7 +16,8 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_opdlm.data.prompts import DataError, PromptSet, left_pad, right_pad
+from nemo_opdlm.data.prompts import PromptSet, left_pad, right_pad
+from nemo_opdlm.errors import DataError
 
 
 class ShardedSampler:

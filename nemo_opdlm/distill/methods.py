@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from nemo_opdlm.models.config import ConfigError
+from nemo_opdlm.errors import ConfigError
 
 RESPONSES = ("own_rollouts", "teacher", "dataset")
 LOSSES = ("kl", "ce", "causal_ce")

@@ -1,7 +1,8 @@
 """``opdlm eval``: score a student (or the AR teacher) on a verifiable task file from the command line.
 
-One job: parse the command line, start the runtime, load the model (an HF directory of an AR model,
-or a megatron-core distributed checkpoint written by the converter or the trainer), run
+One job: parse the command line, start the runtime, load the model (``loading.load_model``: an HF
+directory of an AR model, or a megatron-core distributed checkpoint written by the converter or the
+trainer), run
 :func:`evaluate.evaluate` for every requested decoding mode, print each score with its settings and
 a closing table, and write the results (with per-example generations) as JSON. Non-goals: the
 decoding and the scoring themselves.
@@ -19,86 +20,10 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Optional, Sequence
 
 from nemo_opdlm.eval.evaluate import MODES
-
-
-@dataclass
-class LoadedModel:
-    """Model chunks for this rank plus what decoding needs to know about them."""
-
-    chunks: list
-    tokenizer: Any
-    model_config: Any
-    mask_token_id: Optional[int]
-    block_size: Optional[int]
-    shift_logits: bool = False
-    """The student predicts token i at position i - 1 (``DiffusionConfig.shift_logits``)."""
-
-
-def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Start the runtime once for this process (no-op when it is already running)."""
-    from megatron.core import parallel_state
-
-    from nemo_opdlm.runtime.distributed import ParallelLayout, init_runtime
-
-    if not parallel_state.model_parallel_is_initialized():
-        init_runtime(ParallelLayout(tp=tp, pp=pp), seed=seed)
-
-
-def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[str]) -> str:
-    if tokenizer:
-        return tokenizer
-    if hf:
-        return hf
-    for sub in ("hf_assets", "tokenizer"):
-        path = os.path.join(ckpt or "", sub)
-        if os.path.isdir(path):
-            return path
-    raise SystemExit(f"no tokenizer found for {ckpt}: pass --tokenizer DIR")
-
-
-def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenizer: Optional[str] = None,
-               prefix: str = "", mask_token_id: Optional[int] = None, block_size: Optional[int] = None,
-               shift_logits: Optional[bool] = None, model_config: Any = None) -> LoadedModel:
-    """Load weights for the running runtime's layout.
-
-    ``hf``: an HF directory of a supported AR model (Qwen3 / Qwen2 / Llama). ``ckpt``: a torch_dist
-    checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
-    from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
-    the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token;
-    ``shift_logits`` from the argument, else the metadata, else False.
-    """
-    from transformers import AutoTokenizer
-
-    from nemo_opdlm.convert import hf_config as hfc
-    from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, read_checkpoint_meta, teacher_from_hf
-    from nemo_opdlm.models.student import build_chunks
-
-    if bool(hf) == bool(ckpt):
-        raise SystemExit("give exactly one of --hf DIR or --ckpt DIR")
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(tokenizer, hf, ckpt))
-    diffusion: dict = {}
-    if hf:
-        cfg, chunks = teacher_from_hf(hf)
-    else:
-        meta = read_checkpoint_meta(ckpt) or {}
-        diffusion = meta.get("diffusion") or {}
-        cfg = model_config
-        if cfg is None and meta.get("model_config"):
-            cfg = hfc.model_config_from_dict(meta["model_config"])
-        if cfg is None:
-            raise SystemExit(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
-                             "(evaluate through the training run, or use tools/import_hf.py)")
-        chunks = build_chunks(cfg)
-        load_dist_checkpoint(chunks, ckpt, prefix=prefix, cfg=cfg)
-    for c in chunks:
-        c.eval()
-    mask = mask_token_id if mask_token_id is not None else diffusion.get("mask_token_id", tok.mask_token_id)
-    shift = bool(diffusion.get("shift_logits", False)) if shift_logits is None else shift_logits
-    return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"), shift)
+from nemo_opdlm.eval.tasks import FORMATS
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -112,7 +37,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src.add_argument("--tp", type=int, default=1)
     src.add_argument("--pp", type=int, default=1)
     task = p.add_argument_group("task")
-    task.add_argument("--task", required=True, choices=("gsm8k", "math", "synthetic", "exact"))
+    task.add_argument("--task", required=True, choices=sorted(FORMATS) + ["exact"],
+                      help="answer format: gsm8k, math, synthetic (the arithmetic family), sort, or exact")
     task.add_argument("--data", required=True, help="JSONL / JSON / Parquet file or a save_to_disk folder")
     task.add_argument("--split", default="test", help="split of a saved DatasetDict")
     task.add_argument("--limit", type=int, help="score only the first N examples")
@@ -140,6 +66,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``opdlm eval``; returns the process exit code."""
     args = parse_args(argv)
     from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate, format_table
+    from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.eval.tasks import load_task
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
@@ -174,5 +101,11 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    sys.exit(eval_main())
+if __name__ == "__main__":  # torchrun -m nemo_opdlm.eval.cli ...: the same one-line errors as ``opdlm eval``
+    from nemo_opdlm.errors import OPDLMError
+
+    try:
+        sys.exit(eval_main())
+    except OPDLMError as err:
+        print(f"opdlm eval: error ({type(err).__name__}): {err}", file=sys.stderr)
+        sys.exit(2)

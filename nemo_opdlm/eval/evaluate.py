@@ -20,7 +20,7 @@ import torch
 
 from nemo_opdlm.data.prompts import eos_ids, left_pad  # noqa: F401  (eos_ids: re-exported)
 from nemo_opdlm.eval import tasks as T
-from nemo_opdlm.models.config import ConfigError
+from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 
 MODES = ("ar", "static", "dynamic")
@@ -183,7 +183,7 @@ def evaluate(
     """Decode and score every example of ``task``; the result is the same on every rank.
 
     ``mask_token_id`` and ``shift_logits`` describe the block-diffusion model (its checkpoint's
-    ``DiffusionConfig``; see ``cli.load_model``); AR decoding ignores them.
+    ``DiffusionConfig``; see ``loading.load_model``); AR decoding ignores them.
     """
     chat = T.use_chat(tokenizer, settings.chat_template)
     eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids(tokenizer)

@@ -42,7 +42,7 @@ class SamplerLM:
     """Generation through the block sampler for harness-style requests.
 
     Args:
-        chunks: the model chunks (e.g. from ``cli.load_model``); or ``hf``/``ckpt`` to load them
+        chunks: the model chunks (e.g. from ``loading.load_model``); or ``hf``/``ckpt`` to load them
             here (starts a one-process runtime).
         tokenizer: a transformers tokenizer (or ``tokenizer`` path when loading).
         settings: decoding settings (``mode``, ``block_size``, ``threshold``, ...); keyword
@@ -59,7 +59,7 @@ class SamplerLM:
         if chunks is None:
             if not (hf or ckpt):
                 raise ValueError("SamplerLM needs model chunks, or hf=<HF dir> / ckpt=<checkpoint dir> to load")
-            from nemo_opdlm.eval.cli import load_model, start_single_runtime
+            from nemo_opdlm.eval.loading import load_model, start_single_runtime
 
             start_single_runtime()
             loaded = load_model(hf=hf, ckpt=ckpt, tokenizer=tokenizer if isinstance(tokenizer, str) else None,

@@ -43,7 +43,7 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator, Sequence, Union
 
-from nemo_opdlm.models.config import ConfigError
+from nemo_opdlm.errors import ConfigError
 
 OPERATORS = ("+", "-", "*")
 PAD, EOS, MASK, UNK = "[PAD]", "[EOS]", "[MASK]", "[UNK]"

@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
-from nemo_opdlm.data.prompts import DataError, PromptDataConfig, read_records
+from nemo_opdlm.data.prompts import PromptDataConfig, read_records
+from nemo_opdlm.errors import DataError
 
 # --- extraction ----------------------------------------------------------------------------------
 

@@ -16,14 +16,14 @@ from typing import Any, Optional
 import torch
 import torch.nn.functional as F
 
+from nemo_opdlm.errors import ConfigError  # noqa: F401  (re-exported: the historical import path)
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "local", "sdpa", "flex")
 LINEAR_IMPLS = ("auto", "local", "te")
 RECOMPUTE = ("none", "selective", "full")
 
 
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the key and the fix."""
 
 
 @dataclass(kw_only=True)

@@ -12,7 +12,8 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
-from nemo_opdlm.models.config import ConfigError, DiffusionConfig, ModelConfig
+from nemo_opdlm.errors import ConfigError
+from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel, build_gpt
 
 

@@ -49,7 +49,7 @@ from torch import Tensor
 
 from nemo_opdlm.data.prompts import left_pad  # noqa: F401  (re-exported as nemo_opdlm.rollout.left_pad)
 from nemo_opdlm.models import masks
-from nemo_opdlm.models.config import ConfigError
+from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.rollout import schedules

@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from nemo_opdlm.models.config import ConfigError
+from nemo_opdlm.errors import ConfigError
 
 MODES = ("static", "dynamic")
 

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from nemo_opdlm.models.config import ConfigError, ModelConfig
+from nemo_opdlm.errors import ConfigError
+from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.runtime.cpu_compat import enable_cpu_compat
 
 

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from nemo_opdlm.convert.hf_config import model_config_to_dict
 from nemo_opdlm.convert.hf_to_mcore import META_FILE, META_VERSION, check_readable, sharded_model_state
 from nemo_opdlm.convert.staging import barrier, is_rank0, staged_dir
+from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.distributed import collective_device
@@ -31,8 +32,6 @@ from nemo_opdlm.training.optim import TrainState
 LATEST = "latest"
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing or cannot be read."""
 
 
 def step_dir(save_dir: str, step: int) -> str:

@@ -18,6 +18,7 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_opdlm.config import RunConfig, to_dict
+from nemo_opdlm.errors import NonFiniteLossError
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
@@ -28,8 +29,6 @@ from nemo_opdlm.training.setup import build
 from nemo_opdlm.training.step import forward_backward, reduce_reported
 
 
-class NonFiniteLossError(RuntimeError):
-    """Too many consecutive steps had a non-finite loss."""
 
 
 class _Preemption:

@@ -13,15 +13,16 @@ from typing import Optional
 import torch
 from megatron.core import parallel_state
 
-from nemo_opdlm.config import ConfigError, RunConfig
+from nemo_opdlm.config import RunConfig
 from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, load_hf_weights
 from nemo_opdlm.data.prompts import eos_ids as tokenizer_eos_ids
 from nemo_opdlm.data.prompts import load_prompts
 from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
+from nemo_opdlm.distill.methods import get_method
+from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher, offload
-from nemo_opdlm.distill.methods import get_method
 
 def tokenizer_dir(cfg: RunConfig) -> str:
     path = cfg.init.tokenizer or cfg.init.teacher_hf or cfg.init.student_hf

@@ -1,0 +1,92 @@
+"""Loading a model for decoding: an HF directory of an AR model, or a megatron-core checkpoint.
+
+One job: build this rank's model chunks for the running runtime's layout, load their weights, and
+say what decoding needs to know about them (tokenizer, [MASK] id, block size, ``shift_logits``),
+from the checkpoint's metadata or the caller's arguments. Used by ``opdlm eval``, the lm-eval
+adapter, the demo and the benchmarks. Non-goals: decoding and scoring (``evaluate.py``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from nemo_opdlm.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class LoadedModel:
+    """Model chunks for this rank plus what decoding needs to know about them."""
+
+    chunks: list
+    tokenizer: Any
+    model_config: Any
+    mask_token_id: Optional[int]
+    block_size: Optional[int]
+    shift_logits: bool = False
+    """The student predicts token i at position i - 1 (``DiffusionConfig.shift_logits``)."""
+
+
+def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
+    """Start the runtime once for this process (no-op when it is already running)."""
+    from megatron.core import parallel_state
+
+    from nemo_opdlm.runtime.distributed import ParallelLayout, init_runtime
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_runtime(ParallelLayout(tp=tp, pp=pp), seed=seed)
+
+
+def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[str]) -> str:
+    if tokenizer:
+        return tokenizer
+    if hf:
+        return hf
+    for sub in ("hf_assets", "tokenizer"):
+        path = os.path.join(ckpt or "", sub)
+        if os.path.isdir(path):
+            return path
+    raise ConfigError(f"no tokenizer found for {ckpt} (no hf_assets/ or tokenizer/ in it): give the tokenizer "
+                      "directory (opdlm eval --tokenizer DIR; the lm-eval model arg tokenizer=DIR)")
+
+
+def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenizer: Optional[str] = None,
+               prefix: str = "", mask_token_id: Optional[int] = None, block_size: Optional[int] = None,
+               shift_logits: Optional[bool] = None, model_config: Any = None) -> LoadedModel:
+    """Load weights for the running runtime's layout.
+
+    ``hf``: an HF directory of a supported AR model (Qwen3 / Qwen2 / Llama). ``ckpt``: a torch_dist
+    checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
+    from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
+    the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token;
+    ``shift_logits`` from the argument, else the metadata, else False.
+    """
+    from transformers import AutoTokenizer
+
+    from nemo_opdlm.convert import hf_config as hfc
+    from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, read_checkpoint_meta, teacher_from_hf
+    from nemo_opdlm.models.student import build_chunks
+
+    if bool(hf) == bool(ckpt):
+        raise ConfigError("give exactly one model: an HF directory (hf, --hf) or a checkpoint (ckpt, --ckpt)")
+    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(tokenizer, hf, ckpt))
+    diffusion: dict = {}
+    if hf:
+        cfg, chunks = teacher_from_hf(hf)
+    else:
+        meta = read_checkpoint_meta(ckpt) or {}
+        diffusion = meta.get("diffusion") or {}
+        cfg = model_config
+        if cfg is None and meta.get("model_config"):
+            cfg = hfc.model_config_from_dict(meta["model_config"])
+        if cfg is None:
+            raise CheckpointError(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
+                                  "(evaluate through the training run, or use tools/import_hf.py)")
+        chunks = build_chunks(cfg)
+        load_dist_checkpoint(chunks, ckpt, prefix=prefix, cfg=cfg)
+    for c in chunks:
+        c.eval()
+    mask = mask_token_id if mask_token_id is not None else diffusion.get("mask_token_id", tok.mask_token_id)
+    shift = bool(diffusion.get("shift_logits", False)) if shift_logits is None else shift_logits
+    return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"), shift)

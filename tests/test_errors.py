@@ -1,0 +1,43 @@
+"""One exception hierarchy, and the command line printing any project error as one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from nemo_opdlm import cli, errors
+from nemo_opdlm.convert import errors as convert_errors
+
+
+def test_hierarchy():
+    for cls in (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.ConvertError,
+                errors.NonFiniteLossError, convert_errors.UnsupportedArchitectureError,
+                convert_errors.CheckpointFileError):
+        assert issubclass(cls, errors.OPDLMError), cls
+    assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.DataError, ValueError)
+    assert issubclass(convert_errors.CheckpointFileError, errors.CheckpointError)  # one "damaged checkpoint"
+    assert not issubclass(errors.ConvertError, errors.ConfigError)
+    from nemo_opdlm.config import ConfigError
+    from nemo_opdlm.data.prompts import DataError
+    from nemo_opdlm.training.loop import NonFiniteLossError
+    assert (ConfigError, DataError, NonFiniteLossError) == (errors.ConfigError, errors.DataError,
+                                                           errors.NonFiniteLossError)
+
+
+def test_cli_prints_a_data_error_as_one_line(tmp_path, capsys):
+    """A prompt file without the prompt field: rc 2 and one line naming the file and the field, no
+    traceback (before, a DataError reached the user as a traceback)."""
+    from tests.train_fixtures import make_run
+    from nemo_opdlm.config import dump_yaml
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "hi"}) + "\n")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(dump_yaml(make_run(str(tmp_path), f"data.path={bad}", "train.save_dir=null")))
+    capsys.readouterr()  # the fixture's own output (writing the tiny HF teacher)
+    assert cli.main(["train", "--recipe", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "error (DataError)" in err[0] and "bad.jsonl" in err[0] and "'prompt'" in err[0], err
+    assert cli.main(["train", "--recipe", str(recipe), "train.stepz=1"]) == 2
+    assert "config error: unknown config key 'train.stepz'" in capsys.readouterr().err
