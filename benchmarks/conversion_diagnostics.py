@@ -26,7 +26,6 @@ tiny recipe: + ``rollout.static_fraction=0.25``).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

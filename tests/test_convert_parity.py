@@ -97,7 +97,8 @@ def test_student_and_teacher_must_share_a_vocabulary(rt, hf_dirs):
 
 def test_loading_a_checkpoint_into_another_architecture_is_refused(rt, hf_dirs, tmp_path):
     from nemo_opdlm.convert.errors import CheckpointFileError
-    from nemo_opdlm.convert.hf_to_mcore import import_hf, load_dist_checkpoint
+    from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint
+    from nemo_opdlm.convert.hf_to_mcore import import_hf
     from nemo_opdlm.models.student import build_chunks
 
     import_hf(hf_dirs["llama"][0], str(tmp_path / "ckpt"))

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from nemo_opdlm import cli, errors
 from nemo_opdlm.convert import errors as convert_errors
 

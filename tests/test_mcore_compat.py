@@ -13,8 +13,8 @@ import torch
 from megatron.core import dist_checkpointing
 
 from nemo_opdlm.convert.errors import CheckpointFileError
-from nemo_opdlm.convert.hf_to_mcore import check_readable
-from nemo_opdlm.runtime.distributed import collective_device
+from nemo_opdlm.convert.dist_checkpoint import check_readable
+from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.pipeline import model_device, to_device
 
 READS_COMMON_PT_ONLY = "common_strategy" in inspect.signature(dist_checkpointing.load).parameters

@@ -7,10 +7,8 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
-import torch
 
 from nemo_opdlm.config import ConfigError, dump_yaml
 from nemo_opdlm.data.prompts import DataError
@@ -145,7 +143,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     assert 2 <= killed_at <= 3
     done = subprocess.run(_cli(str(straight), "train.save_dir=" + str(run_b)), env=ENV, check=True,
                           capture_output=True, text=True, timeout=300)
-    assert f"resumed from" in done.stdout and f"at step {killed_at}" in done.stdout
+    assert "resumed from" in done.stdout and f"at step {killed_at}" in done.stdout
     got = read_metrics(run_b)
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):

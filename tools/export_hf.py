@@ -58,9 +58,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from nemo_opdlm.convert import hf_config as hfc
     from nemo_opdlm.convert.errors import ConvertError
-    from nemo_opdlm.convert.hf_to_mcore import read_checkpoint_meta
+    from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
     from nemo_opdlm.convert.mcore_to_hf import export_checkpoint
-    from nemo_opdlm.convert.staging import check_target, is_rank0
+    from nemo_opdlm.convert.staging import check_target
+    from nemo_opdlm.runtime.comm import is_rank0
     from nemo_opdlm.errors import OPDLMError
     from nemo_opdlm.models.config import DiffusionConfig
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime

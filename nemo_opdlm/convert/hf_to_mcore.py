@@ -2,9 +2,9 @@
 
 One job: fill the parameters of already-built ``DiffusionGPTModel`` chunks (teacher or student, at
 whatever TP/PP/VPP layout megatron-core was initialised with) straight from a Hugging Face
-directory, reading only the rows each rank owns, tensor by tensor, shard file by shard file; and
-save/load megatron-core distributed (torch_dist) checkpoints of such chunks that any layout can
-load. Non-goals: building the parallel runtime (``runtime/distributed.py``), exporting
+directory, reading only the rows each rank owns, tensor by tensor, shard file by shard file, and
+``import_hf``: an HF directory saved as a megatron-core checkpoint. Non-goals: building the parallel
+runtime (``runtime/distributed.py``), dist-checkpoint I/O itself (``dist_checkpoint.py``), exporting
 (``mcore_to_hf.py``).
 
 Memory: a rank holds its model chunks plus one HF tensor slice at a time; files are read with
@@ -13,10 +13,8 @@ plain reads (no memory map), so the resident set does not grow with the checkpoi
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
-import shutil
 from typing import Any, Iterable, Optional
 
 import torch
@@ -26,8 +24,9 @@ from nemo_opdlm.convert.errors import (CheckpointFileError, ConvertError, Unsupp
                                        VocabMismatchError)
 from nemo_opdlm.convert.key_maps import (GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule, expected_hf_shapes, fuse_gate_up,
                                          fuse_qkv, rule_for, shard_rows, split_layer_name)
+from nemo_opdlm.convert.dist_checkpoint import _tp, save_dist_checkpoint
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile
-from nemo_opdlm.convert.staging import check_target, is_rank0, staged_dir
+from nemo_opdlm.convert.staging import check_target
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_student, unwrap
@@ -35,9 +34,6 @@ from nemo_opdlm.models.teacher import build_teacher
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
-META_FILE = "opdlm_convert.json"
-ASSETS_DIR = "hf_assets"
-META_VERSION = 1
 
 
 class HFCheckpoint:
@@ -107,12 +103,6 @@ class HFCheckpoint:
                 vocab = name in ("model.embed_tokens.weight", "lm_head.weight")
                 kind = VocabMismatchError if vocab else CheckpointFileError
                 raise kind(f"{name} has shape {found} in {self.hf_dir} but config.json implies {shape}")
-
-
-def _tp() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
 def check_layout(cfg: ModelConfig) -> None:
@@ -230,156 +220,6 @@ def student_from_hf(hf_dir: str, diffusion: DiffusionConfig, *, teacher: Optiona
     chunks = build_student(without_random_init(cfg), diffusion)
     load_hf_weights(chunks, ckpt, cfg)
     return cfg, chunks
-
-
-# ---------------------------------------------------------------------------------------------
-# megatron-core distributed checkpoints (torch_dist).
-# ---------------------------------------------------------------------------------------------
-
-
-def _chunk_keys(chunks: list[torch.nn.Module]) -> list[str]:
-    return ["model"] if len(chunks) == 1 else [f"model{i}" for i in range(len(chunks))]
-
-
-def sharded_model_state(chunks: list[torch.nn.Module], prefix: str = "") -> dict[str, Any]:
-    """megatron-core's sharded state dict of the chunks (global layer keys: any layout can load)."""
-    return {key: unwrap(c).sharded_state_dict(prefix=prefix) for key, c in zip(_chunk_keys(chunks), chunks)}
-
-
-def _copy_assets(src_dir: Optional[str], dst_dir: str, names: Iterable[str]) -> None:
-    if not src_dir:
-        return
-    os.makedirs(dst_dir, exist_ok=True)
-    for name in names:
-        path = os.path.join(src_dir, name)
-        if os.path.isfile(path):
-            shutil.copy2(path, os.path.join(dst_dir, name))
-
-
-def save_dist_checkpoint(
-    chunks: list[torch.nn.Module],
-    cfg: ModelConfig,
-    ckpt_dir: str,
-    *,
-    hf_config: Optional[dict[str, Any]] = None,
-    assets_dir: Optional[str] = None,
-    diffusion: Optional[DiffusionConfig] = None,
-    overwrite: bool = False,
-) -> None:
-    """Save the chunks as a torch_dist checkpoint (collective: every rank calls it).
-
-    Beside megatron's files it writes ``opdlm_convert.json`` (ModelConfig, source HF config,
-    diffusion settings) and ``hf_assets/`` (config + tokenizer files), so that the exporter needs
-    nothing but the checkpoint directory. Written to a staging directory, then renamed.
-    """
-    from megatron.core import dist_checkpointing
-
-    meta = {
-        "format_version": META_VERSION,
-        "model_config": hfc.model_config_to_dict(cfg),
-        "hf_config": hf_config,
-        "diffusion": None if diffusion is None else dataclasses.asdict(diffusion),
-    }
-    with staged_dir(ckpt_dir, overwrite) as staging:
-        dist_checkpointing.save(sharded_model_state(chunks), staging)
-        if is_rank0():
-            with open(os.path.join(staging, META_FILE), "w") as f:
-                json.dump(meta, f, indent=2)
-            _copy_assets(assets_dir, os.path.join(staging, ASSETS_DIR), ("config.json",) + hfc.TOKENIZER_FILES)
-
-
-def read_checkpoint_meta(ckpt_dir: str) -> Optional[dict[str, Any]]:
-    """The converter's metadata of a checkpoint, or None for checkpoints written by other code."""
-    path = os.path.join(ckpt_dir, META_FILE)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
-
-
-def check_readable(ckpt_dir: str) -> None:
-    """Refuse, naming the reason, a directory the installed megatron-core cannot load.
-
-    megatron-core >= 0.17 keeps the common (non-tensor) state inside the torch_dist files and
-    writes no ``common.pt``; 0.16 reads that state from ``common.pt`` only (its ``load`` still
-    takes a ``common_strategy``, which is how the older reader is recognised) and fails on a newer
-    checkpoint with an unrelated AttributeError. Checkpoints written by 0.16 load on both.
-    """
-    import inspect
-
-    import megatron.core
-    from megatron.core import dist_checkpointing
-
-    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
-        raise CheckpointFileError(f"{ckpt_dir} is not a megatron-core distributed checkpoint (no metadata.json)")
-    reads_common_pt_only = "common_strategy" in inspect.signature(dist_checkpointing.load).parameters
-    if reads_common_pt_only and not os.path.isfile(os.path.join(ckpt_dir, "common.pt")):
-        version = getattr(megatron.core, "__version__", "?")
-        raise CheckpointFileError(
-            f"{ckpt_dir} was written by megatron-core >= 0.17 (no common.pt), which megatron-core {version} "
-            "cannot read: read it with megatron-core >= 0.17 (Python >= 3.12), e.g. tools/export_hf.py to "
-            "get a Hugging Face copy any version can import"
-        )
-
-
-@torch.no_grad()
-def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix: str = "",
-                         cfg: Optional[ModelConfig] = None) -> None:
-    """Load a torch_dist checkpoint saved at any TP/PP into this rank's chunks.
-
-    The padded vocabulary depends on TP (``ModelConfig.padded_vocab_size``), so a checkpoint
-    saved at another TP can have more or fewer padding rows than this layout: such vocabulary
-    tensors are read whole and re-cut here (real rows copied, padding zero-filled); everything
-    else goes through megatron-core's resharding unchanged.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing import ShardedTensor
-
-    check_readable(ckpt_dir)
-    saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    tp_rank, _ = _tp()
-    sharded = sharded_model_state(chunks, prefix)
-    recut: list[tuple[str, str, torch.Tensor, int]] = []  # (chunk key, state key, full tensor, real rows)
-    for ckey, state in sharded.items():
-        for skey, sh in list(state.items()):
-            if not isinstance(sh, ShardedTensor):
-                continue
-            if sh.key not in saved:
-                raise CheckpointFileError(f"{ckpt_dir} has no tensor {sh.key!r} (model/architecture mismatch?)")
-            found = tuple(saved[sh.key].global_shape)
-            if skey not in VOCAB_KEYS:
-                if found != tuple(sh.global_shape):
-                    raise CheckpointFileError(
-                        f"{sh.key}: checkpoint shape {found}, model expects {tuple(sh.global_shape)}")
-                continue
-            real = cfg.vocab_size if cfg is not None else unwrap(chunks[0]).real_vocab_size
-            if found[0] < real or found[1:] != tuple(sh.global_shape[1:]):
-                raise VocabMismatchError(
-                    f"{sh.key}: checkpoint holds {found}, the model's vocabulary is {real} x {sh.global_shape[1]}")
-            if found == tuple(sh.global_shape):
-                continue
-            full = torch.empty(found, dtype=sh.data.dtype)  # [V_saved, H], replicated on every rank
-            state[skey] = ShardedTensor.from_rank_offsets(sh.key, full, replica_id=0)
-            recut.append((ckey, skey, full, real))
-    loaded = dist_checkpointing.load(sharded, ckpt_dir, validate_access_integrity=not recut)
-    for ckey, skey, _, real in recut:
-        full = loaded[ckey][skey]
-        local = sharded_local_rows(chunks, ckey, skey)
-        start = tp_rank * local
-        piece = torch.zeros(local, *full.shape[1:], dtype=full.dtype)
-        n = max(0, min(real - start, local))
-        piece[:n] = full[start:start + n]
-        loaded[ckey][skey] = piece
-    for ckey, chunk in zip(_chunk_keys(chunks), chunks):
-        unwrap(chunk).load_state_dict(loaded[ckey], strict=True)
-
-
-def sharded_local_rows(chunks: list[torch.nn.Module], ckey: str, skey: str) -> int:
-    chunk = chunks[_chunk_keys(chunks).index(ckey)]
-    return unwrap(chunk).state_dict()[skey].shape[0]
 
 
 def import_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False, **overrides: Any) -> ModelConfig:

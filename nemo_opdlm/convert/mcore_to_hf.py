@@ -24,11 +24,12 @@ import torch.distributed as dist
 
 from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert.errors import ConvertError
-from nemo_opdlm.convert.hf_to_mcore import (ASSETS_DIR, INDEX_FILE, SINGLE_FILE, check_layout, load_dist_checkpoint,
-                                            parameter_sources, read_checkpoint_meta, without_random_init)
+from nemo_opdlm.convert.dist_checkpoint import ASSETS_DIR, load_dist_checkpoint, read_checkpoint_meta
+from nemo_opdlm.convert.hf_to_mcore import INDEX_FILE, SINGLE_FILE, check_layout, parameter_sources, without_random_init
 from nemo_opdlm.convert.key_maps import to_hf
 from nemo_opdlm.convert.safetensors_io import write_safetensors
-from nemo_opdlm.convert.staging import check_target, is_rank0, staged_dir
+from nemo_opdlm.convert.staging import check_target, staged_dir
+from nemo_opdlm.runtime.comm import is_rank0
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import build_chunks, unwrap
 

@@ -14,30 +14,8 @@ import shutil
 import tempfile
 from typing import Iterator
 
-import torch.distributed as dist
-
 from nemo_opdlm.convert.errors import TargetExistsError
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def is_rank0() -> bool:
-    return not _distributed() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if _distributed():
-        dist.barrier()
-
-
-def broadcast_str(value: str) -> str:
-    if not _distributed():
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 
 
 def check_target(target: str, overwrite: bool) -> None:
@@ -75,7 +53,7 @@ def staged_dir(target: str, overwrite: bool) -> Iterator[str]:
     staging = ""
     if is_rank0():
         staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
-    staging = broadcast_str(staging)
+    staging = broadcast_object(staging)
     try:
         yield staging
         barrier()

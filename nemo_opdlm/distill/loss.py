@@ -36,7 +36,7 @@ from megatron.core import tensor_parallel
 from torch import Tensor
 
 from nemo_opdlm.runtime import vocab_parallel
-from nemo_opdlm.runtime.distributed import collective_device
+from nemo_opdlm.runtime.comm import collective_device
 
 Metrics = dict[str, Tensor]
 

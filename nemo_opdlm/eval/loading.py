@@ -65,7 +65,8 @@ def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenize
     from transformers import AutoTokenizer
 
     from nemo_opdlm.convert import hf_config as hfc
-    from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, read_checkpoint_meta, teacher_from_hf
+    from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint, read_checkpoint_meta
+    from nemo_opdlm.convert.hf_to_mcore import teacher_from_hf
     from nemo_opdlm.models.student import build_chunks
 
     if bool(hf) == bool(ckpt):

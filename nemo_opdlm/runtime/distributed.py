@@ -171,14 +171,6 @@ class Runtime:
         return self.env.rank == 0
 
 
-def collective_device(group: Optional[dist.ProcessGroup] = None) -> torch.device:
-    """Where a tensor must be for a collective over ``group``: the current GPU under NCCL, else the CPU.
-
-    NCCL only takes CUDA tensors; gloo takes CPU tensors everywhere (CUDA ones only for some ops).
-    """
-    if dist.is_available() and dist.is_initialized() and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
 
 
 def seed_everything(seed: int) -> None:

@@ -18,15 +18,14 @@ import os
 from typing import Any, Optional
 
 import torch
-import torch.distributed as dist
 
 from nemo_opdlm.convert.hf_config import model_config_to_dict
-from nemo_opdlm.convert.hf_to_mcore import META_FILE, META_VERSION, check_readable, sharded_model_state
-from nemo_opdlm.convert.staging import barrier, is_rank0, staged_dir
+from nemo_opdlm.convert.dist_checkpoint import META_FILE, META_VERSION, check_readable, sharded_model_state
+from nemo_opdlm.convert.staging import staged_dir
 from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.student import unwrap
-from nemo_opdlm.runtime.distributed import collective_device
+from nemo_opdlm.runtime.comm import barrier, is_rank0
 from nemo_opdlm.training.optim import TrainState
 
 LATEST = "latest"
@@ -113,11 +112,3 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     state.scheduler.load_state_dict(common["scheduler"])
     return common
 
-
-def agree(flag: bool) -> bool:
-    """True on every rank if it is True on any rank (e.g. a pre-emption signal seen by one)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=collective_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())

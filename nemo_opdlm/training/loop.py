@@ -21,6 +21,7 @@ from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.errors import NonFiniteLossError
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
+from nemo_opdlm.runtime.comm import agree
 from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
 from nemo_opdlm.training import checkpoint
 from nemo_opdlm.training.metrics import MetricsLogger
@@ -105,7 +106,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
             metrics = reduce_reported(reported)
             finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-            if checkpoint.agree(not finite):
+            if agree(not finite):
                 bad_in_row += 1
                 log.note(f"step {step}: non-finite loss, update skipped ({bad_in_row} in a row)")
                 if bad_in_row >= cfg.train.max_nonfinite_in_row:
@@ -123,7 +124,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             history.append(dict(step=step, **scalars))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.log(step, scalars)
-            stop = checkpoint.agree(preempt.seen)
+            stop = agree(preempt.seen)
             if stop or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save(step)
             if stop:

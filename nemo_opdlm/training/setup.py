@@ -14,7 +14,8 @@ import torch
 from megatron.core import parallel_state
 
 from nemo_opdlm.config import RunConfig
-from nemo_opdlm.convert.hf_to_mcore import load_dist_checkpoint, load_hf_weights
+from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint
+from nemo_opdlm.convert.hf_to_mcore import load_hf_weights
 from nemo_opdlm.data.prompts import eos_ids as tokenizer_eos_ids
 from nemo_opdlm.data.prompts import load_prompts
 from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler

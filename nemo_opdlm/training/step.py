@@ -26,7 +26,7 @@ from nemo_opdlm.distill.states import build_states, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
-from nemo_opdlm.runtime.distributed import collective_device
+from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.training.optim import TrainState, zero_grads
 
