@@ -39,11 +39,13 @@ class GpuSpec:
     memory_gib: float
     """Memory as nvidia-smi reports it."""
     overhead_gib: float = OVERHEAD_GIB
+    fp8: bool = False
+    """FP8 GEMMs (compute capability >= 8.9): where ``model.fp8='auto'`` turns FP8 on."""
 
 
 GPUS: dict[str, GpuSpec] = {
-    "h100-80g": GpuSpec("NVIDIA H100 80GB HBM3", 79.6),
-    "h200": GpuSpec("NVIDIA H200 141GB HBM3e", 140.4),
+    "h100-80g": GpuSpec("NVIDIA H100 80GB HBM3", 79.6, fp8=True),
+    "h200": GpuSpec("NVIDIA H200 141GB HBM3e", 140.4, fp8=True),
     "a100-80g": GpuSpec("NVIDIA A100 80GB", 80.0),
     "a100-40g": GpuSpec("NVIDIA A100 40GB", 40.0),
     "cpu": GpuSpec("CPU process (tiny test recipes)", 64.0, overhead_gib=0.0),
@@ -382,7 +384,13 @@ class MemoryEstimate:
         return max(self.phases, key=self.phase_total)
 
 
-def estimate_stage(cfg, shape: Shape, stage: int, overhead_gib: float) -> MemoryEstimate:
+def uses_fp8(model: ModelConfig, gpu: GpuSpec) -> bool:
+    """Whether the job will run FP8 GEMMs: ``fp8='auto'`` resolves on the GPU the job runs on, so the
+    plan resolves it by the GPU kind (TE's presence there is assumed; a GPU without TE runs bf16)."""
+    return model.fp8 not in (None, "auto") or (model.fp8 == "auto" and gpu.fp8)
+
+
+def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimate:
     """Memory of one rank of pipeline stage ``stage`` during rollout, teacher forward and training.
 
     Assumptions (megatron-core training as ``training/optim.py`` sets it up):
@@ -411,12 +419,12 @@ def estimate_stage(cfg, shape: Shape, stage: int, overhead_gib: float) -> Memory
     est.static["student weights"] = p_s * b_s
     est.static["student grads (fp32)"] = p_s * 4
     est.static[f"optimizer (fp32 master + Adam m, v) / {shard}"] = p_s * opt_bytes
-    if student.fp8:
+    if uses_fp8(student, gpu):
         est.static["student FP8 weight copies"] = p_s * 2
     teacher_weights = stage_params(teacher, tp, pp, s) * _bytes(teacher.params_dtype)
     if not cfg.distill.teacher_offload:
         est.static["teacher weights"] = teacher_weights
-    est.static["CUDA context, NCCL, workspaces"] = overhead_gib * GIB
+    est.static["CUDA context, NCCL, workspaces"] = gpu.overhead_gib * GIB
     # --- rollout
     n_layers = student.num_layers // pp
     cols = shape.prompt + shape.response
@@ -472,7 +480,7 @@ def estimate_memory(cfg, shape: Shape, cluster: Cluster) -> MemoryEstimate:
     """The heaviest pipeline stage's estimate (first stage: embedding + most in-flight micro-batches;
     last stage: output layer, logits and teacher targets)."""
     stages = sorted({0, shape.pp - 1})
-    estimates = [estimate_stage(cfg, shape, s, cluster.spec.overhead_gib) for s in stages]
+    estimates = [estimate_stage(cfg, shape, s, cluster.spec) for s in stages]
     return max(estimates, key=lambda e: e.peak)
 
 

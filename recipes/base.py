@@ -22,7 +22,7 @@ from nemo_opdlm.config import (
     DistillConfig, InitConfig, OptimConfig, ParallelLayout, PromptDataConfig, RolloutConfig, RunConfig,
     TrainConfig,
 )
-from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, te_available
+from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 
 PAPER_TOPK = 16
 """Teacher top-k of the KL at >= 4B parameters."""
@@ -64,22 +64,6 @@ def recipe(*, nodes: int, gpus_per_node: int, gpu: str = "h100-80g") -> Callable
     return wrap
 
 
-def fp8_flags() -> dict[str, Any]:
-    """TE FP8 (delayed-scaling 'hybrid': e4m3 forward, e5m2 backward) when TE is importable.
-
-    FP8 GEMMs need Hopper or newer; on a machine whose visible GPU is older the flags are left
-    off. Without a visible GPU (a login node) they follow TE's presence, since the job runs on
-    the H100s the recipe is sized for; override with ``model.fp8=null model.linear_impl=auto``.
-    """
-    if not te_available():
-        return {}
-    import torch
-
-    if torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9):
-        return {}
-    return {"linear_impl": "te", "fp8": "hybrid"}
-
-
 def use_topk(student: ModelConfig) -> Optional[int]:
     """The paper's KL support: full vocabulary for small students, top-16 from 4B up."""
     return PAPER_TOPK if approx_params(student) >= TOPK_FROM_PARAMS else None
@@ -95,17 +79,19 @@ def approx_params(m: ModelConfig) -> float:
 
 
 def training_model(shape: ModelConfig, **overrides: Any) -> ModelConfig:
-    """A shape set up for training on GPUs: bf16, full recompute, FP8 when TE is present."""
-    fields: dict[str, Any] = dict(params_dtype="bfloat16", recompute="full", attention_backend="auto")
-    fields.update(fp8_flags())
+    """A shape set up for training on GPUs: bf16, full recompute, FP8 GEMMs where the machine that
+    builds the model has TE and Hopper (``fp8='auto'``: declared here, resolved at build time, so
+    ``opdlm plan`` on a login node plans the config the job runs)."""
+    fields: dict[str, Any] = dict(params_dtype="bfloat16", recompute="full", attention_backend="auto",
+                                  linear_impl="auto", fp8="auto")
     fields.update(overrides)
     return shape.replace(**fields)
 
 
 def teacher_model(shape: ModelConfig, **overrides: Any) -> ModelConfig:
-    """A frozen teacher: bf16, no recompute (no backward), FP8 GEMMs when TE is present."""
-    fields: dict[str, Any] = dict(params_dtype="bfloat16", recompute="none", attention_backend="auto")
-    fields.update(fp8_flags())
+    """A frozen teacher: bf16, no recompute (no backward), FP8 GEMMs as for the student."""
+    fields: dict[str, Any] = dict(params_dtype="bfloat16", recompute="none", attention_backend="auto",
+                                  linear_impl="auto", fp8="auto")
     fields.update(overrides)
     return shape.replace(**fields)
 

@@ -13,8 +13,10 @@ import pytest
 
 import recipes
 from nemo_opdlm.config import resolve
-from nemo_opdlm.plan import GIB, Cluster, check_layout, estimate_stage, make_plan, plan_main, suggest, usable_bytes
-from recipes.tiny import MASK_ID, hf_config, tiny_shape
+from nemo_opdlm.plan import (
+    GIB, GPUS, Cluster, GpuSpec, check_layout, estimate_stage, make_plan, plan_main, suggest, usable_bytes,
+)
+from recipes.tiny import hf_config, tiny_shape
 
 H100x8 = Cluster(1, 8, "h100-80g")
 
@@ -56,12 +58,28 @@ def test_plan_that_does_not_fit_is_refused_with_remedies(capsys):
     assert fixed.fits
 
 
+GPU3 = GpuSpec("an 80 GB GPU without FP8", 80.0, overhead_gib=3.0)
+
+
+def test_fp8_auto_is_declared_and_planned_by_gpu_kind():
+    """Recipes declare fp8='auto' whatever machine builds them (no TE or GPU probe); it resolves to
+    off here (no TE, no GPU), and the plan counts FP8 weight copies on Hopper kinds only."""
+    cfg = resolve("qwen3_8b_self_tp2_pp1_8g", [])
+    assert (cfg.model.fp8, cfg.model.linear_impl, cfg.teacher.fp8) == ("auto", "auto", "auto")
+    assert cfg.model.resolved_fp8() is None
+    shape, _ = check_layout(cfg, H100x8)
+    assert "student FP8 weight copies" in estimate_stage(cfg, shape, 0, GPUS["h100-80g"]).static
+    assert "student FP8 weight copies" not in estimate_stage(cfg, shape, 0, GPUS["a100-80g"]).static
+    off = resolve("qwen3_8b_self_tp2_pp1_8g", ["model.fp8=null"])
+    assert "student FP8 weight copies" not in estimate_stage(off, shape, 0, GPUS["h100-80g"]).static
+
+
 def test_memory_closed_forms_qwen3_8b_tp2():
     """Qwen3-8B at TP=2, DP=4, 32 rollouts per rank, rows of 1024 + 2 x 4000, top-16, bf16."""
     cfg = resolve("qwen3_8b_self_tp2_pp1_8g", [])
     shape, _ = check_layout(cfg, H100x8)
     assert (shape.dp, shape.rows_per_rank, shape.student_row, shape.teacher_row) == (4, 32, 9024, 5024)
-    est = estimate_stage(cfg, shape, 0, overhead_gib=3.0)
+    est = estimate_stage(cfg, shape, 0, GPU3)
     # 8,190,735,360 parameters, of which 308,224 are norms (replicated); the rest is split in two
     per_rank = (8_190_735_360 - 308_224) // 2 + 308_224
     assert est.static["student weights"] == 2 * per_rank
@@ -82,9 +100,9 @@ def test_full_vocabulary_targets_and_attention_backends():
     """Qwen3-0.6B: full-vocab targets are 16 rows x 4000 x 151936 x 4 bytes; 'local' materialises scores."""
     cfg = resolve("qwen3_0_6b_self_tp1_pp1_8g", [])
     shape, _ = check_layout(cfg, H100x8)
-    est = estimate_stage(cfg, shape, 0, 3.0)
+    est = estimate_stage(cfg, shape, 0, GPU3)
     assert est.phases["train"]["teacher targets, full vocabulary (fp32) (held for the step)"] == 16 * 4000 * 151936 * 4
-    local = estimate_stage(resolve("qwen3_0_6b_self_tp1_pp1_8g", ["model.attention_backend=local"]), shape, 0, 3.0)
+    local = estimate_stage(resolve("qwen3_0_6b_self_tp1_pp1_8g", ["model.attention_backend=local"]), shape, 0, GPU3)
     # no recompute: 28 layers x 9024 queries x 16 heads x 9024 keys x (fp32 + bf16 probabilities) more
     extra = local.activations["none"] - est.activations["none"]
     assert extra == pytest.approx(28 * 9024 * (16 * 9024 * 6 + 9024 - 16 * 4), rel=1e-9)
@@ -95,11 +113,11 @@ def test_pipeline_stages_and_offload():
     cfg = resolve("llama31_70b_to_8b_tp8_pp2_32g", [])
     cluster = Cluster(4, 8, "h100-80g")
     shape, _ = check_layout(cfg, cluster)
-    first, last = estimate_stage(cfg, shape, 0, 3.0), estimate_stage(cfg, shape, 1, 3.0)
+    first, last = estimate_stage(cfg, shape, 0, GPU3), estimate_stage(cfg, shape, 1, GPU3)
     assert "student logits + loss" in last.phases["train"] and "student logits + loss" not in first.phases["train"]
     # 1F1B: the first stage holds 2 micro-batches of layer inputs, the last one
     assert first.activations["full"] > last.activations["full"]
-    offloaded = estimate_stage(resolve("llama31_70b_to_8b_tp8_pp2_32g", ["distill.teacher_offload=true"]), shape, 1, 3.0)
+    offloaded = estimate_stage(resolve("llama31_70b_to_8b_tp8_pp2_32g", ["distill.teacher_offload=true"]), shape, 1, GPU3)
     assert "teacher weights" not in offloaded.static
     assert offloaded.phase_total("rollout") == pytest.approx(last.phase_total("rollout") - last.static["teacher weights"])
     assert offloaded.phase_total("teacher") == pytest.approx(last.phase_total("teacher"))

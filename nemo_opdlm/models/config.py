@@ -22,6 +22,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 ATTENTION_BACKENDS = ("auto", "local", "sdpa", "flex")
 LINEAR_IMPLS = ("auto", "local", "te")
 RECOMPUTE = ("none", "selective", "full")
+FP8 = (None, "auto", "hybrid", "e4m3")
 
 
 
@@ -90,7 +91,10 @@ class ModelConfig:
     linear_impl: str = "auto"
     """'auto' (Transformer Engine when importable and on GPU), 'local' or 'te'."""
     fp8: Optional[str] = None
-    """FP8 recipe passed to TE ('hybrid' or 'e4m3'); needs linear_impl te."""
+    """FP8 recipe passed to TE ('hybrid' or 'e4m3'; needs linear_impl te), or 'auto': 'hybrid' where
+    Transformer Engine is importable and the GPU is Hopper or newer, else off. 'auto' is resolved
+    where the model is built (``resolved_fp8``), so a recipe is the same config on a login node
+    and on the GPUs it runs on."""
     recompute: str = "none"
     """Activation recompute: 'none', 'selective' (core attention) or 'full' (every layer)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -137,9 +141,9 @@ class ModelConfig:
             raise ConfigError(f"model.linear_impl must be one of {LINEAR_IMPLS}, got {self.linear_impl!r}")
         if self.recompute not in RECOMPUTE:
             raise ConfigError(f"model.recompute must be one of {RECOMPUTE}, got {self.recompute!r}")
-        if self.fp8 is not None and self.fp8 not in ("hybrid", "e4m3"):
-            raise ConfigError(f"model.fp8 must be None, 'hybrid' or 'e4m3', got {self.fp8!r}")
-        if self.fp8 is not None and self.resolved_linear_impl() != "te":
+        if self.fp8 not in FP8:
+            raise ConfigError(f"model.fp8 must be one of {FP8}, got {self.fp8!r}")
+        if self.fp8 not in (None, "auto") and self.resolved_linear_impl() != "te":
             raise ConfigError("model.fp8 needs Transformer Engine: set model.linear_impl=te (and install it)")
         if self.resolved_linear_impl() == "te" and not te_available():
             raise ConfigError("model.linear_impl=te but transformer_engine is not importable")
@@ -160,6 +164,15 @@ class ModelConfig:
         if self.linear_impl != "auto":
             return self.linear_impl
         return "te" if torch.cuda.is_available() and te_available() else "local"
+
+    def resolved_fp8(self) -> Optional[str]:
+        """The FP8 recipe on this machine: 'auto' is 'hybrid' (e4m3 forward, e5m2 backward) with TE
+        linear layers on a GPU of compute capability >= 8.9 (Hopper, Ada), else None."""
+        if self.fp8 != "auto":
+            return self.fp8
+        if self.resolved_linear_impl() != "te" or not torch.cuda.is_available():
+            return None
+        return "hybrid" if torch.cuda.get_device_capability() >= (8, 9) else None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -206,8 +219,9 @@ class ModelConfig:
             kwargs.update(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
         elif self.recompute == "selective":
             kwargs.update(recompute_granularity="selective")
-        if self.fp8 is not None:
-            kwargs.update(fp8=self.fp8)
+        fp8 = self.resolved_fp8()
+        if fp8 is not None:
+            kwargs.update(fp8=fp8)
         kwargs.update(self.extra)
         return TransformerConfig(**kwargs)
 
