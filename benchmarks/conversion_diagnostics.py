@@ -14,13 +14,14 @@ agreement at the loss positions, each by position in the block and by the number
 in the block; the share of loss tokens per masked count; the share of rollout tokens decoded in
 each round of their block; the teacher's mean top-1 probability. Per checkpoint: its held-out
 accuracy under greedy static and threshold decoding. Per variant: the KL and gradient norm of the
-first training steps, and what the student decodes at its first checkpoints.
+first training steps, what the student decodes at its first checkpoints, and (``--seeds``) the
+accuracy curve of every training seed with the final accuracy's mean and range over them.
 
 Variants (``--variants``): ``paper`` (the paper's unshifted student and all-threshold rollouts,
 with the tiny recipe's learning rate), ``shift`` (+ ``diffusion.shift_logits``), ``recipe`` (the
 tiny recipe: + ``rollout.static_fraction=0.25``).
 
-    python benchmarks/conversion_diagnostics.py [--task arithmetic] [--steps 300] [--every 50]
+    python benchmarks/conversion_diagnostics.py [--task arithmetic] [--steps 300] [--every 50] [--seeds 0 1 2]
 """
 
 from __future__ import annotations
@@ -145,6 +146,24 @@ def diagnose_run(cfg, run_dir: str, teacher_info: dict[str, Any], rows: int) -> 
     return out
 
 
+def accuracy_curve(cfg, run_dir: str, teacher_info: dict[str, Any]) -> list[dict[str, Any]]:
+    """Held-out accuracy (greedy static and threshold) of the teacher's weights and every checkpoint."""
+    from nemo_opdlm import demo as D
+    from nemo_opdlm.eval import tasks as T
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+    data = teacher_info["data"]
+    task = T.load_task(data["eval_format"], data["test"])
+    out = []
+    with runtime(ParallelLayout(), seed=1234):
+        for step, path in [(0, teacher_info["checkpoint"])] + D.checkpoints(run_dir):
+            res = D.evaluate_checkpoint(path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
+                                        shift_logits=cfg.diffusion.shift_logits)
+            out.append({"step": step, "static": res["static"].accuracy, "dynamic": res["dynamic"].accuracy,
+                        "tokens_per_round": res["dynamic"].tokens_per_round})
+    return out
+
+
 def decoded_examples(cfg, run_dir: str, teacher_info: dict[str, Any], steps: list[int]) -> dict[str, list[str]]:
     """Greedy static decodes of the first three held-out prompts at the given checkpoints."""
     from nemo_opdlm import demo as D
@@ -173,7 +192,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--every", type=int, default=50)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0],
+                   help="training seeds; the first gets the full diagnostics, every one its accuracy curve")
     p.add_argument("--rows", type=int, default=128, help="prompts per diagnostic batch")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)
@@ -192,19 +212,30 @@ def main(argv: Optional[list[str]] = None) -> int:
     result: dict[str, Any] = {"command": "python benchmarks/conversion_diagnostics.py " + " ".join(argv),
                               "commit": commit(), "threads": args.threads, "task": args.task,
                               "teacher": {k: teacher[k] for k in ("ar", "static", "dynamic")}, "variants": {}}
-    for name in args.variants:
-        run_dir = os.path.join(args.work_dir, args.task, f"diagnostics_{name}_seed{args.seed}")
+    def trained(name: str, seed: int):
+        """The variant's config and history for ``seed`` (trained once; cached in its run directory)."""
+        run_dir = os.path.join(args.work_dir, args.task, f"diagnostics_{name}_seed{seed}")
         base = D.conversion_config(teacher_checkpoint=teacher["checkpoint"], data_path=data["train"],
                                    tokenizer=data["tokenizer"], save_dir=run_dir, steps=args.steps,
-                                   save_every=args.every, seed=1234 + args.seed)
+                                   save_every=args.every, seed=1234 + seed)
         cfg = from_dict(RunConfig, apply_overrides(to_dict(base), list(VARIANTS[name])))
-        cached = _read_json(os.path.join(run_dir, "history.json"))
-        if cached is None or len(cached) != args.steps:
-            log(f"{name}: {args.steps} steps ({' '.join(VARIANTS[name]) or 'the tiny recipe'})")
-            cached = train(cfg)["history"]
-            _write_json(os.path.join(run_dir, "history.json"), cached)
-        log(f"{name}: diagnostics at {len(D.checkpoints(run_dir)) + 1} checkpoints")
+        history = _read_json(os.path.join(run_dir, "history.json"))
+        if history is None or len(history) != args.steps:
+            log(f"{name} seed {seed}: {args.steps} steps ({' '.join(VARIANTS[name]) or 'the tiny recipe'})")
+            history = train(cfg)["history"]
+            _write_json(os.path.join(run_dir, "history.json"), history)
+        return cfg, run_dir, history
+
+    for name in args.variants:
+        cfg, run_dir, cached = trained(name, args.seeds[0])
+        log(f"{name}: diagnostics at {len(D.checkpoints(run_dir)) + 1} checkpoints (seed {args.seeds[0]})")
         points = diagnose_run(cfg, run_dir, teacher, args.rows)
+        curves = {args.seeds[0]: [{"step": p["step"], **p["accuracy"], "tokens_per_round": p["tokens_per_round"]["dynamic"]}
+                                  for p in points]}
+        for seed in args.seeds[1:]:
+            cfg_s, dir_s, _ = trained(name, seed)
+            curves[seed] = accuracy_curve(cfg_s, dir_s, teacher)
+        finals = [c[-1] for c in curves.values()]
         result["variants"][name] = {
             "overrides": VARIANTS[name],
             "first_steps": [{k: h.get(k) for k in ("step", "kl", "grad_norm", "rollout/tokens_per_round")}
@@ -213,6 +244,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                                 for i in range(0, len(cached), 50)],
             "points": points,
             "decoded": decoded_examples(cfg, run_dir, teacher, [0, args.every]),
+            "accuracy_by_seed": curves,
+            "final_over_seeds": {m: {"mean": sum(f[m] for f in finals) / len(finals), "min": min(f[m] for f in finals),
+                                     "max": max(f[m] for f in finals)} for m in ("static", "dynamic")},
         }
         for pt in points:
             r, e = pt["rollout"], pt["static_eval"]
@@ -220,6 +254,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 f"{pt['accuracy']['dynamic']:.2f}; rollout KL {r['kl']:.3f} (by position {r['kl_by_position']}), "
                 f"static-eval KL {e['kl']:.3f} (by masked-in-block {e['kl_by_masked_in_block']}), "
                 f"round shares {r['round_share']}")
+        fin = result["variants"][name]["final_over_seeds"]
+        log(f"  {name}: final accuracy over seeds {args.seeds}: static {fin['static']}, threshold {fin['dynamic']}")
     result["wall_s"] = time.perf_counter() - t0
     os.makedirs(args.results, exist_ok=True)
     path = os.path.join(args.results, "conversion_diagnostics.json")

@@ -87,6 +87,17 @@ class RolloutConfig:
     def __post_init__(self) -> None:
         if self.mode not in ("static", "dynamic"):
             raise ConfigError(f"rollout.mode must be 'static' or 'dynamic', got {self.mode!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"rollout.threshold must be in (0, 1] (a probability; 0 would unmask a whole block "
+                              f"in its first round), got {self.threshold}")
+        if self.temperature < 0:
+            raise ConfigError(f"rollout.temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k < 0:
+            raise ConfigError(f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p must be in (0, 1] (1 = off), got {self.top_p}")
+        if self.steps_per_block < 1:
+            raise ConfigError(f"rollout.steps_per_block must be >= 1, got {self.steps_per_block}")
         if not 1 <= self.min_length <= self.max_length:
             raise ConfigError(
                 f"rollout.min_length ({self.min_length}) must be >= 1 and <= rollout.max_length ({self.max_length})"
@@ -248,6 +259,9 @@ class RunConfig:
         method = get_method(self.distill.method)
         if method.needs_dataset_responses and self.data is not None and not self.data.response_field:
             raise ConfigError(f"distill.method={method.name} needs data.response_field (the responses to learn)")
+        if self.rollout.steps_per_block > self.diffusion.block_size:
+            raise ConfigError(f"rollout.steps_per_block={self.rollout.steps_per_block} exceeds diffusion.block_size="
+                              f"{self.diffusion.block_size}: a round unmasks at least one token of the block")
         if self.rollout.max_length_by_domain and (self.data is None or not self.data.domain_field):
             raise ConfigError("rollout.max_length_by_domain caps rollouts by each prompt's domain: set "
                               "data.domain_field to the record field that names it")

@@ -148,18 +148,17 @@ def conversion_config(*, teacher_checkpoint: str = "runs/demo/teacher/step_00007
     """Conversion of a tiny AR teacher into a block-4 student: the settings measured to work.
 
     ``benchmarks/token_efficiency.py`` runs them for every method, three seeds and both synthetic
-    tasks. What differs from the paper's GPU recipes, and why (``benchmarks/results/conversion_diagnostics.json``
-    has the measurements):
+    tasks. What differs from the paper's GPU recipes, and why (``docs/conversion.md``; the numbers are
+    ``benchmarks/results/conversion_diagnostics.json``'s, arithmetic task, step 300 unless said):
 
-    - ``diffusion.shift_logits``: a tiny teacher trained from scratch for a minute has no slack to
-      re-learn its output alignment; read as an unshifted block-diffusion model it scores 0 and
-      the initial KL is 8.4 nats, so the first ~150 steps only undo that. Shifted, a block's first
-      token is the teacher's own prediction (KL 0.9 at step 0) and the student passes 95% of the
-      teacher in about half the rollout tokens.
-    - ``rollout.static_fraction=0.25``: once confident, threshold rollouts finish ~94% of the
-      tokens in a block's first round, so nearly every state is a fully masked block and the
-      partly decoded blocks of static (1 token per round) evaluation go untrained (their KL stayed
-      7x that of the rollouts' states, and static accuracy of one seed plateaued at 0.83).
+    - ``diffusion.shift_logits``: read as an unshifted student, the teacher's weights answer the
+      wrong position (held-out accuracy 0.02, KL 5.6 nats at every block position), and 300 steps
+      only reach 0.37. Shifted, a block's first token is the teacher's own prediction (KL 0.23 at
+      step 0) and the student is at 0.94 static / 0.95 threshold accuracy by step 150.
+    - ``rollout.static_fraction=0.25``: once confident, threshold rollouts decode 88% of the
+      tokens in a block's first round, so 91% of the loss tokens sit in fully masked blocks and
+      the partly decoded blocks of static (1 token per round) evaluation go short: their KL is
+      twice the rollouts' (0.128 vs 0.061); with a quarter of the rows static, 0.084.
     - lr 5e-4 (cosine to 5e-5, 10 warm-up steps) instead of 1e-5: a 0.8M-parameter model, batch 32.
 
     ``method`` picks the ablation (``random_mask``, ``off_policy``, ``sft``) under the same settings;

@@ -61,7 +61,9 @@ def save_tokenizer(directory: str, vocab: int = VOCAB) -> None:
     words = {f"w{i}": i for i in range(vocab)}
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2", bos_token="w1").save_pretrained(directory)
+    # the last id is the [MASK] of the tests' students: a special token, never an ordinary word
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2", bos_token="w1",
+                            mask_token=f"w{vocab - 1}").save_pretrained(directory)
 
 
 def save_hf(family: str, directory: str, seed: int = 0, shard: str = "30KB", dtype=torch.float32, **overrides: Any):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from nemo_opdlm.eval import synthetic as S
 from nemo_opdlm.eval.cli import eval_main
 
@@ -55,3 +57,9 @@ def test_eval_cli_refusals_are_one_line(tmp_path, capsys):
     assert len(err) == 1 and "no tokenizer found" in err[0] and "tokenizer=DIR" in err[0], err
     assert cli.main(base + ["--ckpt", str(bare), "--hf", str(bare)]) == 2
     assert "give exactly one model" in capsys.readouterr().err
+    assert cli.main(base + ["--ckpt", str(bare), "--threshold", "2"]) == 2  # refused before anything loads
+    assert "threshold must be in (0, 1]" in capsys.readouterr().err
+    for flag in ("--limit", "--block-size"):
+        with pytest.raises(SystemExit):
+            cli.main(base + ["--ckpt", str(bare), flag, "0"])
+        assert "must be an integer >= 1" in capsys.readouterr().err

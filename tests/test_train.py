@@ -38,6 +38,8 @@ def test_every_method_trains(tmp_path, method):
     cfg = make_run(str(tmp_path), f"distill.method={method}", "train.save_dir=null", "train.steps=2")
     result = train(cfg)
     assert result["status"] == "completed" and len(result["history"]) == 2
+    # the logged lr is the one the step trained at: 0 at step 1 (warm-up from 0), the peak at step 2
+    assert [h["lr"] for h in result["history"]] == [0.0, cfg.optim.lr]
     for h in result["history"]:
         assert math.isfinite(h["loss"]) and h["loss"] > 0 and h["train/loss_tokens"] > 0
         assert math.isfinite(h["grad_norm"])
@@ -278,6 +280,13 @@ def test_bad_inputs(tmp_path):
         make_run(str(tmp_path), "train.stepz=3")
     with pytest.raises(ConfigError, match="rollout.min_length"):
         make_run(str(tmp_path), "rollout.min_length=0")
+    for key, value, words in (("threshold", 0, "in \\(0, 1\\]"), ("threshold", 1.5, "in \\(0, 1\\]"),
+                              ("temperature", -1, ">= 0"), ("top_p", 5, "in \\(0, 1\\]"), ("top_k", -2, ">= 0"),
+                              ("steps_per_block", 9, "exceeds diffusion.block_size=4")):
+        with pytest.raises(ConfigError, match=f"rollout.{key}.*{words}"):  # refused before any model is built
+            make_run(str(tmp_path), f"rollout.{key}={value}")
+    with pytest.raises(ConfigError, match=r"diffusion.mask_token_id=42 is the ordinary token 'w42'.*its mask token \(99\)"):
+        train(make_run(str(tmp_path), "diffusion.mask_token_id=42", "train.save_dir=null"))
     with pytest.raises(ConfigError, match="rollout.static_fraction must be in"):
         make_run(str(tmp_path), "rollout.static_fraction=1.5")
     with pytest.raises(ConfigError, match="needs rollout.mode='dynamic'"):

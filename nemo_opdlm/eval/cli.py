@@ -26,6 +26,13 @@ from nemo_opdlm.eval.evaluate import MODES
 from nemo_opdlm.eval.tasks import FORMATS
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="opdlm eval", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("model")
@@ -34,14 +41,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     src.add_argument("--prefix", default="", help="sharded-key prefix of the model inside --ckpt")
     src.add_argument("--tokenizer", help="tokenizer directory (default: --hf, or --ckpt/hf_assets)")
     src.add_argument("--mask-token-id", type=int, help="[MASK] id (default: checkpoint metadata or tokenizer)")
-    src.add_argument("--tp", type=int, default=1)
-    src.add_argument("--pp", type=int, default=1)
+    src.add_argument("--tp", type=_positive, default=1, help="tensor-parallel size of this job")
+    src.add_argument("--pp", type=_positive, default=1, help="pipeline-parallel size of this job")
     task = p.add_argument_group("task")
     task.add_argument("--task", required=True, choices=sorted(FORMATS) + ["exact"],
                       help="answer format: gsm8k, math, synthetic (the arithmetic family), sort, or exact")
     task.add_argument("--data", required=True, help="JSONL / JSON / Parquet file or a save_to_disk folder")
     task.add_argument("--split", default="test", help="split of a saved DatasetDict")
-    task.add_argument("--limit", type=int, help="score only the first N examples")
+    task.add_argument("--limit", type=_positive, help="score only the first N examples")
     task.add_argument("--num-fewshot", type=int, default=0)
     task.add_argument("--fewshot-data", help="file with few-shot examples (default: the head of --data)")
     task.add_argument("--question-field", help="'exact' task: the prompt field (default 'prompt')")
@@ -49,15 +56,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     dec = p.add_argument_group("decoding")
     dec.add_argument("--modes", nargs="+", default=["static", "dynamic"], choices=MODES,
                      help="decoding modes to score: ar (causal teacher), static, dynamic")
-    dec.add_argument("--block-size", type=int, help="default: checkpoint metadata, else 4")
-    dec.add_argument("--steps-per-block", type=int, help="default: block size (1 token per round)")
-    dec.add_argument("--threshold", type=float, default=0.9)
-    dec.add_argument("--temperature", type=float, default=0.0)
-    dec.add_argument("--max-new-tokens", type=int, default=256)
+    dec.add_argument("--block-size", type=_positive, help="default: checkpoint metadata, else 4")
+    dec.add_argument("--steps-per-block", type=_positive, help="default: block size (1 token per round)")
+    dec.add_argument("--threshold", type=float, default=0.9,
+                     help="dynamic mode: unmask every position whose confidence exceeds this, in (0, 1]")
+    dec.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's evaluation)")
+    dec.add_argument("--max-new-tokens", type=_positive, default=256, help="generation length limit")
     dec.add_argument("--chat-template", default="auto", choices=("auto", "always", "never"))
-    dec.add_argument("--batch-size", type=int, default=16)
+    dec.add_argument("--batch-size", type=_positive, default=16, help="prompts decoded together")
     dec.add_argument("--no-cache", action="store_true", help="decode without the KV cache (reference path)")
-    dec.add_argument("--seed", type=int, default=0)
+    dec.add_argument("--seed", type=int, default=0, help="sampler seed (with --temperature > 0)")
     p.add_argument("--output", help="write results (and per-example generations) to this JSON file")
     return p.parse_args(argv)
 
@@ -70,6 +78,15 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     from nemo_opdlm.eval.tasks import load_task
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
+    def settings_for(mode: str, block_size: int) -> DecodeSettings:
+        return DecodeSettings(
+            mode=mode, block_size=block_size, steps_per_block=args.steps_per_block, threshold=args.threshold,
+            temperature=args.temperature, max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
+            num_fewshot=args.num_fewshot, batch_size=args.batch_size, use_cache=not args.no_cache, seed=args.seed,
+        )
+
+    for mode in args.modes:  # bad decoding values are refused before the data and the model load
+        settings_for(mode, args.block_size or 4)
     overrides = {k: v for k, v in (("question_field", args.question_field), ("answer_field", args.answer_field))
                  if v}
     task = load_task(args.task, args.data, split=args.split, num_fewshot=args.num_fewshot,
@@ -81,12 +98,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         say(f"{task.name}: {len(task.examples)} examples, {len(task.fewshot)} few-shot")
         rows = []
         for mode in args.modes:
-            settings = DecodeSettings(
-                mode=mode, block_size=loaded.block_size or 4, steps_per_block=args.steps_per_block,
-                threshold=args.threshold, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
-                chat_template=args.chat_template, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
-                use_cache=not args.no_cache, seed=args.seed,
-            )
+            settings = settings_for(mode, loaded.block_size or 4)
             result = evaluate(loaded.chunks, loaded.tokenizer, task, settings,
                               mask_token_id=loaded.mask_token_id, shift_logits=loaded.shift_logits, log=say)
             say(result.summary())

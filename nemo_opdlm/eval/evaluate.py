@@ -63,6 +63,13 @@ class DecodeSettings:
             raise ConfigError(f"eval max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.mode != "ar" and self.block_size < 1:
             raise ConfigError(f"eval block_size must be >= 1, got {self.block_size}")
+        if self.steps_per_block is not None and not 1 <= self.steps_per_block <= self.block_size:
+            raise ConfigError(f"eval steps_per_block must be in [1, block_size={self.block_size}], got "
+                              f"{self.steps_per_block}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError(f"eval threshold must be in (0, 1], got {self.threshold}")
+        if self.temperature < 0:
+            raise ConfigError(f"eval temperature must be >= 0 (0 = greedy), got {self.temperature}")
 
     @property
     def rounds_per_block(self) -> int:

@@ -248,8 +248,9 @@ class DiffusionConfig:
     the previous token of the same block, or for a block's first token the last token of the
     clean context before it (the previous block, or the prompt). The teacher's weights already
     predict the next token there, so the student starts near its teacher: on the demo's tiny
-    teacher the initial KL at a block's first position falls from 8.3 to 0.9 nats. Training,
-    rollouts, evaluation and the Hugging Face export all follow this setting."""
+    teacher the initial KL at a block's first position falls from 5.3 to 0.23 nats
+    (``docs/conversion.md``). Training, rollouts, evaluation and the Hugging Face export all
+    follow this setting."""
 
     def __post_init__(self) -> None:
         if self.block_size < 1:

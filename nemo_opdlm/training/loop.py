@@ -105,6 +105,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
             t_rollout = out.seconds["rollout_s"]
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
             metrics = reduce_reported(reported)
+            lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
             finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
             if agree(not finite):
                 bad_in_row += 1
@@ -119,7 +120,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                 _, grad_norm = optimizer_step(state)
             t_train = time.perf_counter() - t1
 
-            scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, state, t_rollout, t_train,
+            scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, lr, t_rollout, t_train,
                                time.perf_counter() - t0, dp)
             history.append(dict(step=step, **scalars))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -136,7 +137,7 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _scalars(metrics: dict[str, float], rollout: dict[str, float], rows: dict, length: int, grad_norm: float,
-             state, t_rollout: float, t_train: float, t_step: float, dp: int) -> dict[str, float]:
+             lr: float, t_rollout: float, t_train: float, t_step: float, dp: int) -> dict[str, float]:
     out: dict[str, float] = {}
     if metrics:
         tokens = max(metrics.get("num_tokens", 0.0), 1.0)
@@ -151,7 +152,7 @@ def _scalars(metrics: dict[str, float], rollout: dict[str, float], rows: dict, l
     trained = float(rows["input_ids"].numel()) * dp
     out.update({
         "rollout/length_limit": float(length), "grad_norm": grad_norm,
-        "lr": float(state.optimizer.param_groups[0]["lr"]), "time/rollout_s": t_rollout, "time/train_s": t_train,
+        "lr": lr, "time/rollout_s": t_rollout, "time/train_s": t_train,
         "time/step_s": t_step, "throughput/tokens_per_s": trained / max(t_step, 1e-9),
     })
     return out

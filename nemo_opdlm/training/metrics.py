@@ -2,6 +2,7 @@
 
 One job: record a step's scalars where a user looks for them. Only the logging rank (last
 pipeline stage, first tensor- and data-parallel rank: where the losses are) writes.
+``metrics.jsonl`` is strict JSON: non-finite values (a skipped step's loss) are ``null``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ def _fmt_time(seconds: float) -> str:
         return "?"
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def json_line(row: dict[str, Any]) -> str:
+    """One strict-JSON line: a non-finite value (a skipped step's NaN loss) is written as null,
+    since bare ``NaN`` / ``Infinity`` are rejected by strict JSON readers."""
+    clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+    return json.dumps(clean, allow_nan=False)
 
 
 class MetricsLogger:
@@ -76,7 +84,7 @@ class MetricsLogger:
         )
         print(f"[opdlm] step {step}/{self.total_steps} {shown} eta={_fmt_time(eta)}", flush=True)
         if self.jsonl:
-            self.jsonl.write(json.dumps(dict(step=step, **scalars)) + "\n")
+            self.jsonl.write(json_line(dict(step=step, **scalars)) + "\n")
             self.jsonl.flush()
         if self.tb:
             for k, v in scalars.items():

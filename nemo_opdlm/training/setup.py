@@ -43,6 +43,7 @@ def load_tokenizer(cfg: RunConfig):
             f"the tokenizer has {len(tok)} tokens but model.vocab_size={cfg.model.vocab_size}: "
             "teacher/student and tokenizer do not match"
         )
+    check_mask_token(cfg.diffusion.mask_token_id, tok, tokenizer_dir(cfg))
     if cfg.init.student_hf and cfg.init.teacher_hf and cfg.init.student_hf != cfg.init.teacher_hf:
         other = AutoTokenizer.from_pretrained(cfg.init.student_hf)
         if other.get_vocab() != tok.get_vocab():
@@ -51,6 +52,20 @@ def load_tokenizer(cfg: RunConfig):
                 "different tokenizers: on-policy distillation needs one shared vocabulary"
             )
     return tok
+
+
+def check_mask_token(mask_id: int, tokenizer, where: str) -> None:
+    """[MASK] must not be a token the text can contain: an id no token maps to, or a special one.
+
+    A [MASK] that is an ordinary token would be read as that token wherever it occurs in a prompt
+    or a response, and every prediction of it would be a [MASK] (the sampler never emits one).
+    """
+    if mask_id < len(tokenizer) and mask_id not in tokenizer.added_tokens_decoder:
+        raise ConfigError(
+            f"diffusion.mask_token_id={mask_id} is the ordinary token {tokenizer.convert_ids_to_tokens(mask_id)!r} "
+            f"of the tokenizer in {where}: use its mask token"
+            + (f" ({tokenizer.mask_token_id})" if tokenizer.mask_token_id is not None else "")
+            + f", a reserved special token, or an embedding row no token maps to (>= {len(tokenizer)})")
 
 
 def eos_ids(tokenizer) -> tuple[int, ...]:
