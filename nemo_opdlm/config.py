@@ -189,7 +189,11 @@ class TrainConfig:
     save_dir: Optional[str] = None
     """Checkpoint directory (step_N/ sub-directories and a 'latest' file); None = no checkpoints."""
     resume: bool = True
-    """Resume from save_dir's latest checkpoint when there is one."""
+    """Resume from save_dir's latest checkpoint when there is one (without a ``latest`` pointer:
+    its newest complete ``step_N``)."""
+    overwrite: bool = False
+    """With ``resume=false``: replace a run already in save_dir (its checkpoints and metrics are
+    removed first). Without it such a run is refused, not silently written over."""
     max_nonfinite_in_row: int = 3
     """Non-finite losses skip their step; this many in a row stop the run with an error."""
     tensorboard_dir: Optional[str] = None

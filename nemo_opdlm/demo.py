@@ -123,7 +123,7 @@ def _tiny_run(*, name: str, method: str, data_path: str, tokenizer: str, save_di
         optim=OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps),
         train=TrainConfig(steps=steps, prompts_per_step=prompts_per_step, micro_batch_size=prompts_per_step,
                           seed=seed, log_every=max(1, min(25, steps // 10)), save_every=save_every,
-                          save_dir=save_dir, resume=False),
+                          save_dir=save_dir),
     )
 
 

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -150,6 +151,28 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     assert sorted(got) == [1, 2, 3, 4, 5, 6]
     for step in range(1, 7):
         assert got[step] == want[step], (step, got, want)
+
+
+def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path):
+    """Two writers on one train.save_dir interleaved metrics and moved latest backwards; the second
+    is now refused in one line, before it loads any model, while the first holds the lock."""
+    cfg = make_run(str(tmp_path), "train.steps=200", "train.save_every=0")
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(dump_yaml(cfg))
+    first = subprocess.Popen(_cli(str(recipe)), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = os.path.join(cfg.train.save_dir, ".opdlm.lock")
+        deadline = time.time() + 120
+        while not os.path.exists(lock) and time.time() < deadline and first.poll() is None:
+            time.sleep(0.2)
+        assert os.path.exists(lock), "the first run never took the lock"
+        second = subprocess.run(_cli(str(recipe)), env=ENV, capture_output=True, text=True, timeout=120)
+    finally:
+        first.kill()
+        first.wait()
+    assert second.returncode == 2, second.stderr
+    err = second.stderr.strip().splitlines()
+    assert "being written by another run" in err[-1] and f"pid {first.pid}" in err[-1], err
 
 
 def test_sigterm_checkpoints_and_stops(tmp_path):

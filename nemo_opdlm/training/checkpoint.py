@@ -6,7 +6,8 @@ every random stream is re-derived from (seed, step, rank) at each step, so no RN
 to be carried). Non-goals: HF export (``convert/``), when to save (``loop.py``).
 
 Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can read: model under
-``model``, plus ``opdlm_convert.json``) and ``save_dir/latest`` naming the newest complete one.
+``model``, plus ``opdlm_convert.json``) and ``save_dir/latest`` naming the newest complete one
+(``run_dir.py`` decides which one a starting run resumes from).
 A checkpoint is written to a staging directory and renamed into place, and ``latest`` is replaced
 atomically afterwards, so a crash while writing never damages the previous good checkpoint.
 """
@@ -31,25 +32,8 @@ from nemo_opdlm.training.optim import TrainState
 LATEST = "latest"
 
 
-
-
 def step_dir(save_dir: str, step: int) -> str:
     return os.path.join(save_dir, f"step_{step:07d}")
-
-
-def latest_checkpoint(save_dir: Optional[str]) -> Optional[str]:
-    """The newest complete checkpoint under ``save_dir``, or None."""
-    if not save_dir:
-        return None
-    path = os.path.join(save_dir, LATEST)
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        name = f.read().strip()
-    ckpt = os.path.join(save_dir, name)
-    if not os.path.isfile(os.path.join(ckpt, "metadata.json")):
-        raise CheckpointError(f"{path} names {name}, which is not a complete checkpoint")
-    return ckpt
 
 
 def _write_latest(save_dir: str, name: str) -> None:

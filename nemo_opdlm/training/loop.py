@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import signal
 import time
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from megatron.core import parallel_state
@@ -21,9 +21,9 @@ from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.errors import NonFiniteLossError
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
-from nemo_opdlm.runtime.comm import agree
+from nemo_opdlm.runtime.comm import agree, is_rank0
 from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
-from nemo_opdlm.training import checkpoint
+from nemo_opdlm.training import checkpoint, run_dir
 from nemo_opdlm.training.metrics import MetricsLogger
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
@@ -66,13 +66,25 @@ def train(cfg: RunConfig) -> dict[str, Any]:
 
 
 def _train(cfg: RunConfig) -> dict[str, Any]:
+    lock, resume_from = None, None
+    if cfg.train.save_dir:  # one writer per run directory; decided before the models load
+        lock, resume_from = run_dir.open_run(cfg.train.save_dir, resume=cfg.train.resume,
+                                             overwrite=cfg.train.overwrite, latest=checkpoint.LATEST,
+                                             note=lambda m: print(f"[opdlm] {m}", flush=True) if is_rank0() else None)
+    try:
+        return _run(cfg, resume_from)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
     s = build(cfg)
     state = wrap_for_training(s.student, cfg.model, cfg.optim, cfg.train.steps)
     log = MetricsLogger(total_steps=cfg.train.steps, out_dir=cfg.train.save_dir,
                         tensorboard_dir=cfg.train.tensorboard_dir, wandb_project=cfg.train.wandb_project,
                         run_name=cfg.name, config=to_dict(cfg))
     start = 0
-    resume_from = checkpoint.latest_checkpoint(cfg.train.save_dir) if cfg.train.resume else None
     if resume_from:
         common = checkpoint.load(resume_from, state)
         s.loader.load_state_dict(common["data"])
