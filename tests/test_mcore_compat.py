@@ -59,3 +59,23 @@ def test_check_readable(tmp_path):
             check_readable(newer)
     else:
         check_readable(newer)
+
+
+def test_a_removed_common_pt_is_damage_not_a_newer_megatron(tmp_path):
+    """A checkpoint this megatron-core wrote, with common.pt deleted: named as a missing file (it
+    was diagnosed as 'written by megatron-core >= 0.17'); the intact copy loads."""
+    from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint, save_dist_checkpoint
+    from nemo_opdlm.models.student import build_chunks
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+    from tests.tiny import tiny_model
+
+    with runtime(ParallelLayout()):
+        chunks = build_chunks(tiny_model())
+        ckpt = str(tmp_path / "ckpt")
+        save_dist_checkpoint(chunks, tiny_model(), ckpt)
+        load_dist_checkpoint(chunks, ckpt)
+        if not os.path.isfile(os.path.join(ckpt, "common.pt")):
+            pytest.skip("this megatron-core writes no common.pt")
+        os.remove(os.path.join(ckpt, "common.pt"))
+        with pytest.raises(CheckpointFileError, match="common.pt is missing"):
+            load_dist_checkpoint(chunks, ckpt)

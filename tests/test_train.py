@@ -175,6 +175,37 @@ def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path):
     assert "being written by another run" in err[-1] and f"pid {first.pid}" in err[-1], err
 
 
+def test_damaged_checkpoints_are_named_and_passed_over(tmp_path, capsys):
+    """16 bytes of the newest checkpoint's largest shard overwritten (which resumed silently, with a
+    loss 2e4 times the intact one): the damage names the file, and a resumed run falls back to the
+    step before it, with losses equal to an uninterrupted run's; a truncated shard is named too."""
+    from nemo_opdlm.training.checkpoint import damage
+
+    cfg = make_run(str(tmp_path / "a"), "train.steps=2", "train.save_every=1")
+    train(cfg)
+    newest = os.path.join(cfg.train.save_dir, "step_0000002")
+    shards = [os.path.join(newest, n) for n in os.listdir(newest) if n.endswith(".distcp")]
+    shard = max(shards, key=os.path.getsize)
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.seek(size // 2)
+        raw = f.read(16)
+        f.seek(size // 2)
+        f.write(bytes(b ^ 0xFF for b in raw))
+    assert damage(newest) and "checksum does not match" in damage(newest) and shard in damage(newest)
+    assert damage(os.path.join(cfg.train.save_dir, "step_0000001")) is None
+    capsys.readouterr()
+    resumed = train(make_run(str(tmp_path / "a"), "train.steps=3", "train.save_every=1"))["history"]
+    assert f"not resuming from {newest}" in capsys.readouterr().out
+    straight = train(make_run(str(tmp_path / "b"), "train.steps=3", "train.save_dir=null"))["history"]
+    assert [h["step"] for h in resumed] == [2, 3] and losses(resumed) == losses(straight)[1:]
+    step3 = os.path.join(cfg.train.save_dir, "step_0000003")
+    shard3 = max((os.path.join(step3, n) for n in os.listdir(step3) if n.endswith(".distcp")), key=os.path.getsize)
+    with open(shard3, "r+b") as f:
+        f.truncate(os.path.getsize(shard3) // 2)
+    assert "truncated" in damage(step3) and shard3 in damage(step3)
+
+
 def test_sigterm_checkpoints_and_stops(tmp_path):
     cfg = make_run(str(tmp_path), "train.steps=200", "train.save_every=0")
     path = tmp_path / "c.yaml"

@@ -5,12 +5,15 @@ trainer's checkpoints, evaluation): megatron-core's sharded files with global la
 TP/PP/VPP layout can load them, plus ``opdlm_convert.json`` (the ModelConfig, the source HF config,
 the diffusion settings) and ``hf_assets/`` (config + tokenizer files). Non-goals: HF safetensors
 (``hf_to_mcore.py``, ``mcore_to_hf.py``), optimizer state and the trainer's step directories
-(``training/checkpoint.py``).
+(``training/checkpoint.py``). ``manifest.json`` (every file's size and BLAKE2b digest) is written
+at save and checked before a load, so a damaged file is named instead of loading silently wrong
+weights or failing with a bare ``EOFError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -23,17 +26,66 @@ from nemo_opdlm.convert.errors import CheckpointFileError, VocabMismatchError
 from nemo_opdlm.convert.staging import staged_dir
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import unwrap
-from nemo_opdlm.runtime.comm import is_rank0
+from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 
 META_FILE = "opdlm_convert.json"
 ASSETS_DIR = "hf_assets"
 META_VERSION = 1
+MANIFEST = "manifest.json"
+"""Every file of a checkpoint with its size and BLAKE2b digest, written at save, checked at load."""
 
 
 def _tp() -> tuple[int, int]:
     from megatron.core import parallel_state
 
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _digest(path: str) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _files(ckpt_dir: str) -> list[str]:
+    out = []
+    for root, _, names in os.walk(ckpt_dir):
+        out += [os.path.relpath(os.path.join(root, n), ckpt_dir) for n in names if n != MANIFEST]
+    return sorted(out)
+
+
+def write_manifest(ckpt_dir: str) -> None:
+    """``manifest.json``: the size and BLAKE2b digest of every file of the checkpoint."""
+    files = {name: {"bytes": os.path.getsize(os.path.join(ckpt_dir, name)), "blake2b": _digest(os.path.join(ckpt_dir, name))}
+             for name in _files(ckpt_dir)}
+    with open(os.path.join(ckpt_dir, MANIFEST), "w") as f:
+        json.dump({"files": files}, f, indent=1)
+
+
+def damage(ckpt_dir: str) -> Optional[str]:
+    """What is wrong with a checkpoint's files against its manifest (None: intact, or a checkpoint
+    written before manifests existed). Names the first damaged file: missing, of another size
+    (truncated, or a full disk), or of other content (bytes overwritten)."""
+    path = os.path.join(ckpt_dir, MANIFEST)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError) as err:
+        return f"{path} is unreadable ({err})"
+    for name, want in files.items():
+        full = os.path.join(ckpt_dir, name)
+        if not os.path.isfile(full):
+            return f"{full} is missing"
+        size = os.path.getsize(full)
+        if size != want["bytes"]:
+            return f"{full} has {size} bytes, {want['bytes']} when saved (truncated or cut short)"
+        if _digest(full) != want["blake2b"]:
+            return f"{full} differs from what was saved (its checksum does not match): the file is damaged"
+    return None
 
 
 def _chunk_keys(chunks: list[torch.nn.Module]) -> list[str]:
@@ -81,10 +133,12 @@ def save_dist_checkpoint(
     }
     with staged_dir(ckpt_dir, overwrite) as staging:
         dist_checkpointing.save(sharded_model_state(chunks), staging)
+        barrier()  # every rank's shards are on disk before rank 0 lists them
         if is_rank0():
             with open(os.path.join(staging, META_FILE), "w") as f:
                 json.dump(meta, f, indent=2)
             _copy_assets(assets_dir, os.path.join(staging, ASSETS_DIR), ("config.json",) + hfc.TOKENIZER_FILES)
+            write_manifest(staging)
 
 
 def read_checkpoint_meta(ckpt_dir: str) -> Optional[dict[str, Any]]:
@@ -137,6 +191,9 @@ def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
+    problem = broadcast_object(damage(ckpt_dir) if is_rank0() else None)  # first: a removed common.pt is damage
+    if problem:
+        raise CheckpointFileError(f"cannot load {ckpt_dir}: {problem}")
     check_readable(ckpt_dir)
     saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     tp_rank, _ = _tp()

@@ -10,6 +10,9 @@ Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can 
 (``run_dir.py`` decides which one a starting run resumes from).
 A checkpoint is written to a staging directory and renamed into place, and ``latest`` is replaced
 atomically afterwards, so a crash while writing never damages the previous good checkpoint.
+``manifest.json`` records every file's size and BLAKE2b digest; a checkpoint whose files no longer
+match (truncated, cut short by a full disk, bytes overwritten) is refused at load, naming the file,
+and a starting run falls back to the previous good one (``run_dir.resume_point``).
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ from typing import Any, Optional
 import torch
 
 from nemo_opdlm.convert.hf_config import model_config_to_dict
-from nemo_opdlm.convert.dist_checkpoint import META_FILE, META_VERSION, check_readable, sharded_model_state
+from nemo_opdlm.convert.dist_checkpoint import (
+    META_FILE, META_VERSION, check_readable, damage, sharded_model_state, write_manifest,
+)
 from nemo_opdlm.convert.staging import staged_dir
 from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.student import unwrap
-from nemo_opdlm.runtime.comm import barrier, is_rank0
+from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 from nemo_opdlm.training.optim import TrainState
 
 LATEST = "latest"
@@ -68,11 +73,13 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
     sharded["common"] = dict(extra, step=step, scheduler=state.scheduler.state_dict())
     with staged_dir(target, overwrite=True) as staging:
         dist_checkpointing.save(sharded, staging)
+        barrier()  # every rank's shards are on disk before rank 0 lists them
         if is_rank0():
             meta = {"format_version": META_VERSION, "model_config": model_config_to_dict(model),
                     "hf_config": None, "diffusion": diffusion, "step": step}
             with open(os.path.join(staging, META_FILE), "w") as f:
                 json.dump(meta, f, indent=2)
+            write_manifest(staging)
     if is_rank0():
         _write_latest(save_dir, os.path.basename(target))
     barrier()
@@ -86,6 +93,9 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
 
     if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
         raise CheckpointError(f"{ckpt_dir} is not a checkpoint (no metadata.json)")
+    problem = broadcast_object(damage(ckpt_dir) if is_rank0() else None)  # first: a removed common.pt is damage
+    if problem:
+        raise CheckpointError(f"cannot resume from {ckpt_dir}: {problem}")
     check_readable(ckpt_dir)  # a megatron-core >= 0.17 checkpoint on 0.16: say so, not AttributeError
     sharded = _sharded_state(state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, ckpt_dir)

@@ -70,7 +70,8 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
     if cfg.train.save_dir:  # one writer per run directory; decided before the models load
         lock, resume_from = run_dir.open_run(cfg.train.save_dir, resume=cfg.train.resume,
                                              overwrite=cfg.train.overwrite, latest=checkpoint.LATEST,
-                                             note=lambda m: print(f"[opdlm] {m}", flush=True) if is_rank0() else None)
+                                             note=lambda m: print(f"[opdlm] {m}", flush=True) if is_rank0() else None,
+                                             damage=checkpoint.damage)
     try:
         return _run(cfg, resume_from)
     finally:

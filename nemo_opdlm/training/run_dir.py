@@ -167,24 +167,34 @@ def step_dirs(save_dir: str) -> list[tuple[int, str]]:
     return sorted(out)
 
 
-def resume_point(save_dir: str, latest: str, note: Callable[[str], None] = print) -> Optional[str]:
-    """The checkpoint a resumed run starts from: ``latest``'s, else the newest complete step (said so)."""
+def resume_point(save_dir: str, latest: str, note: Callable[[str], None] = print,
+                 damage: Callable[[str], Optional[str]] = lambda _: None) -> Optional[str]:
+    """The checkpoint a resumed run starts from: ``latest``'s, else the newest complete step (said
+    so); a checkpoint ``damage`` finds fault with is passed over for the one before it (said so)."""
     pointer = os.path.join(save_dir, latest)
-    steps = step_dirs(save_dir)
+    steps = [path for _, path in step_dirs(save_dir)]
+    candidates = list(reversed(steps))
     if os.path.isfile(pointer):
         with open(pointer) as f:
             name = f.read().strip()
         ckpt = os.path.join(save_dir, name)
-        if os.path.isfile(os.path.join(ckpt, "metadata.json")):
-            return ckpt
-        if not steps:
+        if ckpt in steps:
+            candidates = [ckpt] + [p for p in reversed(steps) if p < ckpt]
+        elif steps:
+            note(f"{pointer} names {name}, which is not a complete checkpoint: trying {steps[-1]} instead")
+        else:
             raise CheckpointError(f"{pointer} names {name}, which is not a complete checkpoint, and {save_dir} "
                                   "holds no other: delete the pointer to start afresh")
-        note(f"{pointer} names {name}, which is not a complete checkpoint: resuming from {steps[-1][1]} instead")
-        return steps[-1][1]
-    if steps:
-        note(f"{save_dir} has no {latest} pointer: resuming from its newest complete checkpoint, {steps[-1][1]}")
-        return steps[-1][1]
+    elif steps:
+        note(f"{save_dir} has no {latest} pointer: resuming from its newest complete checkpoint")
+    for ckpt in candidates:
+        problem = damage(ckpt)
+        if problem is None:
+            return ckpt
+        note(f"not resuming from {ckpt}: {problem}")
+    if candidates:
+        raise CheckpointError(f"every checkpoint in {save_dir} is damaged (the newest: {damage(candidates[0])}); "
+                              "restore them, or set train.resume=false train.overwrite=true to start over")
     return None
 
 
@@ -235,11 +245,12 @@ def _step_of(ckpt: str) -> int:
     return int(os.path.basename(ckpt)[5:])
 
 
-def open_run(save_dir: str, *, resume: bool, overwrite: bool, latest: str,
-             note: Callable[[str], None] = print) -> tuple[Optional[RunLock], Optional[str]]:
+def open_run(save_dir: str, *, resume: bool, overwrite: bool, latest: str, note: Callable[[str], None] = print,
+             damage: Callable[[str], Optional[str]] = lambda _: None) -> tuple[Optional[RunLock], Optional[str]]:
     """Lock ``save_dir``, clear what a killed save left, and find the checkpoint to resume from
     (None: start at step 0). Collective: rank 0 decides, every rank gets the verdict (or the
-    CheckpointError). The caller releases the lock when the run ends."""
+    CheckpointError); ``damage`` checks a candidate checkpoint's files. The caller releases the
+    lock when the run ends."""
     lock = acquire(save_dir, note)
     try:
         verdict: tuple[str, Optional[str]] = ("start", None)
@@ -247,7 +258,7 @@ def open_run(save_dir: str, *, resume: bool, overwrite: bool, latest: str,
             try:
                 clear_leftovers(save_dir, note)
                 if resume:
-                    verdict = ("start", resume_point(save_dir, latest, note))
+                    verdict = ("start", resume_point(save_dir, latest, note, damage))
                     if verdict[1] is not None:
                         truncate_metrics(save_dir, _step_of(verdict[1]))
                 else:
