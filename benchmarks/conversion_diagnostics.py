@@ -74,13 +74,13 @@ def state_diagnostics(cfg, student, teacher, batch, eos, pad, *, seed: int, stat
         tb = teacher_batch(resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.valid)
         width = resp.tokens.shape[1]
         t_logits = teacher[0](tb["input_ids"], tb["position_ids"], tb["meta"], logits_last=logits_needed(width))
-        target = shifted_targets(t_logits, tb["input_ids"].shape[1] - width, width, None)
+        target = shifted_targets(t_logits, tb["input_ids"].shape[1] - width, width, None, None)
         for chunk in student:
             chunk.eval()
         s_logits = L.xt_logits(student[0](rows["input_ids"], rows["position_ids"], rows["meta"],
                                           **S.student_outputs(cfg, rows)), width)
     lm = rows["loss_mask"]  # [B, L]
-    kl = L.token_kl(s_logits[lm], target.logprobs[lm])  # [N]
+    kl = L.token_kl(s_logits[lm], target.logprobs[lm], tp_group=None)  # [N] (one process: no TP)
     agree = (s_logits.argmax(-1) == target.logprobs.argmax(-1))[lm]  # [N]
     bs = cfg.diffusion.block_size
     batch_rows, width = lm.shape
@@ -117,7 +117,7 @@ def diagnose_run(cfg, run_dir: str, teacher_info: dict[str, Any], rows: int) -> 
 
     data = teacher_info["data"]
     out = []
-    with runtime(ParallelLayout(), seed=1234):
+    with runtime(ParallelLayout(), seed=1234) as rt:
         tok = load_tokenizer(cfg)
         eos, pad = eos_ids(tok), pad_id(tok)
 
@@ -129,12 +129,12 @@ def diagnose_run(cfg, run_dir: str, teacher_info: dict[str, Any], rows: int) -> 
 
         train_batch, test_batch = batch_of(data["train"]), batch_of(data["test"])
         task = T.load_task(data["eval_format"], data["test"])
-        teacher = freeze(load_model(ckpt=teacher_info["checkpoint"], tokenizer=data["tokenizer"]).chunks)
+        teacher = freeze(load_model(rt.ctx, ckpt=teacher_info["checkpoint"], tokenizer=data["tokenizer"]).chunks)
         points = [(0, teacher_info["checkpoint"])] + D.checkpoints(run_dir)
         for step, path in points:
-            student = load_model(ckpt=path, tokenizer=data["tokenizer"],
+            student = load_model(rt.ctx, ckpt=path, tokenizer=data["tokenizer"],
                                  shift_logits=cfg.diffusion.shift_logits).chunks
-            scores = D.evaluate_checkpoint(path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
+            scores = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
                                            shift_logits=cfg.diffusion.shift_logits)
             out.append({"step": step,
                         "accuracy": {m: scores[m].accuracy for m in ("static", "dynamic")},
@@ -155,9 +155,9 @@ def accuracy_curve(cfg, run_dir: str, teacher_info: dict[str, Any]) -> list[dict
     data = teacher_info["data"]
     task = T.load_task(data["eval_format"], data["test"])
     out = []
-    with runtime(ParallelLayout(), seed=1234):
+    with runtime(ParallelLayout(), seed=1234) as rt:
         for step, path in [(0, teacher_info["checkpoint"])] + D.checkpoints(run_dir):
-            res = D.evaluate_checkpoint(path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
+            res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
                                         shift_logits=cfg.diffusion.shift_logits)
             out.append({"step": step, "static": res["static"].accuracy, "dynamic": res["dynamic"].accuracy,
                         "tokens_per_round": res["dynamic"].tokens_per_round})
@@ -174,10 +174,10 @@ def decoded_examples(cfg, run_dir: str, teacher_info: dict[str, Any], steps: lis
     task = T.load_task(data["eval_format"], data["test"], limit=3)
     ckpts = dict(D.checkpoints(run_dir))
     out = {}
-    with runtime(ParallelLayout(), seed=1234):
+    with runtime(ParallelLayout(), seed=1234) as rt:
         for step in steps:
             path = teacher_info["checkpoint"] if step == 0 else ckpts[step]
-            res = D.evaluate_checkpoint(path, data["tokenizer"], task, ("static",), D.DemoConfig(),
+            res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task, ("static",), D.DemoConfig(),
                                         shift_logits=cfg.diffusion.shift_logits)
             out[str(step)] = [s["question"] + s["generation"] for s in res["static"].samples]
     return out
@@ -201,6 +201,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from nemo_opdlm import demo as D
     from nemo_opdlm.config import RunConfig, apply_overrides, from_dict, to_dict
+    from nemo_opdlm.runtime.seeding import demo_train_seed
     from nemo_opdlm.training.loop import train
 
     torch.set_num_threads(args.threads)
@@ -217,7 +218,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         run_dir = os.path.join(args.work_dir, args.task, f"diagnostics_{name}_seed{seed}")
         base = D.conversion_config(teacher_checkpoint=teacher["checkpoint"], data_path=data["train"],
                                    tokenizer=data["tokenizer"], save_dir=run_dir, steps=args.steps,
-                                   save_every=args.every, seed=1234 + seed)
+                                   save_every=args.every, seed=demo_train_seed(seed))
         cfg = from_dict(RunConfig, apply_overrides(to_dict(base), list(VARIANTS[name])))
         history = _read_json(os.path.join(run_dir, "history.json"))
         if history is None or len(history) != args.steps:

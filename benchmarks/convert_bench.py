@@ -75,24 +75,25 @@ def step_import(args: argparse.Namespace) -> dict[str, Any]:
     from nemo_opdlm.convert.hf_to_mcore import import_hf
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
-    with runtime(ParallelLayout()):
-        return _conversion(lambda: import_hf(args.hf_dir, args.ckpt_dir))
+    with runtime(ParallelLayout()) as rt:
+        return _conversion(lambda: import_hf(args.hf_dir, args.ckpt_dir, rt.ctx))
 
 
 def step_direct(args: argparse.Namespace) -> dict[str, Any]:
     from nemo_opdlm.convert.hf_to_mcore import teacher_from_hf
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
-    with runtime(ParallelLayout()):
-        return _conversion(lambda: teacher_from_hf(args.hf_dir))
+    with runtime(ParallelLayout()) as rt:
+        return _conversion(lambda: teacher_from_hf(args.hf_dir, rt.ctx))
 
 
 def step_export(args: argparse.Namespace) -> dict[str, Any]:
     from nemo_opdlm.convert.mcore_to_hf import export_checkpoint
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
-    with runtime(ParallelLayout()):
-        return _conversion(lambda: export_checkpoint(args.ckpt_dir, args.out_dir, max_shard_bytes=args.shard_bytes))
+    with runtime(ParallelLayout()) as rt:
+        return _conversion(lambda: export_checkpoint(args.ckpt_dir, args.out_dir, rt.ctx,
+                                                     max_shard_bytes=args.shard_bytes))
 
 
 def step_verify(args: argparse.Namespace) -> dict[str, Any]:

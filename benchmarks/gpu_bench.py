@@ -65,8 +65,9 @@ from nemo_opdlm.distill.states import build_states  # noqa: E402
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, teacher_batch  # noqa: E402
 from nemo_opdlm.models import masks  # noqa: E402
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig  # noqa: E402
-from nemo_opdlm.models.student import build_student, from_teacher, unwrap  # noqa: E402
+from nemo_opdlm.models.student import build_student, from_teacher, parallel_of, unwrap  # noqa: E402
 from nemo_opdlm.models.teacher import build_teacher  # noqa: E402
+from nemo_opdlm.runtime.context import ParallelContext  # noqa: E402
 from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig  # noqa: E402
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime  # noqa: E402
 from nemo_opdlm.runtime.pipeline import run_schedule  # noqa: E402
@@ -320,7 +321,7 @@ def bench_student_step(state, cfg: ModelConfig, s: Settings, mask_id: int) -> di
     t_logprobs, t_ids = random_targets(s.train_batch, s.train_response, s.top_k, cfg.vocab_size)
     batch = dict(rows, t_logprobs=t_logprobs, t_ids=t_ids)
     batch = {k: v.to(device()) for k, v in batch.items()}
-    loss_fn = make_loss_fn("opdlm", num_sequences=s.train_batch, scale=1.0)
+    loss_fn = make_loss_fn("opdlm", num_sequences=s.train_batch, scale=1.0, tp_group=parallel_of(state.chunks).tp_group)
     last = logits_needed(s.train_response)
 
     def step() -> dict[str, float]:
@@ -530,10 +531,11 @@ def bench_hf(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted: s
         measure(report, name, "hf_generate", lambda: bench_hf_generate(hf, cfg, s, prompts))
 
 
-def bench_ours(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted: set[str], prompts) -> None:
+def bench_ours(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted: set[str], prompts,
+               parallel: ParallelContext) -> None:
     mask_id = mask_token(cfg)
-    teacher = build_teacher(cfg)
-    student = build_student(cfg, DiffusionConfig(block_size=s.block_size, mask_token_id=mask_id))
+    teacher = build_teacher(cfg, parallel)
+    student = build_student(cfg, DiffusionConfig(block_size=s.block_size, mask_token_id=mask_id), parallel)
     from_teacher(student, teacher)
     if wanted & {"rollout", "opdlm_step"}:
         # Before the optimizer exists: its fp32 master weights must start from the scaled norm.
@@ -556,7 +558,7 @@ def mask_token(cfg: ModelConfig) -> int:
 
 
 def bench_shape(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted: set[str],
-                peak: Optional[float]) -> None:
+                peak: Optional[float], parallel: ParallelContext) -> None:
     """Hugging Face's model first, then ours, each freed before the next (the 1.7B shape's student,
     optimizer, teacher and KV cache would not fit beside a Hugging Face copy on an 80 GB card)."""
     prompts = random_prompts(s.rollout_batch, s.rollout_prompt, mask_token(cfg), seed=0)
@@ -565,7 +567,7 @@ def bench_shape(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted
     if wanted & {"hf_train", "hf_generate"}:
         measure_part(report, name, "hf_model", lambda: bench_hf(report, name, cfg, s, wanted, prompts))
     if wanted & {"student_step", "teacher", "rollout", "opdlm_step"}:
-        measure_part(report, name, "our_models", lambda: bench_ours(report, name, cfg, s, wanted, prompts))
+        measure_part(report, name, "our_models", lambda: bench_ours(report, name, cfg, s, wanted, prompts, parallel))
     report.ratios(name, peak)
 
 
@@ -622,12 +624,12 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
                           "started": time.strftime("%Y-%m-%d %H:%M:%S %Z")})
     print(f"device {gpu_name()}; writing {out}", flush=True)
     peak = peak_flops(args.peak_tflops)
-    with runtime(ParallelLayout(), seed=1234):
+    with runtime(ParallelLayout(), seed=1234) as rt:
         for name in shapes:
             cfg = SHAPES[name]()
             if not torch.cuda.is_available() and cfg.dtype == torch.bfloat16 and name != "tiny":
                 print(f"note: {name} in bf16 on CPU is slow; use --tiny for a smoke run", flush=True)
-            bench_shape(report, name, cfg, s, wanted, peak)
+            bench_shape(report, name, cfg, s, wanted, peak, rt.ctx)
     report.data["finished"] = time.strftime("%Y-%m-%d %H:%M:%S %Z")
     report.data["failed"] = report.failed
     report.write()

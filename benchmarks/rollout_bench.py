@@ -102,8 +102,8 @@ def main() -> None:
                                         "rollout_bench_quick.json" if args.quick else "rollout_bench.json")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
-    with runtime(ParallelLayout(), seed=1234):
-        chunks = build_chunks(MODEL)
+    with runtime(ParallelLayout(), seed=1234) as rt:
+        chunks = build_chunks(MODEL, rt.ctx)
         with torch.no_grad():
             chunks[0].output_layer.weight.mul_(OUTPUT_SCALE)
         n_params = sum(p.numel() for p in chunks[0].parameters())

@@ -267,8 +267,8 @@ def prepare_task(args: argparse.Namespace, task: str, log) -> dict[str, Any]:
     train_s = time.perf_counter() - t
     ckpt = D.checkpoints(teacher_dir)[-1][1]
     shift = D.conversion_config().diffusion.shift_logits
-    with runtime(ParallelLayout(), seed=1234):
-        res = D.evaluate_checkpoint(ckpt, data.tokenizer, T.load_task(data.eval_format, data.test),
+    with runtime(ParallelLayout(), seed=1234) as rt:
+        res = D.evaluate_checkpoint(rt.ctx, ckpt, data.tokenizer, T.load_task(data.eval_format, data.test),
                                     ("ar",) + MODES, cfg, shift_logits=shift)
     import torch
 
@@ -302,6 +302,7 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
     from nemo_opdlm import demo as D
     from nemo_opdlm.eval import tasks as T
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+    from nemo_opdlm.runtime.seeding import demo_train_seed
     from nemo_opdlm.training.loop import train
 
     torch.set_num_threads(args.threads)
@@ -315,7 +316,7 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
     t = time.perf_counter()
     run = train(D.conversion_config(
         teacher_checkpoint=teacher["checkpoint"], data_path=data["train"], tokenizer=data["tokenizer"], save_dir=out,
-        method=method, steps=steps, save_every=every, seed=1234 + seed, prompts_per_step=cfg.prompts_per_step,
+        method=method, steps=steps, save_every=every, seed=demo_train_seed(seed), prompts_per_step=cfg.prompts_per_step,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
         response_field=None if method == "off_policy" else "response"))
     train_s = time.perf_counter() - t
@@ -325,9 +326,9 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
     points = [{"step": 0, "tokens": 0.0, **{m: {k: teacher[m][k] for k in ("accuracy", "tokens_per_round")}
                                             for m in MODES}}]
     t = time.perf_counter()
-    with runtime(ParallelLayout(), seed=1234):
+    with runtime(ParallelLayout(), seed=1234) as rt:
         for step, path in D.checkpoints(out):
-            res = D.evaluate_checkpoint(path, data["tokenizer"], task_obj, MODES, cfg)
+            res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task_obj, MODES, cfg)
             points.append({"step": step, "tokens": tokens[step],
                            **{m: {"accuracy": res[m].accuracy, "tokens_per_round": res[m].tokens_per_round}
                               for m in MODES}})

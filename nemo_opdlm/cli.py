@@ -1,4 +1,4 @@
-"""``opdlm``: the command line. ``opdlm train|demo|eval|plan|smoke ...``.
+"""``opdlm``: the command line. ``opdlm train|demo|eval|plan ...``.
 
 One job: parse arguments and hand over to the module that does the work. Every subcommand that
 takes a recipe accepts ``key=value`` overrides (``train.steps=10 rollout.threshold=0.8``), and the
@@ -33,36 +33,6 @@ def _train(argv: Sequence[str]) -> int:
     return 0 if result["status"] in ("completed", "preempted") else 1
 
 
-def _smoke(argv: Sequence[str]) -> int:
-    """A tiny CPU forward of the student (block mask) and the teacher (causal) on random weights."""
-    import torch
-
-    from nemo_opdlm.distill.teacher_targets import shifted_targets
-    from nemo_opdlm.models import masks
-    from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
-    from nemo_opdlm.models.student import build_student, from_teacher
-    from nemo_opdlm.models.teacher import build_teacher
-    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
-
-    cfg = ModelConfig(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
-                      num_query_groups=2, vocab_size=128, qk_layernorm=True)
-    with runtime(ParallelLayout()):
-        teacher = build_teacher(cfg)
-        student = build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=127))
-        from_teacher(student, teacher)
-        valid = torch.ones(2, 8, dtype=torch.bool)
-        layout = masks.build_layout(torch.tensor([5, 3]), 5, valid, 4, with_xt=True)
-        ids = torch.randint(0, 127, (2, layout.meta.shape[-1]))
-        with torch.no_grad():
-            s_logits = student[0](ids, layout.position_ids, layout.meta)
-            causal = masks.build_layout(torch.tensor([5, 3]), 5, valid, 1, with_xt=False)
-            t_logits = teacher[0](ids[:, :13], causal.position_ids, causal.meta)
-        targets = shifted_targets(t_logits, 5, 8, top_k=16)
-        print(f"student logits {tuple(s_logits.shape)} (rows [prompt | x0 | xt], block 4), "
-              f"teacher top-16 targets {tuple(targets.logprobs.shape)}: ok")
-    return 0
-
-
 def _delegate(module: str, function: str, argv: Sequence[str]) -> int:
     import importlib
 
@@ -80,7 +50,6 @@ COMMANDS = {
              lambda a: _delegate("nemo_opdlm.demo", "demo_main", a)),
     "eval": ("generation-based evaluation", lambda a: _delegate("nemo_opdlm.eval.cli", "eval_main", a)),
     "plan": ("dry run + per-GPU memory plan of a recipe", lambda a: _delegate("nemo_opdlm.plan", "plan_main", a)),
-    "smoke": ("tiny CPU forward of student and teacher", _smoke),
 }
 
 

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_opdlm.eval import synthetic as S
+from nemo_opdlm.runtime.seeding import demo_train_seed
 
 MASK_ID = 2  # [MASK] in the synthetic tokenizer
 
@@ -180,7 +181,7 @@ def demo_paths(cfg: DemoConfig) -> dict[str, str]:
 
 def _sizes(cfg: DemoConfig) -> dict[str, Any]:
     return dict(prompts_per_step=cfg.prompts_per_step, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                seed=1234 + cfg.seed)
+                seed=demo_train_seed(cfg.seed))
 
 
 # --- helpers shared with the benchmark ---------------------------------------------------------
@@ -226,14 +227,15 @@ def cumulative_tokens(history: Sequence[dict[str, float]], method: str, mean_res
     return out
 
 
-def evaluate_checkpoint(ckpt: str, tokenizer_dir: str, task, modes: Sequence[str], cfg: DemoConfig,
+def evaluate_checkpoint(parallel, ckpt: str, tokenizer_dir: str, task, modes: Sequence[str], cfg: DemoConfig,
                         shift_logits: Optional[bool] = None) -> dict[str, Any]:
     """Accuracy / tokens-per-round / tokens-per-second of one checkpoint in each decoding mode
-    (greedy; ``shift_logits``: read the weights as a shifted student, default the checkpoint's)."""
+    (greedy; ``shift_logits``: read the weights as a shifted student, default the checkpoint's),
+    loaded at ``parallel``'s layout (the runtime's ``ctx``)."""
     from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate
 
-    model = load_model(ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, block_size=BLOCK_SIZE,
+    model = load_model(parallel, ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, block_size=BLOCK_SIZE,
                        shift_logits=shift_logits)
     out = {}
     for mode in modes:
@@ -308,12 +310,13 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     student_tokens = cumulative_tokens(student_run["history"], "opdlm", mean_resp, cfg.prompts_per_step)
     curves: dict[str, list[tuple[float, float]]] = {"teacher_ar": [(0.0, 0.0)], "student_static": [],
                                                     "student_dynamic": []}
-    with runtime(ParallelLayout(), seed=1234 + cfg.seed):
+    with runtime(ParallelLayout(), seed=demo_train_seed(cfg.seed)) as rt:
         final_teacher: dict[str, Any] = {}
         for step, path in teacher_ckpts:
             modes = ("ar", "static", "dynamic") if path == teacher_final else ("ar",)
             # as diffusion: the weights the student starts from, read the way the student reads them
-            res = evaluate_checkpoint(path, data.tokenizer, task, modes, cfg, shift_logits=convert.diffusion.shift_logits)
+            res = evaluate_checkpoint(rt.ctx, path, data.tokenizer, task, modes, cfg,
+                                      shift_logits=convert.diffusion.shift_logits)
             curves["teacher_ar"].append((teacher_tokens[step], res["ar"].accuracy))
             log(f"  teacher step {step}: AR accuracy {res['ar'].accuracy:.3f}")
             if path == teacher_final:
@@ -322,7 +325,7 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
         curves["student_dynamic"].append((0.0, final_teacher["dynamic"].accuracy))
         final_student: dict[str, Any] = {}
         for step, path in checkpoints(os.path.join(cfg.out_dir, "student")):
-            res = evaluate_checkpoint(path, data.tokenizer, task, ("static", "dynamic"), cfg)
+            res = evaluate_checkpoint(rt.ctx, path, data.tokenizer, task, ("static", "dynamic"), cfg)
             curves["student_static"].append((student_tokens[step], res["static"].accuracy))
             curves["student_dynamic"].append((student_tokens[step], res["dynamic"].accuracy))
             log(f"  student step {step}: static {res['static'].accuracy:.3f}, dynamic {res['dynamic'].accuracy:.3f} "

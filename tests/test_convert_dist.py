@@ -67,33 +67,33 @@ def worker(tmp: str) -> None:
 
     report: dict = {}
     # --- TP=2 ---------------------------------------------------------------------------------
-    init_runtime(ParallelLayout(tp=2))
+    ctx = init_runtime(ParallelLayout(tp=2)).ctx
     rank = dist.get_rank()
     for family in FAMILIES:
         hf_dir, vocab = os.path.join(tmp, family), _vocab(family)
-        cfg, chunks = teacher_from_hf(hf_dir, attention_backend="sdpa", **_overrides(family))
+        cfg, chunks = teacher_from_hf(hf_dir, ctx, attention_backend="sdpa", **_overrides(family))
         lay, ids = _rows(vocab)
         with torch.no_grad():
             local = chunks[0](ids, lay.position_ids, lay.meta)  # [B, S, V_pad/2]
-        full = vocab_parallel.all_gather_last(local)  # [B, S, V_pad]
+        full = vocab_parallel.all_gather_last(local, ctx.tp_group)  # [B, S, V_pad]
         report[f"tp2_logits_{family}"] = _check_teacher_logits(full, hf_dir, lay, ids, vocab)
         out = os.path.join(tmp, f"out_tp2_{family}")
         export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(hf_dir), assets_dir=hf_dir,
                       max_shard_bytes=30_000)
         if rank == 0:
             assert_same_tensors(hf_dir, out)
-        import_hf(hf_dir, os.path.join(tmp, f"ckpt_tp2_{family}"), **_overrides(family))
+        import_hf(hf_dir, os.path.join(tmp, f"ckpt_tp2_{family}"), ctx, **_overrides(family))
     # An exported TP=2 student equals the Megatron student (gathered logits).
     hf_dir = os.path.join(tmp, "qwen3")
     diffusion = DiffusionConfig(block_size=4, mask_token_id=99)
-    cfg, chunks = student_from_hf(hf_dir, diffusion, attention_backend="sdpa")
+    cfg, chunks = student_from_hf(hf_dir, diffusion, ctx, attention_backend="sdpa")
     with torch.no_grad():
         for p in chunks[0].parameters():
             p.add_(0.02 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))  # same on TP peers
     lay = masks.build_layout(torch.tensor([5, 2]), 5, torch.ones(2, 8, dtype=torch.bool), 4, with_xt=True)
     ids = torch.randint(0, 100, (2, 21), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours = vocab_parallel.all_gather_last(chunks[0](ids, lay.position_ids, lay.meta))[..., :100]
+        ours = vocab_parallel.all_gather_last(chunks[0](ids, lay.position_ids, lay.meta), ctx.tp_group)[..., :100]
     out = os.path.join(tmp, "student_tp2")
     export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(hf_dir), diffusion=diffusion)
     if rank == 0:
@@ -107,12 +107,12 @@ def worker(tmp: str) -> None:
     parallel_state.destroy_model_parallel()
 
     # --- PP=2 ---------------------------------------------------------------------------------
-    init_runtime(ParallelLayout(pp=2))
-    last = parallel_state.is_pipeline_last_stage()
+    ctx = init_runtime(ParallelLayout(pp=2)).ctx
+    last = ctx.is_last_stage
     for family in FAMILIES:
         hf_dir, vocab = os.path.join(tmp, family), _vocab(family)
-        cfg, chunks = teacher_from_hf(hf_dir, attention_backend="sdpa", **_overrides(family))
-        assert [l.layer_number for l in chunks[0].decoder.layers] == [parallel_state.get_pipeline_model_parallel_rank() + 1]
+        cfg, chunks = teacher_from_hf(hf_dir, ctx, attention_backend="sdpa", **_overrides(family))
+        assert [l.layer_number for l in chunks[0].decoder.layers] == [ctx.pp_rank + 1]
         lay, ids = _rows(vocab)
         batch = {"input_ids": ids, "position_ids": lay.position_ids, "meta": lay.meta}
         got = forward_collect(chunks, [batch], lambda out, b: out.clone())
@@ -125,7 +125,7 @@ def worker(tmp: str) -> None:
             assert saved["embedding.word_embeddings.weight"].global_shape[0] == 102
             assert cfg.padded_vocab_size(1) == 101
         out = os.path.join(tmp, f"out_pp2_{family}")
-        export_checkpoint(os.path.join(tmp, f"ckpt_tp2_{family}"), out, max_shard_bytes=30_000)
+        export_checkpoint(os.path.join(tmp, f"ckpt_tp2_{family}"), out, ctx, max_shard_bytes=30_000)
         if rank == 0:
             assert_same_tensors(hf_dir, out)
             assert json.load(open(os.path.join(out, "config.json"))) == hfc.read_hf_config(hf_dir)

@@ -43,7 +43,7 @@ def teacher_layout(prompt_lens: torch.Tensor, width: int, response: int) -> mask
 @pytest.mark.parametrize("family", FAMILIES)
 def test_teacher_logits_match_transformers(rt, hf_dirs, family):
     directory, ref_model = hf_dirs[family]
-    cfg, chunks = teacher_from_hf(directory, attention_backend="sdpa")
+    cfg, chunks = teacher_from_hf(directory, rt.ctx, attention_backend="sdpa")
     torch.manual_seed(1)
     width, response = 6, 5
     lens = torch.tensor([6, 3])
@@ -64,7 +64,7 @@ def test_teacher_logits_match_transformers(rt, hf_dirs, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_teacher_export_round_trip_is_bit_identical(rt, hf_dirs, tmp_path, family):
     directory, _ = hf_dirs[family]
-    cfg, chunks = teacher_from_hf(directory)
+    cfg, chunks = teacher_from_hf(directory, rt.ctx)
     out = str(tmp_path / "out")
     export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(directory), assets_dir=directory,
                   max_shard_bytes=30_000)
@@ -79,7 +79,7 @@ def test_teacher_export_round_trip_is_bit_identical(rt, hf_dirs, tmp_path, famil
 def test_bf16_checkpoint_round_trips_bit_identically_in_bf16(rt, tmp_path):
     directory = str(tmp_path / "bf16")
     save_hf("qwen3", directory, dtype=torch.bfloat16)
-    cfg, chunks = teacher_from_hf(directory)
+    cfg, chunks = teacher_from_hf(directory, rt.ctx)
     assert cfg.params_dtype == "bfloat16"
     assert chunks[0].decoder.layers[0].self_attention.linear_qkv.weight.dtype == torch.bfloat16
     export_chunks(chunks, cfg, str(tmp_path / "out"), source_config=hfc.read_hf_config(directory))
@@ -92,7 +92,7 @@ def test_student_and_teacher_must_share_a_vocabulary(rt, hf_dirs):
     directory, _ = hf_dirs["qwen2"]
     teacher = hfc.model_config_from_hf(hfc.read_hf_config(directory)).replace(vocab_size=VOCAB + 28)
     with pytest.raises(VocabMismatchError, match="share a tokenizer"):
-        student_from_hf(directory, DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1), teacher=teacher)
+        student_from_hf(directory, DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1), rt.ctx, teacher=teacher)
 
 
 def test_loading_a_checkpoint_into_another_architecture_is_refused(rt, hf_dirs, tmp_path):
@@ -101,10 +101,10 @@ def test_loading_a_checkpoint_into_another_architecture_is_refused(rt, hf_dirs, 
     from nemo_opdlm.convert.hf_to_mcore import import_hf
     from nemo_opdlm.models.student import build_chunks
 
-    import_hf(hf_dirs["llama"][0], str(tmp_path / "ckpt"))
+    import_hf(hf_dirs["llama"][0], str(tmp_path / "ckpt"), rt.ctx)
     qwen3 = hfc.model_config_from_hf(hfc.read_hf_config(hf_dirs["qwen3"][0]))
     with pytest.raises(CheckpointFileError, match="q_layernorm|shape"):
-        load_dist_checkpoint(build_chunks(qwen3), str(tmp_path / "ckpt"))
+        load_dist_checkpoint(build_chunks(qwen3, rt.ctx), str(tmp_path / "ckpt"))
 
 
 def _perturb(chunks, scale_final_norm: float = 1.0) -> None:
@@ -134,7 +134,7 @@ def test_exported_student_matches_megatron_student(rt, hf_dirs, tmp_path, family
 
     directory, _ = hf_dirs[family]
     diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1)
-    cfg, chunks = student_from_hf(directory, diffusion, attention_backend="sdpa")
+    cfg, chunks = student_from_hf(directory, diffusion, rt.ctx, attention_backend="sdpa")
     _perturb(chunks, scale_final_norm=40.0)
     out = str(tmp_path / "student")
     export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(directory), diffusion=diffusion,
@@ -159,7 +159,7 @@ def test_exported_shifted_student_matches_megatron_student(rt, hf_dirs, tmp_path
 
     directory, _ = hf_dirs["qwen3"]
     diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1, shift_logits=True)
-    cfg, chunks = student_from_hf(directory, diffusion, attention_backend="sdpa")
+    cfg, chunks = student_from_hf(directory, diffusion, rt.ctx, attention_backend="sdpa")
     _perturb(chunks, scale_final_norm=40.0)
     out = str(tmp_path / "student")
     export_chunks(chunks, cfg, out, source_config=hfc.read_hf_config(directory), diffusion=diffusion,

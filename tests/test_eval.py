@@ -171,7 +171,7 @@ def student(single_rank):
     from tests.tiny import tiny_model
 
     torch.manual_seed(0)
-    chunks = build_chunks(tiny_model(vocab_size=32, init_method_std=0.1))
+    chunks = build_chunks(tiny_model(vocab_size=32, init_method_std=0.1), single_rank.ctx)
     with torch.no_grad():
         chunks[0].output_layer.weight.mul_(8.0)  # sharper softmax: dynamic decoding unmasks > 1 per round
     return chunks

@@ -31,8 +31,8 @@ def test_eval_cli_hf_and_checkpoint_agree(tmp_path, capsys):
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
     ckpt = str(tmp_path / "ckpt")
-    with runtime(ParallelLayout()):
-        import_hf(hf, ckpt)
+    with runtime(ParallelLayout()) as rt:
+        import_hf(hf, ckpt, rt.ctx)
     out_ck = tmp_path / "ck.json"
     assert eval_main(["--ckpt", ckpt, "--modes", "ar", "static", "--output", str(out_ck)] + common) == 0
     res_ck = json.loads(out_ck.read_text())["results"]

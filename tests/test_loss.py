@@ -67,7 +67,7 @@ def test_full_vocab_kl_equals_direct_computation():
         student.requires_grad_(True)
         n_seq = L.count_sequences([loss_mask])
         assert n_seq == 3
-        loss, metrics = L.kl_loss(student, loss_mask, teacher, num_sequences=n_seq)
+        loss, metrics = L.kl_loss(student, loss_mask, teacher, num_sequences=n_seq, tp_group=None)
         ref = reference_loss(student.detach(), loss_mask, lambda b, i, s: reference_token_kl(s, teacher[b, i]), n_seq)
         assert abs(loss.item() - ref.item()) < 1e-5
         assert metrics["num_tokens"].item() == loss_mask.sum().item()
@@ -95,9 +95,9 @@ def test_topk_kl_equals_direct_and_full_when_k_is_vocab():
 
     student, teacher, loss_mask = random_case(seed=1)
     for k in (5, V_REAL, V_PAD):
-        values, ids = vocab_parallel.topk(teacher, k)  # [B, L, k]
+        values, ids = vocab_parallel.topk(teacher, k, None)  # [B, L, k]
         s = student.clone().requires_grad_(True)
-        loss, metrics = L.kl_loss(s, loss_mask, values, ids, num_sequences=3)
+        loss, metrics = L.kl_loss(s, loss_mask, values, ids, num_sequences=3, tp_group=None)
         real_ids = lambda b, i: ids[b, i][ids[b, i] < V_REAL]  # noqa: E731
         ref = reference_loss(student, loss_mask,
                              lambda b, i, x: reference_token_kl(x, teacher[b, i], real_ids(b, i)), 3)
@@ -106,15 +106,15 @@ def test_topk_kl_equals_direct_and_full_when_k_is_vocab():
         assert torch.isfinite(s.grad).all()
         if k >= V_REAL:
             full = student.clone().requires_grad_(True)
-            full_loss, _ = L.kl_loss(full, loss_mask, teacher, num_sequences=3)
+            full_loss, _ = L.kl_loss(full, loss_mask, teacher, num_sequences=3, tp_group=None)
             full_loss.backward()
             assert abs(full_loss.item() - loss.item()) < 1e-6
             assert (full.grad - s.grad).abs().max().item() < 1e-7
     # top-k is not renormalised: with k < V the top-k term differs from KL over renormalised top-k
-    values, ids = vocab_parallel.topk(teacher, 5)
+    values, ids = vocab_parallel.topk(teacher, 5, None)
     renorm = values - values.logsumexp(-1, keepdim=True)
-    a, _ = L.kl_loss(student, loss_mask, values, ids, num_sequences=3)
-    b, _ = L.kl_loss(student, loss_mask, renorm, ids, num_sequences=3)
+    a, _ = L.kl_loss(student, loss_mask, values, ids, num_sequences=3, tp_group=None)
+    b, _ = L.kl_loss(student, loss_mask, renorm, ids, num_sequences=3, tp_group=None)
     assert abs(a.item() - b.item()) > 1e-3
 
 
@@ -131,7 +131,7 @@ def test_cross_entropy_equals_direct_and_one_hot_kl():
     loss.backward()
     # a one-hot teacher (top-1 with log-prob 0) gives the same loss and gradient through the KL path
     s2 = student.clone().requires_grad_(True)
-    kl, _ = L.kl_loss(s2, loss_mask, torch.zeros(*loss_mask.shape, 1), targets[..., None], num_sequences=3)
+    kl, _ = L.kl_loss(s2, loss_mask, torch.zeros(*loss_mask.shape, 1), targets[..., None], num_sequences=3, tp_group=None)
     kl.backward()
     assert abs(kl.item() - loss.item()) < 1e-6
     assert (s.grad - s2.grad).abs().max().item() < 1e-7
@@ -143,7 +143,7 @@ def test_bf16_logits_with_padded_vocab_stay_finite():
     s = student.to(torch.bfloat16)
     s[..., V_REAL:] = torch.finfo(torch.bfloat16).min
     s.requires_grad_(True)
-    for fn in (lambda x: L.kl_loss(x, loss_mask, teacher, num_sequences=3),
+    for fn in (lambda x: L.kl_loss(x, loss_mask, teacher, num_sequences=3, tp_group=None),
                lambda x: L.cross_entropy_loss(x, loss_mask, torch.zeros_like(loss_mask, dtype=torch.long),
                                               num_sequences=3)):
         loss, _ = fn(s)
@@ -155,7 +155,7 @@ def test_bf16_logits_with_padded_vocab_stay_finite():
 def test_micro_batch_without_loss_tokens_still_backpropagates():
     student, teacher, loss_mask = random_case(seed=5)
     s = student.clone().requires_grad_(True)
-    loss, metrics = L.kl_loss(s, torch.zeros_like(loss_mask), teacher, num_sequences=0)
+    loss, metrics = L.kl_loss(s, torch.zeros_like(loss_mask), teacher, num_sequences=0, tp_group=None)
     assert loss.item() == 0 and metrics["num_sequences"].item() == 0
     loss.backward()
     assert (s.grad == 0).all()
@@ -183,7 +183,7 @@ def test_reduction_is_invariant_to_micro_batch_count():
             for f, m, t, y in mbs:
                 logits = f @ weight  # [b, S, V]
                 if kind == "kl":
-                    loss, _ = L.kl_loss(logits, m, t, num_sequences=n_seq)
+                    loss, _ = L.kl_loss(logits, m, t, num_sequences=n_seq, tp_group=None)
                 else:
                     loss, _ = L.cross_entropy_loss(logits, m, y, num_sequences=n_seq)
                 loss.backward()
@@ -200,6 +200,6 @@ def test_reduction_is_invariant_to_micro_batch_count():
 def test_shape_errors():
     student, teacher, loss_mask = random_case()
     with pytest.raises(ValueError, match="do not match"):
-        L.kl_loss(student, loss_mask, teacher[..., :V_REAL], num_sequences=1)
+        L.kl_loss(student, loss_mask, teacher[..., :V_REAL], num_sequences=1, tp_group=None)
     with pytest.raises(ValueError, match="cannot hold"):
-        L.kl_loss(student[:, :5], loss_mask, teacher, num_sequences=1)
+        L.kl_loss(student[:, :5], loss_mask, teacher, num_sequences=1, tp_group=None)

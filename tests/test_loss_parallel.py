@@ -23,7 +23,7 @@ def _reference_and_grad(student, loss_mask, token_fn, n_seq):
     return ref.item(), s.grad.float()
 
 
-def _check_tp(student, teacher, loss_mask, targets, n_seq):
+def _check_tp(student, teacher, loss_mask, targets, n_seq, group):
     import torch.nn.functional as F
 
     from nemo_opdlm.distill import loss as L
@@ -34,13 +34,13 @@ def _check_tp(student, teacher, loss_mask, targets, n_seq):
     local = student.shape[-1] // 2
     cols = slice(rank * local, (rank + 1) * local)
     shard = lambda x: x[..., cols].contiguous()  # noqa: E731
-    values, ids = vocab_parallel.topk(shard(teacher), 6)  # global top-6 from the shards
+    values, ids = vocab_parallel.topk(shard(teacher), 6, group)  # global top-6 from the shards
     assert torch.equal(ids, teacher.topk(6, dim=-1).indices)
 
     cases = {
-        "full": (lambda s: L.kl_loss(s, loss_mask, shard(teacher), num_sequences=n_seq),
+        "full": (lambda s: L.kl_loss(s, loss_mask, shard(teacher), num_sequences=n_seq, tp_group=group),
                  lambda b, i, x: reference_token_kl(x, teacher[b, i])),
-        "topk": (lambda s: L.kl_loss(s, loss_mask, values, ids, num_sequences=n_seq),
+        "topk": (lambda s: L.kl_loss(s, loss_mask, values, ids, num_sequences=n_seq, tp_group=group),
                  lambda b, i, x: reference_token_kl(x, teacher[b, i], ids[b, i])),
         "ce": (lambda s: L.cross_entropy_loss(s, loss_mask, targets, num_sequences=n_seq),
                lambda b, i, x: F.cross_entropy(x[:V_REAL][None], targets[b, i][None])),
@@ -56,9 +56,7 @@ def _check_tp(student, teacher, loss_mask, targets, n_seq):
         print("TP_OK", name, rank, loss.item())
 
 
-def _check_dp(loss_mask, teacher, n_seq_full):
-    from megatron.core import parallel_state
-
+def _check_dp(loss_mask, teacher, n_seq_full, ctx):
     from nemo_opdlm.distill import loss as L
 
     g = torch.Generator().manual_seed(11)
@@ -68,15 +66,15 @@ def _check_dp(loss_mask, teacher, n_seq_full):
 
     def run(f, m, t, n_seq):
         w = weight0.clone().requires_grad_(True)
-        loss, _ = L.kl_loss(f @ w, m, t, num_sequences=n_seq)
+        loss, _ = L.kl_loss(f @ w, m, t, num_sequences=n_seq, tp_group=None)
         loss.backward()
         return loss.detach(), w.grad
 
     full_loss, full_grad = run(feats, loss_mask, teacher, n_seq_full)
-    rank = parallel_state.get_data_parallel_rank()
-    assert parallel_state.get_data_parallel_world_size() == 2
+    rank = ctx.dp_rank
+    assert ctx.dp_size == 2
     half = slice(rank * batch // 2, (rank + 1) * batch // 2)
-    n_seq = L.count_sequences([loss_mask[half]], parallel_state.get_data_parallel_group())
+    n_seq = L.count_sequences([loss_mask[half]], ctx.dp_group)
     assert n_seq == n_seq_full
     loss, grad = run(feats[half], loss_mask[half], teacher[half], n_seq)
     torch.distributed.all_reduce(loss)
@@ -90,17 +88,17 @@ def worker_tp_dp(tmp_dir):
     from megatron.core import parallel_state
 
     from nemo_opdlm.distill import loss as L
-    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+    from nemo_opdlm.runtime.distributed import ParallelLayout, parallel_context, runtime
     from tests.test_loss import V_REAL, random_case
 
     student, teacher, loss_mask = random_case(seed=21, batch=4)
     targets = torch.randint(0, V_REAL, loss_mask.shape, generator=torch.Generator().manual_seed(2))
     n_seq = L.count_sequences([loss_mask])
-    with runtime(ParallelLayout(tp=2)):
-        _check_tp(student, teacher, loss_mask, targets, n_seq)
+    with runtime(ParallelLayout(tp=2)) as rt:
+        _check_tp(student, teacher, loss_mask, targets, n_seq, rt.ctx.tp_group)
         parallel_state.destroy_model_parallel()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
-        _check_dp(loss_mask, teacher, n_seq)
+        _check_dp(loss_mask, teacher, n_seq, parallel_context())
 
 
 def test_tp2_and_dp2_equal_single_rank(tmp_path):

@@ -23,16 +23,15 @@ MASK, EOS = 99, 7
 
 @pytest.fixture(scope="module")
 def models():
-    from megatron.core import parallel_state
+    from nemo_opdlm.runtime.distributed import ParallelLayout, current_runtime, init_runtime, shutdown_runtime
 
-    from nemo_opdlm.runtime.distributed import ParallelLayout, init_runtime, shutdown_runtime
-
-    owned = not parallel_state.model_parallel_is_initialized()
+    rt = current_runtime()
+    owned = rt is None
     if owned:
-        init_runtime(ParallelLayout(), seed=1, environ={})
+        rt = init_runtime(ParallelLayout(), seed=1, environ={})
     cfg = tiny_model(attention_backend="local")
-    teacher = build_teacher(cfg)
-    student = build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=MASK))
+    teacher = build_teacher(cfg, rt.ctx)
+    student = build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=MASK), rt.ctx)
     from_teacher(student, teacher)
     yield student, teacher
     if owned:
@@ -61,14 +60,15 @@ def test_kl_through_the_schedule_matches_a_plain_forward(models, top_k):
     t_batch = teacher_batch(prompt_ids, prompt_lens, response, valid)
     targets = compute_targets(teacher, [t_batch], prompt_ids.shape[1], response.shape[1], top_k=top_k)[0]
     with torch.no_grad():  # compute_targets projects only the response columns: same targets as in full
-        full = shifted_targets(teacher[0](**model_inputs(t_batch)), prompt_ids.shape[1], response.shape[1], top_k)
+        full = shifted_targets(teacher[0](**model_inputs(t_batch)), prompt_ids.shape[1], response.shape[1], top_k,
+                               None)
     assert torch.allclose(full.logprobs, targets.logprobs, atol=1e-6, rtol=0)
     n_seq = L.count_sequences([batch["loss_mask"]])
 
     # plain forward of the whole batch
     student[0].zero_grad()
     logits = student[0](**model_inputs(batch))  # [B, P+2L, V_pad]
-    ref, _ = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, targets.ids, num_sequences=n_seq)
+    ref, _ = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, targets.ids, num_sequences=n_seq, tp_group=None)
     ref.backward()
     ref_grads = [p.grad.clone() for p in student[0].parameters()]
     assert ref.item() > 0 and torch.isfinite(ref)
@@ -84,7 +84,7 @@ def test_kl_through_the_schedule_matches_a_plain_forward(models, top_k):
 
         def loss_fn(out, mb):
             loss, metrics = L.kl_loss(out, mb["loss_mask"], mb["teacher_logprobs"], mb.get("teacher_ids"),
-                                      num_sequences=n_seq)
+                                      num_sequences=n_seq, tp_group=None)
             return loss * n_micro, metrics  # the schedule divides by n_micro
 
         student[0].zero_grad()
@@ -101,7 +101,7 @@ def _kl_at(student, batch, targets, columns):
     with torch.no_grad():
         logits = student[0](**model_inputs(batch))[:, columns]  # [B, L, V_pad]
     n_seq = L.count_sequences([batch["loss_mask"]])
-    _, metrics = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, num_sequences=n_seq)
+    _, metrics = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, num_sequences=n_seq, tp_group=None)
     return float(metrics["kl_sum"] / metrics["num_tokens"])
 
 
@@ -137,14 +137,14 @@ def test_shifted_columns_through_the_schedule_match_a_plain_forward(models):
     n_seq = L.count_sequences([batch["loss_mask"]])
     student[0].zero_grad()
     logits = student[0](**model_inputs(batch))[:, columns]
-    ref, _ = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, num_sequences=n_seq)
+    ref, _ = L.kl_loss(logits, batch["loss_mask"], targets.logprobs, num_sequences=n_seq, tp_group=None)
     ref.backward()
     ref_grads = [p.grad.clone() for p in student[0].parameters()]
     mbs = states.split_microbatches(dict(batch, teacher_logprobs=targets.logprobs), 2)
 
     def loss_fn(out, mb):
         assert out.shape[1] == response.shape[1]  # exactly the prediction columns reached the output layer
-        loss, metrics = L.kl_loss(out, mb["loss_mask"], mb["teacher_logprobs"], num_sequences=n_seq)
+        loss, metrics = L.kl_loss(out, mb["loss_mask"], mb["teacher_logprobs"], num_sequences=n_seq, tp_group=None)
         return loss * 2, metrics
 
     student[0].zero_grad()

@@ -69,8 +69,8 @@ def test_a_removed_common_pt_is_damage_not_a_newer_megatron(tmp_path):
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from tests.tiny import tiny_model
 
-    with runtime(ParallelLayout()):
-        chunks = build_chunks(tiny_model())
+    with runtime(ParallelLayout()) as rt:
+        chunks = build_chunks(tiny_model(), rt.ctx)
         ckpt = str(tmp_path / "ckpt")
         save_dist_checkpoint(chunks, tiny_model(), ckpt)
         load_dist_checkpoint(chunks, ckpt)

@@ -8,6 +8,7 @@ from nemo_opdlm.models.attention import BlockAttention
 from nemo_opdlm.models.config import ConfigError, DiffusionConfig
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher
+from nemo_opdlm.runtime.context import SINGLE
 from tests.tiny import tiny_model
 
 
@@ -30,7 +31,7 @@ def training_row(batch=2, prompt_width=6, response_len=9, block=4, seed=0):
 def student(single_rank):
     torch.manual_seed(0)
     cfg = tiny_model(attention_backend="local", num_layers=3)
-    return build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=99))[0]
+    return build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=99), single_rank.ctx)[0]
 
 
 def test_attention_backends_agree(student):
@@ -103,9 +104,9 @@ def test_padding_does_not_leak(student):
 def test_from_teacher_block_one_reproduces_teacher(single_rank):
     cfg = tiny_model(attention_backend="sdpa")
     torch.manual_seed(1)
-    teacher = build_teacher(cfg)
+    teacher = build_teacher(cfg, single_rank.ctx)
     torch.manual_seed(2)
-    student = build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=99))
+    student = build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=99), single_rank.ctx)
     assert not torch.equal(student[0].output_layer.weight, teacher[0].output_layer.weight)
     from_teacher(student, teacher)
     for (n, s), (_, t) in zip(student[0].state_dict().items(), teacher[0].state_dict().items()):
@@ -179,4 +180,4 @@ def test_bad_configs():
     with pytest.raises(ConfigError, match="block_size"):
         DiffusionConfig(block_size=0, mask_token_id=1)
     with pytest.raises(ConfigError, match="mask_token_id=100 is outside"):
-        build_student(tiny_model(), DiffusionConfig(block_size=4, mask_token_id=100))
+        build_student(tiny_model(), DiffusionConfig(block_size=4, mask_token_id=100), SINGLE)

@@ -15,13 +15,17 @@ pytestmark = pytest.mark.distributed
 
 
 def _reinit(tp=1, pp=1):
+    """Another layout on the same processes; returns its context."""
     from megatron.core import parallel_state
 
-    from nemo_opdlm.runtime.distributed import seed_everything
+    from nemo_opdlm.runtime.distributed import parallel_context
+    from nemo_opdlm.runtime.seeding import seed_everything
 
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-    seed_everything(1234)
+    ctx = parallel_context()
+    seed_everything(1234, ctx)
+    return ctx
 
 
 def _save(chunks, path):
@@ -55,10 +59,10 @@ def _inputs():
     return ids, layout, causal
 
 
-def _gather_vocab(local):
+def _gather_vocab(local, ctx):
     from nemo_opdlm.runtime.vocab_parallel import all_gather_last
 
-    return all_gather_last(local)
+    return all_gather_last(local, ctx.tp_group)
 
 
 def worker_tensor_parallel(tmp_dir):
@@ -71,37 +75,37 @@ def worker_tensor_parallel(tmp_dir):
     cfg = tiny_model(num_attention_heads=4, num_query_groups=2, vocab_size=97)
     ids, layout, causal = _inputs()
     ckpt = os.path.join(tmp_dir, "tp1")
-    with runtime(ParallelLayout(tp=1), environ=None):
-        model = build_chunks(cfg)
+    with runtime(ParallelLayout(tp=1), environ=None) as rt:
+        model = build_chunks(cfg, rt.ctx)
         with torch.no_grad():
             ref_student = model[0](ids, layout.position_ids, layout.meta)
             ref_teacher = model[0](ids[:, :14], causal.position_ids, causal.meta)
-        ref_top = shifted_targets(ref_teacher, 5, 9, top_k=16)
-        ref_full = shifted_targets(ref_teacher, 5, 9, top_k=None)
+        ref_top = shifted_targets(ref_teacher, 5, 9, top_k=16, tp_group=None)
+        ref_full = shifted_targets(ref_teacher, 5, 9, top_k=None, tp_group=None)
         _save(model, ckpt)
 
-        _reinit(tp=2)
+        ctx = _reinit(tp=2)
         torch.manual_seed(99)  # different init: the loaded weights must be what matters
-        student = build_chunks(cfg)
+        student = build_chunks(cfg, ctx)
         _load(student, ckpt)
-        teacher = build_teacher(cfg)
+        teacher = build_teacher(cfg, ctx)
         _load(teacher, ckpt)
         with torch.no_grad():
             tp_student = student[0](ids, layout.position_ids, layout.meta)
             tp_teacher = teacher[0](ids[:, :14], causal.position_ids, causal.meta)
         assert tp_student.shape[-1] * 2 == ref_student.shape[-1] == 104
-        full_student = _gather_vocab(tp_student)
+        full_student = _gather_vocab(tp_student, ctx)
         err = (full_student[..., :97] - ref_student[..., :97]).abs().max().item()
         assert err <= 1e-5, f"student TP=2 vs TP=1: {err}"
-        err = (_gather_vocab(tp_teacher)[..., :97] - ref_teacher[..., :97]).abs().max().item()
+        err = (_gather_vocab(tp_teacher, ctx)[..., :97] - ref_teacher[..., :97]).abs().max().item()
         assert err <= 1e-5, f"teacher TP=2 vs TP=1: {err}"
-        top = shifted_targets(tp_teacher, 5, 9, top_k=16)
+        top = shifted_targets(tp_teacher, 5, 9, top_k=16, tp_group=ctx.tp_group)
         assert torch.equal(top.ids, ref_top.ids)
         assert (top.logprobs - ref_top.logprobs).abs().max() <= 1e-5
         # the TP=1 top-k is the top-k of the full-vocabulary log-probs
         want_v, want_i = ref_full.logprobs.topk(16, dim=-1)
         assert torch.equal(ref_top.ids, want_i) and torch.equal(ref_top.logprobs, want_v)
-        full_tp = _gather_vocab(shifted_targets(tp_teacher, 5, 9, top_k=None).logprobs)
+        full_tp = _gather_vocab(shifted_targets(tp_teacher, 5, 9, top_k=None, tp_group=ctx.tp_group).logprobs, ctx)
         assert (full_tp[..., :97] - ref_full.logprobs[..., :97]).abs().max() <= 1e-5
         print("TP_OK", err)
 
@@ -141,8 +145,6 @@ def _global_grads(chunks, layers_per_stage, stage):
 
 
 def worker_pipeline_parallel(tmp_dir):
-    from megatron.core import parallel_state
-
     from nemo_opdlm.models.student import build_chunks
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from tests.tiny import tiny_model
@@ -150,16 +152,16 @@ def worker_pipeline_parallel(tmp_dir):
     cfg = tiny_model(num_layers=4)
     ids, layout, _ = _inputs()
     ckpt = os.path.join(tmp_dir, "pp1")
-    with runtime(ParallelLayout(pp=1), environ=None):
-        model = build_chunks(cfg)
+    with runtime(ParallelLayout(pp=1), environ=None) as rt:
+        model = build_chunks(cfg, rt.ctx)
         ref = _pipeline_loss_and_grads(model, ids, layout)
         ref_grads = _global_grads(model, 4, 0)
         _save(model, ckpt)
 
-        _reinit(pp=2)
-        stage = parallel_state.get_pipeline_model_parallel_rank()
+        ctx = _reinit(pp=2)
+        stage = ctx.pp_rank
         torch.manual_seed(5)
-        model = build_chunks(cfg)
+        model = build_chunks(cfg, ctx)
         _load(model, ckpt)
         got = _pipeline_loss_and_grads(model, ids, layout)
         grads = _global_grads(model, 2, stage)

@@ -23,8 +23,8 @@ PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9], [10, 11, 12, 13, 14, 15, 16], [20, 21, 
 @pytest.fixture(scope="module")
 def model():
     """Tiny student; its output layer is scaled so that confidences spread over (0, 1)."""
-    with runtime(ParallelLayout()):
-        chunks = build_chunks(tiny_model(vocab_size=96, init_method_std=0.1))
+    with runtime(ParallelLayout()) as rt:
+        chunks = build_chunks(tiny_model(vocab_size=96, init_method_std=0.1), rt.ctx)
         with torch.no_grad():
             chunks[0].output_layer.weight.mul_(10.0)
         yield chunks
@@ -70,7 +70,7 @@ def test_cached_equals_uncached(model, prompts, settings, shift):
 
 def test_cached_equals_uncached_local_backend(model, prompts):
     """megatron-core's DotProductAttention path (contiguous cache views) too."""
-    chunks = build_chunks(tiny_model(vocab_size=96, attention_backend="local"))
+    chunks = build_chunks(tiny_model(vocab_size=96, attention_backend="local"), model[0].parallel)
     _same(_run(chunks, prompts, use_cache=True), _run(chunks, prompts, use_cache=False))
 
 

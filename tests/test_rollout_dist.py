@@ -44,12 +44,10 @@ def _shard(name: str, t: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
     return t
 
 
-def _stage_state(full: dict, num_layers: int) -> dict:
+def _stage_state(full: dict, num_layers: int, ctx) -> dict:
     """The full state dict cut down to this rank's TP shard and PP stage (local layer numbering)."""
-    from megatron.core import parallel_state as ps
-
-    tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
+    tp, tp_rank = ctx.tp_size, ctx.tp_rank
+    pp, pp_rank = ctx.pp_size, ctx.pp_rank
     per_stage = num_layers // pp
     out = {}
     for name, t in full.items():
@@ -82,10 +80,11 @@ def _decode_all(chunks, references: dict) -> dict:
 
 def _check_worker(tmp_dir: str, layout: ParallelLayout, extra_checks) -> None:
     ref = torch.load(os.path.join(tmp_dir, "ref.pt"))
-    with runtime(layout):
-        chunks = build_chunks(_config())
+    with runtime(layout) as rt:
+        chunks = build_chunks(_config(), rt.ctx)
         for chunk in chunks:
-            missing, unexpected = chunk.load_state_dict(_stage_state(ref["state"], _config().num_layers), strict=False)
+            missing, unexpected = chunk.load_state_dict(_stage_state(ref["state"], _config().num_layers, rt.ctx),
+                                                        strict=False)
             assert not unexpected and all(k.endswith("_extra_state") for k in missing), (missing, unexpected)
         got = _decode_all(chunks, ref)
         for name, rollout in got.items():
@@ -122,8 +121,8 @@ def pp2_worker(tmp_dir: str) -> None:
 def references(tmp_path_factory):
     """TP=1 model (confident output layer), its full state dict and its rollouts, saved for the workers."""
     tmp = tmp_path_factory.mktemp("rollout_dist")
-    with runtime(ParallelLayout()):
-        chunks = build_chunks(_config())
+    with runtime(ParallelLayout()) as rt:
+        chunks = build_chunks(_config(), rt.ctx)
         with torch.no_grad():
             chunks[0].output_layer.weight.mul_(10.0)
         state = {k: v.clone() for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}

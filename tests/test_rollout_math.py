@@ -109,13 +109,13 @@ def test_cosine_curriculum_is_the_reference_ramp_in_whole_blocks():
 # --- token choice ------------------------------------------------------------------------------
 def test_greedy_choice_and_raw_confidence():
     logits = torch.randn(5, 3, 40, generator=torch.Generator().manual_seed(1)) * 3
-    ids, conf = sampling.choose_tokens(logits, temperature=0)
+    ids, conf = sampling.choose_tokens(logits, temperature=0, group=None)
     assert torch.equal(ids, logits.argmax(-1))
     probs = logits.softmax(-1)
     torch.testing.assert_close(conf, probs.gather(-1, ids[..., None])[..., 0])
     # Suppressing the argmax token: the second best is chosen, its confidence still under the raw softmax.
     top = int(logits[0, 0].argmax())
-    ids2, conf2 = sampling.choose_tokens(logits[:1, :1], temperature=0, suppress_id=top)
+    ids2, conf2 = sampling.choose_tokens(logits[:1, :1], temperature=0, suppress_id=top, group=None)
     second = int(logits[0, 0].topk(2).indices[1])
     assert int(ids2) == second
     torch.testing.assert_close(conf2[0, 0], probs[0, 0, second])
@@ -129,7 +129,7 @@ def test_non_finite_logits_do_not_crash():
     logits[3, 5] = float("nan")
     for temperature in (0.0, 0.7, 1.0):
         ids, conf = sampling.choose_tokens(
-            logits, temperature=temperature, top_k=5, top_p=0.9, uniform=torch.full((4,), 0.5)
+            logits, temperature=temperature, top_k=5, top_p=0.9, uniform=torch.full((4,), 0.5), group=None
         )
         assert torch.isfinite(conf).all() and ((ids >= 0) & (ids < 10)).all()
         assert int(ids[1]) == 3 and float(conf[1]) == 1.0  # +inf dominates
@@ -147,11 +147,11 @@ def test_inverse_cdf_matches_reference():
     probs = torch.rand(200, 50, generator=gen) ** 4
     probs[:, 10:20] = 0.0  # zero-probability ids are never drawn
     u = torch.rand(200, generator=gen)
-    ids = sampling.inverse_cdf(probs, u)
+    ids = sampling.inverse_cdf(probs, u, None)
     assert torch.equal(ids, _reference_inverse_cdf(probs, u))
     assert (probs.gather(-1, ids[:, None]) > 0).all()
     # u -> 1 cannot run past the last token with mass.
-    edge = sampling.inverse_cdf(probs[:3], torch.full((3,), 1.0 - 1e-9))
+    edge = sampling.inverse_cdf(probs[:3], torch.full((3,), 1.0 - 1e-9), None)
     assert (probs[:3].gather(-1, edge[:, None]) > 0).all()
 
 
@@ -170,7 +170,7 @@ def test_topp_threshold_is_exact_nucleus(top_p):
     gen = torch.Generator().manual_seed(5)
     probs = torch.softmax(torch.randn(20, 30, generator=gen) * 2, -1)
     probs[0, :4] = probs[0, 4]  # ties at the boundary are kept together
-    tau = sampling.topp_threshold(probs, top_p)
+    tau = sampling.topp_threshold(probs, top_p, None)
     assert torch.equal(probs >= tau[:, None], _reference_nucleus(probs, top_p))
 
 
@@ -178,7 +178,7 @@ def test_sampling_respects_top_k_and_distribution():
     torch.manual_seed(0)
     logits = torch.randn(1, 16).expand(20000, 16).contiguous()
     u = torch.rand(20000)
-    ids, conf = sampling.choose_tokens(logits, temperature=1.0, top_k=4, uniform=u)
+    ids, conf = sampling.choose_tokens(logits, temperature=1.0, top_k=4, uniform=u, group=None)
     allowed = set(logits[0].topk(4).indices.tolist())
     assert set(ids.unique().tolist()) <= allowed
     expected = torch.zeros(16)
@@ -313,7 +313,7 @@ def test_temperature_one_sampling_distribution(top_p):
     torch.manual_seed(1)
     logits = (torch.randn(1, 12) * 1.5).expand(20000, 12).contiguous()
     ids, conf = sampling.choose_tokens(logits, temperature=1.0, top_p=top_p, uniform=torch.rand(20000),
-                                       suppress_id=int(logits[0].argmax()))
+                                       suppress_id=int(logits[0].argmax()), group=None)
     probs = logits[0].softmax(-1)
     expected = probs.clone()
     expected[logits[0].argmax()] = 0.0

@@ -60,10 +60,10 @@ def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
     ckpt = os.path.join(cfg.train.save_dir, "step_0000002")
     meta = json.load(open(os.path.join(ckpt, "opdlm_convert.json")))
     assert meta["diffusion"] == {"block_size": 4, "mask_token_id": 99, "shift_logits": True}
-    with runtime(ParallelLayout()):
-        loaded = load_model(ckpt=ckpt, tokenizer=cfg.init.teacher_hf)
+    with runtime(ParallelLayout()) as rt:
+        loaded = load_model(rt.ctx, ckpt=ckpt, tokenizer=cfg.init.teacher_hf)
         assert loaded.shift_logits is True and loaded.block_size == 4 and loaded.mask_token_id == 99
-        assert load_model(ckpt=ckpt, tokenizer=cfg.init.teacher_hf, shift_logits=False).shift_logits is False
+        assert load_model(rt.ctx, ckpt=ckpt, tokenizer=cfg.init.teacher_hf, shift_logits=False).shift_logits is False
 
 
 def test_static_rows_cosine_curriculum_and_domain_caps(tmp_path):

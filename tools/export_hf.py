@@ -89,8 +89,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 2
     start = time.perf_counter()
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    with runtime(layout):
-        cfg = export_checkpoint(args.ckpt, args.out, diffusion=diffusion, as_teacher=args.teacher,
+    with runtime(layout) as rt:
+        cfg = export_checkpoint(args.ckpt, args.out, rt.ctx, diffusion=diffusion, as_teacher=args.teacher,
                                 hf_source=args.hf_source, prefix=args.prefix, overwrite=args.overwrite,
                                 max_shard_bytes=args.max_shard_size, dtype=dtype)
         if is_rank0():

@@ -60,8 +60,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"import_hf: error: {err}", file=sys.stderr)
         return 2
     start = time.perf_counter()
-    with runtime(layout, models=(("model", cfg),)):
-        import_hf(args.hf_dir, args.out, overwrite=args.overwrite, **overrides)
+    with runtime(layout, models=(("model", cfg),)) as rt:
+        import_hf(args.hf_dir, args.out, rt.ctx, overwrite=args.overwrite, **overrides)
         if is_rank0():
             print(f"import_hf: {cfg.family} ({cfg.num_layers} layers, vocab {cfg.vocab_size}, {cfg.params_dtype}) "
                   f"-> {args.out} in {time.perf_counter() - start:.1f} s")

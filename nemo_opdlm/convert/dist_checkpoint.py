@@ -35,12 +35,6 @@ MANIFEST = "manifest.json"
 """Every file of a checkpoint with its size and BLAKE2b digest, written at save, checked at load."""
 
 
-def _tp() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
-    return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
-
-
 def _digest(path: str) -> str:
     h = hashlib.blake2b(digest_size=16)
     with open(path, "rb") as f:
@@ -196,7 +190,7 @@ def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix
         raise CheckpointFileError(f"cannot load {ckpt_dir}: {problem}")
     check_readable(ckpt_dir)
     saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
-    tp_rank, _ = _tp()
+    tp_rank = unwrap(chunks[0]).parallel.tp_rank
     sharded = sharded_model_state(chunks, prefix)
     recut: list[tuple[str, str, torch.Tensor, int]] = []  # (chunk key, state key, full tensor, real rows)
     for ckey, state in sharded.items():

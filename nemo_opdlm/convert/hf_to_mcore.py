@@ -24,13 +24,14 @@ from nemo_opdlm.convert.errors import (CheckpointFileError, ConvertError, Unsupp
                                        VocabMismatchError)
 from nemo_opdlm.convert.key_maps import (GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule, expected_hf_shapes, fuse_gate_up,
                                          fuse_qkv, rule_for, shard_rows, split_layer_name)
-from nemo_opdlm.convert.dist_checkpoint import _tp, save_dist_checkpoint
+from nemo_opdlm.convert.dist_checkpoint import save_dist_checkpoint
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile
 from nemo_opdlm.convert.staging import check_target
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_student, unwrap
 from nemo_opdlm.models.teacher import build_teacher
+from nemo_opdlm.runtime.context import ParallelContext
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -105,17 +106,11 @@ class HFCheckpoint:
                 raise kind(f"{name} has shape {found} in {self.hf_dir} but config.json implies {shape}")
 
 
-def check_layout(cfg: ModelConfig) -> None:
-    """The current megatron-core layout must divide the model (heads, groups, FFN, layers)."""
-    from megatron.core import parallel_state
-
+def check_layout(cfg: ModelConfig, parallel: ParallelContext) -> None:
+    """``parallel``'s layout must divide the model (heads, groups, FFN, layers)."""
     from nemo_opdlm.runtime.distributed import ParallelLayout
 
-    ParallelLayout(
-        tp=parallel_state.get_tensor_model_parallel_world_size(),
-        pp=parallel_state.get_pipeline_model_parallel_world_size(),
-        vpp=parallel_state.get_virtual_pipeline_model_parallel_world_size(),
-    ).check_model(cfg)
+    ParallelLayout(tp=parallel.tp_size, pp=parallel.pp_size, vpp=parallel.vpp_size).check_model(cfg)
 
 
 def parameter_sources(chunk: DiffusionGPTModel,
@@ -160,7 +155,8 @@ def load_hf_weights(chunks: list[torch.nn.Module], ckpt: HFCheckpoint | str, cfg
     if isinstance(ckpt, str):
         ckpt = HFCheckpoint(ckpt)
     ckpt.check_matches(cfg)
-    tp_rank, tp_size = _tp()
+    parallel = unwrap(chunks[0]).parallel
+    tp_rank, tp_size = parallel.tp_rank, parallel.tp_size
     work = [item for chunk in chunks for item in parameter_sources(unwrap(chunk), cfg)]
     work.sort(key=lambda item: ckpt.position(item[3][0]))  # stream the shards in file order
     for name, param, rule, hf_names in work:
@@ -188,44 +184,47 @@ def without_random_init(cfg: ModelConfig) -> ModelConfig:
     return cfg.replace(extra={**cfg.extra, "perform_initialization": False})
 
 
-def _prepare(hf_dir: str, overrides: dict[str, Any]) -> tuple[ModelConfig, HFCheckpoint]:
+def _prepare(hf_dir: str, parallel: ParallelContext, overrides: dict[str, Any]) -> tuple[ModelConfig, HFCheckpoint]:
     cfg = hfc.model_config_from_hf(hfc.read_hf_config(hf_dir), **overrides)
     hfc.check_tokenizer_fits(hf_dir, cfg.vocab_size)
-    check_layout(cfg)
+    check_layout(cfg, parallel)
     ckpt = HFCheckpoint(hf_dir)
     ckpt.check_matches(cfg)
     return cfg, ckpt
 
 
-def teacher_from_hf(hf_dir: str, **overrides: Any) -> tuple[ModelConfig, list[DiffusionGPTModel]]:
-    """Frozen teacher chunks for the current parallel state, weights read from ``hf_dir``.
+def teacher_from_hf(hf_dir: str, parallel: ParallelContext,
+                    **overrides: Any) -> tuple[ModelConfig, list[DiffusionGPTModel]]:
+    """Frozen teacher chunks for ``parallel``'s layout, weights read from ``hf_dir``.
 
     ``overrides`` replace ModelConfig fields (e.g. ``attention_backend``, ``params_dtype``).
     """
-    cfg, ckpt = _prepare(hf_dir, overrides)
-    chunks = build_teacher(without_random_init(cfg))
+    cfg, ckpt = _prepare(hf_dir, parallel, overrides)
+    chunks = build_teacher(without_random_init(cfg), parallel)
     load_hf_weights(chunks, ckpt, cfg)
     return cfg, chunks
 
 
-def student_from_hf(hf_dir: str, diffusion: DiffusionConfig, *, teacher: Optional[ModelConfig] = None,
+def student_from_hf(hf_dir: str, diffusion: DiffusionConfig, parallel: ParallelContext, *,
+                    teacher: Optional[ModelConfig] = None,
                     **overrides: Any) -> tuple[ModelConfig, list[DiffusionGPTModel]]:
     """Trainable student chunks initialised from ``hf_dir`` (the teacher's weights, unchanged).
 
     With ``teacher`` given, the two vocabularies must agree (they share one tokenizer).
     """
-    cfg, ckpt = _prepare(hf_dir, overrides)
+    cfg, ckpt = _prepare(hf_dir, parallel, overrides)
     if teacher is not None:
         hfc.check_same_vocab(teacher, cfg)
-    chunks = build_student(without_random_init(cfg), diffusion)
+    chunks = build_student(without_random_init(cfg), diffusion, parallel)
     load_hf_weights(chunks, ckpt, cfg)
     return cfg, chunks
 
 
-def import_hf(hf_dir: str, ckpt_dir: str, *, overwrite: bool = False, **overrides: Any) -> ModelConfig:
-    """HF directory -> megatron-core torch_dist checkpoint at the current layout (collective)."""
+def import_hf(hf_dir: str, ckpt_dir: str, parallel: ParallelContext, *, overwrite: bool = False,
+              **overrides: Any) -> ModelConfig:
+    """HF directory -> megatron-core torch_dist checkpoint, read at ``parallel``'s layout (collective)."""
     check_target(ckpt_dir, overwrite)  # refuse before spending time on loading
-    cfg, chunks = teacher_from_hf(hf_dir, **overrides)
+    cfg, chunks = teacher_from_hf(hf_dir, parallel, **overrides)
     save_dist_checkpoint(chunks, cfg, ckpt_dir, hf_config=hfc.read_hf_config(hf_dir), assets_dir=hf_dir,
                          overwrite=overwrite)
     return cfg

@@ -32,29 +32,18 @@ from nemo_opdlm.convert.staging import check_target, staged_dir
 from nemo_opdlm.runtime.comm import is_rank0
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import build_chunks, unwrap
+from nemo_opdlm.runtime.context import ParallelContext
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling", "modeling_opdlm.py")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 
 
-def _parallel() -> dict[str, int]:
-    from megatron.core import parallel_state as ps
-
-    return dict(
-        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
-        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=ps.get_pipeline_model_parallel_world_size(),
-        dp_rank=ps.get_data_parallel_rank(),
-    )
-
-
-def _gather_tp(tensor: torch.Tensor, tp_size: int) -> list[torch.Tensor]:
+def _gather_tp(tensor: torch.Tensor, parallel: ParallelContext) -> list[torch.Tensor]:
     """Every TP rank's shard of one parameter (in rank order)."""
-    if tp_size == 1:
+    if parallel.tp_size == 1:
         return [tensor.detach()]
-    from megatron.core import parallel_state as ps
-
-    parts = [torch.empty_like(tensor) for _ in range(tp_size)]
-    dist.all_gather(parts, tensor.detach().contiguous(), group=ps.get_tensor_model_parallel_group())
+    parts = [torch.empty_like(tensor) for _ in range(parallel.tp_size)]
+    dist.all_gather(parts, tensor.detach().contiguous(), group=parallel.tp_group)
     return parts
 
 
@@ -86,19 +75,19 @@ class _ShardWriter:
 def _write_weights(chunks: list[torch.nn.Module], cfg: ModelConfig, directory: str, max_bytes: int,
                    dtype: Optional[torch.dtype]) -> list[dict[str, Any]]:
     """Write this stage's tensors (if this rank is its writer); return (virtual stage, file records)."""
-    par = _parallel()
-    writer = par["tp_rank"] == 0 and par["dp_rank"] == 0
+    par = unwrap(chunks[0]).parallel
+    writer = par.tp_rank == 0 and par.dp_rank == 0
     # megatron keeps some modules (torch RMSNorm) in fp32 whatever params_dtype says: the HF
     # checkpoint gets one dtype, the model's, unless told otherwise.
     dtype = dtype or cfg.dtype
     records = []
     for ci, chunk in enumerate(chunks):
-        stage = ci * par["pp_size"] + par["pp_rank"]  # virtual stage order = layer order
+        stage = ci * par.pp_size + par.pp_rank  # virtual stage order = layer order
         out = _ShardWriter(directory, f"{stage:05d}", max_bytes)
         for name, tensor, rule, hf_names in parameter_sources(unwrap(chunk), cfg):
             if name == "output_layer.weight" and cfg.tie_word_embeddings:
                 continue  # the last stage's copy of a tied embedding: the embedding is exported
-            shards = _gather_tp(tensor, par["tp_size"]) if rule.tp_axis is not None else [tensor.detach()]
+            shards = _gather_tp(tensor, par) if rule.tp_axis is not None else [tensor.detach()]
             if writer:
                 for hf_name, value in zip(hf_names, to_hf(rule, cfg, shards)):
                     out.add(hf_name, value.to(dtype))
@@ -158,7 +147,7 @@ def export_chunks(
         assets_dir: where tokenizer files (and generation_config.json) are copied from.
         dtype: cast weights on the way out (default: the model's ``params_dtype``).
     """
-    check_layout(cfg)
+    check_layout(cfg, unwrap(chunks[0]).parallel)
     with staged_dir(out_dir, overwrite) as staging:
         records = _all_records(_write_weights(chunks, cfg, staging, max_shard_bytes, dtype))
         if is_rank0():
@@ -184,6 +173,7 @@ def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Option
 def export_checkpoint(
     ckpt_dir: str,
     out_dir: str,
+    parallel: ParallelContext,
     *,
     diffusion: Optional[DiffusionConfig] = None,
     as_teacher: bool = False,
@@ -195,7 +185,7 @@ def export_checkpoint(
     dtype: Optional[torch.dtype] = None,
     **overrides: Any,
 ) -> ModelConfig:
-    """A torch_dist checkpoint (saved at any TP/PP) -> HF directory, at the current layout.
+    """A torch_dist checkpoint (saved at any TP/PP) -> HF directory, read at ``parallel``'s layout.
 
     The architecture comes from, in order: ``model_config``, the checkpoint's own
     ``opdlm_convert.json``, or ``hf_source``'s config.json. Diffusion settings come from
@@ -227,8 +217,8 @@ def export_checkpoint(
         diffusion = DiffusionConfig(**meta["diffusion"])
     if as_teacher:
         diffusion = None
-    check_layout(cfg)
-    chunks = build_chunks(without_random_init(cfg))
+    check_layout(cfg, parallel)
+    chunks = build_chunks(without_random_init(cfg), parallel)
     load_dist_checkpoint(chunks, ckpt_dir, prefix=prefix, cfg=cfg)
     export_chunks(chunks, cfg, out_dir, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
                   overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype)

@@ -18,6 +18,7 @@ import torch
 
 from nemo_opdlm.data.prompts import PromptSet, left_pad, right_pad
 from nemo_opdlm.errors import DataError
+from nemo_opdlm.runtime.seeding import epoch_seed
 
 
 class ShardedSampler:
@@ -53,7 +54,7 @@ class ShardedSampler:
         """The order of epoch ``epoch`` ``[N]`` (the same on every rank)."""
         if self._perm_epoch != epoch:
             if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+                g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
                 self._perm = torch.randperm(self.num_examples, generator=g)
             else:
                 self._perm = torch.arange(self.num_examples)

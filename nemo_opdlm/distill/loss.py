@@ -37,6 +37,7 @@ from torch import Tensor
 
 from nemo_opdlm.runtime import vocab_parallel
 from nemo_opdlm.runtime.comm import collective_device
+from nemo_opdlm.runtime.vocab_parallel import Group
 
 Metrics = dict[str, Tensor]
 
@@ -57,7 +58,8 @@ def _weighted_terms(logp_t: Tensor, logp_s: Tensor) -> Tensor:
     return torch.where(p_t > 0, p_t * (logp_t - logp_s), torch.zeros_like(p_t))
 
 
-def token_kl(student: Tensor, teacher_logprobs: Tensor, teacher_ids: Optional[Tensor] = None) -> Tensor:
+def token_kl(student: Tensor, teacher_logprobs: Tensor, teacher_ids: Optional[Tensor] = None, *,
+             tp_group: Group) -> Tensor:
     """Forward KL(teacher || student) per token ``[N]`` (fp32), replicated over the TP group.
 
     Args:
@@ -65,17 +67,18 @@ def token_kl(student: Tensor, teacher_logprobs: Tensor, teacher_ids: Optional[Te
         teacher_logprobs: full-vocab ``[N, V/tp]`` shard (same sharding as ``student``), or top-k
             ``[N, k]`` values (replicated).
         teacher_ids: ``[N, k]`` global vocabulary ids of the top-k values; None for full-vocab.
+        tp_group: the group the student's vocabulary is split over (None: not split).
     """
-    logp_s = vocab_parallel.log_softmax(student)  # [N, V/tp] fp32
+    logp_s = vocab_parallel.log_softmax(student, tp_group)  # [N, V/tp] fp32
     logp_t = teacher_logprobs.float()
     if teacher_ids is None:
         if logp_t.shape != logp_s.shape:
             raise ValueError(f"full-vocab teacher log-probs {tuple(logp_t.shape)} do not match the "
                              f"student's logits shard {tuple(logp_s.shape)} (same tokenizer and TP?)")
-        return vocab_parallel.reduce_sum(_weighted_terms(logp_t, logp_s).sum(-1))  # [N]
+        return vocab_parallel.reduce_sum(_weighted_terms(logp_t, logp_s).sum(-1), tp_group)  # [N]
     if teacher_ids.shape != logp_t.shape:
         raise ValueError(f"top-k ids {tuple(teacher_ids.shape)} != top-k log-probs {tuple(logp_t.shape)}")
-    logp_s_k = vocab_parallel.gather_global(logp_s, teacher_ids.long())  # [N, k]
+    logp_s_k = vocab_parallel.gather_global(logp_s, teacher_ids.long(), tp_group)  # [N, k]
     return _weighted_terms(logp_t, logp_s_k).sum(-1)  # [N]
 
 
@@ -110,7 +113,7 @@ def reduce_per_sequence(token_values: Tensor, loss_mask: Tensor,
 
 def kl_loss(student_logits: Tensor, loss_mask: Tensor, teacher_logprobs: Tensor,
             teacher_ids: Optional[Tensor] = None, *,
-            num_sequences: Union[int, Tensor]) -> tuple[Tensor, Metrics]:
+            num_sequences: Union[int, Tensor], tp_group: Group) -> tuple[Tensor, Metrics]:
     """Forward KL(teacher || student) at the loss positions, reduced as the module docstring says.
 
     Args:
@@ -119,6 +122,7 @@ def kl_loss(student_logits: Tensor, loss_mask: Tensor, teacher_logprobs: Tensor,
         teacher_logprobs: ``[B, L, V/tp]`` full-vocab shard, or ``[B, L, k]`` top-k values.
         teacher_ids: ``[B, L, k]`` global ids for top-k targets; None for full-vocab.
         num_sequences: sequences with >= 1 loss token in the global batch.
+        tp_group: the group the vocabulary is split over (None: not split).
 
     Returns ``(loss, metrics)``: metrics ``kl_sum`` (summed token KL), ``seq_mean_sum`` (the loss
     numerator), ``num_tokens``, ``num_sequences`` (this micro-batch's), all detached.
@@ -129,7 +133,7 @@ def kl_loss(student_logits: Tensor, loss_mask: Tensor, teacher_logprobs: Tensor,
         raise ValueError(f"teacher targets {tuple(teacher_logprobs.shape)} do not cover the response "
                          f"{tuple(loss_mask.shape)}")
     ids = None if teacher_ids is None else teacher_ids[loss_mask]  # [N, k]
-    per_token = token_kl(student, teacher_logprobs[loss_mask], ids)  # [N]
+    per_token = token_kl(student, teacher_logprobs[loss_mask], ids, tp_group=tp_group)  # [N]
     return reduce_per_sequence(per_token, loss_mask, num_sequences, "kl")
 
 

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from nemo_opdlm.models import masks
+from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.runtime import vocab_parallel
 from nemo_opdlm.runtime.pipeline import Batch, forward_collect
 
@@ -65,20 +66,21 @@ def next_token_logits(logits: torch.Tensor, response_len: int) -> torch.Tensor:
 
 
 def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,
-                    top_k: Optional[int]) -> TeacherTargets:
+                    top_k: Optional[int], tp_group: vocab_parallel.Group) -> TeacherTargets:
     """Targets from teacher logits ``[B, P + L, V/tp]``: take columns ``P-1 .. P+L-2``.
 
     The logits may also be those of the last ``logits_needed(L)`` columns only
-    (``forward(..., logits_last=...)``): the same columns, counted from the end.
+    (``forward(..., logits_last=...)``): the same columns, counted from the end. ``tp_group``: the
+    group the teacher's vocabulary is split over (None: not split).
     """
     if logits.shape[1] not in (prompt_width + response_len, logits_needed(response_len)):
         raise ValueError(f"teacher logits {tuple(logits.shape)} are neither the {prompt_width} + {response_len} "
                          f"columns of [prompt | x0] nor their last {logits_needed(response_len)}")
     window = next_token_logits(logits, response_len)  # [B, L, V/tp]
-    logprobs = vocab_parallel.log_softmax(window)  # [B, L, V/tp] fp32
+    logprobs = vocab_parallel.log_softmax(window, tp_group)  # [B, L, V/tp] fp32
     if top_k is None:
         return TeacherTargets(logprobs)
-    values, ids = vocab_parallel.topk(logprobs, top_k)  # [B, L, k]
+    values, ids = vocab_parallel.topk(logprobs, top_k, tp_group)  # [B, L, k]
     return TeacherTargets(values, ids)
 
 
@@ -86,7 +88,8 @@ def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,
 def compute_targets(teacher: Sequence[torch.nn.Module], batches: Sequence[Batch], prompt_width: int,
                     response_len: int, top_k: Optional[int] = 16) -> list[TeacherTargets]:
     """Teacher targets per micro-batch (on the last pipeline stage; empty list elsewhere)."""
+    group = parallel_of(teacher).tp_group
     return forward_collect(
-        teacher, batches, lambda logits, _: shifted_targets(logits, prompt_width, response_len, top_k),
+        teacher, batches, lambda logits, _: shifted_targets(logits, prompt_width, response_len, top_k, group),
         logits_last=logits_needed(response_len),
     )

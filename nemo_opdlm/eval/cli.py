@@ -92,7 +92,7 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     task = load_task(args.task, args.data, split=args.split, num_fewshot=args.num_fewshot,
                      fewshot_path=args.fewshot_data, limit=args.limit, **overrides)
     with runtime(ParallelLayout(tp=args.tp, pp=args.pp)) as rt:
-        loaded = load_model(hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer, prefix=args.prefix,
+        loaded = load_model(rt.ctx, hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer, prefix=args.prefix,
                             mask_token_id=args.mask_token_id, block_size=args.block_size)
         say = print if rt.is_main else (lambda *_: None)
         say(f"{task.name}: {len(task.examples)} examples, {len(task.fewshot)} few-shot")

@@ -21,6 +21,7 @@ import torch
 from nemo_opdlm.data.prompts import eos_ids, left_pad  # noqa: F401  (eos_ids: re-exported)
 from nemo_opdlm.eval import tasks as T
 from nemo_opdlm.errors import ConfigError
+from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 
 MODES = ("ar", "static", "dynamic")
@@ -163,18 +164,6 @@ def decode_responses(rollout: Rollout, tokenizer, eos: Sequence[int]) -> list[st
     return out
 
 
-def _dp() -> tuple[int, int, Any]:
-    """(dp rank, dp size, dp group) when megatron-core's groups exist, else one rank."""
-    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
-        return 0, 1, None
-    from megatron.core import parallel_state
-
-    if not parallel_state.model_parallel_is_initialized():
-        return 0, 1, None
-    return (parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_world_size(),
-            parallel_state.get_data_parallel_group())
-
-
 def evaluate(
     chunks: Sequence[torch.nn.Module],
     tokenizer,
@@ -197,7 +186,8 @@ def evaluate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     sampler = BlockSampler(chunks, settings.sampler_config(mask_token_id=mask_token_id, eos_token_ids=eos,
                                                            pad_token_id=pad, shift_logits=shift_logits))
-    dp_rank, dp_size, dp_group = _dp()
+    parallel = parallel_of(chunks)
+    dp_rank, dp_size, dp_group = parallel.dp_rank, parallel.dp_size, parallel.dp_group
     mine = list(range(dp_rank, len(task.examples), dp_size))
     prompts = [T.build_prompt(task, task.examples[i], tokenizer, chat=chat, chat_kwargs=chat_kwargs) for i in mine]
     enc = tokenizer(prompts, add_special_tokens=not chat)["input_ids"] if prompts else []

@@ -61,8 +61,8 @@ class SamplerLM:
                 raise ValueError("SamplerLM needs model chunks, or hf=<HF dir> / ckpt=<checkpoint dir> to load")
             from nemo_opdlm.eval.loading import load_model, start_single_runtime
 
-            start_single_runtime()
-            loaded = load_model(hf=hf, ckpt=ckpt, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
+            parallel = start_single_runtime()
+            loaded = load_model(parallel, hf=hf, ckpt=ckpt, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
                                 mask_token_id=mask_token_id, shift_logits=_coerce(shift_logits))
             chunks, tokenizer, mask_token_id = loaded.chunks, loaded.tokenizer, loaded.mask_token_id
             shift_logits = loaded.shift_logits

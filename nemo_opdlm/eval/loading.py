@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from nemo_opdlm.errors import CheckpointError, ConfigError
+from nemo_opdlm.runtime.context import ParallelContext
 
 
 @dataclass
@@ -28,14 +29,13 @@ class LoadedModel:
     """The student predicts token i at position i - 1 (``DiffusionConfig.shift_logits``)."""
 
 
-def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> None:
-    """Start the runtime once for this process (no-op when it is already running)."""
-    from megatron.core import parallel_state
+def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelContext:
+    """This process's parallel context, starting the runtime if it is not running (the lm-eval
+    adapter loads models inside lm-eval's own process)."""
+    from nemo_opdlm.runtime.distributed import ParallelLayout, current_runtime, init_runtime
 
-    from nemo_opdlm.runtime.distributed import ParallelLayout, init_runtime
-
-    if not parallel_state.model_parallel_is_initialized():
-        init_runtime(ParallelLayout(tp=tp, pp=pp), seed=seed)
+    rt = current_runtime() or init_runtime(ParallelLayout(tp=tp, pp=pp), seed=seed)
+    return rt.ctx
 
 
 def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[str]) -> str:
@@ -51,10 +51,11 @@ def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[s
                       "directory (opdlm eval --tokenizer DIR; the lm-eval model arg tokenizer=DIR)")
 
 
-def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenizer: Optional[str] = None,
-               prefix: str = "", mask_token_id: Optional[int] = None, block_size: Optional[int] = None,
-               shift_logits: Optional[bool] = None, model_config: Any = None) -> LoadedModel:
-    """Load weights for the running runtime's layout.
+def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Optional[str] = None,
+               tokenizer: Optional[str] = None, prefix: str = "", mask_token_id: Optional[int] = None,
+               block_size: Optional[int] = None, shift_logits: Optional[bool] = None,
+               model_config: Any = None) -> LoadedModel:
+    """Load weights for ``parallel``'s layout (the running runtime's ``Runtime.ctx``).
 
     ``hf``: an HF directory of a supported AR model (Qwen3 / Qwen2 / Llama). ``ckpt``: a torch_dist
     checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
@@ -74,7 +75,7 @@ def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenize
     tok = AutoTokenizer.from_pretrained(_tokenizer_dir(tokenizer, hf, ckpt))
     diffusion: dict = {}
     if hf:
-        cfg, chunks = teacher_from_hf(hf)
+        cfg, chunks = teacher_from_hf(hf, parallel)
     else:
         meta = read_checkpoint_meta(ckpt) or {}
         diffusion = meta.get("diffusion") or {}
@@ -84,7 +85,7 @@ def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenize
         if cfg is None:
             raise CheckpointError(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
                                   "(evaluate through the training run, or use tools/import_hf.py)")
-        chunks = build_chunks(cfg)
+        chunks = build_chunks(cfg, parallel)
         load_dist_checkpoint(chunks, ckpt, prefix=prefix, cfg=cfg)
     for c in chunks:
         c.eval()

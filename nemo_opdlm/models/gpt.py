@@ -19,21 +19,25 @@ from typing import Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.parallel_state import get_tensor_model_parallel_rank
 from torch import Tensor
 
 from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.runtime.context import ParallelContext
 
 
 class DiffusionGPTModel(GPTModel):
     """megatron-core GPT whose forward takes position ids and block-mask metadata.
 
-    Args (beyond GPTModel's): ``real_vocab_size``: the tokenizer's vocabulary before padding.
+    Args (beyond GPTModel's): ``real_vocab_size``: the tokenizer's vocabulary before padding;
+    ``parallel``: the layout it was built for (its groups go to megatron-core as ``pg_collection``;
+    whoever is handed the chunks reads their layout here).
     """
 
-    def __init__(self, *args, real_vocab_size: int, rope_scaling_params=None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, *args, real_vocab_size: int, parallel: ParallelContext, rope_scaling_params=None,
+                 **kwargs) -> None:
+        super().__init__(*args, pg_collection=parallel.pgs, **kwargs)
         self.real_vocab_size = real_vocab_size
+        self.parallel = parallel
         if rope_scaling_params is not None and hasattr(self, "rotary_pos_emb"):
             # megatron-core only exposes the Llama-3 factor; apply all four HF parameters to the
             # unscaled frequencies it built (GPTModel got rope_scaling=False).
@@ -100,13 +104,13 @@ class DiffusionGPTModel(GPTModel):
         # transposing the logits (a copy of every logit, forward and backward).
         hidden = hidden.transpose(0, 1).contiguous()  # [B, S, H]
         logits, _ = self.output_layer(hidden, weight=weight)  # [B, S, V/tp]
-        return mask_vocab_padding(logits, self.real_vocab_size)
+        return mask_vocab_padding(logits, self.real_vocab_size, self.parallel.tp_rank)
 
 
-def mask_vocab_padding(logits: Tensor, real_vocab_size: int) -> Tensor:
-    """Fill the padded vocabulary entries of this TP rank's logit shard with the dtype's minimum."""
+def mask_vocab_padding(logits: Tensor, real_vocab_size: int, tp_rank: int) -> Tensor:
+    """Fill the padded vocabulary entries of TP rank ``tp_rank``'s logit shard with the dtype's minimum."""
     local = logits.shape[-1]
-    start = get_tensor_model_parallel_rank() * local
+    start = tp_rank * local
     n_real = min(max(real_vocab_size - start, 0), local)
     if n_real == local:
         return logits
@@ -114,25 +118,19 @@ def mask_vocab_padding(logits: Tensor, real_vocab_size: int) -> Tensor:
     return logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
 
 
-def build_gpt(
-    model: ModelConfig,
-    *,
-    tp_size: int,
-    pp_size: int,
-    pre_process: bool,
-    post_process: bool,
-    vp_stage: Optional[int] = None,
-) -> DiffusionGPTModel:
-    """Build one pipeline stage of the decoder (no weights loaded; see ``convert/``)."""
+def build_gpt(model: ModelConfig, parallel: ParallelContext, vp_stage: Optional[int] = None) -> DiffusionGPTModel:
+    """Build this rank's chunk ``vp_stage`` (None without VPP) of the decoder for ``parallel``'s
+    layout (no weights loaded; see ``convert/``)."""
     from nemo_opdlm.models.specs import layer_spec
 
+    pre_process, post_process = parallel.stage_ends(vp_stage)
     config = model.transformer_config(
-        tp_size=tp_size, pp_size=pp_size, use_cpu_initialization=not torch.cuda.is_available()
+        tp_size=parallel.tp_size, pp_size=parallel.pp_size, use_cpu_initialization=not torch.cuda.is_available()
     )
     kwargs = dict(
         config=config,
         transformer_layer_spec=layer_spec(model),
-        vocab_size=model.padded_vocab_size(tp_size),
+        vocab_size=model.padded_vocab_size(parallel.tp_size),
         max_sequence_length=model.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
@@ -141,6 +139,7 @@ def build_gpt(
         position_embedding_type="rope",
         rotary_base=model.rotary_base,
         real_vocab_size=model.vocab_size,
+        parallel=parallel,
         rope_scaling_params=model.rope_scaling,
     )
     if vp_stage is not None:

@@ -9,33 +9,25 @@ from __future__ import annotations
 
 from typing import Optional
 
+from typing import Sequence
+
 import torch
-from megatron.core import parallel_state
 
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel, build_gpt
+from nemo_opdlm.runtime.context import ParallelContext
 
 
-def build_chunks(model: ModelConfig) -> list[DiffusionGPTModel]:
-    """This rank's model chunks for the current megatron-core parallel state (one per VPP stage)."""
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    pp = parallel_state.get_pipeline_model_parallel_world_size()
-    vpp = parallel_state.get_virtual_pipeline_model_parallel_world_size()
-    chunks = []
-    for stage in range(vpp or 1):
-        vp_stage = stage if vpp else None
-        chunks.append(
-            build_gpt(
-                model,
-                tp_size=tp,
-                pp_size=pp,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
-                vp_stage=vp_stage,
-            )
-        )
-    return chunks
+def build_chunks(model: ModelConfig, parallel: ParallelContext) -> list[DiffusionGPTModel]:
+    """This rank's model chunks for ``parallel``'s layout (one per virtual pipeline stage)."""
+    stages = [None] if parallel.vpp_size is None else list(range(parallel.vpp_size))
+    return [build_gpt(model, parallel, vp_stage) for vp_stage in stages]
+
+
+def parallel_of(chunks: Sequence[torch.nn.Module]) -> ParallelContext:
+    """The layout model chunks were built for (through DDP / Float16Module wrappers)."""
+    return unwrap(chunks[0]).parallel
 
 
 def check_diffusion(model: ModelConfig, diffusion: DiffusionConfig) -> None:
@@ -47,10 +39,10 @@ def check_diffusion(model: ModelConfig, diffusion: DiffusionConfig) -> None:
         )
 
 
-def build_student(model: ModelConfig, diffusion: DiffusionConfig) -> list[DiffusionGPTModel]:
+def build_student(model: ModelConfig, diffusion: DiffusionConfig, parallel: ParallelContext) -> list[DiffusionGPTModel]:
     """The trainable student chunks (random init; load or ``from_teacher`` next)."""
     check_diffusion(model, diffusion)
-    return build_chunks(model)
+    return build_chunks(model, parallel)
 
 
 @torch.no_grad()

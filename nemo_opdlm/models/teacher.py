@@ -14,6 +14,7 @@ import torch
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_chunks
+from nemo_opdlm.runtime.context import ParallelContext
 
 
 def freeze(chunks: list[DiffusionGPTModel]) -> list[DiffusionGPTModel]:
@@ -24,9 +25,9 @@ def freeze(chunks: list[DiffusionGPTModel]) -> list[DiffusionGPTModel]:
     return chunks
 
 
-def build_teacher(model: ModelConfig) -> list[DiffusionGPTModel]:
-    """Frozen teacher chunks for the current parallel state (weights are loaded by ``convert/``)."""
-    return freeze(build_chunks(model))
+def build_teacher(model: ModelConfig, parallel: ParallelContext) -> list[DiffusionGPTModel]:
+    """Frozen teacher chunks for ``parallel``'s layout (weights are loaded by ``convert/``)."""
+    return freeze(build_chunks(model, parallel))
 
 
 def offload(chunks: list[DiffusionGPTModel], device: torch.device | str) -> None:

@@ -44,7 +44,6 @@ from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
-from megatron.core import parallel_state
 from torch import Tensor
 
 from nemo_opdlm.data.prompts import left_pad  # noqa: F401  (re-exported as nemo_opdlm.rollout.left_pad)
@@ -57,6 +56,7 @@ from nemo_opdlm.rollout.kv_cache import BlockKVCache
 from nemo_opdlm.rollout.sampling import choose_tokens
 from nemo_opdlm.rollout.stages import MicroBatch, StageRunner, attention_layers, share_decisions, split_rows
 from nemo_opdlm.runtime.cpu_compat import device_mode_suspended
+from nemo_opdlm.runtime.seeding import rollout_seed
 
 @dataclass(kw_only=True)
 class SamplerConfig:
@@ -368,17 +368,16 @@ class BlockSampler:
     def __init__(self, chunks: Sequence[torch.nn.Module], config: SamplerConfig) -> None:
         self.config = config
         self.chunks: list[DiffusionGPTModel] = [unwrap(c) for c in chunks]
+        self.parallel = self.chunks[0].parallel
         self.stages = StageRunner(self.chunks)
         self.device = self.stages.device
         self.is_last_stage = self.stages.is_last_stage
         model_config = self.chunks[0].config
-        tp = parallel_state.get_tensor_model_parallel_world_size()
-        self.groups = model_config.num_query_groups // tp
+        self.groups = model_config.num_query_groups // self.parallel.tp_size
         self.head_dim = model_config.kv_channels
-        self.num_microbatches = config.num_microbatches or parallel_state.get_pipeline_model_parallel_world_size()
-        seed = config.seed + 1_000_003 * parallel_state.get_data_parallel_rank()
+        self.num_microbatches = config.num_microbatches or self.parallel.pp_size
         self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
+        self.generator.manual_seed(rollout_seed(config.seed, self.parallel.dp_rank))
         self._eos = torch.tensor(config.eos_token_ids, dtype=torch.long, device=self.device)
 
     # --- shared machinery --------------------------------------------------------------------
@@ -426,7 +425,7 @@ class BlockSampler:
         cfg = self.config
         return choose_tokens(
             logits, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, uniform=uniform,
-            suppress_id=cfg.mask_token_id if cfg.suppress_mask_token else None,
+            suppress_id=cfg.mask_token_id if cfg.suppress_mask_token else None, group=self.parallel.tp_group,
         )
 
     def _check_prompts(self, prompt_ids: Tensor, prompt_lens: Tensor) -> tuple[Tensor, Tensor]:
@@ -554,7 +553,7 @@ class BlockSampler:
                     chosen = schedules.select_unmask(conf, st < 0, d.counts[step], d.threshold_of(rows))  # [N, bs]
                     x = torch.where(chosen, cand, x)
                     st = torch.where(chosen, step[:, None], st)
-                x, st = share_decisions(torch.stack([x, st])).unbind(0)
+                x, st = share_decisions(torch.stack([x, st]), self.parallel).unbind(0)
                 complete = ~(st < 0).any(-1)  # [N]
                 finished = complete & d.finishes(x, rows, block)  # [N]
                 step = step + 1
@@ -638,7 +637,7 @@ class BlockSampler:
                         chosen = schedules.select_unmask(conf, st < 0, d.counts[r], d.threshold_of(rows))  # [N, bs]
                         x = torch.where(chosen, cand, x)
                         st = torch.where(chosen, r, st)
-                    x, st = share_decisions(torch.stack([x, st])).unbind(0)
+                    x, st = share_decisions(torch.stack([x, st]), self.parallel).unbind(0)
                     if not bool((st < 0).any()):
                         break
                 d.tokens[rows, b * bs: (b + 1) * bs] = x
@@ -687,7 +686,7 @@ class BlockSampler:
                 if logits is not None:
                     uniform = self._uniforms(batch, 1)  # [B, 1] or None
                     nxt = self._choose(logits, None if uniform is None else uniform[rows])[0]
-                nxt = share_decisions(nxt)
+                nxt = share_decisions(nxt, self.parallel)
                 tokens[rows, i] = nxt[:, 0]
                 step_map[rows, i] = 0
                 done = torch.isin(nxt[:, 0], self._eos) | (i == limits[rows] - 1)  # [N]

@@ -19,12 +19,12 @@ from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
-from megatron.core import parallel_state
 from torch import Tensor
 
 from nemo_opdlm.models.attention import BlockAttention
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
+from nemo_opdlm.runtime.context import ParallelContext
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,8 @@ class StageRunner:
 
     def __init__(self, chunks: Sequence[DiffusionGPTModel]) -> None:
         self.chunks = list(chunks)
-        self.pp = parallel_state.get_pipeline_model_parallel_world_size()
-        if self.pp > 1:
-            self.group = parallel_state.get_pipeline_model_parallel_group()
-            self.prev = parallel_state.get_pipeline_model_parallel_prev_rank()
-            self.next = parallel_state.get_pipeline_model_parallel_next_rank()
+        parallel = self.chunks[0].parallel
+        self.group, self.prev, self.next = parallel.pp_group, parallel.pp_prev_global, parallel.pp_next_global
         self.is_last_stage = any(c.post_process for c in self.chunks)
         config = self.chunks[0].config
         self.hidden = config.hidden_size
@@ -111,25 +108,15 @@ class StageRunner:
         return logits[0] if len(logits) == 1 else torch.cat(logits, dim=0)
 
 
-def share_decisions(t: Tensor) -> Tensor:
+def share_decisions(t: Tensor, parallel: ParallelContext) -> Tensor:
     """Make ``t`` (decided on the last pipeline stage) identical on every rank of the model-parallel group.
 
     First TP rank 0 of the last stage overrides its TP peers (they computed the same values; this
     removes any doubt), then the last stage sends to the other stages of its pipeline. ``t`` must
     have the same shape and dtype on every rank (contents on non-last stages are ignored).
     """
-    if parallel_state.get_tensor_model_parallel_world_size() > 1 and parallel_state.is_pipeline_last_stage(
-        ignore_virtual=True
-    ):
-        dist.broadcast(
-            t,
-            src=parallel_state.get_tensor_model_parallel_src_rank(),
-            group=parallel_state.get_tensor_model_parallel_group(),
-        )
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        dist.broadcast(
-            t,
-            src=parallel_state.get_pipeline_model_parallel_last_rank(),
-            group=parallel_state.get_pipeline_model_parallel_group(),
-        )
+    if parallel.tp_group is not None and parallel.is_last_stage:
+        dist.broadcast(t, src=parallel.tp_src_global, group=parallel.tp_group)
+    if parallel.pp_group is not None:
+        dist.broadcast(t, src=parallel.pp_last_global, group=parallel.pp_group)
     return t

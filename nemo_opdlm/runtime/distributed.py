@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import re
 import socket
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Iterator, Optional
+from typing import TYPE_CHECKING, Iterator, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from nemo_opdlm.errors import ConfigError
-from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.runtime.context import ParallelContext
 from nemo_opdlm.runtime.cpu_compat import enable_cpu_compat
+from nemo_opdlm.runtime.seeding import seed_everything
+
+if TYPE_CHECKING:
+    from nemo_opdlm.models.config import ModelConfig
 
 
 class LayoutError(ConfigError):
@@ -70,7 +72,7 @@ class ParallelLayout:
             )
         return world_size // self.model_parallel
 
-    def check_model(self, model: ModelConfig, what: str = "model") -> None:
+    def check_model(self, model: "ModelConfig", what: str = "model") -> None:
         """Raise LayoutError if TP does not divide heads/groups/FFN or PP does not divide layers."""
         checks = [
             ("num_attention_heads", model.num_attention_heads, "tp", self.tp),
@@ -153,6 +155,8 @@ class Runtime:
     device: torch.device
     backend: str
     seed: int
+    ctx: ParallelContext
+    """This rank's groups, ranks and sizes: what models, the sampler and the step are given."""
 
     @property
     def rank(self) -> int:
@@ -171,29 +175,32 @@ class Runtime:
         return self.env.rank == 0
 
 
+def parallel_context() -> ParallelContext:
+    """The context of megatron-core's initialised groups on this rank: the one place that reads
+    ``parallel_state`` (everything else is handed the result)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy, torch and megatron-core's model-parallel RNG tracker.
-
-    As in megatron-core training, pipeline stages get different streams (``seed + 100 * pp_rank``);
-    the tracker gives TP ranks distinct streams for dropout in TP regions and the same stream
-    elsewhere.
-    """
-    from megatron.core import parallel_state, tensor_parallel
-
-    stage_seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
-    random.seed(stage_seed)
-    np.random.seed(stage_seed)
-    torch.manual_seed(stage_seed)
-    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed)
+    pp_group = ps.get_pipeline_model_parallel_group()
+    pp_size = ps.get_pipeline_model_parallel_world_size()
+    return ParallelContext(
+        tp_rank=ps.get_tensor_model_parallel_rank(), tp_size=ps.get_tensor_model_parallel_world_size(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(), pp_size=pp_size,
+        vpp_size=ps.get_virtual_pipeline_model_parallel_world_size(),
+        dp_rank=ps.get_data_parallel_rank(), dp_size=ps.get_data_parallel_world_size(),
+        pgs=ProcessGroupCollection.use_mpu_process_groups(),
+        pp_prev_global=ps.get_pipeline_model_parallel_prev_rank(),
+        pp_next_global=ps.get_pipeline_model_parallel_next_rank(),
+        pp_last_global=dist.get_global_rank(pp_group, pp_size - 1),
+        tp_src_global=ps.get_tensor_model_parallel_src_rank(),
+    )
 
 
 def init_runtime(
     layout: ParallelLayout,
     *,
     seed: int = 1234,
-    models: tuple[tuple[str, ModelConfig], ...] = (),
+    models: tuple[tuple[str, "ModelConfig"], ...] = (),
     backend: Optional[str] = None,
     timeout_minutes: int = 30,
     environ: Optional[dict[str, str]] = None,
@@ -202,7 +209,7 @@ def init_runtime(
 
     Args:
         layout: TP/PP/CP sizes; DP is derived from the world size.
-        seed: base seed (see :func:`seed_everything`).
+        seed: base seed (see :func:`seeding.seed_everything`).
         models: (name, config) pairs to validate the layout against before anything is built.
         backend: 'nccl' or 'gloo'; default nccl when CUDA is available, else gloo.
         timeout_minutes: collective timeout.
@@ -237,14 +244,28 @@ def init_runtime(
         context_parallel_size=layout.cp,
         distributed_timeout_minutes=timeout_minutes,
     )
-    seed_everything(seed)
-    return Runtime(env=env, layout=layout, device=device, backend=backend, seed=seed)
+    ctx = parallel_context()
+    seed_everything(seed, ctx)
+    global _CURRENT
+    _CURRENT = Runtime(env=env, layout=layout, device=device, backend=backend, seed=seed, ctx=ctx)
+    return _CURRENT
+
+
+_CURRENT: Optional[Runtime] = None
+
+
+def current_runtime() -> Optional[Runtime]:
+    """The runtime this process started and has not shut down, or None. For entry points that may
+    run inside a host that already started one (lm-eval's process); library code is handed a context."""
+    return _CURRENT
 
 
 def shutdown_runtime() -> None:
     """Destroy megatron-core groups and the default process group (safe to call twice)."""
     from megatron.core import parallel_state
 
+    global _CURRENT
+    _CURRENT = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -15,14 +15,15 @@ import time
 from typing import Any, Optional
 
 import torch
-from megatron.core import parallel_state
 
 from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.errors import NonFiniteLossError
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.comm import agree, is_rank0
-from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
+from nemo_opdlm.runtime.context import ParallelContext
+from nemo_opdlm.runtime.distributed import init_runtime, shutdown_runtime
+from nemo_opdlm.runtime.seeding import seed_everything, step_seed
 from nemo_opdlm.training import checkpoint, run_dir
 from nemo_opdlm.training.metrics import MetricsLogger
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
@@ -52,20 +53,17 @@ class _Preemption:
             signal.signal(sig, handler)
 
 
-def step_seed(seed: int, step: int) -> int:
-    return seed * 1_000_003 + step * 7919
-
-
 def train(cfg: RunConfig) -> dict[str, Any]:
     """Run ``cfg`` in this process (one rank of a torchrun/srun job). Returns a summary."""
-    init_runtime(cfg.parallel, seed=cfg.train.seed, models=(("model", cfg.model), ("teacher_model", cfg.teacher)))
+    rt = init_runtime(cfg.parallel, seed=cfg.train.seed,
+                      models=(("model", cfg.model), ("teacher_model", cfg.teacher)))
     try:
-        return _train(cfg)
+        return _train(cfg, rt.ctx)
     finally:
         shutdown_runtime()
 
 
-def _train(cfg: RunConfig) -> dict[str, Any]:
+def _train(cfg: RunConfig, parallel: ParallelContext) -> dict[str, Any]:
     lock, resume_from = None, None
     if cfg.train.save_dir:  # one writer per run directory; decided before the models load
         lock, resume_from = run_dir.open_run(cfg.train.save_dir, resume=cfg.train.resume,
@@ -73,16 +71,16 @@ def _train(cfg: RunConfig) -> dict[str, Any]:
                                              note=lambda m: print(f"[opdlm] {m}", flush=True) if is_rank0() else None,
                                              damage=checkpoint.damage)
     try:
-        return _run(cfg, resume_from)
+        return _run(cfg, parallel, resume_from)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
-    s = build(cfg)
+def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) -> dict[str, Any]:
+    s = build(cfg, parallel)
     state = wrap_for_training(s.student, cfg.model, cfg.optim, cfg.train.steps)
-    log = MetricsLogger(total_steps=cfg.train.steps, out_dir=cfg.train.save_dir,
+    log = MetricsLogger(enabled=parallel.is_logging_rank, total_steps=cfg.train.steps, out_dir=cfg.train.save_dir,
                         tensorboard_dir=cfg.train.tensorboard_dir, wandb_project=cfg.train.wandb_project,
                         run_name=cfg.name, config=to_dict(cfg))
     start = 0
@@ -94,7 +92,7 @@ def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
                                   block_size=cfg.diffusion.block_size)
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = parallel.dp_size
     diffusion = dataclasses.asdict(cfg.diffusion)
     history: list[dict[str, float]] = []
     bad_in_row, step, status = 0, start, "completed"
@@ -108,16 +106,16 @@ def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             seed = step_seed(cfg.train.seed, step)
-            seed_everything(seed)
+            seed_everything(seed, parallel)
             batch = s.loader.next_batch()
             length = curriculum.length(step - 1)
             with resident(s.teacher, cfg.distill.teacher_offload):
                 out = forward_backward(cfg, batch, state, s.teacher, s.eos_ids, s.pad_id, seed=seed, length=length,
-                                       lazy_teacher=parallel_state.get_pipeline_model_parallel_world_size() == 1)
+                                       lazy_teacher=parallel.pp_size == 1)
             resp, rows, reported = out.responses, out.rows, out.reported
             t_rollout = out.seconds["rollout_s"]
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
-            metrics = reduce_reported(reported)
+            metrics = reduce_reported(reported, parallel.dp_group)
             lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
             finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
             if agree(not finite):

@@ -14,16 +14,6 @@ import sys
 import time
 from typing import Any, Optional
 
-from megatron.core import parallel_state
-
-
-def is_logging_rank() -> bool:
-    return (
-        parallel_state.is_pipeline_last_stage(ignore_virtual=True)
-        and parallel_state.get_data_parallel_rank() == 0
-        and parallel_state.get_tensor_model_parallel_rank() == 0
-    )
-
 
 def _fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -42,9 +32,9 @@ def json_line(row: dict[str, Any]) -> str:
 class MetricsLogger:
     """Writes one line per logged step, ``metrics.jsonl`` and optional TensorBoard/W&B scalars."""
 
-    def __init__(self, *, total_steps: int, out_dir: Optional[str], tensorboard_dir: Optional[str],
+    def __init__(self, *, enabled: bool, total_steps: int, out_dir: Optional[str], tensorboard_dir: Optional[str],
                  wandb_project: Optional[str], run_name: str, config: dict[str, Any]) -> None:
-        self.enabled = is_logging_rank()
+        self.enabled = enabled
         self.total_steps = total_steps
         self.start = time.perf_counter()
         self.first_step: Optional[int] = None

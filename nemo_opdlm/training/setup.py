@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-from megatron.core import parallel_state
 
 from nemo_opdlm.config import RunConfig
 from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint
@@ -24,6 +23,7 @@ from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher, offload
+from nemo_opdlm.runtime.context import ParallelContext
 
 def tokenizer_dir(cfg: RunConfig) -> str:
     path = cfg.init.tokenizer or cfg.init.teacher_hf or cfg.init.student_hf
@@ -92,18 +92,19 @@ def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str],
     return False
 
 
-def build_models(cfg: RunConfig) -> tuple[list[DiffusionGPTModel], Optional[list[DiffusionGPTModel]]]:
-    """(student, teacher or None), weights loaded as ``init`` says."""
+def build_models(cfg: RunConfig,
+                 parallel: ParallelContext) -> tuple[list[DiffusionGPTModel], Optional[list[DiffusionGPTModel]]]:
+    """(student, teacher or None) at ``parallel``'s layout, weights loaded as ``init`` says."""
     teacher = None
     if get_method(cfg.distill.method).needs_teacher:
         if not (cfg.init.teacher_hf or cfg.init.teacher_checkpoint):
             raise ConfigError(f"distill.method={cfg.distill.method} needs the teacher's weights: "
                               "set init.teacher_hf or init.teacher_checkpoint")
-        teacher = build_teacher(cfg.teacher)
+        teacher = build_teacher(cfg.teacher, parallel)
         _load_weights(teacher, cfg.teacher, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)
         if cfg.distill.teacher_offload and torch.cuda.is_available():
             offload(teacher, "cpu")  # brought to the GPU only while a step uses it
-    student = build_student(cfg.model, cfg.diffusion)
+    student = build_student(cfg.model, cfg.diffusion, parallel)
     if cfg.init.student_hf:
         load_hf_weights(student, cfg.init.student_hf, cfg.model)
     elif teacher is not None and cfg.teacher_model is None:
@@ -115,10 +116,11 @@ def build_models(cfg: RunConfig) -> tuple[list[DiffusionGPTModel], Optional[list
     return student, teacher
 
 
-def build_loader(cfg: RunConfig, tokenizer) -> PromptLoader:
+def build_loader(cfg: RunConfig, tokenizer, parallel: ParallelContext) -> PromptLoader:
+    """This data-parallel rank's prompts: disjoint slices of each global batch."""
     if cfg.data is None:
         raise ConfigError("data.path is not set: give a JSONL/Parquet prompt file or a saved dataset")
-    dp = parallel_state.get_data_parallel_world_size()
+    dp = parallel.dp_size
     if cfg.train.prompts_per_step % (dp * cfg.train.micro_batch_size):
         raise ConfigError(
             f"train.prompts_per_step={cfg.train.prompts_per_step} must be a multiple of data-parallel size "
@@ -126,7 +128,7 @@ def build_loader(cfg: RunConfig, tokenizer) -> PromptLoader:
         )
     prompts = load_prompts(cfg.data, tokenizer, tokenizer.eos_token_id)
     sampler = ShardedSampler(
-        len(prompts), global_batch_size=cfg.train.prompts_per_step, dp_rank=parallel_state.get_data_parallel_rank(),
+        len(prompts), global_batch_size=cfg.train.prompts_per_step, dp_rank=parallel.dp_rank,
         dp_size=dp, seed=cfg.train.seed,
     )
     return PromptLoader(prompts, sampler, pad_id(tokenizer))
@@ -142,9 +144,9 @@ class Setup:
     loader: PromptLoader
 
 
-def build(cfg: RunConfig) -> Setup:
+def build(cfg: RunConfig, parallel: ParallelContext) -> Setup:
     """Tokenizer and prompts first (cheap, most likely to be wrong), then the models."""
     tokenizer = load_tokenizer(cfg)
-    loader = build_loader(cfg, tokenizer)
-    student, teacher = build_models(cfg)
+    loader = build_loader(cfg, tokenizer, parallel)
+    student, teacher = build_models(cfg, parallel)
     return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
 import torch
-from megatron.core import parallel_state
 from torch import Tensor
 
 from nemo_opdlm.config import RunConfig
@@ -25,9 +24,12 @@ from nemo_opdlm.distill.methods import Method, get_method
 from nemo_opdlm.distill.states import build_states, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
+from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.pipeline import run_schedule
+from nemo_opdlm.runtime.seeding import noise_seed
+from nemo_opdlm.runtime.vocab_parallel import Group
 from nemo_opdlm.training.optim import TrainState, zero_grads
 
 
@@ -154,18 +156,19 @@ def _lazy_targets(teacher: list, batch: dict[str, Tensor], top_k: Optional[int])
     length = batch["loss_mask"].shape[1]
     logits = teacher[0](ids, batch["teacher_position_ids"], batch["teacher_meta"],
                         logits_last=logits_needed(length))  # [B, L + 1, V/tp]
-    target = shifted_targets(logits, ids.shape[1] - length, length, top_k)
+    target = shifted_targets(logits, ids.shape[1] - length, length, top_k, parallel_of(teacher).tp_group)
     return target.logprobs, target.ids
 
 
-def make_loss_fn(method: str | Method, num_sequences: int, scale: float, teacher: Optional[list] = None,
-                 top_k: Optional[int] = None):
+def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_group: Group,
+                 teacher: Optional[list] = None, top_k: Optional[int] = None):
     """megatron-core ``loss_func`` for one micro-batch: ``(loss * scale, reported metrics)``.
 
     ``method``'s loss (a ``distill.method`` name or its ``Method``). ``scale`` = micro-batches x DP
     size: the schedule divides by the former and DDP averages over the latter, while
-    ``distill/loss.py`` already divides by the global sequence count. ``teacher``/``top_k``: for
-    micro-batches prepared with ``attach_teacher_targets(lazy=True)``.
+    ``distill/loss.py`` already divides by the global sequence count. ``tp_group``: the group the
+    student's vocabulary is split over. ``teacher``/``top_k``: for micro-batches prepared with
+    ``attach_teacher_targets(lazy=True)``.
     """
     kind = (get_method(method) if isinstance(method, str) else method).loss
 
@@ -183,7 +186,7 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, teacher
                 assert teacher is not None, "micro-batch without teacher targets and no teacher to compute them"
                 t_logprobs, t_ids = _lazy_targets(teacher, batch, top_k)
             loss, metrics = losses.kl_loss(logits, batch["loss_mask"], t_logprobs, t_ids,
-                                           num_sequences=num_sequences)
+                                           num_sequences=num_sequences, tp_group=tp_group)
         metrics = dict(metrics, loss=loss.detach())
         return loss * scale, metrics
 
@@ -214,23 +217,24 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     see ``attach_teacher_targets``; ``sync`` is called before each phase ends (a benchmark passes
     ``torch.cuda.synchronize`` so that the seconds are the device's).
     """
-    dp = parallel_state.get_data_parallel_world_size()
+    parallel = parallel_of(state.chunks)
     t0 = time.perf_counter()
     scfg = sampler_config(cfg, eos_ids, pad_id, seed, max_new_tokens=length)
     resp = get_responses(cfg, batch, state.chunks, teacher, scfg, length)
     sync()
     t1 = time.perf_counter()
-    generator = torch.Generator().manual_seed(seed + 31 * parallel_state.get_data_parallel_rank())
+    generator = torch.Generator().manual_seed(noise_seed(seed, parallel.dp_rank))
     rows = training_rows(cfg, resp, eos_ids, generator)
     n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
     microbatches = split_microbatches(rows, n_mb)
     if teacher is not None:
         attach_teacher_targets(cfg, teacher, resp, microbatches, lazy=lazy_teacher)
-    num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel_state.get_data_parallel_group())
+    num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
     sync()
     t2 = time.perf_counter()
     zero_grads(state)
-    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * dp, teacher, cfg.distill.top_k)
+    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * parallel.dp_size, parallel.tp_group, teacher,
+                           cfg.distill.top_k)
     reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False, **student_outputs(cfg, rows))
     sync()
     seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
@@ -252,14 +256,15 @@ def student_outputs(cfg: RunConfig, rows: dict[str, Tensor]) -> dict[str, Any]:
     return {"logits_columns": masks.prediction_columns(prompt_width, length, cfg.diffusion.block_size, True)}
 
 
-def reduce_reported(reported: list[dict[str, Tensor]]) -> dict[str, float]:
-    """Sum the micro-batch metrics, then over data-parallel ranks (last pipeline stage only)."""
+def reduce_reported(reported: list[dict[str, Tensor]], dp_group: Group) -> dict[str, float]:
+    """Sum the micro-batch metrics, then over the data-parallel ranks of ``dp_group`` (last pipeline
+    stage only)."""
     if not reported:
         return {}
     keys = sorted(reported[0])
     total = torch.stack([sum(r[k].float() for r in reported) for k in keys])  # [K]
-    if parallel_state.get_data_parallel_world_size() > 1:
-        group = parallel_state.get_data_parallel_group()
+    if dp_group is not None and torch.distributed.get_world_size(dp_group) > 1:
+        group = dp_group
         total = total.to(collective_device(group))  # NCCL needs CUDA, gloo CPU, whatever made the metrics
         torch.distributed.all_reduce(total, group=group)
     return {k: float(v) for k, v in zip(keys, total)}
