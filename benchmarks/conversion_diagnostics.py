@@ -113,7 +113,8 @@ def diagnose_run(cfg, run_dir: str, teacher_info: dict[str, Any], rows: int) -> 
     from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.models.teacher import freeze
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
-    from nemo_opdlm.training.setup import eos_ids, load_tokenizer, pad_id
+    from nemo_opdlm.data.prompts import pad_id
+    from nemo_opdlm.training.setup import eos_ids, load_tokenizer
 
     data = teacher_info["data"]
     out = []

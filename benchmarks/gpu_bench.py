@@ -358,9 +358,10 @@ def bench_teacher(teacher, cfg: ModelConfig, s: Settings, mask_id: int) -> dict[
 
 
 def sampler_settings(s: Settings, mask_id: int, mode: str, tokens: int) -> SamplerConfig:
-    return SamplerConfig(mask_token_id=mask_id, block_size=s.block_size, steps_per_block=s.steps_per_block, mode=mode,
-                         threshold=s.threshold, temperature=1.0, max_new_tokens=tokens, seed=0,
-                         pad_commit_slots=torch.cuda.is_available())
+    """The rollouts' decoding (``RolloutConfig``: sampling at temperature 1) in ``mode``."""
+    decode = RolloutConfig(mode=mode, threshold=s.threshold, steps_per_block=s.steps_per_block)
+    return SamplerConfig(decode=decode, diffusion=DiffusionConfig(block_size=s.block_size, mask_token_id=mask_id),
+                         max_new_tokens=tokens, seed=0)
 
 
 def final_norm(chunks) -> torch.nn.Module:
@@ -413,8 +414,8 @@ def bench_rollout(chunks, s: Settings, mask_id: int, mode: str, prompts) -> dict
 def step_config(cfg: ModelConfig, s: Settings, mask_id: int) -> RunConfig:
     return RunConfig(
         model=cfg, diffusion=DiffusionConfig(block_size=s.block_size, mask_token_id=mask_id),
-        rollout=RolloutConfig(mode="dynamic", threshold=s.threshold, steps_per_block=s.steps_per_block,
-                              min_length=s.step_tokens, max_length=s.step_tokens, curriculum_steps=0),
+        rollout=RolloutConfig(threshold=s.threshold, steps_per_block=s.steps_per_block, min_length=s.step_tokens,
+                              max_length=s.step_tokens, curriculum_steps=0),
         distill=DistillConfig(method="opdlm", top_k=s.top_k),
         train=TrainConfig(prompts_per_step=s.step_prompts, micro_batch_size=s.step_micro_batch),
     )

@@ -31,6 +31,7 @@ Run: ``OMP_NUM_THREADS=1 python benchmarks/rollout_bench.py [--quick]``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -42,9 +43,10 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from nemo_opdlm.models.config import ModelConfig  # noqa: E402
+from nemo_opdlm.config import RolloutConfig  # noqa: E402
+from nemo_opdlm.models.config import DiffusionConfig, ModelConfig  # noqa: E402
 from nemo_opdlm.models.student import build_chunks  # noqa: E402
-from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig  # noqa: E402
+from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig, with_mode  # noqa: E402
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime  # noqa: E402
 
 MODEL = ModelConfig(
@@ -54,7 +56,8 @@ MODEL = ModelConfig(
 )
 MASK_ID = MODEL.vocab_size - 1
 OUTPUT_SCALE = 50.0
-ROLLOUT = dict(block_size=4, steps_per_block=4, mode="dynamic", threshold=0.9, temperature=1.0)
+DIFFUSION = DiffusionConfig(block_size=4, mask_token_id=MASK_ID)
+"""Rollouts: ``RolloutConfig``'s decoding (threshold 0.9, temperature 1) at block 4."""
 
 
 def prompts(batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,13 +77,17 @@ def lockstep_rounds(step_map: torch.Tensor, block_size: int) -> int:
     return int(per_block.amax(0).sum())
 
 
-def run(chunks, ids, lens, max_new: int, method: str = "generate", **settings) -> dict:
-    cfg = SamplerConfig(mask_token_id=MASK_ID, max_new_tokens=max_new, seed=0, **dict(ROLLOUT, **settings))
-    rollout = getattr(BlockSampler(chunks, cfg), method)(ids, lens)
+def run(chunks, ids, lens, max_new: int, **settings) -> dict:
+    """One ``generate`` call under the rollouts' decoding with ``settings`` changed (``mode='ar'``:
+    causal decoding of the same weights)."""
+    decode = with_mode(RolloutConfig(**{k: v for k, v in settings.items() if k != "mode"}), settings.get("mode", "dynamic"))
+    cfg = SamplerConfig(decode=decode, diffusion=DIFFUSION, max_new_tokens=max_new, seed=0)
+    rollout = BlockSampler(chunks, cfg).generate(ids, lens)
+    method = "generate_ar" if decode.mode == "ar" else "generate"
     m = rollout.metrics.as_dict()
     out = {k: round(v, 4) if isinstance(v, float) else v for k, v in m.items()}
     out["ms_per_round"] = round(1e3 * m["wall_time_s"] / m["rounds"], 2)
-    if method == "generate":
+    if decode.mode != "ar":
         out["lockstep_rounds"] = lockstep_rounds(rollout.step_map, rollout.block_size)
     print(f"  {method:11s} {json.dumps(settings):70s} {m['tokens_per_s']:8.1f} tok/s  "
           f"{m['tokens_per_round']:.2f} tok/round  {m['rounds']} rounds  {m['wall_time_s']:.1f} s", flush=True)
@@ -115,7 +122,7 @@ def main() -> None:
         t0 = time.perf_counter()
         results: dict = {}
         print("full length:")
-        results["ar_cached"] = run(chunks, ids, lens, tokens, method="generate_ar")
+        results["ar_cached"] = run(chunks, ids, lens, tokens, mode="ar")
         for threshold in (0.7, 0.8, 0.9, 0.95):
             results[f"cached_t{threshold}"] = run(chunks, ids, lens, tokens, threshold=threshold)
         results["cached_t0.9_pad_commit_slots"] = run(chunks, ids, lens, tokens, pad_commit_slots=True)
@@ -145,7 +152,7 @@ def main() -> None:
         "batch": batch,
         "generated_tokens": tokens,
         "prompt_tokens": "16..48, left-padded",
-        "rollout_settings": ROLLOUT,
+        "rollout_settings": dict(dataclasses.asdict(RolloutConfig()), block_size=DIFFUSION.block_size),
         "results": results,
         "tokens_per_round_by_threshold": {
             str(t): results[f"cached_t{t}"]["tokens_per_round"] for t in (0.7, 0.8, 0.9, 0.95)

@@ -20,6 +20,7 @@ from nemo_opdlm.data.prompts import PromptDataConfig
 from nemo_opdlm.distill.methods import get_method
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
+from nemo_opdlm.rollout.decode import BLOCK_MODES, DecodeConfig
 from nemo_opdlm.rollout.schedules import CURRICULA
 from nemo_opdlm.runtime.distributed import ParallelLayout
 
@@ -44,21 +45,18 @@ class InitConfig:
 
 
 @dataclass(kw_only=True)
-class RolloutConfig:
-    """How the student decodes its own responses each step."""
+class RolloutConfig(DecodeConfig):
+    """How the student decodes its own responses each step: the decoding settings (``DecodeConfig``:
+    mode, threshold, rounds per block, sampling, cache) and the rollout length.
+
+    Two decoding defaults differ from evaluation's, as in the paper: rollouts use the confidence
+    threshold and sample at temperature 1 (evaluation decodes greedily, 1 token per round)."""
 
     mode: str = "dynamic"
-    """'static' (block_size / steps_per_block tokens per round) or 'dynamic' (confidence threshold)."""
-    threshold: float = 0.9
-    """Dynamic decoding: unmask every position whose raw-softmax confidence exceeds this."""
-    steps_per_block: int = 4
-    """Rounds per block for the static schedule (and the minimum per round in dynamic mode)."""
+    """'dynamic' (the paper's rollouts: every position above ``threshold``, at least the static
+    count) or 'static'."""
     temperature: float = 1.0
-    """Sampling temperature; 0 = greedy."""
-    top_k: int = 0
-    """Top-k sampling (0 = off)."""
-    top_p: float = 1.0
-    """Nucleus sampling (1.0 = off)."""
+    """Sampling temperature of the rollouts (the paper's 1.0); 0 = greedy."""
     static_fraction: float = 0.0
     """Share of each step's rollouts (the first rows of every rank's batch; prompts are shuffled)
     decoded with the static schedule instead of the threshold, in the same forwards (mode
@@ -78,26 +76,13 @@ class RolloutConfig:
     """Per-domain caps on the rollout length, e.g. ``{science: 1024, code: 2048, chat: 2048}`` as the
     reference caps them: a prompt whose ``data.domain_field`` names a listed domain is rolled out
     to at most that many tokens (other prompts follow the curriculum alone)."""
-    use_cache: bool = True
-    """Block KV cache during rollouts (False: the uncached reference path)."""
-    pad_commit_slots: Optional[bool] = None
-    """One forward per round with PAD commit slots (True) or committing / other rows as two forwards
-    (False); None = True on GPU (memory-bound: fewer launches win), False on CPU (fewer FLOPs win)."""
+
+    @property
+    def where(self) -> str:
+        return "rollout"
 
     def __post_init__(self) -> None:
-        if self.mode not in ("static", "dynamic"):
-            raise ConfigError(f"rollout.mode must be 'static' or 'dynamic', got {self.mode!r}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"rollout.threshold must be in (0, 1] (a probability; 0 would unmask a whole block "
-                              f"in its first round), got {self.threshold}")
-        if self.temperature < 0:
-            raise ConfigError(f"rollout.temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise ConfigError(f"rollout.top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"rollout.top_p must be in (0, 1] (1 = off), got {self.top_p}")
-        if self.steps_per_block < 1:
-            raise ConfigError(f"rollout.steps_per_block must be >= 1, got {self.steps_per_block}")
+        self.check_values(BLOCK_MODES)
         if not 1 <= self.min_length <= self.max_length:
             raise ConfigError(
                 f"rollout.min_length ({self.min_length}) must be >= 1 and <= rollout.max_length ({self.max_length})"
@@ -263,9 +248,7 @@ class RunConfig:
         method = get_method(self.distill.method)
         if method.needs_dataset_responses and self.data is not None and not self.data.response_field:
             raise ConfigError(f"distill.method={method.name} needs data.response_field (the responses to learn)")
-        if self.rollout.steps_per_block > self.diffusion.block_size:
-            raise ConfigError(f"rollout.steps_per_block={self.rollout.steps_per_block} exceeds diffusion.block_size="
-                              f"{self.diffusion.block_size}: a round unmasks at least one token of the block")
+        self.rollout.rounds_per_block(self.diffusion.block_size)  # steps_per_block fits the block
         if self.rollout.max_length_by_domain and (self.data is None or not self.data.domain_field):
             raise ConfigError("rollout.max_length_by_domain caps rollouts by each prompt's domain: set "
                               "data.domain_field to the record field that names it")

@@ -84,8 +84,6 @@ QUICK = dict(num_train=200, num_test=16, hidden_size=64, num_layers=2, teacher_s
 
 # --- the tiny recipes (``recipes/tiny.py`` names them) ---------------------------------------
 
-BLOCK_SIZE = 4
-THRESHOLD = 0.9
 MAX_NEW_TOKENS = 32
 """Rollout and evaluation length of the tiny tasks: the longest worked answer fits."""
 
@@ -113,13 +111,12 @@ def _tiny_run(*, name: str, method: str, data_path: str, tokenizer: str, save_di
     return RunConfig(
         name=name,
         model=model_config(hidden_size, num_layers),
-        diffusion=DiffusionConfig(block_size=BLOCK_SIZE, mask_token_id=MASK_ID, shift_logits=shift_logits),
+        diffusion=DiffusionConfig(mask_token_id=MASK_ID, shift_logits=shift_logits),
         init=InitConfig(tokenizer=tokenizer, teacher_checkpoint=teacher_checkpoint),
         data=PromptDataConfig(path=data_path, response_field=response_field, chat_template="never",
                               max_prompt_tokens=32),
-        rollout=RolloutConfig(mode="dynamic", threshold=THRESHOLD, steps_per_block=BLOCK_SIZE, temperature=1.0,
-                              static_fraction=static_fraction, min_length=MAX_NEW_TOKENS,
-                              max_length=MAX_NEW_TOKENS, curriculum_steps=0),
+        rollout=RolloutConfig(static_fraction=static_fraction, min_length=MAX_NEW_TOKENS, max_length=MAX_NEW_TOKENS,
+                              curriculum_steps=0),
         distill=DistillConfig(method=method),
         optim=OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps),
         train=TrainConfig(steps=steps, prompts_per_step=prompts_per_step, micro_batch_size=prompts_per_step,
@@ -235,15 +232,12 @@ def evaluate_checkpoint(parallel, ckpt: str, tokenizer_dir: str, task, modes: Se
     from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate
 
-    model = load_model(parallel, ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, block_size=BLOCK_SIZE,
-                       shift_logits=shift_logits)
+    model = load_model(parallel, ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, shift_logits=shift_logits)
     out = {}
-    for mode in modes:
-        settings = DecodeSettings(mode=mode, block_size=BLOCK_SIZE, threshold=THRESHOLD, temperature=0.0,
-                                  max_new_tokens=MAX_NEW_TOKENS, chat_template="never",
+    for mode in modes:  # the evaluation's decoding defaults: greedy, threshold 0.9, the model's block size
+        settings = DecodeSettings(mode=mode, max_new_tokens=MAX_NEW_TOKENS, chat_template="never",
                                   batch_size=min(64, cfg.num_test), seed=cfg.seed)
-        out[mode] = evaluate(model.chunks, model.tokenizer, task, settings, mask_token_id=MASK_ID,
-                             shift_logits=model.shift_logits)
+        out[mode] = evaluate(model.chunks, model.tokenizer, task, settings, diffusion=model.diffusion)
     return out
 
 
@@ -297,7 +291,8 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
                                 steps=cfg.student_steps, save_every=cfg.student_eval_every, **_sizes(cfg))
     r = convert.rollout
     log(f"3/4 OPDLM conversion (recipe tiny:tiny_convert_4l_tp1_pp1_1g): {cfg.student_steps} steps of "
-        f"{cfg.prompts_per_step} own rollouts (block {BLOCK_SIZE}, thr {r.threshold}, {r.static_fraction:.0%} of rows "
+        f"{cfg.prompts_per_step} own rollouts (block {convert.diffusion.block_size}, thr {r.threshold}, "
+        f"{r.static_fraction:.0%} of rows "
         f"static, T={r.temperature:g}, shift_logits={convert.diffusion.shift_logits}), teacher = {teacher_final}")
     t = time.perf_counter()
     student_run = train(convert)
@@ -340,7 +335,9 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
             ("OPDLM student", final_student["dynamic"])]
     table = format_table(rows)
     plot_path = os.path.join(cfg.out_dir, "demo.png")
-    backend = save_plot(plot_path, curves, final_teacher["ar"].accuracy, data.family)
+    dynamic = final_student["dynamic"].settings
+    backend = save_plot(plot_path, curves, final_teacher["ar"].accuracy, data.family, block_size=dynamic["block_size"],
+                        threshold=dynamic["threshold"])
     timings["total_s"] = time.perf_counter() - t0
     teacher_acc = max(final_teacher["ar"].accuracy, 1e-9)
     kept = {mode: final_student[mode].accuracy / teacher_acc for mode in ("static", "dynamic")}
@@ -365,7 +362,8 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     print(f"\nteacher trained on {results['teacher_tokens']:.0f} response tokens; OPDLM conversion on "
           f"{results['student_tokens']:.0f} rollout tokens")
     print(f"the student keeps {kept['static']:.0%} of its teacher's accuracy under static decoding and "
-          f"{kept['dynamic']:.0%} under threshold {THRESHOLD} ({final_student['dynamic'].tokens_per_round:.2f} "
+          f"{kept['dynamic']:.0%} under threshold {final_student['dynamic'].settings['threshold']:g} "
+          f"({final_student['dynamic'].tokens_per_round:.2f} "
           "tokens/round)")
     for ex in results["examples"]:
         print(f"  {ex['question']}{ex['generation']}   [{'ok' if ex['correct'] else 'wrong'}]")
@@ -375,7 +373,7 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
 
 
 def save_plot(path: str, curves: dict[str, list[tuple[float, float]]], teacher_acc: float,
-              family: str = "arithmetic") -> str:
+              family: str, *, block_size: int, threshold: float) -> str:
     from nemo_opdlm.eval.plot import Panel, Series, save_line_plot
 
     def series(label: str, key: str) -> Series:
@@ -384,9 +382,9 @@ def save_plot(path: str, curves: dict[str, list[tuple[float, float]]], teacher_a
     panels = [
         Panel("AR teacher pre-training", "training tokens (responses)", "held-out accuracy",
               [series("teacher, AR decoding", "teacher_ar")]),
-        Panel("OPDLM conversion (block 4)", "training tokens (own rollouts)", "held-out accuracy",
+        Panel(f"OPDLM conversion (block {block_size})", "training tokens (own rollouts)", "held-out accuracy",
               [series("student, static 1 tok/round", "student_static"),
-               series("student, dynamic thr 0.9", "student_dynamic")],
+               series(f"student, dynamic thr {threshold:g}", "student_dynamic")],
               hlines=[("teacher (AR)", teacher_acc)]),
     ]
     return save_line_plot(path, panels, title=f"opdlm demo: synthetic {family} task, held-out accuracy")

@@ -17,6 +17,7 @@ from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 from tests.convert_models import FAMILIES, VOCAB, assert_same_tensors, save_hf
+from tests.tiny import sampler_config
 
 TOL = 1e-4
 
@@ -184,9 +185,9 @@ def _generation_matches_project_sampler(chunks, model, shift_logits: bool = Fals
     eos = int(probe[0, 5])
     multi_round = False
     for mode, threshold in (("static", None), ("dynamic", 0.6)):
-        cfg = sampler_mod.SamplerConfig(mask_token_id=VOCAB - 1, block_size=4, steps_per_block=4, mode=mode,
-                                        threshold=threshold or 0.9, temperature=0.0, max_new_tokens=16,
-                                        eos_token_ids=(eos,), shift_logits=shift_logits)
+        cfg = sampler_config(mask_token_id=VOCAB - 1, block_size=4, steps_per_block=4, mode=mode,
+                             threshold=threshold or 0.9, temperature=0.0, max_new_tokens=16,
+                             eos_token_ids=(eos,), shift_logits=shift_logits)
         ours = sampler_mod.BlockSampler(chunks, cfg).generate(prompt, lens)
         theirs = model.generate(prompt, attention_mask=am, max_new_tokens=16, threshold=threshold,
                                 eos_token_id=eos, return_dict=True)

@@ -15,6 +15,7 @@ from nemo_opdlm.data.prompts import DataError
 from nemo_opdlm.eval import synthetic as S
 from nemo_opdlm.eval import tasks as T
 from nemo_opdlm.eval.evaluate import DecodeSettings, decode_responses, evaluate, format_table
+from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.rollout.sampler import BlockSampler, left_pad
 
 # --- extraction --------------------------------------------------------------------------------
@@ -191,16 +192,15 @@ def test_evaluate_scores_what_the_sampler_decodes(student, arith_task, mode, shi
     A shifted student (``shift_logits``) is decoded as one."""
     tok = S.build_tokenizer()
     settings = DecodeSettings(mode=mode, max_new_tokens=16, batch_size=3, threshold=0.5)
-    result = evaluate(student, tok, arith_task, settings, mask_token_id=tok.mask_token_id, shift_logits=shift)
+    diffusion = DiffusionConfig(mask_token_id=tok.mask_token_id, shift_logits=shift)
+    result = evaluate(student, tok, arith_task, settings, diffusion=diffusion)
     assert result.num_examples == 7
     # reference: one sampler call over all prompts at once (batching must not change greedy output)
     eos = (tok.eos_token_id,)
-    cfg = settings.sampler_config(mask_token_id=tok.mask_token_id, eos_token_ids=eos, pad_token_id=0,
-                                  shift_logits=shift)
-    assert cfg.shift_logits == shift
+    cfg = settings.for_model(diffusion).sampler_config(diffusion=diffusion, eos_token_ids=eos, pad_token_id=0)
+    assert cfg.shift_logits == (shift and mode != "ar")
     ids, lens = left_pad([tok(e.question)["input_ids"] for e in arith_task.examples], 0)
-    sampler = BlockSampler(student, cfg)
-    ro = sampler.generate_ar(ids, lens) if mode == "ar" else sampler.generate(ids, lens)
+    ro = BlockSampler(student, cfg).generate(ids, lens)
     texts = decode_responses(ro, tok, eos)
     assert [s["generation"] for s in result.samples] == texts
     assert result.tokens_generated == int(ro.valid.sum())
@@ -214,11 +214,9 @@ def test_evaluate_scores_what_the_sampler_decodes(student, arith_task, mode, shi
     golds = [T.final_number(T.truncate_at(t, ["\n"])) or "-424242" for t in texts]
     oracle = T.Task(arith_task.format, [T.Example(e.question, g) for e, g in zip(arith_task.examples, golds)])
     expected = sum(g != "-424242" for g in golds) / 7
-    assert evaluate(student, tok, oracle, settings, mask_token_id=tok.mask_token_id,
-                    shift_logits=shift).accuracy == expected
+    assert evaluate(student, tok, oracle, settings, diffusion=diffusion).accuracy == expected
     wrong = T.Task(arith_task.format, [T.Example(e.question, "-424242") for e in arith_task.examples])
-    assert evaluate(student, tok, wrong, settings, mask_token_id=tok.mask_token_id,
-                    shift_logits=shift).accuracy == 0.0
+    assert evaluate(student, tok, wrong, settings, diffusion=diffusion).accuracy == 0.0
     line = result.summary()
     assert "fewshot=0" in line and "T=0" in line and "gen=16" in line
     assert ("thr=0.5" in line) == (mode == "dynamic")
@@ -231,7 +229,7 @@ def test_settings_describe_and_validate():
     with pytest.raises(Exception, match="mode"):
         DecodeSettings(mode="parallel")
     with pytest.raises(Exception, match="MASK"):
-        DecodeSettings(mode="static").sampler_config(mask_token_id=None, eos_token_ids=(1,), pad_token_id=0)
+        DecodeSettings(mode="static").sampler_config(diffusion=None, eos_token_ids=(1,), pad_token_id=0)
 
 
 # --- lm-eval adapter ---------------------------------------------------------------------------
@@ -248,7 +246,7 @@ def test_adapter_generate_until_without_lm_eval(student, arith_task):
     reqs.append((ctx[0], {"until": "\n", "max_gen_toks": 8, "do_sample": False}))
     out = lm.generate_until(reqs)
     cfg = DecodeSettings(mode="static", max_new_tokens=16).sampler_config(
-        mask_token_id=tok.mask_token_id, eos_token_ids=(tok.eos_token_id,), pad_token_id=0)
+        diffusion=DiffusionConfig(mask_token_id=tok.mask_token_id), eos_token_ids=(tok.eos_token_id,), pad_token_id=0)
     ids, lens = left_pad([tok(c)["input_ids"] for c in ctx], 0)
     ref = decode_responses(BlockSampler(student, cfg).generate(ids, lens), tok, (tok.eos_token_id,))
     assert out[:5] == [T.truncate_at(t, ["=", "\n"]) for t in ref]

@@ -15,6 +15,7 @@ def dp2_worker(tmp_dir: str) -> None:
     import dataclasses
 
     from nemo_opdlm.eval import tasks as T
+    from nemo_opdlm.models.config import DiffusionConfig
     from nemo_opdlm.models.student import build_chunks
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from tests.tiny import tiny_model
@@ -30,10 +31,10 @@ def dp2_worker(tmp_dir: str) -> None:
             chunks[0].output_layer.weight.mul_(8.0)
         for mode in ("ar", "dynamic"):
             settings = E.DecodeSettings(mode=mode, max_new_tokens=12, batch_size=2, threshold=0.5)
-            gathered = E.evaluate(chunks, tok, task, settings, mask_token_id=2)
+            gathered = E.evaluate(chunks, tok, task, settings, diffusion=DiffusionConfig(mask_token_id=2))
             chunks[0].parallel = dataclasses.replace(rt.ctx, dp_rank=0, dp_size=1)  # this rank alone: the whole task
             try:
-                alone = E.evaluate(chunks, tok, task, settings, mask_token_id=2)
+                alone = E.evaluate(chunks, tok, task, settings, diffusion=DiffusionConfig(mask_token_id=2))
             finally:
                 chunks[0].parallel = rt.ctx
             assert [s["index"] for s in gathered.samples] == list(range(5))

@@ -12,9 +12,9 @@ from torch.overrides import TorchFunctionMode
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.student import build_chunks
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
-from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig, left_pad
+from nemo_opdlm.rollout.sampler import BlockSampler, left_pad
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
-from tests.tiny import tiny_model
+from tests.tiny import sampler_config, tiny_model
 
 MASK = 95
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9], [10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
@@ -35,9 +35,9 @@ def prompts():
     return left_pad(PROMPTS, pad_id=0)
 
 
-def _run(chunks, prompts, method="generate", **kw):
+def _run(chunks, prompts, **kw):
     kw = dict(dict(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7), **kw)
-    return getattr(BlockSampler(chunks, SamplerConfig(**kw)), method)(*prompts)
+    return BlockSampler(chunks, sampler_config(**kw)).generate(*prompts)
 
 
 def _same(a, b):
@@ -107,7 +107,7 @@ def test_static_rows_decode_as_a_static_run(model, prompts, use_cache, temperatu
     rows = torch.tensor([True, False, True, False, False])
     dynamic = _run(model, prompts, mode="dynamic", **kw)
     static = _run(model, prompts, mode="static", use_cache=use_cache, temperature=temperature)
-    cfg = SamplerConfig(mask_token_id=MASK, max_new_tokens=22, seed=7, mode="dynamic", **kw)
+    cfg = sampler_config(mask_token_id=MASK, max_new_tokens=22, seed=7, mode="dynamic", **kw)
     mixed = BlockSampler(model, cfg).generate(*prompts, static_rows=rows)
     for got, want, sel in ((mixed, static, rows), (mixed, dynamic, ~rows)):
         assert torch.equal(got.tokens[sel], want.tokens[sel])
@@ -122,12 +122,13 @@ def test_per_row_length_limits(model, prompts, use_cache):
     """``max_new_tokens`` per row: each row decodes exactly as in a run whose limit is its own, and
     nothing beyond its limit is valid (block diffusion and AR decoding)."""
     limits = torch.tensor([22, 8, 13, 22, 5])
-    for method, kw in (("generate", dict(mode="dynamic", threshold=0.5)), ("generate_ar", {})):
-        sampler = BlockSampler(model, SamplerConfig(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7,
-                                                    use_cache=use_cache, **kw))
-        mixed = getattr(sampler, method)(*prompts, limits)
+    for kw in (dict(mode="dynamic", threshold=0.5), dict(mode="ar")):
+        sampler = BlockSampler(model, sampler_config(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7,
+                                                     use_cache=use_cache, **kw))
+        mixed = sampler.generate(*prompts, limits)
+        method = kw["mode"]
         for row, limit in enumerate(limits.tolist()):
-            alone = _run(model, prompts, method, max_new_tokens=limit, use_cache=use_cache, **kw)
+            alone = _run(model, prompts, max_new_tokens=limit, use_cache=use_cache, **kw)
             width = alone.tokens.shape[1]
             assert torch.equal(mixed.valid[row, :width], alone.valid[row]), (method, row)
             assert torch.equal(mixed.tokens[row, :width][alone.valid[row]], alone.tokens[row][alone.valid[row]])
@@ -142,7 +143,7 @@ def test_shifted_block1_equals_ar(model, prompts):
     """A shifted model with block size 1 predicts each token from the clean token before it: exactly
     causal next-token decoding, whatever [MASK] does (with and without the cache, greedy and sampled)."""
     for temperature in (0.0, 1.0):
-        ar = _run(model, prompts, "generate_ar", max_new_tokens=12, temperature=temperature)
+        ar = _run(model, prompts, mode="ar", max_new_tokens=12, temperature=temperature)
         for use_cache in (True, False):
             got = _run(model, prompts, mode="static", block_size=1, steps_per_block=1, max_new_tokens=12,
                        use_cache=use_cache, shift_logits=True, temperature=temperature)
@@ -165,8 +166,8 @@ def test_shifted_first_token_is_the_prompts_prediction(model, prompts):
         assert torch.equal(got.step_map[:, 0] >= 0, torch.ones(len(PROMPTS), dtype=torch.bool))
 
 
-def test_generate_ar_equals_next_token_loop(model, prompts):
-    """generate_ar: the causal teacher's next-token decoding, with and without the cache."""
+def test_ar_mode_equals_next_token_loop(model, prompts):
+    """mode='ar': the causal teacher's next-token decoding, with and without the cache."""
     net = chunks = model
     prompt_ids, prompt_lens = prompts
     batch, width = prompt_ids.shape
@@ -179,14 +180,15 @@ def test_generate_ar_equals_next_token_loop(model, prompts):
             logits[:, MASK] = float("-inf")
             out = torch.cat([out, logits.argmax(-1, keepdim=True)], dim=1)
     for use_cache in (True, False):
-        got = _run(chunks, prompts, "generate_ar", max_new_tokens=10, use_cache=use_cache)
+        got = _run(chunks, prompts, mode="ar", max_new_tokens=10, use_cache=use_cache)
         assert torch.equal(got.tokens, out)
 
 
-def test_dynamic_above_one_equals_static(model, prompts):
+def test_dynamic_at_one_equals_static(model, prompts):
+    """No confidence is strictly above 1: the dynamic rule then unmasks the static count only."""
     for temperature in (0.0, 1.0):
         static = _run(model, prompts, mode="static", temperature=temperature)
-        _same(_run(model, prompts, mode="dynamic", threshold=1.01, temperature=temperature), static)
+        _same(_run(model, prompts, mode="dynamic", threshold=1.0, temperature=temperature), static)
 
 
 @pytest.mark.parametrize("mode", ["static", "dynamic"])
@@ -265,7 +267,7 @@ def test_sampling_is_seeded_and_modes_restored(model, prompts):
     _same(a, b)
     assert not torch.equal(a.tokens, c.tokens)
     assert chunks[0].training and all(m.training for m in chunks[0].modules())
-    assert all(m.kv_cache is None for m in chunks[0].modules() if hasattr(m, "kv_cache"))
+    assert all(m.context is None for m in chunks[0].attention)  # no forward context left behind
     assert all(p.grad is None for p in chunks[0].parameters())
     chunks[0].eval()
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from nemo_opdlm.models.student import build_chunks
-from nemo_opdlm.rollout.sampler import BlockSampler, SamplerConfig, left_pad
+from nemo_opdlm.rollout.sampler import BlockSampler, left_pad
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 from tests.dist import torchrun
-from tests.tiny import tiny_model
+from tests.tiny import sampler_config, tiny_model
 
 MASK = 95
 PROMPTS = [[1, 2, 3, 4, 5], [7, 8], [9], [10, 11, 12, 13, 14, 15, 16], [20, 21, 22]]
@@ -72,9 +72,9 @@ def _decode_all(chunks, references: dict) -> dict:
         settings = dict(settings)
         rows = settings.pop("static_rows", None)
         extra = dict(eos_token_ids=(references["eos"],)) if name == "sampled_eos" else {}
-        sampler = BlockSampler(chunks, SamplerConfig(**BASE, **settings, **extra))
+        sampler = BlockSampler(chunks, sampler_config(**BASE, **settings, **extra))
         out[name] = sampler.generate(*prompts, static_rows=None if rows is None else torch.tensor(rows))
-    out["ar"] = BlockSampler(chunks, SamplerConfig(**BASE, temperature=0.0)).generate_ar(*prompts)
+    out["ar"] = BlockSampler(chunks, sampler_config(**BASE, temperature=0.0, mode="ar")).generate(*prompts)
     return out
 
 
@@ -96,7 +96,7 @@ def _check_worker(tmp_dir: str, layout: ParallelLayout, extra_checks) -> None:
 
 def _tp2_extra(chunks, ref) -> None:
     prompts = left_pad(PROMPTS, pad_id=0)
-    uncached = BlockSampler(chunks, SamplerConfig(**BASE, **SCENARIOS["sampled"], use_cache=False)).generate(*prompts)
+    uncached = BlockSampler(chunks, sampler_config(**BASE, **SCENARIOS["sampled"], use_cache=False)).generate(*prompts)
     assert torch.equal(uncached.tokens, ref["sampled"]["tokens"])
 
 
@@ -104,7 +104,7 @@ def _pp2_extra(chunks, ref) -> None:
     prompts = left_pad(PROMPTS, pad_id=0)
     for settings in (dict(num_microbatches=3), dict(num_microbatches=1), dict(use_cache=False),
                      dict(pad_commit_slots=True)):
-        got = BlockSampler(chunks, SamplerConfig(**BASE, **SCENARIOS["greedy_dynamic"], **settings)).generate(*prompts)
+        got = BlockSampler(chunks, sampler_config(**BASE, **SCENARIOS["greedy_dynamic"], **settings)).generate(*prompts)
         assert torch.equal(got.tokens, ref["greedy_dynamic"]["tokens"]), settings
         assert torch.equal(got.step_map, ref["greedy_dynamic"]["step_map"]), settings
 
@@ -127,7 +127,7 @@ def references(tmp_path_factory):
             chunks[0].output_layer.weight.mul_(10.0)
         state = {k: v.clone() for k, v in chunks[0].state_dict().items() if not k.endswith("_extra_state")}
         prompts = left_pad(PROMPTS, pad_id=0)
-        free = BlockSampler(chunks, SamplerConfig(**BASE, **SCENARIOS["sampled_eos"])).generate(*prompts)
+        free = BlockSampler(chunks, sampler_config(**BASE, **SCENARIOS["sampled_eos"])).generate(*prompts)
         ref: dict = {"state": state, "eos": int(free.tokens[1, 6])}
         for name, rollout in _decode_all(chunks, ref).items():
             ref[name] = dict(tokens=rollout.tokens, step_map=rollout.step_map, valid=rollout.valid)

@@ -189,11 +189,8 @@ def test_sampling_respects_top_k_and_distribution():
 
 
 # --- KV cache ----------------------------------------------------------------------------------
-class _FakeLayer(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.kv_cache = None
-        self.backend = "sdpa"
+LAYERS = (3, 7)
+"""Layer numbers of the cache's layers (a pipeline stage's: not 1..n)."""
 
 
 def _meta(rows, cols, block):
@@ -201,34 +198,33 @@ def _meta(rows, cols, block):
 
 
 def test_kv_cache_extend_commit_keep_match_concatenation():
-    layers = [_FakeLayer(), _FakeLayer()]
-    cache = BlockKVCache(num_layers=2, batch=3, capacity=10, groups=2, head_dim=4, dtype=torch.float32, device="cpu")
+    cache = BlockKVCache(layer_numbers=LAYERS, batch=3, capacity=10, groups=2, head_dim=4, dtype=torch.float32,
+                         device="cpu")
     gen = torch.Generator().manual_seed(0)
-    reference = [torch.empty(0, 3, 2, 4) for _ in layers]  # committed keys per layer, [S, B, G, D]
-    with cache.bind(layers):
-        assert all(layer.kv_cache is not None for layer in layers)
-        for width, commit in [(4, 4), (2, 0), (4, 2), (2, 2)]:  # prefill, round, fused round, commit
-            meta = _meta(3, width, 0)
-            with cache.forward(meta):
-                for i, layer in enumerate(layers):
-                    key = torch.randn(width, 3, 2, 4, generator=gen)
-                    k_all, v_all, k_meta = layer.kv_cache.extend(key, key * 2, meta)
-                    torch.testing.assert_close(k_all, torch.cat([reference[i], key]), rtol=0, atol=0)
-                    torch.testing.assert_close(v_all, 2 * torch.cat([reference[i], key]), rtol=0, atol=0)
-                    assert k_meta.shape == (3, 2, reference[i].shape[0] + width)
-                    reference[i] = torch.cat([reference[i], key[:commit]])
-            cache.commit(commit)
-        assert cache.frontier == 8 and cache.lengths.tolist() == [8, 8, 8]
-        cache.keep(torch.tensor([0, 2]))
-        assert cache.rows == 2
-        meta = _meta(2, 2, 1)
-        with cache.forward(meta):
-            key = torch.randn(2, 2, 2, 4)
-            k_all, _, _ = layers[0].kv_cache.extend(key, key, meta)
-            torch.testing.assert_close(k_all, torch.cat([reference[0][:, [0, 2]], key]), rtol=0, atol=0)
-        with pytest.raises(AssertionError):  # layer 1 did not write this round
-            cache.commit(2)
-    assert all(layer.kv_cache is None for layer in layers)
+    reference = [torch.empty(0, 3, 2, 4) for _ in LAYERS]  # committed keys per layer, [S, B, G, D]
+    for width, commit in [(4, 4), (2, 0), (4, 2), (2, 2)]:  # prefill, round, fused round, commit
+        meta = _meta(3, width, 0)
+        with cache.forward(meta) as view:
+            for i, number in enumerate(LAYERS):
+                key = torch.randn(width, 3, 2, 4, generator=gen)
+                k_all, v_all, k_meta = view.extend(number, key, key * 2, meta)
+                torch.testing.assert_close(k_all, torch.cat([reference[i], key]), rtol=0, atol=0)
+                torch.testing.assert_close(v_all, 2 * torch.cat([reference[i], key]), rtol=0, atol=0)
+                assert k_meta.shape == (3, 2, reference[i].shape[0] + width)
+                reference[i] = torch.cat([reference[i], key[:commit]])
+        cache.commit(commit)
+    assert cache.frontier == 8 and cache.lengths.tolist() == [8, 8, 8]
+    cache.keep(torch.tensor([0, 2]))
+    assert cache.rows == 2
+    meta = _meta(2, 2, 1)
+    with cache.forward(meta) as view:
+        key = torch.randn(2, 2, 2, 4)
+        k_all, _, _ = view.extend(LAYERS[0], key, key, meta)
+        torch.testing.assert_close(k_all, torch.cat([reference[0][:, [0, 2]], key]), rtol=0, atol=0)
+        with pytest.raises(AssertionError, match="no slot"):  # a layer number the cache was not built for
+            view.extend(5, key, key, meta)
+    with pytest.raises(AssertionError):  # layer 7 did not write this round
+        cache.commit(2)
 
 
 @pytest.mark.parametrize("values", ["device", "host", "host_verified"])
@@ -238,73 +234,75 @@ def test_kv_cache_per_row_commits_match_concatenation(values):
     and every key handed out is finite (holes are read, masked, by attention). The largest count and
     the frontier read from the device, or given as host ints (the sampler's way: no sync), checked
     against the device under ``verify``."""
-    layers = [_FakeLayer(), _FakeLayer()]
     batch, width = 4, 3
-    cache = BlockKVCache(num_layers=2, batch=batch, capacity=40, groups=2, head_dim=4, dtype=torch.float32,
+    cache = BlockKVCache(layer_numbers=LAYERS, batch=batch, capacity=40, groups=2, head_dim=4, dtype=torch.float32,
                          device="cpu")
     cache.verify = values == "host_verified"
     gen = torch.Generator().manual_seed(1)
-    reference = [[torch.empty(0, 2, 4) for _ in range(batch)] for _ in layers]  # [layer][row] committed [S, G, D]
+    reference = [[torch.empty(0, 2, 4) for _ in range(batch)] for _ in LAYERS]  # [layer][row] committed [S, G, D]
     ref_meta = [torch.empty(2, 0, dtype=torch.long) for _ in range(batch)]  # [row] committed [2, S]
     rows = list(range(batch))  # original ids of the active rows
     plan = [[3, 3, 3, 3], [0, 2, 3, 1], [3, 0, 0, 2], [1, 1, 0, 0], [0, 3, 2, 3], [2, 0, 3, 0]]
-    with cache.bind(layers):
-        for i, counts in enumerate(plan):
-            if i == 4:  # drop rows 0 and 2 (finished)
-                rows = [rows[1], rows[3]]
-                kept_longest = max(reference[0][r].shape[0] for r in rows)
-                cache.keep(torch.tensor([1, 3]), frontier=None if values == "device" else kept_longest)
-            counts = torch.tensor([counts[r] for r in rows])
-            n = len(rows)
-            meta = torch.stack([torch.full((n, width), i), torch.randint(1, 3, (n, width), generator=gen)], 1)
-            with cache.forward(meta):
-                for li, layer in enumerate(layers):
-                    key = torch.randn(width, n, 2, 4, generator=gen)  # [Sq, b, G, D]
-                    k_all, v_all, k_meta = layer.kv_cache.extend(key, key * 2, meta)
-                    assert torch.isfinite(k_all).all() and torch.isfinite(v_all).all()
-                    torch.testing.assert_close(k_all[-width:], key, rtol=0, atol=0)
-                    assert torch.equal(k_meta[:, :, -width:], meta)
-                    for j, r in enumerate(rows):
-                        real = k_meta[j, 1] != masks.PAD  # [Sk]
-                        expected = torch.cat([reference[li][r], key[:, j]])
-                        torch.testing.assert_close(k_all[real, j], expected, rtol=0, atol=0)
-                        torch.testing.assert_close(v_all[real, j], 2 * expected, rtol=0, atol=0)
-                        if li == 0:
-                            assert torch.equal(k_meta[j][:, real], torch.cat([ref_meta[r], meta[j]], 1))
-                        reference[li][r] = torch.cat([reference[li][r], key[: int(counts[j]), j]])
+    for i, counts in enumerate(plan):
+        if i == 4:  # drop rows 0 and 2 (finished)
+            rows = [rows[1], rows[3]]
+            kept_longest = max(reference[0][r].shape[0] for r in rows)
+            cache.keep(torch.tensor([1, 3]), frontier=None if values == "device" else kept_longest)
+        counts = torch.tensor([counts[r] for r in rows])
+        n = len(rows)
+        meta = torch.stack([torch.full((n, width), i), torch.randint(1, 3, (n, width), generator=gen)], 1)
+        with cache.forward(meta) as view:
+            for li, number in enumerate(LAYERS):
+                key = torch.randn(width, n, 2, 4, generator=gen)  # [Sq, b, G, D]
+                k_all, v_all, k_meta = view.extend(number, key, key * 2, meta)
+                assert torch.isfinite(k_all).all() and torch.isfinite(v_all).all()
+                torch.testing.assert_close(k_all[-width:], key, rtol=0, atol=0)
+                assert torch.equal(k_meta[:, :, -width:], meta)
+                for j, r in enumerate(rows):
+                    real = k_meta[j, 1] != masks.PAD  # [Sk]
+                    expected = torch.cat([reference[li][r], key[:, j]])
+                    torch.testing.assert_close(k_all[real, j], expected, rtol=0, atol=0)
+                    torch.testing.assert_close(v_all[real, j], 2 * expected, rtol=0, atol=0)
                     if li == 0:
-                        for j, r in enumerate(rows):
-                            ref_meta[r] = torch.cat([ref_meta[r], meta[j, :, : int(counts[j])]], 1)
-            lengths = [reference[0][r].shape[0] for r in rows]
-            if values == "device":
-                cache.commit(counts)
-            else:
-                cache.commit(counts, largest=int(counts.max()), frontier=max(lengths))
-            assert cache.lengths[:n].tolist() == lengths and cache.frontier == max(lengths)
-        assert cache.frontier < sum(max(c) for c in plan)  # rows behind fill their holes
+                        assert torch.equal(k_meta[j][:, real], torch.cat([ref_meta[r], meta[j]], 1))
+                    reference[li][r] = torch.cat([reference[li][r], key[: int(counts[j]), j]])
+                if li == 0:
+                    for j, r in enumerate(rows):
+                        ref_meta[r] = torch.cat([ref_meta[r], meta[j, :, : int(counts[j])]], 1)
+        lengths = [reference[0][r].shape[0] for r in rows]
+        if values == "device":
+            cache.commit(counts)
+        else:
+            cache.commit(counts, largest=int(counts.max()), frontier=max(lengths))
+        assert cache.lengths[:n].tolist() == lengths and cache.frontier == max(lengths)
+    assert cache.frontier < sum(max(c) for c in plan)  # rows behind fill their holes
 
 
 def test_kv_cache_guards():
-    cache = BlockKVCache(num_layers=1, batch=2, capacity=4, groups=1, head_dim=2, dtype=torch.float32, device="cpu")
-    layer = _FakeLayer()
-    with cache.bind([layer]):
-        with pytest.raises(AssertionError):  # overflow
-            with cache.forward(_meta(2, 5, 0)):
-                pass
-        meta = _meta(2, 2, 0)
-        with cache.forward(meta):
-            with pytest.raises(AssertionError):  # metadata other than the forward's
-                layer.kv_cache.extend(torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2), meta.clone())
-        with pytest.raises(AssertionError):
-            cache.commit(3)  # wider than the round
-        cache.commit(0)
-        with pytest.raises(AssertionError):
-            cache.keep(torch.tensor([1, 0]))  # not ascending
-        cache.verify = True  # host-supplied values are checked against the device
-        with cache.forward(meta):
-            layer.kv_cache.extend(torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2), meta)
-        with pytest.raises(AssertionError):
-            cache.commit(torch.tensor([1, 2]), largest=2, frontier=1)  # the longest row has 2
+    cache = BlockKVCache(layer_numbers=[1], batch=2, capacity=4, groups=1, head_dim=2, dtype=torch.float32,
+                         device="cpu")
+    with pytest.raises(AssertionError):  # overflow
+        with cache.forward(_meta(2, 5, 0)):
+            pass
+    meta = _meta(2, 2, 0)
+    with cache.forward(meta) as view:
+        with pytest.raises(AssertionError):  # metadata other than the forward's
+            view.extend(1, torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2), meta.clone())
+    with pytest.raises(AssertionError):  # extend outside a forward
+        cache.extend(1, torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2), meta)
+    with pytest.raises(AssertionError):
+        cache.commit(3)  # wider than the round
+    cache.commit(0)
+    with pytest.raises(AssertionError):
+        cache.keep(torch.tensor([1, 0]))  # not ascending
+    cache.verify = True  # host-supplied values are checked against the device
+    with cache.forward(meta) as view:
+        view.extend(1, torch.zeros(2, 2, 1, 2), torch.zeros(2, 2, 1, 2), meta)
+    with pytest.raises(AssertionError):
+        cache.commit(torch.tensor([1, 2]), largest=2, frontier=1)  # the longest row has 2
+    with pytest.raises(ValueError, match="distinct"):
+        BlockKVCache(layer_numbers=[1, 1], batch=2, capacity=4, groups=1, head_dim=2, dtype=torch.float32,
+                     device="cpu")
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.8])

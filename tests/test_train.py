@@ -336,7 +336,7 @@ def test_bad_inputs(tmp_path):
         make_run(str(tmp_path), "rollout.min_length=0")
     for key, value, words in (("threshold", 0, "in \\(0, 1\\]"), ("threshold", 1.5, "in \\(0, 1\\]"),
                               ("temperature", -1, ">= 0"), ("top_p", 5, "in \\(0, 1\\]"), ("top_k", -2, ">= 0"),
-                              ("steps_per_block", 9, "exceeds diffusion.block_size=4")):
+                              ("steps_per_block", 9, r"exceeds the block size \(diffusion.block_size=4\)")):
         with pytest.raises(ConfigError, match=f"rollout.{key}.*{words}"):  # refused before any model is built
             make_run(str(tmp_path), f"rollout.{key}={value}")
     with pytest.raises(ConfigError, match=r"diffusion.mask_token_id=42 is the ordinary token 'w42'.*its mask token \(99\)"):

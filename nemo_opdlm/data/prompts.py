@@ -298,6 +298,17 @@ def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
     return tuple(dict.fromkeys(ids))
 
 
+def default_pad(eos: Sequence[int]) -> int:
+    """The pad id when nothing names one: the first EOS id (padding after a response's end reads
+    as more end), else 0."""
+    return int(eos[0]) if len(eos) else 0
+
+
+def pad_id(tokenizer) -> int:
+    """The tokenizer's pad token, else :func:`default_pad` of its EOS ids."""
+    return int(tokenizer.pad_token_id) if tokenizer.pad_token_id is not None else default_pad(eos_ids(tokenizer))
+
+
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int,
              width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, W] left-padded, lengths [B])``; W = the longest sequence unless given."""

@@ -22,8 +22,8 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from nemo_opdlm.eval.evaluate import MODES
 from nemo_opdlm.eval.tasks import FORMATS
+from nemo_opdlm.rollout.decode import MODES
 
 
 def _positive(text: str) -> int:
@@ -78,29 +78,28 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
     from nemo_opdlm.eval.tasks import load_task
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
-    def settings_for(mode: str, block_size: int) -> DecodeSettings:
+    def settings_for(mode: str) -> DecodeSettings:
         return DecodeSettings(
-            mode=mode, block_size=block_size, steps_per_block=args.steps_per_block, threshold=args.threshold,
+            mode=mode, block_size=args.block_size, steps_per_block=args.steps_per_block, threshold=args.threshold,
             temperature=args.temperature, max_new_tokens=args.max_new_tokens, chat_template=args.chat_template,
             num_fewshot=args.num_fewshot, batch_size=args.batch_size, use_cache=not args.no_cache, seed=args.seed,
         )
 
     for mode in args.modes:  # bad decoding values are refused before the data and the model load
-        settings_for(mode, args.block_size or 4)
+        settings_for(mode)
     overrides = {k: v for k, v in (("question_field", args.question_field), ("answer_field", args.answer_field))
                  if v}
     task = load_task(args.task, args.data, split=args.split, num_fewshot=args.num_fewshot,
                      fewshot_path=args.fewshot_data, limit=args.limit, **overrides)
     with runtime(ParallelLayout(tp=args.tp, pp=args.pp)) as rt:
         loaded = load_model(rt.ctx, hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer, prefix=args.prefix,
-                            mask_token_id=args.mask_token_id, block_size=args.block_size)
+                            mask_token_id=args.mask_token_id)
         say = print if rt.is_main else (lambda *_: None)
         say(f"{task.name}: {len(task.examples)} examples, {len(task.fewshot)} few-shot")
         rows = []
         for mode in args.modes:
-            settings = settings_for(mode, loaded.block_size or 4)
-            result = evaluate(loaded.chunks, loaded.tokenizer, task, settings,
-                              mask_token_id=loaded.mask_token_id, shift_logits=loaded.shift_logits, log=say)
+            result = evaluate(loaded.chunks, loaded.tokenizer, task, settings_for(mode), diffusion=loaded.diffusion,
+                              log=say)
             say(result.summary())
             rows.append((mode, result))
         say("\n" + format_table(rows))

@@ -2,7 +2,7 @@
 
 One job: decode every example of a :class:`~nemo_opdlm.eval.tasks.Task` with the rollout engine
 (``rollout.sampler.BlockSampler``: ``generate`` for block diffusion, static or dynamic;
-``generate_ar`` for the causal teacher), score the answers, and report accuracy next to the
+``mode="ar"`` for the causal teacher), score the answers, and report accuracy next to the
 parallelism (tokens per round) and throughput (tokens/s) and the decoding settings that produced
 them. Non-goals: loading models (``cli.py``), task files and answer matching (``tasks.py``).
 
@@ -12,36 +12,29 @@ ranks score disjoint shards (example ``i`` on DP rank ``i % dp``) and the totals
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from nemo_opdlm.data.prompts import eos_ids, left_pad  # noqa: F401  (eos_ids: re-exported)
+from nemo_opdlm.data.prompts import eos_ids, left_pad, pad_id
 from nemo_opdlm.eval import tasks as T
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.student import parallel_of
+from nemo_opdlm.models.config import DiffusionConfig
+from nemo_opdlm.rollout.decode import DecodeConfig
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
 
-MODES = ("ar", "static", "dynamic")
-
-
 @dataclass(kw_only=True)
-class DecodeSettings:
-    """How the model decodes during evaluation (printed next to every score)."""
+class DecodeSettings(DecodeConfig):
+    """How the model decodes during evaluation (printed next to every score): the decoding
+    settings (``DecodeConfig``; its defaults are the paper's evaluation, greedy and 1 token per
+    round) and what evaluation adds."""
 
-    mode: str = "static"
-    """'ar' (causal next-token: the teacher), 'static' (block_size / steps_per_block tokens per
-    round) or 'dynamic' (every position above ``threshold``, at least the static count)."""
-    block_size: int = 4
-    """Tokens per block (block diffusion only)."""
-    steps_per_block: Optional[int] = None
-    """Rounds per block; None = block_size (1 token per round in static mode: the paper's eval)."""
-    threshold: float = 0.9
-    """Dynamic mode's confidence threshold."""
-    temperature: float = 0.0
-    """0 = greedy (the paper's evaluation)."""
+    block_size: Optional[int] = None
+    """Tokens per block; None = the model's (``diffusion.block_size`` of its checkpoint)."""
     max_new_tokens: int = 256
     """Generation length limit."""
     chat_template: str = "auto"
@@ -50,61 +43,48 @@ class DecodeSettings:
     """Few-shot examples before each question (recorded here; the task holds them)."""
     batch_size: int = 16
     """Prompts decoded together."""
-    use_cache: bool = True
-    """Block KV cache (False: the uncached reference path)."""
     seed: int = 0
     """Sampler seed (only matters with temperature > 0)."""
 
-    def __post_init__(self) -> None:
-        if self.mode not in MODES:
-            raise ConfigError(f"eval mode must be one of {MODES}, got {self.mode!r}")
-        if self.batch_size < 1:
-            raise ConfigError(f"eval batch_size must be >= 1, got {self.batch_size}")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"eval max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.mode != "ar" and self.block_size < 1:
-            raise ConfigError(f"eval block_size must be >= 1, got {self.block_size}")
-        if self.steps_per_block is not None and not 1 <= self.steps_per_block <= self.block_size:
-            raise ConfigError(f"eval steps_per_block must be in [1, block_size={self.block_size}], got "
-                              f"{self.steps_per_block}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ConfigError(f"eval threshold must be in (0, 1], got {self.threshold}")
-        if self.temperature < 0:
-            raise ConfigError(f"eval temperature must be >= 0 (0 = greedy), got {self.temperature}")
-
     @property
-    def rounds_per_block(self) -> int:
-        return self.steps_per_block or self.block_size
+    def where(self) -> str:
+        return "eval"
 
-    def describe(self) -> str:
+    def __post_init__(self) -> None:
+        self.check_values()
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"eval {name} must be >= 1, got {getattr(self, name)}")
+        if self.block_size is not None:
+            if self.block_size < 1:
+                raise ConfigError(f"eval block_size must be >= 1, got {self.block_size}")
+            if self.mode != "ar":
+                self.rounds_per_block(self.block_size)
+
+    def describe(self) -> str:  # type: ignore[override]
         """One line with every setting that changes the score."""
-        if self.mode == "ar":
-            decode = "AR (causal, 1 token/forward)"
-        elif self.mode == "static":
-            decode = f"block={self.block_size} static {self.block_size // self.rounds_per_block} tok/round"
-        else:
-            decode = f"block={self.block_size} dynamic thr={self.threshold:g}"
-        return (f"{decode} | gen={self.max_new_tokens} T={self.temperature:g} "
-                f"chat={self.chat_template} fewshot={self.num_fewshot}")
+        return (f"{DecodeConfig.describe(self, self.block_size)} | gen={self.max_new_tokens} "
+                f"T={self.temperature:g} chat={self.chat_template} fewshot={self.num_fewshot}")
 
-    def sampler_config(self, *, mask_token_id: Optional[int], eos_token_ids: Sequence[int],
-                       pad_token_id: Optional[int], shift_logits: bool = False) -> SamplerConfig:
-        if self.mode == "ar":
-            # The AR path never feeds [MASK]; any id outside the EOS set satisfies the config.
-            mask = mask_token_id if mask_token_id is not None else next(
-                i for i in range(len(eos_token_ids) + 1) if i not in eos_token_ids)
-            return SamplerConfig(mask_token_id=mask, block_size=1, steps_per_block=1, mode="static",
-                                 temperature=self.temperature, max_new_tokens=self.max_new_tokens,
-                                 eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
-                                 use_cache=self.use_cache, suppress_mask_token=False, seed=self.seed)
-        if mask_token_id is None:
-            raise ConfigError("block-diffusion evaluation needs the [MASK] token id (mask_token_id)")
-        return SamplerConfig(
-            mask_token_id=mask_token_id, block_size=self.block_size, steps_per_block=self.rounds_per_block,
-            mode=self.mode, threshold=self.threshold, temperature=self.temperature,
-            max_new_tokens=self.max_new_tokens, eos_token_ids=tuple(eos_token_ids), pad_token_id=pad_token_id,
-            use_cache=self.use_cache, seed=self.seed, shift_logits=shift_logits,
-        )
+    def for_model(self, diffusion: Optional[DiffusionConfig]) -> "DecodeSettings":
+        """These settings with the block size resolved: this one, else the model's."""
+        if self.mode == "ar" or self.block_size is not None:
+            return self
+        if diffusion is None:
+            raise ConfigError("block-diffusion evaluation needs the model's [MASK] id (mask_token_id) and block size")
+        return dataclasses.replace(self, block_size=diffusion.block_size)
+
+    def sampler_config(self, *, diffusion: Optional[DiffusionConfig], eos_token_ids: Sequence[int],
+                       pad_token_id: Optional[int]) -> SamplerConfig:
+        """The sampler for these settings (block size resolved, see ``for_model``) on a model whose
+        block-diffusion facts are ``diffusion`` (None: an AR model, ``mode='ar'`` only)."""
+        if self.mode != "ar":
+            if diffusion is None:
+                raise ConfigError("block-diffusion evaluation needs the model's [MASK] id (mask_token_id)")
+            diffusion = dataclasses.replace(diffusion, block_size=self.block_size or diffusion.block_size)
+        return SamplerConfig(decode=self, diffusion=None if self.mode == "ar" else diffusion,
+                             max_new_tokens=self.max_new_tokens, eos_token_ids=tuple(eos_token_ids),
+                             pad_token_id=pad_token_id, seed=self.seed)
 
 
 @dataclass
@@ -146,15 +126,6 @@ class EvalResult:
         return out
 
 
-def row_rounds(rollout: Rollout) -> int:
-    """Rounds each row needed, summed: per block holding a valid token, its last round + 1."""
-    batch, length = rollout.tokens.shape
-    bs = rollout.block_size
-    steps = rollout.step_map.view(batch, length // bs, bs)  # [B, nb, bs]
-    used = rollout.valid.view(batch, length // bs, bs).any(-1)  # [B, nb]
-    return int(((steps.amax(-1) + 1).clamp(min=0) * used).sum())
-
-
 def decode_responses(rollout: Rollout, tokenizer, eos: Sequence[int]) -> list[str]:
     """Response text per row: valid tokens without the closing EOS."""
     out = []
@@ -170,22 +141,21 @@ def evaluate(
     task: T.Task,
     settings: DecodeSettings,
     *,
-    mask_token_id: Optional[int] = None,
-    shift_logits: bool = False,
+    diffusion: Optional[DiffusionConfig] = None,
     eos_token_ids: Optional[Sequence[int]] = None,
     chat_kwargs: Optional[dict] = None,
     log: Optional[Callable[[str], None]] = None,
 ) -> EvalResult:
     """Decode and score every example of ``task``; the result is the same on every rank.
 
-    ``mask_token_id`` and ``shift_logits`` describe the block-diffusion model (its checkpoint's
-    ``DiffusionConfig``; see ``loading.load_model``); AR decoding ignores them.
+    ``diffusion`` describes the block-diffusion model (its checkpoint's ``DiffusionConfig``: block
+    size, [MASK] id, logit alignment; see ``loading.LoadedModel.diffusion``); AR decoding needs none.
     """
+    settings = settings.for_model(diffusion)
     chat = T.use_chat(tokenizer, settings.chat_template)
     eos = tuple(eos_token_ids) if eos_token_ids is not None else eos_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    sampler = BlockSampler(chunks, settings.sampler_config(mask_token_id=mask_token_id, eos_token_ids=eos,
-                                                           pad_token_id=pad, shift_logits=shift_logits))
+    pad = pad_id(tokenizer)
+    sampler = BlockSampler(chunks, settings.sampler_config(diffusion=diffusion, eos_token_ids=eos, pad_token_id=pad))
     parallel = parallel_of(chunks)
     dp_rank, dp_size, dp_group = parallel.dp_rank, parallel.dp_size, parallel.dp_group
     mine = list(range(dp_rank, len(task.examples), dp_size))
@@ -197,13 +167,10 @@ def evaluate(
     for lo in range(0, len(mine), settings.batch_size):
         ids, lens = left_pad(enc[lo: lo + settings.batch_size], pad)
         start = time.perf_counter()
-        if settings.mode == "ar":
-            rollout = sampler.generate_ar(ids, lens)
-        else:
-            rollout = sampler.generate(ids, lens)
+        rollout = sampler.generate(ids, lens)
         wall += time.perf_counter() - start
         tokens += int(rollout.valid.sum())
-        rounds += row_rounds(rollout)
+        rounds += rollout.row_rounds
         for j, text in enumerate(decode_responses(rollout, tokenizer, eos)):
             idx = mine[lo + j]
             ex = task.examples[idx]

@@ -18,9 +18,10 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
-from nemo_opdlm.data.prompts import left_pad
-from nemo_opdlm.eval.evaluate import DecodeSettings, decode_responses, eos_ids
+from nemo_opdlm.data.prompts import eos_ids, left_pad, pad_id
+from nemo_opdlm.eval.evaluate import DecodeSettings, decode_responses
 from nemo_opdlm.eval.tasks import truncate_at
+from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.rollout.sampler import BlockSampler
 
 MODEL_NAME = "opdlm"
@@ -78,10 +79,12 @@ class SamplerLM:
         self.settings = replace(settings or DecodeSettings(), **fields)
         self.chunks = list(chunks)
         self.tokenizer = tokenizer
-        self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(tokenizer, "mask_token_id", None)
-        self.shift_logits = bool(_coerce(shift_logits))
+        mask = mask_token_id if mask_token_id is not None else getattr(tokenizer, "mask_token_id", None)
+        block = {} if self.settings.block_size is None else {"block_size": self.settings.block_size}
+        self.diffusion = None if mask is None else DiffusionConfig(
+            mask_token_id=mask, shift_logits=bool(_coerce(shift_logits)), **block)
         self.eos = eos_ids(tokenizer)
-        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos[0]
+        self.pad = pad_id(tokenizer)
 
     # --- harness API -----------------------------------------------------------------------
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
@@ -95,15 +98,14 @@ class SamplerLM:
             groups.setdefault(self._group_key(kw), []).append(i)
         out: list[Optional[str]] = [None] * len(parsed)
         for key, idx in groups.items():
-            settings = replace(self.settings, max_new_tokens=key[0], temperature=key[1])
+            settings = replace(self.settings, max_new_tokens=key[0], temperature=key[1]).for_model(self.diffusion)
             sampler = BlockSampler(self.chunks, settings.sampler_config(
-                mask_token_id=self.mask_token_id, eos_token_ids=self.eos, pad_token_id=self.pad,
-                shift_logits=self.shift_logits))
+                diffusion=self.diffusion, eos_token_ids=self.eos, pad_token_id=self.pad))
             for lo in range(0, len(idx), settings.batch_size):
                 batch = idx[lo: lo + settings.batch_size]
                 enc = self.tokenizer([parsed[i][0] for i in batch], add_special_tokens=False)["input_ids"]
                 ids, lens = left_pad(enc, self.pad)
-                rollout = sampler.generate_ar(ids, lens) if settings.mode == "ar" else sampler.generate(ids, lens)
+                rollout = sampler.generate(ids, lens)
                 for i, text in zip(batch, decode_responses(rollout, self.tokenizer, self.eos)):
                     out[i] = truncate_at(text, _until(parsed[i][1]))
         return [o if o is not None else "" for o in out]

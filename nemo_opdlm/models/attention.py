@@ -14,7 +14,15 @@ Back ends, chosen per model by config (``ModelConfig.attention_backend``):
   (``grouped_query_sdpa``), so no key is ever repeated.
 - ``flex``: FlexAttention with a ``BlockMask`` built from the same rule (GPU default, compiled;
   forward only on CPU). Transformer Engine's fused kernels do not take arbitrary block masks,
-  so with TE present only the linear layers come from TE and attention stays here.
+  so with TE present only the linear layers come from TE and attention stays here. Decoding
+  forwards use SDPA instead: compiled flex kernels specialise on the key length, which grows every
+  block, and tile queries by 128 where a round has a block or two.
+
+What a forward needs beyond megatron-core's arguments reaches the layers through a
+``ForwardContext`` that the model's own ``forward`` creates and hands to each of its attention
+layers for the duration of the call (megatron-core's layers pass nothing through to core
+attention): the mask built once per forward for all layers, and, when decoding, the KV cache the
+caller passed to ``forward``.
 """
 
 from __future__ import annotations
@@ -36,14 +44,37 @@ from nemo_opdlm.models import masks
 BACKENDS = ("local", "sdpa", "flex")
 
 
-class LayerKVCache(Protocol):
-    """What a layer's KV cache offers the core attention (implemented in ``rollout/kv_cache.py``)."""
+class KVCache(Protocol):
+    """What a KV cache offers the core attention (implemented in ``rollout/kv_cache.py``)."""
 
     def extend(
-        self, key: torch.Tensor, value: torch.Tensor, meta: torch.Tensor
+        self, layer_number: int, key: torch.Tensor, value: torch.Tensor, meta: torch.Tensor, contiguous: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return cached + current keys ``[Sk, B, G, D]``, values, and key metadata ``[B, 2, Sk]``."""
+        """Store layer ``layer_number``'s current keys/values; return cached + current keys
+        ``[Sk, B, G, D]``, values, and key metadata ``[B, 2, Sk]``."""
         ...
+
+
+class ForwardContext:
+    """One model forward's state shared by its attention layers: the masks, built once for all
+    layers (and kept only for this forward), and the decode settings.
+
+    Args:
+        kv_cache: the cache of a cached decoding forward, else None.
+        decoding: a decoding forward (no backward; Flex layers run SDPA).
+    """
+
+    def __init__(self, kv_cache: Optional[KVCache] = None, decoding: bool = False) -> None:
+        self.kv_cache = kv_cache
+        self.decoding = decoding or kv_cache is not None
+        self._masks: dict[tuple, tuple] = {}
+
+    def mask(self, kind: str, q_meta: torch.Tensor, k_meta: torch.Tensor, build) -> Any:
+        """``build()``, once per (kind, query metadata, key metadata) in this forward."""
+        key = (kind, id(q_meta), q_meta._version, id(k_meta), k_meta._version)
+        if key not in self._masks:
+            self._masks[key] = (build(), q_meta, k_meta)  # holding the tensors keeps their ids unique
+        return self._masks[key][0]
 
 
 def flex_available() -> bool:
@@ -63,32 +94,17 @@ def _compiled_flex():
     return flex_attention
 
 
-class _MaskMemo:
-    """Builds each mask once per forward: all layers of a model see the same metadata tensors.
-
-    It holds the metadata tensors it keyed on, so their ids cannot be reused by new tensors.
-    """
-
-    def __init__(self) -> None:
-        self._held: tuple = ()
-        self._key: Optional[tuple] = None
-        self._value: Any = None
-
-    def get(self, kind: str, q_meta: torch.Tensor, k_meta: torch.Tensor, build) -> Any:
-        key = (kind, id(q_meta), q_meta._version, id(k_meta), k_meta._version)
-        if key != self._key:
-            self._value, self._key, self._held = build(), key, (q_meta, k_meta)
-        return self._value
+def _memo(ctx: Optional[ForwardContext], kind: str, q_meta: torch.Tensor, k_meta: torch.Tensor, build) -> Any:
+    """Through the forward's memo when there is one (activation recompute re-runs a layer outside
+    its model's forward: the mask is then built again)."""
+    return build() if ctx is None else ctx.mask(kind, q_meta, k_meta, build)
 
 
-_MEMO = _MaskMemo()
+def _dense_allowed(ctx: Optional[ForwardContext], q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
+    return _memo(ctx, "dense", q_meta, k_meta, lambda: masks.allowed(q_meta, k_meta))
 
 
-def _dense_allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
-    return _MEMO.get("dense", q_meta, k_meta, lambda: masks.allowed(q_meta, k_meta))
-
-
-def _flex_block_mask(q_meta: torch.Tensor, k_meta: torch.Tensor):
+def _flex_block_mask(ctx: Optional[ForwardContext], q_meta: torch.Tensor, k_meta: torch.Tensor):
     from torch.nn.attention.flex_attention import create_block_mask
 
     def build():
@@ -101,15 +117,15 @@ def _flex_block_mask(q_meta: torch.Tensor, k_meta: torch.Tensor):
             device=q_meta.device,
         )
 
-    return _MEMO.get("flex", q_meta, k_meta, build)
+    return _memo(ctx, "flex", q_meta, k_meta, build)
 
 
 class BlockAttention(MegatronModule):
     """Core attention that reads ``attention_mask`` as token metadata ``[B, 2, S]`` (masks.py).
 
     Inputs follow megatron-core: query ``[Sq, B, H/tp, D]``, key/value ``[Sq, B, G/tp, D]``;
-    output ``[Sq, B, H/tp * D]``. ``kv_cache`` is set by the rollout sampler for the duration of
-    a cached decode and is None otherwise.
+    output ``[Sq, B, H/tp * D]``. ``context`` is the running forward's ``ForwardContext``, set by
+    the owning ``DiffusionGPTModel.forward`` for the duration of the call (None outside it).
     """
 
     def __init__(
@@ -131,10 +147,12 @@ class BlockAttention(MegatronModule):
         if backend == "flex" and not flex_available():
             raise ValueError("attention backend 'flex' needs torch.nn.attention.flex_attention")
         self.backend = backend
+        self.layer_number = layer_number
+        """Global (1-based) layer number: the layer's key in a KV cache."""
         self.head_dim = config.kv_channels
         self.softmax_scale = softmax_scale or 1.0 / math.sqrt(self.head_dim)
         self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
-        self.kv_cache: Optional[LayerKVCache] = None
+        self.context: Optional[ForwardContext] = None
         self.local: Optional[DotProductAttention] = None
         if backend == "local":
             self.local = DotProductAttention(
@@ -160,30 +178,33 @@ class BlockAttention(MegatronModule):
     ) -> torch.Tensor:
         if attention_bias is not None or packed_seq_params is not None:
             raise NotImplementedError("BlockAttention takes neither attention_bias nor packed sequences")
+        ctx = self.context
+        cache = ctx.kv_cache if ctx is not None else None
         q_meta = attention_mask
         k_meta = q_meta
-        if self.kv_cache is not None:
-            key, value, k_meta = self.kv_cache.extend(key, value, q_meta)
+        if cache is not None:
+            key, value, k_meta = cache.extend(self.layer_number, key, value, q_meta,
+                                              contiguous=self.backend == "local")
         sq, batch, heads, dim = query.shape
         if self.backend == "local":
             assert self.local is not None
-            return self.local(query, key, value, ~_dense_allowed(q_meta, k_meta)[:, None], None)
+            return self.local(query, key, value, ~_dense_allowed(ctx, q_meta, k_meta)[:, None], None)
         q = query.permute(1, 2, 0, 3)  # [B, H, Sq, D]
         k = key.permute(1, 2, 0, 3)  # [B, G, Sk, D]
         v = value.permute(1, 2, 0, 3)  # [B, G, Sk, D]
         gqa = heads != k.shape[1]
-        if self.backend == "flex":
+        if self.backend == "flex" and not (ctx is not None and ctx.decoding):
             out = _compiled_flex()(
-                q, k, v, block_mask=_flex_block_mask(q_meta, k_meta), scale=self.softmax_scale,
+                q, k, v, block_mask=_flex_block_mask(ctx, q_meta, k_meta), scale=self.softmax_scale,
                 enable_gqa=gqa,
             )
-        elif self.kv_cache is not None and gqa:
-            out = grouped_query_sdpa(q, k, v, _dense_allowed(q_meta, k_meta), self.softmax_scale)
+        elif cache is not None and gqa:
+            out = grouped_query_sdpa(q, k, v, _dense_allowed(ctx, q_meta, k_meta), self.softmax_scale)
         else:
             dropout = self.dropout_p if self.training else 0.0
             with tensor_parallel.get_cuda_rng_tracker().fork():
                 out = F.scaled_dot_product_attention(
-                    q, k, v, attn_mask=_dense_allowed(q_meta, k_meta)[:, None],
+                    q, k, v, attn_mask=_dense_allowed(ctx, q_meta, k_meta)[:, None],
                     dropout_p=dropout, scale=self.softmax_scale, enable_gqa=gqa,
                 )
         return out.permute(2, 0, 1, 3).reshape(sq, batch, heads * dim)  # [Sq, B, H*D]

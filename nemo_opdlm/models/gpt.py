@@ -15,12 +15,14 @@ student; the teacher's right shift lives in ``distill/teacher_targets.py``.
 
 from __future__ import annotations
 
-from typing import Optional
+import contextlib
+from typing import Iterator, Optional
 
 import torch
 from megatron.core.models.gpt import GPTModel
 from torch import Tensor
 
+from nemo_opdlm.models.attention import BlockAttention, ForwardContext, KVCache
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.runtime.context import ParallelContext
 
@@ -38,6 +40,8 @@ class DiffusionGPTModel(GPTModel):
         super().__init__(*args, pg_collection=parallel.pgs, **kwargs)
         self.real_vocab_size = real_vocab_size
         self.parallel = parallel
+        self.attention = [m for m in self.modules() if isinstance(m, BlockAttention)]
+        """This chunk's core-attention layers (each forward hands them its ``ForwardContext``)."""
         if rope_scaling_params is not None and hasattr(self, "rotary_pos_emb"):
             # megatron-core only exposes the Llama-3 factor; apply all four HF parameters to the
             # unscaled frequencies it built (GPTModel got rope_scaling=False).
@@ -65,6 +69,8 @@ class DiffusionGPTModel(GPTModel):
         labels: Optional[Tensor] = None,
         logits_last: Optional[int] = None,
         logits_columns: Optional[Tensor] = None,
+        kv_cache: Optional[KVCache] = None,
+        decoding: bool = False,
         **unused,
     ) -> Tensor:
         """Logits ``[B, S, V_pad/tp]`` on the last stage, hidden states ``[S, B, H]`` elsewhere.
@@ -80,15 +86,19 @@ class DiffusionGPTModel(GPTModel):
             logits_columns: instead of ``logits_last``, project these columns ``[n]`` (any order,
                 repeats allowed; logits ``[B, n, V_pad/tp]``): a shifted student reads its
                 predictions from columns scattered over x0 and xt (``masks.prediction_columns``).
+            kv_cache: a cached decoding forward: the cache (``BlockKVCache.forward``'s), which every
+                attention layer extends with this forward's keys and reads the committed ones from.
+            decoding: a decoding forward without a cache (no backward; Flex layers run SDPA).
         """
         if labels is not None:
             raise ValueError("DiffusionGPTModel returns logits; losses live in distill/loss.py")
         decoder_input = self.embedding(input_ids=input_ids, position_ids=None) if self.pre_process else None
-        hidden = self.decoder(
-            hidden_states=decoder_input,
-            attention_mask=attention_mask,
-            rotary_pos_emb=self.rope_freqs(position_ids),
-        )  # [S, B, H]
+        with self._forward_context(ForwardContext(kv_cache, decoding)):
+            hidden = self.decoder(
+                hidden_states=decoder_input,
+                attention_mask=attention_mask,
+                rotary_pos_emb=self.rope_freqs(position_ids),
+            )  # [S, B, H]
         if not self.post_process:
             return hidden
         if logits_last is not None and logits_columns is not None:
@@ -105,6 +115,20 @@ class DiffusionGPTModel(GPTModel):
         hidden = hidden.transpose(0, 1).contiguous()  # [B, S, H]
         logits, _ = self.output_layer(hidden, weight=weight)  # [B, S, V/tp]
         return mask_vocab_padding(logits, self.real_vocab_size, self.parallel.tp_rank)
+
+
+    @contextlib.contextmanager
+    def _forward_context(self, ctx: ForwardContext) -> Iterator[None]:
+        """Hand ``ctx`` to this chunk's attention layers for one forward."""
+        if any(layer.context is not None for layer in self.attention):
+            raise RuntimeError("a forward of this model is already running (nested forwards are not supported)")
+        for layer in self.attention:
+            layer.context = ctx
+        try:
+            yield
+        finally:
+            for layer in self.attention:
+                layer.context = None
 
 
 def mask_vocab_padding(logits: Tensor, real_vocab_size: int, tp_rank: int) -> Tensor:

@@ -8,7 +8,7 @@ import importlib
 
 _EXPORTS = {
     "BlockKVCache": "kv_cache", "BlockSampler": "sampler", "Rollout": "sampler", "RolloutMetrics": "sampler",
-    "SamplerConfig": "sampler", "left_pad": "sampler", "LengthCurriculum": "schedules",
+    "SamplerConfig": "sampler", "left_pad": "sampler", "LengthCurriculum": "schedules", "DecodeConfig": "decode",
 }
 __all__ = sorted(_EXPORTS)
 

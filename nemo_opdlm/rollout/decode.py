@@ -19,9 +19,11 @@ from typing import Optional
 
 from nemo_opdlm.errors import ConfigError
 
-MODES = ("ar", "static", "dynamic")
-"""``ar``: causal next-token decoding (the teacher's way, block size 1); ``static``: the k most
-confident positions per round; ``dynamic``: every position above ``threshold``, at least k."""
+BLOCK_MODES = ("static", "dynamic")
+"""Block diffusion: ``static``, the k most confident positions per round; ``dynamic``, every position
+above ``threshold`` and at least k."""
+MODES = ("ar",) + BLOCK_MODES
+"""Plus ``ar``: causal next-token decoding (the teacher's way, block size 1)."""
 
 
 @dataclass(kw_only=True)
@@ -77,8 +79,8 @@ class DecodeConfig:
         """Rounds of the static schedule in a block of ``block_size`` (checked against it)."""
         rounds = self.steps_per_block or block_size
         if rounds > block_size:
-            raise ConfigError(f"{self.where}.steps_per_block={rounds} exceeds the block size {block_size}: a round "
-                              "unmasks at least one token of the block")
+            raise ConfigError(f"{self.where}.steps_per_block={rounds} exceeds the block size "
+                              f"(diffusion.block_size={block_size}): a round unmasks at least one token of the block")
         return rounds
 
     def describe(self, block_size: Optional[int]) -> str:

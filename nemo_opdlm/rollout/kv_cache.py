@@ -18,12 +18,13 @@ keys (never uninitialised memory: a masked NaN value would still poison ``softma
 
 Life cycle, driven by the sampler:
 
-1. ``with cache.bind(layers):`` attaches one slot per layer (``layer.kv_cache``); detached on exit.
-2. Per forward (one per micro-batch): ``with cache.forward(meta, rows):`` for rows ``rows`` of
-   the active rows (a contiguous slice: views, no copy; or an index tensor: the committed keys are
-   gathered, a copy); each layer's ``extend(key, value, meta)`` writes the current keys/values and
-   returns the keys. Forwards of one round may differ in width (rows that commit forward a commit
-   slot before their block); each active row is in exactly one forward of a round.
+1. The cache is built for the attention layers of this rank, named by their (global) layer numbers.
+2. Per forward (one per micro-batch): ``with cache.forward(meta, rows) as view:`` for rows ``rows``
+   of the active rows (a contiguous slice: views, no copy; or an index tensor: the committed keys
+   are gathered, a copy); ``view`` is passed to the model's forward (``kv_cache=view``), whose
+   attention layers call ``view.extend(layer_number, key, value, meta)``: it writes the current
+   keys/values and returns the keys. Forwards of one round may differ in width (rows that commit
+   forward a commit slot before their block); each active row is in exactly one forward of a round.
 3. After every round: ``cache.commit(n)`` keeps the first ``n[r]`` current columns of row ``r``
    (``n`` an int for all rows, or a ``[rows]`` tensor): they move to ``[lengths[r], lengths[r] +
    n[r])`` (nothing moves for rows at the frontier) and ``lengths[r] += n[r]``.
@@ -65,23 +66,12 @@ class _Pending:
     width: int
 
 
-class _LayerSlot:
-    """What one ``BlockAttention`` sees as its ``kv_cache``: the cache, at layer ``index``."""
-
-    def __init__(self, cache: "BlockKVCache", index: int, contiguous: bool) -> None:
-        self.cache = cache
-        self.index = index
-        self.contiguous = contiguous
-
-    def extend(self, key: Tensor, value: Tensor, meta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return self.cache.extend(self.index, key, value, meta, contiguous=self.contiguous)
-
-
 class BlockKVCache:
-    """Keys/values of committed tokens for ``num_layers`` layers, preallocated for ``capacity`` columns.
+    """Keys/values of committed tokens for this rank's attention layers, preallocated for ``capacity`` columns.
 
     Args:
-        num_layers: ``BlockAttention`` layers on this rank (all model chunks together).
+        layer_numbers: the (global) layer numbers of this rank's ``BlockAttention`` layers, all model
+            chunks together: what each layer names itself by in ``extend``.
         batch: rows at the start (compaction only shrinks it).
         capacity: columns (longest committed row + widest forward).
         groups: key/value heads on this rank (``num_query_groups / tp``).
@@ -96,7 +86,7 @@ class BlockKVCache:
     def __init__(
         self,
         *,
-        num_layers: int,
+        layer_numbers: Sequence[int],
         batch: int,
         capacity: int,
         groups: int,
@@ -104,11 +94,15 @@ class BlockKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
+        num_layers = len(layer_numbers)
         if min(num_layers, batch, capacity, groups, head_dim) < 1:
             raise ValueError(
                 f"cache dimensions must be >= 1: layers={num_layers} batch={batch} "
                 f"capacity={capacity} groups={groups} head_dim={head_dim}"
             )
+        if len(set(layer_numbers)) != num_layers:
+            raise ValueError(f"layer numbers must be distinct, got {list(layer_numbers)}")
+        self._slot = {number: i for i, number in enumerate(layer_numbers)}
         shape = (batch, groups, capacity, head_dim)
         # Zeros, not empty: holes are read (masked) before anything is written there.
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
@@ -128,37 +122,16 @@ class BlockKVCache:
         # Per layer, rows written at the current round's columns (checked by commit).
         self._rows_written = [0] * num_layers
         self._round_width: Optional[int] = None
-        self._bound: list = []
 
     @property
     def num_layers(self) -> int:
         return len(self.keys)
 
-    # --- binding -----------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def bind(self, layers: Sequence[torch.nn.Module]) -> Iterator["BlockKVCache"]:
-        """Attach a slot to each layer's ``kv_cache`` (layers in model order); detach on exit."""
-        if len(layers) != self.num_layers:
-            raise ValueError(f"cache has {self.num_layers} layers, {len(layers)} given")
-        if self._bound:
-            raise RuntimeError("this cache is already bound")
-        for layer in layers:
-            if getattr(layer, "kv_cache", None) is not None:
-                raise RuntimeError("a layer already has a KV cache bound: nested rollouts?")
-        try:
-            for i, layer in enumerate(layers):
-                layer.kv_cache = _LayerSlot(self, i, contiguous=getattr(layer, "backend", "") == "local")
-            self._bound = list(layers)
-            yield self
-        finally:
-            for layer in layers:
-                layer.kv_cache = None
-            self._bound = []
-
     # --- one forward -------------------------------------------------------------------------
     @contextlib.contextmanager
-    def forward(self, meta: Tensor, rows: slice | Tensor | None = None) -> Iterator[None]:
-        """Scope of one model forward over rows ``rows`` with current-token metadata ``meta [b, 2, Sq]``.
+    def forward(self, meta: Tensor, rows: slice | Tensor | None = None) -> Iterator["BlockKVCache"]:
+        """Scope of one model forward over rows ``rows`` with current-token metadata ``meta [b, 2, Sq]``;
+        yields what the model's forward takes as ``kv_cache`` (the cache, its forward opened).
 
         ``rows``: a contiguous slice of the active rows (default all), or an ascending index tensor.
         """
@@ -184,16 +157,20 @@ class BlockKVCache:
         self._pending = _Pending(q_meta=meta, rows=rows, k_meta=self.meta[rows, :, :end], width=width)
         self._round_width = max(self._round_width or 0, width)
         try:
-            yield
+            yield self
         finally:
             self._pending = None
 
     def extend(
-        self, layer: int, key: Tensor, value: Tensor, meta: Tensor, contiguous: bool = False
+        self, layer_number: int, key: Tensor, value: Tensor, meta: Tensor, contiguous: bool = False
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Write layer ``layer``'s current keys/values ``[Sq, b, G, D]``; return keys ``[:frontier + Sq]``."""
+        """Write layer ``layer_number``'s current keys/values ``[Sq, b, G, D]``; return keys, values
+        ``[:frontier + Sq]`` and their metadata. ``contiguous``: copies instead of views (megatron's
+        DotProductAttention reshapes with ``.view``)."""
         pending = self._pending
         assert pending is not None, "BlockAttention ran with a KV cache outside cache.forward()"
+        assert layer_number in self._slot, f"layer {layer_number} has no slot in this cache ({sorted(self._slot)})"
+        layer = self._slot[layer_number]
         assert meta is pending.q_meta, "attention metadata differs from the one the cache was opened with"
         assert key.shape[0] == pending.width, f"{key.shape[0]} current keys, forward opened for {pending.width}"
         start, end = self.frontier, self.frontier + pending.width
@@ -206,7 +183,7 @@ class BlockKVCache:
         self._rows_written[layer] += meta.shape[0]
         key_all = k_buf[pending.rows, :, :end].permute(2, 0, 1, 3)  # [Sk, b, G, D]
         value_all = v_buf[pending.rows, :, :end].permute(2, 0, 1, 3)
-        if contiguous:  # megatron's DotProductAttention reshapes with .view
+        if contiguous:
             key_all, value_all = key_all.contiguous(), value_all.contiguous()
         return key_all, value_all, pending.k_meta
 

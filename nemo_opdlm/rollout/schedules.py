@@ -16,9 +16,6 @@ import torch
 
 from nemo_opdlm.errors import ConfigError
 
-MODES = ("static", "dynamic")
-
-
 def static_counts(block_size: int, steps_per_block: int) -> list[int]:
     """Tokens to unmask in each round of a block; they sum to ``block_size``.
 

@@ -90,9 +90,9 @@ class StageRunner:
                     dist.recv(hidden, src=self.prev, group=self.group)  # [S, b, H]
                     chunk.set_input_tensor(hidden)
                 scope = cache.forward(mb.meta, mb.rows) if cache is not None else contextlib.nullcontext()
-                with scope:
+                with scope as view:
                     out = chunk(mb.input_ids if chunk.pre_process else None, mb.position_ids, mb.meta,
-                                logits_last=min(keep_last, mb.meta.shape[-1]))
+                                logits_last=min(keep_last, mb.meta.shape[-1]), kv_cache=view, decoding=True)
                 if not chunk.pre_process:
                     chunk.set_input_tensor(None)
                 if chunk.post_process:

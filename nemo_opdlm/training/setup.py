@@ -16,7 +16,7 @@ from nemo_opdlm.config import RunConfig
 from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint
 from nemo_opdlm.convert.hf_to_mcore import load_hf_weights
 from nemo_opdlm.data.prompts import eos_ids as tokenizer_eos_ids
-from nemo_opdlm.data.prompts import load_prompts
+from nemo_opdlm.data.prompts import load_prompts, pad_id
 from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.distill.methods import get_method
 from nemo_opdlm.errors import ConfigError
@@ -74,10 +74,6 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
     if not ids:
         raise ConfigError("the tokenizer has no EOS token: responses could never end")
     return ids
-
-
-def pad_id(tokenizer) -> int:
-    return int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
 
 
 def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str], ckpt: Optional[str]) -> bool:

@@ -9,6 +9,7 @@ step, checkpoints, logging (``loop.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
@@ -25,7 +26,7 @@ from nemo_opdlm.distill.states import build_states, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.student import parallel_of
-from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
+from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig, with_mode
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.runtime.seeding import noise_seed
@@ -47,14 +48,9 @@ class Responses:
 
 def sampler_config(cfg: RunConfig, eos_ids: Sequence[int], pad_id: int, seed: int, *,
                    max_new_tokens: int) -> SamplerConfig:
-    r = cfg.rollout
-    return SamplerConfig(
-        mask_token_id=cfg.diffusion.mask_token_id, block_size=cfg.diffusion.block_size,
-        steps_per_block=r.steps_per_block, mode=r.mode, threshold=r.threshold, temperature=r.temperature,
-        top_k=r.top_k, top_p=r.top_p, max_new_tokens=max_new_tokens, eos_token_ids=tuple(eos_ids),
-        pad_token_id=pad_id, use_cache=r.use_cache, seed=seed, shift_logits=cfg.diffusion.shift_logits,
-        pad_commit_slots=torch.cuda.is_available() if r.pad_commit_slots is None else r.pad_commit_slots,
-    )
+    """The rollouts' sampler: ``rollout.*`` decoding of the student described by ``diffusion.*``."""
+    return SamplerConfig(decode=cfg.rollout, diffusion=cfg.diffusion, max_new_tokens=max_new_tokens,
+                         eos_token_ids=tuple(eos_ids), pad_token_id=pad_id, seed=seed)
 
 
 def _from_rollout(rollout: Rollout) -> Responses:
@@ -88,8 +84,9 @@ def get_responses(cfg: RunConfig, batch: PromptBatch, student: list, teacher: Op
         return _from_rollout(sampler.generate(batch.prompt_ids, batch.prompt_lens, limits,
                                               static_rows=static_rows(cfg, batch.prompt_ids.shape[0])))
     if method.responses == "teacher" and batch.response_ids is None:
-        assert teacher is not None
-        return _from_rollout(BlockSampler(teacher, sampler_cfg).generate_ar(batch.prompt_ids, batch.prompt_lens, limits))
+        assert teacher is not None  # the teacher decodes causally, with the rollouts' sampling settings
+        teacher_cfg = dataclasses.replace(sampler_cfg, decode=with_mode(sampler_cfg.decode, "ar"))
+        return _from_rollout(BlockSampler(teacher, teacher_cfg).generate(batch.prompt_ids, batch.prompt_lens, limits))
     return _from_dataset(batch, sampler_cfg.eos_token_ids)
 
 
@@ -119,7 +116,7 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
         return ar_rows(resp)
     return build_states(
         resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.step_map, resp.valid,
-        block_size=cfg.diffusion.block_size, steps_per_block=cfg.rollout.steps_per_block,
+        block_size=cfg.diffusion.block_size, steps_per_block=cfg.rollout.rounds_per_block(cfg.diffusion.block_size),
         mask_token_id=cfg.diffusion.mask_token_id, eos_ids=eos_ids, generator=generator,
         masking=method.masking, exclude_eos=cfg.distill.exclude_eos,
     )

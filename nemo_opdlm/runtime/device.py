@@ -1,0 +1,23 @@
+"""Device scopes the runtime offers to the code above it.
+
+One job: the runtime's answer to "this block of code only decodes": on a CPU machine the
+compatibility layer rewrites every ``device='cuda'`` of megatron-core to the CPU with a torch-function
+mode that sees every torch call, and a decode (many short forwards, no backward, no optimizer)
+never asks for CUDA, so the mode is lifted for it; on a GPU nothing changes. Callers (the rollout
+sampler) use this scope instead of knowing about the compatibility layer. Non-goals: the patches
+themselves (``cpu_compat.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+from nemo_opdlm.runtime import cpu_compat
+
+
+@contextlib.contextmanager
+def decoding_scope() -> Iterator[None]:
+    """Run a decode (forward-only model calls) with the least device machinery around it."""
+    with cpu_compat.device_mode_suspended():
+        yield
