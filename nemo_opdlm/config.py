@@ -230,11 +230,7 @@ class RunConfig:
 
     def validate(self) -> None:
         """Cross-section checks (each section checked itself already)."""
-        if self.diffusion.mask_token_id >= self.model.vocab_size:
-            raise ConfigError(
-                f"diffusion.mask_token_id={self.diffusion.mask_token_id} is outside model.vocab_size="
-                f"{self.model.vocab_size}"
-            )
+        self.diffusion.check_vocab(self.model.vocab_size)
         if self.teacher.vocab_size != self.model.vocab_size:
             raise ConfigError(
                 f"teacher_model.vocab_size={self.teacher.vocab_size} differs from model.vocab_size="
@@ -289,6 +285,20 @@ def _dataclass_of(tp: Any) -> Optional[type]:
             if dataclasses.is_dataclass(arg):
                 return arg
     return None
+
+
+def config_keys(cls: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key a config file or a ``key=value`` override can set (default: ``RunConfig``'s),
+    in field order: the names users' YAML files and command lines depend on."""
+    cls = RunConfig if cls is None else cls
+    hints = typing.get_type_hints(cls)
+    out: list[str] = []
+    for f in dataclasses.fields(cls):
+        if not f.init:
+            continue
+        sub = _dataclass_of(hints[f.name])
+        out += config_keys(sub, f"{prefix}{f.name}.") if sub is not None else [prefix + f.name]
+    return out
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -431,5 +441,5 @@ def dump_yaml(cfg: RunConfig) -> str:
 __all__ = [
     "RunConfig", "InitConfig", "RolloutConfig", "DistillConfig", "OptimConfig", "TrainConfig",
     "ModelConfig", "DiffusionConfig", "ParallelLayout", "PromptDataConfig", "RopeScaling",
-    "ConfigError", "from_dict", "to_dict", "apply_overrides", "load_recipe", "resolve", "dump_yaml",
+    "ConfigError", "from_dict", "to_dict", "apply_overrides", "load_recipe", "resolve", "dump_yaml", "config_keys",
 ]

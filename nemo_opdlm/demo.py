@@ -205,13 +205,9 @@ def mean_response_tokens(path: str, tokenizer) -> float:
 
 def checkpoints(save_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every saved checkpoint, oldest first."""
-    out: list[tuple[int, str]] = []
-    if not os.path.isdir(save_dir):
-        return out
-    for name in sorted(os.listdir(save_dir)):
-        if name.startswith("step_") and os.path.isfile(os.path.join(save_dir, name, "metadata.json")):
-            out.append((int(name[5:]), os.path.join(save_dir, name)))
-    return out
+    from nemo_opdlm.training.run_dir import step_dirs
+
+    return step_dirs(save_dir)
 
 
 def cumulative_tokens(history: Sequence[dict[str, float]], method: str, mean_resp: float,

@@ -5,7 +5,7 @@ One job: turn (student shape, teacher shape, layout, checkpoint paths) into a co
 sized for (``opdlm plan`` checks it there unless told otherwise). Non-goals: model shapes
 (``recipes/models.py``), validation (``RunConfig`` and ``nemo_opdlm/plan.py``).
 
-The defaults (Su et al. 2026, see notes/method.md): AdamW, lr 1e-5 -> 1e-6 cosine with 5 warm-up
+The defaults (Su et al. 2026, arXiv 2606.06712): AdamW, lr 1e-5 -> 1e-6 cosine with 5 warm-up
 steps, grad clip 1.0, bf16, activation recompute; block 4; dynamic decoding with threshold 0.9,
 4 rounds per block, temperature 1; length curriculum 100 -> 4000 tokens over 100 steps; 128
 prompts per step; KL over the full vocabulary below 4B parameters and over the teacher's top-16

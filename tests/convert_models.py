@@ -97,3 +97,19 @@ def assert_same_tensors(a_dir: str, b_dir: str) -> None:
 def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         return model(ids).logits  # [B, S, V]
+
+
+def student_from_hf(hf_dir, diffusion, parallel, *, teacher=None, **overrides):
+    """Trainable student chunks initialised from ``hf_dir`` (the teacher's weights, unchanged), as
+    the trainer builds them from ``init.student_hf``; with ``teacher`` given the vocabularies must
+    agree (they share one tokenizer)."""
+    from nemo_opdlm.convert import hf_config as hfc
+    from nemo_opdlm.convert.hf_to_mcore import load_hf_weights, without_random_init
+    from nemo_opdlm.models.student import build_student
+
+    cfg = hfc.model_config_from_hf(hfc.read_hf_config(hf_dir), **overrides)
+    if teacher is not None:
+        hfc.check_same_vocab(teacher, cfg)
+    chunks = build_student(without_random_init(cfg), diffusion, parallel)
+    load_hf_weights(chunks, hf_dir, cfg)
+    return cfg, chunks

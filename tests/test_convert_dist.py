@@ -57,7 +57,8 @@ def worker(tmp: str) -> None:
     from megatron.core import parallel_state
 
     from nemo_opdlm.convert import hf_config as hfc
-    from nemo_opdlm.convert.hf_to_mcore import import_hf, student_from_hf, teacher_from_hf
+    from nemo_opdlm.convert.hf_to_mcore import import_hf, teacher_from_hf
+    from tests.convert_models import student_from_hf
     from nemo_opdlm.convert.mcore_to_hf import export_checkpoint, export_chunks
     from nemo_opdlm.models import masks
     from nemo_opdlm.models.config import DiffusionConfig

@@ -11,12 +11,12 @@ import pytest
 import torch
 
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.hf_to_mcore import student_from_hf, teacher_from_hf
+from nemo_opdlm.convert.hf_to_mcore import teacher_from_hf
 from nemo_opdlm.convert.mcore_to_hf import export_chunks
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
-from tests.convert_models import FAMILIES, VOCAB, assert_same_tensors, save_hf
+from tests.convert_models import FAMILIES, VOCAB, assert_same_tensors, save_hf, student_from_hf
 from tests.tiny import sampler_config
 
 TOL = 1e-4

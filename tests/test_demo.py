@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 
 from nemo_opdlm import demo
 from nemo_opdlm.eval.plot import read_png
@@ -12,9 +11,7 @@ from nemo_opdlm.eval.plot import read_png
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
     out = str(tmp_path / "demo")
-    start = time.perf_counter()
     assert demo.demo_main(["--quick", "--out", out]) == 0
-    elapsed = time.perf_counter() - start
     printed = capsys.readouterr().out
     assert "1/4 task" in printed and "4/4 evaluation" in printed  # progress throughout
     assert "OPDLM student" in printed and "dynamic thr=0.9" in printed and "AR (causal" in printed
@@ -46,4 +43,3 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     if results["plot_backend"] == "builtin":
         img = read_png(results["plot"])
         assert img.shape[0] > 100 and (img < 250).any()  # something was drawn
-    assert elapsed < 120

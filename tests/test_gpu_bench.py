@@ -88,11 +88,11 @@ def test_flop_count_matches_hf_weights():
 
 
 def test_causal_attention_pairs():
-    from nemo_opdlm.models import masks
+    from tests.tiny import sequence_layout
 
-    layout = masks.sequence_layout(2, 10, block_size=1)
+    layout = sequence_layout(2, 10, block_size=1)
     assert gpu_bench.attended_pairs(layout.meta) == 2 * 10 * 11 // 2
-    block = masks.sequence_layout(1, 8, block_size=4)  # blocks see themselves whole
+    block = sequence_layout(1, 8, block_size=4)  # blocks see themselves whole
     assert gpu_bench.attended_pairs(block.meta) == 4 * 4 + 4 * 8
 
 

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from nemo_opdlm.models import masks
+from tests.tiny import reference_allowed, sequence_layout
 
 
 def handwritten_mask(prompt_lens, prompt_width, response_lens, response_len, block_size, with_xt):
@@ -69,7 +70,7 @@ def test_mask_matches_handwritten(prompt_lens, width, response_lens, response_le
     got = masks.allowed(layout.meta, layout.meta)
     want = handwritten_mask(prompt_lens, width, response_lens, response_len, block, with_xt)
     assert torch.equal(got, want)
-    assert torch.equal(masks.reference_allowed(layout.meta, layout.meta), want)
+    assert torch.equal(reference_allowed(layout.meta, layout.meta), want)
 
 
 def test_position_ids_reuse_x0_and_skip_left_padding():
@@ -81,11 +82,11 @@ def test_position_ids_reuse_x0_and_skip_left_padding():
 
 
 def test_block_one_is_causal_and_large_block_is_bidirectional():
-    causal = masks.sequence_layout(1, 7, block_size=1)
+    causal = sequence_layout(1, 7, block_size=1)
     assert torch.equal(masks.allowed(causal.meta, causal.meta)[0], torch.ones(7, 7).tril().bool())
-    full = masks.sequence_layout(1, 7, block_size=7)
+    full = sequence_layout(1, 7, block_size=7)
     assert masks.allowed(full.meta, full.meta).all()
-    bigger = masks.sequence_layout(1, 7, block_size=100)
+    bigger = sequence_layout(1, 7, block_size=100)
     assert masks.allowed(bigger.meta, bigger.meta).all()
 
 

@@ -9,7 +9,7 @@ from nemo_opdlm.models.config import ConfigError, DiffusionConfig
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher
 from nemo_opdlm.runtime.context import SINGLE
-from tests.tiny import tiny_model
+from tests.tiny import sequence_layout, tiny_model
 
 
 def set_backend(model, backend):
@@ -116,7 +116,7 @@ def test_from_teacher_block_one_reproduces_teacher(single_rank):
     assert not any(p.requires_grad for p in teacher[0].parameters())
 
     ids = torch.randint(0, 100, (2, 11))
-    causal = masks.sequence_layout(2, 11, block_size=1)
+    causal = sequence_layout(2, 11, block_size=1)
     t_logits = teacher[0](ids, causal.position_ids, causal.meta)
     student[0].eval()
     s_logits = student[0](ids, causal.position_ids, causal.meta)
@@ -124,7 +124,7 @@ def test_from_teacher_block_one_reproduces_teacher(single_rank):
     # an independent causal reference: with a causal mask, truncating the future changes nothing
     assert torch.allclose(teacher[0](ids[:, :6], causal.position_ids[:, :6], causal.meta[:, :, :6]),
                           t_logits[:, :6], atol=1e-5)
-    block = masks.sequence_layout(2, 11, block_size=4)
+    block = sequence_layout(2, 11, block_size=4)
     assert not torch.allclose(student[0](ids, block.position_ids, block.meta), t_logits)
 
 

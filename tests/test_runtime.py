@@ -1,5 +1,7 @@
 """Launcher environments, layout validation (before anything is built), and the CPU compat layer."""
 
+import os
+
 import pytest
 import torch
 
@@ -86,3 +88,53 @@ def test_cpu_compat_layer(single_rank):
     torch.manual_seed(0)
     assert torch.equal(torch.rand(4), default)
     assert not torch.equal(a, b) and not torch.equal(a, default)
+
+
+def test_cpu_compat_checks_its_footing(monkeypatch):
+    """A replaced symbol that is gone, or a megatron-core stand-in whose parameters changed, stops
+    the layer with the symbol and the versions named (instead of a silent no-op)."""
+    import megatron.core
+    from megatron.core.tensor_parallel import random as mcore_random
+
+    from nemo_opdlm.runtime import cpu_compat as C
+
+    patches = C._patches(C._CudaToCpuMode())
+    C.check_footing(patches)  # the installed torch and megatron-core are what the layer expects
+    monkeypatch.delattr(torch.cuda, "empty_cache", raising=False)
+    with pytest.raises(RuntimeError, match=r"empty_cache does not exist.*megatron-core " + megatron.core.__version__):
+        C.check_footing(patches)
+    monkeypatch.undo()
+
+    def renamed(state, device=-1, graph_safe=False):
+        return None
+
+    monkeypatch.setattr(mcore_random, "_set_cuda_rng_state", renamed)
+    with pytest.raises(RuntimeError, match=r"_set_cuda_rng_state takes \('state', 'device', 'graph_safe'\)"):
+        C.check_footing(patches)
+
+
+def test_cpu_compat_scope_restores_everything(tmp_path):
+    """``with cpu_compat():`` turns the layer on for a block and restores every original after it
+    (a fresh process: the suite's runtime keeps the layer on for its whole life)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from torch.overrides import _get_current_function_mode_stack as stack\n"
+        "from megatron.core.tensor_parallel import random as r\n"
+        "from nemo_opdlm.runtime.cpu_compat import cpu_compat, cpu_compat_enabled\n"
+        "before = (torch.cuda.current_device, torch.Tensor.type, r._set_cuda_rng_state, len(stack()))\n"
+        "with cpu_compat() as on:\n"
+        "    assert on and cpu_compat_enabled()\n"
+        "    assert torch.zeros(1, device='cuda').device.type == 'cpu' and torch.ones(1).type() == 'torch.cuda.FloatTensor'\n"
+        "after = (torch.cuda.current_device, torch.Tensor.type, r._set_cuda_rng_state, len(stack()))\n"
+        "assert after == before and not cpu_compat_enabled(), (before, after)\n"
+        "assert torch.ones(1).type() == 'torch.FloatTensor'\n"
+        "print('SCOPED_OK')\n"
+    )
+    if torch.cuda.is_available():
+        pytest.skip("the layer only exists without CUDA")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    assert "SCOPED_OK" in out.stdout, out.stderr[-3000:]

@@ -15,7 +15,7 @@ import os
 from typing import Any, Optional
 
 from nemo_opdlm.convert.errors import UnsupportedArchitectureError, VocabMismatchError
-from nemo_opdlm.convert.key_maps import ARCHITECTURES, FAMILIES
+from nemo_opdlm.models.families import ARCHITECTURES, FAMILIES
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
 
 STUDENT_ARCHITECTURE = "OPDLMBlockDiffusionLM"

@@ -27,9 +27,9 @@ from nemo_opdlm.convert.key_maps import (GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule
 from nemo_opdlm.convert.dist_checkpoint import save_dist_checkpoint
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile
 from nemo_opdlm.convert.staging import check_target
-from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
+from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel
-from nemo_opdlm.models.student import build_student, unwrap
+from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.models.teacher import build_teacher
 from nemo_opdlm.runtime.context import ParallelContext
 
@@ -201,21 +201,6 @@ def teacher_from_hf(hf_dir: str, parallel: ParallelContext,
     """
     cfg, ckpt = _prepare(hf_dir, parallel, overrides)
     chunks = build_teacher(without_random_init(cfg), parallel)
-    load_hf_weights(chunks, ckpt, cfg)
-    return cfg, chunks
-
-
-def student_from_hf(hf_dir: str, diffusion: DiffusionConfig, parallel: ParallelContext, *,
-                    teacher: Optional[ModelConfig] = None,
-                    **overrides: Any) -> tuple[ModelConfig, list[DiffusionGPTModel]]:
-    """Trainable student chunks initialised from ``hf_dir`` (the teacher's weights, unchanged).
-
-    With ``teacher`` given, the two vocabularies must agree (they share one tokenizer).
-    """
-    cfg, ckpt = _prepare(hf_dir, parallel, overrides)
-    if teacher is not None:
-        hfc.check_same_vocab(teacher, cfg)
-    chunks = build_student(without_random_init(cfg), diffusion, parallel)
     load_hf_weights(chunks, ckpt, cfg)
     return cfg, chunks
 

@@ -32,26 +32,6 @@ from nemo_opdlm.models.config import ModelConfig
 NONE, QKV, GATE_UP = "none", "qkv", "gate_up"
 
 
-@dataclass(frozen=True)
-class Family:
-    """One HF architecture this project converts."""
-
-    architecture: str
-    """``architectures[0]`` in the HF config.json."""
-    model_type: str
-    """``model_type`` in the HF config.json."""
-    qk_layernorm: bool
-    """The architecture has per-head RMSNorm on q and k."""
-    add_qkv_bias: bool
-    """The architecture has biases on q/k/v (and none on the output projection)."""
-
-
-FAMILIES: dict[str, Family] = {
-    "qwen3": Family(architecture="Qwen3ForCausalLM", model_type="qwen3", qk_layernorm=True, add_qkv_bias=False),
-    "qwen2": Family(architecture="Qwen2ForCausalLM", model_type="qwen2", qk_layernorm=False, add_qkv_bias=True),
-    "llama": Family(architecture="LlamaForCausalLM", model_type="llama", qk_layernorm=False, add_qkv_bias=False),
-}
-ARCHITECTURES = {fam.architecture: name for name, fam in FAMILIES.items()}
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ Two ways to choose the state of a block (``masking``):
   fewer rounds than scheduled) and mask every token decoded at round >= r. The block is then exactly
   in the state the sampler saw before round r, and at least the tokens of the last round stay
   masked. The smallest used round gives a fully masked block.
-- ``random`` (the "own rollouts + random mask" ablation, and off-policy KD / SFT on other
-  responses through ``ablations.py``): per block a ratio t ~ U(0, 1); each valid token is masked
-  with probability t; a block whose draw masked nothing gets one uniformly chosen valid token masked.
+- ``random`` (the "own rollouts + random mask" ablation, and off-policy KD / SFT on given
+  responses, whose valid positions ``response_valid`` finds): per block a ratio t ~ U(0, 1); each
+  valid token is masked with probability t; a block whose draw masked nothing gets one uniformly
+  chosen valid token masked.
 
 Every random draw comes from the ``torch.Generator`` passed in (never the global RNG, which dropout
 shares on CPU).
@@ -161,6 +162,24 @@ def assemble(prompt_ids: Tensor, prompt_lens: Tensor, response: Tensor, valid: T
         x0=response,  # [B, L]
         xt_masked=masked,  # [B, L]
     )
+
+
+def response_valid(response: Tensor, lengths: Tensor | None = None, eos_ids: Sequence[int] | None = None) -> Tensor:
+    """``[B, L]`` bool for a given (dataset or teacher) response: positions below ``lengths[b]`` (all
+    when None) and up to the first EOS.
+
+    Tokens after the first EOS of a given response are padding: unlike a rollout's EOS block, no
+    sampler decoded them.
+    """
+    batch, length = response.shape
+    valid = torch.ones(batch, length, dtype=torch.bool, device=response.device)
+    if lengths is not None:
+        if lengths.shape != (batch,):
+            raise ValueError(f"lengths must have shape [{batch}], got {tuple(lengths.shape)}")
+        valid &= torch.arange(length, device=response.device)[None, :] < lengths.to(response.device)[:, None]
+    if eos_ids:
+        valid, _ = first_eos_mask(response, valid, eos_ids)
+    return valid
 
 
 def build_states(prompt_ids: Tensor, prompt_lens: Tensor, response: Tensor, step_map: Tensor | None,

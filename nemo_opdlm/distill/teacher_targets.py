@@ -32,10 +32,6 @@ class TeacherTargets:
     logprobs: torch.Tensor
     ids: Optional[torch.Tensor] = None
 
-    @property
-    def is_topk(self) -> bool:
-        return self.ids is not None
-
 
 def teacher_batch(prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, x0: torch.Tensor,
                   x0_valid: torch.Tensor) -> Batch:

@@ -26,6 +26,13 @@ from nemo_opdlm.eval.tasks import FORMATS
 from nemo_opdlm.rollout.decode import MODES
 
 
+def _default(name: str):
+    """The evaluation's default for a decoding setting (``DecodeSettings``: written once, there)."""
+    from nemo_opdlm.eval.evaluate import DecodeSettings
+
+    return DecodeSettings.__dataclass_fields__[name].default
+
+
 def _positive(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -58,14 +65,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="decoding modes to score: ar (causal teacher), static, dynamic")
     dec.add_argument("--block-size", type=_positive, help="default: checkpoint metadata, else 4")
     dec.add_argument("--steps-per-block", type=_positive, help="default: block size (1 token per round)")
-    dec.add_argument("--threshold", type=float, default=0.9,
+    dec.add_argument("--threshold", type=float, default=_default("threshold"),
                      help="dynamic mode: unmask every position whose confidence exceeds this, in (0, 1]")
-    dec.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (the paper's evaluation)")
-    dec.add_argument("--max-new-tokens", type=_positive, default=256, help="generation length limit")
-    dec.add_argument("--chat-template", default="auto", choices=("auto", "always", "never"))
-    dec.add_argument("--batch-size", type=_positive, default=16, help="prompts decoded together")
+    dec.add_argument("--temperature", type=float, default=_default("temperature"),
+                     help="0 = greedy (the paper's evaluation)")
+    dec.add_argument("--max-new-tokens", type=_positive, default=_default("max_new_tokens"),
+                     help="generation length limit")
+    dec.add_argument("--chat-template", default=_default("chat_template"), choices=("auto", "always", "never"))
+    dec.add_argument("--batch-size", type=_positive, default=_default("batch_size"), help="prompts decoded together")
     dec.add_argument("--no-cache", action="store_true", help="decode without the KV cache (reference path)")
-    dec.add_argument("--seed", type=int, default=0, help="sampler seed (with --temperature > 0)")
+    dec.add_argument("--seed", type=int, default=_default("seed"), help="sampler seed (with --temperature > 0)")
     p.add_argument("--output", help="write results (and per-example generations) to this JSON file")
     return p.parse_args(argv)
 

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from nemo_opdlm.errors import ConfigError  # noqa: F401  (re-exported: the historical import path)
+from nemo_opdlm.models.families import FAMILIES
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "local", "sdpa", "flex")
@@ -117,8 +118,8 @@ class ModelConfig:
                      "num_query_groups", "vocab_size", "max_position_embeddings"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.family not in ("qwen3", "qwen2", "llama"):
-            raise ConfigError(f"model.family must be 'qwen3', 'qwen2' or 'llama', got {self.family!r}")
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family must be one of {sorted(FAMILIES)}, got {self.family!r}")
         if self.num_attention_heads % self.num_query_groups:
             raise ConfigError(
                 f"model.num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -257,3 +258,10 @@ class DiffusionConfig:
             raise ConfigError(f"diffusion.block_size must be >= 1, got {self.block_size}")
         if self.mask_token_id < 0:
             raise ConfigError(f"diffusion.mask_token_id must be >= 0, got {self.mask_token_id}")
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """The [MASK] id must be a row of the embedding (``vocab_size`` rows)."""
+        if self.mask_token_id >= vocab_size:
+            raise ConfigError(f"diffusion.mask_token_id={self.mask_token_id} is outside the vocabulary "
+                              f"(model.vocab_size={vocab_size}): pick the tokenizer's mask token, a reserved "
+                              "special token, or an unused embedding row")

@@ -146,15 +146,6 @@ def prediction_columns(prompt_width: int, response_len: int, block_size: int, sh
     return torch.where(i % block_size != 0, prompt_width + response_len + i - 1, prompt_width + i - 1)
 
 
-def sequence_layout(
-    batch: int, seq_len: int, block_size: int, device: torch.device | str = "cpu"
-) -> RowLayout:
-    """A prompt-free, unpadded row of ``seq_len`` clean tokens (block size 1 = causal)."""
-    valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    lens = torch.zeros(batch, dtype=torch.long, device=device)
-    return build_layout(lens, 0, valid, block_size, with_xt=False)
-
-
 def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
     """Dense attention permission ``[B, Sq, Sk]`` (True = may attend).
 
@@ -170,30 +161,6 @@ def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
         torch.arange(sq, device=q_meta.device)[:, None] + (sk - sq)
     )
     return clean_ok | noisy_ok | itself[None]
-
-
-def reference_allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
-    """Loop-by-loop statement of the rule in the module docstring (slow; tests only)."""
-    batch, _, sq = q_meta.shape
-    sk = k_meta.shape[-1]
-    out = torch.zeros(batch, sq, sk, dtype=torch.bool)
-    for b in range(batch):
-        for i in range(sq):
-            qb, qk = int(q_meta[b, 0, i]), int(q_meta[b, 1, i])
-            for j in range(sk):
-                kb, kk = int(k_meta[b, 0, j]), int(k_meta[b, 1, j])
-                if j == i + sk - sq:
-                    ok = True
-                elif qk == PAD:
-                    ok = False
-                elif kk == CLEAN:
-                    ok = kb < qb or (kb == qb and qk == CLEAN)
-                elif kk == NOISY:
-                    ok = qk == NOISY and kb == qb
-                else:
-                    ok = False
-                out[b, i, j] = ok
-    return out
 
 
 def flex_mask_mod(q_meta: torch.Tensor, k_meta: torch.Tensor):

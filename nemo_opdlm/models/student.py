@@ -13,7 +13,6 @@ from typing import Sequence
 
 import torch
 
-from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel, build_gpt
 from nemo_opdlm.runtime.context import ParallelContext
@@ -30,18 +29,9 @@ def parallel_of(chunks: Sequence[torch.nn.Module]) -> ParallelContext:
     return unwrap(chunks[0]).parallel
 
 
-def check_diffusion(model: ModelConfig, diffusion: DiffusionConfig) -> None:
-    """The [MASK] id must be a row of the embedding."""
-    if diffusion.mask_token_id >= model.vocab_size:
-        raise ConfigError(
-            f"diffusion.mask_token_id={diffusion.mask_token_id} is outside the vocabulary "
-            f"(model.vocab_size={model.vocab_size}); pick an unused or reserved token id"
-        )
-
-
 def build_student(model: ModelConfig, diffusion: DiffusionConfig, parallel: ParallelContext) -> list[DiffusionGPTModel]:
     """The trainable student chunks (random init; load or ``from_teacher`` next)."""
-    check_diffusion(model, diffusion)
+    diffusion.check_vocab(model.vocab_size)
     return build_chunks(model, parallel)
 
 

@@ -4,8 +4,9 @@ This is the only module in the project that patches megatron-core or torch. It d
 CUDA is available: on a GPU cluster megatron-core runs unchanged.
 
 megatron-core (0.16 - 0.19) assumes CUDA in a handful of places; each patch below names the place
-it serves. What was measured with this layer on (TP=2 == TP=1 logits and grads, PP=2 == PP=1 grads,
-exact dist_checkpointing round trips) is recorded in the project notes; the tests re-check it.
+it serves. With this layer on, TP=2 equals TP=1 (logits, gradients), PP=2 equals PP=1 and
+dist_checkpointing round trips are exact: ``tests/test_parallel.py`` and ``tests/test_convert_dist.py``
+check it on every run.
 
 - Literal ``device="cuda"`` arguments and ``.to("cuda")`` in tensor factories (default masks,
   schedule token counters, optimizer/clip-grad scratch tensors): a ``TorchFunctionMode`` rewrites a
@@ -19,13 +20,21 @@ exact dist_checkpointing round trips) is recorded in the project notes; the test
 - ``Tensor.type()`` reports CUDA type names, because the optimizers and grad clipping compare type
   strings such as ``'torch.cuda.FloatTensor'``. Process-wide, which is why this only runs on CPU.
 - Streams, events, ``synchronize`` and ``empty_cache``: no-ops.
+
+Every replaced symbol is listed once (``_patches``) and checked before anything is replaced
+(``check_footing``): a torch or megatron-core release that renames one, or changes the parameters
+a stand-in mirrors, stops the run with the symbol and the versions named instead of leaving a
+silent no-op. ``cpu_compat()`` scopes the layer to a block (tests); the runtime turns it on for
+the life of the process.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Iterator, Optional
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -88,55 +97,112 @@ def _cuda_type_name(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
 _ORIGINAL_TENSOR_TYPE = torch.Tensor.type
 
 
-def _patch_torch_cuda() -> None:
-    cuda = torch.cuda
-    cuda.current_device = lambda: _CPU  # type: ignore[assignment]
-    cuda.set_device = lambda *a, **k: None  # type: ignore[assignment]
-    cuda.synchronize = lambda *a, **k: None  # type: ignore[assignment]
-    cuda.empty_cache = lambda *a, **k: None  # type: ignore[assignment]
-    cuda.Stream = _NullStream  # type: ignore[assignment,misc]
-    cuda.Event = _NullStream  # type: ignore[assignment,misc]
-    cuda.current_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
-    cuda.default_stream = lambda *a, **k: _NullStream()  # type: ignore[assignment]
-    cuda.stream = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
-    cuda.device = lambda *a, **k: contextlib.nullcontext()  # type: ignore[assignment]
-    cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()  # type: ignore[assignment]
-    cuda.set_rng_state = lambda state, *a, **k: torch.set_rng_state(state)  # type: ignore[assignment]
-    cuda.random.get_rng_state = cuda.get_rng_state  # type: ignore[assignment]
-    cuda.random.set_rng_state = cuda.set_rng_state  # type: ignore[assignment]
-    # Seed the CPU generator itself: torch.manual_seed would call back into torch.cuda.
-    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # type: ignore[assignment]
-    cuda.max_memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
-    cuda.memory_allocated = lambda *a, **k: 0  # type: ignore[assignment]
-    cuda.reset_peak_memory_stats = lambda *a, **k: None  # type: ignore[assignment]
-    torch.Tensor.cuda = lambda self, *a, **k: self  # type: ignore[assignment]
-    torch.Tensor.type = _cuda_type_name  # type: ignore[assignment]
+@dataclass(frozen=True)
+class _Patch:
+    """One attribute replaced while the layer is on, and what it must look like before."""
+
+    owner: Any
+    """The module or class holding the attribute."""
+    name: str
+    replacement: Any
+    params: Optional[tuple[str, ...]] = None
+    """The parameter names the original must have (megatron-core internals the replacement stands
+    in for: a renamed or re-ordered parameter would make the replacement silently wrong)."""
+
+    def where(self) -> str:
+        return f"{getattr(self.owner, '__module__', '')}.{getattr(self.owner, '__qualname__', self.owner.__name__)}.{self.name}"
 
 
-def _patch_backward_mode(mode: TorchFunctionMode) -> None:
-    """Re-enter the device mode inside autograd backward (activation recompute runs forward code)."""
+def _set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
+    return torch.get_rng_state()
+
+
+def _nothing() -> Any:
+    """A fresh no-op function: one object per replaced name (torch.compile keeps a rule per torch
+    function and refuses one object registered under two names with different rules)."""
+    return lambda *a, **k: None
+
+
+def _patches(mode: TorchFunctionMode) -> list[_Patch]:
+    """Every replacement the layer makes (see the module docstring for why each is needed)."""
+    from megatron.core.tensor_parallel import random as mcore_random
     from torch.autograd.function import BackwardCFunction
 
+    cuda = torch.cuda
     original_apply = BackwardCFunction.apply
 
-    def apply_with_mode(self: Any, *args: Any) -> Any:
+    def apply_with_mode(self: Any, *args: Any) -> Any:  # re-enter the device mode in backward (recompute)
         with mode:
             return original_apply(self, *args)
 
-    BackwardCFunction.apply = apply_with_mode  # type: ignore[assignment]
+    return [
+        _Patch(cuda, "current_device", lambda: _CPU),
+        _Patch(cuda, "set_device", _nothing()),
+        _Patch(cuda, "synchronize", _nothing()),
+        _Patch(cuda, "empty_cache", _nothing()),
+        _Patch(cuda, "Stream", _NullStream),
+        _Patch(cuda, "Event", _NullStream),
+        _Patch(cuda, "current_stream", lambda *a, **k: _NullStream()),
+        _Patch(cuda, "default_stream", lambda *a, **k: _NullStream()),
+        _Patch(cuda, "stream", lambda *a, **k: contextlib.nullcontext()),
+        _Patch(cuda, "device", lambda *a, **k: contextlib.nullcontext()),
+        _Patch(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
+        _Patch(cuda, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        _Patch(cuda.random, "get_rng_state", lambda *a, **k: torch.get_rng_state()),
+        _Patch(cuda.random, "set_rng_state", lambda state, *a, **k: torch.set_rng_state(state)),
+        # Seed the CPU generator itself: torch.manual_seed would call back into torch.cuda.
+        _Patch(cuda, "manual_seed", lambda seed: torch.default_generator.manual_seed(int(seed))),
+        _Patch(cuda, "max_memory_allocated", lambda *a, **k: 0),
+        _Patch(cuda, "memory_allocated", lambda *a, **k: 0),
+        _Patch(cuda, "reset_peak_memory_stats", _nothing()),
+        _Patch(torch.Tensor, "cuda", lambda self, *a, **k: self),
+        _Patch(torch.Tensor, "type", _cuda_type_name),
+        _Patch(BackwardCFunction, "apply", apply_with_mode),
+        _Patch(mcore_random, "_set_cuda_rng_state", _set_rng_state, ("new_state", "device", "graph_safe")),
+        _Patch(mcore_random, "_get_cuda_rng_state", _get_rng_state, ("device", "clone", "graph_safe")),
+    ]
 
 
-def _patch_megatron_rng() -> None:
+def check_footing(patches: list[_Patch]) -> None:
+    """Every symbol the layer replaces must exist, and megatron-core's with the parameters the
+    replacement mirrors: otherwise a new torch or megatron-core would leave a patch a silent no-op
+    (or a wrong stand-in). Raises RuntimeError naming the symbol and the installed versions."""
+    import megatron.core
+
+    versions = f"torch {torch.__version__}, megatron-core {getattr(megatron.core, '__version__', '?')}"
+    for patch in patches:
+        if not hasattr(patch.owner, patch.name):
+            raise RuntimeError(f"CPU compatibility layer: {patch.where()} does not exist in this installation "
+                               f"({versions}); the layer needs updating for it (runtime/cpu_compat.py)")
+        if patch.params is not None:
+            found = tuple(inspect.signature(getattr(patch.owner, patch.name)).parameters)
+            if found != patch.params:
+                raise RuntimeError(f"CPU compatibility layer: {patch.where()} takes {found}, the layer mirrors "
+                                   f"{patch.params} ({versions}); update runtime/cpu_compat.py")
+
+
+_SAVED: list[tuple[_Patch, Any]] = []
+
+
+def _apply(patches: list[_Patch]) -> None:
+    for patch in patches:
+        _SAVED.append((patch, getattr(patch.owner, patch.name)))
+        setattr(patch.owner, patch.name, patch.replacement)
+
+
+def _restore() -> None:
+    while _SAVED:
+        patch, original = _SAVED.pop()
+        setattr(patch.owner, patch.name, original)
+
+
+def _filter_rng_messages() -> None:
     from megatron.core.tensor_parallel import random as mcore_random
 
-    def _set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
-        torch.set_rng_state(new_state)
-
-    def _get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False) -> torch.Tensor:
-        return torch.get_rng_state()
-
-    mcore_random._set_cuda_rng_state = _set_rng_state
-    mcore_random._get_cuda_rng_state = _get_rng_state
     logging.getLogger(mcore_random.__name__).addFilter(_SpuriousRngMessageFilter())
     for handler in logging.getLogger().handlers:
         handler.addFilter(_SpuriousRngMessageFilter())
@@ -145,21 +211,47 @@ def _patch_megatron_rng() -> None:
 def enable_cpu_compat() -> bool:
     """Apply the CPU patches once, before megatron-core builds anything. Returns whether they apply.
 
-    Idempotent. A no-op (returns False) when CUDA is available.
+    Idempotent. A no-op (returns False) when CUDA is available. Checks its footing first
+    (``check_footing``): a missing or changed symbol is an error, not a silent no-op.
     """
-    global _ENABLED
+    global _ENABLED, _MODE
     if torch.cuda.is_available():
         return False
     if _ENABLED:
         return True
-    global _MODE
-    _MODE = _CudaToCpuMode()
-    _MODE.__enter__()  # process-wide: stays active for the life of the process
-    _patch_torch_cuda()
-    _patch_backward_mode(_MODE)
-    _patch_megatron_rng()
+    mode = _CudaToCpuMode()
+    patches = _patches(mode)
+    check_footing(patches)
+    _MODE = mode
+    _MODE.__enter__()  # process-wide: stays active until disable_cpu_compat
+    _apply(patches)
+    _filter_rng_messages()
     _ENABLED = True
     return True
+
+
+def disable_cpu_compat() -> None:
+    """Undo ``enable_cpu_compat``: every original restored and the device mode left."""
+    global _ENABLED, _MODE
+    if not _ENABLED:
+        return
+    _restore()
+    assert _MODE is not None
+    _MODE.__exit__(None, None, None)
+    _MODE, _ENABLED = None, False
+
+
+@contextlib.contextmanager
+def cpu_compat() -> Iterator[bool]:
+    """The layer on for a block (tests): enabled on entry if it was not, and undone on exit if it
+    was enabled here. Yields whether it is on (False with CUDA)."""
+    owned = not _ENABLED
+    on = enable_cpu_compat()
+    try:
+        yield on
+    finally:
+        if owned and on:
+            disable_cpu_compat()
 
 
 @contextlib.contextmanager

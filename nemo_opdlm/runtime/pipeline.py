@@ -1,8 +1,9 @@
 """Run model chunks over micro-batches through megatron-core's pipeline schedules.
 
-One job: adapt "a list of micro-batch dicts" to megatron-core's ``forward_step`` contract, so
-the teacher, the rollout sampler and the trainer all move data through pipeline stages the same
-way (``get_forward_backward_func`` picks no-pipelining, 1F1B or interleaved). Non-goals: losses.
+One job: adapt "a list of micro-batch dicts" to megatron-core's ``forward_step`` contract, so that
+the teacher's targets and the trainer's forward/backward move data through pipeline stages the same
+way (``get_forward_backward_func`` picks no-pipelining, 1F1B or interleaved). Non-goals: losses;
+decoding, whose short rounds of changing shapes pass the stages explicitly (``rollout/stages.py``).
 """
 
 from __future__ import annotations

@@ -91,12 +91,10 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     """Restore weights, optimizer and schedule from ``ckpt_dir``; returns the saved ``common`` dict."""
     from megatron.core import dist_checkpointing
 
-    if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
-        raise CheckpointError(f"{ckpt_dir} is not a checkpoint (no metadata.json)")
     problem = broadcast_object(damage(ckpt_dir) if is_rank0() else None)  # first: a removed common.pt is damage
     if problem:
         raise CheckpointError(f"cannot resume from {ckpt_dir}: {problem}")
-    check_readable(ckpt_dir)  # a megatron-core >= 0.17 checkpoint on 0.16: say so, not AttributeError
+    check_readable(ckpt_dir)  # not a checkpoint, or a megatron-core >= 0.17 one on 0.16: say so
     sharded = _sharded_state(state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for key, chunk in zip([k for k in sharded if k.startswith("model")], state.chunks):

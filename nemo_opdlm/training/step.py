@@ -20,9 +20,8 @@ from torch import Tensor
 from nemo_opdlm.config import RunConfig
 from nemo_opdlm.data.sampler import PromptBatch
 from nemo_opdlm.distill import loss as losses
-from nemo_opdlm.distill.ablations import response_valid
 from nemo_opdlm.distill.methods import Method, get_method
-from nemo_opdlm.distill.states import build_states, split_microbatches
+from nemo_opdlm.distill.states import build_states, response_valid, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.student import parallel_of
