@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from nemo_opdlm.errors import DataError  # noqa: F401  (re-exported)
+from nemo_opdlm.errors import ConfigError, DataError  # noqa: F401  (DataError re-exported)
 
 logger = logging.getLogger(__name__)
 
@@ -318,6 +318,8 @@ def encode_responses(responses: Sequence[str], tokenizer, eos_id: Optional[int])
     for i, r in enumerate(responses):
         if not isinstance(r, str):
             raise DataError(f"response {i} is a {type(r).__name__}, not a string")
+    if not responses:
+        return []
     enc = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     return [list(ids) + [eos_id] for ids in enc]
 
@@ -404,6 +406,15 @@ def load_prompts(cfg: PromptDataConfig, tokenizer, eos_id: Optional[int] = None)
 # --- batching --------------------------------------------------------------------------------
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+def check_vocab_fits(tokenizer, vocab_size: int, where: str, vocab_name: str) -> None:
+    """Every id the tokenizer can produce must be a row of the model's embedding (else an IndexError,
+    or a token read as another, later). ``where``: the tokenizer's directory; ``vocab_name``: how
+    the user names the model's vocabulary size (``model.vocab_size``, ``the checkpoint's vocab_size``)."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer in {where} has {len(tokenizer)} tokens but {vocab_name}={vocab_size}: "
+                          "the tokenizer and the model do not match; use the model's own tokenizer")
 
 
 def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:

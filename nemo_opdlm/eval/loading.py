@@ -51,6 +51,37 @@ def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[s
                       "directory (opdlm eval --tokenizer DIR; the lm-eval model arg tokenizer=DIR)")
 
 
+def check_checkpoint_dir(ckpt: str) -> None:
+    """``ckpt`` is a megatron-core checkpoint; a training run's directory is answered with the
+    ``step_N`` checkpoints in it (the one ``latest`` names first), not with a missing metadata file."""
+    from nemo_opdlm.training.run_dir import step_dirs
+
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"--ckpt {ckpt} " + ("is a file, not a checkpoint directory" if os.path.exists(ckpt)
+                                                   else "does not exist"))
+    if os.path.isfile(os.path.join(ckpt, "metadata.json")):
+        return
+    steps = [os.path.basename(path) for _, path in step_dirs(ckpt)]
+    if steps:
+        pointer, latest = os.path.join(ckpt, "latest"), steps[-1]
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                named = f.read().strip()
+            latest = named if named in steps else latest
+        shown = ", ".join(steps[-4:]) + (f" and {len(steps) - 4} earlier" if len(steps) > 4 else "")
+        raise CheckpointError(f"--ckpt {ckpt} is a training run directory, not a checkpoint: use "
+                              f"{os.path.join(ckpt, latest)} (its checkpoints: {shown})")
+    raise CheckpointError(f"--ckpt {ckpt} is not a megatron-core checkpoint (no metadata.json): give a checkpoint "
+                          "directory (tools/import_hf.py output, or a training run's step_N)")
+
+
+def check_mask_token_id(mask_token_id: Optional[int], vocab_size: int, source: str) -> None:
+    """The [MASK] id (from ``source``) must be a row of the model's embedding."""
+    if mask_token_id is not None and not 0 <= mask_token_id < vocab_size:
+        raise ConfigError(f"the [MASK] id {mask_token_id} (from {source}) is outside the model's vocabulary "
+                          f"(ids 0..{vocab_size - 1}): give the id the student was trained with (--mask-token-id)")
+
+
 def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenizer: Optional[str] = None,
                prefix: str = "", mask_token_id: Optional[int] = None, block_size: Optional[int] = None,
                shift_logits: Optional[bool] = None, model_config: Any = None) -> LoadedModel:
@@ -60,21 +91,26 @@ def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenize
     checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
     from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
     the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token;
-    ``shift_logits`` from the argument, else the metadata, else False.
+    ``shift_logits`` from the argument, else the metadata, else False. The tokenizer and the [MASK]
+    id are checked against the model's vocabulary before the model is built.
     """
     from transformers import AutoTokenizer
 
     from nemo_opdlm.convert import hf_config as hfc
     from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint, read_checkpoint_meta
     from nemo_opdlm.convert.hf_to_mcore import teacher_from_hf
+    from nemo_opdlm.data.prompts import check_vocab_fits
     from nemo_opdlm.models.student import build_chunks
 
     if bool(hf) == bool(ckpt):
         raise ConfigError("give exactly one model: an HF directory (hf, --hf) or a checkpoint (ckpt, --ckpt)")
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(tokenizer, hf, ckpt))
+    if ckpt:
+        check_checkpoint_dir(ckpt)
+    tok_dir = _tokenizer_dir(tokenizer, hf, ckpt)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
     diffusion: dict = {}
     if hf:
-        cfg, chunks = teacher_from_hf(hf)
+        cfg = hfc.model_config_from_hf(hfc.read_hf_config(hf))
     else:
         meta = read_checkpoint_meta(ckpt) or {}
         diffusion = meta.get("diffusion") or {}
@@ -84,10 +120,20 @@ def load_model(*, hf: Optional[str] = None, ckpt: Optional[str] = None, tokenize
         if cfg is None:
             raise CheckpointError(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
                                   "(evaluate through the training run, or use tools/import_hf.py)")
+    check_vocab_fits(tok, cfg.vocab_size, tok_dir, f"the vocab_size of {hf or ckpt}")
+    if mask_token_id is not None:
+        mask, source = mask_token_id, "--mask-token-id"
+    elif diffusion.get("mask_token_id") is not None:
+        mask, source = diffusion["mask_token_id"], f"{ckpt}'s diffusion settings"
+    else:
+        mask, source = tok.mask_token_id, f"the tokenizer in {tok_dir}"
+    check_mask_token_id(mask, cfg.vocab_size, source)
+    if hf:
+        cfg, chunks = teacher_from_hf(hf)
+    else:
         chunks = build_chunks(cfg)
         load_dist_checkpoint(chunks, ckpt, prefix=prefix, cfg=cfg)
     for c in chunks:
         c.eval()
-    mask = mask_token_id if mask_token_id is not None else diffusion.get("mask_token_id", tok.mask_token_id)
     shift = bool(diffusion.get("shift_logits", False)) if shift_logits is None else shift_logits
     return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"), shift)
