@@ -446,7 +446,8 @@ def test_a_killed_imports_staging_is_cleared_by_the_next(env, capsys):
 
 
 def test_under_torchrun_each_failing_rank_prints_one_line(env):
-    """Two ranks, a save_dir that cannot be created: one line per rank, no '[rank0]:' traceback."""
+    """Two ranks, a save_dir that cannot be created: at most one line per rank, no '[rank0]:' traceback
+    (torchrun's own agent still prints its ChildFailedError summary after them)."""
     from tests.dist import _free_port
 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -456,6 +457,8 @@ def test_under_torchrun_each_failing_rank_prints_one_line(env):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     ours = [line for line in out.splitlines() if "opdlm train: error" in line]
-    assert sorted(line.split("]")[0] for line in ours) == ["[rank 0", "[rank 1"], out[-3000:]
+    # every rank meets the error; torchrun stops (SIGTERM) a rank still shutting down once the first exits
+    ranks = [line.split("]")[0] for line in ours]
+    assert 1 <= len(ranks) == len(set(ranks)) and set(ranks) <= {"[rank 0", "[rank 1"}, out[-3000:]
     assert all("a part of this path is a file" in line for line in ours)
     assert "[rank0]:" not in out and "[rank1]:" not in out, out[-3000:]
