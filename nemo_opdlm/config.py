@@ -498,8 +498,9 @@ def _recipes_in(module: Any) -> list[str]:
         if name.startswith("_") or not inspect.isfunction(fn):
             continue
         sig = inspect.signature(fn)
-        if sig.return_annotation in (RunConfig, "RunConfig") and all(
-                p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in sig.parameters.values()):
+        required = [p for p in sig.parameters.values()
+                    if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if sig.return_annotation in (RunConfig, "RunConfig") and not required:
             out.append(name)
     return sorted(out)
 

@@ -158,7 +158,8 @@ CASES: dict[str, dict[str, Builder]] = {
         "unknown_key": lambda e: Case(train(e, "train.stepz=3"),
                                       ("unknown config key 'train.stepz'; did you mean 'train.steps'",)),
         "not_an_integer": lambda e: Case(train(e, "train.steps=abc"), ("train.steps must be an integer, got 'abc'",)),
-        "override_not_yaml": lambda e: Case(train(e, "train.steps=[3"), ("override 'train.steps=[3'", "not valid YAML")),
+        "override_not_yaml": lambda e: Case(train(e, "train.steps=[3"),
+                                            ("override 'train.steps=[3'", "not valid YAML")),
         "override_without_equals": lambda e: Case(train(e, "train.steps"), ("must look like key=value",)),
         "mapping_set_to_a_number": lambda e: Case(train(e, "rollout.max_length_by_domain=5"),
                                                   ("rollout.max_length_by_domain must be a mapping",)),
@@ -250,7 +251,8 @@ CASES: dict[str, dict[str, Builder]] = {
             evaluate(e, "--ckpt", e.run_dir),
             ("a_run is a training run directory, not a checkpoint: use ", "a_run/step_0000002",
              "(its checkpoints: step_0000001, step_0000002)")),
-        "eval_ckpt_missing": lambda e: Case(evaluate(e, "--ckpt", e.path("no_ckpt")), ("--ckpt", "no_ckpt does not exist")),
+        "eval_ckpt_missing": lambda e: Case(evaluate(e, "--ckpt", e.path("no_ckpt")),
+                                            ("--ckpt", "no_ckpt does not exist")),
         "eval_ckpt_not_a_checkpoint": lambda e: Case(evaluate(e, "--ckpt", e.path("task")),
                                                      ("is not a megatron-core checkpoint (no metadata.json)",)),
         "eval_mask_outside_vocab": lambda e: Case(
@@ -270,7 +272,8 @@ CASES: dict[str, dict[str, Builder]] = {
                                                         ("e.parquet: not a Parquet file",)),
         "eval_threshold_above_one": lambda e: Case(evaluate(e, "--hf", e.eval_hf, "--threshold", "2"),
                                                    ("threshold must be in (0, 1]",)),
-        "eval_two_models": lambda e: Case(evaluate(e, "--hf", e.eval_hf, "--ckpt", e.ckpt), ("give exactly one model",)),
+        "eval_two_models": lambda e: Case(evaluate(e, "--hf", e.eval_hf, "--ckpt", e.ckpt),
+                                          ("give exactly one model",)),
     },
     "convert": {
         "export_wrong_hf_source": lambda e: Case(

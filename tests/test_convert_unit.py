@@ -179,7 +179,8 @@ def test_hf_checkpoint_refuses_vocab_and_shape_mismatch(tmp_path):
         HFCheckpoint(d).check_matches(cfg.replace(vocab_size=120))
     with pytest.raises(CheckpointFileError, match="lacks"):
         HFCheckpoint(d).check_matches(cfg.replace(num_layers=3))
-    with pytest.raises(CheckpointFileError, match="has layers up to 1 but the model being loaded has model.num_layers=1"):
+    with pytest.raises(CheckpointFileError, match="has layers up to 1 but the model being loaded has "
+                                                  "model.num_layers=1"):
         HFCheckpoint(d).check_matches(cfg.replace(num_layers=1), "model.")
 
 

@@ -62,9 +62,10 @@ def check_target(target: str, overwrite: bool, kind: Optional[OutputKind] = None
         foreign = sorted(n for n in os.listdir(target) if kind is not None and not kind.owns(n))
         if foreign:
             shown = ", ".join(foreign[:4]) + (", ..." if len(foreign) > 4 else "")
+            entries = "entry" if len(foreign) == 1 else "entries"
             raise TargetExistsError(
-                f"{target} is not a previous {kind.name}: it holds {len(foreign)} entr{'y' if len(foreign) == 1 else 'ies'} "
-                f"one does not ({shown}), which --overwrite would delete; choose a new output directory or move them")
+                f"{target} is not a previous {kind.name}: it holds {len(foreign)} {entries} one does not ({shown}), "
+                "which --overwrite would delete; choose a new output directory or move them")
     parent = os.path.dirname(os.path.abspath(target))
     if not os.path.isdir(parent):
         raise TargetExistsError(f"the parent directory of {target} does not exist")

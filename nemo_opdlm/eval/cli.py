@@ -41,7 +41,8 @@ def check_output(path: str) -> None:
     from nemo_opdlm.errors import ConfigError, describe_os_error
 
     if os.path.isdir(path):
-        raise ConfigError(f"--output {path} is a directory: give a file name, e.g. {os.path.join(path, 'results.json')}")
+        example = os.path.join(path, "results.json")
+        raise ConfigError(f"--output {path} is a directory: give a file name, e.g. {example}")
     probe = path if os.path.exists(path) else f"{path}.{os.getpid()}.probe"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
