@@ -3,16 +3,27 @@
 One job: parse arguments and hand over to the module that does the work. Every subcommand that
 takes a recipe accepts ``key=value`` overrides (``train.steps=10 rollout.threshold=0.8``), and the
 config is validated before anything heavy starts.
+
+A problem the user can fix (any :class:`~nemo_opdlm.errors.OPDLMError`, and an ``OSError`` such as
+an unwritable directory, a full disk or a read-only filesystem) is printed as one line naming it
+and the remedy, exit status 2, on every rank that meets it (prefixed with the rank in a multi-rank
+job), without a traceback; ``opdlm --debug ...`` or ``OPDLM_DEBUG=1`` shows the traceback instead.
+Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Optional, Sequence
+import warnings
+from typing import Callable, Optional, Sequence
 
-os.environ.setdefault("PYTHONWARNINGS", "ignore")
+QUIET = "PYTHONWARNINGS" not in os.environ
+"""Library warnings (megatron-core's 'Transformer Engine and Apex are not installed', ten lines on
+a CPU) are hidden unless the user asks for them with PYTHONWARNINGS."""
+os.environ.setdefault("PYTHONWARNINGS", "ignore")  # and in the processes a command starts
 
 
 def _train(argv: Sequence[str]) -> int:
@@ -53,21 +64,59 @@ COMMANDS = {
 }
 
 
+DEBUG_ENV = "OPDLM_DEBUG"
+"""Set (to anything but 0) to see the traceback of a user error, as ``opdlm --debug`` does."""
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def error_line(prog: str, err: BaseException) -> str:
+    """The one line a user sees for ``err``: the program, the kind and the message (newlines folded)."""
+    from nemo_opdlm.errors import ConfigError, OPDLMError, describe_os_error
+
+    if isinstance(err, ConfigError):
+        kind, text = "config error", str(err)
+    elif isinstance(err, OSError) and not isinstance(err, OPDLMError):
+        kind, text = f"error ({type(err).__name__})", describe_os_error(err) + f" ({DEBUG_ENV}=1 for the traceback)"
+    else:
+        kind, text = f"error ({type(err).__name__})", str(err)
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return f"{rank}{prog}: {kind}: " + " ".join(text.split("\n"))
+
+
+def guarded(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
+    """``fn()``, with a user error (OPDLMError, OSError) printed as one line and exit status 2.
+
+    With ``debug`` (or ``OPDLM_DEBUG`` set) the error is raised instead, traceback and all.
+    """
+    from nemo_opdlm.errors import OPDLMError
+
+    try:
+        with warnings.catch_warnings() if QUIET else contextlib.nullcontext():
+            if QUIET:
+                warnings.simplefilter("ignore")
+            return fn()
+    except (OPDLMError, OSError) as err:
+        if debug or debugging():
+            raise
+        print(error_line(prog, err), file=sys.stderr, flush=True)
+        return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    debug = argv[:1] == ["--debug"]
+    argv = argv[1:] if debug else argv
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (help_, _) in COMMANDS.items())
-        print(f"usage: opdlm COMMAND [args]\n\ncommands:\n{lines}")
+        print(f"usage: opdlm [--debug] COMMAND [args]\n\ncommands:\n{lines}\n\n"
+              "A problem with the input (config, data, checkpoint, paths) is printed as one line with exit status 2.\n"
+              f"--debug (or {DEBUG_ENV}=1): show its traceback instead.")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2
-    from nemo_opdlm.errors import ConfigError, OPDLMError
-
-    try:
-        return COMMANDS[argv[0]][1](argv[1:])
-    except OPDLMError as e:  # a problem the user can fix: one line, no traceback
-        kind = "config error" if isinstance(e, ConfigError) else f"error ({type(e).__name__})"
-        print(f"opdlm {argv[0]}: {kind}: {e}", file=sys.stderr)
-        return 2
+    return guarded(f"opdlm {argv[0]}", lambda: COMMANDS[argv[0]][1](argv[1:]), debug)
 
 
 if __name__ == "__main__":

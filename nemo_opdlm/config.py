@@ -333,7 +333,23 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if hint is str and not isinstance(value, str):
         raise ConfigError(f"{where} must be a string, got {value!r}")
+    container = typing.get_origin(hint)
+    if container is dict and not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping (e.g. {where}={{key: value}}), got {value!r}")
+    if container in (list, tuple) and not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where} must be a list (e.g. {where}=[a, b]), got {value!r}")
     return value
+
+
+def _section(value: Any, sub: type, hint: Any, where: str) -> Any:
+    """A section's value that is not a mapping: None where the section is optional, else refused
+    (``train=5`` used to reach the code as an int and end in an AttributeError)."""
+    optional = typing.get_origin(hint) is Union and type(None) in typing.get_args(hint)
+    if (value is None and optional) or isinstance(value, sub):
+        return value
+    first = next(f.name for f in dataclasses.fields(sub) if f.init)
+    raise ConfigError(f"'{where}' is a section, not a value: set its keys (e.g. {where}.{first}=...), "
+                      f"got {value!r}")
 
 
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
@@ -352,7 +368,9 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         sub = _dataclass_of(hints[key])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, where + ".")
-        elif sub is None:
+        elif sub is not None:
+            value = _section(value, sub, hints[key], where)
+        else:
             value = _coerce(value, hints[key], where)
         kwargs[key] = value
     try:
@@ -361,10 +379,21 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         raise ConfigError(f"{path.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def _parse_value(text: str) -> Any:
+def _parse_value(text: str, item: str) -> Any:
     import yaml
 
-    return yaml.safe_load(text) if text != "" else ""
+    try:
+        return yaml.safe_load(text) if text != "" else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
+                          "a string value, e.g. key='[text'") from None
+
+
+def _yaml_problem(err: Exception) -> str:
+    """A YAML error in one line: the problem and where (``did not find ... at line 2, column 4``)."""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    mark = getattr(err, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -381,7 +410,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(node[part], dict):
                 raise ConfigError(f"override {key!r}: '{'.'.join(parts[: i + 1])}' is not a section")
             node = node[part]
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(raw, item)
     return data
 
 
@@ -397,12 +426,10 @@ def ensure_recipes_importable() -> None:
 def load_recipe(spec: str) -> RunConfig:
     """A recipe: ``module:function`` (or ``module.function``) returning a RunConfig, or a YAML path."""
     if spec.endswith((".yaml", ".yml")):
-        from omegaconf import OmegaConf
-
-        if not os.path.exists(spec):
-            raise ConfigError(f"config file {spec} does not exist")
-        data = OmegaConf.to_container(OmegaConf.load(spec), resolve=True)
-        return from_dict(RunConfig, data)  # type: ignore[arg-type]
+        return _load_yaml(spec)
+    if os.path.isfile(spec):
+        raise ConfigError(f"--recipe {spec} is a file but not a YAML config (.yaml / .yml); a recipe is "
+                          "module:function, e.g. tiny:tiny_self_tp1_pp1_2g")
     ensure_recipes_importable()
     module_name, _, fn_name = spec.replace(":", ".").rpartition(".")
     if not module_name:
@@ -415,13 +442,60 @@ def load_recipe(spec: str) -> RunConfig:
         raise ConfigError(f"recipe module {module_name!r} not found ({e})") from None
     fn = getattr(module, fn_name, None)
     if fn is None:
-        options = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
-        close = difflib.get_close_matches(fn_name, options, n=1)
-        raise ConfigError(f"recipe {fn_name!r} not in {module_name}" + (f"; did you mean {close[0]!r}?" if close else ""))
+        options = _recipes_in(module)
+        close = difflib.get_close_matches(fn_name, options, n=1, cutoff=0.5)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; recipes there: {', '.join(options[:6])}" + (
+            ", ..." if len(options) > 6 else "")
+        raise ConfigError(f"recipe {fn_name!r} not in {module_name}{hint}")
     cfg = fn()
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"recipe {spec} returned {type(cfg).__name__}, not RunConfig")
     return cfg
+
+
+def _load_yaml(path: str) -> RunConfig:
+    """A RunConfig from a YAML file; a syntax error names the line, every other error the file."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"config file {path} cannot be read ({err})") from None
+    if not data:
+        raise ConfigError(f"{path} is empty: a config needs at least model: and diffusion:")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...), "
+                          f"got a {type(data).__name__}")
+    try:
+        return from_dict(RunConfig, data)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def _recipes_in(module: Any) -> list[str]:
+    """The recipe functions of a module: public, callable without arguments, returning a RunConfig
+    (not the decorator or the helpers a recipe module also holds)."""
+    import inspect
+
+    out = []
+    for name in dir(module):
+        fn = getattr(module, name)
+        if name.startswith("_") or not inspect.isfunction(fn):
+            continue
+        sig = inspect.signature(fn)
+        required = [p for p in sig.parameters.values()
+                    if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        if sig.return_annotation in (RunConfig, "RunConfig") and not required:
+            out.append(name)
+    return sorted(out)
 
 
 def resolve(spec: str, overrides: list[str]) -> RunConfig:

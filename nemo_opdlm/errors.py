@@ -14,9 +14,15 @@ keeps its traceback.
 
 Each also derives from the builtin a caller would have caught before (``ValueError`` for bad values,
 ``RuntimeError`` for runs), so existing ``except ValueError`` code keeps working.
+
+:func:`describe_os_error` turns an ``OSError`` (an unwritable directory, a full disk, a read-only
+filesystem) into the same kind of one-line message.
 """
 
 from __future__ import annotations
+
+import errno
+import os
 
 
 class OPDLMError(Exception):
@@ -41,3 +47,26 @@ class ConvertError(OPDLMError, ValueError):
 
 class NonFiniteLossError(OPDLMError, RuntimeError):
     """Too many consecutive steps had a non-finite loss."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """One line for an ``OSError``: what happened to which path, and what to do."""
+    path = err.filename if err.filename is not None else "?"
+    if err.filename2 is not None:
+        path = f"{path} -> {err.filename2}"
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+        return f"disk full: no space left to write {path} ({reason}): free space on that disk or write elsewhere"
+    if err.errno == errno.EROFS:
+        return f"{path} is on a read-only filesystem: write somewhere else"
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return f"permission denied for {path}: write somewhere you may, or change its permissions"
+    if err.errno == errno.ENOTDIR:
+        return f"{path}: a part of this path is a file, not a directory"
+    if err.errno == errno.EISDIR:
+        return f"{path} is a directory, not a file"
+    if err.errno == errno.ENOENT:
+        return f"{path} does not exist"
+    if err.errno == errno.EEXIST:
+        return f"{path} exists and is not a directory" if os.path.isfile(path) else f"{path} already exists"
+    return f"{reason}: {path}"

@@ -55,15 +55,20 @@ def hf_model(family: str, seed: int = 0, **overrides: Any):
 
 def save_tokenizer(directory: str, vocab: int = VOCAB) -> None:
     """A word-level tokenizer whose ids are 0..vocab-1 (tokenizer.json + tokenizer_config.json)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = {f"w{i}": i for i in range(vocab)}
     tok = Tokenizer(models.WordLevel(vocab=words, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+
+    def special(word: str) -> AddedToken:
+        # whole words only: a plain special "w1" also matched inside "w12", which encoded as [w1, <unk>]
+        return AddedToken(word, single_word=True, special=True, normalized=False)
+
     # the last id is the [MASK] of the tests' students: a special token, never an ordinary word
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0", eos_token="w2", bos_token="w1",
-                            mask_token=f"w{vocab - 1}").save_pretrained(directory)
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=special("w0"), eos_token=special("w2"),
+                            bos_token=special("w1"), mask_token=special(f"w{vocab - 1}")).save_pretrained(directory)
 
 
 def save_hf(family: str, directory: str, seed: int = 0, shard: str = "30KB", dtype=torch.float32, **overrides: Any):

@@ -159,16 +159,29 @@ def test_hf_checkpoint_refuses_missing_shard_and_index_mismatch(tmp_path):
 
 
 def test_hf_checkpoint_refuses_vocab_and_shape_mismatch(tmp_path):
+    """A model config that differs from the directory's config.json names every differing field (a
+    run with model.num_layers=1 on a 2-layer teacher used to hear of 'an architecture feature that
+    is not supported'); without a config.json, the tensors themselves are checked."""
+    from nemo_opdlm.convert.errors import ArchitectureMismatchError
+
     d = str(tmp_path / "ll")
     save_hf("llama", d)
     cfg = hfc.model_config_from_hf(hfc.read_hf_config(d))
     HFCheckpoint(d).check_matches(cfg)
+    with pytest.raises(ArchitectureMismatchError, match=r"config.json describes another model.*: "
+                                                        r"model.vocab_size=120 vs vocab_size=100 .*set model.\*"):
+        HFCheckpoint(d).check_matches(cfg.replace(vocab_size=120), "model.")
+    with pytest.raises(ArchitectureMismatchError, match=r"num_layers=1 vs num_hidden_layers=2; "
+                                                        r"rotary_base=1\.0 vs rope_theta=500000\.0"):
+        HFCheckpoint(d).check_matches(cfg.replace(num_layers=1, rotary_base=1.0))
+    os.remove(os.path.join(d, "config.json"))
     with pytest.raises(VocabMismatchError, match="embed_tokens"):
         HFCheckpoint(d).check_matches(cfg.replace(vocab_size=120))
     with pytest.raises(CheckpointFileError, match="lacks"):
         HFCheckpoint(d).check_matches(cfg.replace(num_layers=3))
-    with pytest.raises(UnsupportedArchitectureError, match="does not know"):
-        HFCheckpoint(d).check_matches(cfg.replace(num_layers=1))
+    with pytest.raises(CheckpointFileError, match="has layers up to 1 but the model being loaded has "
+                                                  "model.num_layers=1"):
+        HFCheckpoint(d).check_matches(cfg.replace(num_layers=1), "model.")
 
 
 # --- HF configs -------------------------------------------------------------------------------
@@ -251,6 +264,36 @@ def test_staged_dir_is_all_or_nothing(tmp_path):
     with staged_dir(target, overwrite=True) as st:
         open(os.path.join(st, "b"), "w").write("2")
     assert os.listdir(target) == ["b"] and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_staged_dir_names_a_full_disk_and_guards_other_files(tmp_path):
+    """A writer's ENOSPC (here wrapped, as megatron wraps it) is re-raised as ENOSPC naming the
+    target; --overwrite of a directory holding files the writer does not write is refused."""
+    import errno
+
+    from nemo_opdlm.convert.staging import OutputKind
+
+    target = str(tmp_path / "out")
+    with pytest.raises(OSError) as info:
+        with staged_dir(target, overwrite=False):
+            try:
+                raise OSError(errno.ENOSPC, "No space left on device", "shard")
+            except OSError as err:
+                raise RuntimeError("unexpected pos 704 vs 598") from err
+    assert info.value.errno == errno.ENOSPC and info.value.filename == target
+    assert "unexpected pos 704 vs 598" in info.value.strerror and os.listdir(tmp_path) == []
+    kind = OutputKind("thing", ("a", "*.bin"))
+    os.makedirs(target)
+    for name in ("a", "x.bin", "notes.txt"):
+        open(os.path.join(target, name), "w").write("1")
+    with pytest.raises(TargetExistsError, match="out is not a previous thing: it holds 1 entry one does not "
+                                                r"\(notes.txt\), which --overwrite would delete"):
+        with staged_dir(target, overwrite=True, kind=kind):
+            pass
+    os.remove(os.path.join(target, "notes.txt"))
+    with staged_dir(target, overwrite=True, kind=kind) as st:
+        open(os.path.join(st, "b.bin"), "w").write("2")
+    assert os.listdir(target) == ["b.bin"]
 
 
 # --- the exported modeling file ---------------------------------------------------------------

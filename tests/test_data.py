@@ -232,3 +232,47 @@ def test_padding_helpers():
     with pytest.raises(ValueError):
         left_pad([[1, 2, 3]], pad_id=0, width=2)
     assert torch.is_tensor(x)
+
+
+def test_unknown_tokens_are_dropped_and_located(tmp_path, caplog):
+    """Text outside the tokenizer's alphabet encodes to <unk>: such records used to train silently
+    on the placeholder; they are now dropped, counted, and their lines named (blank lines counted)."""
+    rows = [RECORDS[0], {"question": "what is ζ", "answer": "four"}, RECORDS[1],
+            {"question": "what is two", "answer": "vier"}]
+    path = tmp_path / "u.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows[:2]) + "\n\n" + "\n".join(json.dumps(r) for r in rows[2:]))
+    cfg = PromptDataConfig(path=str(path), prompt_field="question", response_field="answer")
+    with caplog.at_level(logging.WARNING):
+        got = load_prompts(cfg, make_tokenizer(chat=False))
+    assert [e.index for e in got.examples] == [0, 2] and got.num_unknown_tokens == 2
+    assert "dropped 2 of 4 records with text the tokenizer cannot represent" in caplog.text
+    assert "'<unk>'; at line 2, line 5" in caplog.text
+    only_unknown = tmp_path / "x.jsonl"
+    only_unknown.write_text(json.dumps({"question": "ζ"}) + "\n")
+    with pytest.raises(DataError, match="all 1 records were dropped.*1 with text the tokenizer encodes as its unknown"):
+        load_prompts(PromptDataConfig(path=str(only_unknown), prompt_field="question"), make_tokenizer(chat=False))
+
+
+def test_a_huge_prompt_is_dropped_without_tokenizing_it(tmp_path, caplog):
+    """A 5 MB one-line prompt took 38 s and 2.45 GB to tokenize before it was dropped: a text over
+    MAX_CHARS_PER_TOKEN characters per allowed token is now counted too long untokenized."""
+    from nemo_opdlm.data import prompts as P
+
+    tok = make_tokenizer(chat=False)
+    seen: list[int] = []
+    real = type(tok).__call__
+
+    def spy(self, texts, **kw):
+        seen.extend(len(t) for t in texts)
+        return real(self, texts, **kw)
+
+    path = tmp_path / "big.jsonl"
+    path.write_text(json.dumps(RECORDS[0]) + "\n" + json.dumps({"question": "two " * 1_250_000}) + "\n")
+    cfg = PromptDataConfig(path=str(path), prompt_field="question", max_prompt_tokens=16)
+    import unittest.mock
+
+    with unittest.mock.patch.object(type(tok), "__call__", spy), caplog.at_level(logging.WARNING):
+        got = load_prompts(cfg, tok)
+    assert [e.index for e in got.examples] == [0] and got.num_prompt_too_long == 1
+    assert max(seen) <= 16 * P.MAX_CHARS_PER_TOKEN, seen  # the 5 MB text never reached the tokenizer
+    assert "dropped 1 of 2 prompts longer than 16 tokens (data.max_prompt_tokens; at line 2)" in caplog.text

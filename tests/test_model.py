@@ -179,5 +179,5 @@ def test_bad_configs():
         tiny_model(fp8="hybrid", linear_impl="local")
     with pytest.raises(ConfigError, match="block_size"):
         DiffusionConfig(block_size=0, mask_token_id=1)
-    with pytest.raises(ConfigError, match="mask_token_id=100 is outside"):
+    with pytest.raises(ConfigError, match=r"\[MASK\] id 100 \(diffusion.mask_token_id\) is outside"):
         build_student(tiny_model(), DiffusionConfig(block_size=4, mask_token_id=100), SINGLE)

@@ -56,34 +56,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from nemo_opdlm.convert import hf_config as hfc
-    from nemo_opdlm.convert.errors import ConvertError
+    from nemo_opdlm.convert.mcore_to_hf import HF_EXPORT, export_checkpoint, resolve_export
     from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
-    from nemo_opdlm.convert.mcore_to_hf import export_checkpoint
     from nemo_opdlm.convert.staging import check_target
     from nemo_opdlm.runtime.comm import is_rank0
     from nemo_opdlm.errors import OPDLMError
-    from nemo_opdlm.models.config import DiffusionConfig
+    from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
-    try:
-        check_target(args.out, args.overwrite)
+    try:  # everything that can be refused is refused before the runtime starts, and nothing is written
+        check_target(args.out, args.overwrite, HF_EXPORT)
         meta = read_checkpoint_meta(args.ckpt) or {}
-        if meta.get("model_config"):
-            cfg = hfc.model_config_from_dict(meta["model_config"])
-        elif args.hf_source:
-            cfg = hfc.model_config_from_hf(hfc.read_hf_config(args.hf_source))
-        else:
-            raise ConvertError(f"{args.ckpt} carries no model description: pass --hf-source")
+        cfg, _, _ = resolve_export(args.ckpt, hf_source=args.hf_source)
         layout = ParallelLayout(tp=args.tp, pp=args.pp)
         layout.check_model(cfg)
         diffusion = None
         if args.mask_token_id is not None and not args.teacher:
+            check_mask_in_vocab(args.mask_token_id, cfg.vocab_size, "--mask-token-id")
             diffusion = DiffusionConfig(block_size=args.block_size, mask_token_id=args.mask_token_id,
                                         shift_logits=args.shift_logits)
-            if diffusion.mask_token_id >= cfg.vocab_size:
-                raise ConvertError(
-                    f"--mask-token-id {diffusion.mask_token_id} is outside the vocabulary ({cfg.vocab_size})")
     except OPDLMError as err:
         print(f"export_hf: error: {err}", file=sys.stderr)
         return 2
@@ -100,4 +91,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nemo_opdlm.cli import guarded
+
+    sys.exit(guarded("export_hf", main))

@@ -8,7 +8,8 @@ Thin CLI over ``nemo_opdlm.convert``. Runs on one process or under torchrun for 
 
 Everything that can be refused (unsupported architecture, missing/corrupt shard, vocabulary
 mismatch, existing target, a layout that does not divide the model) is refused before the
-parallel runtime starts, and nothing is left behind.
+parallel runtime starts, and nothing is left behind; an import killed half-way leaves a hidden
+staging directory beside --out, which the next import to that --out removes.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from nemo_opdlm.convert import hf_config as hfc
     from nemo_opdlm.convert.errors import ConvertError
     from nemo_opdlm.convert.hf_to_mcore import HFCheckpoint, import_hf
+    from nemo_opdlm.convert.dist_checkpoint import DIST_CHECKPOINT
     from nemo_opdlm.convert.staging import check_target
     from nemo_opdlm.runtime.comm import is_rank0
     from nemo_opdlm.errors import ConfigError
@@ -54,7 +56,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         layout = ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp)
         layout.check_model(cfg)
         hfc.check_tokenizer_fits(args.hf_dir, cfg.vocab_size)
-        check_target(args.out, args.overwrite)
+        check_target(args.out, args.overwrite, DIST_CHECKPOINT)
         HFCheckpoint(args.hf_dir).check_matches(cfg)
     except (ConvertError, ConfigError) as err:
         print(f"import_hf: error: {err}", file=sys.stderr)
@@ -69,4 +71,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nemo_opdlm.cli import guarded
+
+    sys.exit(guarded("import_hf", main))

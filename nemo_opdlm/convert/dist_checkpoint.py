@@ -22,8 +22,8 @@ from typing import Any, Iterable, Optional
 import torch
 
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.errors import CheckpointFileError, VocabMismatchError
-from nemo_opdlm.convert.staging import staged_dir
+from nemo_opdlm.convert.errors import ArchitectureMismatchError, CheckpointFileError, VocabMismatchError
+from nemo_opdlm.convert.staging import OutputKind, staged_dir
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
@@ -33,6 +33,9 @@ ASSETS_DIR = "hf_assets"
 META_VERSION = 1
 MANIFEST = "manifest.json"
 """Every file of a checkpoint with its size and BLAKE2b digest, written at save, checked at load."""
+DIST_CHECKPOINT = OutputKind("megatron-core checkpoint", (
+    "metadata.json", ".metadata", "common.pt", "*.distcp", META_FILE, MANIFEST, ASSETS_DIR))
+"""Everything :func:`save_dist_checkpoint` writes: ``--overwrite`` replaces such a checkpoint only."""
 
 
 def _digest(path: str) -> str:
@@ -125,7 +128,7 @@ def save_dist_checkpoint(
         "hf_config": hf_config,
         "diffusion": None if diffusion is None else dataclasses.asdict(diffusion),
     }
-    with staged_dir(ckpt_dir, overwrite) as staging:
+    with staged_dir(ckpt_dir, overwrite, DIST_CHECKPOINT) as staging:
         dist_checkpointing.save(sharded_model_state(chunks), staging)
         barrier()  # every rank's shards are on disk before rank 0 lists them
         if is_rank0():
@@ -142,6 +145,20 @@ def read_checkpoint_meta(ckpt_dir: str) -> Optional[dict[str, Any]]:
         return None
     with open(path) as f:
         return json.load(f)
+
+
+def check_checkpoint_config(ckpt_dir: str, cfg: ModelConfig, prefix: str = "") -> None:
+    """The model description stored with a checkpoint (``opdlm_convert.json``; absent: nothing to
+    check) agrees with ``cfg`` on every architecture field, else each differing one is named (as
+    ``{prefix}field``, ``cfg``'s value first)."""
+    meta = read_checkpoint_meta(ckpt_dir) or {}
+    if not meta.get("model_config"):
+        return
+    differ = hfc.architecture_differences(cfg, hfc.model_config_from_dict(meta["model_config"]), prefix)
+    if differ:
+        raise ArchitectureMismatchError(
+            f"{ckpt_dir} holds another model than the one being loaded: {'; '.join(differ)} (the loaded model's "
+            f"value first): {hfc.fix_fields(prefix)}")
 
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
@@ -189,6 +206,8 @@ def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix
     if problem:
         raise CheckpointFileError(f"cannot load {ckpt_dir}: {problem}")
     check_readable(ckpt_dir)
+    if cfg is not None:
+        check_checkpoint_config(ckpt_dir, cfg)
     saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     tp_rank = unwrap(chunks[0]).parallel.tp_rank
     sharded = sharded_model_state(chunks, prefix)

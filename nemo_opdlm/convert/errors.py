@@ -24,3 +24,8 @@ class TargetExistsError(ConvertError):
 
 class VocabMismatchError(ConvertError):
     """Two vocabularies that must agree (teacher/student, tokenizer/embedding) do not."""
+
+
+class ArchitectureMismatchError(ConvertError, CheckpointError):
+    """Two descriptions of one model disagree on an architecture field (a checkpoint and the HF
+    directory named as its source, a run's model config and the weights it loads)."""

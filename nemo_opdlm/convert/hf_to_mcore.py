@@ -15,16 +15,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Optional
 
 import torch
 
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.errors import (CheckpointFileError, ConvertError, UnsupportedArchitectureError,
-                                       VocabMismatchError)
+from nemo_opdlm.convert.errors import (ArchitectureMismatchError, CheckpointFileError, ConvertError,
+                                       UnsupportedArchitectureError, VocabMismatchError)
 from nemo_opdlm.convert.key_maps import (GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule, expected_hf_shapes, fuse_gate_up,
                                          fuse_qkv, rule_for, shard_rows, split_layer_name)
-from nemo_opdlm.convert.dist_checkpoint import save_dist_checkpoint
+from nemo_opdlm.convert.dist_checkpoint import DIST_CHECKPOINT, save_dist_checkpoint
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile
 from nemo_opdlm.convert.staging import check_target
 from nemo_opdlm.models.config import ModelConfig
@@ -35,6 +36,7 @@ from nemo_opdlm.runtime.context import ParallelContext
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+_LAYER = re.compile(r"model\.layers\.(\d+)\.")
 
 
 class HFCheckpoint:
@@ -82,17 +84,24 @@ class HFCheckpoint:
             raise CheckpointFileError(f"{self.hf_dir} has no tensor {name!r}")
         return self.files[self.weight_map[name]].read(name, rows)
 
-    def check_matches(self, cfg: ModelConfig) -> None:
-        """Every tensor of ``cfg``'s architecture is present with its shape; nothing unknown is."""
+    def check_matches(self, cfg: ModelConfig, prefix: str = "") -> None:
+        """The directory holds ``cfg``'s model: its config.json agrees on every architecture field
+        (the differing ones are named, as ``{prefix}field``, e.g. ``model.num_layers``), and every
+        tensor of ``cfg``'s architecture is present with its shape, and nothing unknown is."""
+        check_hf_config(self.hf_dir, cfg, prefix)
         expected = expected_hf_shapes(cfg)
         missing = sorted(set(expected) - set(self.weight_map))
         if missing:
             raise CheckpointFileError(
-                f"{self.hf_dir} lacks {len(missing)} tensor(s) its config.json implies, e.g. {missing[:4]}"
+                f"{self.hf_dir} lacks {len(missing)} tensor(s) the model being loaded has, e.g. {missing[:4]}"
             )
         ignorable = {"lm_head.weight"} if cfg.tie_word_embeddings else set()
         unknown = sorted(n for n in set(self.weight_map) - set(expected) - ignorable
                          if not n.endswith(IGNORED_HF_SUFFIXES))
+        layers = sorted({int(m.group(1)) for m in map(_LAYER.match, unknown) if m})
+        if layers and layers[0] >= cfg.num_layers:
+            raise CheckpointFileError(f"{self.hf_dir} has layers up to {layers[-1]} but the model being loaded has "
+                                      f"{prefix}num_layers={cfg.num_layers}")
         if unknown:
             raise UnsupportedArchitectureError(
                 f"{self.hf_dir} has {len(unknown)} tensor(s) the {cfg.family} converter does not know, "
@@ -103,7 +112,22 @@ class HFCheckpoint:
             if found != shape:
                 vocab = name in ("model.embed_tokens.weight", "lm_head.weight")
                 kind = VocabMismatchError if vocab else CheckpointFileError
-                raise kind(f"{name} has shape {found} in {self.hf_dir} but config.json implies {shape}")
+                raise kind(f"{name} has shape {found} in {self.hf_dir} but the model being loaded expects {shape}")
+
+
+def check_hf_config(hf_dir: str, cfg: ModelConfig, prefix: str = "") -> None:
+    """``hf_dir``'s config.json (when it has one this converter reads) describes ``cfg``'s
+    architecture; else every differing field is named (as ``{prefix}field``, ``cfg``'s value first).
+    Reads one small file: callers check before they build a model."""
+    try:
+        theirs = hfc.model_config_from_hf(hfc.read_hf_config(hf_dir))
+    except (ConvertError, KeyError, ValueError, TypeError):
+        return  # no usable config.json: the tensors alone are checked
+    differ = hfc.architecture_differences(cfg, theirs, prefix)
+    if differ:
+        raise ArchitectureMismatchError(
+            f"{hf_dir}/config.json describes another model than the one being loaded: {'; '.join(differ)} "
+            f"(the loaded model's value first): {hfc.fix_fields(prefix)}")
 
 
 def check_layout(cfg: ModelConfig, parallel: ParallelContext) -> None:
@@ -208,7 +232,7 @@ def teacher_from_hf(hf_dir: str, parallel: ParallelContext,
 def import_hf(hf_dir: str, ckpt_dir: str, parallel: ParallelContext, *, overwrite: bool = False,
               **overrides: Any) -> ModelConfig:
     """HF directory -> megatron-core torch_dist checkpoint, read at ``parallel``'s layout (collective)."""
-    check_target(ckpt_dir, overwrite)  # refuse before spending time on loading
+    check_target(ckpt_dir, overwrite, DIST_CHECKPOINT)  # refuse before spending time on loading
     cfg, chunks = teacher_from_hf(hf_dir, parallel, **overrides)
     save_dist_checkpoint(chunks, cfg, ckpt_dir, hf_config=hfc.read_hf_config(hf_dir), assets_dir=hf_dir,
                          overwrite=overwrite)

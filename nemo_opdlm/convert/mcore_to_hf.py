@@ -23,12 +23,12 @@ import torch
 import torch.distributed as dist
 
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.errors import ConvertError
+from nemo_opdlm.convert.errors import ArchitectureMismatchError, ConvertError
 from nemo_opdlm.convert.dist_checkpoint import ASSETS_DIR, load_dist_checkpoint, read_checkpoint_meta
 from nemo_opdlm.convert.hf_to_mcore import INDEX_FILE, SINGLE_FILE, check_layout, parameter_sources, without_random_init
 from nemo_opdlm.convert.key_maps import to_hf
 from nemo_opdlm.convert.safetensors_io import write_safetensors
-from nemo_opdlm.convert.staging import check_target, staged_dir
+from nemo_opdlm.convert.staging import OutputKind, check_target, staged_dir
 from nemo_opdlm.runtime.comm import is_rank0
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import build_chunks, unwrap
@@ -36,6 +36,9 @@ from nemo_opdlm.runtime.context import ParallelContext
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling", "modeling_opdlm.py")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
+HF_EXPORT = OutputKind("Hugging Face export", (
+    "config.json", "*.safetensors", INDEX_FILE, f"{hfc.MODELING_MODULE}.py", *hfc.TOKENIZER_FILES))
+"""Everything an export writes: ``--overwrite`` replaces a previous export, never other files."""
 
 
 def _gather_tp(tensor: torch.Tensor, parallel: ParallelContext) -> list[torch.Tensor]:
@@ -148,7 +151,7 @@ def export_chunks(
         dtype: cast weights on the way out (default: the model's ``params_dtype``).
     """
     check_layout(cfg, unwrap(chunks[0]).parallel)
-    with staged_dir(out_dir, overwrite) as staging:
+    with staged_dir(out_dir, overwrite, HF_EXPORT) as staging:
         records = _all_records(_write_weights(chunks, cfg, staging, max_shard_bytes, dtype))
         if is_rank0():
             _name_shards(staging, records)
@@ -170,6 +173,42 @@ def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Option
     shutil.copy2(MODELING_FILE, os.path.join(directory, hfc.MODELING_MODULE + ".py"))
 
 
+def resolve_export(ckpt_dir: str, *, hf_source: Optional[str] = None, model_config: Optional[ModelConfig] = None,
+                   **overrides: Any) -> tuple[ModelConfig, Optional[dict[str, Any]], Optional[str]]:
+    """``(architecture, source HF config, tokenizer directory)`` of an export of ``ckpt_dir``, checked.
+
+    The architecture comes from, in order: ``model_config``, the checkpoint's own
+    ``opdlm_convert.json``, or ``hf_source``'s config.json. An ``hf_source`` that describes another
+    model than the checkpoint (any field of ``hf_config.ARCHITECTURE_FIELDS``) is refused with
+    every differing field named: its config.json and tokenizer would be written beside weights
+    they do not describe. Reads only small files, so the tool can refuse before the runtime starts.
+    """
+    meta = read_checkpoint_meta(ckpt_dir) or {}
+    source_config = meta.get("hf_config")
+    assets_dir = os.path.join(ckpt_dir, ASSETS_DIR) if os.path.isdir(os.path.join(ckpt_dir, ASSETS_DIR)) else None
+    if hf_source is not None:
+        source_config, assets_dir = hfc.read_hf_config(hf_source), hf_source
+    cfg = model_config
+    if cfg is None and meta.get("model_config"):
+        cfg = hfc.model_config_from_dict(meta["model_config"])
+    if cfg is None and source_config is not None:
+        cfg = hfc.model_config_from_hf(source_config)
+    if cfg is None:
+        raise ConvertError(f"{ckpt_dir} carries no model description: pass hf_source (--hf-source) or model_config")
+    if overrides:
+        cfg = cfg.replace(**overrides)
+    if source_config is not None:
+        differ = hfc.architecture_differences(cfg, hfc.model_config_from_hf(source_config))
+        if differ:
+            source = os.path.join(hf_source, "config.json") if hf_source else f"{ckpt_dir}'s stored HF config"
+            raise ArchitectureMismatchError(
+                f"{source} describes another model than {ckpt_dir}: {'; '.join(differ)} (the checkpoint's value "
+                "first): pass the HF directory the checkpoint was made from (--hf-source)")
+    if assets_dir is not None:
+        hfc.check_tokenizer_fits(assets_dir, cfg.vocab_size)
+    return cfg, source_config, assets_dir
+
+
 def export_checkpoint(
     ckpt_dir: str,
     out_dir: str,
@@ -187,32 +226,14 @@ def export_checkpoint(
 ) -> ModelConfig:
     """A torch_dist checkpoint (saved at any TP/PP) -> HF directory, read at ``parallel``'s layout.
 
-    The architecture comes from, in order: ``model_config``, the checkpoint's own
-    ``opdlm_convert.json``, or ``hf_source``'s config.json. Diffusion settings come from
-    ``diffusion`` or the checkpoint's metadata; ``as_teacher`` forces the AR export. ``prefix``
-    is the sharded-key prefix of the model inside a training checkpoint, if any.
+    The architecture, source config and tokenizer come from :func:`resolve_export`. Diffusion
+    settings come from ``diffusion`` or the checkpoint's metadata; ``as_teacher`` forces the AR
+    export. ``prefix`` is the sharded-key prefix of the model inside a training checkpoint, if any.
     """
-    check_target(out_dir, overwrite)
+    check_target(out_dir, overwrite, HF_EXPORT)
     meta = read_checkpoint_meta(ckpt_dir) or {}
-    source_config = meta.get("hf_config")
-    assets_dir = os.path.join(ckpt_dir, ASSETS_DIR) if os.path.isdir(os.path.join(ckpt_dir, ASSETS_DIR)) else None
-    if hf_source is not None:
-        source_config, assets_dir = hfc.read_hf_config(hf_source), hf_source
-    cfg = model_config
-    if cfg is None and meta.get("model_config"):
-        cfg = hfc.model_config_from_dict(meta["model_config"])
-    if cfg is None and source_config is not None:
-        cfg = hfc.model_config_from_hf(source_config)
-    if cfg is None:
-        raise ConvertError(f"{ckpt_dir} carries no model description: pass hf_source (--hf-source) or model_config")
-    if overrides:
-        cfg = cfg.replace(**overrides)
-    if source_config is not None:
-        source_cfg = hfc.model_config_from_hf(source_config)
-        if source_cfg.vocab_size != cfg.vocab_size:
-            hfc.check_same_vocab(source_cfg, cfg)
-    if assets_dir is not None:
-        hfc.check_tokenizer_fits(assets_dir, cfg.vocab_size)
+    cfg, source_config, assets_dir = resolve_export(ckpt_dir, hf_source=hf_source, model_config=model_config,
+                                                    **overrides)
     if diffusion is None and meta.get("diffusion") and not as_teacher:
         diffusion = DiffusionConfig(**meta["diffusion"])
     if as_teacher:

@@ -2,9 +2,17 @@
 
 One job: read prompts from JSONL / JSON / Parquet files or a ``datasets`` dataset saved with
 ``save_to_disk``, format them with the tokenizer's chat template when it has one (else raw text),
-tokenize, and drop prompts longer than a limit (the count is reported). Errors name the file, the
-field and the fix. Non-goals: the order prompts are served in and the split across data-parallel
-ranks (``sampler.py``).
+tokenize, and drop records that cannot be used as they are, reporting how many and where (file and
+line): prompts longer than ``max_prompt_tokens``, responses longer than ``max_response_tokens``, and
+text the tokenizer cannot represent (it encodes to the tokenizer's unknown token, e.g. ``[UNK]``:
+training on it would teach the student a placeholder for what the user wrote; byte-level tokenizers
+such as Qwen's and Llama 3's have none). Errors name the file, the line (JSONL; else the record),
+the field and the fix. Non-goals: the order prompts are served in and the split across
+data-parallel ranks (``sampler.py``).
+
+Cost: a prompt with more than ``MAX_CHARS_PER_TOKEN`` characters per allowed token is counted too
+long without being tokenized, so one huge line costs its JSON parse, not a tokenization (a 5 MB
+one-line prompt took 38 s and 2.45 GB before it was dropped).
 
 A record's prompt field is either a string (one user turn) or a list of ``{"role", "content"}``
 messages. The optional response field (off-policy KD / SFT) is tokenized without special tokens
@@ -21,13 +29,15 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from nemo_opdlm.errors import DataError  # noqa: F401  (re-exported)
+from nemo_opdlm.errors import ConfigError, DataError  # noqa: F401  (DataError re-exported)
 
 logger = logging.getLogger(__name__)
 
 FORMATS = ("auto", "jsonl", "json", "parquet", "disk")
 CHAT_TEMPLATE = ("auto", "always", "never")
-
+MAX_CHARS_PER_TOKEN = 64
+"""A text longer than this many characters per allowed token is too long without tokenizing it: no
+subword tokenizer averages 64 characters a token over a prompt (English BPE averages about 4)."""
 
 
 
@@ -46,7 +56,8 @@ class PromptDataConfig:
     response_field: Optional[str] = None
     """Record field holding a reference response (off-policy KD / SFT); None to ignore responses."""
     max_prompt_tokens: int = 1024
-    """Prompts longer than this (after the chat template) are dropped and counted."""
+    """Prompts longer than this (after the chat template) are dropped and counted (with the line of
+    the first ones); prompts the tokenizer can only encode with its unknown token are too."""
     max_response_tokens: Optional[int] = None
     """Responses longer than this (with the closing EOS) drop their record; None keeps all."""
     chat_template: str = "auto"
@@ -90,12 +101,32 @@ class PromptSet:
     num_records: int
     num_prompt_too_long: int
     num_response_too_long: int = 0
+    num_unknown_tokens: int = 0
+    """Records whose prompt or response encodes to the tokenizer's unknown token (dropped)."""
 
     def __len__(self) -> int:
         return len(self.examples)
 
 
 # --- reading ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Records:
+    """A dataset's records, and where each came from (for errors and drop reports)."""
+
+    path: str
+    rows: list[dict]
+    lines: Optional[list[int]] = None
+    """The JSONL line of each record (None for formats without lines)."""
+
+    def where(self, i: int) -> str:
+        """``file:line`` of record ``i`` (JSONL), else ``file (record i)``."""
+        return f"{self.path}:{self.lines[i]}" if self.lines is not None else f"{self.path} ({self.place(i)})"
+
+    def place(self, i: int) -> str:
+        """``line N`` (JSONL) or ``record i``."""
+        return f"line {self.lines[i]}" if self.lines is not None else f"record {i}"
+
 
 def _detect_format(path: str) -> str:
     if os.path.isdir(path):
@@ -111,50 +142,84 @@ def _detect_format(path: str) -> str:
     raise DataError(f"cannot tell the format of {path} from its name: set data.format to one of {FORMATS[1:]}")
 
 
-def _read_jsonl(path: str) -> list[dict]:
-    records = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
+def _not_utf8(where: str, data: bytes, err: UnicodeDecodeError, line_start: int = 0) -> DataError:
+    return DataError(f"{where}: not UTF-8 text (byte 0x{data[err.start:err.start + 1].hex()} at column "
+                     f"{err.start - line_start + 1}): re-encode the file as UTF-8")
+
+
+def _open(path: str):
+    try:
+        return open(path, "rb")
+    except OSError as err:
+        raise DataError(f"data.path {path} cannot be read ({err.strerror or err})") from None
+
+
+def _read_jsonl(path: str) -> tuple[list[dict], list[int]]:
+    """Records and their line numbers; each line is decoded on its own, so a bad byte names its line."""
+    records, lines = [], []
+    with _open(path) as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise _not_utf8(f"{path}:{line_no}", raw, err) from None
             if not line.strip():
                 continue
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-    return records
+            lines.append(line_no)
+    return records, lines
 
 
-def _read_json(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+def _read_json(path: str) -> tuple[list[dict], Optional[list[int]]]:
+    with _open(path) as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[:err.start].count(b"\n") + 1
+        raise _not_utf8(f"{path}:{line}", raw, err, raw.rfind(b"\n", 0, err.start) + 1) from None
     if not text.lstrip().startswith("["):
         return _read_jsonl(path)  # a .json file with one object per line
     try:
         data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
-    return list(data)
+        raise DataError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    return data, None
 
 
-def _read_parquet(path: str, columns: Sequence[str]) -> list[dict]:
+def read_parquet(path: str, columns: Optional[Sequence[str]] = None) -> list[dict]:
+    """The rows of a .parquet file or a folder of them (``columns``: those only, each required; None:
+    all). A file that is not Parquet is named, with the format it looks like."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".parquet")]
              if os.path.isdir(path) else [path])
     records: list[dict] = []
     for file in files:
-        schema = pq.read_schema(file)
-        missing = [c for c in columns if c not in schema.names]
+        try:
+            schema = pq.read_schema(file)
+        except (pa.ArrowException, OSError) as err:
+            hint = ("; it looks like JSON lines: set data.format=jsonl (or auto)"
+                    if file.endswith((".jsonl", ".json")) else "")
+            raise DataError(f"{file}: not a Parquet file ({str(err).splitlines()[0]}){hint}") from None
+        missing = [c for c in columns or () if c not in schema.names]
         if missing:
             raise DataError(f"{file}: no field {missing[0]!r}; fields are {schema.names}")
-        records.extend(pq.read_table(file, columns=list(columns)).to_pylist())
+        records.extend(pq.read_table(file, columns=None if columns is None else list(columns)).to_pylist())
     return records
 
 
 def _read_disk(path: str, split: str) -> list[dict]:
     import datasets
 
-    ds = datasets.load_from_disk(path)
+    try:
+        ds = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise DataError(f"{path}: not a dataset saved with save_to_disk ({err})") from None
     if isinstance(ds, datasets.DatasetDict):
         if split not in ds:
             raise DataError(f"{path}: no split {split!r}; splits are {sorted(ds)} (set data.split)")
@@ -162,31 +227,40 @@ def _read_disk(path: str, split: str) -> list[dict]:
     return ds.to_list()
 
 
-def read_records(cfg: PromptDataConfig) -> list[dict]:
-    """All records of ``cfg.path`` as dicts (only the configured fields are guaranteed)."""
+def read_dataset(cfg: PromptDataConfig) -> Records:
+    """All records of ``cfg.path`` with their locations; every configured field is present."""
     if not os.path.exists(cfg.path):
         raise DataError(f"data.path {cfg.path} does not exist")
     fmt = _detect_format(cfg.path) if cfg.format == "auto" else cfg.format
     fields = [cfg.prompt_field] + ([cfg.response_field] if cfg.response_field else [])
+    if fmt in ("jsonl", "json") and os.path.isdir(cfg.path):
+        raise DataError(f"data.path {cfg.path} is a folder, not a {fmt} file (data.format={cfg.format})")
+    lines: Optional[list[int]] = None
     if fmt == "jsonl":
-        records = _read_jsonl(cfg.path)
+        rows, lines = _read_jsonl(cfg.path)
     elif fmt == "json":
-        records = _read_json(cfg.path)
+        rows, lines = _read_json(cfg.path)
     elif fmt == "parquet":
-        records = _read_parquet(cfg.path, fields)
+        rows = read_parquet(cfg.path, fields)
     else:
-        records = _read_disk(cfg.path, cfg.split)
-    if not records:
+        rows = _read_disk(cfg.path, cfg.split)
+    if not rows:
         raise DataError(f"data.path {cfg.path} holds no records")
-    for i, rec in enumerate(records):
+    records = Records(cfg.path, rows, lines)
+    for i, rec in enumerate(rows):
         if not isinstance(rec, dict):
-            raise DataError(f"{cfg.path}: record {i} is a {type(rec).__name__}, not an object")
+            raise DataError(f"{records.where(i)}: the record is a {type(rec).__name__}, not an object")
         for name in fields:
             if rec.get(name) is None:
-                where = "" if i == 0 else f" (record {i})"
-                raise DataError(f"{cfg.path}: no field {name!r}{where}; fields are {sorted(rec)} "
+                where = cfg.path if i == 0 else records.where(i)
+                raise DataError(f"{where}: no field {name!r}; fields are {sorted(rec)} "
                                 f"(set data.{'prompt' if name == cfg.prompt_field else 'response'}_field)")
     return records
+
+
+def read_records(cfg: PromptDataConfig) -> list[dict]:
+    """All records of ``cfg.path`` as dicts (only the configured fields are guaranteed)."""
+    return read_dataset(cfg).rows
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -195,7 +269,7 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
-def prompt_text(prompt: Any, tokenizer, cfg: PromptDataConfig) -> tuple[str, bool]:
+def prompt_text(prompt: Any, tokenizer, cfg: PromptDataConfig, where: str = "") -> tuple[str, bool]:
     """``(text, templated)``: the chat-formatted prompt (with the generation prompt) or raw text."""
     use_chat = cfg.chat_template == "always" or (cfg.chat_template == "auto" and has_chat_template(tokenizer))
     if use_chat and not has_chat_template(tokenizer):
@@ -211,17 +285,16 @@ def prompt_text(prompt: Any, tokenizer, cfg: PromptDataConfig) -> tuple[str, boo
                             "(and data.chat_template != 'never')")
         messages = prompt
     else:
-        raise DataError(f"a prompt must be a string or a list of {{role, content}} messages, "
-                        f"got {type(prompt).__name__}")
+        raise DataError(f"{where + ': ' if where else ''}a prompt must be a string or a list of {{role, content}} "
+                        f"messages, got {type(prompt).__name__}")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          **cfg.chat_template_kwargs)
     return text, True
 
 
-def encode_prompts(prompts: Sequence[Any], tokenizer, cfg: PromptDataConfig) -> list[list[int]]:
-    """Token ids per prompt. Templated text carries its own special tokens; raw text gets the
-    tokenizer's (e.g. a BOS)."""
-    texts = [prompt_text(p, tokenizer, cfg) for p in prompts]
+def encode_texts(texts: Sequence[tuple[str, bool]], tokenizer) -> list[list[int]]:
+    """Token ids of ``(text, templated)`` pairs. Templated text carries its own special tokens; raw
+    text gets the tokenizer's (e.g. a BOS)."""
     out: list[list[int]] = [[] for _ in texts]
     for templated in (True, False):
         idx = [i for i, (_, t) in enumerate(texts) if t == templated]
@@ -232,6 +305,11 @@ def encode_prompts(prompts: Sequence[Any], tokenizer, cfg: PromptDataConfig) -> 
     return out
 
 
+def encode_prompts(prompts: Sequence[Any], tokenizer, cfg: PromptDataConfig) -> list[list[int]]:
+    """Token ids per prompt (chat-formatted when ``cfg`` says so)."""
+    return encode_texts([prompt_text(p, tokenizer, cfg) for p in prompts], tokenizer)
+
+
 def encode_responses(responses: Sequence[str], tokenizer, eos_id: Optional[int]) -> list[list[int]]:
     """Response ids (no special tokens), each closed with ``eos_id``."""
     if eos_id is None:
@@ -240,53 +318,103 @@ def encode_responses(responses: Sequence[str], tokenizer, eos_id: Optional[int])
     for i, r in enumerate(responses):
         if not isinstance(r, str):
             raise DataError(f"response {i} is a {type(r).__name__}, not a string")
+    if not responses:
+        return []
     enc = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     return [list(ids) + [eos_id] for ids in enc]
+
+
+def _first(records: Records, indices: Sequence[int], n: int = 3) -> str:
+    """Where the first ``n`` of ``indices`` are, for a drop report: ``line 3, line 9, ...``."""
+    return ", ".join(records.place(i) for i in indices[:n]) + (", ..." if len(indices) > n else "")
+
+
+def _encode_prompts(records: Records, tokenizer, cfg: PromptDataConfig) -> tuple[dict[int, list[int]], list[int]]:
+    """``(ids of the prompts that fit, indices of those that do not)``; a text over
+    ``MAX_CHARS_PER_TOKEN`` characters per allowed token is not tokenized at all."""
+    texts = [prompt_text(r[cfg.prompt_field], tokenizer, cfg, records.where(i)) for i, r in enumerate(records.rows)]
+    limit = cfg.max_prompt_tokens * MAX_CHARS_PER_TOKEN
+    short = [i for i, (text, _) in enumerate(texts) if len(text) <= limit]
+    ids = dict(zip(short, encode_texts([texts[i] for i in short], tokenizer)))
+    for i in short:
+        if not ids[i]:
+            raise DataError(f"{records.where(i)}: the prompt is empty")
+    too_long = [i for i in range(len(texts)) if i not in ids or len(ids[i]) > cfg.max_prompt_tokens]
+    return {i: v for i, v in ids.items() if len(v) <= cfg.max_prompt_tokens}, too_long
+
+
+def _encode_responses(records: Records, indices: Sequence[int], tokenizer, cfg: PromptDataConfig,
+                      eos_id: Optional[int]) -> tuple[dict[int, list[int]], list[int]]:
+    """``(ids of the responses of ``indices`` that fit, indices of those that do not)``."""
+    field_ = cfg.response_field
+    for i in indices:
+        if not isinstance(records.rows[i][field_], str):
+            raise DataError(f"{records.where(i)}: the response ({field_!r}) is a "
+                            f"{type(records.rows[i][field_]).__name__}, not a string")
+    most = cfg.max_response_tokens
+    short = [i for i in indices if most is None or len(records.rows[i][field_]) <= most * MAX_CHARS_PER_TOKEN]
+    ids = dict(zip(short, encode_responses([records.rows[i][field_] for i in short], tokenizer, eos_id)))
+    too_long = [i for i in indices if i not in ids or (most is not None and len(ids[i]) > most)]
+    return {i: v for i, v in ids.items() if most is None or len(v) <= most}, too_long
 
 
 def load_prompts(cfg: PromptDataConfig, tokenizer, eos_id: Optional[int] = None) -> PromptSet:
     """Read, format, tokenize and filter the dataset of ``cfg``.
 
-    ``eos_id`` closes reference responses (default: the tokenizer's ``eos_token_id``).
+    ``eos_id`` closes reference responses (default: the tokenizer's ``eos_token_id``). Records are
+    dropped, counted and located (the first few lines are logged) when the prompt is longer than
+    ``max_prompt_tokens``, the response longer than ``max_response_tokens``, or either holds text
+    the tokenizer can only encode as its unknown token.
     """
-    records = read_records(cfg)
-    prompt_ids = encode_prompts([r[cfg.prompt_field] for r in records], tokenizer, cfg)
-    response_ids: list[Optional[list[int]]] = [None] * len(records)
-    if cfg.response_field:
-        eos = tokenizer.eos_token_id if eos_id is None else eos_id
-        response_ids = encode_responses([r[cfg.response_field] for r in records], tokenizer, eos)
-    domains: list[Optional[str]] = [None] * len(records)
+    records = read_dataset(cfg)
+    n = len(records.rows)
+    domains: list[Optional[str]] = [None] * n
     if cfg.domain_field:
-        missing = next((i for i, r in enumerate(records) if r.get(cfg.domain_field) is None), None)
+        missing = next((i for i, r in enumerate(records.rows) if r.get(cfg.domain_field) is None), None)
         if missing is not None:
             raise DataError(f"{cfg.path}: record {missing} has no field {cfg.domain_field!r} (data.domain_field); "
-                            f"fields are {sorted(records[missing])}")
-        domains = [str(r[cfg.domain_field]) for r in records]
-    examples, too_long, resp_too_long = [], 0, 0
-    for i, (p, r) in enumerate(zip(prompt_ids, response_ids)):
-        if not p:
-            raise DataError(f"{cfg.path}: record {i} has an empty prompt")
-        if len(p) > cfg.max_prompt_tokens:
-            too_long += 1
-        elif r is not None and cfg.max_response_tokens is not None and len(r) > cfg.max_response_tokens:
-            resp_too_long += 1
-        else:
-            examples.append(Example(i, p, r, domains[i]))
-    if too_long or resp_too_long:
-        logger.warning("%s: dropped %d of %d prompts longer than %d tokens%s", cfg.path, too_long,
-                       len(records), cfg.max_prompt_tokens,
-                       f" and {resp_too_long} responses longer than {cfg.max_response_tokens}"
-                       if resp_too_long else "")
+                            f"fields are {sorted(records.rows[missing])}")
+        domains = [str(r[cfg.domain_field]) for r in records.rows]
+    prompt_ids, too_long = _encode_prompts(records, tokenizer, cfg)
+    response_ids: dict[int, list[int]] = {}
+    resp_too_long: list[int] = []
+    if cfg.response_field:
+        eos = tokenizer.eos_token_id if eos_id is None else eos_id
+        response_ids, resp_too_long = _encode_responses(records, sorted(prompt_ids), tokenizer, cfg, eos)
+    kept = [i for i in sorted(prompt_ids) if not cfg.response_field or i in response_ids]
+    unk = tokenizer.unk_token_id
+    unknown = [i for i in kept if unk is not None and (unk in prompt_ids[i] or unk in response_ids.get(i, ()))]
+    examples = [Example(i, prompt_ids[i], response_ids.get(i), domains[i]) for i in kept if i not in set(unknown)]
+    if too_long:
+        logger.warning("%s: dropped %d of %d prompts longer than %d tokens (data.max_prompt_tokens; at %s)",
+                       cfg.path, len(too_long), n, cfg.max_prompt_tokens, _first(records, too_long))
+    if resp_too_long:
+        logger.warning("%s: dropped %d of %d responses longer than %d tokens (data.max_response_tokens; at %s)",
+                       cfg.path, len(resp_too_long), n, cfg.max_response_tokens, _first(records, resp_too_long))
+    if unknown:
+        logger.warning("%s: dropped %d of %d records with text the tokenizer cannot represent (it encodes to its "
+                       "unknown token %r; at %s): check the file's language and encoding against the tokenizer",
+                       cfg.path, len(unknown), n, tokenizer.unk_token, _first(records, unknown))
     if not examples:
-        raise DataError(f"{cfg.path}: all {len(records)} records were dropped (prompts longer than "
-                        f"data.max_prompt_tokens={cfg.max_prompt_tokens} or responses longer than "
-                        f"data.max_response_tokens={cfg.max_response_tokens})")
-    return PromptSet(examples, len(records), too_long, resp_too_long)
+        raise DataError(f"{cfg.path}: all {n} records were dropped ({len(too_long)} prompts longer than "
+                        f"data.max_prompt_tokens={cfg.max_prompt_tokens}, {len(resp_too_long)} responses longer than "
+                        f"data.max_response_tokens={cfg.max_response_tokens}, {len(unknown)} with text the "
+                        f"tokenizer encodes as its unknown token {tokenizer.unk_token!r})")
+    return PromptSet(examples, n, len(too_long), len(resp_too_long), len(unknown))
 
 
 # --- batching --------------------------------------------------------------------------------
 
 END_OF_TURN = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "</s>")
+
+
+def check_vocab_fits(tokenizer, vocab_size: int, where: str, vocab_name: str) -> None:
+    """Every id the tokenizer can produce must be a row of the model's embedding (else an IndexError,
+    or a token read as another, later). ``where``: the tokenizer's directory; ``vocab_name``: how
+    the user names the model's vocabulary size (``model.vocab_size``, ``the checkpoint's vocab_size``)."""
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(f"the tokenizer in {where} has {len(tokenizer)} tokens but {vocab_name}={vocab_size}: "
+                          "the tokenizer and the model do not match; use the model's own tokenizer")
 
 
 def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:

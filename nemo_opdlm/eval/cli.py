@@ -40,6 +40,37 @@ def _positive(text: str) -> int:
     return value
 
 
+def check_output(path: str) -> None:
+    """``--output`` can be written, checked before anything runs (it used to fail after the whole
+    evaluation, losing the results): its directory is created and a file of this process opened
+    there (removed again; every rank of a job can check at once); an existing file is opened for
+    appending, which leaves it unchanged."""
+    from nemo_opdlm.errors import ConfigError, describe_os_error
+
+    if os.path.isdir(path):
+        example = os.path.join(path, "results.json")
+        raise ConfigError(f"--output {path} is a directory: give a file name, e.g. {example}")
+    probe = path if os.path.exists(path) else f"{path}.{os.getpid()}.probe"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(probe, "a"):
+            pass
+        if probe != path:
+            os.remove(probe)
+    except OSError as err:
+        if err.filename == probe:
+            err.filename = path
+        raise ConfigError(f"--output {path} cannot be written: {describe_os_error(err)}") from None
+
+
+def write_output(path: str, results: dict) -> None:
+    """The results as JSON, written whole or not at all (a temporary file renamed into place)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(results, f, indent=2)
+    os.replace(tmp, path)
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="opdlm eval", description=__doc__.split("\n\n")[0])
     src = p.add_argument_group("model")
@@ -75,7 +106,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     dec.add_argument("--batch-size", type=_positive, default=_default("batch_size"), help="prompts decoded together")
     dec.add_argument("--no-cache", action="store_true", help="decode without the KV cache (reference path)")
     dec.add_argument("--seed", type=int, default=_default("seed"), help="sampler seed (with --temperature > 0)")
-    p.add_argument("--output", help="write results (and per-example generations) to this JSON file")
+    p.add_argument("--output", help="write results (and per-example generations) to this JSON file (checked "
+                                    "writable before the evaluation starts)")
     return p.parse_args(argv)
 
 
@@ -96,6 +128,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
 
     for mode in args.modes:  # bad decoding values are refused before the data and the model load
         settings_for(mode)
+    if args.output:
+        check_output(args.output)
     overrides = {k: v for k, v in (("question_field", args.question_field), ("answer_field", args.answer_field))
                  if v}
     task = load_task(args.task, args.data, split=args.split, num_fewshot=args.num_fewshot,
@@ -113,19 +147,13 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
             rows.append((mode, result))
         say("\n" + format_table(rows))
         if args.output and rt.is_main:
-            os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-            with open(args.output, "w") as f:
-                json.dump({"model": args.hf or args.ckpt, "data": args.data,
-                           "results": [r.as_dict() for _, r in rows]}, f, indent=2)
+            write_output(args.output, {"model": args.hf or args.ckpt, "data": args.data,
+                                       "results": [r.as_dict() for _, r in rows]})
             say(f"wrote {args.output}")
     return 0
 
 
 if __name__ == "__main__":  # torchrun -m nemo_opdlm.eval.cli ...: the same one-line errors as ``opdlm eval``
-    from nemo_opdlm.errors import OPDLMError
+    from nemo_opdlm.cli import guarded
 
-    try:
-        sys.exit(eval_main())
-    except OPDLMError as err:
-        print(f"opdlm eval: error ({type(err).__name__}): {err}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(guarded("opdlm eval", eval_main))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from nemo_opdlm.errors import CheckpointError, ConfigError
-from nemo_opdlm.models.config import DiffusionConfig
+from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab
 from nemo_opdlm.runtime.context import ParallelContext
 
 
@@ -61,6 +61,30 @@ def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[s
                       "directory (opdlm eval --tokenizer DIR; the lm-eval model arg tokenizer=DIR)")
 
 
+def check_checkpoint_dir(ckpt: str) -> None:
+    """``ckpt`` is a megatron-core checkpoint; a training run's directory is answered with the
+    ``step_N`` checkpoints in it (the one ``latest`` names first), not with a missing metadata file."""
+    from nemo_opdlm.training.run_dir import step_dirs
+
+    if not os.path.isdir(ckpt):
+        raise CheckpointError(f"--ckpt {ckpt} " + ("is a file, not a checkpoint directory" if os.path.exists(ckpt)
+                                                   else "does not exist"))
+    if os.path.isfile(os.path.join(ckpt, "metadata.json")):
+        return
+    steps = [os.path.basename(path) for _, path in step_dirs(ckpt)]
+    if steps:
+        pointer, latest = os.path.join(ckpt, "latest"), steps[-1]
+        if os.path.isfile(pointer):
+            with open(pointer) as f:
+                named = f.read().strip()
+            latest = named if named in steps else latest
+        shown = ", ".join(steps[-4:]) + (f" and {len(steps) - 4} earlier" if len(steps) > 4 else "")
+        raise CheckpointError(f"--ckpt {ckpt} is a training run directory, not a checkpoint: use "
+                              f"{os.path.join(ckpt, latest)} (its checkpoints: {shown})")
+    raise CheckpointError(f"--ckpt {ckpt} is not a megatron-core checkpoint (no metadata.json): give a checkpoint "
+                          "directory (tools/import_hf.py output, or a training run's step_N)")
+
+
 def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Optional[str] = None,
                tokenizer: Optional[str] = None, prefix: str = "", mask_token_id: Optional[int] = None,
                block_size: Optional[int] = None, shift_logits: Optional[bool] = None,
@@ -71,21 +95,26 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
     checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
     from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
     the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token;
-    ``shift_logits`` from the argument, else the metadata, else False.
+    ``shift_logits`` from the argument, else the metadata, else False. The tokenizer and the [MASK]
+    id are checked against the model's vocabulary before the model is built.
     """
     from transformers import AutoTokenizer
 
     from nemo_opdlm.convert import hf_config as hfc
     from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint, read_checkpoint_meta
     from nemo_opdlm.convert.hf_to_mcore import teacher_from_hf
+    from nemo_opdlm.data.prompts import check_vocab_fits
     from nemo_opdlm.models.student import build_chunks
 
     if bool(hf) == bool(ckpt):
         raise ConfigError("give exactly one model: an HF directory (hf, --hf) or a checkpoint (ckpt, --ckpt)")
-    tok = AutoTokenizer.from_pretrained(_tokenizer_dir(tokenizer, hf, ckpt))
+    if ckpt:
+        check_checkpoint_dir(ckpt)
+    tok_dir = _tokenizer_dir(tokenizer, hf, ckpt)
+    tok = AutoTokenizer.from_pretrained(tok_dir)
     diffusion: dict = {}
     if hf:
-        cfg, chunks = teacher_from_hf(hf, parallel)
+        cfg = hfc.model_config_from_hf(hfc.read_hf_config(hf))
     else:
         meta = read_checkpoint_meta(ckpt) or {}
         diffusion = meta.get("diffusion") or {}
@@ -95,10 +124,21 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         if cfg is None:
             raise CheckpointError(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
                                   "(evaluate through the training run, or use tools/import_hf.py)")
+    check_vocab_fits(tok, cfg.vocab_size, tok_dir, f"the vocab_size of {hf or ckpt}")
+    if mask_token_id is not None:
+        mask, source = mask_token_id, "--mask-token-id"
+    elif diffusion.get("mask_token_id") is not None:
+        mask, source = diffusion["mask_token_id"], f"{ckpt}'s diffusion settings"
+    else:
+        mask, source = tok.mask_token_id, f"the tokenizer in {tok_dir}"
+    if mask is not None:
+        check_mask_in_vocab(mask, cfg.vocab_size, f"from {source}")
+    if hf:
+        cfg, chunks = teacher_from_hf(hf, parallel)
+    else:
         chunks = build_chunks(cfg, parallel)
         load_dist_checkpoint(chunks, ckpt, prefix=prefix, cfg=cfg)
     for c in chunks:
         c.eval()
-    mask = mask_token_id if mask_token_id is not None else diffusion.get("mask_token_id", tok.mask_token_id)
     shift = bool(diffusion.get("shift_logits", False)) if shift_logits is None else shift_logits
     return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"), shift)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
-from nemo_opdlm.data.prompts import PromptDataConfig, read_records
+from nemo_opdlm.data.prompts import PromptDataConfig, read_parquet, read_records
 from nemo_opdlm.errors import DataError
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -256,13 +256,9 @@ def _is_parquet(path: str) -> bool:
 
 
 def _read_parquet_all(path: str) -> list[dict]:
-    import pyarrow.parquet as pq
-
-    files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".parquet")]
-             if os.path.isdir(path) else [path])
-    if not all(os.path.exists(f) for f in files):
+    if not os.path.exists(path):
         raise DataError(f"{path} does not exist")
-    return [row for f in files for row in pq.read_table(f).to_pylist()]
+    return read_parquet(path)  # every column: the answer/solution fields are needed too
 
 
 def load_examples(path: str, fmt: TaskFormat, *, split: str = "test", file_format: str = "auto",

@@ -261,7 +261,13 @@ class DiffusionConfig:
 
     def check_vocab(self, vocab_size: int) -> None:
         """The [MASK] id must be a row of the embedding (``vocab_size`` rows)."""
-        if self.mask_token_id >= vocab_size:
-            raise ConfigError(f"diffusion.mask_token_id={self.mask_token_id} is outside the vocabulary "
-                              f"(model.vocab_size={vocab_size}): pick the tokenizer's mask token, a reserved "
-                              "special token, or an unused embedding row")
+        check_mask_in_vocab(self.mask_token_id, vocab_size, "diffusion.mask_token_id")
+
+
+def check_mask_in_vocab(mask_token_id: int, vocab_size: int, source: str) -> None:
+    """A [MASK] id (named by ``source``: a config key, a flag, a checkpoint's metadata) must be a
+    row of the model's embedding."""
+    if not 0 <= mask_token_id < vocab_size:
+        raise ConfigError(f"the [MASK] id {mask_token_id} ({source}) is outside the model's vocabulary (ids 0.."
+                          f"{vocab_size - 1}): use the tokenizer's mask token, a reserved special token or an "
+                          "unused embedding row (the id the student was trained with)")

@@ -21,6 +21,7 @@ last checkpoint are not listed twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -30,7 +31,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from nemo_opdlm.errors import CheckpointError
+from nemo_opdlm.convert.staging import process_alive
+from nemo_opdlm.errors import CheckpointError, describe_os_error
 from nemo_opdlm.runtime.comm import broadcast_object, is_rank0
 
 LOCK = ".opdlm.lock"
@@ -46,20 +48,10 @@ def _holder() -> dict:
             "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
 def stale_reason(holder: dict, age_s: float) -> Optional[str]:
     """Why a lock held by ``holder`` and last touched ``age_s`` ago is a dead run's (None: it is live)."""
     me = _holder()
-    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+    if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not process_alive(holder["pid"]):
         return f"its process {holder['pid']} on this host is gone"
     if me["slurm_job_id"] and holder.get("slurm_job_id") == me["slurm_job_id"]:
         return f"it is this Slurm job's ({me['slurm_job_id']}) earlier run, before a requeue"
@@ -75,6 +67,8 @@ class RunLock:
     path: str
     _stop: threading.Event
     _thread: threading.Thread
+    created: bool = False
+    """The run created ``save_dir``: a run that fails before writing anything leaves no empty directory."""
 
     def release(self) -> None:
         self._stop.set()
@@ -84,6 +78,8 @@ class RunLock:
                 if json.load(f).get("pid") != os.getpid():
                     return  # taken over meanwhile: not ours to remove
             os.remove(self.path)
+            if self.created:
+                os.rmdir(os.path.dirname(self.path))  # only if empty
         except (OSError, ValueError):
             pass
 
@@ -97,7 +93,16 @@ def _heartbeat(path: str, stop: threading.Event) -> None:
 
 
 def _take(save_dir: str, note: Callable[[str], None]) -> Optional[str]:
-    """Rank 0: create or take over the lock; returns the reason for a refusal, or None."""
+    """Rank 0: create or take over the lock; returns the reason for a refusal, or None. A directory
+    that cannot be created or written (permissions, a file in the path, a read-only filesystem, a
+    full disk) is a refusal too, so that every rank stops with it before the models load."""
+    try:
+        return _take_lock(save_dir, note)
+    except OSError as err:
+        return f"train.save_dir={save_dir} cannot be written: {describe_os_error(err)}"
+
+
+def _take_lock(save_dir: str, note: Callable[[str], None]) -> Optional[str]:
     os.makedirs(save_dir, exist_ok=True)
     path = os.path.join(save_dir, LOCK)
     mine = json.dumps(_holder())
@@ -117,21 +122,34 @@ def _take(save_dir: str, note: Callable[[str], None]) -> Optional[str]:
                     f"stop it or set train.save_dir to another directory; if that run is dead, delete {path}")
         note(f"taking over the lock of {save_dir}: {why}")
         tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w") as f:
-            f.write(mine)
+        try:
+            with open(tmp, "w") as f:
+                f.write(mine)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
         os.replace(tmp, path)
         return None
-    with os.fdopen(fd, "w") as f:
-        f.write(mine)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(mine)
+    except OSError:  # a full disk: no empty lock left to refuse the next run for 5 minutes
+        os.remove(path)
+        raise
     return None
 
 
 def acquire(save_dir: str, note: Callable[[str], None] = print) -> Optional[RunLock]:
     """Take ``save_dir``'s lock (collective: every rank calls it; rank 0 holds it). Raises
     CheckpointError on every rank when another live run holds it."""
+    created = is_rank0() and not os.path.isdir(save_dir)
     refusal = _take(save_dir, note) if is_rank0() else None
     refusal = broadcast_object(refusal)
     if refusal:
+        if created:
+            with contextlib.suppress(OSError):
+                os.rmdir(save_dir)  # the empty directory this refused run made
         raise CheckpointError(refusal)
     if not is_rank0():
         return None
@@ -139,7 +157,7 @@ def acquire(save_dir: str, note: Callable[[str], None] = print) -> Optional[RunL
     path = os.path.join(save_dir, LOCK)
     thread = threading.Thread(target=_heartbeat, args=(path, stop), name="opdlm-run-lock", daemon=True)
     thread.start()
-    return RunLock(path, stop, thread)
+    return RunLock(path, stop, thread, created)
 
 
 def clear_leftovers(save_dir: str, note: Callable[[str], None] = print) -> None:

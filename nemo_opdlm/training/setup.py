@@ -13,10 +13,10 @@ from typing import Optional
 import torch
 
 from nemo_opdlm.config import RunConfig
-from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint
-from nemo_opdlm.convert.hf_to_mcore import load_hf_weights
+from nemo_opdlm.convert.dist_checkpoint import check_checkpoint_config, load_dist_checkpoint
+from nemo_opdlm.convert.hf_to_mcore import check_hf_config, load_hf_weights
+from nemo_opdlm.data.prompts import check_vocab_fits, load_prompts, pad_id
 from nemo_opdlm.data.prompts import eos_ids as tokenizer_eos_ids
-from nemo_opdlm.data.prompts import load_prompts, pad_id
 from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.distill.methods import get_method
 from nemo_opdlm.errors import ConfigError
@@ -38,11 +38,7 @@ def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
-    if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(
-            f"the tokenizer has {len(tok)} tokens but model.vocab_size={cfg.model.vocab_size}: "
-            "teacher/student and tokenizer do not match"
-        )
+    check_vocab_fits(tok, cfg.model.vocab_size, tokenizer_dir(cfg), "model.vocab_size")
     check_mask_token(cfg.diffusion.mask_token_id, tok, tokenizer_dir(cfg))
     if cfg.init.student_hf and cfg.init.teacher_hf and cfg.init.student_hf != cfg.init.teacher_hf:
         other = AutoTokenizer.from_pretrained(cfg.init.student_hf)
@@ -88,9 +84,26 @@ def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str],
     return False
 
 
+def check_weights(cfg: RunConfig) -> None:
+    """Each weights source of ``init`` describes the architecture the run builds for it, checked from
+    its config.json / opdlm_convert.json before any model is built; a mismatch names the run's
+    fields (``model.num_layers=2 vs num_hidden_layers=4``), where loading the tensors would only
+    have found unknown or missing ones."""
+    needs_teacher = get_method(cfg.distill.method).needs_teacher
+    loaded = cfg.teacher if needs_teacher else cfg.model  # what init.teacher_* is loaded into
+    field = "teacher_model." if needs_teacher and cfg.teacher_model is not None else "model."
+    if cfg.init.teacher_hf:
+        check_hf_config(cfg.init.teacher_hf, loaded, field)
+    if cfg.init.teacher_checkpoint and os.path.isdir(cfg.init.teacher_checkpoint):
+        check_checkpoint_config(cfg.init.teacher_checkpoint, loaded, field)
+    if cfg.init.student_hf:
+        check_hf_config(cfg.init.student_hf, cfg.model, "model.")
+
+
 def build_models(cfg: RunConfig,
                  parallel: ParallelContext) -> tuple[list[DiffusionGPTModel], Optional[list[DiffusionGPTModel]]]:
     """(student, teacher or None) at ``parallel``'s layout, weights loaded as ``init`` says."""
+    check_weights(cfg)
     teacher = None
     if get_method(cfg.distill.method).needs_teacher:
         if not (cfg.init.teacher_hf or cfg.init.teacher_checkpoint):
