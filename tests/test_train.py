@@ -221,6 +221,120 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert (tmp_path / "run" / "latest").read_text().strip().startswith("step_")
 
 
+# --- pre-emption under the signals a scheduler sends (Slurm signals every process of the job step,
+# a shell or torchrun's agent a process group): each ends in a checkpoint, exit 0, and an exact resume
+
+SIGNAL_STEPS = 8
+
+
+def _descendants(pid):
+    """``pid`` and every process below it (children first found through /proc's parent ids)."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except OSError:
+                pass
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(parents.get(p, []))
+    return tree
+
+
+def _signal_all(pids, sig):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def signal_recipe(tmp_path_factory):
+    """An 8-step recipe that checkpoints every step, and its uninterrupted losses on 1 process."""
+    base = tmp_path_factory.mktemp("signals")
+    recipe = base / "run.yaml"
+    recipe.write_text(dump_yaml(make_run(str(base), f"train.steps={SIGNAL_STEPS}", "train.save_every=1")))
+    subprocess.run(_cli(str(recipe), f"train.save_dir={base / 'straight'}"), env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    return recipe, read_metrics(base / "straight")
+
+
+def _stopped_then_resumed(proc, run, want, resume_cmd):
+    """The signalled run ended with exit 0 and a checkpoint at the step it names; resuming from it
+    gives every later step the uninterrupted run's loss exactly. Returns the stopping step."""
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "pre-emption signal: checkpoint saved at step" in out, out[-4000:]
+    stopped = int(out.split("pre-emption signal: checkpoint saved at step ")[1].split(",")[0])
+    assert (run / "latest").read_text().strip() == f"step_{stopped:07d}"
+    assert not [n for n in os.listdir(run) if n.startswith(".step_")], os.listdir(run)  # no staging left
+    assert stopped < SIGNAL_STEPS
+    done = subprocess.run(resume_cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"at step {stopped}" in done.stdout
+    got = read_metrics(run)
+    assert sorted(got) == list(range(1, SIGNAL_STEPS + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+    return stopped
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _read_until(proc, text):
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {text!r}")
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, signal_recipe):
+    """``kill -TERM -- -PGID`` after a checkpoint exists: the checkpoint writer's Manager process is in
+    the group; it died and the pre-emption save failed with BrokenPipeError (exit 1, no checkpoint)."""
+    recipe, want = signal_recipe
+    run = tmp_path / "run"
+    proc = _start(_cli(str(recipe), f"train.save_dir={run}"))
+    _read_until(proc, f"step 3/{SIGNAL_STEPS}")
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert _stopped_then_resumed(proc, run, want, _cli(str(recipe), f"train.save_dir={run}")) >= 3
+
+
+def test_sigterm_to_the_process_tree_during_a_save_checkpoints_and_resumes_exactly(tmp_path, signal_recipe):
+    """SIGTERM to every process of the tree (as Slurm signals a job step) while the writer processes
+    of step 2's save are writing: that save completes and is the checkpoint the run stops at."""
+    recipe, want = signal_recipe
+    run = tmp_path / "run"
+    proc = _start([sys.executable, "-m", "tests.slow_save", "train", "--recipe", str(recipe), f"train.save_dir={run}"])
+    _read_until(proc, f"step 2/{SIGNAL_STEPS}")
+    deadline = time.time() + 120
+    while True:  # the forked writers (same command line as the trainer) are in their write
+        tree = _descendants(proc.pid)
+        writers = [p for p in tree if p != proc.pid and _cmdline(p) == _cmdline(proc.pid)]
+        if writers and any(n.startswith(".step_0000002") for n in os.listdir(run)):
+            break
+        assert time.time() < deadline and proc.poll() is None, "step 2's save was never seen"
+        time.sleep(0.05)
+    _signal_all(tree, signal.SIGTERM)
+    assert _stopped_then_resumed(proc, run, want, _cli(str(recipe), f"train.save_dir={run}")) == 2
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+
+
 def _run_layout(tmp_dir, layout, name, *extra):
     rank = int(os.environ["RANK"])
     result = train(make_run(tmp_dir, layout, "train.save_dir=null", "train.steps=2", *extra))

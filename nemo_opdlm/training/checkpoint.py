@@ -32,6 +32,7 @@ from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
+from nemo_opdlm.runtime.preemption import held_from_children
 from nemo_opdlm.training.optim import TrainState
 
 LATEST = "latest"
@@ -72,7 +73,8 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
     sharded = _sharded_state(state, is_loading=False)
     sharded["common"] = dict(extra, step=step, scheduler=state.scheduler.state_dict())
     with staged_dir(target, overwrite=True) as staging:
-        dist_checkpointing.save(sharded, staging)
+        with held_from_children():  # the writer's helper processes must outlive a group/tree SIGTERM
+            dist_checkpointing.save(sharded, staging)
         barrier()  # every rank's shards are on disk before rank 0 lists them
         if is_rank0():
             meta = {"format_version": META_VERSION, "model_config": model_config_to_dict(model),

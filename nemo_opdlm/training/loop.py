@@ -10,7 +10,6 @@ row, stop the run with an error.
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from typing import Any, Optional
 
@@ -23,33 +22,12 @@ from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.comm import agree, is_rank0
 from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
+from nemo_opdlm.runtime.preemption import Preemption
 from nemo_opdlm.training import checkpoint, run_dir
 from nemo_opdlm.training.metrics import MetricsLogger
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
 from nemo_opdlm.training.step import forward_backward, reduce_reported
-
-
-
-
-class _Preemption:
-    """Remembers SIGTERM / SIGUSR1 so that the loop can checkpoint at the end of the step."""
-
-    def __init__(self) -> None:
-        self.seen = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Preemption":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.seen = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -104,7 +82,7 @@ def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
             checkpoint.save(cfg.train.save_dir, at, state, extra={"data": s.loader.state_dict()},
                             model=cfg.model, diffusion=diffusion)
 
-    with _Preemption() as preempt:
+    with Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             seed = step_seed(cfg.train.seed, step)
@@ -141,7 +119,8 @@ def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
             stop = agree(preempt.seen)
             if stop or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save(step)
-            if stop:
+                stop = stop or agree(preempt.seen)  # signalled during this save: it is the checkpoint
+            if stop and step < cfg.train.steps:
                 status = "preempted"
                 log.note(f"pre-emption signal: checkpoint saved at step {step}, exiting")
                 break
