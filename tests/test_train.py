@@ -222,9 +222,10 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
 
 
 # --- pre-emption under the signals a scheduler sends (Slurm signals every process of the job step,
-# a shell or torchrun's agent a process group): each ends in a checkpoint, exit 0, and an exact resume
+# torchrun's agent a worker's process group): each ends in a checkpoint, exit 0, and an exact resume
 
 SIGNAL_STEPS = 8
+TORCHRUN = "nemo_opdlm.runtime.torchrun"  # what slurm/opdlm_job.sh launches with LAUNCHER=torchrun
 
 
 def _descendants(pid):
@@ -253,6 +254,12 @@ def _signal_all(pids, sig):
             pass
 
 
+def _torchrun_cmd(recipe, *overrides, launcher=TORCHRUN):
+    from tests.dist import _free_port
+    return [sys.executable, "-m", launcher, "--nproc_per_node=2", f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1", "-m", "nemo_opdlm.cli", "train", "--recipe", str(recipe), *overrides]
+
+
 @pytest.fixture(scope="module")
 def signal_recipe(tmp_path_factory):
     """An 8-step recipe that checkpoints every step, and its uninterrupted losses on 1 process."""
@@ -262,6 +269,16 @@ def signal_recipe(tmp_path_factory):
     subprocess.run(_cli(str(recipe), f"train.save_dir={base / 'straight'}"), env=ENV, check=True,
                    capture_output=True, timeout=600)
     return recipe, read_metrics(base / "straight")
+
+
+@pytest.fixture(scope="module")
+def signal_recipe_2ranks(signal_recipe, tmp_path_factory):
+    """The same recipe's uninterrupted losses on 2 data-parallel ranks under torchrun."""
+    recipe = signal_recipe[0]
+    straight = tmp_path_factory.mktemp("signals2") / "straight"
+    subprocess.run(_torchrun_cmd(recipe, f"train.save_dir={straight}"), env=ENV, check=True, capture_output=True,
+                   timeout=600)
+    return recipe, read_metrics(straight)
 
 
 def _stopped_then_resumed(proc, run, want, resume_cmd):
@@ -333,6 +350,27 @@ def _cmdline(pid):
         return None
 
 
+def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, signal_recipe_2ranks):
+    """SIGTERM to the torchrun agent only (how slurm/opdlm_job.sh forwards it): the agent passes it to
+    both workers' process groups and waits; both checkpoint, and the agent exits 0."""
+    recipe, want = signal_recipe_2ranks
+    run = tmp_path / "run"
+    proc = _start(_torchrun_cmd(recipe, f"train.save_dir={run}"))
+    _read_until(proc, f"step 3/{SIGNAL_STEPS}")
+    proc.send_signal(signal.SIGTERM)
+    assert _stopped_then_resumed(proc, run, want, _torchrun_cmd(recipe, f"train.save_dir={run}")) >= 3
+
+
+def test_sigusr1_to_the_torchrun_tree_checkpoints_and_resumes_exactly(tmp_path, signal_recipe_2ranks):
+    """SIGUSR1 to torchrun, its workers and their helpers (``scancel --signal=USR1``): plain torchrun
+    died of it (exit -10) with its workers still running; now every worker checkpoints and the agent
+    exits 0 after them."""
+    recipe, want = signal_recipe_2ranks
+    run = tmp_path / "run"
+    proc = _start(_torchrun_cmd(recipe, f"train.save_dir={run}"))
+    _read_until(proc, f"step 3/{SIGNAL_STEPS}")
+    _signal_all(_descendants(proc.pid), signal.SIGUSR1)
+    assert _stopped_then_resumed(proc, run, want, _torchrun_cmd(recipe, f"train.save_dir={run}")) >= 3
 
 
 def _run_layout(tmp_dir, layout, name, *extra):
