@@ -465,6 +465,48 @@ def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
     with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses"):
         train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=4", "train.max_nonfinite_in_row=2"))
 
+def _cosine_lr(updates, *, lr, min_lr, warmup, total):
+    """megatron-core's cosine schedule after ``updates`` updates (past the warm-up)."""
+    return min_lr + 0.5 * (math.cos(math.pi * (updates - warmup) / (total - warmup)) + 1.0) * (lr - min_lr)
+
+
+def test_resume_follows_the_configs_learning_rate_schedule(tmp_path, capsys):
+    """The rule on resume: optim.* and train.steps win over the checkpoint's schedule, which is rebuilt
+    from the config at the saved update count, and the run says what changed. Before, the saved one
+    won silently: optim.lr=1e-5 resumed with bit-identical losses, and train.steps 2 -> 5 kept the lr
+    at its floor (1e-4) for steps 3-5. An unchanged config still resumes exactly."""
+    import shutil
+
+    original_cfg = make_run(str(tmp_path), "train.steps=4", "train.save_every=2")
+    original = train(original_cfg)["history"]
+
+    def at_step_2(name, *overrides):
+        run = tmp_path / name
+        shutil.copytree(original_cfg.train.save_dir, run)
+        shutil.rmtree(run / "step_0000004")
+        (run / "latest").write_text("step_0000002\n")
+        capsys.readouterr()
+        history = train(make_run(str(tmp_path), "train.steps=4", "train.save_every=2", f"train.save_dir={run}",
+                                 *overrides))["history"]
+        return history, capsys.readouterr().out
+
+    same, out = at_step_2("same")
+    assert losses(same) == losses(original)[2:] and "differ" not in out
+    lower, out = at_step_2("lower", "optim.lr=1e-5", "optim.min_lr=1e-6")
+    assert lower[0]["lr"] == _cosine_lr(2, lr=1e-5, min_lr=1e-6, warmup=1, total=4)  # step 3 trains at it
+    assert losses(lower)[0] == losses(original)[2]  # step 3's loss is before its update
+    assert abs(losses(lower)[1] - losses(original)[3]) > 1e-6 * abs(losses(original)[3])
+    assert "(optim.lr: 0.001 -> 1e-05; optim.min_lr: 0.0001 -> 1e-06): the config wins" in out, out
+
+    short = make_run(str(tmp_path), "train.steps=2", f"train.save_dir={tmp_path / 'short'}")
+    train(short)
+    capsys.readouterr()
+    extended = train(make_run(str(tmp_path), "train.steps=5", f"train.save_dir={tmp_path / 'short'}"))["history"]
+    want = [_cosine_lr(n, lr=1e-3, min_lr=1e-4, warmup=1, total=5) for n in (2, 3, 4)]
+    assert [h["step"] for h in extended] == [3, 4, 5]
+    assert [h["lr"] for h in extended] == pytest.approx(want, rel=1e-12) and min(want) > 1e-4
+    assert "train.steps (lr decay steps): 2 -> 5" in capsys.readouterr().out
+
 
 def test_bad_inputs(tmp_path):
     empty = tmp_path / "empty.jsonl"

@@ -4,6 +4,9 @@ One job: save and restore everything a run needs to continue exactly: student we
 state, LR schedule, data cursor and step (the curriculum position is a function of the step, and
 every random stream is re-derived from (seed, step, rank) at each step, so no RNG state needs
 to be carried). Non-goals: HF export (``convert/``), when to save (``loop.py``).
+On resume the config's ``optim.*`` and ``train.steps`` win over the saved schedule: the scheduler is
+rebuilt from the config at the saved update count (``optim.resume_schedule``), so a lowered lr or a
+longer run takes effect, and an unchanged config continues exactly.
 
 Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can read: model under
 ``model``, plus ``opdlm_convert.json``) and ``save_dir/latest`` naming the newest complete one
@@ -33,7 +36,7 @@ from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 from nemo_opdlm.runtime.preemption import held_from_children
-from nemo_opdlm.training.optim import TrainState
+from nemo_opdlm.training.optim import TrainState, group_settings, resume_schedule
 
 LATEST = "latest"
 
@@ -90,7 +93,9 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
 
 @torch.no_grad()
 def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
-    """Restore weights, optimizer and schedule from ``ckpt_dir``; returns the saved ``common`` dict."""
+    """Restore weights and optimizer state from ``ckpt_dir``, and the config's schedule at the saved
+    update count (``optim.resume_schedule``: the config wins). Returns the saved ``common`` dict, with
+    ``schedule_changes``: how the config's optimizer settings differ from the checkpoint's."""
     from megatron.core import dist_checkpointing
 
     if not os.path.isfile(os.path.join(ckpt_dir, "metadata.json")):
@@ -103,8 +108,9 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for key, chunk in zip([k for k in sharded if k.startswith("model")], state.chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    config_groups = group_settings(state)  # the config's, before the checkpoint's replace them
     state.optimizer.load_state_dict(loaded["optimizer"])
     common = loaded["common"]
-    state.scheduler.load_state_dict(common["scheduler"])
+    common["schedule_changes"] = resume_schedule(state, common["scheduler"], config_groups)
     return common
 

@@ -69,6 +69,10 @@ def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
         s.loader.load_state_dict(common["data"])
         start = int(common["step"])
         log.note(f"resumed from {resume_from} at step {start}")
+        if common["schedule_changes"]:
+            changed = "; ".join(common["schedule_changes"])
+            log.note(f"the config's optimizer settings differ from the checkpoint's ({changed}): the config "
+                     f"wins, its schedule continues from update {state.scheduler.num_steps}")
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
                                   block_size=cfg.diffusion.block_size)

@@ -82,6 +82,51 @@ def wrap_for_training(chunks: list[torch.nn.Module], model: ModelConfig, optim: 
     return TrainState(chunks=wrapped, optimizer=optimizer, scheduler=scheduler)
 
 
+GROUP_SETTINGS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr", "betas": "optim.adam_beta1/adam_beta2",
+                  "eps": "optim.adam_eps"}
+"""Optimizer param-group entries that come from ``optim.*`` (``lr`` and ``weight_decay`` are set by
+the scheduler at every step), with the config key a user changes."""
+
+SCHEDULE_SETTINGS = {"max_lr": "optim.lr", "min_lr": "optim.min_lr", "lr_warmup_steps": "optim.warmup_steps",
+                     "lr_decay_steps": "train.steps (lr decay steps)", "lr_decay_style": "lr decay style",
+                     "start_wd": "optim.weight_decay"}
+"""The scheduler's fields that follow from the config (its ``state_dict`` keys), as above."""
+
+
+def group_settings(state: TrainState) -> list[dict[str, Any]]:
+    """The ``GROUP_SETTINGS`` entries of every param group, in order (a copy)."""
+    return [{k: g[k] for k in GROUP_SETTINGS if k in g} for g in state.optimizer.param_groups]
+
+
+def resume_schedule(state: TrainState, saved: dict[str, Any], config_groups: list[dict[str, Any]]) -> list[str]:
+    """Continue the config's learning-rate schedule at the saved number of updates; return what differs.
+
+    The rule on resume: ``optim.*`` and ``train.steps`` win over the checkpoint's. ``state`` was built
+    from the config and has just loaded the checkpoint's optimizer state, which brought back the saved
+    param-group settings (``config_groups``: the config's, taken before that load); those are put back,
+    and the scheduler (built from the config, not loaded) is moved to ``saved["num_steps"]`` updates.
+    An unchanged config gives exactly the saved schedule. Returns ``"key: old -> new"`` per change.
+    """
+    changes: dict[str, str] = {}
+    built = state.scheduler.state_dict()
+    for key, label in SCHEDULE_SETTINGS.items():
+        if key in saved and saved[key] != built[key]:
+            changes.setdefault(label, f"{label}: {saved[key]} -> {built[key]}")
+    for group, wanted in zip(state.optimizer.param_groups, config_groups):
+        for key, value in wanted.items():
+            if key in group and _same(group[key]) != _same(value):
+                label = GROUP_SETTINGS[key]
+                changes.setdefault(label, f"{label}: {_same(group[key])} -> {_same(value)}")
+            group[key] = value
+    state.scheduler.step(increment=int(saved["num_steps"]))  # a fresh scheduler is at 0 updates
+    return list(changes.values())
+
+
+def _same(value: Any) -> Any:
+    """Param-group values comparable across a save (betas come back as a list)."""
+    return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
 def zero_grads(state: TrainState) -> None:
     for chunk in state.chunks:
         chunk.zero_grad_buffer()
