@@ -462,8 +462,106 @@ def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
 
     calls["n"] = 0
     monkeypatch.setattr(train_step, "make_loss_fn", lambda *args: poisoned({1, 2, 3, 4}, *args))
-    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses"):
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite steps.*non-finite loss"):
         train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=4", "train.max_nonfinite_in_row=2"))
+
+
+def _watch_models(monkeypatch, poison_teacher=False):
+    """Patch the trainer's ``build``: remember the student's parameters with their initial values,
+    and optionally put one NaN into a teacher weight (the first attention projection of layer 0)."""
+    import torch
+
+    from nemo_opdlm.training import loop
+    real, seen = loop.build, {}
+
+    def build(cfg):
+        s = real(cfg)
+        if poison_teacher:
+            w = next(p for n, p in s.teacher[0].named_parameters() if "linear_qkv.weight" in n)
+            with torch.no_grad():
+                w.view(-1)[0] = float("nan")
+        seen["student"] = [(p, p.detach().clone()) for chunk in s.student for p in chunk.parameters()]
+        return s
+
+    monkeypatch.setattr(loop, "build", build)
+    return seen
+
+
+def _unchanged(seen):
+    import torch
+    return all(torch.equal(p.detach(), p0) for p, p0 in seen["student"])
+
+
+def test_nan_teacher_weight_is_a_skipped_step_then_fatal(tmp_path, monkeypatch, capsys):
+    """One NaN in a teacher weight makes every teacher log-prob NaN, which the KL's ``p_T > 0`` test
+    turned into loss 0, kl 0: the student trained on it (grad_norm nan, then every weight NaN). Each
+    such step is now skipped, said so, and the run stops after train.max_nonfinite_in_row."""
+    seen = _watch_models(monkeypatch, poison_teacher=True)
+    history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2",
+                             "train.max_nonfinite_in_row=3"))["history"]
+    out = capsys.readouterr().out
+    assert "step 1: non-finite teacher targets" in out and "update skipped (2 in a row)" in out, out
+    assert all(math.isnan(h["grad_norm"]) for h in history)
+    assert _unchanged(seen)  # no update was applied
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps, the last at step 3: "
+                                                 "non-finite teacher targets"):
+        train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=3", "train.max_nonfinite_in_row=3"))
+
+
+def test_nonfinite_grad_norm_skips_the_update(tmp_path, monkeypatch, capsys):
+    """A finite loss whose gradients are NaN: megatron-core's clipping let the NaN norm through and
+    the update made every weight NaN (even at lr 0). Now the update is skipped and counted."""
+    import torch
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    real = train_step.make_loss_fn
+
+    def nan_grads(*args):
+        fn = real(*args)
+        return lambda logits, batch: (lambda out: (NanGrad.apply(out[0]), out[1]))(fn(logits, batch))
+
+    monkeypatch.setattr(train_step, "make_loss_fn", nan_grads)
+    seen = _watch_models(monkeypatch)
+    history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2",
+                             "train.max_nonfinite_in_row=3"))["history"]
+    assert "step 2: non-finite gradient norm (nan), update skipped (2 in a row)" in capsys.readouterr().out
+    assert all(math.isfinite(h["loss"]) and math.isnan(h["grad_norm"]) for h in history)
+    assert _unchanged(seen)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite steps.*non-finite gradient norm"):
+        train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2", "train.max_nonfinite_in_row=2"))
+
+
+def test_infinite_lr_stops_without_writing_a_nonfinite_checkpoint(tmp_path):
+    """optim.lr=inf makes the first update's weights NaN (the warm-up's lr is 0 * inf). The run saved
+    them (every weight and Adam moment NaN) and went on; now each save checks the state first: a run
+    with no checkpoint stops without writing one, and a resumed run stops with its last good
+    checkpoint still latest and intact."""
+    from nemo_opdlm.errors import NonFiniteStateError
+    from nemo_opdlm.training.checkpoint import damage
+
+    fresh = make_run(str(tmp_path), "optim.lr=inf", "train.steps=4", "train.save_every=1",
+                     f"train.save_dir={tmp_path / 'fresh'}")
+    with pytest.raises(NonFiniteStateError, match=r"not saving step 1: .*NaN/inf \(weight .*no checkpoint is written"):
+        train(fresh)
+    assert not [n for n in os.listdir(fresh.train.save_dir) if "step_" in n or n == "latest"]
+
+    train(make_run(str(tmp_path), "train.steps=1"))  # a good checkpoint at step 1
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteStateError, match=r"not saving step 2: .*NaN/inf \(weight .*"
+                                                  r"the last good checkpoint step_0000001 stays latest"):
+        train(make_run(str(tmp_path), "optim.lr=inf", "train.steps=4", "train.save_every=1"))
+    assert (run / "latest").read_text().strip() == "step_0000001"
+    assert [n for n in os.listdir(run) if "step_" in n] == ["step_0000001"]  # nothing of step 2, staged or not
+    assert damage(str(run / "step_0000001")) is None
+
 
 def _cosine_lr(updates, *, lr, min_lr, warmup, total):
     """megatron-core's cosine schedule after ``updates`` updates (past the warm-up)."""

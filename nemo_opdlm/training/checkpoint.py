@@ -6,7 +6,8 @@ every random stream is re-derived from (seed, step, rank) at each step, so no RN
 to be carried). Non-goals: HF export (``convert/``), when to save (``loop.py``).
 On resume the config's ``optim.*`` and ``train.steps`` win over the saved schedule: the scheduler is
 rebuilt from the config at the saved update count (``optim.resume_schedule``), so a lowered lr or a
-longer run takes effect, and an unchanged config continues exactly.
+longer run takes effect, and an unchanged config continues exactly. A student whose weights or
+optimizer state are not finite is never saved (``finite.check_saveable``).
 
 Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can read: model under
 ``model``, plus ``opdlm_convert.json``) and ``save_dir/latest`` naming the newest complete one
@@ -36,6 +37,7 @@ from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 from nemo_opdlm.runtime.preemption import held_from_children
+from nemo_opdlm.training.finite import check_saveable
 from nemo_opdlm.training.optim import TrainState, group_settings, resume_schedule
 
 LATEST = "latest"
@@ -54,6 +56,14 @@ def _write_latest(save_dir: str, name: str) -> None:
     os.replace(tmp, os.path.join(save_dir, LATEST))
 
 
+def _read_latest(save_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(save_dir, LATEST)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _sharded_state(state: TrainState, is_loading: bool) -> dict[str, Any]:
     model = sharded_model_state(state.chunks)
     merged: dict[str, Any] = {}
@@ -66,9 +76,14 @@ def _sharded_state(state: TrainState, is_loading: bool) -> dict[str, Any]:
 
 def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], model: ModelConfig,
          diffusion: Optional[dict[str, Any]] = None) -> str:
-    """Save a complete checkpoint for ``step`` (collective) and point ``latest`` at it."""
+    """Save a complete checkpoint for ``step`` (collective) and point ``latest`` at it.
+
+    Refuses (:class:`NonFiniteStateError`, nothing written) when the student's weights or optimizer
+    state hold NaN/inf: ``latest`` keeps naming the last good checkpoint.
+    """
     from megatron.core import dist_checkpointing
 
+    check_saveable(state, step, kept=_read_latest(save_dir))
     if is_rank0():
         os.makedirs(save_dir, exist_ok=True)
     barrier()

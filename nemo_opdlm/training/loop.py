@@ -3,8 +3,9 @@
 One job: run steps in order, checkpoint, and stop cleanly. Each step derives every random stream
 from (seed, step, rank), so a resumed run repeats exactly what an uninterrupted one would have
 done. Pre-emption (SIGTERM / SIGUSR1, as Slurm sends before a time limit) saves a checkpoint at
-the end of the current step and returns; non-finite losses skip their step and, too many in a
-row, stop the run with an error.
+the end of the current step and returns; a non-finite loss, teacher target or gradient norm skips
+the step's update and, too many in a row, stops the run with an error (``finite.py``, which also
+keeps non-finite weights out of every checkpoint).
 """
 
 from __future__ import annotations
@@ -13,17 +14,17 @@ import dataclasses
 import time
 from typing import Any, Optional
 
-import torch
 from megatron.core import parallel_state
 
 from nemo_opdlm.config import RunConfig, to_dict
-from nemo_opdlm.errors import NonFiniteLossError
+from nemo_opdlm.errors import NonFiniteLossError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.comm import agree, is_rank0
 from nemo_opdlm.runtime.distributed import init_runtime, seed_everything, shutdown_runtime
 from nemo_opdlm.runtime.preemption import Preemption
 from nemo_opdlm.training import checkpoint, run_dir
+from nemo_opdlm.training.finite import NonFiniteSteps, agreed_problem, step_problem
 from nemo_opdlm.training.metrics import MetricsLogger
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
@@ -79,7 +80,8 @@ def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
     dp = parallel_state.get_data_parallel_world_size()
     diffusion = dataclasses.asdict(cfg.diffusion)
     history: list[dict[str, float]] = []
-    bad_in_row, step, status = 0, start, "completed"
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row, log.note)
+    step, status = start, "completed"
 
     def save(at: int) -> None:
         if cfg.train.save_dir:
@@ -101,18 +103,14 @@ def _run(cfg: RunConfig, resume_from: Optional[str]) -> dict[str, Any]:
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
             metrics = reduce_reported(reported)
             lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
-            finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-            if agree(not finite):
-                bad_in_row += 1
-                log.note(f"step {step}: non-finite loss, update skipped ({bad_in_row} in a row)")
-                if bad_in_row >= cfg.train.max_nonfinite_in_row:
-                    raise NonFiniteLossError(
-                        f"{bad_in_row} consecutive non-finite losses (train.max_nonfinite_in_row="
-                        f"{cfg.train.max_nonfinite_in_row}); last checkpoint is kept, lower optim.lr or check data")
-                grad_norm = float("nan")
-            else:
-                bad_in_row = 0
-                _, grad_norm = optimizer_step(state)
+            problem = agreed_problem(step_problem(metrics), "a non-finite loss or teacher target on another rank")
+            grad_norm = float("nan")
+            if problem is None:
+                update = optimizer_step(state)
+                grad_norm = update.grad_norm
+                if not update.applied and not update.overflow:
+                    problem = f"non-finite gradient norm ({grad_norm})"
+            nonfinite.record(step, problem)  # raises after train.max_nonfinite_in_row
             t_train = time.perf_counter() - t1
 
             scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, lr, t_rollout, t_train,

@@ -8,17 +8,20 @@ with fp32 master weights -> OptimizerParamScheduler), and wire the schedule's ho
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
 
 from nemo_opdlm.config import OptimConfig
 from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.runtime.comm import agree
 
 
 @dataclass
@@ -133,9 +136,37 @@ def zero_grads(state: TrainState) -> None:
     state.optimizer.zero_grad()
 
 
-def optimizer_step(state: TrainState) -> tuple[bool, float]:
-    """One optimizer + scheduler step; returns (updated, grad norm)."""
-    updated, grad_norm, _ = state.optimizer.step()
-    if updated:
+class Update(NamedTuple):
+    """What :func:`optimizer_step` did."""
+
+    applied: bool
+    grad_norm: float
+    """NaN when not computed (an fp16 overflow)."""
+    overflow: bool = False
+    """fp16 dynamic loss scaling found inf/NaN and shrank the scale: routine, megatron-core's own skip."""
+
+
+@torch.no_grad()
+def optimizer_step(state: TrainState) -> Update:
+    """One optimizer + scheduler step, unless the gradient norm is not finite.
+
+    megatron-core's ``ChainedOptimizer.step`` (0.16) with one check added between the norm and the
+    update: its clipping lets a NaN norm through (``clip_coeff < 1`` is False for NaN) and applies
+    the NaN gradients, which turns every weight and Adam moment into NaN, even at lr 0. A skipped
+    update leaves weights, moments and the schedule as they were (the next step zeroes the grads).
+    """
+    opt = state.optimizer
+    if opt.prepare_grads():  # an fp16 loss-scale overflow: megatron-core's own skip
+        return Update(False, float("nan"), overflow=True)
+    grad_norm = float(opt.get_grad_norm())
+    if agree(not math.isfinite(grad_norm)):  # every rank skips, or none (the update has collectives)
+        return Update(False, grad_norm)
+    for inner in getattr(opt, "chained_optimizers", [opt]):
+        params = inner.get_parameters()
+        if inner.config.clip_grad > 0.0 and params and not getattr(inner, "is_stub_optimizer", False):
+            clip_grad_by_total_norm_fp32(params, max_norm=inner.config.clip_grad, total_norm=grad_norm,
+                                         use_decoupled_grad=inner.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    applied = bool(opt.step_with_ready_grads())
+    if applied:
         state.scheduler.step(increment=1)
-    return bool(updated), float(grad_norm) if grad_norm is not None else float("nan")
+    return Update(applied, grad_norm)
