@@ -10,7 +10,8 @@ keeps its traceback.
 - :class:`CheckpointError`: a checkpoint or weights file that is missing, damaged or of another model.
 - :class:`ConvertError`: a Hugging Face <-> megatron-core conversion that cannot proceed
   (``convert/errors.py`` refines it).
-- :class:`NonFiniteLossError`: training diverged (too many non-finite losses in a row).
+- :class:`NonFiniteLossError`: training diverged (too many non-finite steps in a row);
+  :class:`NonFiniteStateError`: the student's weights or optimizer state are not finite (nothing saved).
 
 Each also derives from the builtin a caller would have caught before (``ValueError`` for bad values,
 ``RuntimeError`` for runs), so existing ``except ValueError`` code keeps working.
@@ -46,7 +47,11 @@ class ConvertError(OPDLMError, ValueError):
 
 
 class NonFiniteLossError(OPDLMError, RuntimeError):
-    """Too many consecutive steps had a non-finite loss."""
+    """Too many consecutive steps had a non-finite loss, teacher target or gradient norm."""
+
+
+class NonFiniteStateError(NonFiniteLossError):
+    """The student's weights or optimizer state are not finite; no checkpoint of them was written."""
 
 
 def describe_os_error(err: OSError) -> str:

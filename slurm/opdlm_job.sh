@@ -7,7 +7,8 @@
 #   2. on the first run only, import the HF teacher into a megatron checkpoint (tools/import_hf.py),
 #      written all-or-nothing, so a pre-empted import is simply redone;
 #   3. train with one task per GPU (srun; rank, world and master come from Slurm's variables) or one
-#      torchrun per node; the trainer resumes from <run dir>/checkpoints/latest by itself;
+#      torchrun per node (nemo_opdlm.runtime.torchrun: torchrun that forwards a pre-emption to its
+#      workers instead of killing them); the trainer resumes from <run dir>/checkpoints/latest by itself;
 #   4. on USR1 (sent by `--signal=B:USR1@...` before the time limit) or TERM (pre-emption): forward
 #      the signal to the training step, which checkpoints at the end of its step and exits, then
 #      `scontrol requeue` the job unless training is finished.
@@ -135,10 +136,12 @@ opdlm_job_main() {
     local master
     master=$(scontrol show hostnames "$SLURM_JOB_NODELIST" 2>/dev/null | head -n 1 || true)
     cmd=(srun "${srun_flags[@]}" --ntasks="$nodes" --ntasks-per-node=1
-         "$PYTHON" -m torch.distributed.run --nnodes="$nodes" --nproc-per-node="$gpn"
+         "$PYTHON" -m nemo_opdlm.runtime.torchrun --nnodes="$nodes" --nproc-per-node="$gpn"
          --rdzv-backend=c10d --rdzv-endpoint="${master:-$(hostname)}:$((port_base + 1))" --rdzv-id="$SLURM_JOB_ID"
          -m nemo_opdlm.cli train --recipe "$RECIPE" "${train_overrides[@]}")
-    forward_signal=TERM  # torchrun's agent passes TERM (not USR1) on to its workers
+    # torchrun with pre-emption passed on (runtime/torchrun.py): the agent forwards TERM or USR1 to its
+    # workers and waits for their checkpoint, where plain torchrun SIGKILLs them after 30 s and exits 1
+    forward_signal=TERM
   else
     cmd=(srun "${srun_flags[@]}" --ntasks="$((nodes * gpn))" --ntasks-per-node="$gpn"
          "$PYTHON" -m nemo_opdlm.cli train --recipe "$RECIPE" "${train_overrides[@]}")

@@ -176,9 +176,9 @@ def test_preemption_forwards_the_signal_and_requeues(tmp_path, launcher, finishe
     srun = [line for line in calls.splitlines() if line.startswith("srun")][0]
     if launcher == "srun":  # one task per GPU; the trainer handles USR1 itself
         assert "--ntasks=2 --ntasks-per-node=2" in srun and "task got USR1" in calls
-    else:  # one torchrun per node; its agent passes TERM on to the workers
+    else:  # one torchrun per node (ours: it forwards TERM to the workers and waits for their checkpoint)
         assert "--ntasks=1 --ntasks-per-node=1" in srun and "task got TERM" in calls
-        assert "torch.distributed.run --nnodes=1 --nproc-per-node=2 --rdzv-backend=c10d" in srun
+        assert "nemo_opdlm.runtime.torchrun --nnodes=1 --nproc-per-node=2 --rdzv-backend=c10d" in srun
         assert "--rdzv-endpoint=localhost:" in srun and "scontrol show hostnames localhost" in calls
     assert "--kill-on-bad-exit=1" in srun
     if finished:

@@ -221,6 +221,158 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
     assert (tmp_path / "run" / "latest").read_text().strip().startswith("step_")
 
 
+# --- pre-emption under the signals a scheduler sends (Slurm signals every process of the job step,
+# torchrun's agent a worker's process group): each ends in a checkpoint, exit 0, and an exact resume
+
+SIGNAL_STEPS = 8
+TORCHRUN = "nemo_opdlm.runtime.torchrun"  # what slurm/opdlm_job.sh launches with LAUNCHER=torchrun
+
+
+def _descendants(pid):
+    """``pid`` and every process below it (children first found through /proc's parent ids)."""
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    parents.setdefault(int(f.read().rsplit(")", 1)[1].split()[1]), []).append(int(name))
+            except OSError:
+                pass
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(parents.get(p, []))
+    return tree
+
+
+def _signal_all(pids, sig):
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def _torchrun_cmd(recipe, *overrides, launcher=TORCHRUN):
+    from tests.dist import _free_port
+    return [sys.executable, "-m", launcher, "--nproc_per_node=2", f"--master_port={_free_port()}",
+            "--master_addr=127.0.0.1", "-m", "nemo_opdlm.cli", "train", "--recipe", str(recipe), *overrides]
+
+
+@pytest.fixture(scope="module")
+def signal_recipe(tmp_path_factory):
+    """An 8-step recipe that checkpoints every step, and its uninterrupted losses on 1 process."""
+    base = tmp_path_factory.mktemp("signals")
+    recipe = base / "run.yaml"
+    recipe.write_text(dump_yaml(make_run(str(base), f"train.steps={SIGNAL_STEPS}", "train.save_every=1")))
+    subprocess.run(_cli(str(recipe), f"train.save_dir={base / 'straight'}"), env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    return recipe, read_metrics(base / "straight")
+
+
+@pytest.fixture(scope="module")
+def signal_recipe_2ranks(signal_recipe, tmp_path_factory):
+    """The same recipe's uninterrupted losses on 2 data-parallel ranks under torchrun."""
+    recipe = signal_recipe[0]
+    straight = tmp_path_factory.mktemp("signals2") / "straight"
+    subprocess.run(_torchrun_cmd(recipe, f"train.save_dir={straight}"), env=ENV, check=True, capture_output=True,
+                   timeout=600)
+    return recipe, read_metrics(straight)
+
+
+def _stopped_then_resumed(proc, run, want, resume_cmd):
+    """The signalled run ended with exit 0 and a checkpoint at the step it names; resuming from it
+    gives every later step the uninterrupted run's loss exactly. Returns the stopping step."""
+    out = proc.communicate(timeout=600)[0]
+    assert proc.returncode == 0, out[-4000:]
+    assert "pre-emption signal: checkpoint saved at step" in out, out[-4000:]
+    stopped = int(out.split("pre-emption signal: checkpoint saved at step ")[1].split(",")[0])
+    assert (run / "latest").read_text().strip() == f"step_{stopped:07d}"
+    assert not [n for n in os.listdir(run) if n.startswith(".step_")], os.listdir(run)  # no staging left
+    assert stopped < SIGNAL_STEPS
+    done = subprocess.run(resume_cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"at step {stopped}" in done.stdout
+    got = read_metrics(run)
+    assert sorted(got) == list(range(1, SIGNAL_STEPS + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+    return stopped
+
+
+def _start(cmd):
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+
+
+def _read_until(proc, text):
+    for line in proc.stdout:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {text!r}")
+
+
+def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, signal_recipe):
+    """``kill -TERM -- -PGID`` after a checkpoint exists: the checkpoint writer's Manager process is in
+    the group; it died and the pre-emption save failed with BrokenPipeError (exit 1, no checkpoint)."""
+    recipe, want = signal_recipe
+    run = tmp_path / "run"
+    proc = _start(_cli(str(recipe), f"train.save_dir={run}"))
+    _read_until(proc, f"step 3/{SIGNAL_STEPS}")
+    os.killpg(proc.pid, signal.SIGTERM)
+    assert _stopped_then_resumed(proc, run, want, _cli(str(recipe), f"train.save_dir={run}")) >= 3
+
+
+def test_sigterm_to_the_process_tree_during_a_save_checkpoints_and_resumes_exactly(tmp_path, signal_recipe):
+    """SIGTERM to every process of the tree (as Slurm signals a job step) while the writer processes
+    of step 2's save are writing: that save completes and is the checkpoint the run stops at."""
+    recipe, want = signal_recipe
+    run = tmp_path / "run"
+    proc = _start([sys.executable, "-m", "tests.slow_save", "train", "--recipe", str(recipe), f"train.save_dir={run}"])
+    _read_until(proc, f"step 2/{SIGNAL_STEPS}")
+    deadline = time.time() + 120
+    while True:  # the forked writers (same command line as the trainer) are in their write
+        tree = _descendants(proc.pid)
+        writers = [p for p in tree if p != proc.pid and _cmdline(p) == _cmdline(proc.pid)]
+        if writers and any(n.startswith(".step_0000002") for n in os.listdir(run)):
+            break
+        assert time.time() < deadline and proc.poll() is None, "step 2's save was never seen"
+        time.sleep(0.05)
+    _signal_all(tree, signal.SIGTERM)
+    assert _stopped_then_resumed(proc, run, want, _cli(str(recipe), f"train.save_dir={run}")) == 2
+
+
+def _cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, signal_recipe_2ranks):
+    """SIGTERM to the torchrun agent only (how slurm/opdlm_job.sh forwards it): the agent passes it to
+    both workers' process groups and waits; both checkpoint, and the agent exits 0."""
+    recipe, want = signal_recipe_2ranks
+    run = tmp_path / "run"
+    proc = _start(_torchrun_cmd(recipe, f"train.save_dir={run}"))
+    _read_until(proc, f"step 3/{SIGNAL_STEPS}")
+    proc.send_signal(signal.SIGTERM)
+    assert _stopped_then_resumed(proc, run, want, _torchrun_cmd(recipe, f"train.save_dir={run}")) >= 3
+
+
+def test_sigusr1_to_the_torchrun_tree_checkpoints_and_resumes_exactly(tmp_path, signal_recipe_2ranks):
+    """SIGUSR1 to torchrun, its workers and their helpers (``scancel --signal=USR1``): plain torchrun
+    died of it (exit -10) with its workers still running; now every worker checkpoints and the agent
+    exits 0 after them."""
+    recipe, want = signal_recipe_2ranks
+    run = tmp_path / "run"
+    proc = _start(_torchrun_cmd(recipe, f"train.save_dir={run}"))
+    _read_until(proc, f"step 3/{SIGNAL_STEPS}")
+    _signal_all(_descendants(proc.pid), signal.SIGUSR1)
+    assert _stopped_then_resumed(proc, run, want, _torchrun_cmd(recipe, f"train.save_dir={run}")) >= 3
+
+
 def _run_layout(tmp_dir, layout, name, *extra):
     rank = int(os.environ["RANK"])
     result = train(make_run(tmp_dir, layout, "train.save_dir=null", "train.steps=2", *extra))
@@ -310,8 +462,148 @@ def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
 
     calls["n"] = 0
     monkeypatch.setattr(train_step, "make_loss_fn", lambda *args: poisoned({1, 2, 3, 4}, *args))
-    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite losses"):
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite steps.*non-finite loss"):
         train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=4", "train.max_nonfinite_in_row=2"))
+
+
+def _watch_models(monkeypatch, poison_teacher=False):
+    """Patch the trainer's ``build``: remember the student's parameters with their initial values,
+    and optionally put one NaN into a teacher weight (the first attention projection of layer 0)."""
+    import torch
+
+    from nemo_opdlm.training import loop
+    real, seen = loop.build, {}
+
+    def build(cfg):
+        s = real(cfg)
+        if poison_teacher:
+            w = next(p for n, p in s.teacher[0].named_parameters() if "linear_qkv.weight" in n)
+            with torch.no_grad():
+                w.view(-1)[0] = float("nan")
+        seen["student"] = [(p, p.detach().clone()) for chunk in s.student for p in chunk.parameters()]
+        return s
+
+    monkeypatch.setattr(loop, "build", build)
+    return seen
+
+
+def _unchanged(seen):
+    import torch
+    return all(torch.equal(p.detach(), p0) for p, p0 in seen["student"])
+
+
+def test_nan_teacher_weight_is_a_skipped_step_then_fatal(tmp_path, monkeypatch, capsys):
+    """One NaN in a teacher weight makes every teacher log-prob NaN, which the KL's ``p_T > 0`` test
+    turned into loss 0, kl 0: the student trained on it (grad_norm nan, then every weight NaN). Each
+    such step is now skipped, said so, and the run stops after train.max_nonfinite_in_row."""
+    seen = _watch_models(monkeypatch, poison_teacher=True)
+    history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2",
+                             "train.max_nonfinite_in_row=3"))["history"]
+    out = capsys.readouterr().out
+    assert "step 1: non-finite teacher targets" in out and "update skipped (2 in a row)" in out, out
+    assert all(math.isnan(h["grad_norm"]) for h in history)
+    assert _unchanged(seen)  # no update was applied
+    with pytest.raises(NonFiniteLossError, match="3 consecutive non-finite steps, the last at step 3: "
+                                                 "non-finite teacher targets"):
+        train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=3", "train.max_nonfinite_in_row=3"))
+
+
+def test_nonfinite_grad_norm_skips_the_update(tmp_path, monkeypatch, capsys):
+    """A finite loss whose gradients are NaN: megatron-core's clipping let the NaN norm through and
+    the update made every weight NaN (even at lr 0). Now the update is skipped and counted."""
+    import torch
+
+    class NanGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * float("nan")
+
+    real = train_step.make_loss_fn
+
+    def nan_grads(*args):
+        fn = real(*args)
+        return lambda logits, batch: (lambda out: (NanGrad.apply(out[0]), out[1]))(fn(logits, batch))
+
+    monkeypatch.setattr(train_step, "make_loss_fn", nan_grads)
+    seen = _watch_models(monkeypatch)
+    history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2",
+                             "train.max_nonfinite_in_row=3"))["history"]
+    assert "step 2: non-finite gradient norm (nan), update skipped (2 in a row)" in capsys.readouterr().out
+    assert all(math.isfinite(h["loss"]) and math.isnan(h["grad_norm"]) for h in history)
+    assert _unchanged(seen)
+    with pytest.raises(NonFiniteLossError, match="2 consecutive non-finite steps.*non-finite gradient norm"):
+        train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2", "train.max_nonfinite_in_row=2"))
+
+
+def test_infinite_lr_stops_without_writing_a_nonfinite_checkpoint(tmp_path):
+    """optim.lr=inf makes the first update's weights NaN (the warm-up's lr is 0 * inf). The run saved
+    them (every weight and Adam moment NaN) and went on; now each save checks the state first: a run
+    with no checkpoint stops without writing one, and a resumed run stops with its last good
+    checkpoint still latest and intact."""
+    from nemo_opdlm.errors import NonFiniteStateError
+    from nemo_opdlm.training.checkpoint import damage
+
+    fresh = make_run(str(tmp_path), "optim.lr=inf", "train.steps=4", "train.save_every=1",
+                     f"train.save_dir={tmp_path / 'fresh'}")
+    with pytest.raises(NonFiniteStateError, match=r"not saving step 1: .*NaN/inf \(weight .*no checkpoint is written"):
+        train(fresh)
+    assert not [n for n in os.listdir(fresh.train.save_dir) if "step_" in n or n == "latest"]
+
+    train(make_run(str(tmp_path), "train.steps=1"))  # a good checkpoint at step 1
+    run = tmp_path / "run"
+    with pytest.raises(NonFiniteStateError, match=r"not saving step 2: .*NaN/inf \(weight .*"
+                                                  r"the last good checkpoint step_0000001 stays latest"):
+        train(make_run(str(tmp_path), "optim.lr=inf", "train.steps=4", "train.save_every=1"))
+    assert (run / "latest").read_text().strip() == "step_0000001"
+    assert [n for n in os.listdir(run) if "step_" in n] == ["step_0000001"]  # nothing of step 2, staged or not
+    assert damage(str(run / "step_0000001")) is None
+
+
+def _cosine_lr(updates, *, lr, min_lr, warmup, total):
+    """megatron-core's cosine schedule after ``updates`` updates (past the warm-up)."""
+    return min_lr + 0.5 * (math.cos(math.pi * (updates - warmup) / (total - warmup)) + 1.0) * (lr - min_lr)
+
+
+def test_resume_follows_the_configs_learning_rate_schedule(tmp_path, capsys):
+    """The rule on resume: optim.* and train.steps win over the checkpoint's schedule, which is rebuilt
+    from the config at the saved update count, and the run says what changed. Before, the saved one
+    won silently: optim.lr=1e-5 resumed with bit-identical losses, and train.steps 2 -> 5 kept the lr
+    at its floor (1e-4) for steps 3-5. An unchanged config still resumes exactly."""
+    import shutil
+
+    original_cfg = make_run(str(tmp_path), "train.steps=4", "train.save_every=2")
+    original = train(original_cfg)["history"]
+
+    def at_step_2(name, *overrides):
+        run = tmp_path / name
+        shutil.copytree(original_cfg.train.save_dir, run)
+        shutil.rmtree(run / "step_0000004")
+        (run / "latest").write_text("step_0000002\n")
+        capsys.readouterr()
+        history = train(make_run(str(tmp_path), "train.steps=4", "train.save_every=2", f"train.save_dir={run}",
+                                 *overrides))["history"]
+        return history, capsys.readouterr().out
+
+    same, out = at_step_2("same")
+    assert losses(same) == losses(original)[2:] and "differ" not in out
+    lower, out = at_step_2("lower", "optim.lr=1e-5", "optim.min_lr=1e-6")
+    assert lower[0]["lr"] == _cosine_lr(2, lr=1e-5, min_lr=1e-6, warmup=1, total=4)  # step 3 trains at it
+    assert losses(lower)[0] == losses(original)[2]  # step 3's loss is before its update
+    assert abs(losses(lower)[1] - losses(original)[3]) > 1e-6 * abs(losses(original)[3])
+    assert "(optim.lr: 0.001 -> 1e-05; optim.min_lr: 0.0001 -> 1e-06): the config wins" in out, out
+
+    short = make_run(str(tmp_path), "train.steps=2", f"train.save_dir={tmp_path / 'short'}")
+    train(short)
+    capsys.readouterr()
+    extended = train(make_run(str(tmp_path), "train.steps=5", f"train.save_dir={tmp_path / 'short'}"))["history"]
+    want = [_cosine_lr(n, lr=1e-3, min_lr=1e-4, warmup=1, total=5) for n in (2, 3, 4)]
+    assert [h["step"] for h in extended] == [3, 4, 5]
+    assert [h["lr"] for h in extended] == pytest.approx(want, rel=1e-12) and min(want) > 1e-4
+    assert "train.steps (lr decay steps): 2 -> 5" in capsys.readouterr().out
 
 
 def test_bad_inputs(tmp_path):

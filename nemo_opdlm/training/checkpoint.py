@@ -4,6 +4,10 @@ One job: save and restore everything a run needs to continue exactly: student we
 state, LR schedule, data cursor and step (the curriculum position is a function of the step, and
 every random stream is re-derived from (seed, step, rank) at each step, so no RNG state needs
 to be carried). Non-goals: HF export (``convert/``), when to save (``loop.py``).
+On resume the config's ``optim.*`` and ``train.steps`` win over the saved schedule: the scheduler is
+rebuilt from the config at the saved update count (``optim.resume_schedule``), so a lowered lr or a
+longer run takes effect, and an unchanged config continues exactly. A student whose weights or
+optimizer state are not finite is never saved (``finite.check_saveable``).
 
 Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can read: model under
 ``model``, plus ``opdlm_convert.json``) and ``save_dir/latest`` naming the newest complete one
@@ -32,7 +36,9 @@ from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
-from nemo_opdlm.training.optim import TrainState
+from nemo_opdlm.runtime.preemption import held_from_children
+from nemo_opdlm.training.finite import check_saveable
+from nemo_opdlm.training.optim import TrainState, group_settings, resume_schedule
 
 LATEST = "latest"
 
@@ -50,6 +56,14 @@ def _write_latest(save_dir: str, name: str) -> None:
     os.replace(tmp, os.path.join(save_dir, LATEST))
 
 
+def _read_latest(save_dir: str) -> Optional[str]:
+    try:
+        with open(os.path.join(save_dir, LATEST)) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
 def _sharded_state(state: TrainState, is_loading: bool) -> dict[str, Any]:
     model = sharded_model_state(state.chunks)
     merged: dict[str, Any] = {}
@@ -62,9 +76,14 @@ def _sharded_state(state: TrainState, is_loading: bool) -> dict[str, Any]:
 
 def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], model: ModelConfig,
          diffusion: Optional[dict[str, Any]] = None) -> str:
-    """Save a complete checkpoint for ``step`` (collective) and point ``latest`` at it."""
+    """Save a complete checkpoint for ``step`` (collective) and point ``latest`` at it.
+
+    Refuses (:class:`NonFiniteStateError`, nothing written) when the student's weights or optimizer
+    state hold NaN/inf: ``latest`` keeps naming the last good checkpoint.
+    """
     from megatron.core import dist_checkpointing
 
+    check_saveable(state, step, kept=_read_latest(save_dir))
     if is_rank0():
         os.makedirs(save_dir, exist_ok=True)
     barrier()
@@ -72,7 +91,8 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
     sharded = _sharded_state(state, is_loading=False)
     sharded["common"] = dict(extra, step=step, scheduler=state.scheduler.state_dict())
     with staged_dir(target, overwrite=True) as staging:
-        dist_checkpointing.save(sharded, staging)
+        with held_from_children():  # the writer's helper processes must outlive a group/tree SIGTERM
+            dist_checkpointing.save(sharded, staging)
         barrier()  # every rank's shards are on disk before rank 0 lists them
         if is_rank0():
             meta = {"format_version": META_VERSION, "model_config": model_config_to_dict(model),
@@ -88,7 +108,9 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
 
 @torch.no_grad()
 def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
-    """Restore weights, optimizer and schedule from ``ckpt_dir``; returns the saved ``common`` dict."""
+    """Restore weights and optimizer state from ``ckpt_dir``, and the config's schedule at the saved
+    update count (``optim.resume_schedule``: the config wins). Returns the saved ``common`` dict, with
+    ``schedule_changes``: how the config's optimizer settings differ from the checkpoint's."""
     from megatron.core import dist_checkpointing
 
     problem = broadcast_object(damage(ckpt_dir) if is_rank0() else None)  # first: a removed common.pt is damage
@@ -99,8 +121,9 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for key, chunk in zip([k for k in sharded if k.startswith("model")], state.chunks):
         unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    config_groups = group_settings(state)  # the config's, before the checkpoint's replace them
     state.optimizer.load_state_dict(loaded["optimizer"])
     common = loaded["common"]
-    state.scheduler.load_state_dict(common["scheduler"])
+    common["schedule_changes"] = resume_schedule(state, common["scheduler"], config_groups)
     return common
 

@@ -3,54 +3,32 @@
 One job: run steps in order, checkpoint, and stop cleanly. Each step derives every random stream
 from (seed, step, rank), so a resumed run repeats exactly what an uninterrupted one would have
 done. Pre-emption (SIGTERM / SIGUSR1, as Slurm sends before a time limit) saves a checkpoint at
-the end of the current step and returns; non-finite losses skip their step and, too many in a
-row, stop the run with an error.
+the end of the current step and returns; a non-finite loss, teacher target or gradient norm skips
+the step's update and, too many in a row, stops the run with an error (``finite.py``, which also
+keeps non-finite weights out of every checkpoint).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import signal
 import time
 from typing import Any, Optional
 
-import torch
-
 from nemo_opdlm.config import RunConfig, to_dict
-from nemo_opdlm.errors import NonFiniteLossError
+from nemo_opdlm.errors import NonFiniteLossError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.comm import agree, is_rank0
 from nemo_opdlm.runtime.context import ParallelContext
 from nemo_opdlm.runtime.distributed import init_runtime, shutdown_runtime
+from nemo_opdlm.runtime.preemption import Preemption
 from nemo_opdlm.runtime.seeding import seed_everything, step_seed
 from nemo_opdlm.training import checkpoint, run_dir
+from nemo_opdlm.training.finite import NonFiniteSteps, agreed_problem, step_problem
 from nemo_opdlm.training.metrics import MetricsLogger
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
 from nemo_opdlm.training.step import forward_backward, reduce_reported
-
-
-
-
-class _Preemption:
-    """Remembers SIGTERM / SIGUSR1 so that the loop can checkpoint at the end of the step."""
-
-    def __init__(self) -> None:
-        self.seen = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "_Preemption":
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.seen = True
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -89,20 +67,25 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
         s.loader.load_state_dict(common["data"])
         start = int(common["step"])
         log.note(f"resumed from {resume_from} at step {start}")
+        if common["schedule_changes"]:
+            changed = "; ".join(common["schedule_changes"])
+            log.note(f"the config's optimizer settings differ from the checkpoint's ({changed}): the config "
+                     f"wins, its schedule continues from update {state.scheduler.num_steps}")
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
                                   block_size=cfg.diffusion.block_size)
     dp = parallel.dp_size
     diffusion = dataclasses.asdict(cfg.diffusion)
     history: list[dict[str, float]] = []
-    bad_in_row, step, status = 0, start, "completed"
+    nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row, log.note)
+    step, status = start, "completed"
 
     def save(at: int) -> None:
         if cfg.train.save_dir:
             checkpoint.save(cfg.train.save_dir, at, state, extra={"data": s.loader.state_dict()},
                             model=cfg.model, diffusion=diffusion)
 
-    with _Preemption() as preempt:
+    with Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
             seed = step_seed(cfg.train.seed, step)
@@ -117,18 +100,14 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
             metrics = reduce_reported(reported, parallel.dp_group)
             lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
-            finite = all(torch.isfinite(torch.tensor(v)) for v in metrics.values())
-            if agree(not finite):
-                bad_in_row += 1
-                log.note(f"step {step}: non-finite loss, update skipped ({bad_in_row} in a row)")
-                if bad_in_row >= cfg.train.max_nonfinite_in_row:
-                    raise NonFiniteLossError(
-                        f"{bad_in_row} consecutive non-finite losses (train.max_nonfinite_in_row="
-                        f"{cfg.train.max_nonfinite_in_row}); last checkpoint is kept, lower optim.lr or check data")
-                grad_norm = float("nan")
-            else:
-                bad_in_row = 0
-                _, grad_norm = optimizer_step(state)
+            problem = agreed_problem(step_problem(metrics), "a non-finite loss or teacher target on another rank")
+            grad_norm = float("nan")
+            if problem is None:
+                update = optimizer_step(state)
+                grad_norm = update.grad_norm
+                if not update.applied and not update.overflow:
+                    problem = f"non-finite gradient norm ({grad_norm})"
+            nonfinite.record(step, problem)  # raises after train.max_nonfinite_in_row
             t_train = time.perf_counter() - t1
 
             scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, lr, t_rollout, t_train,
@@ -139,7 +118,8 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
             stop = agree(preempt.seen)
             if stop or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
                 save(step)
-            if stop:
+                stop = stop or agree(preempt.seen)  # signalled during this save: it is the checkpoint
+            if stop and step < cfg.train.steps:
                 status = "preempted"
                 log.note(f"pre-emption signal: checkpoint saved at step {step}, exiting")
                 break

@@ -30,6 +30,7 @@ from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.runtime.seeding import noise_seed
 from nemo_opdlm.runtime.vocab_parallel import Group
+from nemo_opdlm.training.finite import TEACHER_NONFINITE, count_bad_targets
 from nemo_opdlm.training.optim import TrainState, zero_grads
 
 
@@ -183,6 +184,7 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
                 t_logprobs, t_ids = _lazy_targets(teacher, batch, top_k)
             loss, metrics = losses.kl_loss(logits, batch["loss_mask"], t_logprobs, t_ids,
                                            num_sequences=num_sequences, tp_group=tp_group)
+            metrics[TEACHER_NONFINITE] = count_bad_targets(t_logprobs[batch["loss_mask"].bool()])
         metrics = dict(metrics, loss=loss.detach())
         return loss * scale, metrics
 
