@@ -54,6 +54,7 @@ def save_line_plot(path: str, panels: Sequence[Panel], title: Optional[str] = No
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         write_png(path, render(panels, title, columns=cols))
         return "builtin"
@@ -69,6 +70,7 @@ def save_line_plot(path: str, panels: Sequence[Panel], title: Optional[str] = No
         for j, (label, y) in enumerate(panel.hlines):
             ax.axhline(y, ls="--", lw=1, color="k", alpha=0.6 - 0.2 * j, label=label)
         ax.set_title(panel.title)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: short_number(v)))
         ax.set_xlabel(panel.xlabel)
         ax.set_ylabel(panel.ylabel)
         ax.set_ylim(*panel.ylim)
