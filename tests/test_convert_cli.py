@@ -51,7 +51,8 @@ def test_import_then_export_round_trip_and_student(hf_dir, tmp_path, capsys):
     _refused(capsys, export_hf, ["--ckpt", ckpt, "--out", out], "already exists", str(tmp_path / "never"))
     assert export_hf(["--ckpt", ckpt, "--out", out, "--overwrite"]) == 0  # replaced in one rename
     assert sorted(n for n in os.listdir(tmp_path) if not n.startswith(".")) == ["ckpt", "out"]  # before the students
-    _refused(capsys, export_hf, ["--ckpt", ckpt, "--out", student, "--mask-token-id", "100"], "outside the vocabulary",
+    _refused(capsys, export_hf, ["--ckpt", ckpt, "--out", student, "--mask-token-id", "100"],
+             "outside the model's vocabulary",
              student)
     assert export_hf(["--ckpt", ckpt, "--out", student, "--mask-token-id", "99", "--block-size", "4"]) == 0
     from transformers import AutoModelForCausalLM
