@@ -13,7 +13,7 @@ import torch
 
 from tests.convert_models import assert_same_tensors, save_hf
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def tool(name: str):

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import gpu_bench  # noqa: E402
@@ -68,6 +68,7 @@ def test_step_breakdown_adds_up(report):
     assert step["rollout_tokens"] == s["step_prompts"] * s["step_tokens"]
 
 
+@pytest.mark.slow
 def test_sections_subset_and_bad_names(tmp_path):
     out = tmp_path / "one.json"
     proc = run_bench(tmp_path, "--sections", "teacher", "--out", str(out))

@@ -448,6 +448,7 @@ def test_a_killed_imports_staging_is_cleared_by_the_next(env, capsys):
     shutil.rmtree(out)
 
 
+@pytest.mark.distributed
 def test_under_torchrun_each_failing_rank_prints_one_line(env):
     """Two ranks, a save_dir that cannot be created: at most one line per rank, no '[rank0]:' traceback
     (torchrun's own agent still prints its ChildFailedError summary after them)."""

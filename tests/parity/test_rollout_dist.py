@@ -138,9 +138,9 @@ def references(tmp_path_factory):
 
 @pytest.mark.distributed
 def test_tp2_decodes_like_tp1(references):
-    torchrun("tests.test_rollout_dist:tp2_worker", 2, str(references))
+    torchrun("tests.parity.test_rollout_dist:tp2_worker", 2, str(references))
 
 
 @pytest.mark.distributed
 def test_pp2_decodes_like_tp1(references):
-    torchrun("tests.test_rollout_dist:pp2_worker", 2, str(references))
+    torchrun("tests.parity.test_rollout_dist:pp2_worker", 2, str(references))

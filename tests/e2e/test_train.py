@@ -122,6 +122,7 @@ def _cli(cfg_path, *extra):
     return [sys.executable, "-m", "nemo_opdlm.cli", "train", "--recipe", cfg_path, *extra]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
     cfg = make_run(str(tmp_path), "train.steps=6", "train.save_every=1")
     straight = tmp_path / "straight.yaml"
@@ -153,6 +154,7 @@ def test_sigkill_then_resume_gives_the_same_losses(tmp_path):
         assert got[step] == want[step], (step, got, want)
 
 
+@pytest.mark.slow
 def test_a_second_run_on_the_same_save_dir_is_refused(tmp_path):
     """Two writers on one train.save_dir interleaved metrics and moved latest backwards; the second
     is now refused in one line, before it loads any model, while the first holds the lock."""
@@ -206,6 +208,7 @@ def test_damaged_checkpoints_are_named_and_passed_over(tmp_path, capsys):
     assert "truncated" in damage(step3) and shard3 in damage(step3)
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_stops(tmp_path):
     cfg = make_run(str(tmp_path), "train.steps=200", "train.save_every=0")
     path = tmp_path / "c.yaml"
@@ -312,6 +315,7 @@ def _read_until(proc, text):
     raise AssertionError(f"the run ended (exit {proc.wait()}) before printing {text!r}")
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, signal_recipe):
     """``kill -TERM -- -PGID`` after a checkpoint exists: the checkpoint writer's Manager process is in
     the group; it died and the pre-emption save failed with BrokenPipeError (exit 1, no checkpoint)."""
@@ -323,6 +327,7 @@ def test_sigterm_to_the_process_group_checkpoints_and_resumes_exactly(tmp_path, 
     assert _stopped_then_resumed(proc, run, want, _cli(str(recipe), f"train.save_dir={run}")) >= 3
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_tree_during_a_save_checkpoints_and_resumes_exactly(tmp_path, signal_recipe):
     """SIGTERM to every process of the tree (as Slurm signals a job step) while the writer processes
     of step 2's save are writing: that save completes and is the checkpoint the run stops at."""
@@ -350,6 +355,7 @@ def _cmdline(pid):
         return None
 
 
+@pytest.mark.distributed
 def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, signal_recipe_2ranks):
     """SIGTERM to the torchrun agent only (how slurm/opdlm_job.sh forwards it): the agent passes it to
     both workers' process groups and waits; both checkpoint, and the agent exits 0."""
@@ -361,6 +367,7 @@ def test_sigterm_to_torchrun_alone_checkpoints_and_resumes_exactly(tmp_path, sig
     assert _stopped_then_resumed(proc, run, want, _torchrun_cmd(recipe, f"train.save_dir={run}")) >= 3
 
 
+@pytest.mark.distributed
 def test_sigusr1_to_the_torchrun_tree_checkpoints_and_resumes_exactly(tmp_path, signal_recipe_2ranks):
     """SIGUSR1 to torchrun, its workers and their helpers (``scancel --signal=USR1``): plain torchrun
     died of it (exit -10) with its workers still running; now every worker checkpoints and the agent
@@ -407,13 +414,14 @@ def worker_pp2_shifted(tmp_dir):
     _run_layout(tmp_dir, "parallel.pp=2", "pp2s", *SHIFTED)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("shifted", [False, True])
 def test_tp2_and_pp2_steps_equal_single(tmp_path, shifted):
     extra, suffix = (SHIFTED, "_shifted") if shifted else ((), "")
     history = train(make_run(str(tmp_path), "train.save_dir=null", "train.steps=2", *extra))["history"]
     ref, ref_norm = losses(history), [h["grad_norm"] for h in history]
-    torchrun(f"tests.test_train:worker_tp2{suffix}", 2, tmp_path, timeout=300)
-    torchrun(f"tests.test_train:worker_pp2{suffix}", 2, tmp_path, timeout=300)
+    torchrun(f"tests.e2e.test_train:worker_tp2{suffix}", 2, tmp_path, timeout=300)
+    torchrun(f"tests.e2e.test_train:worker_pp2{suffix}", 2, tmp_path, timeout=300)
     tag = "s" if shifted else ""
     tp = [json.load(open(tmp_path / f"tp2{tag}_{r}.json")) for r in (0, 1)]
     assert tp[0] == tp[1]
@@ -427,11 +435,12 @@ def worker_dp2(tmp_dir):
     _run_layout(tmp_dir, "distill.method=ar", "dp2")
 
 
+@pytest.mark.distributed
 def test_dp2_step_equals_dp1(tmp_path):
     """Same global batch on 2 data-parallel ranks: same losses, so the same updates (the AR method has
     no sampling, so both runs see identical rows; DDP averaging and loss scaling must cancel)."""
     history = train(make_run(str(tmp_path), "distill.method=ar", "train.save_dir=null", "train.steps=2"))["history"]
-    torchrun("tests.test_train:worker_dp2", 2, tmp_path, timeout=300)
+    torchrun("tests.e2e.test_train:worker_dp2", 2, tmp_path, timeout=300)
     got = json.load(open(tmp_path / "dp2_0.json"))
     assert got == json.load(open(tmp_path / "dp2_1.json"))  # the metrics are reduced over DP
     close(got["loss"], losses(history), 1e-6)

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = [os.path.join(ROOT, "slurm", n) for n in ("convert_8b.sh", "convert_70b.sh", "opdlm_job.sh")]
 HAS_TRAINER = os.path.isfile(os.path.join(ROOT, "nemo_opdlm", "training", "loop.py"))
 
@@ -206,6 +206,7 @@ def test_container_flags_when_image_is_set(tmp_path):
 
 # --- the real thing on CPU ------------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.skipif(not HAS_TRAINER, reason="needs `opdlm train` (nemo_opdlm/training/loop.py)")
 def test_convert_8b_end_to_end_with_fake_srun(tmp_path):

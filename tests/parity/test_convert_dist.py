@@ -142,6 +142,6 @@ def test_tp2_and_pp2_parity_and_round_trips(tmp_path):
     for family in FAMILIES:
         extra = {"vocab_size": ODD_VOCAB} if family == "qwen2" else {}
         save_hf(family, str(tmp_path / family), seed=3, **extra)
-    torchrun("tests.test_convert_dist:worker", 2, str(tmp_path), timeout=600)
+    torchrun("tests.parity.test_convert_dist:worker", 2, str(tmp_path), timeout=600)
     reports = [json.load(open(tmp_path / f)) for f in os.listdir(tmp_path) if f.startswith("report_")]
     assert reports and all(v <= TOL for r in reports for v in r.values())

@@ -45,4 +45,4 @@ def dp2_worker(tmp_dir: str) -> None:
 
 @pytest.mark.distributed
 def test_evaluate_data_parallel_equals_one_rank(tmp_path):
-    torchrun("tests.test_eval_dist:dp2_worker", 2, str(tmp_path))
+    torchrun("tests.parity.test_eval_dist:dp2_worker", 2, str(tmp_path))

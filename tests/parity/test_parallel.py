@@ -179,10 +179,10 @@ def worker_pipeline_parallel(tmp_dir):
 
 
 def test_tensor_parallel_equals_single(tmp_path):
-    out = torchrun("tests.test_parallel:worker_tensor_parallel", 2, tmp_path)
+    out = torchrun("tests.parity.test_parallel:worker_tensor_parallel", 2, tmp_path)
     assert out.count("TP_OK") == 2
 
 
 def test_pipeline_parallel_equals_single(tmp_path):
-    out = torchrun("tests.test_parallel:worker_pipeline_parallel", 2, tmp_path)
+    out = torchrun("tests.parity.test_parallel:worker_pipeline_parallel", 2, tmp_path)
     assert out.count("PP_OK") == 2
