@@ -227,8 +227,9 @@ def _read_disk(path: str, split: str) -> list[dict]:
     return ds.to_list()
 
 
-def read_dataset(cfg: PromptDataConfig) -> Records:
-    """All records of ``cfg.path`` with their locations; every configured field is present."""
+def read_dataset(cfg: PromptDataConfig, all_columns: bool = False) -> Records:
+    """All records of ``cfg.path`` with their locations; every configured field is present.
+    ``all_columns``: Parquet files are read whole (default: the configured fields only)."""
     if not os.path.exists(cfg.path):
         raise DataError(f"data.path {cfg.path} does not exist")
     fmt = _detect_format(cfg.path) if cfg.format == "auto" else cfg.format
@@ -241,7 +242,7 @@ def read_dataset(cfg: PromptDataConfig) -> Records:
     elif fmt == "json":
         rows, lines = _read_json(cfg.path)
     elif fmt == "parquet":
-        rows = read_parquet(cfg.path, fields)
+        rows = read_parquet(cfg.path, None if all_columns else fields)
     else:
         rows = _read_disk(cfg.path, cfg.split)
     if not rows:
@@ -258,9 +259,9 @@ def read_dataset(cfg: PromptDataConfig) -> Records:
     return records
 
 
-def read_records(cfg: PromptDataConfig) -> list[dict]:
+def read_records(cfg: PromptDataConfig, all_columns: bool = False) -> list[dict]:
     """All records of ``cfg.path`` as dicts (only the configured fields are guaranteed)."""
-    return read_dataset(cfg).rows
+    return read_dataset(cfg, all_columns).rows
 
 
 # --- encoding --------------------------------------------------------------------------------
@@ -269,11 +270,22 @@ def has_chat_template(tokenizer) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
 
 
+CHAT_TEMPLATE_MODES = ("auto", "always", "never")
+
+
+def use_chat_template(tokenizer, mode: str, key: str) -> bool:
+    """Whether prompts go through the tokenizer's chat template: 'always', 'never', or 'auto' (when it
+    has one). ``key`` names the setting in errors (``data.chat_template``, ``--chat-template``)."""
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise DataError(f"{key} must be one of {CHAT_TEMPLATE_MODES}, got {mode!r}")
+    if mode == "always" and not has_chat_template(tokenizer):
+        raise DataError(f"{key}='always' but the tokenizer has no chat template")
+    return mode == "always" or (mode == "auto" and has_chat_template(tokenizer))
+
+
 def prompt_text(prompt: Any, tokenizer, cfg: PromptDataConfig, where: str = "") -> tuple[str, bool]:
     """``(text, templated)``: the chat-formatted prompt (with the generation prompt) or raw text."""
-    use_chat = cfg.chat_template == "always" or (cfg.chat_template == "auto" and has_chat_template(tokenizer))
-    if use_chat and not has_chat_template(tokenizer):
-        raise DataError("data.chat_template='always' but the tokenizer has no chat template")
+    use_chat = use_chat_template(tokenizer, cfg.chat_template, "data.chat_template")
     if isinstance(prompt, str):
         if not use_chat:
             return prompt, False

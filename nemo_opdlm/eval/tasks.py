@@ -17,13 +17,12 @@ drops ``$``, thousands separators, surrounding spaces, a trailing ``.``, ``\\tex
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
-from nemo_opdlm.data.prompts import PromptDataConfig, read_parquet, read_records
+from nemo_opdlm.data.prompts import PromptDataConfig, read_records, use_chat_template
 from nemo_opdlm.errors import DataError
 
 # --- extraction ----------------------------------------------------------------------------------
@@ -248,27 +247,11 @@ def records_to_examples(records: Sequence[dict], fmt: TaskFormat, source: str = 
     return out
 
 
-def _is_parquet(path: str) -> bool:
-    if os.path.isdir(path):
-        names = os.listdir(path)
-        return any(n.endswith(".parquet") for n in names) and "dataset_info.json" not in names
-    return path.endswith(".parquet")
-
-
-def _read_parquet_all(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        raise DataError(f"{path} does not exist")
-    return read_parquet(path)  # every column: the answer/solution fields are needed too
-
-
 def load_examples(path: str, fmt: TaskFormat, *, split: str = "test", file_format: str = "auto",
                   limit: Optional[int] = None) -> list[Example]:
     """Read a task file (JSONL / JSON / Parquet / ``save_to_disk`` folder) into examples."""
     cfg = PromptDataConfig(path=path, format=file_format, split=split, prompt_field=fmt.question_field)
-    if file_format == "parquet" or (file_format == "auto" and _is_parquet(path)):
-        records = _read_parquet_all(path)  # every column: the answer/solution fields are needed too
-    else:
-        records = read_records(cfg)
+    records = read_records(cfg, all_columns=True)  # the answer/solution fields are needed too
     if limit is not None:
         records = records[:limit]
     return records_to_examples(records, fmt, path)
@@ -311,17 +294,9 @@ def load_task(name: str, path: str, *, split: str = "test", num_fewshot: int = 0
 
 # --- prompts and scoring -------------------------------------------------------------------------
 
-def _has_template(tokenizer) -> bool:
-    return bool(getattr(tokenizer, "chat_template", None))
-
-
 def use_chat(tokenizer, chat_template: str) -> bool:
-    """Resolve 'auto' / 'always' / 'never' against the tokenizer."""
-    if chat_template not in ("auto", "always", "never"):
-        raise DataError(f"chat_template must be 'auto', 'always' or 'never', got {chat_template!r}")
-    if chat_template == "always" and not _has_template(tokenizer):
-        raise DataError("chat_template='always' but the tokenizer has no chat template")
-    return chat_template == "always" or (chat_template == "auto" and _has_template(tokenizer))
+    """Resolve 'auto' / 'always' / 'never' against the tokenizer (``data.prompts.use_chat_template``)."""
+    return use_chat_template(tokenizer, chat_template, "chat_template")
 
 
 def build_prompt(task: Task, example: Example, tokenizer, *, chat: bool, chat_kwargs: Optional[dict] = None) -> str:
