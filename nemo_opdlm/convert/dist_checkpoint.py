@@ -122,20 +122,31 @@ def save_dist_checkpoint(
     """
     from megatron.core import dist_checkpointing
 
+    with staged_dir(ckpt_dir, overwrite, DIST_CHECKPOINT) as staging:
+        dist_checkpointing.save(sharded_model_state(chunks), staging)
+        barrier()  # every rank's shards are on disk before rank 0 lists them
+        if is_rank0():
+            write_metadata(staging, cfg, hf_config=hf_config, diffusion=diffusion, assets_dir=assets_dir)
+
+
+def write_metadata(directory: str, cfg: ModelConfig, *, hf_config: Optional[dict[str, Any]] = None,
+                   diffusion: Optional[DiffusionConfig] = None, assets_dir: Optional[str] = None,
+                   **extra: Any) -> None:
+    """What a checkpoint carries beside megatron's files (rank 0, once every rank's shards are down):
+    ``opdlm_convert.json`` (the ModelConfig, the source HF config, the diffusion settings and
+    ``extra`` fields such as a training step), ``hf_assets/`` (config + tokenizer files of
+    ``assets_dir``) and the ``manifest.json`` of every file, written last."""
     meta = {
         "format_version": META_VERSION,
         "model_config": hfc.model_config_to_dict(cfg),
         "hf_config": hf_config,
         "diffusion": None if diffusion is None else dataclasses.asdict(diffusion),
+        **extra,
     }
-    with staged_dir(ckpt_dir, overwrite, DIST_CHECKPOINT) as staging:
-        dist_checkpointing.save(sharded_model_state(chunks), staging)
-        barrier()  # every rank's shards are on disk before rank 0 lists them
-        if is_rank0():
-            with open(os.path.join(staging, META_FILE), "w") as f:
-                json.dump(meta, f, indent=2)
-            _copy_assets(assets_dir, os.path.join(staging, ASSETS_DIR), ("config.json",) + hfc.TOKENIZER_FILES)
-            write_manifest(staging)
+    with open(os.path.join(directory, META_FILE), "w") as f:
+        json.dump(meta, f, indent=2)
+    _copy_assets(assets_dir, os.path.join(directory, ASSETS_DIR), ("config.json",) + hfc.TOKENIZER_FILES)
+    write_manifest(directory)
 
 
 def read_checkpoint_meta(ckpt_dir: str) -> Optional[dict[str, Any]]:

@@ -21,19 +21,15 @@ and a starting run falls back to the previous good one (``run_dir.resume_point``
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Optional
 
 import torch
 
-from nemo_opdlm.convert.hf_config import model_config_to_dict
-from nemo_opdlm.convert.dist_checkpoint import (
-    META_FILE, META_VERSION, check_readable, damage, sharded_model_state, write_manifest,
-)
+from nemo_opdlm.convert.dist_checkpoint import check_readable, damage, sharded_model_state, write_metadata
 from nemo_opdlm.convert.staging import staged_dir
 from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
-from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 from nemo_opdlm.runtime.preemption import held_from_children
@@ -75,8 +71,13 @@ def _sharded_state(state: TrainState, is_loading: bool) -> dict[str, Any]:
 
 
 def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], model: ModelConfig,
-         diffusion: Optional[dict[str, Any]] = None) -> str:
+         diffusion: Optional[DiffusionConfig] = None, hf_config: Optional[dict[str, Any]] = None,
+         assets_dir: Optional[str] = None) -> str:
     """Save a complete checkpoint for ``step`` (collective) and point ``latest`` at it.
+
+    Beside the state it carries what evaluation and export need without being told: the model and
+    diffusion settings, the teacher's HF config (``hf_config``) and the tokenizer files of
+    ``assets_dir`` (``convert.dist_checkpoint.write_metadata``).
 
     Refuses (:class:`NonFiniteStateError`, nothing written) when the student's weights or optimizer
     state hold NaN/inf: ``latest`` keeps naming the last good checkpoint.
@@ -95,11 +96,8 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
             dist_checkpointing.save(sharded, staging)
         barrier()  # every rank's shards are on disk before rank 0 lists them
         if is_rank0():
-            meta = {"format_version": META_VERSION, "model_config": model_config_to_dict(model),
-                    "hf_config": None, "diffusion": diffusion, "step": step}
-            with open(os.path.join(staging, META_FILE), "w") as f:
-                json.dump(meta, f, indent=2)
-            write_manifest(staging)
+            write_metadata(staging, model, hf_config=hf_config, diffusion=diffusion, assets_dir=assets_dir,
+                           step=step)
     if is_rank0():
         _write_latest(save_dir, os.path.basename(target))
     barrier()

@@ -10,7 +10,6 @@ keeps non-finite weights out of every checkpoint).
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from typing import Any, Optional
 
@@ -75,7 +74,6 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
                                   block_size=cfg.diffusion.block_size)
     dp = parallel.dp_size
-    diffusion = dataclasses.asdict(cfg.diffusion)
     history: list[dict[str, float]] = []
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row, log.note)
     step, status = start, "completed"
@@ -83,7 +81,7 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
     def save(at: int) -> None:
         if cfg.train.save_dir:
             checkpoint.save(cfg.train.save_dir, at, state, extra={"data": s.loader.state_dict()},
-                            model=cfg.model, diffusion=diffusion)
+                            model=cfg.model, diffusion=cfg.diffusion, hf_config=s.hf_config, assets_dir=s.tokenizer_dir)
 
     with Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):

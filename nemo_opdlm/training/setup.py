@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from nemo_opdlm.config import RunConfig
+from nemo_opdlm.convert.hf_config import read_hf_config
 from nemo_opdlm.convert.dist_checkpoint import check_checkpoint_config, load_dist_checkpoint
 from nemo_opdlm.convert.hf_to_mcore import check_hf_config, load_hf_weights
 from nemo_opdlm.data.prompts import check_vocab_fits, load_prompts, pad_id
@@ -151,6 +152,11 @@ class Setup:
     student: list[DiffusionGPTModel]
     teacher: Optional[list[DiffusionGPTModel]]
     loader: PromptLoader
+    tokenizer_dir: str
+    """Where the tokenizer files are (every checkpoint carries a copy)."""
+    hf_config: Optional[dict]
+    """The student's HF config.json (``init.student_hf``, else ``init.teacher_hf``) when the run read
+    one: checkpoints record it, so that the HF export needs no ``--hf-source``."""
 
 
 def build(cfg: RunConfig, parallel: ParallelContext) -> Setup:
@@ -158,4 +164,6 @@ def build(cfg: RunConfig, parallel: ParallelContext) -> Setup:
     tokenizer = load_tokenizer(cfg)
     loader = build_loader(cfg, tokenizer, parallel)
     student, teacher = build_models(cfg, parallel)
-    return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader)
+    source = cfg.init.student_hf or (cfg.init.teacher_hf if cfg.teacher_model is None else None)
+    return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader, tokenizer_dir(cfg),
+                 read_hf_config(source) if source else None)

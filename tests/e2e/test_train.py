@@ -50,7 +50,9 @@ def test_every_method_trains(tmp_path, method):
 
 def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
     """``diffusion.shift_logits`` trains (rollouts and loss on the shifted columns), is recorded in the
-    checkpoint's diffusion metadata, and evaluation's loader reads it back."""
+    checkpoint's diffusion metadata, and evaluation's loader reads it back. The checkpoint carries the
+    teacher's HF config and the tokenizer, so evaluation needs no tokenizer argument."""
+    from nemo_opdlm.convert.hf_config import read_hf_config
     from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
@@ -60,9 +62,12 @@ def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
     ckpt = os.path.join(cfg.train.save_dir, "step_0000002")
     meta = json.load(open(os.path.join(ckpt, "opdlm_convert.json")))
     assert meta["diffusion"] == {"block_size": 4, "mask_token_id": 99, "shift_logits": True}
+    assert meta["step"] == 2 and meta["hf_config"] == read_hf_config(cfg.init.teacher_hf)
+    assert os.path.isfile(os.path.join(ckpt, "hf_assets", "tokenizer.json"))
     with runtime(ParallelLayout()) as rt:
-        loaded = load_model(rt.ctx, ckpt=ckpt, tokenizer=cfg.init.teacher_hf)
+        loaded = load_model(rt.ctx, ckpt=ckpt)  # the tokenizer from the checkpoint's own hf_assets
         assert loaded.shift_logits is True and loaded.block_size == 4 and loaded.mask_token_id == 99
+        assert loaded.tokenizer.get_vocab() == load_model(rt.ctx, ckpt=ckpt, tokenizer=cfg.init.teacher_hf).tokenizer.get_vocab()
         assert load_model(rt.ctx, ckpt=ckpt, tokenizer=cfg.init.teacher_hf, shift_logits=False).shift_logits is False
 
 
