@@ -254,24 +254,13 @@ class Progress:
 
 def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     """Run all stages; returns the results (also written to ``out_dir/demo_results.json``)."""
-    from nemo_opdlm.config import to_dict
-    from nemo_opdlm.eval import tasks as T
-    from nemo_opdlm.eval.evaluate import format_table
-    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from nemo_opdlm.training.loop import train
 
     log = log or Progress()
     os.makedirs(cfg.out_dir, exist_ok=True)
     timings: dict[str, float] = {}
-
     t0 = time.perf_counter()
-    data = S.write_task(os.path.join(cfg.out_dir, "task"), cfg.task, num_train=cfg.num_train,
-                        num_test=cfg.num_test, seed=cfg.seed)
-    tok = S.build_tokenizer(data.family)
-    mean_resp = mean_response_tokens(data.train, tok)
-    log(f"1/4 task: {data.num_train} train / {data.num_test} held-out {data.family} problems "
-        f"(e.g. {json.loads(open(data.test).readline())['prompt']!r}), vocab {len(tok)}, "
-        f"mean response {mean_resp:.1f} tokens")
+    data, mean_resp = _write_task(cfg, log)
 
     log(f"2/4 AR teacher: {cfg.num_layers} layers x {cfg.hidden_size}, {cfg.teacher_steps} steps of "
         f"{cfg.prompts_per_step} responses (distill.method=ar)")
@@ -280,8 +269,7 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     teacher_run = train(teacher_config(**paths, save_dir=os.path.join(cfg.out_dir, "teacher"), steps=cfg.teacher_steps,
                                        save_every=cfg.teacher_eval_every, **_sizes(cfg)))
     timings["teacher_train_s"] = time.perf_counter() - t
-    teacher_ckpts = checkpoints(os.path.join(cfg.out_dir, "teacher"))
-    teacher_final = teacher_ckpts[-1][1]
+    teacher_final = checkpoints(os.path.join(cfg.out_dir, "teacher"))[-1][1]
 
     convert = conversion_config(**paths, teacher_checkpoint=teacher_final, save_dir=os.path.join(cfg.out_dir, "student"),
                                 steps=cfg.student_steps, save_every=cfg.student_eval_every, **_sizes(cfg))
@@ -296,40 +284,77 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
 
     log(f"4/4 evaluation on {cfg.num_test} held-out problems (greedy)")
     t = time.perf_counter()
+    tokens = {"teacher": cumulative_tokens(teacher_run["history"], "ar", mean_resp, cfg.prompts_per_step),
+              "student": cumulative_tokens(student_run["history"], "opdlm", mean_resp, cfg.prompts_per_step)}
+    curves, final_teacher, final_student = _evaluate_runs(cfg, data, convert, tokens, log)
+    timings["eval_s"] = time.perf_counter() - t
+    results = _report(cfg, data, convert, curves, final_teacher, final_student, tokens, timings, t0)
+    log(f"done in {timings['total_s']:.0f}s: {os.path.join(cfg.out_dir, 'demo_results.json')}, "
+        f"plot {results['plot']} ({results['plot_backend']})")
+    return results
+
+
+def _write_task(cfg: DemoConfig, log: Progress) -> tuple[Any, float]:
+    """Stage 1: the task files (``S.TaskData``) and the mean response length in tokens."""
+    data = S.write_task(os.path.join(cfg.out_dir, "task"), cfg.task, num_train=cfg.num_train,
+                        num_test=cfg.num_test, seed=cfg.seed)
+    tok = S.build_tokenizer(data.family)
+    mean_resp = mean_response_tokens(data.train, tok)
+    log(f"1/4 task: {data.num_train} train / {data.num_test} held-out {data.family} problems "
+        f"(e.g. {json.loads(open(data.test).readline())['prompt']!r}), vocab {len(tok)}, "
+        f"mean response {mean_resp:.1f} tokens")
+    return data, mean_resp
+
+
+def _evaluate_runs(cfg: DemoConfig, data: Any, convert: Any, tokens: dict[str, dict[int, float]],
+                   log: Progress) -> tuple[dict[str, list[tuple[float, float]]], dict[str, Any], dict[str, Any]]:
+    """Stage 4: every teacher checkpoint (AR; the last one also read as the student's starting point)
+    and every student checkpoint on the held-out split. Returns the accuracy curves and the final
+    teacher's and student's results per decoding mode."""
+    from nemo_opdlm.eval import tasks as T
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
     task = T.load_task(data.eval_format, data.test)
-    teacher_tokens = cumulative_tokens(teacher_run["history"], "ar", mean_resp, cfg.prompts_per_step)
-    student_tokens = cumulative_tokens(student_run["history"], "opdlm", mean_resp, cfg.prompts_per_step)
+    teacher_ckpts = checkpoints(os.path.join(cfg.out_dir, "teacher"))
+    teacher_final = teacher_ckpts[-1][1]
     curves: dict[str, list[tuple[float, float]]] = {"teacher_ar": [(0.0, 0.0)], "student_static": [],
                                                     "student_dynamic": []}
+    final_teacher: dict[str, Any] = {}
+    final_student: dict[str, Any] = {}
     with runtime(ParallelLayout(), seed=demo_train_seed(cfg.seed)) as rt:
-        final_teacher: dict[str, Any] = {}
         for step, path in teacher_ckpts:
             modes = ("ar", "static", "dynamic") if path == teacher_final else ("ar",)
             # as diffusion: the weights the student starts from, read the way the student reads them
             res = evaluate_checkpoint(rt.ctx, path, data.tokenizer, task, modes, cfg,
                                       shift_logits=convert.diffusion.shift_logits)
-            curves["teacher_ar"].append((teacher_tokens[step], res["ar"].accuracy))
+            curves["teacher_ar"].append((tokens["teacher"][step], res["ar"].accuracy))
             log(f"  teacher step {step}: AR accuracy {res['ar'].accuracy:.3f}")
             if path == teacher_final:
                 final_teacher = res
         curves["student_static"].append((0.0, final_teacher["static"].accuracy))
         curves["student_dynamic"].append((0.0, final_teacher["dynamic"].accuracy))
-        final_student: dict[str, Any] = {}
         for step, path in checkpoints(os.path.join(cfg.out_dir, "student")):
             res = evaluate_checkpoint(rt.ctx, path, data.tokenizer, task, ("static", "dynamic"), cfg)
-            curves["student_static"].append((student_tokens[step], res["static"].accuracy))
-            curves["student_dynamic"].append((student_tokens[step], res["dynamic"].accuracy))
+            curves["student_static"].append((tokens["student"][step], res["static"].accuracy))
+            curves["student_dynamic"].append((tokens["student"][step], res["dynamic"].accuracy))
             log(f"  student step {step}: static {res['static'].accuracy:.3f}, dynamic {res['dynamic'].accuracy:.3f} "
                 f"({res['dynamic'].tokens_per_round:.2f} tokens/round)")
             final_student = res
-    timings["eval_s"] = time.perf_counter() - t
+    return curves, final_teacher, final_student
+
+
+def _report(cfg: DemoConfig, data: Any, convert: Any, curves: dict[str, list[tuple[float, float]]],
+            final_teacher: dict[str, Any], final_student: dict[str, Any], tokens: dict[str, dict[int, float]],
+            timings: dict[str, float], t0: float) -> dict[str, Any]:
+    """The table, the plot and ``demo_results.json``; prints the summary."""
+    from nemo_opdlm.config import to_dict
+    from nemo_opdlm.eval.evaluate import format_table
 
     rows = [("teacher (AR)", final_teacher["ar"]),
             ("teacher as diffusion", final_teacher["static"]),
             ("teacher as diffusion", final_teacher["dynamic"]),
             ("OPDLM student", final_student["static"]),
             ("OPDLM student", final_student["dynamic"])]
-    table = format_table(rows)
     plot_path = os.path.join(cfg.out_dir, "demo.png")
     dynamic = final_student["dynamic"].settings
     backend = save_plot(plot_path, curves, final_teacher["ar"].accuracy, data.family, block_size=dynamic["block_size"],
@@ -344,8 +369,8 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
         "kept_of_teacher": kept,
         "table": [{"model": label, **r.as_dict(with_samples=False)} for label, r in rows],
         "curves": {k: [{"tokens": x, "accuracy": y} for x, y in v] for k, v in curves.items()},
-        "teacher_tokens": teacher_tokens[max(teacher_tokens)],
-        "student_tokens": student_tokens[max(student_tokens)],
+        "teacher_tokens": tokens["teacher"][max(tokens["teacher"])],
+        "student_tokens": tokens["student"][max(tokens["student"])],
         "timings": timings,
         "plot": plot_path,
         "plot_backend": backend,
@@ -354,17 +379,14 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     }
     with open(os.path.join(cfg.out_dir, "demo_results.json"), "w") as f:
         json.dump(results, f, indent=2)
-    print("\n" + table)
+    print("\n" + format_table(rows))
     print(f"\nteacher trained on {results['teacher_tokens']:.0f} response tokens; OPDLM conversion on "
           f"{results['student_tokens']:.0f} rollout tokens")
     print(f"the student keeps {kept['static']:.0%} of its teacher's accuracy under static decoding and "
-          f"{kept['dynamic']:.0%} under threshold {final_student['dynamic'].settings['threshold']:g} "
-          f"({final_student['dynamic'].tokens_per_round:.2f} "
-          "tokens/round)")
+          f"{kept['dynamic']:.0%} under threshold {dynamic['threshold']:g} "
+          f"({final_student['dynamic'].tokens_per_round:.2f} tokens/round)")
     for ex in results["examples"]:
         print(f"  {ex['question']}{ex['generation']}   [{'ok' if ex['correct'] else 'wrong'}]")
-    log(f"done in {timings['total_s']:.0f}s: {os.path.join(cfg.out_dir, 'demo_results.json')}, "
-        f"plot {plot_path} ({backend})")
     return results
 
 
