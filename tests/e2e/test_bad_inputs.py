@@ -415,7 +415,7 @@ def test_full_disk_during_a_checkpoint_save(env, capsys, monkeypatch):
     run = env.path("full_run")
     capsys.readouterr()
     assert cli.main(train(env, "train.steps=1", save=run)) == 2
-    err = capsys.readouterr().err.splitlines()
+    err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[opdlm] ")]  # progress notes
     assert len(err) == 1 and "disk full: no space left to write" in err[0] and "full_run/step_0000001" in err[0], err
     assert "4096 bytes free" in err[0] and "unexpected pos 704 vs 598" in err[0]
     assert not [n for n in os.listdir(run) if n.startswith(("step_", ".step_", "latest"))], os.listdir(run)
