@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import os
 import sys
 import warnings
@@ -109,10 +110,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = argv[:1] == ["--debug"]
     argv = argv[1:] if debug else argv
+    if argv[:1] == ["--version"]:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"nemo-opdlm {version('nemo-opdlm')}")
+        except PackageNotFoundError:  # run from a checkout that was not installed
+            print("nemo-opdlm (not installed: run from a checkout)")
+        return 0
+    if argv and argv[0] not in COMMANDS and argv[0] not in ("-h", "--help"):
+        close = difflib.get_close_matches(argv[0], list(COMMANDS), n=1)
+        print(f"opdlm: unknown command {argv[0]!r}" + (f"; did you mean {close[0]!r}?" if close else ""),
+              file=sys.stderr)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         width = max(map(len, COMMANDS))
         lines = "\n".join(f"  {name:<{width}}  {help_}" for name, (help_, _) in COMMANDS.items())
-        print(f"usage: opdlm [--debug] COMMAND [args]\n\ncommands:\n{lines}\n\n"
+        print(f"usage: opdlm [--debug] COMMAND [args]   (also: opdlm --version, python -m nemo_opdlm)\n\n"
+              f"commands:\n{lines}\n\n"
               "A problem with the input (config, data, checkpoint, paths) is printed as one line with exit status 2.\n"
               f"--debug (or {DEBUG_ENV}=1): show its traceback instead.")
         return 0 if argv[:1] in ([], ["-h"], ["--help"]) else 2

@@ -39,3 +39,22 @@ def test_cli_prints_a_data_error_as_one_line(tmp_path, capsys):
     assert len(err) == 1 and "error (DataError)" in err[0] and "bad.jsonl" in err[0] and "'prompt'" in err[0], err
     assert cli.main(["train", "--recipe", str(recipe), "train.stepz=1"]) == 2
     assert "config error: unknown config key 'train.stepz'" in capsys.readouterr().err
+
+
+def test_cli_unknown_command_version_and_module_entry(capsys):
+    """An unknown command is named (with the closest one) before the usage, exit 2; --version prints
+    the installed version; ``python -m nemo_opdlm`` is the same command line."""
+    import subprocess
+    import sys
+
+    from nemo_opdlm.cli import main
+
+    assert main(["trian"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[0] == "opdlm: unknown command 'trian'; did you mean 'train'?"
+    assert captured.out.startswith("usage: opdlm")
+    assert main(["--help"]) == 0 and "unknown command" not in capsys.readouterr().err
+    assert main(["--version"]) == 0 and capsys.readouterr().out.startswith("nemo-opdlm ")
+    out = subprocess.run([sys.executable, "-m", "nemo_opdlm", "--version"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0 and out.stdout.startswith("nemo-opdlm "), out.stderr
