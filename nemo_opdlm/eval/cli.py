@@ -28,7 +28,7 @@ from nemo_opdlm.rollout.decode import MODES
 
 def _default(name: str):
     """The evaluation's default for a decoding setting (``DecodeSettings``: written once, there)."""
-    from nemo_opdlm.eval.evaluate import DecodeSettings
+    from nemo_opdlm.eval.settings import DecodeSettings
 
     return DecodeSettings.__dataclass_fields__[name].default
 

@@ -12,7 +12,6 @@ ranks score disjoint shards (example ``i`` on DP rank ``i % dp``) and the totals
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
@@ -21,71 +20,10 @@ import torch
 
 from nemo_opdlm.data.prompts import eos_ids, left_pad, pad_id
 from nemo_opdlm.eval import tasks as T
-from nemo_opdlm.errors import ConfigError
-from nemo_opdlm.models.student import parallel_of
+from nemo_opdlm.eval.settings import DecodeSettings
 from nemo_opdlm.models.config import DiffusionConfig
-from nemo_opdlm.rollout.decode import DecodeConfig
-from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig
-
-@dataclass(kw_only=True)
-class DecodeSettings(DecodeConfig):
-    """How the model decodes during evaluation (printed next to every score): the decoding
-    settings (``DecodeConfig``; its defaults are the paper's evaluation, greedy and 1 token per
-    round) and what evaluation adds."""
-
-    block_size: Optional[int] = None
-    """Tokens per block; None = the model's (``diffusion.block_size`` of its checkpoint)."""
-    max_new_tokens: int = 256
-    """Generation length limit."""
-    chat_template: str = "auto"
-    """'auto' (use the tokenizer's when it has one), 'always' or 'never'."""
-    num_fewshot: int = 0
-    """Few-shot examples before each question (recorded here; the task holds them)."""
-    batch_size: int = 16
-    """Prompts decoded together."""
-    seed: int = 0
-    """Sampler seed (only matters with temperature > 0)."""
-
-    @property
-    def where(self) -> str:
-        return "eval"
-
-    def __post_init__(self) -> None:
-        self.check_values()
-        for name in ("batch_size", "max_new_tokens"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"eval {name} must be >= 1, got {getattr(self, name)}")
-        if self.block_size is not None:
-            if self.block_size < 1:
-                raise ConfigError(f"eval block_size must be >= 1, got {self.block_size}")
-            if self.mode != "ar":
-                self.rounds_per_block(self.block_size)
-
-    def describe(self) -> str:  # type: ignore[override]
-        """One line with every setting that changes the score."""
-        return (f"{DecodeConfig.describe(self, self.block_size)} | gen={self.max_new_tokens} "
-                f"T={self.temperature:g} chat={self.chat_template} fewshot={self.num_fewshot}")
-
-    def for_model(self, diffusion: Optional[DiffusionConfig]) -> "DecodeSettings":
-        """These settings with the block size resolved: this one, else the model's."""
-        if self.mode == "ar" or self.block_size is not None:
-            return self
-        if diffusion is None:
-            raise ConfigError("block-diffusion evaluation needs the model's [MASK] id (mask_token_id) and block size")
-        return dataclasses.replace(self, block_size=diffusion.block_size)
-
-    def sampler_config(self, *, diffusion: Optional[DiffusionConfig], eos_token_ids: Sequence[int],
-                       pad_token_id: Optional[int]) -> SamplerConfig:
-        """The sampler for these settings (block size resolved, see ``for_model``) on a model whose
-        block-diffusion facts are ``diffusion`` (None: an AR model, ``mode='ar'`` only)."""
-        if self.mode != "ar":
-            if diffusion is None:
-                raise ConfigError("block-diffusion evaluation needs the model's [MASK] id (mask_token_id)")
-            diffusion = dataclasses.replace(diffusion, block_size=self.block_size or diffusion.block_size)
-        return SamplerConfig(decode=self, diffusion=None if self.mode == "ar" else diffusion,
-                             max_new_tokens=self.max_new_tokens, eos_token_ids=tuple(eos_token_ids),
-                             pad_token_id=pad_token_id, seed=self.seed)
-
+from nemo_opdlm.models.student import parallel_of
+from nemo_opdlm.rollout.sampler import BlockSampler, Rollout
 
 @dataclass
 class EvalResult:
