@@ -143,7 +143,17 @@ def tiny_shape() -> ModelConfig:
                        params_dtype="float32")
 
 
-SHAPES: dict[str, Callable[[], ModelConfig]] = {"qwen3-0.6b": qwen3_0_6b, "qwen3-1.7b": qwen3_1_7b, "tiny": tiny_shape}
+def qwen3_30m() -> ModelConfig:
+    """Qwen3 at 30M parameters (6 x 512, FFN 1536, 8 query heads / 4 KV groups of 64, qk-norm, vocab
+    8192, untied), fp32: the CPU comparison (``--shapes qwen3-30m --train-batch 2 --train-seq 1024``)."""
+    return ModelConfig(family="qwen3", num_layers=6, hidden_size=512, ffn_hidden_size=1536, num_attention_heads=8,
+                       num_query_groups=4, head_dim=64, vocab_size=8192, max_position_embeddings=2048,
+                       rotary_base=1_000_000.0, qk_layernorm=True, tie_word_embeddings=False,
+                       params_dtype="float32")
+
+
+SHAPES: dict[str, Callable[[], ModelConfig]] = {"qwen3-0.6b": qwen3_0_6b, "qwen3-1.7b": qwen3_1_7b,
+                                                "qwen3-30m": qwen3_30m, "tiny": tiny_shape}
 SECTIONS = ("hf_train", "hf_generate", "student_step", "teacher", "rollout", "opdlm_step")
 
 
