@@ -69,6 +69,13 @@ def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
         assert loaded.shift_logits is True and loaded.block_size == 4 and loaded.mask_token_id == 99
         assert loaded.tokenizer.get_vocab() == load_model(rt.ctx, ckpt=ckpt, tokenizer=cfg.init.teacher_hf).tokenizer.get_vocab()
         assert load_model(rt.ctx, ckpt=ckpt, tokenizer=cfg.init.teacher_hf, shift_logits=False).shift_logits is False
+        from nemo_opdlm.convert.mcore_to_hf import export_checkpoint
+
+        out = str(tmp_path / "exported")  # no hf_source: the checkpoint's own config and tokenizer
+        export_checkpoint(ckpt, out, rt.ctx)
+        exported = json.load(open(os.path.join(out, "config.json")))
+        assert exported["mask_token_id"] == 99 and exported["shift_logits"] is True
+        assert os.path.isfile(os.path.join(out, "tokenizer.json"))
 
 
 def test_static_rows_cosine_curriculum_and_domain_caps(tmp_path):
