@@ -21,7 +21,7 @@ from typing import Any, Optional, Sequence
 from nemo_opdlm.data.prompts import eos_ids, left_pad, pad_id
 from nemo_opdlm.eval.evaluate import DecodeSettings, decode_responses
 from nemo_opdlm.eval.tasks import truncate_at
-from nemo_opdlm.models.config import DiffusionConfig
+from nemo_opdlm.models.config import decoding_diffusion
 from nemo_opdlm.rollout.sampler import BlockSampler
 
 MODEL_NAME = "opdlm"
@@ -80,9 +80,7 @@ class SamplerLM:
         self.chunks = list(chunks)
         self.tokenizer = tokenizer
         mask = mask_token_id if mask_token_id is not None else getattr(tokenizer, "mask_token_id", None)
-        block = {} if self.settings.block_size is None else {"block_size": self.settings.block_size}
-        self.diffusion = None if mask is None else DiffusionConfig(
-            mask_token_id=mask, shift_logits=bool(_coerce(shift_logits)), **block)
+        self.diffusion = decoding_diffusion(mask, bool(_coerce(shift_logits)), self.settings.block_size)
         self.eos = eos_ids(tokenizer)
         self.pad = pad_id(tokenizer)
 

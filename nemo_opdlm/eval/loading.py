@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from nemo_opdlm.errors import CheckpointError, ConfigError
-from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab
+from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab, decoding_diffusion
 from nemo_opdlm.runtime.context import ParallelContext
 
 
@@ -33,10 +33,7 @@ class LoadedModel:
     def diffusion(self) -> Optional[DiffusionConfig]:
         """The model read as a block-diffusion student (its checkpoint's block size, else the
         default), or None when no [MASK] id is known (an AR model: AR decoding only)."""
-        if self.mask_token_id is None:
-            return None
-        block = {} if self.block_size is None else {"block_size": self.block_size}
-        return DiffusionConfig(mask_token_id=self.mask_token_id, shift_logits=self.shift_logits, **block)
+        return decoding_diffusion(self.mask_token_id, self.shift_logits, self.block_size)
 
 
 def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelContext:

@@ -73,10 +73,9 @@ class DecodeSettings(DecodeConfig):
         block-diffusion facts are ``diffusion`` (None: an AR model, ``mode='ar'`` only)."""
         from nemo_opdlm.rollout.sampler import SamplerConfig
 
-        if self.mode != "ar":
-            if diffusion is None:
-                raise ConfigError("block-diffusion evaluation needs the model's [MASK] id (mask_token_id)")
-            diffusion = dataclasses.replace(diffusion, block_size=self.block_size or diffusion.block_size)
-        return SamplerConfig(decode=self, diffusion=None if self.mode == "ar" else diffusion,
-                             max_new_tokens=self.max_new_tokens, eos_token_ids=tuple(eos_token_ids),
-                             pad_token_id=pad_token_id, seed=self.seed)
+        settings = self.for_model(diffusion)  # refuses block diffusion without the model's facts
+        if settings.mode != "ar":
+            diffusion = dataclasses.replace(diffusion, block_size=settings.block_size)
+        return SamplerConfig(decode=settings, diffusion=None if settings.mode == "ar" else diffusion,
+                             max_new_tokens=settings.max_new_tokens, eos_token_ids=tuple(eos_token_ids),
+                             pad_token_id=pad_token_id, seed=settings.seed)

@@ -264,6 +264,16 @@ class DiffusionConfig:
         check_mask_in_vocab(self.mask_token_id, vocab_size, "diffusion.mask_token_id")
 
 
+def decoding_diffusion(mask_token_id: Optional[int], shift_logits: bool,
+                       block_size: Optional[int] = None) -> Optional[DiffusionConfig]:
+    """A model read for block-diffusion decoding (its block size, else the default), or None when no
+    [MASK] id is known: an AR model, decoded autoregressively only."""
+    if mask_token_id is None:
+        return None
+    block = {} if block_size is None else {"block_size": block_size}
+    return DiffusionConfig(mask_token_id=mask_token_id, shift_logits=shift_logits, **block)
+
+
 def check_mask_in_vocab(mask_token_id: int, vocab_size: int, source: str) -> None:
     """A [MASK] id (named by ``source``: a config key, a flag, a checkpoint's metadata) must be a
     row of the model's embedding."""

@@ -81,6 +81,3 @@ class ParallelContext:
         (where the losses are)."""
         return self.dp_rank == 0 and self.tp_rank == 0 and self.is_last_stage
 
-
-SINGLE = ParallelContext()
-"""One rank, no groups: the layout of pure tensor code run outside a runtime (tests, tools)."""

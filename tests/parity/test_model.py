@@ -8,7 +8,7 @@ from nemo_opdlm.models.attention import BlockAttention
 from nemo_opdlm.models.config import ConfigError, DiffusionConfig
 from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher
-from nemo_opdlm.runtime.context import SINGLE
+from nemo_opdlm.runtime.context import ParallelContext
 from tests.tiny import sequence_layout, tiny_model
 
 
@@ -180,4 +180,4 @@ def test_bad_configs():
     with pytest.raises(ConfigError, match="block_size"):
         DiffusionConfig(block_size=0, mask_token_id=1)
     with pytest.raises(ConfigError, match=r"\[MASK\] id 100 \(diffusion.mask_token_id\) is outside"):
-        build_student(tiny_model(), DiffusionConfig(block_size=4, mask_token_id=100), SINGLE)
+        build_student(tiny_model(), DiffusionConfig(block_size=4, mask_token_id=100), ParallelContext())
