@@ -34,8 +34,17 @@ def student(single_rank):
     return build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=99), single_rank.ctx)[0]
 
 
-def test_attention_backends_agree(student):
-    """local (megatron dense mask) == sdpa == flex forward, fp32 within 1e-5; sdpa grads == local grads."""
+@pytest.mark.parametrize("query_tile", [None, 4])
+def test_attention_backends_agree(student, monkeypatch, query_tile):
+    """local (megatron dense mask) == sdpa == flex forward, fp32 within 1e-5; sdpa grads == local grads.
+    With 4-token query tiles the sdpa path runs tiled (``plan_tiles``, as long rows do): same numbers."""
+    from nemo_opdlm.models import attention
+
+    tiled_calls = []
+    if query_tile is not None:
+        monkeypatch.setattr(attention, "QUERY_TILE", query_tile)
+        real = attention.tiled_sdpa
+        monkeypatch.setattr(attention, "tiled_sdpa", lambda *a: tiled_calls.append(1) or real(*a))
     ids, layout = training_row()
     outputs, grads = {}, {}
     for backend in ("local", "sdpa", "flex"):
@@ -50,6 +59,7 @@ def test_attention_backends_agree(student):
         outputs[backend] = logits.detach()
         grads[backend] = [p.grad.clone() for p in student.parameters()]
     set_backend(student, "local")
+    assert len(tiled_calls) == (3 if query_tile else 0)  # one per layer
     assert (outputs["sdpa"] - outputs["local"]).abs().max() <= 1e-5
     assert (outputs["flex"] - outputs["local"]).abs().max() <= 1e-5
     for g_local, g_sdpa in zip(grads["local"], grads["sdpa"]):
@@ -181,3 +191,36 @@ def test_bad_configs():
         DiffusionConfig(block_size=0, mask_token_id=1)
     with pytest.raises(ConfigError, match=r"\[MASK\] id 100 \(diffusion.mask_token_id\) is outside"):
         build_student(tiny_model(), DiffusionConfig(block_size=4, mask_token_id=100), ParallelContext())
+
+
+def test_tiles_skip_what_the_block_mask_hides():
+    """On a long [prompt | x0 | xt] row the tiles cover about what a causal row of the same length
+    does (not the whole matrix), and tiled SDPA equals dense SDPA in output and gradients."""
+    import torch.nn.functional as F
+
+    from nemo_opdlm.models.attention import plan_tiles, tiled_sdpa
+
+    layout = masks.build_layout(torch.tensor([256, 200]), 256, torch.ones(2, 384, dtype=torch.bool), 4, True)
+    allowed = masks.allowed(layout.meta, layout.meta)  # [2, 1024, 1024]
+    tiles = plan_tiles(allowed, 128)
+    covered = sum(t.mask.shape[-1] * t.mask.shape[-2] for t in tiles)
+    assert covered / 1024**2 == 30 / 64  # 30 of 64 tiles (dense: all; causal: 36)
+    assert [t.spans for t in tiles][4:6] == [((0, 640),), ((0, 384), (640, 768))]  # last x0 tile; first xt tile
+    assert plan_tiles(allowed[:, :200, :200], 128) is None  # too short to tile
+    assert plan_tiles(torch.ones(1, 512, 512, dtype=torch.bool), 128) is None  # nothing to skip
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 1024, 16, generator=g, requires_grad=True)
+    k, v = (torch.randn(2, 2, 1024, 16, generator=g, requires_grad=True) for _ in range(2))
+    outs, grads = [], []
+    for fn in (lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=0.25,
+                                                      enable_gqa=True),
+               lambda: tiled_sdpa(q, k, v, tiles, 0.0, 0.25, True)):
+        out = fn()
+        out.pow(2).sum().backward()
+        outs.append(out.detach())
+        grads.append([t.grad.clone() for t in (q, k, v)])
+        q.grad = k.grad = v.grad = None
+    assert (outs[0] - outs[1]).abs().max() < 1e-5
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4)
