@@ -30,13 +30,19 @@ from nemo_opdlm.convert.dist_checkpoint import check_readable, damage, sharded_m
 from nemo_opdlm.convert.staging import staged_dir
 from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
-from nemo_opdlm.models.student import unwrap
+from nemo_opdlm.models.student import parallel_of, unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 from nemo_opdlm.runtime.preemption import held_from_children
 from nemo_opdlm.training.finite import check_saveable
 from nemo_opdlm.training.optim import TrainState, group_settings, resume_schedule
 
 LATEST = "latest"
+OPTIMIZER_FORMAT = {"distrib_optim_sharding_type": "dp_reshardable"}
+"""How the distributed optimizer's state is sharded on disk. megatron-core 0.16's default
+(``fully_sharded_model_space``) cannot be saved on torch's Adam (no TE/apex: "flattened_range is not
+supported"), and ``fully_reshardable`` cannot be loaded there (its loader copies a ``step`` it never
+saved). ``dp_reshardable`` round-trips exactly and reshards over data-parallel ranks (DP=2 -> 1
+measured exact), not over TP/PP (``_check_optimizer_layout``). The plain optimizer ignores this."""
 
 
 def step_dir(save_dir: str, step: int) -> str:
@@ -66,8 +72,77 @@ def _sharded_state(state: TrainState, is_loading: bool) -> dict[str, Any]:
     for part in model.values():
         merged.update(part)
     sharded = dict(model)
-    sharded["optimizer"] = state.optimizer.sharded_state_dict(merged, is_loading=is_loading)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(merged, is_loading=is_loading, metadata=OPTIMIZER_FORMAT)
     return sharded
+
+
+def optimizer_layout(state: TrainState) -> dict[str, Any]:
+    """What the optimizer state on disk depends on: distributed or not, and the model-parallel layout."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inners = getattr(state.optimizer, "chained_optimizers", [state.optimizer])
+    parallel = parallel_of(state.chunks)
+    return {"distributed": any(isinstance(o, DistributedOptimizer) for o in inners),
+            "tp": parallel.tp_size, "pp": parallel.pp_size}
+
+
+def _check_optimizer_layout(ckpt_dir: str, saved: Optional[dict[str, Any]], now: dict[str, Any]) -> None:
+    """Refuse, before reading any shard, a resume the optimizer state cannot follow: a switch between
+    the plain and the distributed optimizer, or distributed-optimizer state at another TP/PP layout
+    (``OPTIMIZER_FORMAT`` reshards over DP only; a DP change resumes exactly). Checkpoints older than
+    this record are let through."""
+    if saved is None:
+        return
+    if saved["distributed"] != now["distributed"]:
+        raise CheckpointError(
+            f"{ckpt_dir} holds {'distributed' if saved['distributed'] else 'plain'} optimizer state, and this run "
+            f"uses the {'distributed' if now['distributed'] else 'plain'} optimizer: set "
+            f"optim.distributed_optimizer={str(saved['distributed']).lower()} to resume it")
+    if now["distributed"] and (saved["tp"], saved["pp"]) != (now["tp"], now["pp"]):
+        raise CheckpointError(
+            f"{ckpt_dir} holds distributed-optimizer state for TP={saved['tp']} x PP={saved['pp']}, and this run is "
+            f"TP={now['tp']} x PP={now['pp']}: the state reshards over data-parallel ranks only. Resume at "
+            f"parallel.tp={saved['tp']} parallel.pp={saved['pp']}, or export the weights (tools/export_hf.py "
+            f"{ckpt_dir} OUT) and start a new run from them with init.student_hf=OUT")
+
+
+def _materialize_adam_state(state: TrainState) -> None:
+    """Give a fresh optimizer's Adam state (step, moments) before loading into it.
+
+    megatron-core's distributed optimizer on torch's Adam (no TE/apex) reads the per-parameter
+    ``step`` while building the state dict to load into, and a never-stepped optimizer has none.
+    The values are placeholders: the load overwrites every one of them.
+    """
+    for adam in _adams(state):
+        for group in adam.param_groups:
+            for p in group["params"]:
+                if not adam.state[p]:
+                    adam.state[p].update(step=torch.zeros(()), exp_avg=torch.zeros_like(p),
+                                         exp_avg_sq=torch.zeros_like(p))
+
+
+def _adams(state: TrainState) -> list[torch.optim.Optimizer]:
+    """The torch Adam(W) instances under megatron-core's (chained, distributed) optimizer."""
+    inners = getattr(state.optimizer, "chained_optimizers", [state.optimizer])
+    return [inner.optimizer for inner in inners
+            if getattr(inner, "optimizer", None) is not None and not getattr(inner, "is_stub_optimizer", False)]
+
+
+def _restore_adam_steps(state: TrainState, updates: int) -> None:
+    """Set every parameter's Adam ``step`` to the saved number of applied updates, each its own tensor.
+
+    Adam's step and the LR scheduler both count applied updates (a skipped one moves neither), so
+    the scheduler's saved count is the step. megatron-core 0.16's distributed optimizer on torch's
+    Adam (no TE/apex) does not bring it back: it returns the placeholder of
+    ``_materialize_adam_state``, and where it does restore one it is a single tensor shared by every
+    parameter, which torch's Adam increments in place once per parameter. Either way a resumed run
+    would leave the uninterrupted one from its second step on.
+    """
+    for adam in _adams(state):
+        for param_state in adam.state.values():
+            if "step" in param_state:
+                old = param_state["step"]
+                param_state["step"] = torch.tensor(float(updates), dtype=old.dtype, device=old.device)
 
 
 def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], model: ModelConfig,
@@ -90,7 +165,8 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
     barrier()
     target = step_dir(save_dir, step)
     sharded = _sharded_state(state, is_loading=False)
-    sharded["common"] = dict(extra, step=step, scheduler=state.scheduler.state_dict())
+    sharded["common"] = dict(extra, step=step, scheduler=state.scheduler.state_dict(),
+                             optimizer_layout=optimizer_layout(state))
     with staged_dir(target, overwrite=True) as staging:
         with held_from_children():  # the writer's helper processes must outlive a group/tree SIGTERM
             dist_checkpointing.save(sharded, staging)
@@ -115,6 +191,9 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     if problem:
         raise CheckpointError(f"cannot resume from {ckpt_dir}: {problem}")
     check_readable(ckpt_dir)  # not a checkpoint, or a megatron-core >= 0.17 one on 0.16: say so
+    saved_layout = dist_checkpointing.load_common_state_dict(ckpt_dir).get("common", {}).get("optimizer_layout")
+    _check_optimizer_layout(ckpt_dir, saved_layout, optimizer_layout(state))
+    _materialize_adam_state(state)
     sharded = _sharded_state(state, is_loading=True)
     loaded = dist_checkpointing.load(sharded, ckpt_dir)
     for key, chunk in zip([k for k in sharded if k.startswith("model")], state.chunks):
@@ -122,6 +201,7 @@ def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     config_groups = group_settings(state)  # the config's, before the checkpoint's replace them
     state.optimizer.load_state_dict(loaded["optimizer"])
     common = loaded["common"]
+    _restore_adam_steps(state, int(common["scheduler"]["num_steps"]))
     common["schedule_changes"] = resume_schedule(state, common["scheduler"], config_groups)
     return common
 

@@ -664,3 +664,45 @@ def test_bad_inputs(tmp_path):
         make_run(str(tmp_path), "rollout.max_length_by_domain={math: 8}")
     with pytest.raises(ConfigError, match="max_length_by_domain.math must be an integer >= 1"):
         make_run(str(tmp_path), "rollout.max_length_by_domain={math: 0}", "data.domain_field=domain")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_distributed_optimizer_sigkill_then_resume_gives_the_same_losses(tmp_path):
+    """optim.distributed_optimizer=true at DP=2: train, checkpoint every step, SIGKILL the whole job
+    at step 3, resume: every step's loss equals the uninterrupted run's (megatron-core 0.16 on torch's
+    Adam: the dp_reshardable format, and each parameter's Adam step restored). That state resumes at
+    DP=1; at TP=2 or into the plain optimizer it is refused with one line before any shard is read."""
+    recipe = tmp_path / "run.yaml"
+    recipe.write_text(dump_yaml(make_run(str(tmp_path), "train.steps=5", "train.save_every=1",
+                                         "optim.distributed_optimizer=true")))
+    subprocess.run(_torchrun_cmd(recipe, f"train.save_dir={tmp_path / 'a'}"), env=ENV, check=True,
+                   capture_output=True, timeout=600)
+    want = read_metrics(tmp_path / "a")
+    assert sorted(want) == [1, 2, 3, 4, 5]
+
+    run = tmp_path / "b"
+    proc = _start(_torchrun_cmd(recipe, f"train.save_dir={run}"))
+    _read_until(proc, "step 3/5")
+    _signal_all(_descendants(proc.pid), signal.SIGKILL)  # the agent, its workers and their writer helpers
+    proc.wait(timeout=60)
+    killed_at = int((run / "latest").read_text().strip().split("_")[1])
+    assert 2 <= killed_at <= 3
+    done = subprocess.run(_torchrun_cmd(recipe, f"train.save_dir={run}"), env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"at step {killed_at}" in done.stdout
+    got = read_metrics(run)
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+
+    # The state reshards over DP (a DP=1 resume reads it), not over TP/PP or into the plain optimizer.
+    resumed = subprocess.run(_cli(str(recipe), f"train.save_dir={run}", "train.steps=6"), env=ENV,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0 and "at step 5" in resumed.stdout, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    for override, message in (("optim.distributed_optimizer=false", "holds distributed optimizer state"),
+                              ("parallel.tp=2", "TP=1 x PP=1, and this run is TP=2 x PP=1")):
+        cmd = (_torchrun_cmd(recipe, f"train.save_dir={run}", "train.steps=7", override) if "tp" in override
+               else _cli(str(recipe), f"train.save_dir={run}", "train.steps=7", override))
+        refused = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
+        assert refused.returncode != 0, refused.stdout[-2000:] + refused.stderr[-2000:]
+        assert message in refused.stdout + refused.stderr, refused.stderr[-2000:]
