@@ -174,7 +174,9 @@ def print_summary(result: dict[str, Any]) -> None:
               + ", ".join(f"{m} {v['static_minus_dynamic']['mean']:+.3f}" for m, v in s["final"].items()))
 
 
-def plot(result: dict[str, Any], png: str) -> str:
+def plot(result: dict[str, Any], png: str) -> Optional[str]:
+    """The accuracy-vs-tokens panels (task x decoding mode) to ``png``: its path relative to the
+    repository, or None without matplotlib."""
     from nemo_opdlm.eval.plot import Panel, Series, save_line_plot
 
     panels = []
@@ -190,8 +192,9 @@ def plot(result: dict[str, Any], png: str) -> str:
             panels.append(Panel(f"{name}: {label}", "training tokens", "held-out accuracy", series,
                                 hlines=[("teacher (AR)", teacher), ("95% of teacher", 0.95 * teacher)]))
     seeds = len(result["setup"]["seeds"])
-    return save_line_plot(png, panels, title=f"AR -> block diffusion (block 4): mean and min/max of {seeds} seeds",
-                          columns=len(MODES))
+    written = save_line_plot(png, panels, title=f"AR -> block diffusion (block 4): mean and min/max of {seeds} seeds",
+                             columns=len(MODES))
+    return None if written is None else os.path.relpath(written, ROOT)
 
 
 def resummarize(path: str, argv: list[str]) -> int:
@@ -201,7 +204,9 @@ def resummarize(path: str, argv: list[str]) -> int:
     for task in result["tasks"].values():
         task["summary"] = summarize_task(task)
     result["summarized_by"] = "python benchmarks/token_efficiency.py " + " ".join(argv)
-    result["plot_backend"] = plot(result, os.path.join(ROOT, result["plot"]))
+    png = os.path.join(ROOT, result["plot"]) if result.get("plot") else os.path.splitext(path)[0] + ".png"
+    result.pop("plot_backend", None)  # files written before eval/plot.py was matplotlib only
+    result["plot"] = plot(result, png)
     _write_json(path, result)
     print_summary(result)
     return 0
@@ -447,9 +452,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   "conversion": _conversion_summary()},
         "tasks": tasks,
         "wall_s": time.perf_counter() - t_start,
-        "plot": os.path.relpath(png, ROOT),
     }
-    result["plot_backend"] = plot(result, png)
+    result["plot"] = plot(result, png)
     _write_json(os.path.join(args.results, f"{name}.json"), result)
     print_summary(result)
     log(f"wrote {os.path.join(args.results, name + '.json')} and {png}")

@@ -290,7 +290,7 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     timings["eval_s"] = time.perf_counter() - t
     results = _report(cfg, data, convert, curves, final_teacher, final_student, tokens, timings, t0)
     log(f"done in {timings['total_s']:.0f}s: {os.path.join(cfg.out_dir, 'demo_results.json')}, "
-        f"plot {results['plot']} ({results['plot_backend']})")
+        f"plot {results['plot'] or '(none: matplotlib is not installed)'}")
     return results
 
 
@@ -355,9 +355,8 @@ def _report(cfg: DemoConfig, data: Any, convert: Any, curves: dict[str, list[tup
             ("teacher as diffusion", final_teacher["dynamic"]),
             ("OPDLM student", final_student["static"]),
             ("OPDLM student", final_student["dynamic"])]
-    plot_path = os.path.join(cfg.out_dir, "demo.png")
     dynamic = final_student["dynamic"].settings
-    backend = save_plot(plot_path, curves, final_teacher["ar"].accuracy, data.family, block_size=dynamic["block_size"],
+    plot_path = save_plot(os.path.join(cfg.out_dir, "demo.png"), curves, final_teacher["ar"].accuracy, data.family, block_size=dynamic["block_size"],
                         threshold=dynamic["threshold"])
     timings["total_s"] = time.perf_counter() - t0
     teacher_acc = max(final_teacher["ar"].accuracy, 1e-9)
@@ -373,7 +372,6 @@ def _report(cfg: DemoConfig, data: Any, convert: Any, curves: dict[str, list[tup
         "student_tokens": tokens["student"][max(tokens["student"])],
         "timings": timings,
         "plot": plot_path,
-        "plot_backend": backend,
         "examples": [{k: s[k] for k in ("question", "generation", "gold", "correct")}
                      for s in final_student["dynamic"].samples[:3]],
     }
@@ -391,7 +389,9 @@ def _report(cfg: DemoConfig, data: Any, convert: Any, curves: dict[str, list[tup
 
 
 def save_plot(path: str, curves: dict[str, list[tuple[float, float]]], teacher_acc: float,
-              family: str, *, block_size: int, threshold: float) -> str:
+              family: str, *, block_size: int, threshold: float) -> Optional[str]:
+    """Accuracy against training tokens, teacher and student side by side; the PNG's path, or None
+    without matplotlib."""
     from nemo_opdlm.eval.plot import Panel, Series, save_line_plot
 
     def series(label: str, key: str) -> Series:

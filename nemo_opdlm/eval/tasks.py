@@ -5,19 +5,25 @@ One job: turn a task file (GSM8K layout ``{question, answer: "... #### 42"}``, M
 answer}``, or any ``{prompt_field, answer_field}`` for plain exact match; JSONL / JSON / Parquet /
 a ``datasets`` folder saved with ``save_to_disk``) into examples with a gold answer, format prompts
 (raw text with optional few-shot examples, or the tokenizer's chat template), and score a generated
-text by exact match after extraction and normalisation. Non-goals: generation (``evaluate.py``).
+text by exact match after extraction and normalisation, or, for MATH-style tasks, by math-verify's
+symbolic equivalence. Non-goals: generation (``evaluate.py``).
 
 Extraction: ``number`` takes the number after the last ``####`` (GSM8K's convention), else the last
 number in the text; ``boxed`` takes the content of the last ``\\boxed{...}`` (nested braces
 allowed), else the last number; ``exact`` takes the text up to the first stop string. Normalisation
 drops ``$``, thousands separators, surrounding spaces, a trailing ``.``, ``\\text{}``/``\\left``/
 ``\\right`` wrappers and a leading ``x=``; numbers compare by value (``1,000`` == ``1000.0``,
-``\\frac{1}{2}`` == ``1/2`` == ``0.5``), anything else as the normalised string.
+``\\frac{1}{2}`` == ``1/2`` == ``0.5``), anything else as the normalised string. A task whose
+``match`` is ``math`` (the ``math`` format) also accepts what math-verify judges equivalent
+(``\\frac1{\\sqrt2}`` == ``\\frac{\\sqrt2}{2}``, tuples, sets, ``3^{2}`` == ``9``, ``2\\pi``,
+``\\text{(B)}`` == ``B``), as the lighteval / lm-eval MATH tasks do; without math-verify installed it
+warns once per task and keeps the exact rules.
 """
 
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
@@ -123,6 +129,44 @@ def answers_match(predicted: Optional[str], gold: str) -> bool:
     return normalize(predicted) == normalize(gold)
 
 
+MATH_VERIFY_MISSING = ("math-verify is not installed: MATH answers are compared by exact match after "
+                       "normalisation, so equivalent forms (\\frac1{\\sqrt2} vs \\frac{\\sqrt2}{2}, tuples, sets, "
+                       "3^{2} vs 9) count as wrong; `pip install -e .[eval]` (math-verify) to score them as MATH does")
+
+
+def math_verify_available() -> bool:
+    try:
+        import math_verify  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _as_latex(answer: str) -> str:
+    """An extracted answer as the inline LaTeX math-verify parses (its own ``$`` stripped first)."""
+    return "$" + answer.strip().strip("$").strip() + "$"
+
+
+def math_answers_match(predicted: Optional[str], gold: str) -> bool:
+    """:func:`answers_match`, or else math-verify's symbolic equivalence of the two answers (gold
+    first: math-verify reads its first argument as the reference). Without math-verify: exact only."""
+    if predicted is None:
+        return False
+    if answers_match(predicted, gold):
+        return True
+    try:
+        from math_verify import parse, verify
+    except ImportError:
+        return False
+    return bool(verify(parse(_as_latex(gold)), parse(_as_latex(predicted))))
+
+
+MATCHERS: dict[str, Callable[[Optional[str], str], bool]] = {
+    "exact": answers_match,
+    "math": math_answers_match,
+}
+
+
 def truncate_at(text: str, stops: Sequence[str]) -> str:
     """``text`` up to the first occurrence of any stop string."""
     cut = len(text)
@@ -173,6 +217,13 @@ class TaskFormat:
     """Stop strings: the generation is cut at the first one before scoring (raw-text prompts)."""
     instruction: str = ""
     """Appended to the question when the chat template is used."""
+    match: str = "exact"
+    """How an extracted answer meets the gold (:data:`MATCHERS`): 'exact' (normalised, numbers by
+    value) or 'math' (also math-verify's symbolic equivalence, for MATH-style answers)."""
+
+    def __post_init__(self) -> None:
+        if self.match not in MATCHERS:
+            raise DataError(f"task {self.name!r}: match={self.match!r} is not one of {sorted(MATCHERS)}")
 
 
 FORMATS: dict[str, TaskFormat] = {
@@ -187,6 +238,7 @@ FORMATS: dict[str, TaskFormat] = {
         gold_from="exact", extract="boxed", template="Problem: {question}\nSolution:",
         stop=("\n\nProblem:", "Problem:", "</s>", "<|im_end|>"),
         instruction="\nPlease reason step by step, and put your final answer within \\boxed{}.",
+        match="math",
     ),
     "synthetic": TaskFormat(
         name="synthetic", question_field="prompt", answer_field="answer", solution_field="response",
@@ -289,6 +341,8 @@ def load_task(name: str, path: str, *, split: str = "test", num_fewshot: int = 0
         raise DataError(f"few-shot examples need a solution field ({fmt.solution_field!r})")
     if not examples:
         raise DataError(f"{path}: no examples left to score")
+    if fmt.match == "math" and not math_verify_available():
+        warnings.warn(f"task {fmt.name!r}: {MATH_VERIFY_MISSING}", RuntimeWarning, stacklevel=2)
     return Task(fmt, examples, shots)
 
 
@@ -334,4 +388,4 @@ def score(task: Task, generation: str, gold: str, *, chat: bool) -> Score:
     fmt = task.format
     text = generation if chat else truncate_at(generation, fmt.stop)
     extracted = EXTRACTORS[fmt.extract](text)
-    return Score(extracted, answers_match(extracted, gold))
+    return Score(extracted, MATCHERS[fmt.match](extracted, gold))

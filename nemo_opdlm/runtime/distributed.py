@@ -13,7 +13,9 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import socket
+import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Iterator, Optional
@@ -101,15 +103,68 @@ class LaunchEnv:
     launcher: str  # 'torchrun', 'slurm' or 'single'
 
 
-def first_slurm_host(nodelist: str) -> str:
-    """The first host of a Slurm nodelist such as ``gpu[003-005,009],cpu01``."""
-    head = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
-    if not head:
-        raise ValueError(f"cannot parse SLURM nodelist {nodelist!r}")
-    prefix, ranges = head.group(1), head.group(3)
-    if not ranges:
-        return prefix
-    return prefix + ranges.split(",")[0].split("-")[0]
+def _split_top_level(text: str) -> list[str]:
+    """Split at the commas that are not inside brackets: ``a[1,2],b`` -> ``['a[1,2]', 'b']``."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if depth < 0 or depth > 1:
+            raise ValueError(f"unbalanced or nested brackets in Slurm hostlist {text!r}")
+        if ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    if depth:
+        raise ValueError(f"unclosed bracket in Slurm hostlist {text!r}")
+    parts.append(text[start:])
+    return parts
+
+
+def _expand_range(spec: str, nodelist: str) -> list[str]:
+    """``01-03`` -> ``['01', '02', '03']`` (width of the lower bound kept), ``7`` -> ``['7']``."""
+    lo, sep, hi = spec.partition("-")
+    if not lo.isdigit() or (sep and not hi.isdigit()):
+        raise ValueError(f"bad range {spec!r} in Slurm hostlist {nodelist!r}")
+    if not sep:
+        return [lo]
+    if int(hi) < int(lo):
+        raise ValueError(f"descending range {spec!r} in Slurm hostlist {nodelist!r}")
+    return [str(n).zfill(len(lo)) for n in range(int(lo), int(hi) + 1)]
+
+
+def expand_hostlist(nodelist: str) -> list[str]:
+    """Every host of a Slurm hostlist, in ``scontrol show hostnames`` order.
+
+    The grammar Slurm writes: hosts separated by commas; each host a name with any number of
+    bracket groups, each group a comma list of numbers and ranges whose lower bound sets the zero
+    padding; several groups form their product, the last varying fastest
+    (``rack[1-2]-node[01-02]`` -> rack1-node01, rack1-node02, rack2-node01, rack2-node02)."""
+    hosts: list[str] = []
+    for item in _split_top_level(nodelist.strip()):
+        if not item:
+            raise ValueError(f"empty host name in Slurm hostlist {nodelist!r}")
+        names = [""]
+        for literal, group in re.findall(r"([^\[]*)(?:\[([^\]]*)\])?", item):
+            choices = [v for spec in group.split(",") for v in _expand_range(spec, nodelist)] if group else [""]
+            names = [n + literal + c for n in names for c in choices]
+        hosts += names
+    return hosts
+
+
+def first_slurm_host(nodelist: str, scontrol: Optional[str] = "auto") -> str:
+    """The first host of a Slurm nodelist such as ``gpu[003-005,009],cpu01``: the rendezvous host.
+
+    Asks ``scontrol show hostnames`` when it is on PATH (``scontrol``: its path, "auto" to look it
+    up, None not to), as Slurm's own scripts do; else expands the list with :func:`expand_hostlist`."""
+    exe = shutil.which("scontrol") if scontrol == "auto" else scontrol
+    if exe:
+        try:
+            out = subprocess.run([exe, "show", "hostnames", nodelist], capture_output=True, text=True,
+                                 timeout=30, check=True).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+        if out:
+            return out[0]
+    return expand_hostlist(nodelist)[0]
 
 
 def _free_port() -> int:

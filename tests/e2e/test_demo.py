@@ -6,7 +6,6 @@ import json
 import os
 
 from nemo_opdlm import demo
-from nemo_opdlm.eval.plot import read_png
 
 
 def test_demo_quick_end_to_end(tmp_path, capsys):
@@ -39,7 +38,9 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
                           ("OPDLM student", "dynamic")}
     assert all(r["num_examples"] == q["num_test"] for r in results["table"])
     assert table[("teacher (AR)", "ar")]["tokens_per_round"] == 1.0
-    assert open(results["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
-    if results["plot_backend"] == "builtin":
-        img = read_png(results["plot"])
-        assert img.shape[0] > 100 and (img < 250).any()  # something was drawn
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:  # the eval extra is absent: no plot, said so
+        assert results["plot"] is None
+    else:
+        assert open(results["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"

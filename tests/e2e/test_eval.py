@@ -73,6 +73,56 @@ def test_answers_match(pred, gold, ok):
     assert T.answers_match(pred, gold) is ok
 
 
+# the pairs issue 15 found judged wrong: math-verify judges each equivalent (pred, gold)
+MATH_EQUIVALENT = [
+    (r"\frac1{\sqrt2}", r"\frac{\sqrt2}{2}"),
+    (r"\left(3,-1\right)", "(3, -1)"),
+    (r"\pi \cdot 2", r"2\pi"),
+    (r"\{2,1\}", r"\{1,2\}"),
+    ("9", "3^{2}"),
+    ("B", r"\text{(B)}"),
+]
+MATH_DIFFERENT = [("0.33", r"\frac13"), ("(2,1)", "(1,2)"), (r"\sqrt{3}", r"\sqrt{2}"), ("C", r"\text{(B)}"),
+                  ("0.333", r"\frac{1}{3}"), (None, "1")]
+
+
+@pytest.mark.parametrize("pred,gold", MATH_EQUIVALENT)
+def test_math_answers_match_through_math_verify(pred, gold):
+    """MATH-style answers: math-verify's equivalence (``pip install -e .[eval]``); the exact rules,
+    which every other task keeps, judge these pairs wrong."""
+    pytest.importorskip("math_verify")
+    assert T.math_answers_match(pred, gold) is True
+    assert T.answers_match(pred, gold) is False
+
+
+@pytest.mark.parametrize("pred,gold", MATH_DIFFERENT)
+def test_math_answers_that_differ_stay_wrong(pred, gold):
+    pytest.importorskip("math_verify")
+    assert T.math_answers_match(pred, gold) is False
+
+
+def test_only_math_tasks_use_math_verify(tmp_path):
+    pytest.importorskip("math_verify")
+    math_task = T.load_task("math", _jsonl(tmp_path / "m.jsonl", [{"problem": "p", "answer": r"\frac{\sqrt2}{2}"}]))
+    assert T.score(math_task, r"so \boxed{\frac1{\sqrt2}}.", math_task.examples[0].gold, chat=False).correct
+    exact = T.load_task("exact", _jsonl(tmp_path / "e.jsonl", [{"prompt": "p", "answer": "9"}]))
+    assert exact.format.match == "exact"
+    assert not T.score(exact, "3^{2}", "9", chat=False).correct  # exact match, as before
+    assert T.score(exact, " 9.0", "9", chat=False).correct
+    assert T.task_format("gsm8k").match == "exact" and T.task_format("synthetic").match == "exact"
+    with pytest.raises(DataError, match="match='sympy' is not one of"):
+        T.task_format("exact", match="sympy")
+
+
+def test_math_without_math_verify_warns_and_keeps_the_exact_rules(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify -> ImportError
+    assert not T.math_verify_available()
+    with pytest.warns(RuntimeWarning, match=r"math-verify is not installed: .*pip install -e \.\[eval\]"):
+        T.load_task("math", _jsonl(tmp_path / "m.jsonl", MATH))
+    assert T.math_answers_match("0.5", r"\frac{1}{2}") is True
+    assert T.math_answers_match(r"\frac1{\sqrt2}", r"\frac{\sqrt2}{2}") is False
+
+
 def test_to_number_is_exact():
     assert T.to_number(r"\frac{2}{6}") == Fraction(1, 3)
     assert T.to_number("1,234,567") == 1234567

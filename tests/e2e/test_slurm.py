@@ -231,29 +231,3 @@ def test_convert_8b_end_to_end_with_fake_srun(tmp_path):
     assert "teacher already imported" in out2 and "resumed from" in out2
     assert sum("tools/import_hf.py" in c for c in _calls(env).splitlines()) == 1
     assert os.path.isfile(os.path.join(run, "logs", "4242-restart1.log"))
-
-
-# --- NeMo-Run launcher (optional dependency) ----------------------------------------------------
-
-def _launch_module():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("opdlm_launch", os.path.join(ROOT, "tools", "launch.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_launcher_command_plan_and_missing_nemo_run(capsys):
-    launch = _launch_module()
-    assert launch.main(["tiny:tiny_self_tp1_pp1_2g", "train.steps=3", "--print-command"]) == 0
-    cmd = capsys.readouterr().out.strip()
-    assert cmd.endswith("python -m nemo_opdlm.cli train --recipe tiny:tiny_self_tp1_pp1_2g train.steps=3")
-    # a recipe the plan refuses is never submitted
-    assert launch.main(["qwen3_8b_self_tp2_pp1_8g", "parallel.tp=3"]) == 2
-    assert "nothing submitted" in capsys.readouterr().err
-    try:
-        import nemo_run  # noqa: F401
-    except ImportError:
-        assert launch.main(["tiny:tiny_self_tp1_pp1_2g", "--skip-plan"]) == 2
-        assert "needs NeMo-Run, which is not installed: `pip install nemo-run`" in capsys.readouterr().err

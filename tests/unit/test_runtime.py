@@ -8,6 +8,7 @@ import torch
 from nemo_opdlm.runtime.distributed import (
     LayoutError,
     ParallelLayout,
+    expand_hostlist,
     first_slurm_host,
     init_runtime,
     read_launch_env,
@@ -27,11 +28,42 @@ def test_torchrun_and_slurm_environments():
     assert read_launch_env({}).launcher == "single"
 
 
-@pytest.mark.parametrize("nodelist,first", [
-    ("node01", "node01"), ("gpu[003-005,009]", "gpu003"), ("a[1,4],b[2-3]", "a1"), ("x12,x13", "x12"),
+@pytest.mark.parametrize("nodelist,hosts", [
+    ("node01", ["node01"]),
+    ("x12,x13", ["x12", "x13"]),
+    ("gpu[003-005,009]", ["gpu003", "gpu004", "gpu005", "gpu009"]),
+    ("a[1,4],b[2-3]", ["a1", "a4", "b2", "b3"]),
+    # several bracket groups: their product, the last varying fastest (scontrol's order)
+    ("rack[1-2]-node[01-02]", ["rack1-node01", "rack1-node02", "rack2-node01", "rack2-node02"]),
+    ("r[2]n[9-11]", ["r2n9", "r2n10", "r2n11"]),
+    # zero padding from the lower bound, carried past a power of ten
+    ("n[098-101]", ["n098", "n099", "n100", "n101"]),
+    ("n[8-10]", ["n8", "n9", "n10"]),
+    ("gpu[1-2]-ib,login", ["gpu1-ib", "gpu2-ib", "login"]),
+    ("dgx-[07,10-11].cluster", ["dgx-07.cluster", "dgx-10.cluster", "dgx-11.cluster"]),
 ])
-def test_slurm_nodelist(nodelist, first):
-    assert first_slurm_host(nodelist) == first
+def test_slurm_hostlist_expansion(nodelist, hosts):
+    assert expand_hostlist(nodelist) == hosts
+    assert first_slurm_host(nodelist, scontrol=None) == hosts[0]
+
+
+@pytest.mark.parametrize("bad", ["n[1-", "n[3-1]", "n[a-b]", "n]1[", "a,,b", "n[[1]]"])
+def test_slurm_hostlist_errors(bad):
+    with pytest.raises(ValueError, match="Slurm hostlist"):
+        expand_hostlist(bad)
+
+
+def test_first_slurm_host_asks_scontrol_first(tmp_path):
+    """scontrol, when present, is what answers; an scontrol that fails or prints nothing falls back."""
+    fake = tmp_path / "scontrol"
+    fake.write_text('#!/bin/bash\n[[ "$1 $2" == "show hostnames" ]] && printf "%s\\n" "fromslurm-$3" other\n')
+    fake.chmod(0o755)
+    assert first_slurm_host("rack[1-2]-node[01-02]", scontrol=str(fake)) == "fromslurm-rack[1-2]-node[01-02]"
+    broken = tmp_path / "broken"
+    broken.write_text("#!/bin/bash\nexit 1\n")
+    broken.chmod(0o755)
+    assert first_slurm_host("rack[1-2]-node[01-02]", scontrol=str(broken)) == "rack1-node01"
+    assert first_slurm_host("rack[1-2]-node[01-02]", scontrol=str(tmp_path / "absent")) == "rack1-node01"
 
 
 def test_layout_errors_name_the_numbers():
