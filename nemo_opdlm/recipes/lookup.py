@@ -81,7 +81,7 @@ def recipes_in(module: ModuleType) -> list[str]:
 
 
 def _suggest(name: str, options: list[str], what: str) -> str:
-    typed_prefix = [o for o in options if name and o.startswith(name)]  # a name cut short, the usual slip
+    typed_prefix = sorted((o for o in options if name and o.startswith(name)), key=len)  # a name cut short
     close = (typed_prefix + [c for c in difflib.get_close_matches(name, options, n=3, cutoff=0.5)
                              if c not in typed_prefix])[:3]
     if close:
