@@ -14,17 +14,14 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import os
 import sys
-import warnings
 from typing import Callable, Optional, Sequence
 
-QUIET = "PYTHONWARNINGS" not in os.environ
-"""Library warnings (megatron-core's 'Transformer Engine and Apex are not installed', ten lines on
-a CPU) are hidden unless the user asks for them with PYTHONWARNINGS."""
-os.environ.setdefault("PYTHONWARNINGS", "ignore")  # and in the processes a command starts
+from nemo_opdlm.runtime.known_warnings import filter_known_warnings
+
+filter_known_warnings()  # megatron-core's 'Transformer Engine and Apex are not installed' and kin, in-process
 
 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -124,10 +121,7 @@ def guarded(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
     from nemo_opdlm.errors import OPDLMError
 
     try:
-        with warnings.catch_warnings() if QUIET else contextlib.nullcontext():
-            if QUIET:
-                warnings.simplefilter("ignore")
-            return fn()
+        return fn()
     except (OPDLMError, OSError) as err:
         if debug or debugging():
             raise
