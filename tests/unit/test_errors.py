@@ -81,3 +81,33 @@ def test_every_command_answers_help_without_running_or_importing_torch():
     res = subprocess.run([sys.executable, "-c", probe, "smoke", "--help"], capture_output=True, text=True, timeout=120)
     assert res.stdout.split()[:3] == ["2", "False", "False"]
     assert res.stderr.startswith("opdlm: unknown command 'smoke'")
+
+
+def test_eval_train_and_plan_options_all_have_help(capsys, monkeypatch):
+    """Every option of ``opdlm eval`` (--tp, --pp, --threshold, --temperature and --seed had none),
+    ``opdlm train`` and ``opdlm plan`` says what it does in ``--help``."""
+    import argparse
+
+    from nemo_opdlm import cli, plan
+    from nemo_opdlm.eval import cli as eval_cli
+
+    parsers: dict[str, argparse.ArgumentParser] = {}
+    real = argparse.ArgumentParser.parse_known_args
+
+    def keep(self, *args, **kwargs):
+        parsers[self.prog] = self
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", keep)
+    for run in (lambda: eval_cli.parse_args(["--help"]), lambda: plan.parse_args(["--help"]),
+                lambda: cli.main(["train", "--help"])):
+        try:
+            run()
+        except SystemExit:
+            pass
+    capsys.readouterr()
+    assert set(parsers) == {"opdlm eval", "opdlm plan", "opdlm train"}, set(parsers)
+    for prog, parser in parsers.items():
+        missing = [a.option_strings or a.dest for a in parser._actions if not a.help]
+        assert not missing, (prog, missing)
+    assert "tensor-parallel size" in parsers["opdlm eval"].format_help()
