@@ -73,7 +73,7 @@ from nemo_opdlm.runtime.distributed import ParallelLayout, runtime  # noqa: E402
 from nemo_opdlm.runtime.pipeline import run_schedule  # noqa: E402
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training, zero_grads  # noqa: E402
 from nemo_opdlm.training.step import forward_backward, make_loss_fn  # noqa: E402
-from recipes.models import QWEN3_MASK_ID, qwen3_0_6b, qwen3_1_7b  # noqa: E402
+from nemo_opdlm.recipes.models import QWEN3_MASK_ID, qwen3_0_6b, qwen3_1_7b  # noqa: E402
 
 TARGETS = {"student_step_vs_hf_fwd_bwd": 1.0, "rollout_t0.9_vs_hf_generate": 3.0}
 """Issue 8's targets: ours / Hugging Face's tokens/s, same GPU, same run."""

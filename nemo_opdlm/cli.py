@@ -14,28 +14,36 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import os
 import sys
-import warnings
 from typing import Callable, Optional, Sequence
 
-QUIET = "PYTHONWARNINGS" not in os.environ
-"""Library warnings (megatron-core's 'Transformer Engine and Apex are not installed', ten lines on
-a CPU) are hidden unless the user asks for them with PYTHONWARNINGS."""
-os.environ.setdefault("PYTHONWARNINGS", "ignore")  # and in the processes a command starts
+from nemo_opdlm.runtime.known_warnings import filter_known_warnings
+
+filter_known_warnings()  # megatron-core's 'Transformer Engine and Apex are not installed' and kin, in-process
+
+
+def add_config_args(parser: argparse.ArgumentParser) -> None:
+    """The config arguments ``opdlm train`` and ``opdlm plan`` share: a recipe, partial YAML overlays
+    on top of it, then ``key=value`` overrides (``${...}`` interpolations resolve against the result)."""
+    parser.add_argument("--recipe", required=True,
+                        help="a recipe (module:function or its bare name: `opdlm recipes` lists them), or a "
+                             "whole YAML config file")
+    parser.add_argument("--config", action="append", default=[], metavar="YAML",
+                        help="a partial YAML config merged on top of the recipe (repeatable, in order)")
+    parser.add_argument("overrides", nargs="*",
+                        help="key=value overrides, applied last, e.g. train.steps=10 train.save_dir=runs/${name}")
 
 
 def _train(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="opdlm train", description="Run an OPDLM (or ablation) training job.")
-    parser.add_argument("--recipe", required=True, help="recipes module:function, or a YAML config file")
+    add_config_args(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=10")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)
     from nemo_opdlm.config import dump_yaml, resolve
 
-    cfg = resolve(args.recipe, list(args.overrides))
+    cfg = resolve(args.recipe, list(args.overrides), args.config)
     if args.print_config:
         print(dump_yaml(cfg))
         return 0
@@ -43,6 +51,21 @@ def _train(argv: Sequence[str]) -> int:
 
     result = train(cfg)
     return 0 if result["status"] in ("completed", "preempted") else 1
+
+
+def _recipes(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser(prog="opdlm recipes", description="List the installed recipes: what "
+                                     "--recipe takes, the cluster each is sized for, and what it runs.")
+    parser.parse_args(argv)
+    from nemo_opdlm.recipes.lookup import table
+
+    rows = table()
+    width = max(len(r.spec) for r in rows)
+    for r in rows:
+        print(f"{r.spec:<{width}}  {r.cluster:<16}  {r.summary}")
+    print(f"\n{len(rows)} recipes; use one with `opdlm train --recipe NAME key=value ...` "
+          "(the bare function name works too); `opdlm plan NAME` checks it first")
+    return 0
 
 
 def _delegate(module: str, function: str, argv: Sequence[str]) -> int:
@@ -62,7 +85,10 @@ COMMANDS = {
              lambda a: _delegate("nemo_opdlm.demo", "demo_main", a)),
     "eval": ("generation-based evaluation", lambda a: _delegate("nemo_opdlm.eval.cli", "eval_main", a)),
     "plan": ("dry run + per-GPU memory plan of a recipe", lambda a: _delegate("nemo_opdlm.plan", "plan_main", a)),
+    "recipes": ("list the installed recipes", _recipes),
 }
+"""Subcommand -> (one-line help, handler taking the remaining arguments). A handler imports what it
+needs itself, after its own ``--help`` is answered: ``opdlm X --help`` must not wait for torch."""
 
 
 DEBUG_ENV = "OPDLM_DEBUG"
@@ -95,10 +121,7 @@ def guarded(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
     from nemo_opdlm.errors import OPDLMError
 
     try:
-        with warnings.catch_warnings() if QUIET else contextlib.nullcontext():
-            if QUIET:
-                warnings.simplefilter("ignore")
-            return fn()
+        return fn()
     except (OPDLMError, OSError) as err:
         if debug or debugging():
             raise

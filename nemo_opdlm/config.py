@@ -8,13 +8,13 @@ Non-goals: building anything from the config.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
-import importlib
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from nemo_opdlm.data.prompts import PromptDataConfig
 from nemo_opdlm.distill.methods import get_method
@@ -352,19 +352,37 @@ def _section(value: Any, sub: type, hint: Any, where: str) -> Any:
                       f"got {value!r}")
 
 
+def _check_key(cls: type, key: Any, path: str) -> None:
+    """``key`` is a field of ``cls``, else a ConfigError naming the closest one."""
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    if key not in names:
+        close = difflib.get_close_matches(str(key), sorted(names), n=1)
+        hint = f"; did you mean '{path}{close[0]}'?" if close else f"; valid keys: {sorted(names)}"
+        raise ConfigError(f"unknown config key '{path}{key}'{hint}")
+
+
+def check_keys(cls: type, data: Any, path: str = "") -> None:
+    """Every key of a (partial) config dict is a key of ``cls``: an overlay's typo is named with its
+    file before it is merged with anything."""
+    if not isinstance(data, dict):
+        return
+    hints = typing.get_type_hints(cls)
+    for key, value in data.items():
+        _check_key(cls, key, path)
+        sub = _dataclass_of(hints[key])
+        if sub is not None:
+            check_keys(sub, value, f"{path}{key}.")
+
+
 def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
     """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming the closest key."""
     if not isinstance(data, dict):
         raise ConfigError(f"{path or 'config'} must be a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls) if f.init}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         where = f"{path}{key}"
-        if key not in names:
-            close = difflib.get_close_matches(key, sorted(names), n=1)
-            hint = f"; did you mean '{path}{close[0]}'?" if close else f"; valid keys: {sorted(names)}"
-            raise ConfigError(f"unknown config key '{where}'{hint}")
+        _check_key(cls, key, path)
         sub = _dataclass_of(hints[key])
         if sub is not None and isinstance(value, dict):
             value = from_dict(sub, value, where + ".")
@@ -379,16 +397,6 @@ def from_dict(cls: type, data: dict[str, Any], path: str = "") -> Any:
         raise ConfigError(f"{path.rstrip('.') or cls.__name__}: {e}") from None
 
 
-def _parse_value(text: str, item: str) -> Any:
-    import yaml
-
-    try:
-        return yaml.safe_load(text) if text != "" else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
-                          "a string value, e.g. key='[text'") from None
-
-
 def _yaml_problem(err: Exception) -> str:
     """A YAML error in one line: the problem and where (``did not find ... at line 2, column 4``)."""
     problem = getattr(err, "problem", None) or str(err).splitlines()[0]
@@ -396,114 +404,176 @@ def _yaml_problem(err: Exception) -> str:
     return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else problem
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b.c=value`` overrides (YAML-parsed values) to a config dict, in place."""
+def _override(item: str) -> Any:
+    """One ``a.b.c=value`` override as an omegaconf node (the value read as YAML, an empty value as the
+    empty string, ``${...}`` kept for resolution against the whole config)."""
+    from omegaconf import OmegaConf
+
+    if "=" not in item or not item.split("=", 1)[0].strip():
+        raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=10)")
+    key, raw = item.split("=", 1)
+    try:
+        return OmegaConf.from_dotlist([f"{key.strip()}={raw}" if raw != "" else f"{key.strip()}=''"])
+    except Exception as err:  # yaml's or omegaconf's parser: either way the value is unreadable
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(err)}); quote "
+                          "a string value, e.g. key='[text'") from None
+
+
+def _resolved(node: Any, what: str) -> dict[str, Any]:
+    """A merged omegaconf tree as plain dicts, every ``${...}`` interpolation resolved."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        raise ConfigError(f"{what}: cannot resolve {key or 'an interpolation'} "
+                          f"({str(err).splitlines()[0]})") from None
+
+
+def merge(base: dict[str, Any], overlays: Sequence[str] = (), overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """``base`` with the partial YAML files ``overlays`` merged on top in order, then the ``key=value``
+    ``overrides``; ``${...}`` in any of them is resolved against the result (``train.save_dir=runs/${name}``).
+
+    Merging follows omegaconf: a mapping merges key by key, anything else (a list, a value) replaces.
+    Each overlay's and override's keys are checked first, so that a typo is named with its source.
+    """
+    from omegaconf import OmegaConf
+
+    merged = OmegaConf.create(base)
+    for path in overlays:
+        layer = _read_yaml(path)
+        with _named(path):
+            check_keys(RunConfig, OmegaConf.to_container(layer, resolve=False))
+        merged = _merge(merged, layer)
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override {item!r} must look like key=value (e.g. train.steps=10)")
-        key, raw = item.split("=", 1)
-        node = data
-        parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            if node.get(part) is None:
-                node[part] = {}
-            if not isinstance(node[part], dict):
-                raise ConfigError(f"override {key!r}: '{'.'.join(parts[: i + 1])}' is not a section")
-            node = node[part]
-        node[parts[-1]] = _parse_value(raw, item)
+        layer = _override(item)
+        check_keys(RunConfig, OmegaConf.to_container(layer, resolve=False))
+        merged = _merge(merged, layer)
+    return _resolved(merged, "config" if not overlays else f"config with {', '.join(overlays)}")
+
+
+def _merge(base: Any, layer: Any) -> Any:
+    """``OmegaConf.merge``, except that a list or a value where the config has a section (``data=[1]``)
+    replaces it instead of raising omegaconf's TypeError, so that the schema (``from_dict``) names it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return OmegaConf.merge(base, layer)
+    except (TypeError, ValueError, OmegaConfBaseException):
+        def put(node: dict, new: dict) -> None:
+            for key, value in new.items():
+                if isinstance(value, dict) and isinstance(node.get(key), dict):
+                    put(node[key], value)
+                else:
+                    node[key] = value
+
+        plain = OmegaConf.to_container(base, resolve=False)
+        put(plain, OmegaConf.to_container(layer, resolve=False))
+        return OmegaConf.create(plain)
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (YAML-parsed values, ``${...}`` resolved) to a config dict, in place."""
+    out = merge(data, overrides=overrides)
+    data.clear()
+    data.update(out)
     return data
 
 
 def ensure_recipes_importable() -> None:
-    """Recipes live in the checkout's ``recipes/`` (not installed): make them importable."""
-    import sys
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    if os.path.isfile(os.path.join(root, "recipes", "__init__.py")) and root not in sys.path:
-        sys.path.insert(0, root)
+    """Nothing to do: the recipes ship inside the package (``nemo_opdlm.recipes``) and are importable
+    wherever ``nemo_opdlm`` is. Kept for callers written when they lived in the checkout."""
 
 
 def load_recipe(spec: str) -> RunConfig:
-    """A recipe: ``module:function`` (or ``module.function``) returning a RunConfig, or a YAML path."""
+    """A recipe: ``module:function`` (or ``module.function``, or the bare function name) of
+    ``nemo_opdlm.recipes`` or of a module of the user's, returning a RunConfig; or a YAML path."""
     if spec.endswith((".yaml", ".yml")):
         return _load_yaml(spec)
-    if os.path.isfile(spec):
+    if os.path.isfile(spec) and not spec.endswith(".py"):
         raise ConfigError(f"--recipe {spec} is a file but not a YAML config (.yaml / .yml); a recipe is "
-                          "module:function, e.g. tiny:tiny_self_tp1_pp1_2g")
-    ensure_recipes_importable()
-    module_name, _, fn_name = spec.replace(":", ".").rpartition(".")
-    if not module_name:
-        module_name, fn_name = "recipes", spec
-    if not module_name.startswith(("recipes", "nemo_opdlm")):
-        module_name = f"recipes.{module_name}"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"recipe module {module_name!r} not found ({e})") from None
-    fn = getattr(module, fn_name, None)
-    if fn is None:
-        options = _recipes_in(module)
-        close = difflib.get_close_matches(fn_name, options, n=1, cutoff=0.5)
-        hint = f"; did you mean {close[0]!r}?" if close else f"; recipes there: {', '.join(options[:6])}" + (
-            ", ..." if len(options) > 6 else "")
-        raise ConfigError(f"recipe {fn_name!r} not in {module_name}{hint}")
+                          "module:function, e.g. tiny:tiny_self_tp1_pp1_2g (opdlm recipes lists them)")
+    from nemo_opdlm.recipes.lookup import find
+
+    fn = find(spec)
     cfg = fn()
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"recipe {spec} returned {type(cfg).__name__}, not RunConfig")
     return cfg
 
 
-def _load_yaml(path: str) -> RunConfig:
-    """A RunConfig from a YAML file; a syntax error names the line, every other error the file."""
+@contextlib.contextmanager
+def _named(source: str) -> Iterator[None]:
+    """A ConfigError raised inside names ``source`` (the YAML file it came from)."""
+    try:
+        yield
+    except ConfigError as err:
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def _read_yaml(path: str) -> Any:
+    """A YAML file as an omegaconf mapping, interpolations not yet resolved; a syntax error names the
+    line, every other problem the file."""
     import yaml
-    from omegaconf import OmegaConf
+    from omegaconf import DictConfig, OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if not os.path.exists(path):
         raise ConfigError(f"config file {path} does not exist")
     try:
-        data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+        node = OmegaConf.load(path)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML ({_yaml_problem(err)})") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{path}: {str(err).splitlines()[0]}") from None
     except (OSError, UnicodeDecodeError) as err:
         raise ConfigError(f"config file {path} cannot be read ({err})") from None
-    if not data:
-        raise ConfigError(f"{path} is empty: a config needs at least model: and diffusion:")
-    if not isinstance(data, dict):
+    if not isinstance(node, DictConfig):
         raise ConfigError(f"{path}: the top level must be a mapping of sections (model:, train:, ...), "
-                          f"got a {type(data).__name__}")
-    try:
+                          f"got a {type(OmegaConf.to_container(node)).__name__}")
+    return node
+
+
+REQUIRED_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
+                          if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+"""What a whole config must set (a partial one is an overlay: ``--config`` on top of a recipe)."""
+
+
+def _check_whole(data: dict[str, Any], source: str) -> None:
+    if not data:
+        raise ConfigError(f"{source} is empty: a config needs at least model: and diffusion:")
+    missing = [k for k in REQUIRED_SECTIONS if k not in data]
+    if missing:
+        sections = " and ".join(f"{k}:" for k in missing)
+        raise ConfigError(f"{source} has no {sections}, so it is not a whole config; to change a few keys of a "
+                          f"recipe, apply it on top of one: --recipe RECIPE --config {source}")
+
+
+def _load_yaml(path: str) -> RunConfig:
+    """A whole RunConfig from a YAML file; every error names the file."""
+    data = _resolved(_read_yaml(path), path)
+    _check_whole(data, path)
+    with _named(path):
         return from_dict(RunConfig, data)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
 
 
-def _recipes_in(module: Any) -> list[str]:
-    """The recipe functions of a module: public, callable without arguments, returning a RunConfig
-    (not the decorator or the helpers a recipe module also holds)."""
-    import inspect
+def resolve(spec: str, overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> RunConfig:
+    """Recipe (or whole YAML config), then partial YAML ``overlays``, then ``key=value`` overrides ->
+    a validated RunConfig (``merge`` says how they combine)."""
+    if not overrides and not overlays:
+        return load_recipe(spec)
+    from omegaconf import OmegaConf
 
-    out = []
-    for name in dir(module):
-        fn = getattr(module, name)
-        if name.startswith("_") or not inspect.isfunction(fn):
-            continue
-        sig = inspect.signature(fn)
-        required = [p for p in sig.parameters.values()
-                    if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        if sig.return_annotation in (RunConfig, "RunConfig") and not required:
-            out.append(name)
-    return sorted(out)
-
-
-def resolve(spec: str, overrides: list[str]) -> RunConfig:
-    """Recipe + overrides -> a validated RunConfig."""
-    cfg = load_recipe(spec)
-    if not overrides:
-        return cfg
-    return from_dict(RunConfig, apply_overrides(to_dict(cfg), overrides))
+    is_yaml = spec.endswith((".yaml", ".yml"))
+    base = OmegaConf.to_container(_read_yaml(spec), resolve=False) if is_yaml else to_dict(load_recipe(spec))
+    data = merge(base or {}, overlays, overrides)
+    if is_yaml:
+        _check_whole(data, spec)
+    with _named(spec) if is_yaml else contextlib.nullcontext():
+        return from_dict(RunConfig, data)
 
 
 def dump_yaml(cfg: RunConfig) -> str:
@@ -515,5 +585,5 @@ def dump_yaml(cfg: RunConfig) -> str:
 __all__ = [
     "RunConfig", "InitConfig", "RolloutConfig", "DistillConfig", "OptimConfig", "TrainConfig",
     "ModelConfig", "DiffusionConfig", "ParallelLayout", "PromptDataConfig", "RopeScaling",
-    "ConfigError", "from_dict", "to_dict", "apply_overrides", "load_recipe", "resolve", "dump_yaml", "config_keys",
+    "ConfigError", "from_dict", "to_dict", "apply_overrides", "merge", "load_recipe", "resolve", "dump_yaml", "config_keys",
 ]

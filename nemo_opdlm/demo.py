@@ -33,7 +33,15 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
 from nemo_opdlm.eval import synthetic as S
-from nemo_opdlm.runtime.seeding import demo_train_seed
+
+
+def _train_seed(seed: int) -> int:
+    """``runtime.seeding.demo_train_seed``, imported when used: seeding imports torch, and
+    ``opdlm demo --help`` must answer without it."""
+    from nemo_opdlm.runtime.seeding import demo_train_seed
+
+    return demo_train_seed(seed)
+
 
 MASK_ID = 2  # [MASK] in the synthetic tokenizer
 
@@ -178,7 +186,7 @@ def demo_paths(cfg: DemoConfig) -> dict[str, str]:
 
 def _sizes(cfg: DemoConfig) -> dict[str, Any]:
     return dict(prompts_per_step=cfg.prompts_per_step, hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-                seed=demo_train_seed(cfg.seed))
+                seed=_train_seed(cfg.seed))
 
 
 # --- helpers shared with the benchmark ---------------------------------------------------------
@@ -321,7 +329,7 @@ def _evaluate_runs(cfg: DemoConfig, data: Any, convert: Any, tokens: dict[str, d
                                                     "student_dynamic": []}
     final_teacher: dict[str, Any] = {}
     final_student: dict[str, Any] = {}
-    with runtime(ParallelLayout(), seed=demo_train_seed(cfg.seed)) as rt:
+    with runtime(ParallelLayout(), seed=_train_seed(cfg.seed)) as rt:
         for step, path in teacher_ckpts:
             modes = ("ar", "static", "dynamic") if path == teacher_final else ("ar",)
             # as diffusion: the weights the student starts from, read the way the student reads them

@@ -19,10 +19,12 @@ import json
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from nemo_opdlm.errors import ConfigError, OPDLMError
-from nemo_opdlm.models.config import ModelConfig
+
+if TYPE_CHECKING:  # annotations only: models.config imports torch, which `opdlm plan --help` must not wait for
+    from nemo_opdlm.models.config import ModelConfig
 
 GIB = 1024**3
 OVERHEAD_GIB = 3.0
@@ -677,7 +679,7 @@ def recipe_cluster(spec: str) -> Optional[Cluster]:
     if spec.endswith((".yaml", ".yml")):
         return None
     try:
-        from recipes.base import CLUSTERS
+        from nemo_opdlm.recipes.base import CLUSTERS
     except ImportError:
         return None
     shape = CLUSTERS.get(spec.replace(":", ".").rpartition(".")[2])
@@ -700,6 +702,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="opdlm plan", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="recipe (module:function, a bare recipe name, or a YAML file)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch_size=2")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="a partial YAML config merged on top of the recipe before the overrides (repeatable)")
     p.add_argument("--gpu", choices=sorted(GPUS), default=None, help="GPU kind (default: the recipe's)")
     p.add_argument("--nodes", type=int, default=None, help="nodes (default: the recipe's)")
     p.add_argument("--gpus-per-node", type=int, default=None, help="GPUs per node (default: the recipe's)")
@@ -714,13 +718,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def plan_main(argv: Optional[Sequence[str]] = None) -> int:
     """``opdlm plan``: 0 if the plan is valid and fits, 1 if refused, 2 if the config itself is invalid."""
     args = parse_args(argv)
-    from nemo_opdlm.config import ensure_recipes_importable
-
-    ensure_recipes_importable()
     from nemo_opdlm.config import resolve
 
     try:
-        cfg = resolve(args.recipe, list(args.overrides))
+        cfg = resolve(args.recipe, list(args.overrides), args.config)
         if args.get:
             for key in args.get:
                 value = _get(cfg, key)

@@ -9,7 +9,7 @@ from nemo_opdlm.models.config import ModelConfig
 def tiny_model(**overrides) -> ModelConfig:
     """The tiny recipes' Qwen3 shape in miniature (``recipes/tiny.tiny_shape``: 2 layers x 64, 4 query
     heads / 2 KV groups, qk-norm), with a 100-row untied vocabulary and the automatic back ends."""
-    from recipes.tiny import tiny_shape
+    from nemo_opdlm.recipes.tiny import tiny_shape
 
     base = dict(vocab_size=100, tie_word_embeddings=False, attention_backend="auto", linear_impl="auto")
     return tiny_shape(**dict(base, **overrides))

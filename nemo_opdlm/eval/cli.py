@@ -87,7 +87,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     task.add_argument("--data", required=True, help="JSONL / JSON / Parquet file or a save_to_disk folder")
     task.add_argument("--split", default="test", help="split of a saved DatasetDict")
     task.add_argument("--limit", type=_positive, help="score only the first N examples")
-    task.add_argument("--num-fewshot", type=int, default=0)
+    task.add_argument("--num-fewshot", type=int, default=0, help="worked examples put before each question")
     task.add_argument("--fewshot-data", help="file with few-shot examples (default: the head of --data)")
     task.add_argument("--question-field", help="'exact' task: the prompt field (default 'prompt')")
     task.add_argument("--answer-field", help="'exact' task: the answer field (default 'answer')")
@@ -102,7 +102,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                      help="0 = greedy (the paper's evaluation)")
     dec.add_argument("--max-new-tokens", type=_positive, default=_default("max_new_tokens"),
                      help="generation length limit")
-    dec.add_argument("--chat-template", default=_default("chat_template"), choices=("auto", "always", "never"))
+    dec.add_argument("--chat-template", default=_default("chat_template"), choices=("auto", "always", "never"),
+                     help="wrap prompts in the tokenizer's chat template: auto = when it has one")
     dec.add_argument("--batch-size", type=_positive, default=_default("batch_size"), help="prompts decoded together")
     dec.add_argument("--no-cache", action="store_true", help="decode without the KV cache (reference path)")
     dec.add_argument("--seed", type=int, default=_default("seed"), help="sampler seed (with --temperature > 0)")

@@ -10,8 +10,9 @@ longer run takes effect, and an unchanged config continues exactly. A student wh
 optimizer state are not finite is never saved (``finite.check_saveable``).
 
 Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can read: model under
-``model``, plus ``opdlm_convert.json``) and ``save_dir/latest`` naming the newest complete one
-(``run_dir.py`` decides which one a starting run resumes from).
+``model``, plus ``opdlm_convert.json``, the tokenizer in ``hf_assets/`` and the run's ``config.yaml``)
+and ``save_dir/latest`` naming the newest complete one (``run_dir.py`` decides which one a starting
+run resumes from).
 A checkpoint is written to a staging directory and renamed into place, and ``latest`` is replaced
 atomically afterwards, so a crash while writing never damages the previous good checkpoint.
 ``manifest.json`` records every file's size and BLAKE2b digest; a checkpoint whose files no longer
@@ -33,6 +34,7 @@ from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import parallel_of, unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 from nemo_opdlm.runtime.preemption import held_from_children
+from nemo_opdlm.training import run_config as run_config_file
 from nemo_opdlm.training.finite import check_saveable
 from nemo_opdlm.training.optim import TrainState, group_settings, resume_schedule
 
@@ -147,12 +149,13 @@ def _restore_adam_steps(state: TrainState, updates: int) -> None:
 
 def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], model: ModelConfig,
          diffusion: Optional[DiffusionConfig] = None, hf_config: Optional[dict[str, Any]] = None,
-         assets_dir: Optional[str] = None) -> str:
+         assets_dir: Optional[str] = None, run_config: Any = None) -> str:
     """Save a complete checkpoint for ``step`` (collective) and point ``latest`` at it.
 
     Beside the state it carries what evaluation and export need without being told: the model and
     diffusion settings, the teacher's HF config (``hf_config``) and the tokenizer files of
-    ``assets_dir`` (``convert.dist_checkpoint.write_metadata``).
+    ``assets_dir`` (``convert.dist_checkpoint.write_metadata``), and the whole ``run_config`` (a
+    RunConfig) as ``config.yaml``, covered by the manifest like every other file.
 
     Refuses (:class:`NonFiniteStateError`, nothing written) when the student's weights or optimizer
     state hold NaN/inf: ``latest`` keeps naming the last good checkpoint.
@@ -172,6 +175,8 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
             dist_checkpointing.save(sharded, staging)
         barrier()  # every rank's shards are on disk before rank 0 lists them
         if is_rank0():
+            if run_config is not None:
+                run_config_file.write(staging, run_config)
             write_metadata(staging, model, hf_config=hf_config, diffusion=diffusion, assets_dir=assets_dir,
                            step=step)
     if is_rank0():

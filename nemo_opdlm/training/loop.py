@@ -22,9 +22,9 @@ from nemo_opdlm.runtime.context import ParallelContext
 from nemo_opdlm.runtime.distributed import init_runtime, shutdown_runtime
 from nemo_opdlm.runtime.preemption import Preemption
 from nemo_opdlm.runtime.seeding import seed_everything, step_seed
-from nemo_opdlm.training import checkpoint, run_dir
+from nemo_opdlm.training import checkpoint, run_config, run_dir
 from nemo_opdlm.training.finite import NonFiniteSteps, agreed_problem, step_problem
-from nemo_opdlm.training.metrics import MetricsLogger
+from nemo_opdlm.training.metrics import MetricsLogger, describe_run, run_summary
 from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
 from nemo_opdlm.training.step import forward_backward, reduce_reported
@@ -40,14 +40,24 @@ def train(cfg: RunConfig) -> dict[str, Any]:
         shutdown_runtime()
 
 
+def _note(message: str) -> None:
+    if is_rank0():
+        print(f"[opdlm] {message}", flush=True)
+
+
 def _train(cfg: RunConfig, parallel: ParallelContext) -> dict[str, Any]:
     lock, resume_from = None, None
     if cfg.train.save_dir:  # one writer per run directory; decided before the models load
         lock, resume_from = run_dir.open_run(cfg.train.save_dir, resume=cfg.train.resume,
                                              overwrite=cfg.train.overwrite, latest=checkpoint.LATEST,
-                                             note=lambda m: print(f"[opdlm] {m}", flush=True) if is_rank0() else None,
-                                             damage=checkpoint.damage)
+                                             note=_note, damage=checkpoint.damage)
     try:
+        if resume_from:  # a different model is refused here, before anything loads
+            check = run_config.check_resume(resume_from, cfg)
+            if check.changed:
+                _note(f"resuming with a config that differs from {check.source}: {'; '.join(check.changed)}. "
+                      "This run's config wins for each (optim.* and train.steps: the LR schedule is rebuilt "
+                      "from it at the checkpoint's update count)")
         return _run(cfg, parallel, resume_from)
     finally:
         if lock is not None:
@@ -55,8 +65,12 @@ def _train(cfg: RunConfig, parallel: ParallelContext) -> dict[str, Any]:
 
 
 def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) -> dict[str, Any]:
+    t_build = time.perf_counter()
+    _note(describe_run(cfg, parallel.tp_size, parallel.pp_size, parallel.dp_size))
     s = build(cfg, parallel)
     state = wrap_for_training(s.student, cfg.model, cfg.optim, cfg.train.steps)
+    if cfg.train.save_dir and is_rank0():
+        run_config.write(cfg.train.save_dir, cfg)  # the config this run uses (each step_N/ keeps its own)
     log = MetricsLogger(enabled=parallel.is_logging_rank, total_steps=cfg.train.steps, out_dir=cfg.train.save_dir,
                         tensorboard_dir=cfg.train.tensorboard_dir, wandb_project=cfg.train.wandb_project,
                         run_name=cfg.name, config=to_dict(cfg))
@@ -78,11 +92,20 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row, log.note)
     step, status = start, "completed"
 
+    saved: list[str] = []
+
     def save(at: int) -> None:
         if cfg.train.save_dir:
-            checkpoint.save(cfg.train.save_dir, at, state, extra={"data": s.loader.state_dict()},
-                            model=cfg.model, diffusion=cfg.diffusion, hf_config=s.hf_config, assets_dir=s.tokenizer_dir)
+            t = time.perf_counter()
+            saved.append(checkpoint.save(cfg.train.save_dir, at, state, extra={"data": s.loader.state_dict()},
+                                         model=cfg.model, diffusion=cfg.diffusion, hf_config=s.hf_config,
+                                         assets_dir=s.tokenizer_dir, run_config=cfg))
+            log.note(f"saved checkpoint {saved[-1]} ({time.perf_counter() - t:.1f} s)")
 
+    log.note(f"built in {time.perf_counter() - t_build:.1f} s ({len(s.loader.prompts)} prompts); step {start + 1} "
+             f"of {cfg.train.steps} starts: rollouts up to {curriculum.length(start)} tokens for "
+             f"{cfg.train.prompts_per_step} prompts (the first step also compiles and warms up)")
+    t_loop = time.perf_counter()
     with Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):
             t0 = time.perf_counter()
@@ -121,6 +144,8 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
                 status = "preempted"
                 log.note(f"pre-emption signal: checkpoint saved at step {step}, exiting")
                 break
+    log.note(run_summary(status, start, step, cfg.train.steps, history, time.perf_counter() - t_loop,
+                         saved[-1] if saved else None, cfg.train.save_dir))
     log.close()
     return {"status": status, "step": step, "history": history}
 

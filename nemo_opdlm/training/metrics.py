@@ -14,6 +14,8 @@ import sys
 import time
 from typing import Any, Optional
 
+from nemo_opdlm.training.run_dir import WANDB_ID
+
 
 def _fmt_time(seconds: float) -> str:
     if not math.isfinite(seconds):
@@ -27,6 +29,71 @@ def json_line(row: dict[str, Any]) -> str:
     since bare ``NaN`` / ``Infinity`` are rejected by strict JSON readers."""
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
     return json.dumps(clean, allow_nan=False)
+
+
+def describe_run(cfg: Any, tp: int, pp: int, dp: int) -> str:
+    """The line printed before anything loads: what is being built, from where, at which layout (the
+    build takes tens of seconds at real sizes, and used to be silent)."""
+    init = cfg.init
+    source = init.teacher_hf or init.teacher_checkpoint or "random weights"
+    teacher = "" if cfg.teacher_model is None else (f"; teacher {cfg.teacher.num_layers} x {cfg.teacher.hidden_size} "
+                                                   f"from {source}, student from {init.student_hf}")
+    data = cfg.data.path if cfg.data is not None else "(none)"
+    return (f"run {cfg.name}: distill.method={cfg.distill.method}, {cfg.train.steps} steps, TP={tp} PP={pp} DP={dp}; "
+            f"building: tokenizer ({init.tokenizer or source}), prompts ({data}), then the models "
+            f"({cfg.model.family} {cfg.model.num_layers} x {cfg.model.hidden_size} from {source}{teacher})")
+
+
+def run_summary(status: str, start: int, step: int, total: int, history: list[dict[str, float]], seconds: float,
+                last_checkpoint: Optional[str], save_dir: Optional[str]) -> str:
+    """The closing line: what ran, how fast, where the result is."""
+    ran = [h for h in history if h["step"] > start]
+    losses = [h["loss"] for h in ran if "loss" in h and math.isfinite(h["loss"])]
+    tokens = [h["throughput/tokens_per_s"] for h in ran if "throughput/tokens_per_s" in h]
+    parts = [f"{status}: steps {start + 1}-{step} of {total} in {_fmt_time(seconds)}" if ran else
+             f"{status}: no step run (already at step {start} of {total})"]
+    if losses:
+        parts.append(f"loss {losses[0]:.4g} -> {losses[-1]:.4g}" if len(losses) > 1 else f"loss {losses[0]:.4g}")
+    if tokens:
+        parts.append(f"{sum(tokens) / len(tokens):.4g} tokens/s")
+    if last_checkpoint:
+        parts.append(f"last checkpoint {last_checkpoint}")
+    elif not save_dir:
+        parts.append("no checkpoint (train.save_dir is not set)")
+    if save_dir:
+        parts.append(f"metrics and config.yaml in {save_dir}")
+    return "; ".join(parts)
+
+
+def wandb_run_id(out_dir: str) -> str:
+    """The run directory's W&B run id: the one stored there, else a new one, stored first."""
+    import secrets
+    import string
+
+    path = os.path.join(out_dir, WANDB_ID)
+    if os.path.isfile(path):
+        with open(path) as f:
+            stored = f.read().strip()
+        if stored:
+            return stored
+    run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(run_id + "\n")
+    os.replace(tmp, path)
+    return run_id
+
+
+def start_wandb(project: str, run_name: str, config: dict[str, Any], out_dir: Optional[str]) -> Any:
+    """``wandb.init`` for this run. With a run directory, W&B's files go under it (``out_dir/wandb``)
+    and the run id stored there is resumed (``resume='allow'``: the same W&B run after a requeue,
+    a new one the first time); without one, a fresh W&B run in W&B's default directory."""
+    import wandb  # a configured W&B project must not be dropped silently
+
+    if not out_dir:
+        return wandb.init(project=project, name=run_name, config=config)
+    run_id = wandb_run_id(out_dir)
+    return wandb.init(project=project, name=run_name, config=config, id=run_id, resume="allow", dir=out_dir)
 
 
 class MetricsLogger:
@@ -55,9 +122,7 @@ class MetricsLogger:
             except ImportError:
                 print("[opdlm] tensorboard not installed: no TensorBoard scalars", file=sys.stderr)
         if wandb_project:
-            import wandb  # a configured W&B project must not be dropped silently
-
-            self.wandb = wandb.init(project=wandb_project, name=run_name, config=config)
+            self.wandb = start_wandb(wandb_project, run_name, config, out_dir)
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:

@@ -14,7 +14,8 @@ rank 0 touches the file; every rank gets the verdict.
 Where a run starts: the checkpoint ``latest`` names; without that pointer (deleted, or never
 written by a killed first save) the newest complete ``step_N`` directory, said so. A run that would
 start from step 0 in a directory that already holds checkpoints (``train.resume=false``) is
-refused unless ``train.overwrite=true``, which removes them (and ``metrics.jsonl``) first. A resumed
+refused unless ``train.overwrite=true``, which removes them (and ``metrics.jsonl``, ``config.yaml`` and
+the W&B run id) first. A resumed
 run's ``metrics.jsonl`` is cut back to the resumed step, so steps a killed run logged after its
 last checkpoint are not listed twice.
 """
@@ -41,6 +42,10 @@ HEARTBEAT_S = 30.0
 STALE_S = 300.0
 """A lock nobody touched for this long is a dead run's."""
 METRICS = "metrics.jsonl"
+CONFIG = "config.yaml"
+"""The config of the run that last started here (each ``step_N/`` has the one that wrote it: ``run_config.py``)."""
+WANDB_ID = "wandb_run_id"
+"""The W&B run id a resumed run continues (``metrics.start_wandb``); a replaced run gets a new one."""
 
 
 def _holder() -> dict:
@@ -229,7 +234,7 @@ def start_fresh(save_dir: str, latest: str, overwrite: bool, note: Callable[[str
             "train.overwrite=true to replace it, or another train.save_dir")
     for _, path in existing:
         shutil.rmtree(path)
-    for name in (latest, METRICS):
+    for name in (latest, METRICS, CONFIG, WANDB_ID):
         if os.path.exists(os.path.join(save_dir, name)):
             os.remove(os.path.join(save_dir, name))
     note(f"train.overwrite: removed the {len(existing)} checkpoint(s) and the metrics of the run in {save_dir}")

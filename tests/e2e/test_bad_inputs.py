@@ -76,7 +76,7 @@ def tool_main(name: str) -> Callable[[list[str]], int]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
     from nemo_opdlm.eval import synthetic as S
-    from recipes.tiny import write_hf_model
+    from nemo_opdlm.recipes.tiny import write_hf_model
 
     root = str(tmp_path_factory.mktemp("bad"))
     cfg = make_run(root, "train.save_dir=null")
@@ -165,7 +165,15 @@ CASES: dict[str, dict[str, Builder]] = {
                                                   ("rollout.max_length_by_domain must be a mapping",)),
         "string_set_to_a_number": lambda e: Case(train(e, "init.tokenizer=5"), ("init.tokenizer must be a string",)),
         "recipe_unknown": lambda e: Case(["train", "--recipe", "no_such_recipe"],
-                                         ("recipe 'no_such_recipe' not in recipes; recipes there: ",)),
+                                         ("no recipe named 'no_such_recipe'; recipes: ", "opdlm recipes lists them")),
+        "recipe_module_only": lambda e: Case(["train", "--recipe", "tiny"],
+                                             ("--recipe tiny names a module, not a recipe", "tiny:tiny_self_tp1_pp1_2g")),
+        "recipe_module_misspelt": lambda e: Case(["train", "--recipe", "tinny:tiny_self_tp1_pp1_2g"],
+                                                 ("recipe module 'tinny' not found; did you mean 'tiny'",)),
+        "recipe_partial_yaml": lambda e: Case(["train", "--recipe", e.write("part.yaml", "train: {steps: 3}\n")],
+                                              ("part.yaml has no model: and diffusion:", "--config")),
+        "override_bad_interpolation": lambda e: Case(train(e, "train.save_dir=${nope}/x"),
+                                                     ("cannot resolve train.save_dir", "'nope' not found")),
         "recipe_near_miss": lambda e: Case(["train", "--recipe", "tiny:tiny_self_tp1_pp1"],
                                            ("did you mean 'tiny_self_tp1_pp1_2g'",)),
         "recipe_not_yaml": lambda e: Case(["train", "--recipe", e.write("run.json", "{}")],
@@ -329,7 +337,7 @@ def test_sweep_counts():
     """The counts the issue's closing note quotes: at least 40 bad inputs over config, data,
     tokenizer, checkpoint, save_dir, eval (and the conversion tools)."""
     counts = {cat: len(cases) for cat, cases in CASES.items()}
-    assert counts == {"config": 20, "data": 15, "tokenizer": 3, "checkpoint": 6, "save_dir": 4, "eval": 11,
+    assert counts == {"config": 24, "data": 15, "tokenizer": 3, "checkpoint": 6, "save_dir": 4, "eval": 11,
                       "convert": 5}, counts
     assert sum(counts.values()) >= 40
 

@@ -706,3 +706,51 @@ def test_distributed_optimizer_sigkill_then_resume_gives_the_same_losses(tmp_pat
         refused = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0, refused.stdout[-2000:] + refused.stderr[-2000:]
         assert message in refused.stdout + refused.stderr, refused.stderr[-2000:]
+
+
+def test_run_config_is_saved_and_a_resume_with_another_model_is_refused(tmp_path, capsys):
+    """``config.yaml`` in the run directory and in every ``step_N/`` (covered by the manifest) reads
+    back as the run's config; a resume lists every changed key and that the new config wins; a resume
+    whose model differs is refused before anything loads, naming the fields; the run says what it
+    builds before step 1, each checkpoint it saves, and how it ended."""
+    from nemo_opdlm.config import resolve
+    from nemo_opdlm.training.checkpoint import damage
+
+    cfg = make_run(str(tmp_path), "train.steps=2", "train.save_every=1")
+    capsys.readouterr()
+    train(cfg)
+    out = capsys.readouterr().out
+    run = cfg.train.save_dir
+    for where in (run, os.path.join(run, "step_0000001"), os.path.join(run, "step_0000002")):
+        assert resolve(os.path.join(where, "config.yaml")) == cfg, where
+    assert damage(os.path.join(run, "step_0000002")) is None
+    with open(os.path.join(run, "step_0000002", "manifest.json")) as f:
+        assert "config.yaml" in f.read()
+    lines = [line for line in out.splitlines() if line.startswith("[opdlm]")]
+    assert lines[0].startswith("[opdlm] run tiny: distill.method=opdlm, 2 steps, TP=1 PP=1 DP=1; building:")
+    assert lines[1].startswith("[opdlm] built in ") and "step 1 of 2 starts" in lines[1]
+    assert [line.split(" (")[0] for line in lines if "saved checkpoint" in line] == [
+        f"[opdlm] saved checkpoint {run}/step_0000001", f"[opdlm] saved checkpoint {run}/step_0000002"]
+    assert lines[-1].startswith("[opdlm] completed: steps 1-2 of 2 in ") and f"last checkpoint {run}/step_0000002" in lines[-1]
+
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_0000002: the config's model differs .*"
+                                          r"model.rotary_base: 10000.0 -> 500.0; model.norm_eps: 1e-06 -> 1e-05"):
+        train(make_run(str(tmp_path), "train.steps=3", "model.rotary_base=500", "model.norm_eps=1e-5"))
+    capsys.readouterr()
+    train(make_run(str(tmp_path), "train.steps=3", "train.save_every=1", "optim.lr=2e-3", "rollout.threshold=0.8"))
+    out = capsys.readouterr().out
+    assert (f"resuming with a config that differs from {run}/step_0000002/config.yaml: rollout.threshold: 0.9 -> "
+            "0.8; optim.lr: 0.001 -> 0.002; train.steps: 2 -> 3. This run's config wins") in out, out
+    assert resolve(os.path.join(run, "config.yaml")).optim.lr == 2e-3  # the run directory's: the latest start's
+
+
+def test_cli_run_prints_no_known_library_warnings(tmp_path):
+    """``opdlm train`` without PYTHONWARNINGS: megatron-core's Transformer Engine / Apex notices and
+    its deprecation notices are filtered in the process (18 lines reached stderr before)."""
+    cfg_path = tmp_path / "run.yaml"
+    cfg_path.write_text(dump_yaml(make_run(str(tmp_path), "train.steps=1", "train.save_dir=null")))
+    env = {k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"}
+    out = subprocess.run(_cli(str(cfg_path)), env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr and "warnings.warn" not in out.stderr, out.stderr
+    assert "[opdlm] completed: steps 1-1 of 1" in out.stdout

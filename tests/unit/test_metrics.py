@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+
+import pytest
 
 from nemo_opdlm.training.metrics import json_line
 
@@ -19,3 +22,54 @@ def test_non_finite_values_are_null():
     row = _strict(json_line({"step": 3, "loss": math.nan, "grad_norm": math.inf, "kl": 0.25}))
     assert row == {"step": 3, "loss": None, "grad_norm": None, "kl": 0.25}
     assert _strict(json_line({"step": 1, "loss": 1.5})) == {"step": 1, "loss": 1.5}
+
+
+def test_wandb_run_id_is_stored_in_the_run_dir_and_resumed(tmp_path, monkeypatch):
+    """Real wandb, offline: the first run stores its id in the run directory and writes W&B's files
+    under it; a second logger on the same directory (a requeued run) continues that run id; without
+    the id file (a replaced run) a new id is drawn. Needs the `wandb` package (pip extra: wandb)."""
+    wandb = pytest.importorskip("wandb")
+    from nemo_opdlm.training.metrics import MetricsLogger
+    from nemo_opdlm.training.run_dir import WANDB_ID
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)  # anything W&B wrote to the working directory would show here
+
+    def run(first_step: int) -> str:
+        log = MetricsLogger(enabled=True, total_steps=4, out_dir=str(tmp_path / "run"), tensorboard_dir=None,
+                            wandb_project="opdlm-test", run_name="tiny", config={"optim": {"lr": 1e-3}})
+        run_id = log.wandb.id
+        for step in (first_step, first_step + 1):
+            log.log(step, {"loss": 0.5 / step, "time/step_s": 0.1})
+        log.close()
+        return run_id
+
+    first = run(1)
+    assert (tmp_path / "run" / WANDB_ID).read_text().strip() == first and len(first) == 8
+    assert run(3) == first  # resumed: the same W&B run
+    offline = sorted(p.name for p in (tmp_path / "run" / "wandb").iterdir() if p.name.startswith("offline-run-"))
+    assert len(offline) == 2 and all(name.endswith(f"-{first}") for name in offline), offline
+    assert sorted(os.listdir(tmp_path)) == ["run"]  # nothing under the working directory
+    (tmp_path / "run" / WANDB_ID).unlink()
+    assert run(1) != first
+    assert wandb.run is None  # each logger finished its run
+
+
+def test_progress_lines_say_what_is_built_and_how_the_run_ended():
+    from nemo_opdlm.config import load_recipe
+    from nemo_opdlm.training.metrics import describe_run, run_summary
+
+    cfg = load_recipe("tiny:tiny_4l_to_2l_tp1_pp1_2g")
+    line = describe_run(cfg, 1, 1, 2)
+    assert line.startswith("run tiny_4l_to_2l_tp1_pp1_2g: distill.method=opdlm, 2 steps, TP=1 PP=1 DP=2; building:")
+    assert "prompts (data/tiny/train.jsonl)" in line and "teacher 4 x 64 from data/tiny/hf_teacher" in line
+    history = [dict(step=3, loss=0.5, **{"throughput/tokens_per_s": 100.0}),
+               dict(step=4, loss=math.nan, **{"throughput/tokens_per_s": 300.0}),
+               dict(step=5, loss=0.25, **{"throughput/tokens_per_s": 200.0})]
+    done = run_summary("completed", 2, 5, 5, history, 75.0, "/r/step_0000005", "/r")
+    assert done == ("completed: steps 3-5 of 5 in 0:01:15; loss 0.5 -> 0.25; 200 tokens/s; last checkpoint "
+                    "/r/step_0000005; metrics and config.yaml in /r")
+    assert run_summary("completed", 5, 5, 5, [], 0.0, None, None) == \
+        "completed: no step run (already at step 5 of 5); no checkpoint (train.save_dir is not set)"

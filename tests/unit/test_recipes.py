@@ -6,10 +6,10 @@ import re
 
 import pytest
 
-import recipes
+from nemo_opdlm import recipes
 from nemo_opdlm.config import ConfigError, load_recipe, resolve
 from nemo_opdlm.plan import stage_params
-from recipes import models as m
+from nemo_opdlm.recipes import models as m
 
 NAME = re.compile(r"_tp(\d+)_pp(\d+)_(\d+)g$")
 

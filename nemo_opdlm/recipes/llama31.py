@@ -7,8 +7,8 @@ bf16 weights become 17.6 GB per GPU), DP=2 across two nodes.
 from __future__ import annotations
 
 from nemo_opdlm.config import RunConfig
-from recipes import models as m
-from recipes.base import paper_run, recipe, teacher_model, training_model
+from nemo_opdlm.recipes import models as m
+from nemo_opdlm.recipes.base import paper_run, recipe, teacher_model, training_model
 
 
 @recipe(nodes=1, gpus_per_node=8)

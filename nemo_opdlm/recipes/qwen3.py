@@ -8,8 +8,8 @@ Qwen3-8B student. Each is sized (``opdlm plan``) for the H100-80GB nodes named i
 from __future__ import annotations
 
 from nemo_opdlm.config import RunConfig
-from recipes import models as m
-from recipes.base import paper_run, recipe, teacher_model, training_model
+from nemo_opdlm.recipes import models as m
+from nemo_opdlm.recipes.base import paper_run, recipe, teacher_model, training_model
 
 
 def _self(name: str, shape, hf_name: str, tp: int, pp: int = 1, **kw) -> RunConfig:

@@ -21,7 +21,7 @@ from nemo_opdlm.config import (
 )
 from nemo_opdlm.demo import conversion_config, teacher_config
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
-from recipes.base import recipe
+from nemo_opdlm.recipes.base import recipe
 
 MASK_ID = 2
 """[MASK] in the synthetic task's tokenizer ([PAD]=0, [EOS]=1, [MASK]=2, [UNK]=3)."""
