@@ -429,6 +429,53 @@ def check_vocab_fits(tokenizer, vocab_size: int, where: str, vocab_name: str) ->
                           "the tokenizer and the model do not match; use the model's own tokenizer")
 
 
+def tokenizer_mask_id(tokenizer, where: str) -> int:
+    """The [MASK] id a run takes when ``diffusion.mask_token_id`` is not set: the tokenizer's own mask
+    token (``where``: the tokenizer's directory). A tokenizer without one (Qwen's, Llama's) needs the
+    id chosen by hand: which unused row or reserved token is the model family's business."""
+    if tokenizer.mask_token_id is None:
+        raise ConfigError(
+            f"diffusion.mask_token_id is not set and the tokenizer in {where} has no mask token: set it to a "
+            f"reserved special token or an embedding row no token maps to (>= {len(tokenizer)} and below the "
+            "model's vocab_size)")
+    return int(tokenizer.mask_token_id)
+
+
+def check_mask_token(mask_id: int, tokenizer, where: str) -> None:
+    """[MASK] must be an id no text uses: the tokenizer's mask token, an embedding row no token maps
+    to, or a reserved special token. Refused: an ordinary token, and a special token the tokenizer
+    writes itself (BOS / EOS / pad / unknown, end-of-turn markers, anything its chat template emits).
+
+    A [MASK] that text contains would be read as a mask wherever it occurs in a prompt or a
+    response, and every prediction of that token would be a [MASK] (the sampler never emits one).
+    """
+    if mask_id == tokenizer.mask_token_id:
+        return
+    fix = (f": use its mask token ({tokenizer.mask_token_id})" if tokenizer.mask_token_id is not None else
+           ": use") + f" a reserved special token or an embedding row no token maps to (>= {len(tokenizer)})"
+    if mask_id < len(tokenizer) and mask_id not in tokenizer.added_tokens_decoder:
+        raise ConfigError(f"diffusion.mask_token_id={mask_id} is the ordinary token "
+                          f"{tokenizer.convert_ids_to_tokens(mask_id)!r} of the tokenizer in {where}{fix}")
+    role = _special_role(mask_id, tokenizer)
+    if role:
+        raise ConfigError(f"diffusion.mask_token_id={mask_id} is {tokenizer.convert_ids_to_tokens(mask_id)!r}, the "
+                          f"tokenizer's {role} (in {where}), a token that text contains{fix}")
+
+
+def _special_role(token_id: int, tokenizer) -> Optional[str]:
+    """What a special token is used for in text ('eos_token', 'end-of-turn marker', ...), or None."""
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token"):
+        if getattr(tokenizer, f"{name}_id", None) == token_id:
+            return name
+    if token_id in eos_ids(tokenizer):
+        return "end-of-turn marker"
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if added is not None and isinstance(template, str) and added.content in template:
+        return "chat-template token"
+    return None
+
+
 def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:
     """The tokenizer's EOS plus the usual end-of-turn tokens it knows, plus ``extra`` (no duplicates)."""
     ids = [] if tokenizer.eos_token_id is None else [int(tokenizer.eos_token_id)]
