@@ -21,6 +21,7 @@ and closed with the end-of-sequence id.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from nemo_opdlm.errors import ConfigError, DataError  # noqa: F401  (DataError r
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "jsonl", "json", "parquet", "disk")
+FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "disk")
 CHAT_TEMPLATE = ("auto", "always", "never")
 MAX_CHARS_PER_TOKEN = 64
 """A text longer than this many characters per allowed token is too long without tokenizing it: no
@@ -46,9 +47,11 @@ class PromptDataConfig:
     """Where the prompts are and how to turn them into token ids."""
 
     path: str
-    """A .jsonl / .json / .parquet file, a folder of .parquet files, or a ``save_to_disk`` folder."""
+    """A .jsonl / .json / .csv / .parquet file (.gz, .bz2, .xz, .zst compressed too), a glob of them
+    (``shards/train-*.jsonl.gz``), a folder of them, or a ``save_to_disk`` folder; read by
+    ``datasets.load_dataset`` (``load_from_disk``)."""
     format: str = "auto"
-    """'auto' (by extension / folder contents), 'jsonl', 'json', 'parquet' or 'disk'."""
+    """'auto' (by extension / folder contents), 'jsonl', 'json', 'csv', 'parquet' or 'disk'."""
     split: str = "train"
     """Split to use when the saved dataset is a DatasetDict."""
     prompt_field: str = "prompt"
@@ -128,17 +131,49 @@ class Records:
         return f"line {self.lines[i]}" if self.lines is not None else f"record {i}"
 
 
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""File extensions (before a compression suffix) -> the ``datasets`` builder that reads them."""
+BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+"""``data.format`` -> builder."""
+
+
+def _extension(name: str) -> str:
+    """``.jsonl`` of ``a.jsonl.gz``: the extension that says the format, past a compression suffix."""
+    base = name
+    for comp in COMPRESSION:
+        if base.endswith(comp):
+            base = base[: -len(comp)]
+            break
+    return os.path.splitext(base)[1]
+
+
+def _files(path: str) -> list[str]:
+    """The files of ``data.path``: one file, a glob (``shards/train-*.jsonl.gz``), or a folder's
+    Parquet shards (a folder holds more than data: JSON shards are named by a glob)."""
+    if any(c in path for c in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"data.path {path} matches no files")
+        return files
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, n) for n in os.listdir(path) if _extension(n) == ".parquet")
+    return [path]
+
+
 def _detect_format(path: str) -> str:
     if os.path.isdir(path):
         names = os.listdir(path)
         if any(n in names for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
             return "disk"
-        if any(n.endswith(".parquet") for n in names):
-            return "parquet"
-        raise DataError(f"{path} is a folder with neither a saved `datasets` dataset nor .parquet files")
-    for ext, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".parquet", "parquet")):
-        if path.endswith(ext):
-            return fmt
+    kinds = sorted({EXTENSIONS.get(_extension(f)) for f in _files(path)} - {None})
+    if len(kinds) == 1:
+        return kinds[0]
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder with neither a saved `datasets` dataset nor .parquet files (JSON "
+                        f"or CSV shards: give a glob, e.g. {os.path.join(path, '*.jsonl')})")
+    if len(kinds) > 1:
+        raise DataError(f"data.path {path} matches files of several formats ({', '.join(kinds)}): narrow the glob")
     raise DataError(f"cannot tell the format of {path} from its name: set data.format to one of {FORMATS[1:]}")
 
 
@@ -191,14 +226,13 @@ def _read_json(path: str) -> tuple[list[dict], Optional[list[int]]]:
 
 
 def read_parquet(path: str, columns: Optional[Sequence[str]] = None) -> list[dict]:
-    """The rows of a .parquet file or a folder of them (``columns``: those only, each required; None:
-    all). A file that is not Parquet is named, with the format it looks like."""
+    """The rows of Parquet files (a file, a folder of them or a glob; ``columns``: those only, each
+    required; None: all), read by ``datasets``. A file that is not Parquet is named, with the format
+    it looks like."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".parquet")]
-             if os.path.isdir(path) else [path])
-    records: list[dict] = []
+    files = _files(path)
     for file in files:
         try:
             schema = pq.read_schema(file)
@@ -209,8 +243,53 @@ def read_parquet(path: str, columns: Optional[Sequence[str]] = None) -> list[dic
         missing = [c for c in columns or () if c not in schema.names]
         if missing:
             raise DataError(f"{file}: no field {missing[0]!r}; fields are {schema.names}")
-        records.extend(pq.read_table(file, columns=None if columns is None else list(columns)).to_pylist())
-    return records
+    return _load("parquet", files, path, columns=None if columns is None else list(columns)).to_list()
+
+
+def _load(builder: str, files: list[str], path: str, **kwargs: Any):
+    """``datasets.load_dataset(builder, data_files=files)``'s one split (cached where ``datasets``
+    caches: ``HF_DATASETS_CACHE``)."""
+    import datasets
+
+    quiet = logging.getLogger("datasets")  # its parse errors are logged too: ours name the line instead
+    level, bars = quiet.level, datasets.is_progress_bar_enabled()
+    quiet.setLevel(logging.CRITICAL + 1)
+    datasets.disable_progress_bars()  # no per-file progress bars on every rank
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    finally:
+        quiet.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _read_files(builder: str, path: str) -> tuple[list[dict], Optional[list[int]]]:
+    """The records of JSON / JSON-lines / CSV files (compressed or not, one or many), read by
+    ``datasets``; a single plain JSON-lines file also gives each record's line. Where ``datasets``
+    cannot read a JSON file (bad JSON, bytes that are not UTF-8, a field whose type changes between
+    records) the file is read line by line: its errors name the line, and records whose fields mix
+    types (a string prompt here, chat messages there) are still served."""
+    files = _files(path)
+    plain_json = builder == "json" and len(files) == 1 and not files[0].endswith(COMPRESSION)
+    for file in files:
+        if not os.access(file, os.R_OK):
+            raise DataError(f"data.path {file} cannot be read (permission denied)")
+    try:
+        rows = _load(builder, files, path).to_list()
+    except Exception as err:  # noqa: BLE001  (datasets wraps parser errors in several types)
+        if plain_json:
+            return _read_json(files[0])
+        raise DataError(f"{path}: {builder} files that datasets cannot read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); check the files' format") from None
+    lines = _record_lines(files[0], len(rows)) if plain_json else None
+    return rows, lines
+
+
+def _record_lines(path: str, count: int) -> Optional[list[int]]:
+    """The line of each record of a JSON-lines file (its non-blank lines), or None for a JSON array."""
+    with open(path, "rb") as f:
+        lines = [n for n, raw in enumerate(f, 1) if raw.strip()]
+    return lines if len(lines) == count else None
 
 
 def _read_disk(path: str, split: str) -> list[dict]:
@@ -230,21 +309,19 @@ def _read_disk(path: str, split: str) -> list[dict]:
 def read_dataset(cfg: PromptDataConfig, all_columns: bool = False) -> Records:
     """All records of ``cfg.path`` with their locations; every configured field is present.
     ``all_columns``: Parquet files are read whole (default: the configured fields only)."""
-    if not os.path.exists(cfg.path):
+    if not os.path.exists(cfg.path) and not any(c in cfg.path for c in "*?["):
         raise DataError(f"data.path {cfg.path} does not exist")
     fmt = _detect_format(cfg.path) if cfg.format == "auto" else cfg.format
-    fields = [cfg.prompt_field] + ([cfg.response_field] if cfg.response_field else [])
-    if fmt in ("jsonl", "json") and os.path.isdir(cfg.path):
+    fields = list(dict.fromkeys([cfg.prompt_field] + ([cfg.response_field] if cfg.response_field else [])))
+    if fmt in ("jsonl", "json", "csv") and os.path.isdir(cfg.path):
         raise DataError(f"data.path {cfg.path} is a folder, not a {fmt} file (data.format={cfg.format})")
     lines: Optional[list[int]] = None
-    if fmt == "jsonl":
-        rows, lines = _read_jsonl(cfg.path)
-    elif fmt == "json":
-        rows, lines = _read_json(cfg.path)
-    elif fmt == "parquet":
+    if fmt == "parquet":
         rows = read_parquet(cfg.path, None if all_columns else fields)
-    else:
+    elif fmt == "disk":
         rows = _read_disk(cfg.path, cfg.split)
+    else:
+        rows, lines = _read_files(BUILDERS[fmt], cfg.path)
     if not rows:
         raise DataError(f"data.path {cfg.path} holds no records")
     records = Records(cfg.path, rows, lines)
