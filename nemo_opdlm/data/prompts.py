@@ -15,8 +15,10 @@ long without being tokenized, so one huge line costs its JSON parse, not a token
 one-line prompt took 38 s and 2.45 GB before it was dropped).
 
 A record's prompt field is either a string (one user turn) or a list of ``{"role", "content"}``
-messages. The optional response field (off-policy KD / SFT) is tokenized without special tokens
-and closed with the end-of-sequence id.
+messages, cut before the first assistant turn. The optional response field (off-policy KD / SFT)
+is a string or such messages (their first assistant turn: ``prompt_field=response_field=messages``
+trains on a chat dataset's own answers); it is tokenized without special tokens and closed with the
+end-of-sequence id. ``prompt_template`` writes prompts as evaluation does.
 """
 
 from __future__ import annotations
@@ -57,7 +59,9 @@ class PromptDataConfig:
     prompt_field: str = "prompt"
     """Record field holding the prompt (e.g. 'prompt', 'question', 'messages')."""
     response_field: Optional[str] = None
-    """Record field holding a reference response (off-policy KD / SFT); None to ignore responses."""
+    """Record field holding a reference response (off-policy KD / SFT): a string, or chat messages
+    whose first assistant turn after the prompt is the response (``messages``, the same field as the
+    prompt's); None to ignore responses."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this (after the chat template) are dropped and counted (with the line of
     the first ones); prompts the tokenizer can only encode with its unknown token are too."""
@@ -67,6 +71,12 @@ class PromptDataConfig:
     """'auto': use the tokenizer's chat template when it has one; 'always' (error without one); 'never'."""
     system_prompt: Optional[str] = None
     """A system message placed before string prompts when the chat template is used."""
+    prompt_template: Optional[str] = None
+    """How each prompt's text is written before the chat template, so that training prompts match the
+    evaluation's: a text holding ``{prompt}`` (e.g. ``"{prompt}\nPlease reason step by step."``), or
+    the name of an ``opdlm eval`` task format (``gsm8k``, ``math``, ...) to write them as
+    ``opdlm eval --task NAME`` does: its instruction appended under the chat template, its raw-text
+    template without one. With chat messages, the last user turn is written so. None: as is."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra template variables, e.g. ``{"enable_thinking": False}`` for Qwen3."""
     domain_field: Optional[str] = None
@@ -84,6 +94,12 @@ class PromptDataConfig:
             raise DataError(f"data.max_response_tokens must be >= 1 or None, got {self.max_response_tokens}")
         if not self.prompt_field:
             raise DataError("data.prompt_field must name a record field, e.g. 'prompt' or 'question'")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            from nemo_opdlm.eval.tasks import FORMATS as TASK_FORMATS
+
+            if self.prompt_template not in TASK_FORMATS:
+                raise DataError(f"data.prompt_template must hold '{{prompt}}' or name an eval task format "
+                                f"({', '.join(sorted(TASK_FORMATS))}), got {self.prompt_template!r}")
 
 
 @dataclass(frozen=True)
@@ -360,19 +376,76 @@ def use_chat_template(tokenizer, mode: str, key: str) -> bool:
     return mode == "always" or (mode == "auto" and has_chat_template(tokenizer))
 
 
+def is_messages(value: Any) -> bool:
+    """A chat conversation: a non-empty list of ``{role, content}`` dicts."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _turns(messages: list[dict]) -> list[dict]:
+    """The messages with the keys a columnar reader filled in for other records (None) left out."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _first_assistant(messages: list[dict]) -> int:
+    """The index of the first assistant turn (``len(messages)`` without one)."""
+    return next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+
+
+def prompt_messages(messages: list[dict], where: str = "") -> list[dict]:
+    """A conversation's prompt: the turns before its first assistant turn (the model answers there;
+    later turns would put the answer into the prompt)."""
+    cut = _first_assistant(messages)
+    if cut == 0:
+        raise DataError(f"{where + ': ' if where else ''}the conversation starts with an assistant turn: "
+                        "there is no prompt before it")
+    return _turns(messages[:cut])
+
+
+def response_text(value: Any, field_name: str, where: str) -> str:
+    """A record's reference response: the string, or the first assistant turn of chat messages."""
+    if isinstance(value, str):
+        return value
+    if is_messages(value):
+        cut = _first_assistant(value)
+        if cut == len(value) or not isinstance(value[cut].get("content"), str):
+            raise DataError(f"{where}: the conversation in {field_name!r} has no assistant turn with text to "
+                            "learn as the response")
+        return value[cut]["content"]
+    raise DataError(f"{where}: the response ({field_name!r}) is a {type(value).__name__}, not a string or "
+                    "chat messages with an assistant turn")
+
+
+def apply_prompt_template(text: str, template: Optional[str], chat: bool) -> str:
+    """``text`` written as ``data.prompt_template`` says (see there)."""
+    if template is None:
+        return text
+    if "{prompt}" in template:
+        return template.replace("{prompt}", text)
+    from nemo_opdlm.eval.tasks import FORMATS as TASK_FORMATS
+
+    fmt = TASK_FORMATS[template]
+    return text + fmt.instruction if chat else fmt.template.format(question=text)
+
+
 def prompt_text(prompt: Any, tokenizer, cfg: PromptDataConfig, where: str = "") -> tuple[str, bool]:
-    """``(text, templated)``: the chat-formatted prompt (with the generation prompt) or raw text."""
+    """``(text, templated)``: the chat-formatted prompt (with the generation prompt) or raw text. Chat
+    messages end before their first assistant turn."""
     use_chat = use_chat_template(tokenizer, cfg.chat_template, "data.chat_template")
     if isinstance(prompt, str):
+        prompt = apply_prompt_template(prompt, cfg.prompt_template, use_chat)
         if not use_chat:
             return prompt, False
         messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
         messages.append({"role": "user", "content": prompt})
-    elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+    elif is_messages(prompt):
         if not use_chat:
             raise DataError("prompts given as chat messages need a tokenizer with a chat template "
                             "(and data.chat_template != 'never')")
-        messages = prompt
+        messages = prompt_messages(prompt, where)
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if cfg.prompt_template is not None and last_user is not None:
+            content = apply_prompt_template(str(messages[last_user].get("content", "")), cfg.prompt_template, True)
+            messages[last_user] = {**messages[last_user], "content": content}
     else:
         raise DataError(f"{where + ': ' if where else ''}a prompt must be a string or a list of {{role, content}} "
                         f"messages, got {type(prompt).__name__}")
@@ -436,13 +509,10 @@ def _encode_responses(records: Records, indices: Sequence[int], tokenizer, cfg: 
                       eos_id: Optional[int]) -> tuple[dict[int, list[int]], list[int]]:
     """``(ids of the responses of ``indices`` that fit, indices of those that do not)``."""
     field_ = cfg.response_field
-    for i in indices:
-        if not isinstance(records.rows[i][field_], str):
-            raise DataError(f"{records.where(i)}: the response ({field_!r}) is a "
-                            f"{type(records.rows[i][field_]).__name__}, not a string")
+    texts = {i: response_text(records.rows[i][field_], field_, records.where(i)) for i in indices}
     most = cfg.max_response_tokens
-    short = [i for i in indices if most is None or len(records.rows[i][field_]) <= most * MAX_CHARS_PER_TOKEN]
-    ids = dict(zip(short, encode_responses([records.rows[i][field_] for i in short], tokenizer, eos_id)))
+    short = [i for i in indices if most is None or len(texts[i]) <= most * MAX_CHARS_PER_TOKEN]
+    ids = dict(zip(short, encode_responses([texts[i] for i in short], tokenizer, eos_id)))
     too_long = [i for i in indices if i not in ids or (most is not None and len(ids[i]) > most)]
     return {i: v for i, v in ids.items() if most is None or len(v) <= most}, too_long
 
