@@ -37,11 +37,41 @@ class InitConfig:
     student_hf: Optional[str] = None
     """HF directory for the student's initial weights; None = the teacher's weights (self-distillation)."""
     tokenizer: Optional[str] = None
-    """Tokenizer directory; None = teacher_hf."""
+    """Tokenizer directory; None = teacher_hf, else student_hf, else teacher_checkpoint's copy
+    (``hf_assets/``: imports and trainer steps carry the tokenizer)."""
 
     def __post_init__(self) -> None:
         if self.teacher_hf and self.teacher_checkpoint:
             raise ConfigError("init.teacher_hf and init.teacher_checkpoint are exclusive: set one")
+
+    def tokenizer_dir(self) -> str:
+        """The directory the run's tokenizer is read from (see ``tokenizer``)."""
+        path = self.tokenizer or self.teacher_hf or self.student_hf
+        if not path and self.teacher_checkpoint:
+            path = os.path.join(self.teacher_checkpoint, "hf_assets")
+            if not os.path.isdir(path):
+                raise ConfigError(f"init.teacher_checkpoint {self.teacher_checkpoint} carries no tokenizer "
+                                  "(no hf_assets/): set init.tokenizer")
+        if not path:
+            raise ConfigError("set init.tokenizer (or init.teacher_hf) to a directory with the tokenizer files")
+        if not os.path.isdir(path):
+            raise ConfigError(f"init.tokenizer: {path} is not a directory")
+        return path
+
+    def architecture_source(self, separate_teacher: bool) -> tuple[str, str]:
+        """``(path, config key)`` of the weights whose architecture the student has: its own
+        (``student_hf``) when the teacher differs, else the teacher's, which it starts from."""
+        if separate_teacher:
+            sources = (("init.student_hf", self.student_hf),)
+        else:
+            sources = (("init.teacher_hf", self.teacher_hf), ("init.teacher_checkpoint", self.teacher_checkpoint),
+                       ("init.student_hf", self.student_hf))
+        for key, path in sources:
+            if path:
+                return path, key
+        need = "init.student_hf (teacher_model is set)" if separate_teacher else "init.teacher_hf"
+        raise ConfigError(f"model is not set and there are no weights to read it from: set {need}, whose config.json "
+                          "gives the architecture, or the model.* fields")
 
 
 @dataclass(kw_only=True)
@@ -200,8 +230,14 @@ class RunConfig:
 
     name: str = "opdlm"
     """Run name (logs, checkpoints)."""
-    model: ModelConfig
-    """Student architecture (the teacher's unless teacher_model is set)."""
+    model: Optional[ModelConfig] = None
+    """Student architecture (the teacher's unless teacher_model is set). None: read from the weights
+    ``init`` names (``init.teacher_hf``'s config.json, else ``init.teacher_checkpoint``'s recorded
+    config, else ``init.student_hf``'s; with a ``teacher_model``: ``init.student_hf``'s), as
+    Megatron-Bridge's AutoBridge does, when the run starts (:meth:`complete`). A model that is stated
+    must agree with those weights on every architecture field (layers, widths, heads, vocabulary,
+    ``rotary_base``, ``rope_scaling``, ``norm_eps``, embedding tying): each differing one is named
+    before any model is built."""
     teacher_model: Optional[ModelConfig] = None
     """A different (e.g. larger) teacher architecture; None = same as the student."""
     diffusion: DiffusionConfig
@@ -225,22 +261,33 @@ class RunConfig:
         self.validate()
 
     @property
-    def teacher(self) -> ModelConfig:
+    def teacher(self) -> Optional[ModelConfig]:
         return self.teacher_model or self.model
 
+    def complete(self) -> "RunConfig":
+        """This config with what it leaves to its files read from them, validated: the ``model`` from
+        its weights' config (``model=None``), the [MASK] id from the tokenizer's mask token
+        (``diffusion.mask_token_id=None``). Idempotent; reads files only for what is unset. A recipe or
+        a YAML file is a config as written (its paths may be overridden); ``resolve`` completes it."""
+        model, mask = self.model, self.diffusion.mask_token_id
+        if model is None:
+            from nemo_opdlm.convert.hf_config import model_config_of_weights
+
+            model = model_config_of_weights(*self.init.architecture_source(self.teacher_model is not None))
+        if mask is None:
+            from transformers import AutoTokenizer
+
+            from nemo_opdlm.data.prompts import tokenizer_mask_id
+
+            where = self.init.tokenizer_dir()
+            mask = tokenizer_mask_id(AutoTokenizer.from_pretrained(where), where)
+        if model is self.model and mask == self.diffusion.mask_token_id:
+            return self
+        return dataclasses.replace(self, model=model, diffusion=dataclasses.replace(self.diffusion, mask_token_id=mask))
+
     def validate(self) -> None:
-        """Cross-section checks (each section checked itself already)."""
-        self.diffusion.check_vocab(self.model.vocab_size)
-        if self.teacher.vocab_size != self.model.vocab_size:
-            raise ConfigError(
-                f"teacher_model.vocab_size={self.teacher.vocab_size} differs from model.vocab_size="
-                f"{self.model.vocab_size}: teacher and student must share a tokenizer"
-            )
-        self.parallel.check_model(self.model, "model")
-        if self.teacher_model is not None:
-            self.parallel.check_model(self.teacher_model, "teacher_model")
-        if self.distill.top_k is not None and self.distill.top_k > self.model.vocab_size:
-            raise ConfigError(f"distill.top_k={self.distill.top_k} exceeds model.vocab_size={self.model.vocab_size}")
+        """Cross-section checks (each section checked itself already); the model-dependent ones wait
+        for a ``model`` (:meth:`complete`)."""
         method = get_method(self.distill.method)
         if method.needs_dataset_responses and self.data is not None and not self.data.response_field:
             raise ConfigError(f"distill.method={method.name} needs data.response_field (the responses to learn)")
@@ -254,6 +301,23 @@ class RunConfig:
                 f"train.prompts_per_step={rows} is not divisible by train.micro_batch_size="
                 f"{self.train.micro_batch_size}"
             )
+        if self.model is not None:
+            self._validate_model()
+
+    def _validate_model(self) -> None:
+        """The checks that need the student's architecture."""
+        if self.diffusion.mask_token_id is not None:
+            self.diffusion.check_vocab(self.model.vocab_size)
+        if self.teacher.vocab_size != self.model.vocab_size:
+            raise ConfigError(
+                f"teacher_model.vocab_size={self.teacher.vocab_size} differs from model.vocab_size="
+                f"{self.model.vocab_size}: teacher and student must share a tokenizer"
+            )
+        self.parallel.check_model(self.model, "model")
+        if self.teacher_model is not None:
+            self.parallel.check_model(self.teacher_model, "teacher_model")
+        if self.distill.top_k is not None and self.distill.top_k > self.model.vocab_size:
+            raise ConfigError(f"distill.top_k={self.distill.top_k} exceeds model.vocab_size={self.model.vocab_size}")
         longest = (self.data.max_prompt_tokens if self.data else 0) + 2 * self.rollout.max_length
         if self.data is not None and longest > self.model.max_position_embeddings:
             raise ConfigError(
@@ -544,7 +608,7 @@ REQUIRED_SECTIONS = tuple(f.name for f in dataclasses.fields(RunConfig)
 
 def _check_whole(data: dict[str, Any], source: str) -> None:
     if not data:
-        raise ConfigError(f"{source} is empty: a config needs at least model: and diffusion:")
+        raise ConfigError(f"{source} is empty: a config needs at least diffusion: (and model: or init: weights to read it from)")
     missing = [k for k in REQUIRED_SECTIONS if k not in data]
     if missing:
         sections = " and ".join(f"{k}:" for k in missing)
@@ -562,9 +626,10 @@ def _load_yaml(path: str) -> RunConfig:
 
 def resolve(spec: str, overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> RunConfig:
     """Recipe (or whole YAML config), then partial YAML ``overlays``, then ``key=value`` overrides ->
-    a validated RunConfig (``merge`` says how they combine)."""
+    a validated RunConfig (``merge`` says how they combine), completed from its files
+    (``RunConfig.complete``: a model left out is read from the weights)."""
     if not overrides and not overlays:
-        return load_recipe(spec)
+        return load_recipe(spec).complete()
     from omegaconf import OmegaConf
 
     is_yaml = spec.endswith((".yaml", ".yml"))
@@ -573,7 +638,7 @@ def resolve(spec: str, overrides: Sequence[str] = (), overlays: Sequence[str] = 
     if is_yaml:
         _check_whole(data, spec)
     with _named(spec) if is_yaml else contextlib.nullcontext():
-        return from_dict(RunConfig, data)
+        return from_dict(RunConfig, data).complete()
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -15,12 +15,15 @@ long without being tokenized, so one huge line costs its JSON parse, not a token
 one-line prompt took 38 s and 2.45 GB before it was dropped).
 
 A record's prompt field is either a string (one user turn) or a list of ``{"role", "content"}``
-messages. The optional response field (off-policy KD / SFT) is tokenized without special tokens
-and closed with the end-of-sequence id.
+messages, cut before the first assistant turn. The optional response field (off-policy KD / SFT)
+is a string or such messages (their first assistant turn: ``prompt_field=response_field=messages``
+trains on a chat dataset's own answers); it is tokenized without special tokens and closed with the
+end-of-sequence id. ``prompt_template`` writes prompts as evaluation does.
 """
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -33,7 +36,7 @@ from nemo_opdlm.errors import ConfigError, DataError  # noqa: F401  (DataError r
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("auto", "jsonl", "json", "parquet", "disk")
+FORMATS = ("auto", "jsonl", "json", "csv", "parquet", "disk")
 CHAT_TEMPLATE = ("auto", "always", "never")
 MAX_CHARS_PER_TOKEN = 64
 """A text longer than this many characters per allowed token is too long without tokenizing it: no
@@ -46,15 +49,19 @@ class PromptDataConfig:
     """Where the prompts are and how to turn them into token ids."""
 
     path: str
-    """A .jsonl / .json / .parquet file, a folder of .parquet files, or a ``save_to_disk`` folder."""
+    """A .jsonl / .json / .csv / .parquet file (.gz, .bz2, .xz, .zst compressed too), a glob of them
+    (``shards/train-*.jsonl.gz``), a folder of them, or a ``save_to_disk`` folder; read by
+    ``datasets.load_dataset`` (``load_from_disk``)."""
     format: str = "auto"
-    """'auto' (by extension / folder contents), 'jsonl', 'json', 'parquet' or 'disk'."""
+    """'auto' (by extension / folder contents), 'jsonl', 'json', 'csv', 'parquet' or 'disk'."""
     split: str = "train"
     """Split to use when the saved dataset is a DatasetDict."""
     prompt_field: str = "prompt"
     """Record field holding the prompt (e.g. 'prompt', 'question', 'messages')."""
     response_field: Optional[str] = None
-    """Record field holding a reference response (off-policy KD / SFT); None to ignore responses."""
+    """Record field holding a reference response (off-policy KD / SFT): a string, or chat messages
+    whose first assistant turn after the prompt is the response (``messages``, the same field as the
+    prompt's); None to ignore responses."""
     max_prompt_tokens: int = 1024
     """Prompts longer than this (after the chat template) are dropped and counted (with the line of
     the first ones); prompts the tokenizer can only encode with its unknown token are too."""
@@ -64,6 +71,12 @@ class PromptDataConfig:
     """'auto': use the tokenizer's chat template when it has one; 'always' (error without one); 'never'."""
     system_prompt: Optional[str] = None
     """A system message placed before string prompts when the chat template is used."""
+    prompt_template: Optional[str] = None
+    """How each prompt's text is written before the chat template, so that training prompts match the
+    evaluation's: a text holding ``{prompt}`` (e.g. ``"{prompt}\nPlease reason step by step."``), or
+    the name of an ``opdlm eval`` task format (``gsm8k``, ``math``, ...) to write them as
+    ``opdlm eval --task NAME`` does: its instruction appended under the chat template, its raw-text
+    template without one. With chat messages, the last user turn is written so. None: as is."""
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     """Extra template variables, e.g. ``{"enable_thinking": False}`` for Qwen3."""
     domain_field: Optional[str] = None
@@ -81,6 +94,12 @@ class PromptDataConfig:
             raise DataError(f"data.max_response_tokens must be >= 1 or None, got {self.max_response_tokens}")
         if not self.prompt_field:
             raise DataError("data.prompt_field must name a record field, e.g. 'prompt' or 'question'")
+        if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
+            from nemo_opdlm.eval.tasks import FORMATS as TASK_FORMATS
+
+            if self.prompt_template not in TASK_FORMATS:
+                raise DataError(f"data.prompt_template must hold '{{prompt}}' or name an eval task format "
+                                f"({', '.join(sorted(TASK_FORMATS))}), got {self.prompt_template!r}")
 
 
 @dataclass(frozen=True)
@@ -128,17 +147,49 @@ class Records:
         return f"line {self.lines[i]}" if self.lines is not None else f"record {i}"
 
 
+COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zip")
+EXTENSIONS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+"""File extensions (before a compression suffix) -> the ``datasets`` builder that reads them."""
+BUILDERS = {"jsonl": "json", "json": "json", "csv": "csv", "parquet": "parquet"}
+"""``data.format`` -> builder."""
+
+
+def _extension(name: str) -> str:
+    """``.jsonl`` of ``a.jsonl.gz``: the extension that says the format, past a compression suffix."""
+    base = name
+    for comp in COMPRESSION:
+        if base.endswith(comp):
+            base = base[: -len(comp)]
+            break
+    return os.path.splitext(base)[1]
+
+
+def _files(path: str) -> list[str]:
+    """The files of ``data.path``: one file, a glob (``shards/train-*.jsonl.gz``), or a folder's
+    Parquet shards (a folder holds more than data: JSON shards are named by a glob)."""
+    if any(c in path for c in "*?["):
+        files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise DataError(f"data.path {path} matches no files")
+        return files
+    if os.path.isdir(path):
+        return sorted(os.path.join(path, n) for n in os.listdir(path) if _extension(n) == ".parquet")
+    return [path]
+
+
 def _detect_format(path: str) -> str:
     if os.path.isdir(path):
         names = os.listdir(path)
         if any(n in names for n in ("dataset_info.json", "state.json", "dataset_dict.json")):
             return "disk"
-        if any(n.endswith(".parquet") for n in names):
-            return "parquet"
-        raise DataError(f"{path} is a folder with neither a saved `datasets` dataset nor .parquet files")
-    for ext, fmt in ((".jsonl", "jsonl"), (".json", "json"), (".parquet", "parquet")):
-        if path.endswith(ext):
-            return fmt
+    kinds = sorted({EXTENSIONS.get(_extension(f)) for f in _files(path)} - {None})
+    if len(kinds) == 1:
+        return kinds[0]
+    if os.path.isdir(path):
+        raise DataError(f"{path} is a folder with neither a saved `datasets` dataset nor .parquet files (JSON "
+                        f"or CSV shards: give a glob, e.g. {os.path.join(path, '*.jsonl')})")
+    if len(kinds) > 1:
+        raise DataError(f"data.path {path} matches files of several formats ({', '.join(kinds)}): narrow the glob")
     raise DataError(f"cannot tell the format of {path} from its name: set data.format to one of {FORMATS[1:]}")
 
 
@@ -191,14 +242,13 @@ def _read_json(path: str) -> tuple[list[dict], Optional[list[int]]]:
 
 
 def read_parquet(path: str, columns: Optional[Sequence[str]] = None) -> list[dict]:
-    """The rows of a .parquet file or a folder of them (``columns``: those only, each required; None:
-    all). A file that is not Parquet is named, with the format it looks like."""
+    """The rows of Parquet files (a file, a folder of them or a glob; ``columns``: those only, each
+    required; None: all), read by ``datasets``. A file that is not Parquet is named, with the format
+    it looks like."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    files = ([os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".parquet")]
-             if os.path.isdir(path) else [path])
-    records: list[dict] = []
+    files = _files(path)
     for file in files:
         try:
             schema = pq.read_schema(file)
@@ -209,8 +259,53 @@ def read_parquet(path: str, columns: Optional[Sequence[str]] = None) -> list[dic
         missing = [c for c in columns or () if c not in schema.names]
         if missing:
             raise DataError(f"{file}: no field {missing[0]!r}; fields are {schema.names}")
-        records.extend(pq.read_table(file, columns=None if columns is None else list(columns)).to_pylist())
-    return records
+    return _load("parquet", files, path, columns=None if columns is None else list(columns)).to_list()
+
+
+def _load(builder: str, files: list[str], path: str, **kwargs: Any):
+    """``datasets.load_dataset(builder, data_files=files)``'s one split (cached where ``datasets``
+    caches: ``HF_DATASETS_CACHE``)."""
+    import datasets
+
+    quiet = logging.getLogger("datasets")  # its parse errors are logged too: ours name the line instead
+    level, bars = quiet.level, datasets.is_progress_bar_enabled()
+    quiet.setLevel(logging.CRITICAL + 1)
+    datasets.disable_progress_bars()  # no per-file progress bars on every rank
+    try:
+        return datasets.load_dataset(builder, data_files=files, split="train", **kwargs)
+    finally:
+        quiet.setLevel(level)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _read_files(builder: str, path: str) -> tuple[list[dict], Optional[list[int]]]:
+    """The records of JSON / JSON-lines / CSV files (compressed or not, one or many), read by
+    ``datasets``; a single plain JSON-lines file also gives each record's line. Where ``datasets``
+    cannot read a JSON file (bad JSON, bytes that are not UTF-8, a field whose type changes between
+    records) the file is read line by line: its errors name the line, and records whose fields mix
+    types (a string prompt here, chat messages there) are still served."""
+    files = _files(path)
+    plain_json = builder == "json" and len(files) == 1 and not files[0].endswith(COMPRESSION)
+    for file in files:
+        if not os.access(file, os.R_OK):
+            raise DataError(f"data.path {file} cannot be read (permission denied)")
+    try:
+        rows = _load(builder, files, path).to_list()
+    except Exception as err:  # noqa: BLE001  (datasets wraps parser errors in several types)
+        if plain_json:
+            return _read_json(files[0])
+        raise DataError(f"{path}: {builder} files that datasets cannot read ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0] if str(err) else ''}); check the files' format") from None
+    lines = _record_lines(files[0], len(rows)) if plain_json else None
+    return rows, lines
+
+
+def _record_lines(path: str, count: int) -> Optional[list[int]]:
+    """The line of each record of a JSON-lines file (its non-blank lines), or None for a JSON array."""
+    with open(path, "rb") as f:
+        lines = [n for n, raw in enumerate(f, 1) if raw.strip()]
+    return lines if len(lines) == count else None
 
 
 def _read_disk(path: str, split: str) -> list[dict]:
@@ -230,21 +325,19 @@ def _read_disk(path: str, split: str) -> list[dict]:
 def read_dataset(cfg: PromptDataConfig, all_columns: bool = False) -> Records:
     """All records of ``cfg.path`` with their locations; every configured field is present.
     ``all_columns``: Parquet files are read whole (default: the configured fields only)."""
-    if not os.path.exists(cfg.path):
+    if not os.path.exists(cfg.path) and not any(c in cfg.path for c in "*?["):
         raise DataError(f"data.path {cfg.path} does not exist")
     fmt = _detect_format(cfg.path) if cfg.format == "auto" else cfg.format
-    fields = [cfg.prompt_field] + ([cfg.response_field] if cfg.response_field else [])
-    if fmt in ("jsonl", "json") and os.path.isdir(cfg.path):
+    fields = list(dict.fromkeys([cfg.prompt_field] + ([cfg.response_field] if cfg.response_field else [])))
+    if fmt in ("jsonl", "json", "csv") and os.path.isdir(cfg.path):
         raise DataError(f"data.path {cfg.path} is a folder, not a {fmt} file (data.format={cfg.format})")
     lines: Optional[list[int]] = None
-    if fmt == "jsonl":
-        rows, lines = _read_jsonl(cfg.path)
-    elif fmt == "json":
-        rows, lines = _read_json(cfg.path)
-    elif fmt == "parquet":
+    if fmt == "parquet":
         rows = read_parquet(cfg.path, None if all_columns else fields)
-    else:
+    elif fmt == "disk":
         rows = _read_disk(cfg.path, cfg.split)
+    else:
+        rows, lines = _read_files(BUILDERS[fmt], cfg.path)
     if not rows:
         raise DataError(f"data.path {cfg.path} holds no records")
     records = Records(cfg.path, rows, lines)
@@ -283,19 +376,76 @@ def use_chat_template(tokenizer, mode: str, key: str) -> bool:
     return mode == "always" or (mode == "auto" and has_chat_template(tokenizer))
 
 
+def is_messages(value: Any) -> bool:
+    """A chat conversation: a non-empty list of ``{role, content}`` dicts."""
+    return isinstance(value, list) and bool(value) and all(isinstance(m, dict) and "role" in m for m in value)
+
+
+def _turns(messages: list[dict]) -> list[dict]:
+    """The messages with the keys a columnar reader filled in for other records (None) left out."""
+    return [{k: v for k, v in m.items() if v is not None} for m in messages]
+
+
+def _first_assistant(messages: list[dict]) -> int:
+    """The index of the first assistant turn (``len(messages)`` without one)."""
+    return next((i for i, m in enumerate(messages) if m.get("role") == "assistant"), len(messages))
+
+
+def prompt_messages(messages: list[dict], where: str = "") -> list[dict]:
+    """A conversation's prompt: the turns before its first assistant turn (the model answers there;
+    later turns would put the answer into the prompt)."""
+    cut = _first_assistant(messages)
+    if cut == 0:
+        raise DataError(f"{where + ': ' if where else ''}the conversation starts with an assistant turn: "
+                        "there is no prompt before it")
+    return _turns(messages[:cut])
+
+
+def response_text(value: Any, field_name: str, where: str) -> str:
+    """A record's reference response: the string, or the first assistant turn of chat messages."""
+    if isinstance(value, str):
+        return value
+    if is_messages(value):
+        cut = _first_assistant(value)
+        if cut == len(value) or not isinstance(value[cut].get("content"), str):
+            raise DataError(f"{where}: the conversation in {field_name!r} has no assistant turn with text to "
+                            "learn as the response")
+        return value[cut]["content"]
+    raise DataError(f"{where}: the response ({field_name!r}) is a {type(value).__name__}, not a string or "
+                    "chat messages with an assistant turn")
+
+
+def apply_prompt_template(text: str, template: Optional[str], chat: bool) -> str:
+    """``text`` written as ``data.prompt_template`` says (see there)."""
+    if template is None:
+        return text
+    if "{prompt}" in template:
+        return template.replace("{prompt}", text)
+    from nemo_opdlm.eval.tasks import FORMATS as TASK_FORMATS
+
+    fmt = TASK_FORMATS[template]
+    return text + fmt.instruction if chat else fmt.template.format(question=text)
+
+
 def prompt_text(prompt: Any, tokenizer, cfg: PromptDataConfig, where: str = "") -> tuple[str, bool]:
-    """``(text, templated)``: the chat-formatted prompt (with the generation prompt) or raw text."""
+    """``(text, templated)``: the chat-formatted prompt (with the generation prompt) or raw text. Chat
+    messages end before their first assistant turn."""
     use_chat = use_chat_template(tokenizer, cfg.chat_template, "data.chat_template")
     if isinstance(prompt, str):
+        prompt = apply_prompt_template(prompt, cfg.prompt_template, use_chat)
         if not use_chat:
             return prompt, False
         messages = ([{"role": "system", "content": cfg.system_prompt}] if cfg.system_prompt else [])
         messages.append({"role": "user", "content": prompt})
-    elif isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m for m in prompt):
+    elif is_messages(prompt):
         if not use_chat:
             raise DataError("prompts given as chat messages need a tokenizer with a chat template "
                             "(and data.chat_template != 'never')")
-        messages = prompt
+        messages = prompt_messages(prompt, where)
+        last_user = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+        if cfg.prompt_template is not None and last_user is not None:
+            content = apply_prompt_template(str(messages[last_user].get("content", "")), cfg.prompt_template, True)
+            messages[last_user] = {**messages[last_user], "content": content}
     else:
         raise DataError(f"{where + ': ' if where else ''}a prompt must be a string or a list of {{role, content}} "
                         f"messages, got {type(prompt).__name__}")
@@ -359,13 +509,10 @@ def _encode_responses(records: Records, indices: Sequence[int], tokenizer, cfg: 
                       eos_id: Optional[int]) -> tuple[dict[int, list[int]], list[int]]:
     """``(ids of the responses of ``indices`` that fit, indices of those that do not)``."""
     field_ = cfg.response_field
-    for i in indices:
-        if not isinstance(records.rows[i][field_], str):
-            raise DataError(f"{records.where(i)}: the response ({field_!r}) is a "
-                            f"{type(records.rows[i][field_]).__name__}, not a string")
+    texts = {i: response_text(records.rows[i][field_], field_, records.where(i)) for i in indices}
     most = cfg.max_response_tokens
-    short = [i for i in indices if most is None or len(records.rows[i][field_]) <= most * MAX_CHARS_PER_TOKEN]
-    ids = dict(zip(short, encode_responses([records.rows[i][field_] for i in short], tokenizer, eos_id)))
+    short = [i for i in indices if most is None or len(texts[i]) <= most * MAX_CHARS_PER_TOKEN]
+    ids = dict(zip(short, encode_responses([texts[i] for i in short], tokenizer, eos_id)))
     too_long = [i for i in indices if i not in ids or (most is not None and len(ids[i]) > most)]
     return {i: v for i, v in ids.items() if most is None or len(v) <= most}, too_long
 
@@ -427,6 +574,53 @@ def check_vocab_fits(tokenizer, vocab_size: int, where: str, vocab_name: str) ->
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"the tokenizer in {where} has {len(tokenizer)} tokens but {vocab_name}={vocab_size}: "
                           "the tokenizer and the model do not match; use the model's own tokenizer")
+
+
+def tokenizer_mask_id(tokenizer, where: str) -> int:
+    """The [MASK] id a run takes when ``diffusion.mask_token_id`` is not set: the tokenizer's own mask
+    token (``where``: the tokenizer's directory). A tokenizer without one (Qwen's, Llama's) needs the
+    id chosen by hand: which unused row or reserved token is the model family's business."""
+    if tokenizer.mask_token_id is None:
+        raise ConfigError(
+            f"diffusion.mask_token_id is not set and the tokenizer in {where} has no mask token: set it to a "
+            f"reserved special token or an embedding row no token maps to (>= {len(tokenizer)} and below the "
+            "model's vocab_size)")
+    return int(tokenizer.mask_token_id)
+
+
+def check_mask_token(mask_id: int, tokenizer, where: str) -> None:
+    """[MASK] must be an id no text uses: the tokenizer's mask token, an embedding row no token maps
+    to, or a reserved special token. Refused: an ordinary token, and a special token the tokenizer
+    writes itself (BOS / EOS / pad / unknown, end-of-turn markers, anything its chat template emits).
+
+    A [MASK] that text contains would be read as a mask wherever it occurs in a prompt or a
+    response, and every prediction of that token would be a [MASK] (the sampler never emits one).
+    """
+    if mask_id == tokenizer.mask_token_id:
+        return
+    fix = (f": use its mask token ({tokenizer.mask_token_id})" if tokenizer.mask_token_id is not None else
+           ": use") + f" a reserved special token or an embedding row no token maps to (>= {len(tokenizer)})"
+    if mask_id < len(tokenizer) and mask_id not in tokenizer.added_tokens_decoder:
+        raise ConfigError(f"diffusion.mask_token_id={mask_id} is the ordinary token "
+                          f"{tokenizer.convert_ids_to_tokens(mask_id)!r} of the tokenizer in {where}{fix}")
+    role = _special_role(mask_id, tokenizer)
+    if role:
+        raise ConfigError(f"diffusion.mask_token_id={mask_id} is {tokenizer.convert_ids_to_tokens(mask_id)!r}, the "
+                          f"tokenizer's {role} (in {where}), a token that text contains{fix}")
+
+
+def _special_role(token_id: int, tokenizer) -> Optional[str]:
+    """What a special token is used for in text ('eos_token', 'end-of-turn marker', ...), or None."""
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token", "sep_token", "cls_token"):
+        if getattr(tokenizer, f"{name}_id", None) == token_id:
+            return name
+    if token_id in eos_ids(tokenizer):
+        return "end-of-turn marker"
+    added = tokenizer.added_tokens_decoder.get(token_id)
+    template = getattr(tokenizer, "chat_template", None)
+    if added is not None and isinstance(template, str) and added.content in template:
+        return "chat-template token"
+    return None
 
 
 def eos_ids(tokenizer, extra: Sequence[int] = ()) -> tuple[int, ...]:

@@ -35,7 +35,7 @@ class EvalResult:
     num_correct: int
     tokens_generated: int
     row_rounds: int
-    """Denoising rounds the rows needed (summed over rows and blocks)."""
+    """Denoising rounds that committed a response token (summed over rows and blocks)."""
     wall_time_s: float
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
 
@@ -133,10 +133,16 @@ def evaluate(
     )
 
 
+TOKENS_PER_ROUND_NOTE = ("tok/round: response tokens (up to EOS) / denoising rounds that committed one; "
+                         "static 1 tok/round and AR read 1.00")
+"""The table's definition of tok/round, printed above its header."""
+
+
 def format_table(results: Sequence[tuple[str, EvalResult]]) -> str:
-    """A fixed-width table: one row per (label, result) with the settings that produced it."""
+    """A fixed-width table: one row per (label, result) with the settings that produced it, under a
+    line that defines tok/round (:func:`~nemo_opdlm.rollout.rows.rows_rounds`)."""
     head = f"{'model':<22} {'task':<10} {'accuracy':>9} {'tok/round':>10} {'tok/s':>9}  decoding"
-    lines = [head, "-" * len(head) + "-" * 30]
+    lines = [TOKENS_PER_ROUND_NOTE, head, "-" * len(head) + "-" * 30]
     for label, r in results:
         lines.append(f"{label:<22} {r.task:<10} {r.accuracy:>9.3f} {r.tokens_per_round:>10.2f} "
                      f"{r.tokens_per_s:>9.1f}  {DecodeSettings(**r.settings).describe()}")

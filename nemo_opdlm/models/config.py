@@ -241,8 +241,11 @@ class DiffusionConfig:
 
     block_size: int = 4
     """Tokens per diffusion block; 1 with an x0-only row is the causal teacher."""
-    mask_token_id: int
-    """Id of the [MASK] token (from the tokenizer, or a reserved id)."""
+    mask_token_id: Optional[int] = None
+    """Id of the [MASK] token: an id no text uses (a reserved special token, or an embedding row no
+    token maps to). None: the tokenizer's mask token, read when the run starts
+    (``RunConfig.complete``); a tokenizer without one needs the id set. An id a real token uses (an
+    ordinary token, EOS, an end-of-turn or chat-template token) is refused."""
     shift_logits: bool = False
     """Where the student reads its prediction of response token i. False (the paper): at position
     i itself. True (AR-aligned, as Dream and Fast-dLLM v2 convert AR models): at position i - 1,
@@ -256,11 +259,14 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         if self.block_size < 1:
             raise ConfigError(f"diffusion.block_size must be >= 1, got {self.block_size}")
-        if self.mask_token_id < 0:
+        if self.mask_token_id is not None and self.mask_token_id < 0:
             raise ConfigError(f"diffusion.mask_token_id must be >= 0, got {self.mask_token_id}")
 
     def check_vocab(self, vocab_size: int) -> None:
         """The [MASK] id must be a row of the embedding (``vocab_size`` rows)."""
+        if self.mask_token_id is None:
+            raise ConfigError("diffusion.mask_token_id is not set: set it, or point init.tokenizer at a tokenizer "
+                              "with a mask token")
         check_mask_in_vocab(self.mask_token_id, vocab_size, "diffusion.mask_token_id")
 
 

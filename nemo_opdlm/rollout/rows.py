@@ -53,11 +53,17 @@ def valid_mask(tokens: Tensor, step_map: Tensor, eos: Tensor, limits: Tensor) ->
 
 
 def rows_rounds(step_map: Tensor, valid: Tensor, block_size: int) -> int:
-    """Rounds the rows needed: per row and block with a valid token, its last unmasking round + 1."""
+    """Rounds that committed at least one response token, summed over rows and blocks: the
+    denominator of tokens per round. A round that only filled positions after a row's EOS (or past
+    its length limit) produced nothing the reader sees and is not counted, so static decoding
+    reads exactly 1 token per round and AR decoding 1 (counting those rounds showed static
+    decoding at 0.80-0.93 whenever an EOS ended a block early)."""
     batch, length = step_map.shape
     steps = step_map.view(batch, length // block_size, block_size)  # [B, nb, bs]
-    used = valid.view(batch, length // block_size, block_size).any(-1)  # [B, nb]
-    return int(((steps.amax(-1) + 1).clamp(min=0) * used).sum())
+    keep = valid.view(batch, length // block_size, block_size) & (steps >= 0)  # [B, nb, bs]
+    rounds = torch.arange(block_size, device=step_map.device)  # a block takes at most bs rounds
+    hit = (steps[..., None] == rounds) & keep[..., None]  # [B, nb, bs, R]
+    return int(hit.any(-2).sum())
 
 
 def first_true(mask: Tensor, count: int) -> Tensor:

@@ -159,7 +159,8 @@ class Rollout:
 
     @property
     def row_rounds(self) -> int:
-        """Rounds the rows needed, summed over rows and blocks (``tokens_per_round``'s denominator)."""
+        """Rounds that committed a response token, summed over rows and blocks (``tokens_per_round``'s
+        denominator; ``rows.rows_rounds``)."""
         return R.rows_rounds(self.step_map, self.valid, self.block_size)
 
 

@@ -16,7 +16,7 @@ from nemo_opdlm.config import RunConfig
 from nemo_opdlm.convert.hf_config import read_hf_config
 from nemo_opdlm.convert.dist_checkpoint import check_checkpoint_config, load_dist_checkpoint
 from nemo_opdlm.convert.hf_to_mcore import check_hf_config, load_hf_weights
-from nemo_opdlm.data.prompts import check_vocab_fits, load_prompts, pad_id
+from nemo_opdlm.data.prompts import check_mask_token, check_vocab_fits, load_prompts, pad_id
 from nemo_opdlm.data.prompts import eos_ids as tokenizer_eos_ids
 from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.distill.methods import get_method
@@ -27,12 +27,7 @@ from nemo_opdlm.models.teacher import build_teacher, offload
 from nemo_opdlm.runtime.context import ParallelContext
 
 def tokenizer_dir(cfg: RunConfig) -> str:
-    path = cfg.init.tokenizer or cfg.init.teacher_hf or cfg.init.student_hf
-    if not path:
-        raise ConfigError("set init.tokenizer (or init.teacher_hf) to a directory with the tokenizer files")
-    if not os.path.isdir(path):
-        raise ConfigError(f"init.tokenizer: {path} is not a directory")
-    return path
+    return cfg.init.tokenizer_dir()
 
 
 def load_tokenizer(cfg: RunConfig):
@@ -49,20 +44,6 @@ def load_tokenizer(cfg: RunConfig):
                 "different tokenizers: on-policy distillation needs one shared vocabulary"
             )
     return tok
-
-
-def check_mask_token(mask_id: int, tokenizer, where: str) -> None:
-    """[MASK] must not be a token the text can contain: an id no token maps to, or a special one.
-
-    A [MASK] that is an ordinary token would be read as that token wherever it occurs in a prompt
-    or a response, and every prediction of it would be a [MASK] (the sampler never emits one).
-    """
-    if mask_id < len(tokenizer) and mask_id not in tokenizer.added_tokens_decoder:
-        raise ConfigError(
-            f"diffusion.mask_token_id={mask_id} is the ordinary token {tokenizer.convert_ids_to_tokens(mask_id)!r} "
-            f"of the tokenizer in {where}: use its mask token"
-            + (f" ({tokenizer.mask_token_id})" if tokenizer.mask_token_id is not None else "")
-            + f", a reserved special token, or an embedding row no token maps to (>= {len(tokenizer)})")
 
 
 def eos_ids(tokenizer) -> tuple[int, ...]:

@@ -257,7 +257,7 @@ def test_evaluate_scores_what_the_sampler_decodes(student, arith_task, mode, shi
     if mode == "ar":
         assert result.tokens_per_round == 1.0
     elif mode == "static":
-        assert result.tokens_per_round <= 1.0  # 1 token per round (a block cut by EOS costs its 4 rounds)
+        assert result.tokens_per_round == 1.0  # 1 token per round (rounds after an EOS fill nothing read)
     else:
         assert result.tokens_per_round > 1.0
     # oracle golds: the extracted numbers of the generations (or a sentinel that nothing matches)
@@ -270,7 +270,9 @@ def test_evaluate_scores_what_the_sampler_decodes(student, arith_task, mode, shi
     line = result.summary()
     assert "fewshot=0" in line and "T=0" in line and "gen=16" in line
     assert ("thr=0.5" in line) == (mode == "dynamic")
-    assert mode in format_table([(mode, result)])
+    table = format_table([(mode, result)]).splitlines()
+    assert table[0].startswith("tok/round: response tokens") and "tok/round" in table[1]  # defined above its header
+    assert table[3].split()[0] == mode and float(table[3].split()[3]) == round(result.tokens_per_round, 2)
 
 
 def test_settings_describe_and_validate():

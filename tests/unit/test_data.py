@@ -82,6 +82,72 @@ def test_message_prompts_and_responses(tmp_path):
         load_prompts(cfg, make_tokenizer(chat=False))
 
 
+def test_chat_prompts_end_before_the_first_assistant_turn(tmp_path):
+    """A chat record's prompt is the turns before its first assistant turn; that turn is the response
+    when ``response_field`` is the messages field itself (sft / off_policy on a chat dataset)."""
+    conv = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "what is two"},
+            {"role": "assistant", "content": "four"}, {"role": "user", "content": "what is three"},
+            {"role": "assistant", "content": "five"}]
+    recs = [{"messages": conv}, {"messages": [{"role": "user", "content": "what is four"},
+                                              {"role": "assistant", "content": "four"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", recs)
+    tok = make_tokenizer(chat=True)
+    prompt_only = load_prompts(PromptDataConfig(path=path, prompt_field="messages"), tok)
+    want = "<|im_start|> system be brief <|im_end|> <|im_start|> user what is two <|im_end|> <|im_start|> assistant"
+    assert prompt_only.examples[0].prompt_ids == ids(want)  # 'four', 'what is three', 'five' are not in it
+    assert prompt_only.examples[0].response_ids is None
+    both = load_prompts(PromptDataConfig(path=path, prompt_field="messages", response_field="messages"), tok)
+    assert [e.response_ids for e in both.examples] == [[ID["four"], ID["<eos>"]], [ID["four"], ID["<eos>"]]]
+    # a template on chat prompts writes the last user turn
+    templ = PromptDataConfig(path=path, prompt_field="messages", prompt_template="{prompt} be brief")
+    assert load_prompts(templ, tok).examples[1].prompt_ids == ids(
+        "<|im_start|> user what is four be brief <|im_end|> <|im_start|> assistant")
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"messages": conv[2:3]}, {"messages": conv[:2]}])
+    with pytest.raises(DataError, match=r"bad.jsonl:1: the conversation starts with an assistant turn"):
+        load_prompts(PromptDataConfig(path=bad, prompt_field="messages"), tok)
+    unanswered = write_jsonl(tmp_path / "open.jsonl", [{"messages": conv[:3]}, {"messages": conv[:2]}])
+    with pytest.raises(DataError, match=r"open.jsonl:2: the conversation in 'messages' has no assistant turn"):
+        load_prompts(PromptDataConfig(path=unanswered, prompt_field="messages", response_field="messages"), tok)
+
+
+def test_prompt_template_matches_the_eval_prompt():
+    """Training prompts written as ``opdlm eval --task gsm8k`` writes them (its instruction under the
+    chat template, its raw template without), or by a text with {prompt}."""
+    from nemo_opdlm.data.prompts import apply_prompt_template
+    from nemo_opdlm.eval import tasks as T
+
+    fmt = T.FORMATS["gsm8k"]
+    assert apply_prompt_template("what is two", "gsm8k", chat=True) == "what is two" + fmt.instruction
+    assert apply_prompt_template("what is two", "gsm8k", chat=False) == "Question: what is two\nAnswer:"
+    task = T.Task(fmt, [T.Example("what is two", "2")])
+    assert T.build_prompt(task, task.examples[0], make_tokenizer(chat=False), chat=False) == \
+        apply_prompt_template("what is two", "gsm8k", chat=False)
+    assert apply_prompt_template("x {y}", "{prompt}\nbox it in \\boxed{}", chat=True) == "x {y}\nbox it in \\boxed{}"
+    with pytest.raises(DataError, match=r"data.prompt_template must hold '\{prompt\}' or name an eval task format"):
+        PromptDataConfig(path="p.jsonl", prompt_template="gsm9k")
+
+
+def test_files_through_datasets(tmp_path):
+    """Compressed JSON lines, globs of shards and CSV are read by datasets.load_dataset; records match
+    the plain file's."""
+    import gzip
+
+    plain = write_jsonl(tmp_path / "p.jsonl", RECORDS)
+    base = dict(prompt_field="question", response_field="answer", max_prompt_tokens=64, chat_template="never")
+    tok = make_tokenizer(chat=False)
+    want = [(e.prompt_ids, e.response_ids) for e in load_prompts(PromptDataConfig(path=plain, **base), tok).examples]
+    (tmp_path / "shards").mkdir()
+    for i, rec in enumerate(RECORDS):
+        with gzip.open(tmp_path / "shards" / f"train-{i:02d}.jsonl.gz", "wt") as f:
+            f.write(json.dumps(rec) + "\n")
+    (tmp_path / "p.csv").write_text("question,answer\n" + "".join(f"{r['question']},{r['answer']}\n" for r in RECORDS))
+    for path in (str(tmp_path / "shards" / "*.jsonl.gz"), str(tmp_path / "p.csv")):
+        got = load_prompts(PromptDataConfig(path=path, **base), tok).examples
+        assert [(e.prompt_ids, e.response_ids) for e in got] == want, path
+    with pytest.raises(DataError, match="matches no files"):
+        load_prompts(PromptDataConfig(path=str(tmp_path / "nope-*.jsonl"), **base), tok)
+
+
 def test_parquet_and_saved_dataset_match_jsonl(tmp_path):
     import datasets
     import pyarrow as pa

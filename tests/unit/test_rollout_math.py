@@ -321,3 +321,20 @@ def test_temperature_one_sampling_distribution(top_p):
     freq = torch.bincount(ids, minlength=12).float() / ids.numel()
     assert (freq - expected).abs().max() < 0.015
     torch.testing.assert_close(conf, probs[ids])  # raw softmax, suppressed id included
+
+
+def test_rows_rounds_counts_rounds_that_committed_a_response_token():
+    """tok/round's denominator: a round that only filled positions after the EOS is not counted, so
+    static decoding reads exactly 1 token per round (it read 0.80-0.93 when such rounds counted)."""
+    from nemo_opdlm.rollout.rows import rows_rounds
+
+    # row 0, static, block 4: EOS at position 1 decoded in round 2; positions 2, 3 (after EOS) in rounds 0, 3
+    # row 1, dynamic: block 0 in 2 rounds (3 + 1 tokens); block 1: round 0 commits 2 valid tokens, round 1
+    # only the 2 positions past the length limit
+    step_map = torch.tensor([[1, 2, 0, 3, -1, -1, -1, -1],
+                             [0, 0, 1, 0, 0, 0, 1, 1]])
+    valid = torch.tensor([[True, True, False, False, False, False, False, False],
+                          [True, True, True, True, True, True, False, False]])
+    assert rows_rounds(step_map, valid, 4) == 2 + 2 + 1
+    assert int(valid[0].sum()) / rows_rounds(step_map[:1], valid[:1], 4) == 1.0  # static: 2 tokens, 2 rounds
+    assert int(valid[1].sum()) / rows_rounds(step_map[1:], valid[1:], 4) == 2.0  # 6 tokens, 3 rounds
