@@ -258,7 +258,8 @@ def test_adapter_generate_until_without_lm_eval(student, arith_task):
 
 
 def test_adapter_registers_when_lm_eval_is_importable(monkeypatch):
-    """With a stand-in ``lm_eval`` package the class subclasses its LM and is registered as 'opdlm'."""
+    """With a stand-in ``lm_eval`` package the class subclasses its LM and is registered as 'opdlm'
+    (the real package: tests/e2e/test_lm_eval.py)."""
     registry: dict = {}
 
     class LM:
@@ -271,7 +272,8 @@ def test_adapter_registers_when_lm_eval_is_importable(monkeypatch):
             return cls
         return deco
 
-    mods = {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.api": types.ModuleType("lm_eval.api"),
+    mods = {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.models": types.ModuleType("lm_eval.models"),
+            "lm_eval.api": types.ModuleType("lm_eval.api"),
             "lm_eval.api.model": types.ModuleType("lm_eval.api.model"),
             "lm_eval.api.registry": types.ModuleType("lm_eval.api.registry")}
     mods["lm_eval.api.model"].LM = LM
@@ -283,5 +285,7 @@ def test_adapter_registers_when_lm_eval_is_importable(monkeypatch):
     cls = A.harness_class()
     assert registry["opdlm"] is cls and issubclass(cls, LM) and issubclass(cls, A.SamplerLM)
     for name in mods:
-        monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, name, None)  # as if lm_eval were not installed
     assert importlib.reload(A).HarnessLM is None  # no lm_eval: importable, nothing registered
+    monkeypatch.undo()
+    importlib.reload(A)
