@@ -85,6 +85,8 @@ def test_either_padding_side_decodes_alike(model, tok):
     alone = model.generate(**tok(TEXTS[1:], return_tensors="pt"), max_new_tokens=8, eos_token_id=[])
     assert torch.equal(alone[0, 2:], right[1, 6:])
     assert torch.equal(right[:, :6], _batch(tok, "right")["input_ids"])  # the prompts as given
+    with_segments = dict(_batch(tok, "left"), token_type_ids=torch.zeros(2, 6, dtype=torch.long))  # transformers 4.x
+    assert torch.equal(model.generate(**with_segments, max_new_tokens=8, eos_token_id=[]), left)
 
 
 def test_standard_generate_arguments_are_honoured(model, tok):

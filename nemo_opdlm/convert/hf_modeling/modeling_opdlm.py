@@ -382,7 +382,7 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel, GenerationMixin):
           tensor per new token: the scores it was chosen from, and the raw logits, at the round
           it was unmasked), ``stopping_criteria`` (called on every new token's prefix once its
           block is decoded), ``use_cache`` (accepted; the prompt and committed blocks are always
-          cached);
+          cached), ``token_type_ids`` (one segment only: some tokenizers return them);
         - anything else (beam search, penalties, processors, ...) is refused by name.
 
         Confidence is the probability of the chosen token under the softmax of the raw logits.
@@ -400,6 +400,9 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel, GenerationMixin):
         ``j - 1``, and the block's first position by the last token before the block (the
         prompt's last token, or the previous block's last token when that block is committed).
         """
+        segments = kwargs.pop("token_type_ids", None)  # some tokenizers return them; one segment means nothing
+        if segments is not None and bool(segments.any()):
+            raise ValueError("token_type_ids with more than one segment: this decoder has no segment embeddings")
         s = _resolve_settings(self.config, generation_config or self.generation_config, kwargs, input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
