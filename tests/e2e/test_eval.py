@@ -289,3 +289,12 @@ def test_adapter_registers_when_lm_eval_is_importable(monkeypatch):
     assert importlib.reload(A).HarnessLM is None  # no lm_eval: importable, nothing registered
     monkeypatch.undo()
     importlib.reload(A)
+
+
+def test_opdlm_lm_eval_without_lm_eval_says_how_to_install(monkeypatch, capsys):
+    from nemo_opdlm.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm_eval were not installed
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)
+    assert main(["lm-eval", "--model", "opdlm", "--tasks", "gsm8k"]) == 2
+    assert "pip install 'nemo-opdlm[eval]'" in capsys.readouterr().err
