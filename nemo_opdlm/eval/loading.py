@@ -123,6 +123,7 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         check_checkpoint_dir(ckpt)
     tok_dir = tokenizer_dir(tokenizer, hf, ckpt, tokenizer_arg)
     diffusion: dict = {}
+    hf_cfg: Optional[dict] = None
     if hf:
         hf_cfg = hfc.read_hf_config(hf)
         cfg = hfc.model_config_from_hf(hf_cfg)
@@ -138,7 +139,7 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
             raise CheckpointError(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
                                   "(evaluate through the training run, or use tools/import_hf.py)")
     # an exported student's config.json names remote code: the tokenizer does not need it
-    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=bool(hf) and hfc.is_student_config(hf_cfg))
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=hf_cfg is not None and hfc.is_student_config(hf_cfg))
     check_vocab_fits(tok, cfg.vocab_size, tok_dir, f"the vocab_size of {hf or ckpt}")
     if mask_token_id is not None:
         mask, source = mask_token_id, "--mask-token-id"
