@@ -1,4 +1,4 @@
-"""``opdlm``: the command line. ``opdlm train|demo|eval|plan ...``.
+"""``opdlm``: the command line. ``opdlm train|demo|eval|plan|lm-eval ...``.
 
 One job: parse arguments and hand over to the module that does the work. Every subcommand that
 takes a recipe accepts ``key=value`` overrides (``train.steps=10 rollout.threshold=0.8``), and the
@@ -86,6 +86,8 @@ COMMANDS = {
     "eval": ("generation-based evaluation", lambda a: _delegate("nemo_opdlm.eval.cli", "eval_main", a)),
     "plan": ("dry run + per-GPU memory plan of a recipe", lambda a: _delegate("nemo_opdlm.plan", "plan_main", a)),
     "recipes": ("list the installed recipes", _recipes),
+    "lm-eval": ("lm-evaluation-harness with the opdlm model (opdlm lm-eval --model opdlm --model_args ... --tasks ...)",
+                lambda a: _delegate("nemo_opdlm.eval.lm_eval_cli", "lm_eval_main", a)),
 }
 """Subcommand -> (one-line help, handler taking the remaining arguments). A handler imports what it
 needs itself, after its own ``--help`` is answered: ``opdlm X --help`` must not wait for torch."""

@@ -5,12 +5,16 @@ settings stored in the checkpoint) becomes a ``trust_remote_code`` model with th
 architecture's tensor names; ``--teacher`` (or a checkpoint without diffusion settings) restores
 the original architecture exactly::
 
+    python tools/export_hf.py --ckpt runs/student/step_0000300 --out hf/student --threshold 0.9 \
+        --eval-results runs/student/eval.json
     python tools/export_hf.py --ckpt ckpt/student --out hf/student --mask-token-id 151669 --block-size 4
     torchrun --nproc_per_node=2 tools/export_hf.py --ckpt ckpt/q8b --out hf/q8b --teacher --tp 2
 
-Checkpoints not written by ``tools/import_hf.py`` (e.g. training checkpoints) need ``--hf-source``
-(the HF directory of the base model: config.json and tokenizer) and, if the model's keys are
-nested, ``--prefix``.
+Trainer checkpoints (``step_N``) and imports carry the source config.json and tokenizer, so
+``--hf-source`` is needed only for checkpoints written by other code (and ``--prefix`` if their
+model keys are nested). A student gets its tokenizer with the [MASK] registered as its mask token,
+a generation_config.json for its block decoder (``--steps-per-block``, ``--threshold``) and a
+model card (README.md) with the scores of ``--eval-results`` files.
 """
 
 from __future__ import annotations
@@ -46,7 +50,14 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size of this job")
     p.add_argument("--pp", type=int, default=1, help="pipeline-parallel size of this job")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="cast the exported weights (default: as stored)")
+                   help="cast the exported weights (default: as stored); config.json records it")
+    p.add_argument("--steps-per-block", type=int, default=None,
+                   help="student: default rounds per block in generation_config.json (default: the block size)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="student: default confidence threshold in generation_config.json (default: static decoding)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="student: default generation length")
+    p.add_argument("--eval-results", action="append", default=[], metavar="FILE",
+                   help="student: an opdlm eval --output JSON whose scores go into the model card (repeatable)")
     p.add_argument("--max-shard-size", type=parse_size, default=parse_size("5GB"), help="per safetensors file")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
@@ -56,18 +67,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from nemo_opdlm.convert.export_assets import BlockDecoding, load_tokenizer, read_eval_results, register_mask_token
     from nemo_opdlm.convert.mcore_to_hf import HF_EXPORT, export_checkpoint, resolve_export
     from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
     from nemo_opdlm.convert.staging import check_target
     from nemo_opdlm.runtime.comm import is_rank0
-    from nemo_opdlm.errors import OPDLMError
+    from nemo_opdlm.errors import ConfigError, OPDLMError
     from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
     try:  # everything that can be refused is refused before the runtime starts, and nothing is written
         check_target(args.out, args.overwrite, HF_EXPORT)
         meta = read_checkpoint_meta(args.ckpt) or {}
-        cfg, _, _ = resolve_export(args.ckpt, hf_source=args.hf_source)
+        cfg, _, assets_dir = resolve_export(args.ckpt, hf_source=args.hf_source)
         layout = ParallelLayout(tp=args.tp, pp=args.pp)
         layout.check_model(cfg)
         diffusion = None
@@ -75,6 +87,18 @@ def main(argv: Optional[list[str]] = None) -> int:
             check_mask_in_vocab(args.mask_token_id, cfg.vocab_size, "--mask-token-id")
             diffusion = DiffusionConfig(block_size=args.block_size, mask_token_id=args.mask_token_id,
                                         shift_logits=args.shift_logits)
+        elif meta.get("diffusion") and not args.teacher:
+            diffusion = DiffusionConfig(**meta["diffusion"])
+        decoding = BlockDecoding(steps_per_block=args.steps_per_block, threshold=args.threshold,
+                                 max_new_tokens=args.max_new_tokens)
+        if diffusion is not None and decoding.steps_per_block is not None and decoding.steps_per_block > diffusion.block_size:
+            raise ConfigError(f"--steps-per-block {decoding.steps_per_block} is more than the block size "
+                              f"{diffusion.block_size}")
+        tokenizer = load_tokenizer(assets_dir) if diffusion is not None else None
+        if tokenizer is not None:  # an ordinary word as [MASK] is refused here, before anything is written
+            register_mask_token(tokenizer, diffusion.mask_token_id,
+                                "--mask-token-id" if args.mask_token_id is not None else f"{args.ckpt}'s diffusion settings")
+        eval_results = read_eval_results(args.eval_results)
     except OPDLMError as err:
         print(f"export_hf: error: {err}", file=sys.stderr)
         return 2
@@ -83,7 +107,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     with runtime(layout) as rt:
         cfg = export_checkpoint(args.ckpt, args.out, rt.ctx, diffusion=diffusion, as_teacher=args.teacher,
                                 hf_source=args.hf_source, prefix=args.prefix, overwrite=args.overwrite,
-                                max_shard_bytes=args.max_shard_size, dtype=dtype)
+                                max_shard_bytes=args.max_shard_size, dtype=dtype, decoding=decoding,
+                                eval_results=eval_results)
         if is_rank0():
             kind = "teacher" if args.teacher or (diffusion is None and not meta.get("diffusion")) else "student"
             print(f"export_hf: {cfg.family} {kind} -> {args.out} in {time.perf_counter() - start:.1f} s")

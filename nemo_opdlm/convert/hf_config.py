@@ -101,12 +101,47 @@ def hf_dtype(hf: dict[str, Any]) -> str:
     return TORCH_DTYPES.get(str(raw).replace("torch.", ""), "float32")
 
 
+def is_student_config(hf: dict[str, Any]) -> bool:
+    """An exported block-diffusion student's config.json (``student_hf_config``'s output)."""
+    return STUDENT_ARCHITECTURE in (hf.get("architectures") or []) or hf.get("model_type") == STUDENT_MODEL_TYPE
+
+
+def source_config_of_student(hf: dict[str, Any]) -> dict[str, Any]:
+    """The AR config.json an exported student's config.json restates (its weights keep the source's
+    names), so that every reader of AR configs also reads an exported student."""
+    arch = hf.get("source_architecture")
+    if arch not in ARCHITECTURES:
+        raise UnsupportedArchitectureError(
+            f"exported student with source_architecture={arch!r}; supported: {', '.join(supported_architectures())}")
+    fam = FAMILIES[ARCHITECTURES[arch]]
+    rope: dict[str, Any] = {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": "default"}
+    if hf.get("rope_llama3"):
+        rope.update(rope_type="llama3", **hf["rope_llama3"])
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "dtype",
+            "bos_token_id", "eos_token_id", "pad_token_id")
+    return {"architectures": [arch], "model_type": fam.model_type, "hidden_act": "silu", "rope_parameters": rope,
+            **{k: hf[k] for k in keys if k in hf}}
+
+
+def student_diffusion(hf: dict[str, Any]) -> DiffusionConfig:
+    """The diffusion settings recorded in an exported student's config.json."""
+    if hf.get("mask_token_id") is None:
+        raise UnsupportedArchitectureError("exported student config.json has no mask_token_id: re-export it with "
+                                           "tools/export_hf.py --mask-token-id")
+    return DiffusionConfig(mask_token_id=int(hf["mask_token_id"]), block_size=int(hf.get("block_size", 4)),
+                           shift_logits=bool(hf.get("shift_logits", False)))
+
+
 def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
-    """The :class:`ModelConfig` of an HF config dict; ``overrides`` replace any field.
+    """The :class:`ModelConfig` of an HF config dict (an AR model's, or an exported student's);
+    ``overrides`` replace any field.
 
     ``params_dtype`` defaults to the checkpoint's dtype, so a bf16 checkpoint becomes a bf16 model
     (no copy in a wider type) and round-trips bit for bit.
     """
+    if is_student_config(hf):
+        hf = source_config_of_student(hf)
     family = family_of(hf)
     _refuse_unsupported(hf, family)
     fam = FAMILIES[family]

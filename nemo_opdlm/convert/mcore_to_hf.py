@@ -2,8 +2,10 @@
 
 One job: write the weights under the source architecture's HF names (safetensors shards + index),
 the config.json, the tokenizer files, and, for a block-diffusion student, the self-contained
-``modeling_opdlm.py`` that ``transformers`` loads with ``trust_remote_code=True``. A teacher (no
-diffusion settings) is written back as its original architecture, config.json verbatim.
+``modeling_opdlm.py`` that ``transformers`` loads with ``trust_remote_code=True`` (its tokenizer,
+generation_config.json and model card come from ``export_assets.py``). A teacher (no diffusion
+settings) is written back as its original architecture, config.json verbatim (but for the dtype
+of the weights written).
 Non-goals: training-time checkpoints (``training/checkpoint.py``), loading HF (``hf_to_mcore.py``).
 
 How ranks share the work: each parameter's TP shards are all-gathered inside its TP group; the
@@ -24,6 +26,7 @@ import torch.distributed as dist
 
 from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert.errors import ArchitectureMismatchError, ConvertError
+from nemo_opdlm.convert.export_assets import MODEL_CARD, BlockDecoding, CardFacts, write_student_assets
 from nemo_opdlm.convert.dist_checkpoint import ASSETS_DIR, load_dist_checkpoint, read_checkpoint_meta
 from nemo_opdlm.convert.hf_to_mcore import INDEX_FILE, SINGLE_FILE, check_layout, parameter_sources, without_random_init
 from nemo_opdlm.convert.key_maps import to_hf
@@ -31,13 +34,14 @@ from nemo_opdlm.convert.safetensors_io import write_safetensors
 from nemo_opdlm.convert.staging import OutputKind, check_target, staged_dir
 from nemo_opdlm.runtime.comm import is_rank0
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
+from nemo_opdlm.models.families import FAMILIES
 from nemo_opdlm.models.student import build_chunks, unwrap
 from nemo_opdlm.runtime.context import ParallelContext
 
 MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling", "modeling_opdlm.py")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 HF_EXPORT = OutputKind("Hugging Face export", (
-    "config.json", "*.safetensors", INDEX_FILE, f"{hfc.MODELING_MODULE}.py", *hfc.TOKENIZER_FILES))
+    "config.json", "*.safetensors", INDEX_FILE, f"{hfc.MODELING_MODULE}.py", MODEL_CARD, *hfc.TOKENIZER_FILES))
 """Everything an export writes: ``--overwrite`` replaces a previous export, never other files."""
 
 
@@ -141,6 +145,8 @@ def export_chunks(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: Optional[torch.dtype] = None,
+    decoding: Optional[BlockDecoding] = None,
+    card: Optional[CardFacts] = None,
 ) -> None:
     """Write the chunks (this rank's share of a model at any layout) as an HF directory.
 
@@ -148,28 +154,47 @@ def export_chunks(
         source_config: the HF config.json the model came from; written verbatim for a teacher.
         diffusion: the student's settings; None exports the unchanged AR architecture.
         assets_dir: where tokenizer files (and generation_config.json) are copied from.
-        dtype: cast weights on the way out (default: the model's ``params_dtype``).
+        dtype: cast weights on the way out (default: the model's ``params_dtype``); config.json says which.
+        decoding, card: a student's default decoding (generation_config.json) and model card facts.
     """
     check_layout(cfg, unwrap(chunks[0]).parallel)
     with staged_dir(out_dir, overwrite, HF_EXPORT) as staging:
         records = _all_records(_write_weights(chunks, cfg, staging, max_shard_bytes, dtype))
         if is_rank0():
             _name_shards(staging, records)
-            write_hf_metadata(staging, cfg, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir)
+            write_hf_metadata(staging, cfg, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
+                              dtype=dtype_name(dtype or cfg.dtype), decoding=decoding, card=card)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """'bfloat16' for torch.bfloat16: config.json's spelling."""
+    return str(dtype).replace("torch.", "")
 
 
 def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Optional[dict[str, Any]],
-                      diffusion: Optional[DiffusionConfig], assets_dir: Optional[str]) -> None:
-    """config.json, tokenizer files and (students) the modeling file."""
-    for name in hfc.TOKENIZER_FILES:
-        path = os.path.join(assets_dir, name) if assets_dir else ""
-        if path and os.path.isfile(path):
-            shutil.copy2(path, os.path.join(directory, name))
+                      diffusion: Optional[DiffusionConfig], assets_dir: Optional[str], dtype: Optional[str] = None,
+                      decoding: Optional[BlockDecoding] = None, card: Optional[CardFacts] = None) -> None:
+    """config.json (``dtype``: the weights' dtype as written), the tokenizer, and for a student the
+    modeling file, generation_config.json and README.md."""
     if diffusion is None:
+        for name in hfc.TOKENIZER_FILES:
+            path = os.path.join(assets_dir, name) if assets_dir else ""
+            if path and os.path.isfile(path):
+                shutil.copy2(path, os.path.join(directory, name))
         config = dict(source_config) if source_config is not None else hfc.hf_config_from_model(cfg)
+        if dtype is not None and hfc.hf_dtype(config) != dtype:
+            config.pop("torch_dtype", None)
+            config["dtype"] = dtype
         _write_json(os.path.join(directory, "config.json"), config)
         return
-    _write_json(os.path.join(directory, "config.json"), hfc.student_hf_config(cfg, diffusion, source_config))
+    eos = write_student_assets(directory, FAMILIES[cfg.family].architecture, diffusion, source_config=source_config, assets_dir=assets_dir,
+                               decoding=decoding or BlockDecoding(), facts=card or CardFacts(checkpoint="memory"),
+                               dtype=dtype or cfg.params_dtype)
+    config = hfc.student_hf_config(cfg, diffusion, source_config)
+    config["dtype"] = dtype or config["dtype"]
+    if config.get("eos_token_id") is None and eos:
+        config["eos_token_id"] = eos if len(eos) > 1 else eos[0]
+    _write_json(os.path.join(directory, "config.json"), config)
     shutil.copy2(MODELING_FILE, os.path.join(directory, hfc.MODELING_MODULE + ".py"))
 
 
@@ -222,6 +247,8 @@ def export_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: Optional[torch.dtype] = None,
+    decoding: Optional[BlockDecoding] = None,
+    eval_results: Optional[list[dict[str, Any]]] = None,
     **overrides: Any,
 ) -> ModelConfig:
     """A torch_dist checkpoint (saved at any TP/PP) -> HF directory, read at ``parallel``'s layout.
@@ -229,6 +256,8 @@ def export_checkpoint(
     The architecture, source config and tokenizer come from :func:`resolve_export`. Diffusion
     settings come from ``diffusion`` or the checkpoint's metadata; ``as_teacher`` forces the AR
     export. ``prefix`` is the sharded-key prefix of the model inside a training checkpoint, if any.
+    ``decoding`` and ``eval_results`` (``opdlm eval --output`` entries) go into a student's
+    generation_config.json and model card.
     """
     check_target(out_dir, overwrite, HF_EXPORT)
     meta = read_checkpoint_meta(ckpt_dir) or {}
@@ -241,6 +270,40 @@ def export_checkpoint(
     check_layout(cfg, parallel)
     chunks = build_chunks(without_random_init(cfg), parallel)
     load_dist_checkpoint(chunks, ckpt_dir, prefix=prefix, cfg=cfg)
+    card = run_facts(ckpt_dir, meta.get("step"), source_config, hf_source, eval_results)
     export_chunks(chunks, cfg, out_dir, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
-                  overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype)
+                  overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype, decoding=decoding, card=card)
     return cfg
+
+
+def run_facts(ckpt_dir: str, step: Optional[int], source_config: Optional[dict[str, Any]], hf_source: Optional[str],
+              eval_results: Optional[list[dict[str, Any]]]) -> CardFacts:
+    """What the model card can say about the run that wrote ``ckpt_dir``: the run's saved
+    ``config.yaml`` (its ``distill.method`` and ``init.teacher_hf``) and the rollouts' tokens per
+    round at ``step`` (the run directory's ``metrics.jsonl``), where they exist."""
+    import yaml
+
+    facts = CardFacts(checkpoint=ckpt_dir, step=step, eval_results=list(eval_results or []))
+    run_dir = os.path.dirname(os.path.normpath(ckpt_dir))
+    for path in (os.path.join(ckpt_dir, "config.yaml"), os.path.join(run_dir, "config.yaml")):
+        if os.path.isfile(path):
+            try:
+                with open(path) as f:
+                    data = yaml.safe_load(f) or {}
+                facts.method = (data.get("distill") or {}).get("method")
+                facts.teacher = (data.get("init") or {}).get("teacher_hf")
+            except (OSError, yaml.YAMLError, AttributeError):
+                pass
+            break
+    facts.teacher = facts.teacher or (source_config or {}).get("_name_or_path") or hf_source
+    metrics = os.path.join(run_dir, "metrics.jsonl")
+    if step is not None and os.path.isfile(metrics):
+        with open(metrics) as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue
+                if row.get("step", step + 1) <= step and row.get("rollout/tokens_per_round") is not None:
+                    facts.rollout_tokens_per_round = float(row["rollout/tokens_per_round"])
+    return facts

@@ -8,9 +8,17 @@ minerva_math, humaneval). Non-goals: loading task data (the harness does that).
 
 Importable without ``lm_eval``: :class:`SamplerLM` holds the logic; when ``lm_eval`` is
 importable, :func:`harness_class` builds the subclass of ``lm_eval.api.model.LM`` and registers it
-as ``opdlm``, so ``lm_eval --model opdlm --model_args hf=<dir>,mode=dynamic,threshold=0.9``
-works after ``import nemo_opdlm.eval.lm_eval_adapter``. Run single-process (TP=PP=1); from
+as ``opdlm`` (after lm-eval's own models, which registering first would hide). lm-eval 0.4.13 does
+not discover plugin models, so its ``lm_eval`` command does not know ``opdlm``: run
+``opdlm lm-eval --model opdlm --model_args hf=<dir>,mode=dynamic,threshold=0.9 --tasks ...``
+(``eval/lm_eval_cli.py``), or import this module before calling ``lm_eval.simple_evaluate``.
+``hf`` may be an AR model or a student exported by ``tools/export_hf.py``; ``ckpt`` a megatron-core
+checkpoint (a trainer's ``step_N`` carries its tokenizer). Run single-process (TP=PP=1); from
 Python, pass already built ``chunks`` and ``tokenizer``.
+
+What the harness reports: ``get_model_info`` adds the decoding settings and the tokens decoded
+per denoising round (``tokens_per_round``: valid tokens / rounds the rows needed) to the results'
+``config``; a progress bar counts requests while generating.
 """
 
 from __future__ import annotations
@@ -23,6 +31,8 @@ from nemo_opdlm.eval.evaluate import DecodeSettings, decode_responses
 from nemo_opdlm.eval.tasks import truncate_at
 from nemo_opdlm.models.config import decoding_diffusion
 from nemo_opdlm.rollout.sampler import BlockSampler
+
+TOKENIZER_ARG = "the opdlm model arg tokenizer=DIR"
 
 MODEL_NAME = "opdlm"
 LOGLIKELIHOOD_ERROR = (
@@ -64,13 +74,14 @@ class SamplerLM:
 
             parallel = start_single_runtime()
             loaded = load_model(parallel, hf=hf, ckpt=ckpt, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
-                                mask_token_id=mask_token_id, shift_logits=_coerce(shift_logits))
+                                mask_token_id=_coerce(mask_token_id), shift_logits=_coerce(shift_logits),
+                                tokenizer_arg=TOKENIZER_ARG)
             chunks, tokenizer, mask_token_id = loaded.chunks, loaded.tokenizer, loaded.mask_token_id
             shift_logits = loaded.shift_logits
             if "block_size" not in kwargs and loaded.block_size:
                 kwargs["block_size"] = loaded.block_size
-        if tokenizer is None:
-            raise ValueError("SamplerLM needs a tokenizer")
+        if tokenizer is None or isinstance(tokenizer, str):
+            raise ValueError(f"SamplerLM needs a tokenizer object with model chunks ({TOKENIZER_ARG} when loading)")
         fields = {k: _coerce(v) for k, v in kwargs.items() if k in DecodeSettings.__dataclass_fields__}
         unknown = sorted(set(kwargs) - set(fields))
         if unknown:
@@ -83,18 +94,25 @@ class SamplerLM:
         self.diffusion = decoding_diffusion(mask, bool(_coerce(shift_logits)), self.settings.block_size)
         self.eos = eos_ids(tokenizer)
         self.pad = pad_id(tokenizer)
+        self.tokens_generated = 0
+        self.row_rounds = 0
+        """Valid tokens decoded and rounds the rows needed, over every ``generate_until`` call."""
 
     # --- harness API -----------------------------------------------------------------------
     def generate_until(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list[str]:
         """One continuation per request, cut at its ``until`` strings; order preserved.
 
-        Requests with equal generation settings are decoded in batches of ``settings.batch_size``.
+        Requests with equal generation settings are decoded in batches of ``settings.batch_size``;
+        a progress bar (unless ``disable_tqdm``) counts requests and shows the tokens per round.
         """
+        from tqdm import tqdm
+
         parsed = [_request_args(r) for r in requests]
         groups: dict[tuple, list[int]] = {}
         for i, (_, kw) in enumerate(parsed):
             groups.setdefault(self._group_key(kw), []).append(i)
         out: list[Optional[str]] = [None] * len(parsed)
+        bar = tqdm(total=len(parsed), desc="opdlm generate_until", disable=disable_tqdm)
         for key, idx in groups.items():
             settings = replace(self.settings, max_new_tokens=key[0], temperature=key[1]).for_model(self.diffusion)
             sampler = BlockSampler(self.chunks, settings.sampler_config(
@@ -104,9 +122,24 @@ class SamplerLM:
                 enc = self.tokenizer([parsed[i][0] for i in batch], add_special_tokens=False)["input_ids"]
                 ids, lens = left_pad(enc, self.pad)
                 rollout = sampler.generate(ids, lens)
+                self.tokens_generated += int(rollout.valid.sum())
+                self.row_rounds += rollout.row_rounds
                 for i, text in zip(batch, decode_responses(rollout, self.tokenizer, self.eos)):
                     out[i] = truncate_at(text, _until(parsed[i][1]))
+                bar.update(len(batch))
+                bar.set_postfix(tok_per_round=f"{self.tokens_per_round:.2f}")
+        bar.close()
         return [o if o is not None else "" for o in out]
+
+    @property
+    def tokens_per_round(self) -> float:
+        """Valid tokens per denoising round the rows needed, over everything generated so far."""
+        return self.tokens_generated / max(self.row_rounds, 1)
+
+    def get_model_info(self) -> dict[str, Any]:
+        """Added by lm-eval to its results' ``config``: how the model decoded and how parallel it was."""
+        return {"opdlm_decoding": self.settings.describe(), "tokens_per_round": round(self.tokens_per_round, 4),
+                "tokens_generated": self.tokens_generated, "denoising_rounds": self.row_rounds}
 
     def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:
         raise NotImplementedError(LOGLIKELIHOOD_ERROR)
@@ -156,6 +189,7 @@ def _coerce(value: Any) -> Any:
 def harness_class() -> Optional[type]:
     """The registered ``lm_eval`` model class, or None when lm_eval is not installed."""
     try:
+        import lm_eval.models  # noqa: F401  lm-eval's own models first: registering before them hides them
         from lm_eval.api.model import LM
         from lm_eval.api.registry import register_model
     except ImportError:

@@ -8,6 +8,7 @@ adapter, the demo and the benchmarks. Non-goals: decoding and scoring (``evaluat
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -45,17 +46,28 @@ def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> Parallel
     return rt.ctx
 
 
-def _tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[str]) -> str:
+def has_tokenizer(directory: str) -> bool:
+    """``directory`` holds tokenizer files (a checkpoint's ``hf_assets/`` may hold only config.json)."""
+    from nemo_opdlm.convert.hf_config import TOKENIZER_FILES
+
+    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES
+               if name not in ("generation_config.json", "chat_template.jinja", "chat_template.json"))
+
+
+def tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[str], how: str = "--tokenizer DIR") -> str:
+    """Where the tokenizer is read from: ``tokenizer``, else the HF directory, else the checkpoint's
+    ``hf_assets/`` (trainer checkpoints and imports carry it) or ``tokenizer/``. ``how`` names the
+    argument that gives one, for the error when none is found."""
     if tokenizer:
         return tokenizer
     if hf:
         return hf
     for sub in ("hf_assets", "tokenizer"):
         path = os.path.join(ckpt or "", sub)
-        if os.path.isdir(path):
+        if os.path.isdir(path) and has_tokenizer(path):
             return path
-    raise ConfigError(f"no tokenizer found for {ckpt} (no hf_assets/ or tokenizer/ in it): give the tokenizer "
-                      "directory (opdlm eval --tokenizer DIR; the lm-eval model arg tokenizer=DIR)")
+    raise ConfigError(f"no tokenizer found for {ckpt} (no tokenizer files in its hf_assets/ or tokenizer/): give the "
+                      f"tokenizer directory ({how})")
 
 
 def check_checkpoint_dir(ckpt: str) -> None:
@@ -85,15 +97,17 @@ def check_checkpoint_dir(ckpt: str) -> None:
 def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Optional[str] = None,
                tokenizer: Optional[str] = None, prefix: str = "", mask_token_id: Optional[int] = None,
                block_size: Optional[int] = None, shift_logits: Optional[bool] = None,
-               model_config: Any = None) -> LoadedModel:
+               model_config: Any = None, tokenizer_arg: str = "--tokenizer DIR") -> LoadedModel:
     """Load weights for ``parallel``'s layout (the running runtime's ``Runtime.ctx``).
 
-    ``hf``: an HF directory of a supported AR model (Qwen3 / Qwen2 / Llama). ``ckpt``: a torch_dist
+    ``hf``: an HF directory of a supported AR model (Qwen3 / Qwen2 / Llama) or of a student exported
+    by ``tools/export_hf.py`` (its diffusion settings read from its config.json). ``ckpt``: a torch_dist
     checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
     from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
     the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token;
     ``shift_logits`` from the argument, else the metadata, else False. The tokenizer and the [MASK]
-    id are checked against the model's vocabulary before the model is built.
+    id are checked against the model's vocabulary before the model is built. ``tokenizer_arg`` names
+    the caller's argument for a tokenizer directory in the error raised when none is found.
     """
     from transformers import AutoTokenizer
 
@@ -107,11 +121,14 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         raise ConfigError("give exactly one model: an HF directory (hf, --hf) or a checkpoint (ckpt, --ckpt)")
     if ckpt:
         check_checkpoint_dir(ckpt)
-    tok_dir = _tokenizer_dir(tokenizer, hf, ckpt)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok_dir = tokenizer_dir(tokenizer, hf, ckpt, tokenizer_arg)
     diffusion: dict = {}
+    hf_cfg: Optional[dict] = None
     if hf:
-        cfg = hfc.model_config_from_hf(hfc.read_hf_config(hf))
+        hf_cfg = hfc.read_hf_config(hf)
+        cfg = hfc.model_config_from_hf(hf_cfg)
+        if hfc.is_student_config(hf_cfg):
+            diffusion = dataclasses.asdict(hfc.student_diffusion(hf_cfg))
     else:
         meta = read_checkpoint_meta(ckpt) or {}
         diffusion = meta.get("diffusion") or {}
@@ -121,11 +138,13 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         if cfg is None:
             raise CheckpointError(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
                                   "(evaluate through the training run, or use tools/import_hf.py)")
+    # an exported student's config.json names remote code: the tokenizer does not need it
+    tok = AutoTokenizer.from_pretrained(tok_dir, trust_remote_code=hf_cfg is not None and hfc.is_student_config(hf_cfg))
     check_vocab_fits(tok, cfg.vocab_size, tok_dir, f"the vocab_size of {hf or ckpt}")
     if mask_token_id is not None:
         mask, source = mask_token_id, "--mask-token-id"
     elif diffusion.get("mask_token_id") is not None:
-        mask, source = diffusion["mask_token_id"], f"{ckpt}'s diffusion settings"
+        mask, source = diffusion["mask_token_id"], f"{hf or ckpt}'s diffusion settings"
     else:
         mask, source = tok.mask_token_id, f"the tokenizer in {tok_dir}"
     if mask is not None:

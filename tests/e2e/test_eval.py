@@ -310,7 +310,8 @@ def test_adapter_generate_until_without_lm_eval(student, arith_task):
 
 
 def test_adapter_registers_when_lm_eval_is_importable(monkeypatch):
-    """With a stand-in ``lm_eval`` package the class subclasses its LM and is registered as 'opdlm'."""
+    """With a stand-in ``lm_eval`` package the class subclasses its LM and is registered as 'opdlm'
+    (the real package: tests/e2e/test_lm_eval.py)."""
     registry: dict = {}
 
     class LM:
@@ -323,7 +324,8 @@ def test_adapter_registers_when_lm_eval_is_importable(monkeypatch):
             return cls
         return deco
 
-    mods = {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.api": types.ModuleType("lm_eval.api"),
+    mods = {"lm_eval": types.ModuleType("lm_eval"), "lm_eval.models": types.ModuleType("lm_eval.models"),
+            "lm_eval.api": types.ModuleType("lm_eval.api"),
             "lm_eval.api.model": types.ModuleType("lm_eval.api.model"),
             "lm_eval.api.registry": types.ModuleType("lm_eval.api.registry")}
     mods["lm_eval.api.model"].LM = LM
@@ -335,5 +337,16 @@ def test_adapter_registers_when_lm_eval_is_importable(monkeypatch):
     cls = A.harness_class()
     assert registry["opdlm"] is cls and issubclass(cls, LM) and issubclass(cls, A.SamplerLM)
     for name in mods:
-        monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setitem(sys.modules, name, None)  # as if lm_eval were not installed
     assert importlib.reload(A).HarnessLM is None  # no lm_eval: importable, nothing registered
+    monkeypatch.undo()
+    importlib.reload(A)
+
+
+def test_opdlm_lm_eval_without_lm_eval_says_how_to_install(monkeypatch, capsys):
+    from nemo_opdlm.cli import main
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if lm_eval were not installed
+    monkeypatch.setitem(sys.modules, "lm_eval.__main__", None)
+    assert main(["lm-eval", "--model", "opdlm", "--tasks", "gsm8k"]) == 2
+    assert "pip install 'nemo-opdlm[eval]'" in capsys.readouterr().err

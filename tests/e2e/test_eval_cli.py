@@ -54,7 +54,7 @@ def test_eval_cli_refusals_are_one_line(tmp_path, capsys):
     base = ["eval", "--task", "synthetic", "--data", data.test]
     assert cli.main(base + ["--ckpt", str(bare)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no tokenizer found" in err[0] and "tokenizer=DIR" in err[0], err
+    assert len(err) == 1 and "no tokenizer found" in err[0] and "--tokenizer DIR" in err[0], err  # the flag this command takes
     assert cli.main(base + ["--ckpt", str(bare), "--hf", str(bare)]) == 2
     assert "give exactly one model" in capsys.readouterr().err
     assert cli.main(base + ["--ckpt", str(bare), "--threshold", "2"]) == 2  # refused before anything loads

@@ -76,6 +76,9 @@ def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
         exported = json.load(open(os.path.join(out, "config.json")))
         assert exported["mask_token_id"] == 99 and exported["shift_logits"] is True
         assert os.path.isfile(os.path.join(out, "tokenizer.json"))
+        generation = json.load(open(os.path.join(out, "generation_config.json")))  # EOS ids: generate stops
+        assert generation["eos_token_id"] is not None and generation["block_size"] == 4
+        assert os.path.isfile(os.path.join(out, "README.md"))
 
 
 def test_static_rows_cosine_curriculum_and_domain_caps(tmp_path):

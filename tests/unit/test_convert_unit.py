@@ -315,7 +315,7 @@ def test_modeling_file_imports_only_torch_and_transformers():
             roots.update(a.name.split(".")[0] for a in node.names)
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
-    assert roots <= {"__future__", "math", "typing", "torch", "transformers"}, roots
+    assert roots <= {"__future__", "copy", "math", "typing", "torch", "transformers"}, roots
 
 
 def test_modeling_mask_rule_equals_training_rule():
@@ -347,3 +347,20 @@ def test_modeling_select_rule():
     dyn = mod._select(conf, masked, 1, 0.25)
     assert dyn.tolist() == [[True, True, False, False], [True, True, False, True]]
     assert mod._schedule(4, 3) == [2, 1, 1]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_exported_student_config_reads_back_as_its_source(family):
+    """An exported student's config.json gives the same architecture and its diffusion settings, so
+    ``opdlm eval --hf`` and the lm-eval adapter load an export directory as they load the source."""
+    from nemo_opdlm.convert import hf_config as hfc
+    from nemo_opdlm.models.config import DiffusionConfig
+    from tests.convert_models import hf_config
+
+    source = hf_config(family).to_dict()
+    cfg = hfc.model_config_from_hf(source)
+    diffusion = DiffusionConfig(block_size=8, mask_token_id=97, shift_logits=True)
+    student = json.loads(json.dumps(hfc.student_hf_config(cfg, diffusion, source)))
+    assert hfc.is_student_config(student) and not hfc.is_student_config(source)
+    assert hfc.model_config_from_hf(student) == cfg
+    assert hfc.student_diffusion(student) == diffusion

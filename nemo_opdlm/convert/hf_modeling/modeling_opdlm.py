@@ -32,15 +32,17 @@ threshold, and at least the scheduled count.
 
 from __future__ import annotations
 
+import copy
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import transformers
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutput
 
 PAD, CLEAN, NOISY = 0, 1, 2
@@ -290,8 +292,10 @@ class OPDLMModel(OPDLMPreTrainedModel):
         return self.norm(x), present
 
 
-class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
-    """The exported student: ``forward`` gives logits under block-diffusion metadata; ``generate`` decodes."""
+class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel, GenerationMixin):
+    """The exported student: ``forward`` gives logits under block-diffusion metadata; ``generate``
+    decodes. ``GenerationMixin`` only makes ``transformers`` load ``generation_config.json`` into
+    ``self.generation_config``: ``generate`` is this class's own."""
 
     # transformers 5 maps tied targets to sources; 4.x lists the tied names.
     _tied_weights_keys = (
@@ -316,26 +320,29 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
         position_ids: Optional[torch.Tensor] = None,
         token_meta: Optional[torch.Tensor] = None,
         attention_mask: Optional[torch.Tensor] = None,
-        **unused,
+        **kwargs,
     ) -> CausalLMOutput:
-        """Logits ``[B, S, V]``: the prediction of the token *at* each position, or with
-        ``config.shift_logits`` of the token *after* it (as an AR model's; ``generate`` then reads a
+        """Logits ``[B, S, V]`` under block-diffusion metadata: the prediction of the token *at* each
+        position, or with ``config.shift_logits`` of the token *after* it (``generate`` then reads a
         block's first token from the clean token before the block).
 
         Args:
             input_ids: ``[B, S]``.
-            position_ids: ``[B, S]`` RoPE positions (xt reuses x0's); default from the layout.
-            token_meta: ``[B, 2, S]`` block ids and kinds; default: the input is a left-padded
-                prompt (``attention_mask``, 1 = real token) read block-causally with
-                ``config.block_size``.
+            position_ids: ``[B, S]`` RoPE positions (xt reuses x0's).
+            token_meta: ``[B, 2, S]`` block ids and kinds (see the module docstring; build a
+                left-padded prompt's with ``prompt_layout``, a response block's with
+                ``response_layout``).
+
+        There is no default layout: a call without ``token_meta`` is what a left-to-right
+        log-likelihood scorer makes (``model(ids).logits``, e.g. lm-eval's ``hf`` model on a
+        multiple-choice task), and this model has no such likelihood (a clean token sees its whole
+        block), so the call is refused instead of returning numbers that look like one.
         """
-        if token_meta is None:
-            if attention_mask is None:
-                attention_mask = torch.ones_like(input_ids)
-            token_meta, default_pos = prompt_layout(attention_mask, self.config.block_size)
-            position_ids = default_pos if position_ids is None else position_ids
-        if position_ids is None:
-            raise ValueError("position_ids are required together with token_meta")
+        unknown = sorted(k for k in kwargs if k not in _FORWARD_IGNORED)
+        if kwargs.get("labels") is not None or unknown:
+            raise TypeError(f"OPDLMBlockDiffusionLM.forward does not take {unknown or ['labels']}: " + _NO_LIKELIHOOD)
+        if token_meta is None or position_ids is None:
+            raise ValueError(_NO_LIKELIHOOD)
         hidden, _ = self.model(input_ids, position_ids, token_meta)
         return CausalLMOutput(logits=self.lm_head(hidden))
 
@@ -350,64 +357,90 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
         self,
         input_ids: torch.Tensor,
         attention_mask: Optional[torch.Tensor] = None,
-        max_new_tokens: int = 128,
-        block_size: Optional[int] = None,
-        steps_per_block: Optional[int] = None,
-        threshold: Optional[float] = None,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        mask_token_id: Optional[int] = None,
-        eos_token_id: Optional[int | list[int]] = None,
-        pad_token_id: Optional[int] = None,
-        suppress_mask_token: bool = True,
+        generation_config: Optional[GenerationConfig] = None,
+        stopping_criteria: Optional[Any] = None,
         generator: Optional[torch.Generator] = None,
         return_dict: bool = False,
-        **unused,
+        **kwargs,
     ):
-        """Block-diffusion decoding of left-padded prompts ``input_ids [B, P]``.
+        """Block-diffusion decoding of prompts ``input_ids [B, P]`` (padded on either side).
 
-        Blocks of ``block_size`` tokens are decoded one after another; each starts fully masked
-        and is unmasked over ``steps_per_block`` rounds (default ``block_size``: one token per
-        round). ``threshold=None`` is static decoding (the scheduled count per round, most
-        confident first, ties to the left); a float is confidence-threshold decoding (every
-        masked position strictly above it, and at least the scheduled count). Confidence is the
-        probability of the chosen token under the softmax of the raw logits. ``temperature=0``
-        is greedy; the [MASK] token is never chosen unless ``suppress_mask_token=False``.
-        A row finishes with the block in which it emits an EOS (that block is kept as decoded);
-        its later positions hold ``pad_token_id`` (default: the first EOS id, else 0). The prompt
-        and committed blocks are held in a KV cache.
+        Settings come, as in ``transformers``, from ``generation_config`` (default: the model's,
+        read from ``generation_config.json``), updated by keyword arguments:
 
-        Returns ``[B, P + L]`` ids (``L`` = ``max_new_tokens`` rounded up to whole blocks), or with
-        ``return_dict`` a dict with ``sequences`` and ``step_map`` (``[B, L]``: the round within
-        its block at which each token was unmasked; -1 where nothing was decoded).
+        - the block decoder's own: ``block_size``, ``steps_per_block`` (rounds per block, default
+          ``block_size``: one token per round), ``threshold`` (None: static decoding, the
+          scheduled count per round, most confident first, ties to the left; a float: every
+          masked position whose confidence is strictly above it, and at least the scheduled
+          count), ``mask_token_id``, ``suppress_mask_token`` (default True: [MASK] is never
+          chosen);
+        - the standard ones it honours: ``max_new_tokens`` / ``max_length`` (an explicit argument
+          wins over the config; ``max_new_tokens`` over ``max_length``), ``do_sample`` with
+          ``temperature`` / ``top_k`` / ``top_p`` (``do_sample=False``: greedy, and the others
+          unused), ``eos_token_id``, ``pad_token_id``, ``num_return_sequences`` (sampling only),
+          ``return_dict_in_generate`` with ``output_scores`` / ``output_logits`` (one ``[B, V]``
+          tensor per new token: the scores it was chosen from, and the raw logits, at the round
+          it was unmasked), ``stopping_criteria`` (called on every new token's prefix once its
+          block is decoded), ``use_cache`` (accepted; the prompt and committed blocks are always
+          cached), ``token_type_ids`` (one segment only: some tokenizers return them);
+        - anything else (beam search, penalties, processors, ...) is refused by name.
+
+        Confidence is the probability of the chosen token under the softmax of the raw logits.
+        Padding may be on either side (the rows are re-padded on the left internally). A row
+        finishes with the block in which it emits an EOS or meets a stopping criterion; its
+        tokens after that are ``pad_token_id`` (default: the first EOS id, else 0).
+
+        Returns ``[B * num_return_sequences, P + L]`` ids (the prompts as given, then at most
+        ``max_new_tokens`` new ones), or with ``return_dict_in_generate`` (or the older
+        ``return_dict``) an output with ``sequences``, ``step_map`` (``[B, L]``: the round within
+        its block at which each token was unmasked; -1 where nothing was decoded) and, when asked,
+        ``scores`` and ``logits``.
 
         With ``config.shift_logits`` position ``j`` of a block is predicted by the logits at
         ``j - 1``, and the block's first position by the last token before the block (the
         prompt's last token, or the previous block's last token when that block is committed).
         """
-        cfg = self.config
-        bs = block_size or cfg.block_size
-        steps = steps_per_block or bs
-        mask_id = cfg.mask_token_id if mask_token_id is None else mask_token_id
-        if mask_id is None:
-            raise ValueError("no mask_token_id in the config: pass mask_token_id")
-        if not 1 <= steps <= bs:
-            raise ValueError(f"steps_per_block must be in [1, block_size={bs}], got {steps}")
-        eos_ids = _as_list(cfg.eos_token_id if eos_token_id is None else eos_token_id)
-        pad_id = pad_token_id if pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-        batch, width = input_ids.shape
-        device = input_ids.device
+        segments = kwargs.pop("token_type_ids", None)  # some tokenizers return them; one segment means nothing
+        if segments is not None and bool(segments.any()):
+            raise ValueError("token_type_ids with more than one segment: this decoder has no segment embeddings")
+        s = _resolve_settings(self.config, generation_config or self.generation_config, kwargs, input_ids.shape[1])
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if s.num_return_sequences > 1:
+            input_ids = input_ids.repeat_interleave(s.num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(s.num_return_sequences, dim=0)
+        left_ids, left_mask = left_aligned(input_ids, attention_mask)
+        tokens, step_map, scores, logits = self._decode(left_ids, left_mask, s, generator, input_ids, stopping_criteria)
+        tokens, step_map = tokens[:, :s.max_new_tokens], step_map[:, :s.max_new_tokens]
+        sequences = torch.cat([input_ids, tokens], dim=1)
+        if not (s.return_dict_in_generate or return_dict):
+            return sequences
+        out = GenerateDecoderOnlyOutput(
+            sequences=sequences,
+            scores=tuple(scores[:, j] for j in range(tokens.shape[1])) if s.output_scores else None,
+            logits=tuple(logits[:, j] for j in range(tokens.shape[1])) if s.output_logits else None)
+        out["step_map"] = step_map
+        return out
+
+    def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: "_Settings",
+                generator: Optional[torch.Generator], prompts: torch.Tensor, criteria: Optional[Any]):
+        """Left-padded prompts -> (tokens ``[B, L]``, step_map, scores and logits ``[B, L, V]`` or None);
+        ``prompts`` as given (for the stopping criteria)."""
+        bs, steps, mask_id = s.block_size, s.steps_per_block, s.mask_token_id
+        batch, _ = input_ids.shape
+        device = input_ids.device
         prompt_meta, prompt_pos = prompt_layout(attention_mask, bs)
         prompt_lens = attention_mask.long().sum(dim=1)
-        n_blocks = -(-max_new_tokens // bs)
-        tokens = torch.full((batch, n_blocks * bs), pad_id, dtype=torch.long, device=device)
+        n_blocks = -(-s.max_new_tokens // bs)
+        tokens = torch.full((batch, n_blocks * bs), s.pad_token_id, dtype=torch.long, device=device)
         step_map = torch.full_like(tokens, -1)
-        active = torch.ones(batch, dtype=torch.bool, device=device)
-        eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
-        shift = bool(getattr(cfg, "shift_logits", False))
+        keep = s.output_scores or s.output_logits
+        vocab = self.config.vocab_size
+        scores = torch.zeros(batch, n_blocks * bs, vocab, device=device) if s.output_scores else None
+        raw_logits = torch.zeros(batch, n_blocks * bs, vocab, device=device) if s.output_logits else None
+        done_at = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=device)  # [B] first stop position
+        active = done_at == tokens.shape[1]
+        shift = bool(getattr(self.config, "shift_logits", False))
         if shift and int(prompt_lens.min()) < 1:
             raise ValueError("a shifted model needs a non-empty prompt in every row")
         logits, kv = self._logits_with_cache(input_ids, prompt_pos, prompt_meta, {})
@@ -422,27 +455,157 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel):
                 logits, _ = self._logits_with_cache(x, pos, noisy_meta, cache)  # [B, bs, V]
                 if shift:
                     logits = torch.cat([first, logits[:, :-1]], dim=1)  # [B, bs, V] position j from j - 1
-                chosen, confidence = _choose(logits, temperature, top_k, top_p, generator,
-                                             mask_id if suppress_mask_token else None)
-                pick = _select(confidence, st < 0, count, threshold)  # [B, bs]
+                chosen, confidence, processed = _choose(logits, s.temperature, s.top_k, s.top_p, generator,
+                                                        mask_id if s.suppress_mask_token else None)
+                pick = _select(confidence, st < 0, count, s.threshold)  # [B, bs]
                 x = torch.where(pick, chosen, x)
                 st = torch.where(pick, rnd, st)
-                if threshold is not None and not bool((st[active] < 0).any()):
+                if keep:
+                    rows = pick & active[:, None]  # [B, bs]
+                    if scores is not None:
+                        scores[:, cols][rows] = processed[rows]
+                    if raw_logits is not None:
+                        raw_logits[:, cols][rows] = logits.float()[rows]
+                if s.threshold is not None and not bool((st[active] < 0).any()):
                     break
             tokens[active, cols] = x[active]
             step_map[active, cols] = st[active]
-            in_limit = torch.arange(b * bs, (b + 1) * bs, device=device) < max_new_tokens  # [bs]
-            active &= ~(torch.isin(x, eos) & in_limit).any(dim=1)
+            done_at = _stops(tokens, done_at, prompts, s, criteria, b * bs, min((b + 1) * bs, s.max_new_tokens))
+            active = done_at == tokens.shape[1]
             if b == n_blocks - 1 or not bool(active.any()):
                 break
             clean_meta, _ = response_layout(prompt_lens, b * bs, bs, bs, CLEAN)
             logits, kv = self._logits_with_cache(x, pos, clean_meta, cache)
             first = logits[:, -1:]  # [B, 1, V]
             cache = {"kv": kv, "meta": torch.cat([cache["meta"], clean_meta], dim=-1)}
-        sequences = torch.cat([input_ids, tokens], dim=1)
-        if return_dict:
-            return {"sequences": sequences, "step_map": step_map}
-        return sequences
+        return _pad_after(tokens, done_at, s.pad_token_id), step_map, scores, raw_logits
+
+
+_NO_LIKELIHOOD = (
+    "this block-diffusion model has no left-to-right log-likelihood: a call without token_meta and "
+    "position_ids (as a log-likelihood scorer such as lm-eval's 'hf' model on multiple-choice or perplexity tasks "
+    "makes) would read block-causal logits as next-token ones. Score it with generation (model.generate, or "
+    "generate_until tasks: `opdlm lm-eval --model opdlm ...`), or pass token_meta and position_ids "
+    "(prompt_layout / response_layout in modeling_opdlm.py)")
+_FORWARD_IGNORED = ("return_dict", "use_cache", "output_attentions", "output_hidden_states")
+
+OWN_GENERATE_ARGS = ("block_size", "steps_per_block", "threshold", "mask_token_id", "suppress_mask_token")
+"""The block decoder's settings (keyword arguments or ``generation_config.json`` fields)."""
+HONOURED = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
+            "pad_token_id", "bos_token_id", "num_return_sequences", "return_dict_in_generate", "output_scores",
+            "output_logits", "use_cache")
+"""The standard ``GenerationConfig`` fields ``generate`` honours (``bos_token_id``: informational)."""
+HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0,
+               "num_return_sequences": 1, "return_dict_in_generate": False, "output_scores": False,
+               "output_logits": False}
+"""transformers' values for fields a config leaves unset (None in transformers 5)."""
+NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "repetition_penalty": 1.0, "length_penalty": 1.0,
+           "encoder_repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "encoder_no_repeat_ngram_size": 0,
+           "diversity_penalty": 0.0, "min_length": 0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+           "guidance_scale": 1.0}
+"""Values of the fields ``generate`` does not implement that change nothing (a config may spell them out)."""
+
+
+class _Settings:
+    """Everything one ``generate`` call decodes with, resolved and checked."""
+
+    def __init__(self, **fields) -> None:
+        self.__dict__.update(fields)
+
+
+def _resolve_settings(config: OPDLMConfig, generation_config: Optional[GenerationConfig], kwargs: dict,
+                      prompt_width: int) -> _Settings:
+    """Merge the model config, ``generation_config`` and the call's keyword arguments (in that
+    order of precedence, lowest first), and refuse what the block decoder cannot honour, by name."""
+    unknown = sorted(k for k in kwargs if k not in OWN_GENERATE_ARGS and k not in HONOURED)
+    if unknown:
+        raise TypeError(f"generate() got arguments the block-diffusion decoder does not support: {unknown}; it takes "
+                        f"{', '.join(OWN_GENERATE_ARGS + HONOURED)}, attention_mask, generation_config, "
+                        "stopping_criteria and generator")
+    gen = copy.deepcopy(generation_config) if generation_config is not None else GenerationConfig()
+    baseline = GenerationConfig().to_dict()
+    unsupported = sorted(
+        k for k, v in gen.to_dict().items()
+        if not k.startswith("_") and k != "transformers_version" and k not in HONOURED and k not in OWN_GENERATE_ARGS
+        and v not in (None, False, baseline.get(k, None), NEUTRAL.get(k, None)))
+    if unsupported:
+        raise ValueError(f"generation_config sets fields the block-diffusion decoder does not support: {unsupported} "
+                         f"(it honours {', '.join(HONOURED)} and its own {', '.join(OWN_GENERATE_ARGS)})")
+
+    def pick(name: str, default=None):
+        if name in kwargs:
+            return kwargs[name]
+        value = getattr(gen, name, None)
+        if value is None:
+            value = getattr(config, name, None) if name in OWN_GENERATE_ARGS or name.endswith("token_id") else None
+        return HF_DEFAULTS.get(name, default) if value is None else value
+
+    block_size = int(pick("block_size", 4))
+    steps = int(pick("steps_per_block") or block_size)
+    if not 1 <= steps <= block_size:
+        raise ValueError(f"steps_per_block must be in [1, block_size={block_size}], got {steps}")
+    mask_id = pick("mask_token_id")
+    if mask_id is None:
+        raise ValueError("no mask_token_id in the config: pass mask_token_id")
+    if "max_new_tokens" in kwargs or ("max_length" not in kwargs and gen.max_new_tokens is not None):
+        new = pick("max_new_tokens")
+    else:
+        new = int(pick("max_length")) - prompt_width
+    if new is None or int(new) < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={new} (max_length counts the prompt's {prompt_width} "
+                         "tokens); pass max_new_tokens")
+    do_sample = bool(pick("do_sample"))
+    temperature = float(pick("temperature"))
+    if do_sample and temperature <= 0:
+        raise ValueError(f"do_sample=True needs temperature > 0, got {temperature}; use do_sample=False for greedy")
+    n_ret = int(pick("num_return_sequences"))
+    if n_ret > 1 and not do_sample:
+        raise ValueError(f"num_return_sequences={n_ret} needs do_sample=True: greedy decoding returns one sequence")
+    threshold = pick("threshold")
+    eos = _as_list(pick("eos_token_id"))
+    pad = pick("pad_token_id")
+    return _Settings(
+        block_size=block_size, steps_per_block=steps, mask_token_id=int(mask_id),
+        threshold=None if threshold is None else float(threshold),
+        suppress_mask_token=bool(pick("suppress_mask_token", True)), max_new_tokens=int(new),
+        temperature=temperature if do_sample else 0.0, top_k=int(pick("top_k")) if do_sample else 0,
+        top_p=float(pick("top_p")) if do_sample else 1.0, num_return_sequences=n_ret, eos_token_ids=eos,
+        pad_token_id=int(pad) if pad is not None else (eos[0] if eos else 0),
+        return_dict_in_generate=bool(pick("return_dict_in_generate")), output_scores=bool(pick("output_scores")),
+        output_logits=bool(pick("output_logits")))
+
+
+def left_aligned(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows re-padded on the left (real tokens kept in order): the decoder's layout, whatever side
+    the tokenizer padded on. ``[B, P]`` each."""
+    real = attention_mask.bool()
+    order = torch.argsort(real.int(), dim=1, stable=True)  # padding first, then the real tokens in order
+    return input_ids.gather(1, order), real.gather(1, order).long()
+
+
+def _pad_after(tokens: torch.Tensor, done_at: torch.Tensor, pad_id: int) -> torch.Tensor:
+    """``tokens [B, L]`` with every position after a row's ``done_at`` set to ``pad_id``."""
+    cols = torch.arange(tokens.shape[1], device=tokens.device)[None, :]
+    return tokens.masked_fill(cols > done_at[:, None], pad_id)
+
+
+def _stops(tokens: torch.Tensor, done_at: torch.Tensor, prompts: torch.Tensor, s: "_Settings",
+           criteria: Optional[Any], lo: int, hi: int) -> torch.Tensor:
+    """``done_at [B]`` updated with the new positions ``[lo, hi)``: a row stops at its first EOS, or
+    at the first token whose prefix meets a stopping criterion (called on ``[prompts | tokens up to
+    j]``, as after each step of AR decoding; a criterion may answer per row or for the batch)."""
+    eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=tokens.device)
+    open_rows = tokens.shape[1]
+    for j in range(lo, hi):
+        running = done_at == open_rows
+        if not bool(running.any()):
+            break
+        hit = torch.isin(tokens[:, j], eos)
+        if criteria is not None:
+            prefix = torch.cat([prompts, _pad_after(tokens[:, :j + 1], done_at, s.pad_token_id)], dim=1)
+            hit |= torch.as_tensor(criteria(prefix, None), device=tokens.device).bool().expand(tokens.shape[0])
+        done_at = torch.where(running & hit, j, done_at)
+    return done_at
 
 
 def _as_list(ids) -> list[int]:
@@ -457,9 +620,11 @@ def _schedule(block_size: int, steps: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(steps)]
 
 
-def _choose(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
-            generator: Optional[torch.Generator], suppress_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Chosen tokens ``[B, n]`` and their confidence under the softmax of the raw logits."""
+def _choose(logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: Optional[torch.Generator],
+            suppress_id: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chosen tokens ``[B, n]``, their confidence under the softmax of the raw logits, and the
+    scores ``[B, n, V]`` they were chosen from (greedy: the logits with [MASK] suppressed; sampling:
+    the log-probabilities after temperature, top-k and top-p)."""
     finfo = torch.finfo(torch.float32)
     raw = torch.nan_to_num(logits.float(), nan=finfo.min, posinf=finfo.max, neginf=finfo.min)  # [B, n, V]
     pickable = raw
@@ -468,6 +633,7 @@ def _choose(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
         pickable[..., suppress_id] = finfo.min
     if temperature <= 0:
         best, chosen = pickable.max(dim=-1)  # ties: the lowest id
+        processed = pickable
     else:
         scaled = (pickable / temperature).clamp(min=finfo.min, max=finfo.max)
         if top_k > 0:
@@ -479,13 +645,14 @@ def _choose(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
             before = ordered.cumsum(dim=-1) - ordered  # mass of strictly more probable tokens
             tau = ordered.masked_fill(before >= top_p, float("inf")).amin(dim=-1, keepdim=True)
             probs = probs.masked_fill(probs < tau, 0.0)
+        processed = probs.log()
         flat = probs.reshape(-1, probs.shape[-1])
         chosen = torch.multinomial(flat, 1, generator=generator).view(probs.shape[:-1])
         best = raw.gather(-1, chosen[..., None]).squeeze(-1)
     shift = raw.amax(dim=-1) if temperature > 0 else best
     log_z = shift + (raw - shift[..., None]).exp().sum(dim=-1).log()
     picked = raw.gather(-1, chosen[..., None]).squeeze(-1)
-    return chosen, (picked - log_z).exp()
+    return chosen, (picked - log_z).exp(), processed
 
 
 def _select(confidence: torch.Tensor, masked: torch.Tensor, count: int, threshold: Optional[float]) -> torch.Tensor:
