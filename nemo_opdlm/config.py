@@ -547,11 +547,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def ensure_recipes_importable() -> None:
-    """Nothing to do: the recipes ship inside the package (``nemo_opdlm.recipes``) and are importable
-    wherever ``nemo_opdlm`` is. Kept for callers written when they lived in the checkout."""
-
-
 def load_recipe(spec: str) -> RunConfig:
     """A recipe: ``module:function`` (or ``module.function``, or the bare function name) of
     ``nemo_opdlm.recipes`` or of a module of the user's, returning a RunConfig; or a YAML path."""

@@ -91,10 +91,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def recipe_facts(args: argparse.Namespace) -> RecipeFacts:
     """Resolve the recipe with its overrides: the cluster it asks for, ``train.steps``, ``train.save_dir``."""
-    from nemo_opdlm.config import ensure_recipes_importable, resolve
+    from nemo_opdlm.config import resolve
     from nemo_opdlm.plan import recipe_cluster
 
-    ensure_recipes_importable()
     cluster = recipe_cluster(args.recipe)
     cfg = resolve(args.recipe, list(args.overrides))
     return RecipeFacts(nodes=args.nodes or (cluster.nodes if cluster else 1),

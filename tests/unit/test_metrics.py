@@ -50,7 +50,8 @@ def test_wandb_run_id_is_stored_in_the_run_dir_and_resumed(tmp_path, monkeypatch
     assert (tmp_path / "run" / WANDB_ID).read_text().strip() == first and len(first) == 8
     assert run(3) == first  # resumed: the same W&B run
     offline = sorted(p.name for p in (tmp_path / "run" / "wandb").iterdir() if p.name.startswith("offline-run-"))
-    assert len(offline) == 2 and all(name.endswith(f"-{first}") for name in offline), offline
+    # offline-run-<time>-<id>, with a "-1" suffix when both runs started in the same second
+    assert len(offline) == 2 and all(name.split("-")[3] == first for name in offline), offline
     assert sorted(os.listdir(tmp_path)) == ["run"]  # nothing under the working directory
     (tmp_path / "run" / WANDB_ID).unlink()
     assert run(1) != first
@@ -73,3 +74,23 @@ def test_progress_lines_say_what_is_built_and_how_the_run_ended():
                     "/r/step_0000005; metrics and config.yaml in /r")
     assert run_summary("completed", 5, 5, 5, [], 0.0, None, None) == \
         "completed: no step run (already at step 5 of 5); no checkpoint (train.save_dir is not set)"
+
+
+def test_tensorboard_scalars_are_written_under_the_run_directory(tmp_path):
+    """The scalars a step logs read back from TensorBoard's event files, with their step numbers.
+    Needs the `tensorboard` package (pip extra: log)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nemo_opdlm.training.metrics import MetricsLogger
+
+    log = MetricsLogger(enabled=True, total_steps=3, out_dir=str(tmp_path / "run"), tensorboard_dir=None,
+                        wandb_project=None, run_name="tiny", config={})
+    for step in (1, 2, 3):
+        log.log(step, {"loss": 1.0 / step, "time/step_s": 0.1})
+    log.close()
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    assert [round(e.value, 6) for e in loss] == [1.0, 0.5, round(1 / 3, 6)]
