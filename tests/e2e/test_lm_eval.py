@@ -103,7 +103,7 @@ def test_hf_model_on_exported_student_honours_max_gen_toks_and_refuses_likelihoo
         simple_evaluate(model=lm, tasks=["opdlm_tiny_mc"], task_manager=manager)
 
 
-def test_checkpoint_without_tokenizer_names_the_model_arg(exported, tmp_path):
+def test_checkpoint_without_tokenizer_names_the_model_arg(exported, adapter_runtime, tmp_path):
     from nemo_opdlm.eval.lm_eval_adapter import SamplerLM
 
     ckpt = str(tmp_path / "ckpt")

@@ -42,7 +42,7 @@ def test_overlay_typo_and_partial_yaml_as_recipe_are_named(tmp_path):
         resolve(RECIPE, [], [str(typo)])
     part = tmp_path / "part.yaml"
     part.write_text("train: {steps: 3}\n")
-    with pytest.raises(ConfigError, match=r"part.yaml has no model: and diffusion:.*--config .*part.yaml"):
+    with pytest.raises(ConfigError, match=r"part.yaml has no diffusion:.*--config .*part.yaml"):
         resolve(str(part), [])
 
 

@@ -63,7 +63,7 @@ def test_cli_unknown_command_version_and_module_entry(capsys):
 def test_every_command_answers_help_without_running_or_importing_torch():
     """``opdlm X --help`` prints X's usage, runs nothing and, except ``eval`` (whose task and decoding
     choices come from modules that import torch: 2.3 s), does not import torch or megatron-core (5 to
-    17 s before). ``opdlm smoke --help`` names the unknown command instead of running anything."""
+    17 s before; ``lm-eval``'s options are lm-eval's, printed by lm-eval after ours). ``opdlm smoke --help`` names the unknown command instead of running anything."""
     import subprocess
     import sys
 
