@@ -75,7 +75,8 @@ from nemo_opdlm.training.optim import optimizer_step, wrap_for_training, zero_gr
 from nemo_opdlm.training.step import forward_backward, make_loss_fn  # noqa: E402
 from nemo_opdlm.recipes.models import QWEN3_MASK_ID, qwen3_0_6b, qwen3_1_7b  # noqa: E402
 
-TARGETS = {"student_step_vs_hf_fwd_bwd": 1.0, "rollout_t0.9_vs_hf_generate": 3.0}
+TARGETS = {"student_step_vs_hf_fwd_bwd": 1.0, "paired_student_step_vs_hf_fwd_bwd": 1.0,
+           "rollout_t0.9_vs_hf_generate": 3.0}
 """Issue 8's targets: ours / Hugging Face's tokens/s, same GPU, same run."""
 
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "B200": 2250.0, "A100": 312.0}
@@ -154,7 +155,9 @@ def qwen3_30m() -> ModelConfig:
 
 SHAPES: dict[str, Callable[[], ModelConfig]] = {"qwen3-0.6b": qwen3_0_6b, "qwen3-1.7b": qwen3_1_7b,
                                                 "qwen3-30m": qwen3_30m, "tiny": tiny_shape}
-SECTIONS = ("hf_train", "hf_generate", "student_step", "teacher", "rollout", "opdlm_step")
+SECTIONS = ("hf_train", "hf_generate", "student_step", "teacher", "rollout", "opdlm_step", "paired_train")
+DEFAULT_SECTIONS = SECTIONS[:-1]
+"""``paired_train`` (``bench_paired_train``) holds both models at once: asked for by name."""
 
 
 # --- measuring ------------------------------------------------------------------------------------
@@ -290,7 +293,8 @@ def hf_model(cfg: ModelConfig):
     return model.to(device())
 
 
-def bench_hf_train(model, cfg: ModelConfig, s: Settings) -> dict[str, Any]:
+def hf_train_step(model, cfg: ModelConfig, s: Settings) -> Callable[[], dict[str, float]]:
+    """One timed Hugging Face forward + backward of ``batch x seq`` tokens."""
     ids = torch.randint(1, cfg.vocab_size, (s.train_batch, s.train_seq), device=device())
     model.train()
 
@@ -299,7 +303,11 @@ def bench_hf_train(model, cfg: ModelConfig, s: Settings) -> dict[str, Any]:
         t, _ = timed(lambda: model(input_ids=ids, labels=ids).loss.backward())
         return {"fwd_bwd_s": t}
 
-    out: dict[str, Any] = repeat(step, s)
+    return step
+
+
+def bench_hf_train(model, cfg: ModelConfig, s: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = repeat(hf_train_step(model, cfg, s), s)
     tokens = s.train_batch * s.train_seq
     flops = train_flops(cfg, tokens, s.train_batch * s.train_seq * (s.train_seq + 1) // 2, tokens)
     out.update(tokens=tokens, tokens_per_s=tokens / out["fwd_bwd_s"], model_tflop_per_s=flops / out["fwd_bwd_s"] / 1e12)
@@ -326,8 +334,9 @@ def bench_hf_generate(model, cfg: ModelConfig, s: Settings, prompts: tuple[torch
 
 
 # --- ours -----------------------------------------------------------------------------------------
-def bench_student_step(state, cfg: ModelConfig, s: Settings, mask_id: int) -> dict[str, Any]:
-    rows = student_rows(cfg, s, mask_id)
+def student_train_step(state, cfg: ModelConfig, s: Settings, mask_id: int,
+                       rows: dict[str, torch.Tensor]) -> Callable[[], dict[str, float]]:
+    """One timed student step on ``rows``: forward + backward, then the optimizer, timed apart."""
     t_logprobs, t_ids = random_targets(s.train_batch, s.train_response, s.top_k, cfg.vocab_size)
     batch = dict(rows, t_logprobs=t_logprobs, t_ids=t_ids)
     batch = {k: v.to(device()) for k, v in batch.items()}
@@ -340,13 +349,42 @@ def bench_student_step(state, cfg: ModelConfig, s: Settings, mask_id: int) -> di
         t_opt, _ = timed(lambda: optimizer_step(state))
         return {"fwd_bwd_s": t_fb, "optimizer_s": t_opt, "step_s": t_fb + t_opt}
 
-    out: dict[str, Any] = repeat(step, s)
+    return step
+
+
+def bench_student_step(state, cfg: ModelConfig, s: Settings, mask_id: int) -> dict[str, Any]:
+    rows = student_rows(cfg, s, mask_id)
+    out: dict[str, Any] = repeat(student_train_step(state, cfg, s, mask_id, rows), s)
     tokens = rows["input_ids"].numel()
-    flops = train_flops(cfg, tokens, attended_pairs(rows["meta"]), s.train_batch * last)
+    flops = train_flops(cfg, tokens, attended_pairs(rows["meta"]), s.train_batch * logits_needed(s.train_response))
     out.update(tokens=tokens, tokens_per_s=tokens / out["step_s"], fwd_bwd_tokens_per_s=tokens / out["fwd_bwd_s"],
                model_tflop_per_s=flops / out["step_s"] / 1e12,
                fwd_bwd_model_tflop_per_s=flops / out["fwd_bwd_s"] / 1e12)
     return out
+
+
+def bench_paired_train(hf, state, cfg: ModelConfig, s: Settings, mask_id: int) -> dict[str, Any]:
+    """``hf_train`` and ``student_step`` alternated iteration by iteration (ABAB...), both models
+    resident: on a shared or noisy machine (this 2-core CPU: single sections swing by 30%) a drift
+    hits both sides of a pair alike. The ratio is the median of the per-pair ratios, with its
+    spread. Opt-in (``--paired``): it needs both models in memory at once."""
+    hf_step = hf_train_step(hf, cfg, s)
+    our_step = student_train_step(state, cfg, s, mask_id, student_rows(cfg, s, mask_id))
+    for _ in range(s.warmup):
+        hf_step()
+        our_step()
+    pairs = [(hf_step()["fwd_bwd_s"], our_step()) for _ in range(s.iters)]
+
+    def median(xs: list[float]) -> float:
+        return sorted(xs)[len(xs) // 2]
+
+    step_ratios = [theirs / ours["step_s"] for theirs, ours in pairs]
+    fwd_bwd_ratios = [theirs / ours["fwd_bwd_s"] for theirs, ours in pairs]
+    return {"hf_fwd_bwd_s": median([t for t, _ in pairs]), "student_step_s": median([o["step_s"] for _, o in pairs]),
+            "student_fwd_bwd_s": median([o["fwd_bwd_s"] for _, o in pairs]),
+            "step_ratio_median": median(step_ratios), "step_ratio_min": min(step_ratios),
+            "step_ratio_max": max(step_ratios), "fwd_bwd_ratio_median": median(fwd_bwd_ratios),
+            "pairs": len(pairs)}
 
 
 def bench_teacher(teacher, cfg: ModelConfig, s: Settings, mask_id: int) -> dict[str, Any]:
@@ -486,6 +524,8 @@ class Report:
 
         ratio("student_step_vs_hf_fwd_bwd", ("student_step", "tokens_per_s"), ("hf_train", "tokens_per_s"))
         ratio("student_fwd_bwd_vs_hf_fwd_bwd", ("student_step", "fwd_bwd_tokens_per_s"), ("hf_train", "tokens_per_s"))
+        if "step_ratio_median" in r.get("paired_train", {}):
+            out["paired_student_step_vs_hf_fwd_bwd"] = round(r["paired_train"]["step_ratio_median"], 3)
         ratio("rollout_t0.9_vs_hf_generate", ("rollout_t0.9", "tokens_per_s"), ("hf_generate", "tokens_per_s"))
         ratio("rollout_static_vs_hf_generate", ("rollout_static", "tokens_per_s"), ("hf_generate", "tokens_per_s"))
         if peak:
@@ -561,6 +601,9 @@ def bench_ours(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted:
             measure(report, name, section, lambda: bench_rollout(state.chunks, s, mask_id, mode, prompts))
     if "opdlm_step" in wanted:
         measure(report, name, "opdlm_step", lambda: bench_opdlm_step(state, teacher, cfg, s, mask_id, prompts))
+    if "paired_train" in wanted:
+        hf = hf_model(cfg)
+        measure(report, name, "paired_train", lambda: bench_paired_train(hf, state, cfg, s, mask_id))
 
 
 def mask_token(cfg: ModelConfig) -> int:
@@ -577,7 +620,7 @@ def bench_shape(report: Report, name: str, cfg: ModelConfig, s: Settings, wanted
           flush=True)
     if wanted & {"hf_train", "hf_generate"}:
         measure_part(report, name, "hf_model", lambda: bench_hf(report, name, cfg, s, wanted, prompts))
-    if wanted & {"student_step", "teacher", "rollout", "opdlm_step"}:
+    if wanted & {"student_step", "teacher", "rollout", "opdlm_step", "paired_train"}:
         measure_part(report, name, "our_models", lambda: bench_ours(report, name, cfg, s, wanted, prompts, parallel))
     report.ratios(name, peak)
 
@@ -610,7 +653,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     parser.add_argument("--tiny", action="store_true", help="tiny shape and sizes (the CPU run CI does)")
     parser.add_argument("--shapes", default=None, help=f"comma list of {sorted(SHAPES)} "
                                                        "(default qwen3-0.6b,qwen3-1.7b; tiny with --tiny)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {SECTIONS}")
+    parser.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                        help=f"comma list of {SECTIONS} (default: all but paired_train)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/gpu_bench_<device>.json)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device bf16 peak for MFU (default: by name)")
     for f in dataclasses.fields(Settings):

@@ -26,7 +26,7 @@ def run_bench(tmp_path, *args: str) -> subprocess.CompletedProcess:
 def report(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "bench.json"
-    proc = run_bench(tmp, "--out", str(out))
+    proc = run_bench(tmp, "--out", str(out), "--sections", ",".join(gpu_bench.SECTIONS))  # paired_train too
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), proc.stdout
 
@@ -42,6 +42,10 @@ def test_every_section_measured(report):
     assert data["versions"]["megatron.core"] != "absent"
     assert set(data["targets"]) <= set(tiny["ratios"])
     assert "target >= 3.0" in stdout and "rollout_t0.9_vs_hf_generate" in stdout
+    paired = tiny["paired_train"]
+    assert paired["pairs"] == data["settings"]["iters"]
+    assert paired["step_ratio_min"] <= paired["step_ratio_median"] <= paired["step_ratio_max"]
+    assert tiny["ratios"]["paired_student_step_vs_hf_fwd_bwd"] == round(paired["step_ratio_median"], 3)
 
 
 def test_sizes_follow_the_settings(report):
