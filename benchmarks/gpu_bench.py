@@ -479,7 +479,7 @@ def bench_opdlm_step(state, teacher, cfg: ModelConfig, s: Settings, mask_id: int
 
     def step(seed: int) -> dict[str, float]:
         out = forward_backward(run, batch, state, teacher, (), 0, seed=seed, length=s.step_tokens,
-                               lazy_teacher=False, sync=sync)
+                               upfront_teacher=True, sync=sync)
         t_opt, _ = timed(lambda: optimizer_step(state))
         return dict(out.seconds, optimizer_s=t_opt, step_s=sum(out.seconds.values()) + t_opt,
                     rollout_tokens=float(out.responses.valid.sum()),

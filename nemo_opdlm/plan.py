@@ -402,9 +402,11 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     - teacher: weights in its dtype on the GPU, except between its forwards with teacher_offload.
     - rollout: all rows of the DP rank decode together; the block KV cache holds ``P + L`` columns per
       row for every layer of the stage; the prompt prefill runs in ``pp`` micro-batches.
-    - teacher targets for all rows of the step are computed before the student's backward and held
-      on the last stage (full vocabulary: fp32 log-probs of this rank's vocabulary shard; top-k:
-      fp32 values + int64 ids).
+    - teacher targets exist for one micro-batch at a time on the last stage: the teacher runs inside
+      the loss with one stage and rides the student's pipeline pass with more
+      (``training/teacher_stream.py``), so a micro-batch's targets live from its forward to its
+      backward, which 1F1B runs back to back on the last stage (full vocabulary: fp32 log-probs of
+      this rank's vocabulary shard; top-k: fp32 values + int64 ids).
     - training: rows of ``P + 2L`` tokens; 1F1B keeps ``pp - stage`` micro-batches in flight on a
       stage; full recompute keeps each layer's input and rebuilds one layer at a time; the last stage
       holds bf16 logits (and their gradient) for the whole row and fp32 log-softmax temporaries for xt.
@@ -453,9 +455,10 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
                                                        + 2 * shape.micro_batch * shape.response * t_vocab * 4)
         k = cfg.distill.top_k
         per_token = t_vocab * 4 if k is None else k * (4 + 8)
-        targets = rows * shape.response * per_token
+        targets = shape.micro_batch * shape.response * per_token
         label = "teacher targets, full vocabulary (fp32)" if k is None else f"teacher targets, top-{k}"
-        teacher_phase[label + " (held for the step)"] = targets
+        label += " (one micro-batch)"
+        teacher_phase[label] = targets
     est.phases["teacher"] = teacher_phase
     # --- student forward/backward
     keys = shape.student_row
@@ -473,7 +476,7 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
         xt_tokens = shape.micro_batch * shape.response
         train["student logits + loss"] = tokens * vocab_shard * b_s * 2 + xt_tokens * vocab_shard * 4 * 3
         if targets:
-            train[label + " (held for the step)"] = targets
+            train[label] = targets
     est.phases["train"] = train
     return est
 

@@ -48,6 +48,8 @@ def run_schedule(
     forward_only: bool,
     logits_last: Optional[int] = None,
     logits_columns: Optional[torch.Tensor] = None,
+    model_kwargs: Optional[Callable[[Batch], dict[str, Any]]] = None,
+    seq_length: Optional[int] = None,
 ) -> list[Any]:
     """Forward (and backward unless ``forward_only``) over ``microbatches``.
 
@@ -55,17 +57,20 @@ def run_schedule(
     returns: ``(loss, num_tokens, reported)`` or ``(loss, reported)``. Returns the list of
     ``reported`` values on the last pipeline stage (empty elsewhere). ``logits_last``: the last
     stage computes logits for the last this-many columns only, ``logits_columns`` for these columns
-    (``DiffusionGPTModel.forward``).
+    (``DiffusionGPTModel.forward``). ``model_kwargs(batch)``: more keyword arguments for the chunks'
+    forward (a streamed teacher's inputs); ``seq_length``: the length of the tensors the stages send
+    each other, when it is not the rows' (a streamed teacher packs its hidden states behind them).
     """
     if not microbatches:
         return []
-    seq_len = microbatches[0]["input_ids"].shape[1]
+    seq_len = seq_length or microbatches[0]["input_ids"].shape[1]
     mbs = microbatches[0]["input_ids"].shape[0]
     iterators: list[Iterator[Batch]] = [iter(microbatches) for _ in chunks]
 
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         batch = to_device(next(data_iterator), model_device(model))
-        output = model(**model_inputs(batch), logits_last=logits_last, logits_columns=logits_columns)
+        extra = model_kwargs(batch) if model_kwargs is not None else {}
+        output = model(**model_inputs(batch), logits_last=logits_last, logits_columns=logits_columns, **extra)
         return output, lambda out: loss_fn(out, batch)
 
     return get_forward_backward_func()(

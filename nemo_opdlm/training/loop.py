@@ -114,8 +114,7 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
             batch = s.loader.next_batch()
             length = curriculum.length(step - 1)
             with resident(s.teacher, cfg.distill.teacher_offload):
-                out = forward_backward(cfg, batch, state, s.teacher, s.eos_ids, s.pad_id, seed=seed, length=length,
-                                       lazy_teacher=parallel.pp_size == 1)
+                out = forward_backward(cfg, batch, state, s.teacher, s.eos_ids, s.pad_id, seed=seed, length=length)
             resp, rows, reported = out.responses, out.rows, out.reported
             t_rollout = out.seconds["rollout_s"]
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]

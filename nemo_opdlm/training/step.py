@@ -32,6 +32,7 @@ from nemo_opdlm.runtime.seeding import noise_seed
 from nemo_opdlm.runtime.vocab_parallel import Group
 from nemo_opdlm.training.finite import TEACHER_NONFINITE, count_bad_targets
 from nemo_opdlm.training.optim import TrainState, zero_grads
+from nemo_opdlm.training.teacher_stream import TEACHER_KEYS, split_outputs, stream_chunks, streamed_seq_length
 
 
 @dataclass
@@ -123,20 +124,21 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
 
 
 def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, microbatches: list[dict], *,
-                           lazy: bool) -> None:
-    """Give each micro-batch its teacher targets (``t_logprobs``, ``t_ids``).
+                           upfront: bool = False) -> None:
+    """Give each micro-batch its teacher's inputs, or with ``upfront`` its targets.
 
-    ``lazy`` (single pipeline stage): store only the teacher's inputs; the loss function runs the
-    teacher for one micro-batch at a time, so at most one micro-batch of targets is alive (full-
-    vocabulary targets are ``L x V`` floats per row). Otherwise the teacher's own pipeline pass
-    computes every micro-batch's targets up front, on the last stage.
+    The default keeps at most the micro-batches in flight holding targets (full-vocabulary targets
+    are ``L x V`` floats per row): the teacher then runs for one micro-batch at a time, inside the
+    loss function on a single pipeline stage and riding the student's own pipeline pass otherwise
+    (``teacher_stream.py``). ``upfront`` (a benchmark's choice: the teacher's time apart) runs the
+    teacher's pass over every micro-batch first and stores the targets, on the last stage.
     """
     n = len(microbatches)
     rows = split_microbatches(
         dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid), n
     )
     batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in rows]
-    if lazy:
+    if not upfront:
         for mb, tb in zip(microbatches, batches):
             mb.update({f"teacher_{k}": v for k, v in tb.items()})
         return
@@ -145,6 +147,11 @@ def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, micro
         mb["t_logprobs"] = target.logprobs
         if target.ids is not None:
             mb["t_ids"] = target.ids
+
+
+def teacher_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
+    """A micro-batch's teacher inputs for a streamed teacher chunk (``teacher_stream.py``)."""
+    return {"teacher_batch": dict({k: batch[k] for k in TEACHER_KEYS}, response_len=batch["loss_mask"].shape[1])}
 
 
 @torch.no_grad()
@@ -164,12 +171,14 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
     ``method``'s loss (a ``distill.method`` name or its ``Method``). ``scale`` = micro-batches x DP
     size: the schedule divides by the former and DDP averages over the latter, while
     ``distill/loss.py`` already divides by the global sequence count. ``tp_group``: the group the
-    student's vocabulary is split over. ``teacher``/``top_k``: for micro-batches prepared with
-    ``attach_teacher_targets(lazy=True)``.
+    student's vocabulary is split over. ``teacher``/``top_k``: on a single pipeline stage, the
+    teacher that turns the inputs ``attach_teacher_targets`` stored into targets here; with a
+    streamed teacher the targets arrive with the logits (``teacher_stream.split_outputs``).
     """
     kind = (get_method(method) if isinstance(method, str) else method).loss
 
-    def loss_fn(logits: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+    def loss_fn(output: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
+        logits, streamed = split_outputs(output)
         if kind == "causal_ce":
             loss, metrics = losses.causal_cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
                                                              num_sequences=num_sequences)
@@ -177,7 +186,9 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
             loss, metrics = losses.cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
                                                       num_sequences=num_sequences)
         else:
-            if "t_logprobs" in batch:
+            if streamed is not None:
+                t_logprobs, t_ids = streamed.logprobs, streamed.ids
+            elif "t_logprobs" in batch:
                 t_logprobs, t_ids = batch["t_logprobs"], batch.get("t_ids")
             else:
                 assert teacher is not None, "micro-batch without teacher targets and no teacher to compute them"
@@ -206,12 +217,12 @@ class StepOutcome:
 
 
 def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teacher: Optional[list],
-                     eos_ids: Sequence[int], pad_id: int, *, seed: int, length: int, lazy_teacher: bool,
+                     eos_ids: Sequence[int], pad_id: int, *, seed: int, length: int, upfront_teacher: bool = False,
                      sync: Callable[[], None] = lambda: None) -> StepOutcome:
     """Responses -> states -> teacher targets -> forward/backward of the student, gradients left in
     the DDP buffers for the optimizer (the trainer's step and the GPU benchmark's, one code path).
 
-    ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``lazy_teacher``
+    ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``upfront_teacher``
     see ``attach_teacher_targets``; ``sync`` is called before each phase ends (a benchmark passes
     ``torch.cuda.synchronize`` so that the seconds are the device's).
     """
@@ -226,14 +237,19 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
     microbatches = split_microbatches(rows, n_mb)
     if teacher is not None:
-        attach_teacher_targets(cfg, teacher, resp, microbatches, lazy=lazy_teacher)
+        attach_teacher_targets(cfg, teacher, resp, microbatches, upfront=upfront_teacher)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
     sync()
     t2 = time.perf_counter()
     zero_grads(state)
-    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * parallel.dp_size, parallel.tp_group, teacher,
+    chunks, schedule_args, in_loss = state.chunks, student_outputs(cfg, rows), teacher
+    if teacher is not None and not upfront_teacher and parallel.pp_size > 1:
+        chunks, in_loss = stream_chunks(state.chunks, teacher, cfg.distill.top_k), None
+        schedule_args.update(model_kwargs=teacher_inputs, seq_length=streamed_seq_length(
+            chunks, rows["input_ids"].shape[1], microbatches[0]["teacher_input_ids"].shape[1]))
+    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * parallel.dp_size, parallel.tp_group, in_loss,
                            cfg.distill.top_k)
-    reported = run_schedule(state.chunks, microbatches, loss_fn, forward_only=False, **student_outputs(cfg, rows))
+    reported = run_schedule(chunks, microbatches, loss_fn, forward_only=False, **schedule_args)
     sync()
     seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
     return StepOutcome(resp, rows, reported, seconds)

@@ -757,3 +757,67 @@ def test_cli_run_prints_no_known_library_warnings(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Warning" not in out.stderr and "warnings.warn" not in out.stderr, out.stderr
     assert "[opdlm] completed: steps 1-1 of 1" in out.stdout
+
+
+def _count_live_targets(monkeypatch_targets):
+    """Patch the functions that make teacher targets so that every target tensor is counted while
+    it is alive; returns the counter ``{"live", "peak", "made"}``."""
+    import weakref
+
+    from nemo_opdlm.distill import teacher_targets
+    from nemo_opdlm.training import teacher_stream
+
+    counter = {"live": 0, "peak": 0, "made": 0}
+    real = teacher_targets.shifted_targets
+
+    def counted(*args, **kwargs):
+        out = real(*args, **kwargs)
+        counter["live"] += 1
+        counter["made"] += 1
+        counter["peak"] = max(counter["peak"], counter["live"])
+        weakref.finalize(out.logprobs, lambda: counter.__setitem__("live", counter["live"] - 1))
+        return out
+
+    for module in (teacher_targets, teacher_stream):
+        monkeypatch_targets(module, "shifted_targets", counted)
+    return counter
+
+
+def worker_pp2_targets(tmp_dir):
+    """PP=2, full-vocabulary targets, one step: the live target tensors on this rank. The directory's
+    name says how: ``streamed_N`` (the trainer's path) or ``upfront_N`` (every micro-batch's targets
+    computed before the student's pass), N micro-batches of the step's 4 prompts."""
+    from nemo_opdlm.training import loop as loop_module
+
+    how, n = os.path.basename(tmp_dir).split("_")
+    patched = []
+
+    def patch(module, name, value):
+        patched.append((module, name, getattr(module, name)))
+        setattr(module, name, value)
+
+    counter = _count_live_targets(patch)
+    real = loop_module.forward_backward
+    patch(loop_module, "forward_backward", lambda *a, **k: real(*a, upfront_teacher=how == "upfront", **k))
+    _run_layout(tmp_dir, "parallel.pp=2", "targets", "distill.top_k=null", f"train.micro_batch_size={4 // int(n)}",
+                "train.steps=1")
+    with open(os.path.join(tmp_dir, f"live_targets_{os.environ['RANK']}.json"), "w") as f:
+        json.dump(counter, f)
+
+
+@pytest.mark.distributed
+def test_streamed_teacher_targets_do_not_grow_with_the_micro_batch_count(tmp_path):
+    """With PP=2 the teacher rides the student's pipeline pass: the last stage holds at most one or
+    two micro-batches of (full-vocabulary) targets at a time, at 2 or 4 micro-batches per step,
+    where computing them up front holds all of them. Equal losses to PP=1:
+    ``test_tp2_and_pp2_steps_equal_single``."""
+    got = {}
+    for how in ("streamed_2", "streamed_4", "upfront_4"):
+        run = tmp_path / how
+        run.mkdir()
+        torchrun("tests.e2e.test_train:worker_pp2_targets", 2, run, timeout=300)
+        got[how] = [json.load(open(run / f"live_targets_{r}.json")) for r in (0, 1)]
+    for how, (first, last) in got.items():
+        assert first["made"] == 0 and last["made"] == int(how[-1]), (how, got)  # on the last stage only
+    assert got["upfront_4"][1]["peak"] == 4, got  # the old path: every micro-batch's targets at once
+    assert got["streamed_2"][1]["peak"] == got["streamed_4"][1]["peak"] <= 2, got

@@ -88,8 +88,8 @@ def test_memory_closed_forms_qwen3_8b_tp2():
     assert est.static["teacher weights"] == 2 * per_rank
     # KV cache: 32 rows x 5024 columns x 36 layers x (k, v) x 4 KV heads x 128 x 2 bytes
     assert est.phases["rollout"]["rollout KV cache"] == 32 * 5024 * 36 * 2 * 4 * 128 * 2
-    # top-16 targets: 32 rows x 4000 positions x 16 x (fp32 value + int64 id)
-    assert est.phases["train"]["teacher targets, top-16 (held for the step)"] == 32 * 4000 * 16 * 12
+    # top-16 targets of one micro-batch: its rows x 4000 positions x 16 x (fp32 value + int64 id)
+    assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == shape.micro_batch * 4000 * 16 * 12
     # full recompute: each of the 36 layers keeps its bf16 input [9024, 4096] + one layer rebuilt
     full = est.activations["full"]
     assert 36 * 9024 * 4096 * 2 < full < 36 * 9024 * 4096 * 2 + 9024 * 4096 * 2 * 20
@@ -97,11 +97,14 @@ def test_memory_closed_forms_qwen3_8b_tp2():
 
 
 def test_full_vocabulary_targets_and_attention_backends():
-    """Qwen3-0.6B: full-vocab targets are 16 rows x 4000 x 151936 x 4 bytes; 'local' materialises scores."""
+    """Qwen3-0.6B: full-vocab targets are a micro-batch's rows x 4000 x 151936 x 4 bytes (not the
+    step's 16 rows: one micro-batch of targets lives at a time); 'local' materialises scores."""
     cfg = resolve("qwen3_0_6b_self_tp1_pp1_8g", [])
     shape, _ = check_layout(cfg, H100x8)
     est = estimate_stage(cfg, shape, 0, GPU3)
-    assert est.phases["train"]["teacher targets, full vocabulary (fp32) (held for the step)"] == 16 * 4000 * 151936 * 4
+    assert shape.micro_batch < shape.rows_per_rank == 16
+    assert est.phases["train"]["teacher targets, full vocabulary (fp32) (one micro-batch)"] == (
+        shape.micro_batch * 4000 * 151936 * 4)
     local = estimate_stage(resolve("qwen3_0_6b_self_tp1_pp1_8g", ["model.attention_backend=local"]), shape, 0, GPU3)
     # no recompute: 28 layers x 9024 queries x 16 heads x 9024 keys x (fp32 + bf16 probabilities) more
     extra = local.activations["none"] - est.activations["none"]
