@@ -28,11 +28,12 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 from nemo_opdlm.errors import ConfigError, DataError  # noqa: F401  (DataError re-exported)
+
+if TYPE_CHECKING:  # torch only where rows are built: reading and checking data (and --help) need none
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -646,6 +647,8 @@ def pad_id(tokenizer) -> int:
 def left_pad(seqs: Sequence[Sequence[int]], pad_id: int,
              width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, W] left-padded, lengths [B])``; W = the longest sequence unless given."""
+    import torch
+
     lens = torch.tensor([len(s) for s in seqs], dtype=torch.long)
     longest = int(lens.max()) if len(seqs) else 0
     width = longest if width is None else width
@@ -662,6 +665,8 @@ def right_pad(seqs: Sequence[Sequence[int]], pad_id: int,
               width: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(ids [B, W] right-padded, lengths [B])``; sequences longer than ``width`` are cut."""
     width = max(len(s) for s in seqs) if width is None else width
+    import torch
+
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     lens = torch.tensor([min(len(s), width) for s in seqs], dtype=torch.long)
     for row, s in enumerate(seqs):
