@@ -14,6 +14,7 @@ import time
 from typing import Any, Optional
 
 from nemo_opdlm.config import RunConfig, to_dict
+from nemo_opdlm.data.sampler import PromptLoader
 from nemo_opdlm.errors import NonFiniteLossError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
@@ -25,7 +26,7 @@ from nemo_opdlm.runtime.seeding import seed_everything, step_seed
 from nemo_opdlm.training import checkpoint, run_config, run_dir
 from nemo_opdlm.training.finite import NonFiniteSteps, agreed_problem, step_problem
 from nemo_opdlm.training.metrics import MetricsLogger, describe_run, run_summary
-from nemo_opdlm.training.optim import optimizer_step, wrap_for_training
+from nemo_opdlm.training.optim import TrainState, optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
 from nemo_opdlm.training.step import forward_backward, reduce_reported
 
@@ -74,16 +75,7 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
     log = MetricsLogger(enabled=parallel.is_logging_rank, total_steps=cfg.train.steps, out_dir=cfg.train.save_dir,
                         tensorboard_dir=cfg.train.tensorboard_dir, wandb_project=cfg.train.wandb_project,
                         run_name=cfg.name, config=to_dict(cfg))
-    start = 0
-    if resume_from:
-        common = checkpoint.load(resume_from, state)
-        s.loader.load_state_dict(common["data"])
-        start = int(common["step"])
-        log.note(f"resumed from {resume_from} at step {start}")
-        if common["schedule_changes"]:
-            changed = "; ".join(common["schedule_changes"])
-            log.note(f"the config's optimizer settings differ from the checkpoint's ({changed}): the config "
-                     f"wins, its schedule continues from update {state.scheduler.num_steps}")
+    start = _resume(resume_from, state, s.loader, log) if resume_from else 0
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
                                   block_size=cfg.diffusion.block_size)
@@ -120,14 +112,7 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
             metrics = reduce_reported(reported, parallel.dp_group)
             lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
-            problem = agreed_problem(step_problem(metrics), "a non-finite loss or teacher target on another rank")
-            grad_norm = float("nan")
-            if problem is None:
-                update = optimizer_step(state)
-                grad_norm = update.grad_norm
-                if not update.applied and not update.overflow:
-                    problem = f"non-finite gradient norm ({grad_norm})"
-            nonfinite.record(step, problem)  # raises after train.max_nonfinite_in_row
+            grad_norm = _update(state, metrics, step, nonfinite)
             t_train = time.perf_counter() - t1
 
             scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, lr, t_rollout, t_train,
@@ -147,6 +132,34 @@ def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) 
                          saved[-1] if saved else None, cfg.train.save_dir))
     log.close()
     return {"status": status, "step": step, "history": history}
+
+
+def _resume(resume_from: str, state: TrainState, loader: PromptLoader, log: MetricsLogger) -> int:
+    """Load the checkpoint ``resume_from`` into the state and the data cursor; the step it was at."""
+    common = checkpoint.load(resume_from, state)
+    loader.load_state_dict(common["data"])
+    start = int(common["step"])
+    log.note(f"resumed from {resume_from} at step {start}")
+    if common["schedule_changes"]:
+        changed = "; ".join(common["schedule_changes"])
+        log.note(f"the config's optimizer settings differ from the checkpoint's ({changed}): the config "
+                 f"wins, its schedule continues from update {state.scheduler.num_steps}")
+    return start
+
+
+def _update(state: TrainState, metrics: dict[str, float], step: int, nonfinite: NonFiniteSteps) -> float:
+    """The optimizer step unless this step's loss, targets (on any rank) or gradient norm are not
+    finite; the gradient norm (NaN when skipped before it). Raises after
+    ``train.max_nonfinite_in_row`` skipped steps in a row."""
+    problem = agreed_problem(step_problem(metrics), "a non-finite loss or teacher target on another rank")
+    grad_norm = float("nan")
+    if problem is None:
+        update = optimizer_step(state)
+        grad_norm = update.grad_norm
+        if not update.applied and not update.overflow:
+            problem = f"non-finite gradient norm ({grad_norm})"
+    nonfinite.record(step, problem)
+    return grad_norm
 
 
 def _scalars(metrics: dict[str, float], rollout: dict[str, float], rows: dict, length: int, grad_norm: float,
