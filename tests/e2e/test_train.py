@@ -474,6 +474,42 @@ def test_dp2_step_equals_dp1(tmp_path):
     close(got["grad_norm"], [h["grad_norm"] for h in history], 1e-5)  # Adam hides a gradient scale; the norm does not
 
 
+def worker_dp2_packed(tmp_dir):
+    counts = []
+    real = train_step.make_microbatches
+
+    def counted(*args):
+        out = real(*args)
+        counts.append(len(out[0]))
+        return out
+
+    train_step.make_microbatches = counted
+    if os.environ["RANK"] == "0":  # rank 0 packs one row per sequence: a valid packing, more micro-batches
+        from nemo_opdlm.distill import packing
+        packing.plan_packing = lambda segs, budget: [[seg] for seg in segs]
+    _run_layout(tmp_dir, "distill.method=sft", "dp2pack", "train.pack_tokens=48", "train.steps=3")
+    with open(os.path.join(tmp_dir, f"dp2pack_counts_{os.environ['RANK']}.json"), "w") as f:
+        json.dump(counts, f)
+
+
+def worker_dp2_padded(tmp_dir):
+    _run_layout(tmp_dir, "distill.method=sft", "dp2pad", "train.steps=3")
+
+
+@pytest.mark.distributed
+def test_dp2_packed_steps_equal_padded(tmp_path):
+    """Packed rows at DP=2, where each rank packs its own rows into its own number of micro-batches
+    (the loss scale follows the local count): the same losses and gradient norms as padded rows."""
+    torchrun("tests.e2e.test_train:worker_dp2_padded", 2, tmp_path, timeout=300)
+    torchrun("tests.e2e.test_train:worker_dp2_packed", 2, tmp_path, timeout=300)
+    want, got = (json.load(open(tmp_path / f"{name}_0.json")) for name in ("dp2pad", "dp2pack"))
+    assert got == json.load(open(tmp_path / "dp2pack_1.json"))
+    close(got["loss"], want["loss"], 1e-5)
+    close(got["grad_norm"], want["grad_norm"], 1e-4)
+    counts = [json.load(open(tmp_path / f"dp2pack_counts_{r}.json")) for r in (0, 1)]
+    assert counts == [[2, 2, 2], [1, 1, 1]], counts  # two rows per rank: apart on rank 0, together on rank 1
+
+
 def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):
     real = train_step.make_loss_fn
     calls = {"n": 0}
