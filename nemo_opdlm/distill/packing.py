@@ -12,11 +12,13 @@ block ids: the segment's tokens see exactly the keys they saw in the padded row 
 a key), at the same RoPE positions. The sequence is padded to ``budget`` with ``PAD`` tokens (fixed
 shapes: pipeline point-to-point buffers and compiled kernels need them).
 
-Every micro-batch stores ``logits_columns`` ``[R * L]``: for each of its R rows and each response
-position j < L the column predicting token j (the row's xt column unshifted, the rule of
-``masks.prediction_columns`` relative to the segment when shifted; column 0 past the valid length,
-where the loss mask is 0). The model then projects ``[1, R * L]`` columns, and the loss views them
-as ``[R, L, V]`` (``training/step.py: make_loss_fn``).
+Every micro-batch stores ``logits_columns`` ``[R * W]``, W its rows' longest valid response (<=
+L): for each of its R rows and each response position j < W the column predicting token j (the
+row's xt column unshifted, the rule of ``masks.prediction_columns`` relative to the segment when
+shifted; column 0 past the row's valid length, where the loss mask is 0). The model then projects
+``[1, R * W]`` columns and the loss views them as ``[R, W, V]``, reading the row-shaped tensors'
+first W positions (``training/step.py: make_loss_fn``): W, not L, because many short rows share a
+sequence, and R x L logits at a 151k vocabulary would outgrow the sequence they came from.
 """
 
 from __future__ import annotations
@@ -116,8 +118,8 @@ def pack_rows(rows: dict[str, Tensor], budget: int, *, block_size: int, shift: b
         pad_id: the token filling the sequence's tail (never attended to: its kind is ``PAD``).
 
     Returns ``(microbatches, groups)``: each micro-batch has ``input_ids``/``position_ids`` ``[1,
-    budget]``, ``meta`` ``[1, 3, budget]`` (doc -1 on the tail), ``logits_columns`` ``[R * L]`` and
-    the row keys ``[R, L]``; ``groups[i]`` ``[R]`` are its rows' indices in ``rows`` (teacher
+    budget]``, ``meta`` ``[1, 3, budget]`` (doc -1 on the tail), ``logits_columns`` ``[R * W]`` (W:
+    its longest valid response) and the row keys ``[R, L]``; ``groups[i]`` ``[R]`` are its rows' indices in ``rows`` (teacher
     inputs and targets follow the rows).
     """
     length = rows["loss_mask"].shape[1]
@@ -128,6 +130,7 @@ def pack_rows(rows: dict[str, Tensor], budget: int, *, block_size: int, shift: b
         pos = torch.zeros(budget, dtype=rows["position_ids"].dtype)  # [budget]
         meta = torch.tensor([0, masks.PAD, -1], dtype=rows["meta"].dtype)[:, None].repeat(1, budget)  # [3, budget]
         cols, start = [], 0
+        width_mb = max(1, max(seg.valid_len for seg in bin_))  # W: columns per row that can hold a loss
         for doc, seg in enumerate(bin_):
             keep = torch.cat([torch.arange(width - seg.prompt_len, width + seg.valid_len),
                               torch.arange(width + length, width + length + seg.valid_len)])  # [seg.length]
@@ -136,24 +139,23 @@ def pack_rows(rows: dict[str, Tensor], budget: int, *, block_size: int, shift: b
             pos[start:end] = rows["position_ids"][seg.row, keep]
             meta[:2, start:end] = rows["meta"][seg.row, :, keep]
             meta[2, start:end] = doc
-            cols.append(segment_columns(width, length, seg, start, block_size, shift))
+            cols.append(segment_columns(width, length, seg, start, block_size, shift)[:width_mb])
             start = end
         index = torch.tensor([s.row for s in bin_])  # [R]
         mb = dict(input_ids=ids[None], position_ids=pos[None], meta=meta[None],  # [1, budget], [1, 3, budget]
-                  logits_columns=torch.cat(cols))  # [R * L]
+                  logits_columns=torch.cat(cols))  # [R * W]
         mb.update({k: rows[k][index] for k in ROW_KEYS if k in rows})  # [R, L]
         out.append(mb)
         groups.append(index)
     return out, groups
 
 
-def row_logits(logits: Tensor, loss_mask: Tensor) -> Tensor:
-    """A packed micro-batch's logits ``[1, R * L, V/tp]`` (its ``logits_columns``) as ``[R, L, V/tp]``,
-    the row-shaped logits the losses read (their "last L columns" are then all of them)."""
-    rows, length = loss_mask.shape
-    if logits.shape[:2] != (1, rows * length):
-        raise ValueError(f"packed logits {tuple(logits.shape)} do not hold {rows} rows x {length} columns")
-    return logits.reshape(rows, length, logits.shape[-1])  # a view: the projection is contiguous
+def row_logits(logits: Tensor, rows: int) -> Tensor:
+    """A packed micro-batch's logits ``[1, R * W, V/tp]`` (its ``logits_columns``) as ``[R, W, V/tp]``:
+    row-shaped logits for the first W response positions, the only ones with a loss."""
+    if logits.shape[0] != 1 or logits.shape[1] % rows:
+        raise ValueError(f"packed logits {tuple(logits.shape)} do not hold {rows} rows of equal width")
+    return logits.reshape(rows, logits.shape[1] // rows, logits.shape[-1])  # a view: the projection is contiguous
 
 
 def padding_fraction(microbatches: list[dict[str, Tensor]]) -> float:

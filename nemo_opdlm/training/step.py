@@ -183,14 +183,14 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
 
     def loss_fn(output: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         logits, streamed = split_outputs(output)
-        if "logits_columns" in batch:  # packed rows: [1, R * L, V/tp] -> [R, L, V/tp]
-            logits = row_logits(logits, batch["loss_mask"])
+        loss_mask, x0 = batch["loss_mask"], batch["x0"]  # [B, L]
+        if "logits_columns" in batch:  # packed rows: [1, R * W, V/tp] -> [R, W, V/tp], no loss past W
+            logits = row_logits(logits, loss_mask.shape[0])
+            loss_mask, x0 = loss_mask[:, :logits.shape[1]], x0[:, :logits.shape[1]]  # [R, W]
         if kind == "causal_ce":
-            loss, metrics = losses.causal_cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
-                                                             num_sequences=num_sequences)
+            loss, metrics = losses.causal_cross_entropy_loss(logits, loss_mask, x0, num_sequences=num_sequences)
         elif kind == "ce":
-            loss, metrics = losses.cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
-                                                      num_sequences=num_sequences)
+            loss, metrics = losses.cross_entropy_loss(logits, loss_mask, x0, num_sequences=num_sequences)
         else:
             if streamed is not None:
                 t_logprobs, t_ids = streamed.logprobs, streamed.ids
@@ -199,9 +199,11 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
             else:
                 assert teacher is not None, "micro-batch without teacher targets and no teacher to compute them"
                 t_logprobs, t_ids = _lazy_targets(teacher, batch, top_k)
-            loss, metrics = losses.kl_loss(logits, batch["loss_mask"], t_logprobs, t_ids,
+            width = loss_mask.shape[1]  # L, or a packed micro-batch's W
+            t_logprobs, t_ids = t_logprobs[:, :width], None if t_ids is None else t_ids[:, :width]
+            loss, metrics = losses.kl_loss(logits, loss_mask, t_logprobs, t_ids,
                                            num_sequences=num_sequences, tp_group=tp_group)
-            metrics[TEACHER_NONFINITE] = count_bad_targets(t_logprobs[batch["loss_mask"].bool()])
+            metrics[TEACHER_NONFINITE] = count_bad_targets(t_logprobs[loss_mask.bool()])
         metrics = dict(metrics, loss=loss.detach())
         return loss * scale, metrics
 

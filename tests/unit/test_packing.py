@@ -44,15 +44,16 @@ def test_logits_columns_unshifted_and_shifted():
     unshifted, _ = packing.pack_rows(rows, 20, block_size=4, shift=False, pad_id=PAD_ID)
     shifted, _ = packing.pack_rows(rows, 20, block_size=4, shift=True, pad_id=PAD_ID)
     assert unshifted[0]["logits_columns"].tolist() == [11, 12, 13, 14, 15, 16]
-    assert unshifted[1]["logits_columns"].tolist() == [5, 6, 7, 0, 0, 0] + [13, 0, 0, 0, 0, 0]
+    # the second sequence's rows are valid for 3 and 1 tokens: 3 columns per row (W), not 6 (L)
+    assert unshifted[1]["logits_columns"].tolist() == [5, 6, 7] + [13, 0, 0]
     # shifted: a block's first token from the clean column before it (prompt's last, or x0 j-1)
     assert shifted[0]["logits_columns"].tolist() == [4, 11, 12, 13, 8, 15]
-    assert shifted[1]["logits_columns"].tolist() == [1, 5, 6, 0, 0, 0] + [11, 0, 0, 0, 0, 0]
+    assert shifted[1]["logits_columns"].tolist() == [1, 5, 6] + [11, 0, 0]
     # each valid prediction column holds the padded row's token at the same position and kind
     for shift, mbs in ((False, unshifted), (True, shifted)):
         padded_cols = masks.prediction_columns(5, 6, 4, shift)
         for mb, group in zip(mbs, ([0], [1, 2])):
-            cols = mb["logits_columns"].view(len(group), 6)
+            cols = mb["logits_columns"].view(len(group), -1)  # [R, W]
             for r, row in enumerate(group):
                 n = int((rows["meta"][row, 1, 5:11] != masks.PAD).sum())
                 for name in ("input_ids", "position_ids"):
