@@ -92,3 +92,31 @@ def test_packed_rows_give_the_padded_loss_and_gradients(runtime, backend, shift,
     for p, g in zip(grads, ref_grads):
         assert torch.allclose(p, g, atol=1e-6, rtol=0), float((p - g).abs().max())
     assert packing.padding_fraction(packed) < packing.padding_fraction([rows])  # 3 x 24 slots against 4 x 21
+
+
+def test_teacher_inputs_and_targets_follow_the_packed_rows(runtime):
+    """``attach_teacher_targets`` with packed groups: each micro-batch's teacher inputs (lazy) and
+    up-front targets are its own rows' (equal to the whole batch's targets indexed by the group)."""
+    from types import SimpleNamespace
+
+    from nemo_opdlm.training.step import Responses, attach_teacher_targets
+
+    torch.manual_seed(0)
+    teacher = build_student(tiny_model(attention_backend="local"), DiffusionConfig(block_size=1, mask_token_id=MASK),
+                            runtime.ctx)
+    prompt_ids, prompt_lens, response, step_map, valid = rollout()
+    rows = states.build_states(prompt_ids, prompt_lens, response, step_map, valid, block_size=BLOCK,
+                               steps_per_block=4, mask_token_id=MASK, eos_ids=[EOS],
+                               generator=torch.Generator().manual_seed(1))
+    whole = compute_targets(teacher, [teacher_batch(prompt_ids, prompt_lens, response, valid)],
+                            prompt_ids.shape[1], response.shape[1], top_k=5)[0]
+    resp = Responses(prompt_ids, prompt_lens, response, valid, step_map, {})
+    cfg = SimpleNamespace(distill=SimpleNamespace(top_k=5))
+    lazy, groups = packing.pack_rows(rows, BUDGET, block_size=BLOCK, shift=False, pad_id=PAD_ID)
+    attach_teacher_targets(cfg, teacher, resp, lazy, groups=groups)
+    upfront, _ = packing.pack_rows(rows, BUDGET, block_size=BLOCK, shift=False, pad_id=PAD_ID)
+    attach_teacher_targets(cfg, teacher, resp, upfront, upfront=True, groups=groups)
+    for mb, up, index in zip(lazy, upfront, groups):
+        assert torch.equal(mb["teacher_input_ids"][:, -response.shape[1]:], response[index])
+        assert torch.allclose(up["t_logprobs"], whole.logprobs[index], atol=1e-5, rtol=0)
+        assert up["t_ids"].shape == whole.ids[index].shape  # ids: near-ties of random weights may swap
