@@ -194,7 +194,13 @@ class TrainConfig:
     prompts_per_step: int = 128
     """Prompts rolled out per step (global, across data-parallel ranks)."""
     micro_batch_size: int = 1
-    """Training rows per micro-batch on one data-parallel rank."""
+    """Training rows per micro-batch on one data-parallel rank (unused with ``pack_tokens``)."""
+    pack_tokens: Optional[int] = None
+    """Build micro-batches by a token budget instead of ``micro_batch_size`` rows: each micro-batch
+    is one sequence of exactly this many tokens holding several rows' real tokens (packed rows,
+    ``distill/packing.py``; the same loss and gradients as padded rows). None = padded rows. Must
+    hold the longest row, ``data.max_prompt_tokens + 2 * rollout.max_length``; diffusion methods at
+    ``parallel.pp=1`` only."""
     seed: int = 1234
     """Base seed; every random stream is derived from it, the step and the rank."""
     log_every: int = 1
@@ -222,6 +228,8 @@ class TrainConfig:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.save_every < 0:
             raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ConfigError(f"train.pack_tokens must be >= 1 or null, got {self.pack_tokens}")
 
 
 @dataclass(kw_only=True)
@@ -301,8 +309,26 @@ class RunConfig:
                 f"train.prompts_per_step={rows} is not divisible by train.micro_batch_size="
                 f"{self.train.micro_batch_size}"
             )
+        if self.train.pack_tokens is not None:
+            self._validate_packing(method)
         if self.model is not None:
             self._validate_model()
+
+    def _validate_packing(self, method) -> None:
+        """``train.pack_tokens``: what packed rows support today, and a budget that holds any row."""
+        if method.causal:
+            raise ConfigError(f"train.pack_tokens packs [prompt | x0 | xt] rows; distill.method={method.name} "
+                              "trains causal rows: set train.pack_tokens=null")
+        if self.parallel.pp > 1:
+            raise ConfigError(f"train.pack_tokens is not supported with parallel.pp={self.parallel.pp} yet "
+                              "(the streamed teacher rides padded rows): set train.pack_tokens=null or parallel.pp=1")
+        if self.data is not None:
+            longest = self.data.max_prompt_tokens + 2 * self.rollout.max_length
+            if self.train.pack_tokens < longest:
+                raise ConfigError(
+                    f"train.pack_tokens={self.train.pack_tokens} cannot hold the longest row: "
+                    f"data.max_prompt_tokens + 2 * rollout.max_length = {longest}; raise train.pack_tokens"
+                )
 
     def _validate_model(self) -> None:
         """The checks that need the student's architecture."""

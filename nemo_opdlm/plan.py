@@ -136,6 +136,11 @@ def check_layout(cfg, cluster: Cluster) -> tuple[Shape, list[Finding]]:
         findings.append(Finding("note", f"parallel.tp={par.tp} spans nodes ({cluster.gpus_per_node} GPUs per node): "
                                         "tensor parallelism across nodes is slow; prefer pp for the rest"))
     n_mb = rows // train.micro_batch_size
+    if train.pack_tokens is not None:
+        findings.append(Finding("note", f"train.pack_tokens={train.pack_tokens}: the memory below is for padded "
+                                        f"micro-batches of train.micro_batch_size={train.micro_batch_size} rows; a "
+                                        "packed one holds pack_tokens tokens and its rows' teacher targets, which "
+                                        "depend on the rollout lengths (not planned yet)"))
     if par.pp > 1 and n_mb < par.pp:
         findings.append(Finding("note", f"{n_mb} micro-batches per step for pp={par.pp}: the pipeline is mostly idle"))
     block = cfg.diffusion.block_size

@@ -78,7 +78,8 @@ class DiffusionGPTModel(GPTModel):
         Args:
             input_ids: ``[B, S]`` token ids (ignored on non-first PP stages).
             position_ids: ``[B, S]`` RoPE positions.
-            attention_mask: ``[B, 2, S]`` token metadata from ``masks.build_layout``.
+            attention_mask: ``[B, 2, S]`` token metadata from ``masks.build_layout`` (``[B, 3, S]``
+                with a doc channel: packed rows, ``distill/packing.py``).
             logits_last: project only the last ``logits_last`` columns to the vocabulary (logits
                 ``[B, logits_last, V_pad/tp]``). The losses read the response columns only; at a
                 151k vocabulary the output layer is about a quarter of a 0.6B model's FLOPs, and the

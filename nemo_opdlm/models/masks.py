@@ -20,6 +20,10 @@ So clean tokens are block-causal (bidirectional in a block, causal across blocks
 the prompt, x0 blocks < b and itself, and with block size 1 and no xt the mask is exactly causal
 (the AR teacher). A block size >= the sequence length makes a prompt-free row fully bidirectional.
 
+An optional third integer, ``doc`` (``meta[:, 2]``), lets several rows share one sequence (packed
+rows, ``distill/packing.py``): a query then also needs a key of its own doc. Two-channel metadata is
+one doc per row (the KV cache and the rollouts keep two channels).
+
 ``meta`` is an integer tensor so that it can travel through megatron-core as the
 ``attention_mask`` argument (activation recompute saves it with ``save_for_backward``); the core
 attention turns it into a dense mask or a FlexAttention ``BlockMask``.
@@ -147,7 +151,7 @@ def prediction_columns(prompt_width: int, response_len: int, block_size: int, sh
 
 
 def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
-    """Dense attention permission ``[B, Sq, Sk]`` (True = may attend).
+    """Dense attention permission ``[B, Sq, Sk]`` (True = may attend); ``meta`` ``[B, 2 or 3, S]``.
 
     The queries are the last ``Sq`` of the ``Sk`` keys (a KV cache holds the first ``Sk - Sq``).
     Each clause of the rule is folded into per-token integers first, so that the ``[B, Sq, Sk]``
@@ -165,6 +169,8 @@ def allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tensor:
     noisy_key = torch.where(k_kind == NOISY, k_block, never)
     noisy_query = torch.where(q_kind == NOISY, q_block, -never)
     out |= noisy_key[:, None, :] == noisy_query[:, :, None]
+    if q_meta.shape[1] > 2:  # packed rows: one more equality, same doc only
+        out &= q_meta[:, 2, :, None] == k_meta[:, 2, None, :]
     sq, sk = q_meta.shape[-1], k_meta.shape[-1]
     out.diagonal(offset=sk - sq, dim1=1, dim2=2).fill_(True)  # a token always sees itself
     return out
@@ -175,12 +181,16 @@ def flex_mask_mod(q_meta: torch.Tensor, k_meta: torch.Tensor):
     q_block, q_kind = q_meta[:, 0], q_meta[:, 1]  # [B, Sq]
     k_block, k_kind = k_meta[:, 0], k_meta[:, 1]  # [B, Sk]
     offset = k_meta.shape[-1] - q_meta.shape[-1]
+    # two-channel metadata: every token in doc 0
+    q_doc = q_meta[:, 2] if q_meta.shape[1] > 2 else torch.zeros_like(q_block)  # [B, Sq]
+    k_doc = k_meta[:, 2] if k_meta.shape[1] > 2 else torch.zeros_like(k_block)  # [B, Sk]
 
     def mask_mod(b, h, q_idx, kv_idx):
         qb, qk = q_block[b, q_idx], q_kind[b, q_idx]
         kb, kk = k_block[b, kv_idx], k_kind[b, kv_idx]
         clean_ok = (kk == CLEAN) & (qk != PAD) & ((kb < qb) | ((kb == qb) & (qk == CLEAN)))
         noisy_ok = (kk == NOISY) & (qk == NOISY) & (kb == qb)
-        return clean_ok | noisy_ok | (kv_idx == q_idx + offset)
+        same_doc = q_doc[b, q_idx] == k_doc[b, kv_idx]
+        return ((clean_ok | noisy_ok) & same_doc) | (kv_idx == q_idx + offset)
 
     return mask_mod

@@ -57,7 +57,8 @@ def run_schedule(
     returns: ``(loss, num_tokens, reported)`` or ``(loss, reported)``. Returns the list of
     ``reported`` values on the last pipeline stage (empty elsewhere). ``logits_last``: the last
     stage computes logits for the last this-many columns only, ``logits_columns`` for these columns
-    (``DiffusionGPTModel.forward``). ``model_kwargs(batch)``: more keyword arguments for the chunks'
+    (``DiffusionGPTModel.forward``); a micro-batch's own ``logits_columns`` entry (packed rows,
+    ``distill/packing.py``) wins over the argument. ``model_kwargs(batch)``: more keyword arguments for the chunks'
     forward (a streamed teacher's inputs); ``seq_length``: the length of the tensors the stages send
     each other, when it is not the rows' (a streamed teacher packs its hidden states behind them).
     """
@@ -70,7 +71,10 @@ def run_schedule(
     def forward_step(data_iterator: Iterator[Batch], model: torch.nn.Module):
         batch = to_device(next(data_iterator), model_device(model))
         extra = model_kwargs(batch) if model_kwargs is not None else {}
-        output = model(**model_inputs(batch), logits_last=logits_last, logits_columns=logits_columns, **extra)
+        last, columns = logits_last, logits_columns
+        if "logits_columns" in batch:  # packed rows carry their own
+            last, columns = None, batch["logits_columns"]
+        output = model(**model_inputs(batch), logits_last=last, logits_columns=columns, **extra)
         return output, lambda out: loss_fn(out, batch)
 
     return get_forward_backward_func()(

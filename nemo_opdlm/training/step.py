@@ -21,6 +21,7 @@ from nemo_opdlm.config import RunConfig
 from nemo_opdlm.data.sampler import PromptBatch
 from nemo_opdlm.distill import loss as losses
 from nemo_opdlm.distill.methods import Method, get_method
+from nemo_opdlm.distill.packing import pack_rows, row_logits
 from nemo_opdlm.distill.states import build_states, response_valid, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
@@ -124,19 +125,22 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
 
 
 def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, microbatches: list[dict], *,
-                           upfront: bool = False) -> None:
+                           upfront: bool = False, groups: Optional[list[Tensor]] = None) -> None:
     """Give each micro-batch its teacher's inputs, or with ``upfront`` its targets.
 
     The default keeps at most the micro-batches in flight holding targets (full-vocabulary targets
     are ``L x V`` floats per row): the teacher then runs for one micro-batch at a time, inside the
     loss function on a single pipeline stage and riding the student's own pipeline pass otherwise
     (``teacher_stream.py``). ``upfront`` (a benchmark's choice: the teacher's time apart) runs the
-    teacher's pass over every micro-batch first and stores the targets, on the last stage.
+    teacher's pass over every micro-batch first and stores the targets, on the last stage. ``groups``:
+    each micro-batch's row indices (packed rows, ``packing.pack_rows``); None = consecutive equal splits.
     """
     n = len(microbatches)
-    rows = split_microbatches(
-        dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid), n
-    )
+    per_row = dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid)
+    if groups is None:
+        rows = split_microbatches(per_row, n)
+    else:
+        rows = [{k: v[index] for k, v in per_row.items()} for index in groups]
     batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in rows]
     if not upfront:
         for mb, tb in zip(microbatches, batches):
@@ -179,12 +183,14 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
 
     def loss_fn(output: Any, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Any]]:
         logits, streamed = split_outputs(output)
+        loss_mask, x0 = batch["loss_mask"], batch["x0"]  # [B, L]
+        if "logits_columns" in batch:  # packed rows: [1, R * W, V/tp] -> [R, W, V/tp], no loss past W
+            logits = row_logits(logits, loss_mask.shape[0])
+            loss_mask, x0 = loss_mask[:, :logits.shape[1]], x0[:, :logits.shape[1]]  # [R, W]
         if kind == "causal_ce":
-            loss, metrics = losses.causal_cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
-                                                             num_sequences=num_sequences)
+            loss, metrics = losses.causal_cross_entropy_loss(logits, loss_mask, x0, num_sequences=num_sequences)
         elif kind == "ce":
-            loss, metrics = losses.cross_entropy_loss(logits, batch["loss_mask"], batch["x0"],
-                                                      num_sequences=num_sequences)
+            loss, metrics = losses.cross_entropy_loss(logits, loss_mask, x0, num_sequences=num_sequences)
         else:
             if streamed is not None:
                 t_logprobs, t_ids = streamed.logprobs, streamed.ids
@@ -193,9 +199,11 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
             else:
                 assert teacher is not None, "micro-batch without teacher targets and no teacher to compute them"
                 t_logprobs, t_ids = _lazy_targets(teacher, batch, top_k)
-            loss, metrics = losses.kl_loss(logits, batch["loss_mask"], t_logprobs, t_ids,
+            width = loss_mask.shape[1]  # L, or a packed micro-batch's W
+            t_logprobs, t_ids = t_logprobs[:, :width], None if t_ids is None else t_ids[:, :width]
+            loss, metrics = losses.kl_loss(logits, loss_mask, t_logprobs, t_ids,
                                            num_sequences=num_sequences, tp_group=tp_group)
-            metrics[TEACHER_NONFINITE] = count_bad_targets(t_logprobs[batch["loss_mask"].bool()])
+            metrics[TEACHER_NONFINITE] = count_bad_targets(t_logprobs[loss_mask.bool()])
         metrics = dict(metrics, loss=loss.detach())
         return loss * scale, metrics
 
@@ -234,15 +242,16 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     t1 = time.perf_counter()
     generator = torch.Generator().manual_seed(noise_seed(seed, parallel.dp_rank))
     rows = training_rows(cfg, resp, eos_ids, generator)
-    n_mb = rows["input_ids"].shape[0] // cfg.train.micro_batch_size
-    microbatches = split_microbatches(rows, n_mb)
+    microbatches, groups = make_microbatches(cfg, rows, pad_id)
+    n_mb = len(microbatches)
     if teacher is not None:
-        attach_teacher_targets(cfg, teacher, resp, microbatches, upfront=upfront_teacher)
+        attach_teacher_targets(cfg, teacher, resp, microbatches, upfront=upfront_teacher, groups=groups)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
     sync()
     t2 = time.perf_counter()
     zero_grads(state)
-    chunks, schedule_args, in_loss = state.chunks, student_outputs(cfg, rows), teacher
+    chunks, in_loss = state.chunks, teacher
+    schedule_args = student_outputs(cfg, rows) if groups is None else {}  # packed: per micro-batch columns
     if teacher is not None and not upfront_teacher and parallel.pp_size > 1:
         chunks, in_loss = stream_chunks(state.chunks, teacher, cfg.distill.top_k), None
         schedule_args.update(model_kwargs=teacher_inputs, seq_length=streamed_seq_length(
@@ -253,6 +262,20 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     sync()
     seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
     return StepOutcome(resp, rows, reported, seconds)
+
+
+def make_microbatches(cfg: RunConfig, rows: dict[str, Tensor], pad_id: int
+                      ) -> tuple[list[dict[str, Tensor]], Optional[list[Tensor]]]:
+    """This rank's micro-batches, and with ``train.pack_tokens`` each one's row indices.
+
+    Padded: ``train.micro_batch_size`` consecutive rows each. Packed: one sequence of
+    ``train.pack_tokens`` tokens each, as many rows as fit (``distill/packing.py``); the count then
+    varies from step to step and rank to rank (the loss scale follows it; PP=1 only).
+    """
+    if cfg.train.pack_tokens is None:
+        return split_microbatches(rows, rows["input_ids"].shape[0] // cfg.train.micro_batch_size), None
+    return pack_rows(rows, cfg.train.pack_tokens, block_size=cfg.diffusion.block_size,
+                     shift=cfg.diffusion.shift_logits, pad_id=pad_id)
 
 
 def student_outputs(cfg: RunConfig, rows: dict[str, Tensor]) -> dict[str, Any]:

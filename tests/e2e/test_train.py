@@ -123,6 +123,18 @@ def test_microbatch_count_does_not_change_the_step(tmp_path):
         assert abs(x - y) <= 1e-6 * max(1.0, abs(x)), (losses(a["history"]), losses(b["history"]))
 
 
+@pytest.mark.parametrize("overrides", [("distill.method=opdlm",), ("diffusion.shift_logits=true",),
+                                       ("distill.method=sft", "distill.top_k=8")])
+def test_packed_rows_do_not_change_the_step(tmp_path, overrides):
+    """``train.pack_tokens`` (rows of up to 16 + 2 x 16 tokens packed into 48-token sequences) trains
+    the same losses as padded micro-batches of two rows, step after step."""
+    a = train(make_run(str(tmp_path), *overrides, "train.save_dir=null"))
+    b = train(make_run(str(tmp_path), *overrides, "train.pack_tokens=48", "train.save_dir=null"))
+    for x, y in zip(losses(a["history"]), losses(b["history"])):
+        assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (losses(a["history"]), losses(b["history"]))
+    assert [h["train/loss_tokens"] for h in a["history"]] == [h["train/loss_tokens"] for h in b["history"]]
+
+
 def test_kl_falls_over_50_steps(tmp_path):
     cfg = make_run(str(tmp_path), "train.steps=50", "train.save_dir=null", "train.log_every=10",
                    "optim.lr=3e-3", "optim.min_lr=1e-3", "rollout.temperature=0", "rollout.mode=static")
@@ -460,6 +472,42 @@ def test_dp2_step_equals_dp1(tmp_path):
     assert got == json.load(open(tmp_path / "dp2_1.json"))  # the metrics are reduced over DP
     close(got["loss"], losses(history), 1e-6)
     close(got["grad_norm"], [h["grad_norm"] for h in history], 1e-5)  # Adam hides a gradient scale; the norm does not
+
+
+def worker_dp2_packed(tmp_dir):
+    counts = []
+    real = train_step.make_microbatches
+
+    def counted(*args):
+        out = real(*args)
+        counts.append(len(out[0]))
+        return out
+
+    train_step.make_microbatches = counted
+    if os.environ["RANK"] == "0":  # rank 0 packs one row per sequence: a valid packing, more micro-batches
+        from nemo_opdlm.distill import packing
+        packing.plan_packing = lambda segs, budget: [[seg] for seg in segs]
+    _run_layout(tmp_dir, "distill.method=sft", "dp2pack", "train.pack_tokens=48", "train.steps=3")
+    with open(os.path.join(tmp_dir, f"dp2pack_counts_{os.environ['RANK']}.json"), "w") as f:
+        json.dump(counts, f)
+
+
+def worker_dp2_padded(tmp_dir):
+    _run_layout(tmp_dir, "distill.method=sft", "dp2pad", "train.steps=3")
+
+
+@pytest.mark.distributed
+def test_dp2_packed_steps_equal_padded(tmp_path):
+    """Packed rows at DP=2, where each rank packs its own rows into its own number of micro-batches
+    (the loss scale follows the local count): the same losses and gradient norms as padded rows."""
+    torchrun("tests.e2e.test_train:worker_dp2_padded", 2, tmp_path, timeout=300)
+    torchrun("tests.e2e.test_train:worker_dp2_packed", 2, tmp_path, timeout=300)
+    want, got = (json.load(open(tmp_path / f"{name}_0.json")) for name in ("dp2pad", "dp2pack"))
+    assert got == json.load(open(tmp_path / "dp2pack_1.json"))
+    close(got["loss"], want["loss"], 1e-5)
+    close(got["grad_norm"], want["grad_norm"], 1e-4)
+    counts = [json.load(open(tmp_path / f"dp2pack_counts_{r}.json")) for r in (0, 1)]
+    assert counts == [[2, 2, 2], [1, 1, 1]], counts  # two rows per rank: apart on rank 0, together on rank 1
 
 
 def test_nonfinite_loss_is_skipped_then_fatal(tmp_path, monkeypatch):

@@ -126,3 +126,33 @@ def test_prediction_columns():
     assert masks.prediction_columns(2, 3, 1, True).tolist() == [1, 2, 3]  # block 1: x0 before each token
     with pytest.raises(ValueError, match="prompt"):
         masks.prediction_columns(0, 4, 4, True)
+
+
+def _two_docs():
+    """Two rows' layouts concatenated into one sequence, doc 0 then doc 1 (packed rows)."""
+    a = masks.build_layout(torch.tensor([3]), 3, torch.ones(1, 5, dtype=torch.bool), 4, with_xt=True).meta
+    b = masks.build_layout(torch.tensor([2]), 2, torch.ones(1, 3, dtype=torch.bool), 4, with_xt=True).meta
+    doc = torch.cat([torch.zeros(13, dtype=torch.long), torch.ones(8, dtype=torch.long)])
+    return a, b, torch.cat([torch.cat([a, b], -1), doc[None, None]], 1)  # [1, 3, 21]
+
+
+def test_doc_channel_is_block_diagonal():
+    """Packed rows: each doc's block of the mask is its own row's mask, nothing crosses docs; a
+    single doc (or a 2-channel meta) is the unchanged rule."""
+    a, b, packed = _two_docs()
+    out = masks.allowed(packed, packed)[0]  # [21, 21]
+    assert torch.equal(out[:13, :13], masks.allowed(a, a)[0])
+    assert torch.equal(out[13:, 13:], masks.allowed(b, b)[0])
+    assert not out[:13, 13:].any() and not out[13:, :13].any()
+    one_doc = torch.cat([a, torch.zeros_like(a[:, :1])], 1)  # [1, 3, 13]
+    assert torch.equal(masks.allowed(one_doc, one_doc), masks.allowed(a, a))
+    # without the doc channel, doc 1's xt block 0 would see doc 0's prompt and x0 block 0 too
+    assert int(masks.allowed(packed[:, :2], packed[:, :2])[0].sum()) > int(out.sum())
+
+
+def test_flex_mask_mod_matches_dense_with_docs():
+    flex = pytest.importorskip("torch.nn.attention.flex_attention")
+    _, _, packed = _two_docs()
+    mod = masks.flex_mask_mod(packed, packed)
+    dense = flex.create_mask(mod, 1, 1, 21, 21, device="cpu")[:, 0]
+    assert torch.equal(dense, masks.allowed(packed, packed))

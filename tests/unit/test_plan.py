@@ -42,6 +42,11 @@ def test_world_that_does_not_divide_the_prompts(capsys):
     assert "world size 4 is not divisible by tp*pp*cp" in capsys.readouterr().err
 
 
+def test_packed_rows_are_noted_as_not_planned(capsys):
+    plan_main(["qwen3_8b_self_tp2_pp1_8g", "train.pack_tokens=20000"])
+    assert "train.pack_tokens=20000: the memory below is for padded micro-batches" in capsys.readouterr().out
+
+
 def test_plan_that_does_not_fit_is_refused_with_remedies(capsys):
     args = ["qwen3_8b_self_tp2_pp1_8g", "model.recompute=none", "train.micro_batch_size=2", "--gpu", "a100-40g"]
     assert plan_main(args) == 1
