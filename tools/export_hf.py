@@ -97,7 +97,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         tokenizer = load_tokenizer(assets_dir) if diffusion is not None else None
         if tokenizer is not None:  # an ordinary word as [MASK] is refused here, before anything is written
             register_mask_token(tokenizer, diffusion.mask_token_id,
-                                "--mask-token-id" if args.mask_token_id is not None else f"{args.ckpt}'s diffusion settings")
+                                "--mask-token-id" if args.mask_token_id is not None else f"{args.ckpt}'s diffusion.mask_token_id")
         eval_results = read_eval_results(args.eval_results)
     except OPDLMError as err:
         print(f"export_hf: error: {err}", file=sys.stderr)

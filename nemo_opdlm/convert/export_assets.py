@@ -6,8 +6,9 @@ threshold, EOS ids), and a model card (``README.md``: method, teacher, decoding,
 and the scores known at export). Called once, on rank 0, by ``mcore_to_hf.write_hf_metadata``.
 Non-goals: weights and config.json (``mcore_to_hf.py``, ``hf_config.py``).
 
-The [MASK] id rule: an id the tokenizer already uses must be its mask token or another special
-token (never an ordinary word, which the student would then read as masked); an id past the
+The [MASK] id rule is the trainer's (``data.prompts.check_mask_token``): an id the tokenizer already
+uses must be its mask token or a reserved special token (never an ordinary word, EOS, pad or a
+chat-template token, which the student would then read as masked); an id past the
 tokenizer's last token becomes a new special token ``<|mask|>`` (ids between the tokenizer's end
 and it are filled with reserved placeholders, so that the id is exact).
 """
@@ -21,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 from nemo_opdlm.convert.errors import ConvertError
+from nemo_opdlm.data.prompts import check_mask_token
+from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import DiffusionConfig
 
 MASK_TOKEN = "<|mask|>"
@@ -74,19 +77,17 @@ def load_tokenizer(assets_dir: Optional[str]) -> Any:
 
 def register_mask_token(tokenizer: Any, mask_token_id: int, source: str = "--mask-token-id") -> str:
     """Make ``mask_token_id`` the tokenizer's mask token (see the module docstring); returns what
-    was done, for the model card. Raises :class:`ConvertError` for an id that is an ordinary token."""
+    was done, for the model card. Raises :class:`ConvertError` for an id that text uses
+    (``data.prompts.check_mask_token``, the rule the trainer applies; ``source`` names the setting)."""
     size = len(tokenizer)
     if tokenizer.mask_token_id == mask_token_id:
         return f"the tokenizer's own mask token {tokenizer.mask_token!r}"
+    try:  # the trainer's rule: no id that text uses (an ordinary word, EOS, pad, chat-template tokens)
+        check_mask_token(mask_token_id, tokenizer, tokenizer.name_or_path or "the source", key=source)
+    except ConfigError as err:
+        raise ConvertError(f"{err}; the student would read that token as masked") from None
     if mask_token_id < size:
         text = tokenizer.convert_ids_to_tokens(mask_token_id)
-        special = mask_token_id in set(tokenizer.all_special_ids) or (
-            mask_token_id in tokenizer.added_tokens_decoder and tokenizer.added_tokens_decoder[mask_token_id].special)
-        if not special:
-            raise ConvertError(
-                f"the [MASK] id {mask_token_id} ({source}) is the tokenizer's ordinary token {text!r}: the student would "
-                f"read that word as masked; use the id the student was trained with: the tokenizer's mask token, a "
-                f"special token, or an id past its last token ({size - 1})")
         tokenizer.add_special_tokens({"mask_token": text})
         return f"the special token {text!r}, registered as the mask token"
     reserved = [RESERVED_TOKEN.format(i) for i in range(size, mask_token_id)]

@@ -589,10 +589,11 @@ def tokenizer_mask_id(tokenizer, where: str) -> int:
     return int(tokenizer.mask_token_id)
 
 
-def check_mask_token(mask_id: int, tokenizer, where: str) -> None:
+def check_mask_token(mask_id: int, tokenizer, where: str, key: str = "diffusion.mask_token_id") -> None:
     """[MASK] must be an id no text uses: the tokenizer's mask token, an embedding row no token maps
     to, or a reserved special token. Refused: an ordinary token, and a special token the tokenizer
     writes itself (BOS / EOS / pad / unknown, end-of-turn markers, anything its chat template emits).
+    ``key`` names the setting that gave the id (the trainer's config key, the exporter's flag).
 
     A [MASK] that text contains would be read as a mask wherever it occurs in a prompt or a
     response, and every prediction of that token would be a [MASK] (the sampler never emits one).
@@ -602,11 +603,11 @@ def check_mask_token(mask_id: int, tokenizer, where: str) -> None:
     fix = (f": use its mask token ({tokenizer.mask_token_id})" if tokenizer.mask_token_id is not None else
            ": use") + f" a reserved special token or an embedding row no token maps to (>= {len(tokenizer)})"
     if mask_id < len(tokenizer) and mask_id not in tokenizer.added_tokens_decoder:
-        raise ConfigError(f"diffusion.mask_token_id={mask_id} is the ordinary token "
+        raise ConfigError(f"{key}={mask_id} is the ordinary token "
                           f"{tokenizer.convert_ids_to_tokens(mask_id)!r} of the tokenizer in {where}{fix}")
     role = _special_role(mask_id, tokenizer)
     if role:
-        raise ConfigError(f"diffusion.mask_token_id={mask_id} is {tokenizer.convert_ids_to_tokens(mask_id)!r}, the "
+        raise ConfigError(f"{key}={mask_id} is {tokenizer.convert_ids_to_tokens(mask_id)!r}, the "
                           f"tokenizer's {role} (in {where}), a token that text contains{fix}")
 
 

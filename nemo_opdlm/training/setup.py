@@ -26,16 +26,14 @@ from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher, offload
 from nemo_opdlm.runtime.context import ParallelContext
 
-def tokenizer_dir(cfg: RunConfig) -> str:
-    return cfg.init.tokenizer_dir()
-
 
 def load_tokenizer(cfg: RunConfig):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir(cfg))
-    check_vocab_fits(tok, cfg.model.vocab_size, tokenizer_dir(cfg), "model.vocab_size")
-    check_mask_token(cfg.diffusion.mask_token_id, tok, tokenizer_dir(cfg))
+    where = cfg.init.tokenizer_dir()
+    tok = AutoTokenizer.from_pretrained(where)
+    check_vocab_fits(tok, cfg.model.vocab_size, where, "model.vocab_size")
+    check_mask_token(cfg.diffusion.mask_token_id, tok, where)
     if cfg.init.student_hf and cfg.init.teacher_hf and cfg.init.student_hf != cfg.init.teacher_hf:
         other = AutoTokenizer.from_pretrained(cfg.init.student_hf)
         if other.get_vocab() != tok.get_vocab():
@@ -146,5 +144,5 @@ def build(cfg: RunConfig, parallel: ParallelContext) -> Setup:
     loader = build_loader(cfg, tokenizer, parallel)
     student, teacher = build_models(cfg, parallel)
     source = cfg.init.student_hf or (cfg.init.teacher_hf if cfg.teacher_model is None else None)
-    return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader, tokenizer_dir(cfg),
+    return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader, cfg.init.tokenizer_dir(),
                  read_hf_config(source) if source else None)

@@ -178,8 +178,8 @@ def test_unsupported_generation_config_fields_and_likelihood_are_refused(model, 
 
 
 def test_mask_token_registration(exported, tmp_path, capsys):
-    """An ordinary word as [MASK] is refused before anything is written; an id past the tokenizer's
-    last token becomes its <|mask|> token, at that exact id."""
+    """An ordinary word (or EOS: the trainer's rule) as [MASK] is refused before anything is written;
+    an id past the tokenizer's last token becomes its <|mask|> token, at that exact id."""
     from transformers import AutoTokenizer
 
     from nemo_opdlm.convert.export_assets import register_mask_token
@@ -197,3 +197,6 @@ def test_mask_token_registration(exported, tmp_path, capsys):
     assert tok("w3 <|mask|>")["input_ids"][-1] == size + 2
     with pytest.raises(ConvertError, match="ordinary token"):
         register_mask_token(AutoTokenizer.from_pretrained(student, trust_remote_code=True), 7)
+    fresh = AutoTokenizer.from_pretrained(student, trust_remote_code=True)
+    with pytest.raises(ConvertError, match="eos_token .*a token that text contains"):  # the trainer's rule
+        register_mask_token(fresh, fresh.eos_token_id)
