@@ -272,6 +272,11 @@ class RunConfig:
     def teacher(self) -> Optional[ModelConfig]:
         return self.teacher_model or self.model
 
+    @property
+    def longest_row(self) -> Optional[int]:
+        """Tokens of the longest ``[prompt | x0 | xt]`` training row, when prompts come from files."""
+        return None if self.data is None else self.data.max_prompt_tokens + 2 * self.rollout.max_length
+
     def complete(self) -> "RunConfig":
         """This config with what it leaves to its files read from them, validated: the ``model`` from
         its weights' config (``model=None``), the [MASK] id from the tokenizer's mask token
@@ -322,13 +327,12 @@ class RunConfig:
         if self.parallel.pp > 1:
             raise ConfigError(f"train.pack_tokens is not supported with parallel.pp={self.parallel.pp} yet "
                               "(the streamed teacher rides padded rows): set train.pack_tokens=null or parallel.pp=1")
-        if self.data is not None:
-            longest = self.data.max_prompt_tokens + 2 * self.rollout.max_length
-            if self.train.pack_tokens < longest:
-                raise ConfigError(
-                    f"train.pack_tokens={self.train.pack_tokens} cannot hold the longest row: "
-                    f"data.max_prompt_tokens + 2 * rollout.max_length = {longest}; raise train.pack_tokens"
-                )
+        longest = self.longest_row
+        if longest is not None and self.train.pack_tokens < longest:
+            raise ConfigError(
+                f"train.pack_tokens={self.train.pack_tokens} cannot hold the longest row: "
+                f"data.max_prompt_tokens + 2 * rollout.max_length = {longest}; raise train.pack_tokens"
+            )
 
     def _validate_model(self) -> None:
         """The checks that need the student's architecture."""
@@ -344,8 +348,8 @@ class RunConfig:
             self.parallel.check_model(self.teacher_model, "teacher_model")
         if self.distill.top_k is not None and self.distill.top_k > self.model.vocab_size:
             raise ConfigError(f"distill.top_k={self.distill.top_k} exceeds model.vocab_size={self.model.vocab_size}")
-        longest = (self.data.max_prompt_tokens if self.data else 0) + 2 * self.rollout.max_length
-        if self.data is not None and longest > self.model.max_position_embeddings:
+        longest = self.longest_row
+        if longest is not None and longest > self.model.max_position_embeddings:
             raise ConfigError(
                 f"rows are [prompt | x0 | xt]: data.max_prompt_tokens + 2 * rollout.max_length = {longest} "
                 f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}"
