@@ -251,7 +251,8 @@ class RunConfig:
     diffusion: DiffusionConfig
     """Block size and [MASK] id."""
     parallel: ParallelLayout = field(default_factory=ParallelLayout)
-    """TP/PP layout shared by the colocated student and teacher; DP is the rest."""
+    """The student's TP/PP layout, DP the rest; the colocated teacher's too, unless ``parallel.teacher``
+    gives it its own TP/PP on the same ranks."""
     init: InitConfig = field(default_factory=InitConfig)
     """Weights and tokenizer."""
     data: Optional[PromptDataConfig] = None
@@ -316,6 +317,11 @@ class RunConfig:
             )
         if self.train.pack_tokens is not None:
             self._validate_packing(method)
+        if self.parallel.teacher is not None and method.responses == "teacher" and (
+                self.data is None or not self.data.response_field):
+            raise ConfigError(f"distill.method={method.name} without data.response_field has the teacher decode the "
+                              "responses, which runs at the student's layout: set parallel.teacher=null, or give "
+                              "the teacher's responses in data.response_field")
         if self.model is not None:
             self._validate_model()
 
@@ -344,8 +350,8 @@ class RunConfig:
                 f"{self.model.vocab_size}: teacher and student must share a tokenizer"
             )
         self.parallel.check_model(self.model, "model")
-        if self.teacher_model is not None:
-            self.parallel.check_model(self.teacher_model, "teacher_model")
+        if self.teacher_model is not None or self.parallel.teacher is not None:
+            self.parallel.check_teacher(self.teacher)
         if self.distill.top_k is not None and self.distill.top_k > self.model.vocab_size:
             raise ConfigError(f"distill.top_k={self.distill.top_k} exceeds model.vocab_size={self.model.vocab_size}")
         longest = self.longest_row

@@ -46,6 +46,10 @@ class ParallelContext:
     """World rank of this pipeline's last stage (it decides and broadcasts decoding decisions)."""
     tp_src_global: int = 0
     """World rank of TP rank 0 of this rank's tensor-parallel group."""
+    own_groups: bool = False
+    """The groups were built apart from megatron-core's ``parallel_state`` (a teacher with its own
+    layout, ``teacher_groups.py``): megatron-core's schedules must be handed them, since they fall
+    back to ``parallel_state``'s, which are the student's."""
 
     @property
     def tp_group(self) -> Optional[dist.ProcessGroup]:

@@ -37,6 +37,25 @@ class LayoutError(ConfigError):
 
 
 @dataclass(kw_only=True)
+class TeacherLayout:
+    """The teacher's own TP/PP split of the same ranks (``parallel.teacher``); its DP is the rest.
+
+    A 70B teacher needs TP=8 to fit where an 8B student trains faster at TP=2 x DP=4: each model
+    gets its own groups (``runtime/teacher_groups.py``), and the teacher's inputs and targets move
+    between the two layouts (``distill/teacher_exchange.py``)."""
+
+    tp: int = 1
+    """The teacher's tensor-parallel size."""
+    pp: int = 1
+    """The teacher's pipeline-parallel size."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp"):
+            if getattr(self, name) < 1:
+                raise LayoutError(f"parallel.teacher.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
 class ParallelLayout:
     """How the world is split. DP is whatever is left: world / (TP * PP * CP)."""
 
@@ -48,6 +67,8 @@ class ParallelLayout:
     """Context-parallel size (needs TE attention; block masks do not support it yet)."""
     vpp: Optional[int] = None
     """Virtual pipeline stages per rank (interleaved schedule), or None."""
+    teacher: Optional[TeacherLayout] = None
+    """The teacher's own TP/PP on the same ranks; None: the teacher shares the student's layout."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
@@ -66,16 +87,36 @@ class ParallelLayout:
         return self.tp * self.pp * self.cp
 
     def dp(self, world_size: int) -> int:
-        """Data-parallel size for a world, after checking that the layout divides it."""
+        """Data-parallel size for a world, after checking that the layout (and the teacher's) divides it."""
         if world_size % self.model_parallel:
             raise LayoutError(
                 f"world size {world_size} is not divisible by tp*pp*cp = "
                 f"{self.tp}*{self.pp}*{self.cp} = {self.model_parallel}"
             )
+        if self.teacher is not None and world_size % (self.teacher.tp * self.teacher.pp):
+            raise LayoutError(
+                f"world size {world_size} is not divisible by the teacher's tp*pp = "
+                f"{self.teacher.tp}*{self.teacher.pp} (parallel.teacher)"
+            )
         return world_size // self.model_parallel
 
-    def check_model(self, model: "ModelConfig", what: str = "model") -> None:
-        """Raise LayoutError if TP does not divide heads/groups/FFN or PP does not divide layers."""
+    def teacher_layout(self) -> "ParallelLayout":
+        """The layout the teacher runs at: ``parallel.teacher``'s TP/PP, else this one."""
+        if self.teacher is None:
+            return self
+        return ParallelLayout(tp=self.teacher.tp, pp=self.teacher.pp)
+
+    def teacher_dp(self, world_size: int) -> int:
+        """The teacher's data-parallel size: its replicas, each serving some student replicas."""
+        return self.teacher_layout().dp(world_size)
+
+    def check_teacher(self, model: "ModelConfig") -> None:
+        """``check_model`` for the teacher, at the layout it runs at (named in the error)."""
+        self.teacher_layout().check_model(model, "teacher_model", "parallel" if self.teacher is None else "parallel.teacher")
+
+    def check_model(self, model: "ModelConfig", what: str = "model", where: str = "parallel") -> None:
+        """Raise LayoutError if TP does not divide heads/groups/FFN or PP does not divide layers;
+        ``what`` names the model's section, ``where`` the layout's."""
         checks = [
             ("num_attention_heads", model.num_attention_heads, "tp", self.tp),
             ("num_query_groups", model.num_query_groups, "tp", self.tp),
@@ -86,8 +127,8 @@ class ParallelLayout:
             if value % size:
                 stage = " * vpp" if axis == "pp" and self.vpp else ""
                 raise LayoutError(
-                    f"{what}.{field_name}={value} is not divisible by {axis}{stage}={size}; "
-                    f"choose {axis} among the divisors of {value}"
+                    f"{what}.{field_name}={value} is not divisible by {where}.{axis}{stage}={size}; "
+                    f"choose {where}.{axis} among the divisors of {value}"
                 )
 
 
@@ -212,6 +253,9 @@ class Runtime:
     seed: int
     ctx: ParallelContext
     """This rank's groups, ranks and sizes: what models, the sampler and the step are given."""
+    teacher_ctx: ParallelContext
+    """The teacher's: ``ctx`` itself when it shares the student's layout, else its own groups
+    (``parallel.teacher``, ``teacher_groups.py``)."""
 
     @property
     def rank(self) -> int:
@@ -275,7 +319,10 @@ def init_runtime(
     env = read_launch_env(environ)
     layout.dp(env.world_size)
     for name, model in models:
-        layout.check_model(model, name)
+        if name == "teacher_model":
+            layout.check_teacher(model)
+        else:
+            layout.check_model(model, name)
     enable_cpu_compat()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -300,9 +347,15 @@ def init_runtime(
         distributed_timeout_minutes=timeout_minutes,
     )
     ctx = parallel_context()
+    teacher_ctx = ctx
+    if layout.teacher is not None:
+        from nemo_opdlm.runtime.teacher_groups import teacher_context
+
+        teacher_ctx = teacher_context(layout.teacher.tp, layout.teacher.pp, env.world_size, env.rank)
     seed_everything(seed, ctx)
     global _CURRENT
-    _CURRENT = Runtime(env=env, layout=layout, device=device, backend=backend, seed=seed, ctx=ctx)
+    _CURRENT = Runtime(env=env, layout=layout, device=device, backend=backend, seed=seed, ctx=ctx,
+                       teacher_ctx=teacher_ctx)
     return _CURRENT
 
 

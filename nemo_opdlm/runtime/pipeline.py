@@ -8,10 +8,13 @@ decoding, whose short rounds of changing shapes pass the stages explicitly (``ro
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
 from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from nemo_opdlm.runtime.context import ParallelContext
 
 Batch = dict[str, torch.Tensor]
 
@@ -77,7 +80,7 @@ def run_schedule(
         output = model(**model_inputs(batch), logits_last=last, logits_columns=columns, **extra)
         return output, lambda out: loss_fn(out, batch)
 
-    return get_forward_backward_func()(
+    return schedule_for(chunks[0])(
         forward_step_func=forward_step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
         model=list(chunks),
@@ -86,6 +89,39 @@ def run_schedule(
         micro_batch_size=mbs,
         forward_only=forward_only,
     )
+
+
+def _context_of(model: torch.nn.Module) -> Optional[ParallelContext]:
+    """The ``ParallelContext`` a chunk was built with, through DDP / Float16Module wrappers."""
+    while model is not None:
+        ctx = getattr(model, "parallel", None)
+        if isinstance(ctx, ParallelContext):
+            return ctx
+        model = getattr(model, "module", None)
+    return None
+
+
+def schedule_for(chunk: torch.nn.Module) -> Callable[..., list[Any]]:
+    """megatron-core's forward/backward function for the layout ``chunk`` was built at.
+
+    Chunks on megatron-core's own groups (the student's) get ``get_forward_backward_func()`` as is;
+    chunks on groups of their own (``ParallelContext.own_groups``: a teacher with its own layout)
+    get it for their pipeline size, handed their pipeline communicator and process groups."""
+    ctx = _context_of(chunk)
+    if ctx is None or not ctx.own_groups:
+        return get_forward_backward_func()
+    from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+    run = get_forward_backward_func(pp_size=ctx.pp_size, vp_size=ctx.vpp_size)
+    p2p = P2PCommunicator(pp_group=ctx.pgs.pp, config=unwrap_config(chunk))
+    return functools.partial(run, p2p_communicator=p2p, pg_collection=ctx.pgs)
+
+
+def unwrap_config(chunk: torch.nn.Module):
+    """The chunk's megatron-core ``TransformerConfig`` (what its pipeline communicator is told)."""
+    while not hasattr(chunk, "config") and hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk.config
 
 
 def forward_collect(

@@ -36,7 +36,7 @@ def train(cfg: RunConfig) -> dict[str, Any]:
     rt = init_runtime(cfg.parallel, seed=cfg.train.seed,
                       models=(("model", cfg.model), ("teacher_model", cfg.teacher)))
     try:
-        return _train(cfg, rt.ctx)
+        return _train(cfg, rt.ctx, rt.teacher_ctx)
     finally:
         shutdown_runtime()
 
@@ -46,7 +46,7 @@ def _note(message: str) -> None:
         print(f"[opdlm] {message}", flush=True)
 
 
-def _train(cfg: RunConfig, parallel: ParallelContext) -> dict[str, Any]:
+def _train(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelContext) -> dict[str, Any]:
     lock, resume_from = None, None
     if cfg.train.save_dir:  # one writer per run directory; decided before the models load
         lock, resume_from = run_dir.open_run(cfg.train.save_dir, resume=cfg.train.resume,
@@ -59,16 +59,17 @@ def _train(cfg: RunConfig, parallel: ParallelContext) -> dict[str, Any]:
                 _note(f"resuming with a config that differs from {check.source}: {'; '.join(check.changed)}. "
                       "This run's config wins for each (optim.* and train.steps: the LR schedule is rebuilt "
                       "from it at the checkpoint's update count)")
-        return _run(cfg, parallel, resume_from)
+        return _run(cfg, parallel, teacher_parallel, resume_from)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _run(cfg: RunConfig, parallel: ParallelContext, resume_from: Optional[str]) -> dict[str, Any]:
+def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelContext,
+         resume_from: Optional[str]) -> dict[str, Any]:
     t_build = time.perf_counter()
     _note(describe_run(cfg, parallel.tp_size, parallel.pp_size, parallel.dp_size))
-    s = build(cfg, parallel)
+    s = build(cfg, parallel, teacher_parallel)
     state = wrap_for_training(s.student, cfg.model, cfg.optim, cfg.train.steps)
     if cfg.train.save_dir and is_rank0():
         run_config.write(cfg.train.save_dir, cfg)  # the config this run uses (each step_N/ keeps its own)

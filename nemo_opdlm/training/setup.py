@@ -22,7 +22,7 @@ from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.distill.methods import get_method
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.gpt import DiffusionGPTModel
-from nemo_opdlm.models.student import build_student, from_teacher
+from nemo_opdlm.models.student import build_student, from_teacher, parallel_of
 from nemo_opdlm.models.teacher import build_teacher, offload
 from nemo_opdlm.runtime.context import ParallelContext
 
@@ -80,24 +80,27 @@ def check_weights(cfg: RunConfig) -> None:
         check_hf_config(cfg.init.student_hf, cfg.model, "model.")
 
 
-def build_models(cfg: RunConfig,
-                 parallel: ParallelContext) -> tuple[list[DiffusionGPTModel], Optional[list[DiffusionGPTModel]]]:
-    """(student, teacher or None) at ``parallel``'s layout, weights loaded as ``init`` says."""
+def build_models(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Optional[ParallelContext] = None
+                 ) -> tuple[list[DiffusionGPTModel], Optional[list[DiffusionGPTModel]]]:
+    """(student, teacher or None), weights loaded as ``init`` says: the student at ``parallel``'s
+    layout, the teacher at ``teacher_parallel``'s (``parallel.teacher``; None: the student's)."""
     check_weights(cfg)
     teacher = None
     if get_method(cfg.distill.method).needs_teacher:
         if not (cfg.init.teacher_hf or cfg.init.teacher_checkpoint):
             raise ConfigError(f"distill.method={cfg.distill.method} needs the teacher's weights: "
                               "set init.teacher_hf or init.teacher_checkpoint")
-        teacher = build_teacher(cfg.teacher, parallel)
+        teacher = build_teacher(cfg.teacher, teacher_parallel or parallel)
         _load_weights(teacher, cfg.teacher, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)
         if cfg.distill.teacher_offload and torch.cuda.is_available():
             offload(teacher, "cpu")  # brought to the GPU only while a step uses it
     student = build_student(cfg.model, cfg.diffusion, parallel)
     if cfg.init.student_hf:
         load_hf_weights(student, cfg.init.student_hf, cfg.model)
-    elif teacher is not None and cfg.teacher_model is None:
+    elif teacher is not None and cfg.teacher_model is None and parallel_of(teacher) is parallel:
         from_teacher(student, teacher)  # self-distillation: the student starts as the teacher
+    elif teacher is not None and cfg.teacher_model is None:  # the same weights, read at the student's layout
+        _load_weights(student, cfg.model, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)
     elif teacher is not None:
         raise ConfigError("a teacher_model different from the student needs init.student_hf for the student")
     else:
@@ -138,11 +141,12 @@ class Setup:
     one: checkpoints record it, so that the HF export needs no ``--hf-source``."""
 
 
-def build(cfg: RunConfig, parallel: ParallelContext) -> Setup:
-    """Tokenizer and prompts first (cheap, most likely to be wrong), then the models."""
+def build(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Optional[ParallelContext] = None) -> Setup:
+    """Tokenizer and prompts first (cheap, most likely to be wrong), then the models (the teacher at
+    ``teacher_parallel``'s layout when it has its own)."""
     tokenizer = load_tokenizer(cfg)
     loader = build_loader(cfg, tokenizer, parallel)
-    student, teacher = build_models(cfg, parallel)
+    student, teacher = build_models(cfg, parallel, teacher_parallel)
     source = cfg.init.student_hf or (cfg.init.teacher_hf if cfg.teacher_model is None else None)
     return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader, cfg.init.tokenizer_dir(),
                  read_hf_config(source) if source else None)

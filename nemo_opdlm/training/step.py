@@ -22,12 +22,14 @@ from nemo_opdlm.data.sampler import PromptBatch
 from nemo_opdlm.distill import loss as losses
 from nemo_opdlm.distill.methods import Method, get_method
 from nemo_opdlm.distill.packing import pack_rows, row_logits
+from nemo_opdlm.distill.teacher_exchange import exchange_targets
 from nemo_opdlm.distill.states import build_states, response_valid, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig, with_mode
 from nemo_opdlm.runtime.comm import collective_device
+from nemo_opdlm.runtime.context import ParallelContext
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.runtime.seeding import noise_seed
 from nemo_opdlm.runtime.vocab_parallel import Group
@@ -124,8 +126,14 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
     )
 
 
+def own_layout(teacher: list, student: ParallelContext) -> bool:
+    """The teacher runs at a layout of its own (``parallel.teacher``), not the student's."""
+    return parallel_of(teacher) is not student
+
+
 def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, microbatches: list[dict], *,
-                           upfront: bool = False, groups: Optional[list[Tensor]] = None) -> None:
+                           student: ParallelContext, upfront: bool = False,
+                           groups: Optional[list[Tensor]] = None) -> None:
     """Give each micro-batch its teacher's inputs, or with ``upfront`` its targets.
 
     The default keeps at most the micro-batches in flight holding targets (full-vocabulary targets
@@ -134,6 +142,8 @@ def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, micro
     (``teacher_stream.py``). ``upfront`` (a benchmark's choice: the teacher's time apart) runs the
     teacher's pass over every micro-batch first and stores the targets, on the last stage. ``groups``:
     each micro-batch's row indices (packed rows, ``packing.pack_rows``); None = consecutive equal splits.
+    A teacher at its own layout (``own_layout``) always computes the targets first, on its own
+    groups, and sends them to ``student``'s last stage (``distill/teacher_exchange.py``).
     """
     n = len(microbatches)
     per_row = dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid)
@@ -141,12 +151,23 @@ def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, micro
         rows = split_microbatches(per_row, n)
     else:
         rows = [{k: v[index] for k, v in per_row.items()} for index in groups]
+    if own_layout(teacher, student):
+        targets = exchange_targets(teacher, student, rows, cfg.distill.top_k,
+                                   student_vocab=cfg.model.padded_vocab_size(student.tp_size),
+                                   teacher_vocab=cfg.teacher.padded_vocab_size(parallel_of(teacher).tp_size))
+        _store_targets(microbatches, targets)
+        return
     batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in rows]
     if not upfront:
         for mb, tb in zip(microbatches, batches):
             mb.update({f"teacher_{k}": v for k, v in tb.items()})
         return
-    targets = compute_targets(teacher, batches, resp.prompt_ids.shape[1], resp.tokens.shape[1], cfg.distill.top_k)
+    _store_targets(microbatches, compute_targets(teacher, batches, resp.prompt_ids.shape[1], resp.tokens.shape[1],
+                                                 cfg.distill.top_k))
+
+
+def _store_targets(microbatches: list[dict], targets: list) -> None:
+    """Each micro-batch's targets (present on the student's last stage only)."""
     for mb, target in zip(microbatches, targets):
         mb["t_logprobs"] = target.logprobs
         if target.ids is not None:
@@ -245,14 +266,16 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     microbatches, groups = make_microbatches(cfg, rows, pad_id)
     n_mb = len(microbatches)
     if teacher is not None:
-        attach_teacher_targets(cfg, teacher, resp, microbatches, upfront=upfront_teacher, groups=groups)
+        attach_teacher_targets(cfg, teacher, resp, microbatches, student=parallel, upfront=upfront_teacher,
+                               groups=groups)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
+    lazy = teacher is not None and not upfront_teacher and not own_layout(teacher, parallel)
     sync()
     t2 = time.perf_counter()
     zero_grads(state)
-    chunks, in_loss = state.chunks, teacher
+    chunks, in_loss = state.chunks, teacher if lazy else None
     schedule_args = student_outputs(cfg, rows) if groups is None else {}  # packed: per micro-batch columns
-    if teacher is not None and not upfront_teacher and parallel.pp_size > 1:
+    if lazy and parallel.pp_size > 1:
         chunks, in_loss = stream_chunks(state.chunks, teacher, cfg.distill.top_k), None
         schedule_args.update(model_kwargs=teacher_inputs, seq_length=streamed_seq_length(
             chunks, rows["input_ids"].shape[1], microbatches[0]["teacher_input_ids"].shape[1]))

@@ -139,7 +139,7 @@ def test_dry_run_passes_and_refuses(tmp_path):
     bad = subprocess.run(["bash", SCRIPTS[1], "--dry-run", "parallel.tp=3"], env=env, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode != 0
-    assert "model.num_attention_heads=32 is not divisible by tp=3" in bad.stderr
+    assert "model.num_attention_heads=32 is not divisible by parallel.tp=3" in bad.stderr
     assert _calls(env) == ""  # nothing was launched
 
 

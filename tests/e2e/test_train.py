@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from nemo_opdlm.config import ConfigError, dump_yaml
 from nemo_opdlm.data.prompts import DataError
@@ -869,3 +870,60 @@ def test_streamed_teacher_targets_do_not_grow_with_the_micro_batch_count(tmp_pat
         assert first["made"] == 0 and last["made"] == int(how[-1]), (how, got)  # on the last stage only
     assert got["upfront_4"][1]["peak"] == 4, got  # the old path: every micro-batch's targets at once
     assert got["streamed_2"][1]["peak"] == got["streamed_4"][1]["peak"] <= 2, got
+
+
+def worker_teacher_layout(tmp_dir):
+    """One step at DP=2 (student TP=1), the teacher at the layout this directory's name gives
+    (``shared``: the student's; ``tp2``/``pp2``: its own), top-k or full-vocabulary targets; every
+    micro-batch's targets are computed before the student's pass and saved, with the loss and the
+    gradient norm."""
+    from nemo_opdlm.training import loop as loop_module
+
+    layout, targets = os.path.basename(tmp_dir).split("_")
+    teacher = {"shared": "parallel.teacher=null", "tp2": "parallel.teacher.tp=2", "pp2": "parallel.teacher.pp=2"}
+    top_k = {"topk": "distill.top_k=16", "full": "distill.top_k=null"}
+    real_fb, real_attach = loop_module.forward_backward, train_step.attach_teacher_targets
+    saved = []
+
+    def attach(cfg, teacher, resp, microbatches, **kwargs):
+        real_attach(cfg, teacher, resp, microbatches, **dict(kwargs, upfront=True))
+        saved.append([{k: mb[k] for k in ("t_logprobs", "t_ids") if k in mb} for mb in microbatches])
+
+    loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, upfront_teacher=True))
+    train_step.attach_teacher_targets = attach
+    _run_layout(tmp_dir, "distill.method=opdlm", "run", teacher[layout], top_k[targets], "train.steps=2",
+                "train.micro_batch_size=1")
+    torch.save(saved, os.path.join(tmp_dir, f"targets_{os.environ['RANK']}.pt"))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("targets", ["topk", "full"])
+def test_teacher_with_its_own_layout_gives_the_same_step(tmp_path, targets):
+    """A teacher at TP=2, then at PP=2, beside a student at TP=1 x DP=2 on the same 2 ranks: its inputs
+    travel to the one teacher replica and its targets back to each student replica (full-vocabulary
+    targets re-cut from the teacher's 2 vocabulary shards to the student's one). The targets, losses
+    and gradient norms equal those of the teacher sharing the student's layout (TP=1 x DP=2)."""
+    got = {}
+    for layout in ("shared", "tp2", "pp2"):
+        run = tmp_path / f"{layout}_{targets}"
+        run.mkdir()
+        torchrun("tests.e2e.test_train:worker_teacher_layout", 2, run, timeout=300)
+        got[layout] = ([json.load(open(run / f"run_{r}.json")) for r in (0, 1)],
+                       [torch.load(run / f"targets_{r}.pt") for r in (0, 1)])
+    (want, want_targets) = got.pop("shared")
+    assert want[0] == want[1]  # metrics are reduced over DP
+    for layout, (metrics, targets_by_rank) in got.items():
+        close(metrics[0]["loss"], want[0]["loss"], 1e-5)
+        close(metrics[0]["grad_norm"], want[0]["grad_norm"], 1e-4)
+        for rank in (0, 1):  # each student replica's own rows: the student rank holds its replica's targets
+            steps, want_steps = targets_by_rank[rank], want_targets[rank]
+            assert len(steps) == len(want_steps) == 2
+            for mbs, want_mbs in zip(steps, want_steps):
+                assert len(mbs) == len(want_mbs) == 2
+                for mb, want_mb in zip(mbs, want_mbs):
+                    assert sorted(mb) == sorted(want_mb), (layout, sorted(mb))
+                    assert mb["t_logprobs"].shape == want_mb["t_logprobs"].shape
+                    finite = want_mb["t_logprobs"].isfinite()
+                    assert torch.equal(finite, mb["t_logprobs"].isfinite()), layout  # padding: -inf on both
+                    torch.testing.assert_close(mb["t_logprobs"][finite], want_mb["t_logprobs"][finite],
+                                               atol=1e-5, rtol=1e-5)

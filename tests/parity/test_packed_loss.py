@@ -113,9 +113,9 @@ def test_teacher_inputs_and_targets_follow_the_packed_rows(runtime):
     resp = Responses(prompt_ids, prompt_lens, response, valid, step_map, {})
     cfg = SimpleNamespace(distill=SimpleNamespace(top_k=5))
     lazy, groups = packing.pack_rows(rows, BUDGET, block_size=BLOCK, shift=False, pad_id=PAD_ID)
-    attach_teacher_targets(cfg, teacher, resp, lazy, groups=groups)
+    attach_teacher_targets(cfg, teacher, resp, lazy, student=runtime.ctx, groups=groups)
     upfront, _ = packing.pack_rows(rows, BUDGET, block_size=BLOCK, shift=False, pad_id=PAD_ID)
-    attach_teacher_targets(cfg, teacher, resp, upfront, upfront=True, groups=groups)
+    attach_teacher_targets(cfg, teacher, resp, upfront, student=runtime.ctx, upfront=True, groups=groups)
     for mb, up, index in zip(lazy, upfront, groups):
         assert torch.equal(mb["teacher_input_ids"][:, -response.shape[1]:], response[index])
         assert torch.allclose(up["t_logprobs"], whole.logprobs[index], atol=1e-5, rtol=0)

@@ -30,7 +30,7 @@ def test_every_recipe_passes_on_its_cluster(name, capsys):
 
 def test_broken_layout_names_the_field(capsys):
     assert plan_main(["qwen3_8b_self_tp2_pp1_8g", "parallel.tp=3"]) == 2
-    assert "model.num_attention_heads=32 is not divisible by tp=3" in capsys.readouterr().err
+    assert "model.num_attention_heads=32 is not divisible by parallel.tp=3" in capsys.readouterr().err
 
 
 def test_world_that_does_not_divide_the_prompts(capsys):

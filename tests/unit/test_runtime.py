@@ -68,13 +68,13 @@ def test_first_slurm_host_asks_scontrol_first(tmp_path):
 
 def test_layout_errors_name_the_numbers():
     model = tiny_model(num_layers=6, num_attention_heads=8, num_query_groups=2, hidden_size=64)
-    with pytest.raises(LayoutError, match=r"num_query_groups=2 is not divisible by tp=4"):
+    with pytest.raises(LayoutError, match=r"num_query_groups=2 is not divisible by parallel.tp=4"):
         ParallelLayout(tp=4).check_model(model, "teacher")
-    with pytest.raises(LayoutError, match=r"num_attention_heads=8 is not divisible by tp=3"):
+    with pytest.raises(LayoutError, match=r"num_attention_heads=8 is not divisible by parallel.tp=3"):
         ParallelLayout(tp=3).check_model(model)
-    with pytest.raises(LayoutError, match=r"num_layers=6 is not divisible by pp=4"):
+    with pytest.raises(LayoutError, match=r"num_layers=6 is not divisible by parallel.pp=4"):
         ParallelLayout(pp=4).check_model(model)
-    with pytest.raises(LayoutError, match=r"num_layers=4 is not divisible by pp \* vpp=6"):
+    with pytest.raises(LayoutError, match=r"num_layers=4 is not divisible by parallel.pp \* vpp=6"):
         ParallelLayout(pp=2, vpp=3).check_model(tiny_model(num_layers=4))
     ParallelLayout(pp=2, vpp=3).check_model(tiny_model(num_layers=6))
     with pytest.raises(LayoutError, match=r"world size 6 is not divisible by tp\*pp\*cp = 2\*2\*1 = 4"):
@@ -92,7 +92,7 @@ def test_init_runtime_fails_before_building():
     with pytest.raises(LayoutError, match="world size 3"):
         init_runtime(ParallelLayout(tp=2), environ=env)
     env["WORLD_SIZE"] = "2"
-    with pytest.raises(LayoutError, match="student.num_query_groups=3 is not divisible by tp=2"):
+    with pytest.raises(LayoutError, match="student.num_query_groups=3 is not divisible by parallel.tp=2"):
         init_runtime(ParallelLayout(tp=2), environ=env,
                      models=(("student", tiny_model(num_attention_heads=6, num_query_groups=3, head_dim=16)),))
     assert not torch.distributed.is_initialized()
