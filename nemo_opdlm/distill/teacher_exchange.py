@@ -120,23 +120,54 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
     Collective over the world: every rank calls it once per step with its micro-batches' ``rows``.
     ``student_vocab``/``teacher_vocab``: each model's padded vocabulary (both layouts' shards are
     cut from them). Returns one ``TeacherTargets`` per micro-batch on the student's last pipeline
-    stage (its vocabulary shard for full-vocabulary targets), an empty list elsewhere."""
+    stage (its vocabulary shard for full-vocabulary targets), an empty list elsewhere.
+
+    A teacher replica serving several student replicas computes and sends their targets one replica
+    per round (replica d in round d // DP_t), so that it holds one replica's targets at a time."""
     t_ctx = parallel_of(teacher)
     plan = routes(student, t_ctx)
     me, device = dist.get_rank(), collective_device()
     if plan.student.rank(student.tp_rank, student.dp_rank, student.pp_rank) != me:
         raise RuntimeError(f"rank {me}: the student's groups are not in megatron-core's tp-dp-pp rank order")
-    shapes = [None] * dist.get_world_size()  # per rank: (student dp, micro-batch sizes, P, L)
-    dist.all_gather_object(shapes, (student.dp_rank, [int(r["x0"].shape[0]) for r in rows],
-                                    int(rows[0]["prompt_ids"].shape[1]), int(rows[0]["x0"].shape[1])))
-    replica_shape = {s[0]: s[1:] for s in shapes}
+    shapes = _replica_shapes(student.dp_rank, rows)
+    inputs = _send_inputs(plan, me, _pack_inputs(rows).to(device), shapes, device)
+    s_width = student_vocab // plan.student.tp
+    t_width = None if top_k is not None else teacher_vocab // plan.teacher.tp
+    sizes = [int(r["x0"].shape[0]) for r in rows]
+    out = _target_buffers(sum(sizes), int(rows[0]["x0"].shape[1]), top_k or s_width, top_k is not None,
+                          device) if student.is_last_stage else []
+    for round_ in range(-(-plan.student.dp // plan.teacher.dp)):
+        replicas = [d for d in range(plan.student.dp) if d // plan.teacher.dp == round_]
+        computed = {}
+        for d in replicas:
+            if d in inputs:  # this rank's teacher replica serves d
+                sizes_d, p, l_ = shapes[d]
+                batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"])
+                           for r in _unpack_inputs(inputs.pop(d), sizes_d, p, l_)]
+                computed[d] = compute_targets(teacher, batches, p, l_, top_k)  # filled on its last stage only
+        _send_targets(plan, me, replicas, computed, out, s_width, t_width)
+    if not out:
+        return []
+    values = out[0].split(sizes)
+    ids = out[1].split(sizes) if top_k is not None else [None] * len(sizes)
+    return [TeacherTargets(v, i) for v, i in zip(values, ids)]
 
-    # 1. inputs: student replica d -> every rank of teacher replica server(d)
-    mine = _pack_inputs(rows).to(device)
+
+def _replica_shapes(student_dp: int, rows: Sequence[Rows]) -> dict[int, tuple[list[int], int, int]]:
+    """Every student replica's ``(micro-batch row counts, P, L)``: what its receivers allocate."""
+    shapes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(shapes, (student_dp, [int(r["x0"].shape[0]) for r in rows],
+                                    int(rows[0]["prompt_ids"].shape[1]), int(rows[0]["x0"].shape[1])))
+    return {s[0]: s[1:] for s in shapes}
+
+
+def _send_inputs(plan: Routes, me: int, mine: Tensor, shapes: dict, device: torch.device) -> dict[int, Tensor]:
+    """Student replica d's packed inputs -> every rank of teacher replica ``server(d)``; returns the
+    inputs this rank's teacher replica serves, by student replica."""
     inputs: dict[int, Tensor] = {}
     sends, recvs = [], []
     for d in range(plan.student.dp):
-        sizes, p, l_ = replica_shape[d]
+        sizes, p, l_ = shapes[d]
         for reader, src in plan.input_sources(d).items():
             if reader == me == src:
                 inputs[d] = mine
@@ -146,24 +177,16 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
             elif src == me:
                 sends.append((mine, reader))
     _exchange(sends, recvs)
+    return inputs
 
-    # 2. the teacher replica this rank belongs to computes its student replicas' targets
-    computed: dict[int, list[TeacherTargets]] = {}
-    for d in plan.served(t_ctx.dp_rank):
-        sizes, p, l_ = replica_shape[d]
-        batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"])
-                   for r in _unpack_inputs(inputs[d], sizes, p, l_)]
-        computed[d] = compute_targets(teacher, batches, p, l_, top_k)  # filled on its last stage only
 
-    # 3. targets: teacher replica's last stage -> student replica's last stage, per vocabulary piece
-    s_width = student_vocab // plan.student.tp
-    t_width = None if top_k is not None else teacher_vocab // plan.teacher.tp
-    sizes = [int(r["x0"].shape[0]) for r in rows]
-    out = _target_buffers(sum(sizes), int(rows[0]["x0"].shape[1]), top_k or s_width, top_k is not None,
-                          device) if student.is_last_stage else []
+def _send_targets(plan: Routes, me: int, replicas: list[int], computed: dict[int, list[TeacherTargets]],
+                  out: list[Tensor], s_width: int, t_width: Optional[int]) -> None:
+    """``replicas``' targets: teacher replica's last stage -> student replica's last stage, piece by
+    piece (``Routes.target_pieces``), written into this rank's ``out`` where it is a receiver."""
     pending: list[tuple[slice, list[Tensor]]] = []
     sends, recvs = [], []
-    for d in range(plan.student.dp):
+    for d in replicas:
         for src, dst, t_cols, s_cols in plan.target_pieces(d, s_width, t_width):
             if src == me:
                 parts = _target_parts(computed[d], t_cols)
@@ -180,11 +203,6 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
     for s_cols, buffers in pending:
         for buffer, part in zip(out, buffers):
             buffer[..., s_cols] = part
-    if not out:
-        return []
-    values = out[0].split(sizes)
-    ids = out[1].split(sizes) if top_k is not None else [None] * len(sizes)
-    return [TeacherTargets(v, i) for v, i in zip(values, ids)]
 
 
 def _target_buffers(rows: int, length: int, width: int, with_ids: bool, device: torch.device) -> list[Tensor]:

@@ -17,6 +17,7 @@ from nemo_opdlm.data.prompts import DataError
 from nemo_opdlm.training import step as train_step
 from nemo_opdlm.training.loop import NonFiniteLossError, train
 from tests.dist import ROOT, torchrun
+from tests.convert_models import save_hf
 from tests.train_fixtures import make_run
 
 ENV = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -880,7 +881,11 @@ def worker_teacher_layout(tmp_dir):
     from nemo_opdlm.training import loop as loop_module
 
     layout, targets = os.path.basename(tmp_dir).split("_")
-    teacher = {"shared": "parallel.teacher=null", "tp2": "parallel.teacher.tp=2", "pp2": "parallel.teacher.pp=2"}
+    from_ckpt = ("init.teacher_hf=null", f"init.tokenizer={tmp_dir}/teacher_hf",
+                 f"init.teacher_checkpoint={os.path.dirname(tmp_dir)}/teacher_ckpt")
+    teacher = {"shared": ("parallel.teacher=null",), "tp2": ("parallel.teacher.tp=2",),
+               "pp2": ("parallel.teacher.pp=2",), "tp2ckpt": ("parallel.teacher.tp=2",) + from_ckpt,
+               "pp2ckpt": ("parallel.teacher.pp=2",) + from_ckpt}
     top_k = {"topk": "distill.top_k=16", "full": "distill.top_k=null"}
     real_fb, real_attach = loop_module.forward_backward, train_step.attach_teacher_targets
     saved = []
@@ -891,7 +896,7 @@ def worker_teacher_layout(tmp_dir):
 
     loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, upfront_teacher=True))
     train_step.attach_teacher_targets = attach
-    _run_layout(tmp_dir, "distill.method=opdlm", "run", teacher[layout], top_k[targets], "train.steps=2",
+    _run_layout(tmp_dir, "distill.method=opdlm", "run", *teacher[layout], top_k[targets], "train.steps=2",
                 "train.micro_batch_size=1")
     torch.save(saved, os.path.join(tmp_dir, f"targets_{os.environ['RANK']}.pt"))
 
@@ -902,9 +907,14 @@ def test_teacher_with_its_own_layout_gives_the_same_step(tmp_path, targets):
     """A teacher at TP=2, then at PP=2, beside a student at TP=1 x DP=2 on the same 2 ranks: its inputs
     travel to the one teacher replica and its targets back to each student replica (full-vocabulary
     targets re-cut from the teacher's 2 vocabulary shards to the student's one). The targets, losses
-    and gradient norms equal those of the teacher sharing the student's layout (TP=1 x DP=2)."""
+    and gradient norms equal those of the teacher sharing the student's layout (TP=1 x DP=2). ``*ckpt``:
+    both models read a megatron-core checkpoint (saved at TP=1) at their own layouts."""
+    from tests.e2e.test_bad_inputs import tool_main
+
+    save_hf("qwen3", str(tmp_path / "hf"), seed=0)  # make_run's teacher
+    assert tool_main("import_hf")(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "teacher_ckpt")]) == 0
     got = {}
-    for layout in ("shared", "tp2", "pp2"):
+    for layout in ("shared", "tp2", "pp2") + (("tp2ckpt", "pp2ckpt") if targets == "topk" else ()):
         run = tmp_path / f"{layout}_{targets}"
         run.mkdir()
         torchrun("tests.e2e.test_train:worker_teacher_layout", 2, run, timeout=300)

@@ -31,3 +31,11 @@ def test_methods_on_dataset_responses_need_the_field_at_config_time(tmp_path, me
     with pytest.raises(ConfigError, match=f"distill.method={method} needs data.response_field"):
         make_run(str(tmp_path), f"distill.method={method}", "data.response_field=null")
     make_run(str(tmp_path), "distill.method=off_policy", "data.response_field=null")  # the teacher's rollouts then
+
+
+def test_teacher_rollouts_at_the_teachers_own_layout_are_refused_at_config_time(tmp_path):
+    """off_policy without data.response_field has the teacher decode, at the student's layout: not
+    with ``parallel.teacher`` (its responses from the data are fine)."""
+    with pytest.raises(ConfigError, match="set parallel.teacher=null, or give the teacher's responses"):
+        make_run(str(tmp_path), "distill.method=off_policy", "data.response_field=null", "parallel.teacher.tp=2")
+    make_run(str(tmp_path), "distill.method=off_policy", "parallel.teacher.tp=2")

@@ -86,6 +86,22 @@ def test_layout_errors_name_the_numbers():
     assert ParallelLayout(tp=2, pp=2).dp(8) == 2
 
 
+def test_teacher_layout_errors_name_parallel_teacher():
+    """``parallel.teacher``: the teacher's own TP/PP is checked against the teacher and the world."""
+    from nemo_opdlm.runtime.distributed import TeacherLayout
+
+    layout = ParallelLayout(tp=1, teacher=TeacherLayout(tp=4))
+    with pytest.raises(LayoutError, match=r"teacher_model.num_query_groups=2 is not divisible by parallel.teacher.tp=4"):
+        layout.check_teacher(tiny_model(num_attention_heads=8, num_query_groups=2, hidden_size=64))
+    layout.check_model(tiny_model(num_attention_heads=8, num_query_groups=2, hidden_size=64))  # the student: TP=1
+    with pytest.raises(LayoutError, match=r"world size 6 is not divisible by the teacher's tp\*pp = 4\*1"):
+        layout.dp(6)
+    assert layout.dp(8) == 8 and layout.teacher_dp(8) == 2
+    with pytest.raises(LayoutError, match="parallel.teacher.pp must be >= 1"):
+        TeacherLayout(pp=0)
+    assert ParallelLayout(tp=2).teacher_layout() == ParallelLayout(tp=2)  # shared: the student's
+
+
 def test_init_runtime_fails_before_building():
     """A bad layout fails on validation: no process group is created, nothing waits for peers."""
     env = {"RANK": "0", "WORLD_SIZE": "3", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}
