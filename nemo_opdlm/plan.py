@@ -98,6 +98,19 @@ class Shape:
     """Prompt width P (the longest prompt kept)."""
     response: int
     """Response length L at the end of the curriculum (whole blocks)."""
+    teacher_tp: int
+    """The teacher's TP: ``parallel.teacher.tp``, else the student's; its PP likewise."""
+    teacher_pp: int
+    teacher_dp: int
+    """The teacher's replicas: world / (teacher TP x PP)."""
+    own_teacher: bool
+    """The teacher has its own layout (``parallel.teacher``), even one equal to the student's: it then
+    computes the targets of a whole step before the student's pass (``distill/teacher_exchange.py``)."""
+
+    @property
+    def served(self) -> int:
+        """The most student replicas one teacher replica serves (replica ``d`` by ``d mod DP_t``)."""
+        return -(-self.dp // self.teacher_dp)
 
     @property
     def student_row(self) -> int:
@@ -112,7 +125,8 @@ def check_layout(cfg, cluster: Cluster) -> tuple[Shape, list[Finding]]:
     """Divisibility of the world, the prompts of a step and the micro-batches; raise ConfigError if broken.
 
     ``RunConfig`` already checked that TP divides heads, KV groups and FFN, and PP the layers, for
-    both models.
+    both models (the teacher at ``parallel.teacher`` when it has its own layout); ``ParallelLayout.dp``
+    checks that the teacher's TP x PP divides the world too.
     """
     from nemo_opdlm.runtime.distributed import LayoutError
 
@@ -130,25 +144,48 @@ def check_layout(cfg, cluster: Cluster) -> tuple[Shape, list[Finding]]:
             f"train.micro_batch_size={train.micro_batch_size} does not divide the {rows} rows per data-parallel "
             f"rank (train.prompts_per_step={train.prompts_per_step} / DP={dp})"
         )
-    findings = [Finding("ok", f"layout tp={par.tp} pp={par.pp} dp={dp} on {cluster.world_size} GPUs divides "
-                              f"both models and {train.prompts_per_step} prompts ({rows} per DP rank)")]
-    if par.tp > cluster.gpus_per_node:
-        findings.append(Finding("note", f"parallel.tp={par.tp} spans nodes ({cluster.gpus_per_node} GPUs per node): "
-                                        "tensor parallelism across nodes is slow; prefer pp for the rest"))
-    n_mb = rows // train.micro_batch_size
-    if train.pack_tokens is not None:
-        findings.append(Finding("note", f"train.pack_tokens={train.pack_tokens}: the memory below is for padded "
-                                        f"micro-batches of train.micro_batch_size={train.micro_batch_size} rows; a "
-                                        "packed one holds pack_tokens tokens and its rows' teacher targets, which "
-                                        "depend on the rollout lengths (not planned yet)"))
-    if par.pp > 1 and n_mb < par.pp:
-        findings.append(Finding("note", f"{n_mb} micro-batches per step for pp={par.pp}: the pipeline is mostly idle"))
+    t_par = par.teacher_layout()
     block = cfg.diffusion.block_size
-    response = -(-cfg.rollout.max_length // block) * block
-    prompt = cfg.data.max_prompt_tokens if cfg.data is not None else 64
     shape = Shape(tp=par.tp, pp=par.pp, dp=dp, rows_per_rank=rows, micro_batch=train.micro_batch_size,
-                  num_microbatches=n_mb, prompt=prompt, response=response)
+                  num_microbatches=rows // train.micro_batch_size,
+                  prompt=cfg.data.max_prompt_tokens if cfg.data is not None else 64,
+                  response=-(-cfg.rollout.max_length // block) * block,
+                  teacher_tp=t_par.tp, teacher_pp=t_par.pp, teacher_dp=par.teacher_dp(cluster.world_size),
+                  own_teacher=par.teacher is not None)
+    findings = [Finding("ok", f"layout {_layout(shape)} on {cluster.world_size} GPUs divides both models and "
+                              f"{train.prompts_per_step} prompts ({rows} per DP rank)")]
+    findings += _layout_notes(cfg, shape, cluster)
     return shape, findings
+
+
+def _layout(shape: Shape) -> str:
+    """``tp=2 pp=1 dp=8``, and the teacher's own layout after it."""
+    out = f"tp={shape.tp} pp={shape.pp} dp={shape.dp}"
+    if shape.own_teacher:
+        out += f" (teacher: tp={shape.teacher_tp} pp={shape.teacher_pp} dp={shape.teacher_dp}, parallel.teacher)"
+    return out
+
+
+def _layout_notes(cfg, shape: Shape, cluster: Cluster) -> list[Finding]:
+    """What a valid layout makes slow or leaves unplanned."""
+    notes = []
+    tps = [("parallel.tp", shape.tp)] + ([("parallel.teacher.tp", shape.teacher_tp)] if shape.own_teacher else [])
+    for key, tp in tps:
+        if tp > cluster.gpus_per_node:
+            notes.append(f"{key}={tp} spans nodes ({cluster.gpus_per_node} GPUs per node): tensor parallelism "
+                         "across nodes is slow; prefer pp for the rest")
+    if shape.own_teacher and shape.dp % shape.teacher_dp:
+        fewest = shape.dp // shape.teacher_dp
+        notes.append(f"teacher DP={shape.teacher_dp} does not divide student DP={shape.dp}: teacher replicas serve "
+                     f"{fewest} or {shape.served} student replicas each, and the step waits for the busiest; "
+                     "choose parallel.teacher so that world / (teacher tp*pp) divides the student's DP")
+    if cfg.train.pack_tokens is not None:
+        notes.append(f"train.pack_tokens={cfg.train.pack_tokens}: the memory below is for padded micro-batches of "
+                     f"train.micro_batch_size={shape.micro_batch} rows; a packed one holds pack_tokens tokens and "
+                     "its rows' teacher targets, which depend on the rollout lengths (not planned yet)")
+    if shape.pp > 1 and shape.num_microbatches < shape.pp:
+        notes.append(f"{shape.num_microbatches} micro-batches per step for pp={shape.pp}: the pipeline is mostly idle")
+    return [Finding("note", text) for text in notes]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -397,6 +434,62 @@ def uses_fp8(model: ModelConfig, gpu: GpuSpec) -> bool:
     return model.fp8 not in (None, "auto") or (model.fp8 == "auto" and gpu.fp8)
 
 
+def teacher_weight_bytes(teacher: ModelConfig, shape: Shape, stage: int) -> float:
+    """The teacher's weights on a rank of student pipeline stage ``stage``.
+
+    Shared layout: the same stage of the teacher. Own layout (``parallel.teacher``): a rank's teacher
+    stage is not its student stage, so the largest teacher stage (the first holds the embedding, the
+    last the output layer) at the teacher's TP, which over-counts by a vocabulary shard at most."""
+    stages = {0, shape.teacher_pp - 1} if shape.own_teacher else {stage}
+    params = max(stage_params(teacher, shape.teacher_tp, shape.teacher_pp, s) for s in stages)
+    return params * _bytes(teacher.params_dtype)
+
+
+def _target_bytes(top_k: Optional[int], rows: int, shape: Shape, vocab_shard: int) -> int:
+    """Teacher targets of ``rows`` rows: fp32 log-probs of a vocabulary shard, or top-k fp32 values + int64 ids."""
+    return rows * shape.response * (vocab_shard * 4 if top_k is None else top_k * (4 + 8))
+
+
+def held_targets(cfg, shape: Shape) -> tuple[str, int]:
+    """(label, bytes) of the teacher targets alive on the student's last stage during its pass.
+
+    Shared layout: one micro-batch's, in the teacher's vocabulary shard (streamed). Own layout: all of
+    the rank's micro-batches', computed before the pass and re-cut to the student's vocabulary shard."""
+    k = cfg.distill.top_k
+    model, rows, which = (cfg.model, shape.rows_per_rank, f"all {shape.num_microbatches} micro-batches") \
+        if shape.own_teacher else (cfg.teacher, shape.micro_batch, "one micro-batch")
+    kind = "full vocabulary (fp32)" if k is None else f"top-{k}"
+    vocab = model.padded_vocab_size(shape.tp) // shape.tp
+    return f"teacher targets, {kind} ({which})", _target_bytes(k, rows, shape, vocab)
+
+
+def teacher_phase(cfg, shape: Shape, stage: int) -> dict[str, float]:
+    """The teacher forward's memory on a rank of student stage ``stage``, besides the resident weights.
+
+    One micro-batch at a time at the teacher's TP. Shared layout: logits and targets on the student's
+    last stage only. Own layout: every rank may be a teacher last stage (exact at teacher PP=1), whose
+    ranks keep the targets of one served student replica at a time and a copy of them to send; the
+    student's last stage receives its whole step's targets."""
+    teacher, t_tp, mb = cfg.teacher, shape.teacher_tp, shape.micro_batch
+    t_tokens = mb * shape.teacher_row
+    t_vocab = teacher.padded_vocab_size(t_tp) // t_tp
+    out: dict[str, float] = {}
+    if cfg.distill.teacher_offload:
+        out["teacher weights (loaded for its forward)"] = teacher_weight_bytes(teacher, shape, stage)
+    out["teacher forward (transient)"] = forward_transient_bytes(teacher, t_tp, t_tokens, shape.teacher_row)
+    student_last = stage == shape.pp - 1
+    if shape.own_teacher or student_last:
+        out["teacher logits (transient)"] = (t_tokens * t_vocab * _bytes(teacher.params_dtype)
+                                             + 2 * mb * shape.response * t_vocab * 4)
+    if shape.own_teacher:  # one served replica per round (teacher_exchange.exchange_targets)
+        out["teacher targets of one served student replica (+ send copy)"] = \
+            2 * _target_bytes(cfg.distill.top_k, shape.rows_per_rank, shape, t_vocab)
+    if student_last:
+        label, held = held_targets(cfg, shape)
+        out[label] = held
+    return out
+
+
 def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimate:
     """Memory of one rank of pipeline stage ``stage`` during rollout, teacher forward and training.
 
@@ -404,19 +497,25 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     - student: bf16 weights, fp32 gradient buffer (``grad_reduce_in_fp32``), fp32 master weights +
       Adam m and v (12 bytes per parameter) sharded over DP with the distributed optimizer;
       TE FP8 adds a row- and a column-wise FP8 copy of the weights.
-    - teacher: weights in its dtype on the GPU, except between its forwards with teacher_offload.
+    - teacher: weights in its dtype on the GPU, except between its forwards with teacher_offload;
+      at its own TP/PP with ``parallel.teacher`` (:func:`teacher_weight_bytes`).
     - rollout: all rows of the DP rank decode together; the block KV cache holds ``P + L`` columns per
       row for every layer of the stage; the prompt prefill runs in ``pp`` micro-batches.
-    - teacher targets exist for one micro-batch at a time on the last stage: the teacher runs inside
-      the loss with one stage and rides the student's pipeline pass with more
+    - teacher targets, shared layout: one micro-batch's at a time on the last stage: the teacher runs
+      inside the loss with one stage and rides the student's pipeline pass with more
       (``training/teacher_stream.py``), so a micro-batch's targets live from its forward to its
       backward, which 1F1B runs back to back on the last stage (full vocabulary: fp32 log-probs of
       this rank's vocabulary shard; top-k: fp32 values + int64 ids).
+    - teacher targets, own layout (``parallel.teacher``): the teacher runs on other groups and cannot
+      ride the student's pipeline, so the targets of all of the rank's micro-batches are computed
+      first and live through the whole pass on the last stage (``distill/teacher_exchange.py``);
+      during the exchange the teacher side holds them for one student replica it serves at a time
+      (:func:`teacher_phase`).
     - training: rows of ``P + 2L`` tokens; 1F1B keeps ``pp - stage`` micro-batches in flight on a
       stage; full recompute keeps each layer's input and rebuilds one layer at a time; the last stage
       holds bf16 logits (and their gradient) for the whole row and fp32 log-softmax temporaries for xt.
     """
-    student, teacher = cfg.model, cfg.teacher
+    student = cfg.model
     tp, pp, s = shape.tp, shape.pp, stage
     last = stage == pp - 1
     est = MemoryEstimate(stage=stage)
@@ -430,9 +529,8 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     est.static[f"optimizer (fp32 master + Adam m, v) / {shard}"] = p_s * opt_bytes
     if uses_fp8(student, gpu):
         est.static["student FP8 weight copies"] = p_s * 2
-    teacher_weights = stage_params(teacher, tp, pp, s) * _bytes(teacher.params_dtype)
     if not cfg.distill.teacher_offload:
-        est.static["teacher weights"] = teacher_weights
+        est.static["teacher weights"] = teacher_weight_bytes(cfg.teacher, shape, stage)
     est.static["CUDA context, NCCL, workspaces"] = gpu.overhead_gib * GIB
     # --- rollout
     n_layers = student.num_layers // pp
@@ -447,24 +545,7 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     if last:
         rollout["rollout logits (transient)"] = prefill_rows * cfg.diffusion.block_size * vocab_shard * 4
     est.phases["rollout"] = rollout
-    # --- teacher forward
-    t_tokens = shape.micro_batch * shape.teacher_row
-    teacher_phase: dict[str, float] = {}
-    if cfg.distill.teacher_offload:
-        teacher_phase["teacher weights (loaded for its forward)"] = teacher_weights
-    teacher_phase["teacher forward (transient)"] = forward_transient_bytes(teacher, tp, t_tokens, shape.teacher_row)
-    targets = 0.0
-    if last:
-        t_vocab = teacher.padded_vocab_size(tp) // tp
-        teacher_phase["teacher logits (transient)"] = (t_tokens * t_vocab * _bytes(teacher.params_dtype)
-                                                       + 2 * shape.micro_batch * shape.response * t_vocab * 4)
-        k = cfg.distill.top_k
-        per_token = t_vocab * 4 if k is None else k * (4 + 8)
-        targets = shape.micro_batch * shape.response * per_token
-        label = "teacher targets, full vocabulary (fp32)" if k is None else f"teacher targets, top-{k}"
-        label += " (one micro-batch)"
-        teacher_phase[label] = targets
-    est.phases["teacher"] = teacher_phase
+    est.phases["teacher"] = teacher_phase(cfg, shape, stage)
     # --- student forward/backward
     keys = shape.student_row
     tokens = shape.micro_batch * keys
@@ -480,8 +561,8 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     if last:
         xt_tokens = shape.micro_batch * shape.response
         train["student logits + loss"] = tokens * vocab_shard * b_s * 2 + xt_tokens * vocab_shard * 4 * 3
-        if targets:
-            train[label] = targets
+        label, held = held_targets(cfg, shape)
+        train[label] = held
     est.phases["train"] = train
     return est
 
@@ -519,6 +600,17 @@ def _apply(cfg, remedy: Remedy, cluster: Cluster):
     return new_cfg, new_cluster
 
 
+TP_SIZES = (2, 4, 8, 16)
+PP_SIZES = (2, 4, 8)
+TEACHER_SHARE = 0.2
+"""Share of a rank's peak the teacher's weights reach before the plan suggests splitting the teacher
+alone further (``parallel.teacher.tp``)."""
+
+
+def _next_size(current: int, sizes: Sequence[int]) -> Optional[int]:
+    return next((n for n in sizes if n > current), None)
+
+
 def candidate_remedies(cfg, cluster: Cluster) -> list[Remedy]:
     """Single changes that lower memory, in the order a user would reach for them."""
     out: list[Remedy] = []
@@ -532,16 +624,30 @@ def candidate_remedies(cfg, cluster: Cluster) -> list[Remedy]:
         out.append(Remedy("teacher offload", ("distill.teacher_offload=true",)))
     if not cfg.optim.distributed_optimizer:
         out.append(Remedy("distributed optimizer", ("optim.distributed_optimizer=true",)))
-    for tp in (2, 4, 8, 16):
-        if tp > cfg.parallel.tp:
-            out.append(Remedy(f"more TP ({tp})", (f"parallel.tp={tp}",)))
-            break
-    for pp in (2, 4, 8):
-        if pp > cfg.parallel.pp:
-            out.append(Remedy(f"more PP ({pp})", (f"parallel.pp={pp}",)))
-            break
+    if (tp := _next_size(cfg.parallel.tp, TP_SIZES)) is not None:
+        out.append(Remedy(f"more TP ({tp})", (f"parallel.tp={tp}",)))
+    if (pp := _next_size(cfg.parallel.pp, PP_SIZES)) is not None:
+        out.append(Remedy(f"more PP ({pp})", (f"parallel.pp={pp}",)))
+    out += teacher_tp_remedy(cfg, cluster)
     out.append(Remedy(f"more nodes ({2 * cluster.nodes}: more DP, fewer rollouts per GPU)", (), 2 * cluster.nodes))
     return out
+
+
+def teacher_tp_remedy(cfg, cluster: Cluster) -> list[Remedy]:
+    """The teacher alone at a larger TP inside a node (``parallel.teacher``), when its weights are a
+    large share of the peak: a big teacher then stops forcing the student's TP up, which would slow
+    the student with TP communication it does not need. The smallest such TP that fits, else the
+    largest; none when the teacher's weights are a small share or no larger TP is valid."""
+    shape, _ = check_layout(cfg, cluster)
+    est = estimate_memory(cfg, shape, cluster)
+    if teacher_weight_bytes(cfg.teacher, shape, est.stage) < TEACHER_SHARE * est.peak:
+        return []
+    options = [Remedy(f"teacher at its own TP ({tp})",
+                      (f"parallel.teacher.tp={tp}", f"parallel.teacher.pp={shape.teacher_pp}"))
+               for tp in TP_SIZES if shape.teacher_tp < tp <= cluster.gpus_per_node]
+    peaks = [(r, res[0]) for r in options if (res := try_remedy(cfg, cluster, r)) is not None]
+    fitting = [r for r, peak in peaks if peak <= usable_bytes(cluster)]
+    return fitting[:1] or [r for r, _ in peaks[-1:]]
 
 
 def try_remedy(cfg, cluster: Cluster, remedy: Remedy) -> Optional[tuple[float, Any, Cluster]]:
@@ -621,7 +727,7 @@ def format_report(rep: PlanReport, with_suggestions: bool = True) -> str:
         f"({cl.gpu}: {cl.spec.name}, {cl.spec.memory_gib:.1f} GiB)",
         f"  student {_describe(cfg.model)}",
         f"  teacher {_describe(cfg.teacher)}{'  (offloaded between forwards)' if cfg.distill.teacher_offload else ''}",
-        f"  layout  tp={sh.tp} pp={sh.pp} dp={sh.dp}; {sh.rows_per_rank} rollouts per DP rank per step, "
+        f"  layout  {_layout(sh)}; {sh.rows_per_rank} rollouts per DP rank per step, "
         f"micro-batch {sh.micro_batch} -> {sh.num_microbatches} micro-batches",
         f"  rows    prompt {sh.prompt} + response {sh.response}: student {sh.student_row} tokens "
         f"[prompt|x0|xt], teacher {sh.teacher_row}; attention {resolve_backend(cfg.model)}; "
@@ -632,14 +738,15 @@ def format_report(rep: PlanReport, with_suggestions: bool = True) -> str:
     phases = list(mem.phases)
     stage = f"pipeline stage {mem.stage} of {sh.pp}" if sh.pp > 1 else "one pipeline stage"
     lines.append(f"memory per GPU, GiB ({stage}; the heaviest):")
-    lines.append(f"  {'component':<58}" + "".join(f"{p:>9}" for p in phases))
-    for name, value in mem.static.items():
-        lines.append(f"  {name:<58}" + "".join(f"{_gib(value):>9}" for _ in phases))
     components = list(dict.fromkeys(c for p in phases for c in mem.phases[p]))
+    width = max(58, *(len(name) + 1 for name in [*mem.static, *components]))
+    lines.append(f"  {'component':<{width}}" + "".join(f"{p:>9}" for p in phases))
+    for name, value in mem.static.items():
+        lines.append(f"  {name:<{width}}" + "".join(f"{_gib(value):>9}" for _ in phases))
     for comp in components:
         cells = [_gib(mem.phases[p][comp]) if comp in mem.phases[p] else f"{'-':>7}" for p in phases]
-        lines.append(f"  {comp:<58}" + "".join(f"{c:>9}" for c in cells))
-    lines.append(f"  {'total':<58}" + "".join(f"{_gib(mem.phase_total(p)):>9}" for p in phases))
+        lines.append(f"  {comp:<{width}}" + "".join(f"{c:>9}" for c in cells))
+    lines.append(f"  {'total':<{width}}" + "".join(f"{_gib(mem.phase_total(p)):>9}" for p in phases))
     acts = ", ".join(f"{k} {mem.activations[k] / GIB:.2f}" for k in ("none", "selective", "full"))
     lines.append(f"  student activations by recompute mode (GiB): {acts}")
     limit = usable_bytes(cl)
@@ -652,7 +759,7 @@ def format_report(rep: PlanReport, with_suggestions: bool = True) -> str:
         for remedy, peak in sorted(singles, key=lambda x: x[1]):
             mark = "fits" if peak <= limit else "still too large"
             how = " ".join(remedy.overrides) or f"--nodes {remedy.nodes}"
-            lines.append(f"  {remedy.label:<55} {how:<36} {peak / GIB:7.2f} GiB  {mark}")
+            lines.append(f"  {remedy.label:<55} {how:<44} {peak / GIB:7.2f} GiB  {mark}")
         if combo:
             how = " ".join(o for r in combo for o in r.overrides)
             nodes = [r.nodes for r in combo if r.nodes]
@@ -697,6 +804,8 @@ def recipe_cluster(spec: str) -> Optional[Cluster]:
 def _get(cfg, key: str) -> Any:
     node: Any = cfg
     for part in key.split("."):
+        if node is None:  # under an unset section (parallel.teacher.tp with the shared layout): unset too
+            return None
         if part == "teacher" and node is cfg:
             node = cfg.teacher
             continue

@@ -1,16 +1,16 @@
 #!/bin/bash
 # OPDLM conversion with a 70B-class teacher on two nodes of 8 GPUs
-# (default: Llama-3.1-70B-Instruct -> Llama-3.1-8B-Instruct at TP=8, DP=2).
+# (default: Llama-3.1-70B-Instruct at TP=8, DP=2 -> Llama-3.1-8B-Instruct at TP=2, DP=8).
 #
 #   TEACHER_HF=/models/Llama-3.1-70B-Instruct STUDENT_HF=/models/Llama-3.1-8B-Instruct \
 #     DATA=/data/prompts.jsonl sbatch slurm/convert_70b.sh
-#   RECIPE=qwen3_32b_to_8b_tp8_pp1_16g TEACHER_HF=/models/Qwen3-32B STUDENT_HF=/models/Qwen3-8B \
+#   RECIPE=qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g TEACHER_HF=/models/Qwen3-32B STUDENT_HF=/models/Qwen3-8B \
 #     sbatch slurm/convert_70b.sh
-#   RECIPE=llama31_70b_to_8b_tp8_pp2_32g sbatch --nodes=4 slurm/convert_70b.sh
+#   RECIPE=llama31_70b_tp8_pp1_to_8b_tp2_pp1_32g sbatch --nodes=4 slurm/convert_70b.sh
 #   LAUNCHER=torchrun sbatch slurm/convert_70b.sh                 # one torchrun per node instead of srun tasks
 #   bash slurm/convert_70b.sh --dry-run                           # login node: only `opdlm plan`
 #
-# The teacher is imported once into $RUN_DIR/teacher_mcore (at the recipe's TP x PP tasks) and
+# The teacher is imported once into $RUN_DIR/teacher_mcore (on the teacher's TP x PP tasks) and
 # training then reads that checkpoint; see slurm/convert_8b.sh for overriding the #SBATCH defaults
 # and slurm/opdlm_job.sh for every environment variable.
 #SBATCH --job-name=opdlm-70b
@@ -27,7 +27,7 @@
 #SBATCH --requeue
 
 set -euo pipefail
-RECIPE=${RECIPE:-llama31:llama31_70b_to_8b_tp8_pp1_16g}
+RECIPE=${RECIPE:-llama31:llama31_70b_tp8_pp1_to_8b_tp2_pp1_16g}
 NODES=${NODES:-2}
 GPUS_PER_NODE=${GPUS_PER_NODE:-8}
 REPO=${REPO:-${SLURM_SUBMIT_DIR:-$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)}}

@@ -69,10 +69,12 @@ opdlm_job_main() {
   local -a values
   mapfile -t values < <("$PYTHON" -m nemo_opdlm.plan "$RECIPE" "${base[@]}" "${extra[@]}" \
     --get parallel.tp --get parallel.pp --get train.steps --get init.teacher_hf --get init.teacher_checkpoint \
-    --get init.tokenizer) || true
-  [[ ${#values[@]} -eq 6 ]] || die "the recipe $RECIPE with these overrides is invalid (see the error above)"
+    --get init.tokenizer --get parallel.teacher.tp --get parallel.teacher.pp) || true
+  [[ ${#values[@]} -eq 8 ]] || die "the recipe $RECIPE with these overrides is invalid (see the error above)"
   local tp=${values[0]} pp=${values[1]} steps=${values[2]} teacher_hf=${values[3]} teacher_ckpt_cfg=${values[4]}
   local tokenizer=${values[5]}
+  # the teacher is imported at the layout it runs at: its own (parallel.teacher), else the student's
+  local teacher_tp=${values[6]:-$tp} teacher_pp=${values[7]:-$pp}
 
   # the import's overrides come last: they must win over an init.teacher_hf given as an argument
   local -a train_overrides=("${common[@]}")
@@ -116,11 +118,12 @@ opdlm_job_main() {
     if [[ -f "$TEACHER_CKPT/opdlm_convert.json" ]]; then
       log "teacher already imported at $TEACHER_CKPT"
     else
-      local n_import=$((tp * pp))
+      local n_import=$((teacher_tp * teacher_pp))
       log "importing $teacher_hf -> $TEACHER_CKPT on $n_import task(s)"
       if ! MASTER_PORT=$port_base srun "${srun_flags[@]}" --ntasks="$n_import" \
           --nodes="$(((n_import + gpn - 1) / gpn))" --ntasks-per-node="$((n_import < gpn ? n_import : gpn))" \
-          "$PYTHON" tools/import_hf.py --hf-dir "$teacher_hf" --out "$TEACHER_CKPT" --tp "$tp" --pp "$pp" \
+          "$PYTHON" tools/import_hf.py --hf-dir "$teacher_hf" --out "$TEACHER_CKPT" \
+          --tp "$teacher_tp" --pp "$teacher_pp" \
           2>&1 | tee -a "$job_log"; then
         die "teacher import failed (see $job_log)"
       fi

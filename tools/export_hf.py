@@ -81,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         meta = read_checkpoint_meta(args.ckpt) or {}
         cfg, _, assets_dir = resolve_export(args.ckpt, hf_source=args.hf_source)
         layout = ParallelLayout(tp=args.tp, pp=args.pp)
-        layout.check_model(cfg)
+        layout.check_model(cfg, where="")  # the --tp/--pp flags
         diffusion = None
         if args.mask_token_id is not None and not args.teacher:
             check_mask_in_vocab(args.mask_token_id, cfg.vocab_size, "--mask-token-id")

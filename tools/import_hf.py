@@ -54,7 +54,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg = hfc.model_config_from_hf(hfc.read_hf_config(args.hf_dir), **overrides)
         layout = ParallelLayout(tp=args.tp, pp=args.pp, vpp=args.vpp)
-        layout.check_model(cfg)
+        layout.check_model(cfg, where="")  # the --tp/--pp flags
         hfc.check_tokenizer_fits(args.hf_dir, cfg.vocab_size)
         check_target(args.out, args.overwrite, DIST_CHECKPOINT)
         HFCheckpoint(args.hf_dir).check_matches(cfg)

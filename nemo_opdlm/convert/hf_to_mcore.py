@@ -134,7 +134,7 @@ def check_layout(cfg: ModelConfig, parallel: ParallelContext) -> None:
     """``parallel``'s layout must divide the model (heads, groups, FFN, layers)."""
     from nemo_opdlm.runtime.distributed import ParallelLayout
 
-    ParallelLayout(tp=parallel.tp_size, pp=parallel.pp_size, vpp=parallel.vpp_size).check_model(cfg)
+    ParallelLayout(tp=parallel.tp_size, pp=parallel.pp_size, vpp=parallel.vpp_size).check_model(cfg, where="")
 
 
 def parameter_sources(chunk: DiffusionGPTModel,

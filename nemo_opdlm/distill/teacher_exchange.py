@@ -196,7 +196,7 @@ def _send_targets(plan: Routes, me: int, replicas: list[int], computed: dict[int
                 else:
                     sends += [(part, dst) for part in parts]
             elif dst == me:
-                buffers = [torch.empty_like(b[..., s_cols]) for b in out]
+                buffers = [torch.empty(b[..., s_cols].shape, dtype=b.dtype, device=b.device) for b in out]  # dense
                 recvs += [(b, src) for b in buffers]
                 pending.append((s_cols, buffers))
     _exchange(sends, recvs)

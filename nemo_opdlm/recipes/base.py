@@ -23,6 +23,7 @@ from nemo_opdlm.config import (
     TrainConfig,
 )
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
+from nemo_opdlm.runtime.distributed import TeacherLayout
 
 PAPER_TOPK = 16
 """Teacher top-k of the KL at >= 4B parameters."""
@@ -104,6 +105,8 @@ def paper_run(
     tp: int,
     pp: int = 1,
     teacher: Optional[ModelConfig] = None,
+    teacher_tp: Optional[int] = None,
+    teacher_pp: int = 1,
     teacher_hf: str,
     student_hf: Optional[str] = None,
     data_path: str = "data/prompts.jsonl",
@@ -119,8 +122,12 @@ def paper_run(
         name: the recipe's name (run and checkpoint directory).
         student: the student's architecture, already set up with :func:`training_model`.
         mask_token_id: an id the tokenizer never produces (a reserved / unused embedding row).
-        tp, pp: the TP/PP layout shared by student and teacher; DP is the rest of the world.
+        tp, pp: the student's TP/PP layout, the teacher's too unless ``teacher_tp`` is given; DP is the
+            rest of the world.
         teacher: a different (larger) teacher architecture, or None for self-distillation.
+        teacher_tp, teacher_pp: the teacher's own layout on the same ranks (``parallel.teacher``), for a
+            teacher so much larger that sharing its TP would force the student to a TP that only slows
+            it; None: the teacher shares the student's layout.
         teacher_hf: HF directory of the teacher (also the tokenizer's).
         student_hf: HF directory of the student's initial weights (None: the teacher's).
         data_path: prompt file; override with ``data.path=...``.
@@ -137,7 +144,8 @@ def paper_run(
         model=student,
         teacher_model=teacher,
         diffusion=DiffusionConfig(block_size=4, mask_token_id=mask_token_id),
-        parallel=ParallelLayout(tp=tp, pp=pp),
+        parallel=ParallelLayout(tp=tp, pp=pp,
+                                teacher=None if teacher_tp is None else TeacherLayout(tp=teacher_tp, pp=teacher_pp)),
         init=InitConfig(teacher_hf=teacher_hf, student_hf=student_hf),
         data=PromptDataConfig(
             path=data_path,

@@ -1,8 +1,12 @@
 """Qwen3 recipes: self-distillation at 0.6B-8B and larger Qwen3 teachers (4B -> 0.6B, 32B -> 8B).
 
 Names spell teacher, student and layout: ``qwen3_8b_self_tp2_pp1_8g`` is Qwen3-8B distilled into
-itself at TP=2, PP=1 on 8 GPUs (DP = 4); ``qwen3_32b_to_8b_tp8_pp1_8g`` distils Qwen3-32B into a
-Qwen3-8B student. Each is sized (``opdlm plan``) for the H100-80GB nodes named in ``@recipe``.
+itself at TP=2, PP=1 on 8 GPUs (DP = 4); ``qwen3_8b_to_4b_tp1_pp1_8g`` distils Qwen3-8B into a
+Qwen3-4B student, both at TP=1. A teacher with its own layout (``parallel.teacher``) has it spelt
+after its size: ``qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g`` runs the 32B teacher at TP=8 and the 8B
+student at TP=2 on the same 8 GPUs, because the TP the 32B teacher needs to fit would only slow the
+8B student down. Its TP is the smallest that leaves about a tenth of the GPU free; a smaller TP
+communicates less. Each recipe is sized (``opdlm plan``) for the H100-80GB nodes named in ``@recipe``.
 """
 
 from __future__ import annotations
@@ -47,37 +51,37 @@ def qwen3_8b_self_tp2_pp1_16g() -> RunConfig:
     return _self("qwen3_8b_self_tp2_pp1_16g", m.qwen3_8b, "Qwen3-8B", tp=2)
 
 
+def _pair(name: str, teacher, student, teacher_hf: str, student_hf: str, tp: int, **kw) -> RunConfig:
+    """A larger Qwen3 teacher distilled into a smaller Qwen3 student that starts from its own weights."""
+    return paper_run(name=name, student=training_model(student()), teacher=teacher_model(teacher()),
+                     mask_token_id=m.QWEN3_MASK_ID, tp=tp, teacher_hf=f"hf/{teacher_hf}",
+                     student_hf=f"hf/{student_hf}", chat_template_kwargs=m.QWEN3_CHAT, **kw)
+
+
 @recipe(nodes=1, gpus_per_node=8)
 def qwen3_4b_to_0_6b_tp1_pp1_8g() -> RunConfig:
     """Qwen3-4B teacher -> Qwen3-0.6B student (the paper: a larger teacher helps at 0.6B); full KL."""
-    name = "qwen3_4b_to_0_6b_tp1_pp1_8g"
-    return paper_run(name=name, student=training_model(m.qwen3_0_6b()), teacher=teacher_model(m.qwen3_4b()),
-                     mask_token_id=m.QWEN3_MASK_ID, tp=1, teacher_hf="hf/Qwen3-4B", student_hf="hf/Qwen3-0.6B",
-                     chat_template_kwargs=m.QWEN3_CHAT)
+    return _pair("qwen3_4b_to_0_6b_tp1_pp1_8g", m.qwen3_4b, m.qwen3_0_6b, "Qwen3-4B", "Qwen3-0.6B", tp=1)
 
 
 @recipe(nodes=1, gpus_per_node=8)
 def qwen3_8b_to_4b_tp1_pp1_8g() -> RunConfig:
     """Qwen3-8B teacher -> Qwen3-4B student; top-16 KL."""
-    name = "qwen3_8b_to_4b_tp1_pp1_8g"
-    return paper_run(name=name, student=training_model(m.qwen3_4b()), teacher=teacher_model(m.qwen3_8b()),
-                     mask_token_id=m.QWEN3_MASK_ID, tp=1, teacher_hf="hf/Qwen3-8B", student_hf="hf/Qwen3-4B",
-                     chat_template_kwargs=m.QWEN3_CHAT)
+    return _pair("qwen3_8b_to_4b_tp1_pp1_8g", m.qwen3_8b, m.qwen3_4b, "Qwen3-8B", "Qwen3-4B", tp=1)
 
 
 @recipe(nodes=1, gpus_per_node=8)
-def qwen3_32b_to_8b_tp8_pp1_8g() -> RunConfig:
-    """Qwen3-32B teacher -> Qwen3-8B student on one node: TP=8 (both models), DP=1; top-16 KL."""
-    name = "qwen3_32b_to_8b_tp8_pp1_8g"
-    return paper_run(name=name, student=training_model(m.qwen3_8b()), teacher=teacher_model(m.qwen3_32b()),
-                     mask_token_id=m.QWEN3_MASK_ID, tp=8, teacher_hf="hf/Qwen3-32B", student_hf="hf/Qwen3-8B",
-                     chat_template_kwargs=m.QWEN3_CHAT)
+def qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g() -> RunConfig:
+    """Qwen3-32B teacher (TP=8, DP=1) -> Qwen3-8B student (TP=2, DP=4) on one node; top-16 KL. The
+    teacher at TP=4 would leave about 2 GiB free (``opdlm plan``), too little for an estimate."""
+    return _pair("qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g", m.qwen3_32b, m.qwen3_8b, "Qwen3-32B", "Qwen3-8B",
+                 tp=2, teacher_tp=8)
 
 
 @recipe(nodes=2, gpus_per_node=8)
-def qwen3_32b_to_8b_tp8_pp1_16g() -> RunConfig:
-    """Qwen3-32B teacher -> Qwen3-8B student on two nodes: TP=8 inside a node, DP=2; top-16 KL."""
-    name = "qwen3_32b_to_8b_tp8_pp1_16g"
-    return paper_run(name=name, student=training_model(m.qwen3_8b()), teacher=teacher_model(m.qwen3_32b()),
-                     mask_token_id=m.QWEN3_MASK_ID, tp=8, teacher_hf="hf/Qwen3-32B", student_hf="hf/Qwen3-8B",
-                     chat_template_kwargs=m.QWEN3_CHAT)
+def qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g() -> RunConfig:
+    """Qwen3-32B teacher (TP=4, DP=4) -> Qwen3-8B student (TP=2, DP=8) on two nodes; top-16 KL. Half
+    the rollouts per GPU of the one-node recipe leave room for the teacher at TP=4, which communicates
+    half as much per computation as at TP=8."""
+    return _pair("qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g", m.qwen3_32b, m.qwen3_8b, "Qwen3-32B", "Qwen3-8B",
+                 tp=2, teacher_tp=4)

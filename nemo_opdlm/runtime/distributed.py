@@ -116,7 +116,8 @@ class ParallelLayout:
 
     def check_model(self, model: "ModelConfig", what: str = "model", where: str = "parallel") -> None:
         """Raise LayoutError if TP does not divide heads/groups/FFN or PP does not divide layers;
-        ``what`` names the model's section, ``where`` the layout's."""
+        ``what`` names the model's section, ``where`` the layout's ("": the sizes' bare names, as a
+        tool's ``--tp``/``--pp`` flags give them)."""
         checks = [
             ("num_attention_heads", model.num_attention_heads, "tp", self.tp),
             ("num_query_groups", model.num_query_groups, "tp", self.tp),
@@ -124,11 +125,12 @@ class ParallelLayout:
             ("num_layers", model.num_layers, "pp", self.pp * (self.vpp or 1)),
         ]
         for field_name, value, axis, size in checks:
+            axis = f"{where}.{axis}" if where else axis
             if value % size:
-                stage = " * vpp" if axis == "pp" and self.vpp else ""
+                stage = " * vpp" if axis.endswith("pp") and self.vpp else ""
                 raise LayoutError(
-                    f"{what}.{field_name}={value} is not divisible by {where}.{axis}{stage}={size}; "
-                    f"choose {where}.{axis} among the divisors of {value}"
+                    f"{what}.{field_name}={value} is not divisible by {axis}{stage}={size}; "
+                    f"choose {axis} among the divisors of {value}"
                 )
 
 

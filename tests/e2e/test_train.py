@@ -551,8 +551,8 @@ def _watch_models(monkeypatch, poison_teacher=False):
     from nemo_opdlm.training import loop
     real, seen = loop.build, {}
 
-    def build(cfg, parallel):
-        s = real(cfg, parallel)
+    def build(cfg, parallel, teacher_parallel=None):
+        s = real(cfg, parallel, teacher_parallel)
         if poison_teacher:
             w = next(p for n, p in s.teacher[0].named_parameters() if "linear_qkv.weight" in n)
             with torch.no_grad():

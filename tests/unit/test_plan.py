@@ -38,7 +38,7 @@ def test_world_that_does_not_divide_the_prompts(capsys):
     assert plan_main(["qwen3_8b_self_tp2_pp1_8g", "--nodes", "3"]) == 2
     assert "train.prompts_per_step=128 is not divisible by DP=12" in capsys.readouterr().err
     # a layout larger than the world
-    assert plan_main(["qwen3_32b_to_8b_tp8_pp1_8g", "--gpus-per-node", "4"]) == 2
+    assert plan_main(["qwen3_8b_self_tp2_pp1_8g", "parallel.tp=8", "--gpus-per-node", "4"]) == 2
     assert "world size 4 is not divisible by tp*pp*cp" in capsys.readouterr().err
 
 
@@ -117,18 +117,119 @@ def test_full_vocabulary_targets_and_attention_backends():
     assert local.activations["selective"] < 0.1 * local.activations["none"]  # selective drops the scores
 
 
+SHARED_70B_PP2 = ["parallel.tp=8", "parallel.pp=2", "parallel.teacher=null"]
+"""The 70B -> 8B recipe on 32 GPUs as it was before the teacher had its own layout: both at TP=8, PP=2."""
+
+
 def test_pipeline_stages_and_offload():
-    cfg = resolve("llama31_70b_to_8b_tp8_pp2_32g", [])
+    cfg = resolve("llama31_70b_tp8_pp1_to_8b_tp2_pp1_32g", SHARED_70B_PP2)
     cluster = Cluster(4, 8, "h100-80g")
     shape, _ = check_layout(cfg, cluster)
     first, last = estimate_stage(cfg, shape, 0, GPU3), estimate_stage(cfg, shape, 1, GPU3)
     assert "student logits + loss" in last.phases["train"] and "student logits + loss" not in first.phases["train"]
     # 1F1B: the first stage holds 2 micro-batches of layer inputs, the last one
     assert first.activations["full"] > last.activations["full"]
-    offloaded = estimate_stage(resolve("llama31_70b_to_8b_tp8_pp2_32g", ["distill.teacher_offload=true"]), shape, 1, GPU3)
+    offloaded = estimate_stage(resolve("llama31_70b_tp8_pp1_to_8b_tp2_pp1_32g",
+                                       SHARED_70B_PP2 + ["distill.teacher_offload=true"]), shape, 1, GPU3)
     assert "teacher weights" not in offloaded.static
     assert offloaded.phase_total("rollout") == pytest.approx(last.phase_total("rollout") - last.static["teacher weights"])
     assert offloaded.phase_total("teacher") == pytest.approx(last.phase_total("teacher"))
+
+
+# --- the teacher at its own layout (parallel.teacher) --------------------------------------------
+
+H100x16 = Cluster(2, 8, "h100-80g")
+LLAMA_16G = "llama31_70b_tp8_pp1_to_8b_tp2_pp1_16g"
+
+
+def test_own_teacher_layout_closed_forms_llama_70b_to_8b():
+    """Llama-3.1-70B teacher at TP=8 (DP=2) beside the 8B student at TP=2 (DP=8) on 16 GPUs."""
+    cfg = resolve(LLAMA_16G, [])
+    shape, _ = check_layout(cfg, H100x16)
+    assert (shape.tp, shape.dp, shape.teacher_tp, shape.teacher_pp, shape.teacher_dp) == (2, 8, 8, 1, 2)
+    assert shape.served == 4  # student replicas per teacher replica
+    est = estimate_stage(cfg, shape, 0, GPU3)
+    # 70B: 70,553,706,496 parameters, 80 x 2 x 8192 + 8192 of them norms (replicated); all the rest, the
+    # untied 128256-row embedding and output layer included (128256 is a multiple of 128 and 8), split in 8
+    norms_t = 80 * 2 * 8192 + 8192
+    teacher = (70_553_706_496 - norms_t) // 8 + norms_t
+    assert est.static["teacher weights"] == 2 * teacher
+    assert est.static["teacher weights"] / GIB == pytest.approx(16.43, abs=0.01)
+    # 8B: 8,030,261,248 parameters, 32 x 2 x 4096 + 4096 of them norms; the rest split in 2
+    norms_s = 32 * 2 * 4096 + 4096
+    student = (8_030_261_248 - norms_s) // 2 + norms_s
+    assert est.static["student weights"] == 2 * student
+    # the teacher's logits at its own vocabulary shard (128256 / 8), on every rank (teacher PP=1)
+    assert est.phases["teacher"]["teacher logits (transient)"] == 5024 * 16032 * 2 + 2 * 4000 * 16032 * 4
+    # all 16 micro-batches' top-16 targets live through the student's pass
+    assert est.phases["train"]["teacher targets, top-16 (all 16 micro-batches)"] == 16 * 4000 * 16 * 12
+    # the teacher side serves its 4 student replicas one per round: one replica's targets and a copy to send
+    served = est.phases["teacher"]["teacher targets of one served student replica (+ send copy)"]
+    assert served == 2 * 16 * 4000 * 16 * 12
+
+
+def _held_targets(spec, overrides, cluster):
+    cfg = resolve(spec, overrides)
+    shape, _ = check_layout(cfg, cluster)
+    train = estimate_stage(cfg, shape, shape.pp - 1, GPU3).phases["train"]
+    return {k: v for k, v in train.items() if k.startswith("teacher targets")}
+
+
+def test_targets_scale_with_the_micro_batches_only_with_an_own_teacher_layout():
+    own = [_held_targets(LLAMA_16G, [f"train.prompts_per_step={n}"], H100x16) for n in (128, 256)]
+    assert own == [{"teacher targets, top-16 (all 16 micro-batches)": 16 * 4000 * 16 * 12},
+                   {"teacher targets, top-16 (all 32 micro-batches)": 32 * 4000 * 16 * 12}]
+    shared = [_held_targets(LLAMA_16G, ["parallel.teacher=null", f"train.prompts_per_step={n}"], H100x16)
+              for n in (128, 256)]
+    assert shared[0] == shared[1] == {"teacher targets, top-16 (one micro-batch)": 4000 * 16 * 12}
+
+
+def test_own_teacher_full_vocabulary_targets_are_cut_to_the_student_shard():
+    """Qwen3-4B -> 0.6B (full vocabulary) with the teacher at TP=2: the student (TP=1) holds its 16 rows'
+    log-probs over all 151936 ids; each teacher rank keeps its half for one student replica at a time."""
+    cfg = resolve("qwen3_4b_to_0_6b_tp1_pp1_8g", ["parallel.teacher.tp=2"])
+    shape, _ = check_layout(cfg, H100x8)
+    assert (shape.dp, shape.teacher_dp, shape.served) == (8, 4, 2)
+    est = estimate_stage(cfg, shape, 0, GPU3)
+    held = est.phases["train"]["teacher targets, full vocabulary (fp32) (all 16 micro-batches)"]
+    assert held == 16 * 4000 * 151936 * 4
+    assert est.phases["teacher"]["teacher targets of one served student replica (+ send copy)"] == (
+        2 * 16 * 4000 * (151936 // 2) * 4)
+
+
+def test_own_teacher_layout_in_the_report(capsys):
+    assert plan_main([LLAMA_16G]) == 0
+    out = capsys.readouterr().out
+    assert "layout  tp=2 pp=1 dp=8 (teacher: tp=8 pp=1 dp=2, parallel.teacher); 16 rollouts per DP rank" in out
+    assert "ok    layout tp=2 pp=1 dp=8 (teacher: tp=8 pp=1 dp=2, parallel.teacher) on 16 GPUs" in out
+
+
+def test_own_teacher_layout_errors_and_notes(capsys):
+    # the teacher's TP x PP must divide the world, and its TP the teacher's heads
+    assert plan_main(["qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g", "--gpus-per-node", "4"]) == 2
+    assert "world size 4 is not divisible by the teacher's tp*pp = 8*1 (parallel.teacher)" in capsys.readouterr().err
+    assert plan_main([LLAMA_16G, "parallel.teacher.tp=3"]) == 2
+    assert "teacher_model.num_attention_heads=64 is not divisible by parallel.teacher.tp=3" in capsys.readouterr().err
+    # 24 GPUs: student TP=2 x PP=3 (DP=4), teacher TP=8 (DP=3): replicas serve 1 or 2 student replicas
+    assert plan_main(["qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g", "parallel.pp=3", "--nodes", "3"]) == 0
+    assert "note  teacher DP=3 does not divide student DP=4: teacher replicas serve 1 or 2" in capsys.readouterr().out
+    # nodes of 4 GPUs: the teacher's TP=8 spans two
+    plan_main([LLAMA_16G, "--gpus-per-node", "4"])
+    out = capsys.readouterr().out
+    assert "note  parallel.teacher.tp=8 spans nodes (4 GPUs per node)" in out and "note  parallel.tp=" not in out
+
+
+def test_big_shared_teacher_suggests_its_own_tp(capsys):
+    """The 70B teacher sharing the student's TP=2 does not fit; the plan offers the teacher alone at
+    TP=8 (the recipe), and that suggestion fits when applied."""
+    assert plan_main([LLAMA_16G, "parallel.teacher=null"]) == 1
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "teacher at its own TP" in ln)
+    assert "parallel.teacher.tp=8 parallel.teacher.pp=1" in line and line.endswith("fits")
+    assert make_plan(resolve(LLAMA_16G, ["parallel.teacher=null", "parallel.teacher.tp=8"]), H100x16).fits
+    # a self-distilled teacher is no large share: not offered
+    plan_main(["qwen3_8b_self_tp2_pp1_8g", "model.recompute=none", "--gpu", "a100-40g"])
+    assert "teacher at its own TP" not in capsys.readouterr().out
 
 
 # --- checks against files on disk ---------------------------------------------------------------
@@ -202,9 +303,13 @@ def test_missing_paths_are_notes_unless_required(tiny_dirs, capsys):
 
 
 def test_get_prints_resolved_values(capsys):
-    assert plan_main(["qwen3_32b_to_8b_tp8_pp1_16g", "--get", "parallel.tp", "--get", "init.student_hf",
-                      "--get", "teacher.num_layers", "--get", "init.teacher_checkpoint"]) == 0
-    assert capsys.readouterr().out.splitlines() == ["8", "hf/Qwen3-8B", "64", ""]
+    assert plan_main(["qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g", "--get", "parallel.tp", "--get", "init.student_hf",
+                      "--get", "teacher.num_layers", "--get", "init.teacher_checkpoint",
+                      "--get", "parallel.teacher.tp"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["2", "hf/Qwen3-8B", "64", "", "4"]
+    # a key under an unset section is unset (slurm/opdlm_job.sh then imports the teacher at the student's TP)
+    assert plan_main(["qwen3_8b_self_tp2_pp1_8g", "--get", "parallel.teacher.tp", "--get", "parallel.tp"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["", "2"]
 
 
 def test_usable_memory_and_json(capsys):

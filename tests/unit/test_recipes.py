@@ -8,10 +8,13 @@ import pytest
 
 from nemo_opdlm import recipes
 from nemo_opdlm.config import ConfigError, load_recipe, resolve
-from nemo_opdlm.plan import stage_params
+from nemo_opdlm.plan import Cluster, check_layout, make_plan, stage_params
 from nemo_opdlm.recipes import models as m
+from nemo_opdlm.runtime.distributed import TeacherLayout
 
 NAME = re.compile(r"_tp(\d+)_pp(\d+)_(\d+)g$")
+TEACHER_NAME = re.compile(r"_tp(\d+)_pp(\d+)_to_")
+"""A teacher with its own layout has it spelt after its size: ``llama31_70b_tp8_pp1_to_8b_tp2_pp1_16g``."""
 
 
 @pytest.mark.parametrize("name", sorted(recipes.ALL_RECIPES))
@@ -19,6 +22,8 @@ def test_name_spells_the_layout_and_cluster(name):
     cfg = load_recipe(name)
     tp, pp, gpus = map(int, NAME.search(name).groups())
     assert (cfg.parallel.tp, cfg.parallel.pp) == (tp, pp)
+    own = TEACHER_NAME.search(name)
+    assert cfg.parallel.teacher == (own and TeacherLayout(tp=int(own[1]), pp=int(own[2])))
     assert recipes.CLUSTERS[name].world_size == gpus
     assert cfg.name == name
     # the module:function spelling resolves to the same config
@@ -46,6 +51,30 @@ def test_paper_hyperparameters(name):
     assert cfg.diffusion.mask_token_id not in m.QWEN3_EOS_IDS + m.LLAMA31_EOS_IDS
     # larger teachers need the student's own weights
     assert (cfg.teacher_model is None) == (cfg.init.student_hf is None)
+
+
+OWN_TEACHER = {  # recipe -> (student TP, teacher TP, teacher PP, teacher DP, student DP)
+    "llama31_70b_tp8_pp1_to_8b_tp2_pp1_16g": (2, 8, 1, 2, 8),
+    "llama31_70b_tp8_pp1_to_8b_tp2_pp1_32g": (2, 8, 1, 4, 16),
+    "qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g": (2, 8, 1, 1, 4),
+    "qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g": (2, 4, 1, 4, 8),
+    "qwen25_32b_tp4_pp1_to_7b_tp2_pp1_8g": (2, 4, 1, 2, 4),
+}
+"""The recipes whose big teacher has its own layout, so that the student trains at TP=2."""
+
+
+@pytest.mark.parametrize("name", sorted(OWN_TEACHER))
+def test_own_teacher_layout_fits_where_a_shared_one_does_not(name):
+    """Each fits its cluster (``opdlm plan``), every teacher replica serving as many student replicas;
+    the teacher sharing the student's TP=2 would not fit: the own layout is what keeps the student at TP=2."""
+    cfg = load_recipe(name)
+    shape = recipes.CLUSTERS[name]
+    cluster = Cluster(shape.nodes, shape.gpus_per_node, shape.gpu)
+    layout, _ = check_layout(cfg, cluster)
+    assert (layout.tp, layout.teacher_tp, layout.teacher_pp, layout.teacher_dp, layout.dp) == OWN_TEACHER[name]
+    assert layout.dp % layout.teacher_dp == 0
+    assert make_plan(cfg, cluster).ok
+    assert not make_plan(resolve(name, ["parallel.teacher=null"]), cluster).fits
 
 
 # Published counts: non-embedding parameters from the Qwen3 model cards (0.44B, 1.4B, 3.6B, 6.95B, 31.2B);
@@ -92,7 +121,7 @@ def test_overrides_apply_and_typos_are_refused():
 def test_mixed_family_teacher_is_refused():
     """A Qwen2.5 teacher (152,064 rows) cannot teach a Qwen3 student (151,936): one vocabulary is needed."""
     with pytest.raises(ConfigError, match="must share a tokenizer"):
-        resolve("qwen25_32b_to_7b_tp4_pp1_8g",
+        resolve("qwen25_32b_tp4_pp1_to_7b_tp2_pp1_8g",
                 [f"model.{k}={v}" for k, v in dict(vocab_size=151936, num_layers=36, hidden_size=4096,
                                                    ffn_hidden_size=12288, num_attention_heads=32,
                                                    num_query_groups=8).items()])
