@@ -887,6 +887,7 @@ def worker_teacher_layout(tmp_dir):
     from_ckpt = ("init.teacher_hf=null", f"init.tokenizer={tmp_dir}/teacher_hf",
                  f"init.teacher_checkpoint={os.path.dirname(tmp_dir)}/teacher_ckpt")
     teacher = {"shared": ("parallel.teacher=null",), "tp2": ("parallel.teacher.tp=2",),
+               "tp1": ("parallel.teacher.tp=1",), "tp2pp2": ("parallel.teacher.tp=2", "parallel.teacher.pp=2"),
                "pp2": ("parallel.teacher.pp=2",), "tp2ckpt": ("parallel.teacher.tp=2",) + from_ckpt,
                "pp2ckpt": ("parallel.teacher.pp=2",) + from_ckpt}
     top_k = {"topk": "distill.top_k=16", "full": "distill.top_k=null"}
@@ -899,7 +900,8 @@ def worker_teacher_layout(tmp_dir):
 
     loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, upfront_teacher=True))
     train_step.attach_teacher_targets = attach
-    _run_layout(tmp_dir, "distill.method=opdlm", "run", *teacher[layout], top_k[targets], "train.steps=2",
+    student = ("parallel.tp=2",) if int(os.environ["WORLD_SIZE"]) == 4 else ()  # 4 ranks: student TP=2 x DP=2
+    _run_layout(tmp_dir, "distill.method=opdlm", "run", *student, *teacher[layout], top_k[targets], "train.steps=2",
                 "train.micro_batch_size=1")
     torch.save(saved, os.path.join(tmp_dir, f"targets_{os.environ['RANK']}.pt"))
 
@@ -938,5 +940,32 @@ def test_teacher_with_its_own_layout_gives_the_same_step(tmp_path, targets):
                     assert mb["t_logprobs"].shape == want_mb["t_logprobs"].shape
                     finite = want_mb["t_logprobs"].isfinite()
                     assert torch.equal(finite, mb["t_logprobs"].isfinite()), layout  # padding: -inf on both
+                    torch.testing.assert_close(mb["t_logprobs"][finite], want_mb["t_logprobs"][finite],
+                                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.distributed
+def test_teacher_layouts_on_four_ranks_recut_full_vocabulary_targets(tmp_path):
+    """Student TP=2 x DP=2 on 4 ranks, full-vocabulary targets. Teacher TP=1 x DP=4 (more teacher
+    replicas than student ones: two serve, two idle; each whole-vocabulary target cut into the
+    student's 2 shards) and teacher TP=2 x PP=2 (one replica serving both student replicas from its
+    last stage, ranks 2 and 3) give the targets, losses and gradient norms of the teacher sharing the
+    student's TP=2 x DP=2."""
+    got = {}
+    for layout in ("shared", "tp1", "tp2pp2"):
+        run = tmp_path / f"{layout}_full"
+        run.mkdir()
+        torchrun("tests.e2e.test_train:worker_teacher_layout", 4, run, timeout=600)
+        got[layout] = ([json.load(open(run / f"run_{r}.json")) for r in range(4) if (run / f"run_{r}.json").exists()],
+                       [torch.load(run / f"targets_{r}.pt") for r in range(4)])
+    want, want_targets = got.pop("shared")
+    for layout, (metrics, targets_by_rank) in got.items():
+        close(metrics[0]["loss"], want[0]["loss"], 1e-5)
+        close(metrics[0]["grad_norm"], want[0]["grad_norm"], 1e-4)
+        for rank in range(4):  # ranks 0, 1: student replica 0's two vocabulary shards; 2, 3: replica 1's
+            for mbs, want_mbs in zip(targets_by_rank[rank], want_targets[rank], strict=True):
+                for mb, want_mb in zip(mbs, want_mbs, strict=True):
+                    finite = want_mb["t_logprobs"].isfinite()
+                    assert torch.equal(finite, mb["t_logprobs"].isfinite()), (layout, rank)
                     torch.testing.assert_close(mb["t_logprobs"][finite], want_mb["t_logprobs"][finite],
                                                atol=1e-5, rtol=1e-5)
