@@ -97,7 +97,7 @@ def build_models(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Op
     student = build_student(cfg.model, cfg.diffusion, parallel)
     if cfg.init.student_hf:
         load_hf_weights(student, cfg.init.student_hf, cfg.model)
-    elif teacher is not None and cfg.teacher_model is None and parallel_of(teacher) is parallel:
+    elif teacher is not None and cfg.teacher_model is None and not parallel_of(teacher).own_groups:
         from_teacher(student, teacher)  # self-distillation: the student starts as the teacher
     elif teacher is not None and cfg.teacher_model is None:  # the same weights, read at the student's layout
         _load_weights(student, cfg.model, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)

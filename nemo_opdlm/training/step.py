@@ -126,9 +126,9 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
     )
 
 
-def own_layout(teacher: list, student: ParallelContext) -> bool:
-    """The teacher runs at a layout of its own (``parallel.teacher``), not the student's."""
-    return parallel_of(teacher) is not student
+def own_layout(teacher: list) -> bool:
+    """The teacher runs at a layout of its own (``parallel.teacher``), on groups of its own."""
+    return parallel_of(teacher).own_groups
 
 
 def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, microbatches: list[dict], *,
@@ -151,7 +151,7 @@ def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, micro
         rows = split_microbatches(per_row, n)
     else:
         rows = [{k: v[index] for k, v in per_row.items()} for index in groups]
-    if own_layout(teacher, student):
+    if own_layout(teacher):
         targets = exchange_targets(teacher, student, rows, cfg.distill.top_k,
                                    student_vocab=cfg.model.padded_vocab_size(student.tp_size),
                                    teacher_vocab=cfg.teacher.padded_vocab_size(parallel_of(teacher).tp_size))
@@ -269,7 +269,7 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
         attach_teacher_targets(cfg, teacher, resp, microbatches, student=parallel, upfront=upfront_teacher,
                                groups=groups)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
-    lazy = teacher is not None and not upfront_teacher and not own_layout(teacher, parallel)
+    lazy = teacher is not None and not upfront_teacher and not own_layout(teacher)
     sync()
     t2 = time.perf_counter()
     zero_grads(state)

@@ -912,14 +912,15 @@ def test_teacher_with_its_own_layout_gives_the_same_step(tmp_path, targets):
     """A teacher at TP=2, then at PP=2, beside a student at TP=1 x DP=2 on the same 2 ranks: its inputs
     travel to the one teacher replica and its targets back to each student replica (full-vocabulary
     targets re-cut from the teacher's 2 vocabulary shards to the student's one). The targets, losses
-    and gradient norms equal those of the teacher sharing the student's layout (TP=1 x DP=2). ``*ckpt``:
-    both models read a megatron-core checkpoint (saved at TP=1) at their own layouts."""
+    and gradient norms equal those of the teacher sharing the student's layout (TP=1 x DP=2), which reads
+    the HF weights. ``*ckpt`` (the top-k case): both models read a megatron-core checkpoint saved at
+    TP=1, each at its own layout."""
     from tests.e2e.test_bad_inputs import tool_main
 
     save_hf("qwen3", str(tmp_path / "hf"), seed=0)  # make_run's teacher
     assert tool_main("import_hf")(["--hf-dir", str(tmp_path / "hf"), "--out", str(tmp_path / "teacher_ckpt")]) == 0
     got = {}
-    for layout in ("shared", "tp2", "pp2") + (("tp2ckpt", "pp2ckpt") if targets == "topk" else ()):
+    for layout in ("shared",) + (("tp2ckpt", "pp2ckpt") if targets == "topk" else ("tp2", "pp2")):
         run = tmp_path / f"{layout}_{targets}"
         run.mkdir()
         torchrun("tests.e2e.test_train:worker_teacher_layout", 2, run, timeout=300)
