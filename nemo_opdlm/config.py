@@ -199,8 +199,8 @@ class TrainConfig:
     """Build micro-batches by a token budget instead of ``micro_batch_size`` rows: each micro-batch
     is one sequence of exactly this many tokens holding several rows' real tokens (packed rows,
     ``distill/packing.py``; the same loss and gradients as padded rows). None = padded rows. Must
-    hold the longest row, ``data.max_prompt_tokens + 2 * rollout.max_length``; diffusion methods at
-    ``parallel.pp=1`` only."""
+    hold the longest row, ``data.max_prompt_tokens + 2 * rollout.max_length``; diffusion methods only,
+    and at ``parallel.pp`` > 1 only with a teacher at its own layout (``parallel.teacher``) or none."""
     seed: int = 1234
     """Base seed; every random stream is derived from it, the step and the rank."""
     log_every: int = 1
@@ -330,9 +330,12 @@ class RunConfig:
         if method.causal:
             raise ConfigError(f"train.pack_tokens packs [prompt | x0 | xt] rows; distill.method={method.name} "
                               "trains causal rows: set train.pack_tokens=null")
-        if self.parallel.pp > 1:
-            raise ConfigError(f"train.pack_tokens is not supported with parallel.pp={self.parallel.pp} yet "
-                              "(the streamed teacher rides padded rows): set train.pack_tokens=null or parallel.pp=1")
+        if self.parallel.pp > 1 and method.needs_teacher and self.parallel.teacher is None:
+            raise ConfigError(
+                f"train.pack_tokens with parallel.pp={self.parallel.pp} and distill.method={method.name}: the teacher "
+                "sharing the student's layout rides its pipeline pass on padded rows; give the teacher its own "
+                "layout (parallel.teacher.tp=..., its targets then come before the pass), or set "
+                "train.pack_tokens=null or parallel.pp=1")
         longest = self.longest_row
         if longest is not None and self.train.pack_tokens < longest:
             raise ConfigError(

@@ -293,7 +293,8 @@ def make_microbatches(cfg: RunConfig, rows: dict[str, Tensor], pad_id: int
 
     Padded: ``train.micro_batch_size`` consecutive rows each. Packed: one sequence of
     ``train.pack_tokens`` tokens each, as many rows as fit (``distill/packing.py``); the count then
-    varies from step to step and rank to rank (the loss scale follows it; PP=1 only).
+    varies from step to step and rank to rank (the loss scale follows it; every sequence is exactly
+    ``pack_tokens`` long, so the pipeline's point-to-point shapes stay fixed at PP > 1).
     """
     if cfg.train.pack_tokens is None:
         return split_microbatches(rows, rows["input_ids"].shape[0] // cfg.train.micro_batch_size), None

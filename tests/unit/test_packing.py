@@ -79,6 +79,7 @@ def test_pack_tokens_config_is_checked():
     import dataclasses
 
     from nemo_opdlm.config import ConfigError, DistillConfig, ParallelLayout
+    from nemo_opdlm.runtime.distributed import TeacherLayout
     from nemo_opdlm.recipes.tiny import tiny_run
 
     cfg = tiny_run("t")
@@ -88,8 +89,11 @@ def test_pack_tokens_config_is_checked():
         dataclasses.replace(packed, train=dataclasses.replace(cfg.train, pack_tokens=63))
     with pytest.raises(ConfigError, match=r"train.pack_tokens must be >= 1"):
         dataclasses.replace(cfg.train, pack_tokens=0)
-    with pytest.raises(ConfigError, match=r"train.pack_tokens .*parallel.pp=2"):
-        dataclasses.replace(packed, parallel=ParallelLayout(pp=2))
+    with pytest.raises(ConfigError, match=r"train.pack_tokens with parallel.pp=2 .*give the teacher its own layout"):
+        dataclasses.replace(packed, parallel=ParallelLayout(pp=2))  # the streamed teacher needs padded rows
+    dataclasses.replace(packed, parallel=ParallelLayout(pp=2, teacher=TeacherLayout(pp=2)))  # its targets come first
+    dataclasses.replace(packed, parallel=ParallelLayout(pp=2), distill=DistillConfig(method="sft"),
+                        data=dataclasses.replace(cfg.data, response_field="answer"))  # no teacher
     with pytest.raises(ConfigError, match=r"distill.method=ar trains causal rows"):
         dataclasses.replace(packed, distill=DistillConfig(method="ar"),
                             data=dataclasses.replace(cfg.data, response_field="answer"))
