@@ -52,6 +52,14 @@ class Routes:
         """The student replicas teacher replica ``teacher_dp`` serves, in the order it serves them."""
         return [d for d in range(self.student.dp) if self.server(d) == teacher_dp]
 
+    def round_of(self, student_dp: int) -> int:
+        """The round in which ``student_dp`` is served: its place in ``served(server(student_dp))``."""
+        return student_dp // self.teacher.dp
+
+    @property
+    def rounds(self) -> int:
+        return -(-self.student.dp // self.teacher.dp)
+
     def replica(self, grid: Grid, dp: int) -> list[int]:
         """World ranks of data-parallel replica ``dp`` of ``grid``, in rank order."""
         return sorted(grid.rank(t, dp, p) for t in range(grid.tp) for p in range(grid.pp))
@@ -136,8 +144,8 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
     sizes = [int(r["x0"].shape[0]) for r in rows]
     out = _target_buffers(sum(sizes), int(rows[0]["x0"].shape[1]), top_k or s_width, top_k is not None,
                           device) if student.is_last_stage else []
-    for round_ in range(-(-plan.student.dp // plan.teacher.dp)):
-        replicas = [d for d in range(plan.student.dp) if d // plan.teacher.dp == round_]
+    for round_ in range(plan.rounds):
+        replicas = [d for d in range(plan.student.dp) if plan.round_of(d) == round_]
         computed = {}
         for d in replicas:
             if d in inputs:  # this rank's teacher replica serves d

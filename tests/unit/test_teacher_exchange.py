@@ -29,6 +29,8 @@ def test_every_student_replica_is_served_once_and_evenly():
     plan = Routes(student=Grid.of(2, 1, 16), teacher=Grid.of(8, 1, 16))
     assert [plan.server(d) for d in range(8)] == [0, 1, 0, 1, 0, 1, 0, 1]
     assert plan.served(0) == [0, 2, 4, 6] and plan.served(1) == [1, 3, 5, 7]
+    assert plan.rounds == 4 and [plan.served(plan.server(d)).index(d) for d in range(8)] == [
+        plan.round_of(d) for d in range(8)]  # one served replica per round
     sources = plan.input_sources(3)  # student replica 3 = ranks 6, 7; served by teacher replica 1 = ranks 8-15
     assert sorted(sources) == list(range(8, 16))
     assert set(sources.values()) == {6, 7}  # the reads are spread over the replica's ranks
