@@ -48,7 +48,6 @@ sys.path.insert(0, ROOT)
 
 from nemo_opdlm.distill import loss as losses  # noqa: E402
 from nemo_opdlm.distill import packing, states  # noqa: E402
-from nemo_opdlm.models import masks  # noqa: E402
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig  # noqa: E402
 from nemo_opdlm.models.student import build_student  # noqa: E402
 from nemo_opdlm.runtime.distributed import ParallelLayout, runtime  # noqa: E402
@@ -112,7 +111,7 @@ def bench_layouts(student: list, rows: dict, micro_batch: int, repeats: int) -> 
     length = rows["loss_mask"].shape[1]
     width = rows["input_ids"].shape[1]
     num_seq = losses.count_sequences([rows["loss_mask"]])
-    useful = int((rows["meta"][:, 1] != masks.PAD).sum())
+    useful = packing.real_tokens(rows["meta"])
     padded = states.split_microbatches(rows, rows["input_ids"].shape[0] // micro_batch)
     layouts: dict[str, tuple[list[dict], dict]] = {"padded": (padded, {"logits_last": length})}
     for factor in (1, micro_batch):

@@ -17,3 +17,18 @@ def single_rank():
     rt = init_runtime(ParallelLayout(), seed=1234, environ={})
     yield rt
     shutdown_runtime()
+
+
+@pytest.fixture(scope="module")
+def shared_runtime():
+    """The runtime this process already runs (another module's), else a one-process one (TP=PP=1,
+    seed 1) that this module owns and tears down after it."""
+    from nemo_opdlm.runtime.distributed import ParallelLayout, current_runtime, init_runtime, shutdown_runtime
+
+    rt = current_runtime()
+    owned = rt is None
+    if owned:
+        rt = init_runtime(ParallelLayout(), seed=1, environ={})
+    yield rt
+    if owned:
+        shutdown_runtime()

@@ -158,8 +158,12 @@ def row_logits(logits: Tensor, rows: int) -> Tensor:
     return logits.reshape(rows, logits.shape[1] // rows, logits.shape[-1])  # a view: the projection is contiguous
 
 
+def real_tokens(meta: Tensor) -> int:
+    """Tokens of rows ``[B, 2 or 3, S]`` whose kind is not ``PAD``: what a packed sequence keeps."""
+    return int((meta[:, 1] != masks.PAD).sum())
+
+
 def padding_fraction(microbatches: list[dict[str, Tensor]]) -> float:
     """Fraction of the micro-batches' token slots that are padding (kind ``PAD``)."""
     total = sum(mb["meta"][:, 1].numel() for mb in microbatches)
-    pad = sum(int((mb["meta"][:, 1] == masks.PAD).sum()) for mb in microbatches)
-    return pad / max(total, 1)
+    return 1 - sum(real_tokens(mb["meta"]) for mb in microbatches) / max(total, 1)

@@ -15,8 +15,8 @@ from typing import Any, Optional
 
 from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.data.sampler import PromptLoader
+from nemo_opdlm.distill.packing import real_tokens
 from nemo_opdlm.errors import NonFiniteLossError  # noqa: F401  (re-exported)
-from nemo_opdlm.models import masks
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.comm import agree, is_rank0
@@ -178,7 +178,7 @@ def _scalars(metrics: dict[str, float], rollout: dict[str, float], rows: dict, l
     for k, v in rollout.items():
         out[f"rollout/{k}"] = float(v)
     trained = float(rows["input_ids"].numel()) * dp  # the rows padded to the longest (as before packing)
-    useful = float((rows["meta"][:, 1] != masks.PAD).sum()) * dp  # their real tokens: what packing keeps
+    useful = float(real_tokens(rows["meta"])) * dp  # their real tokens: what packing keeps
     out.update({
         "rollout/length_limit": float(length), "grad_norm": grad_norm,
         "lr": lr, "time/rollout_s": t_rollout, "time/train_s": t_train,

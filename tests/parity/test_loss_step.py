@@ -22,20 +22,12 @@ MASK, EOS = 99, 7
 
 
 @pytest.fixture(scope="module")
-def models():
-    from nemo_opdlm.runtime.distributed import ParallelLayout, current_runtime, init_runtime, shutdown_runtime
-
-    rt = current_runtime()
-    owned = rt is None
-    if owned:
-        rt = init_runtime(ParallelLayout(), seed=1, environ={})
+def models(shared_runtime):
     cfg = tiny_model(attention_backend="local")
-    teacher = build_teacher(cfg, rt.ctx)
-    student = build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=MASK), rt.ctx)
+    teacher = build_teacher(cfg, shared_runtime.ctx)
+    student = build_student(cfg, DiffusionConfig(block_size=4, mask_token_id=MASK), shared_runtime.ctx)
     from_teacher(student, teacher)
-    yield student, teacher
-    if owned:
-        shutdown_runtime()
+    return student, teacher
 
 
 def fake_rollout(batch=4, prompt=5, length=8, seed=0):

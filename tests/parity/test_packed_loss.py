@@ -24,16 +24,8 @@ MASK, EOS, PAD_ID, BLOCK, BUDGET = 99, 7, 0, 4, 24
 
 
 @pytest.fixture(scope="module")
-def runtime():
-    from nemo_opdlm.runtime.distributed import ParallelLayout, current_runtime, init_runtime, shutdown_runtime
-
-    rt = current_runtime()
-    owned = rt is None
-    if owned:
-        rt = init_runtime(ParallelLayout(), seed=1, environ={})
-    yield rt
-    if owned:
-        shutdown_runtime()
+def runtime(shared_runtime):
+    return shared_runtime
 
 
 def rollout():
