@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 
 from nemo_opdlm.config import (
     DiffusionConfig,
@@ -34,14 +35,27 @@ def write_prompts(path: str, n: int = 16, seed: int = 0, with_responses: bool = 
             f.write(json.dumps(record) + "\n")
 
 
+def _publish(path: str, write) -> None:
+    """Write ``path`` through a private temporary name and rename it into place, so that ranks
+    calling ``make_run`` on the same directory at once never read a half-written file (a rank
+    once read an empty config.json another rank was still writing). The first rename wins; the
+    others' identical copies are dropped."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    try:
+        os.rename(tmp, path)
+    except OSError:  # another rank's copy is already in place
+        shutil.rmtree(tmp) if os.path.isdir(tmp) else os.remove(tmp)
+
+
 def make_run(tmp_dir: str, *overrides: str) -> RunConfig:
     """A 3-step OPDLM run on a tiny Qwen3 teacher (self-distillation), 4 prompts per step."""
     hf_dir = os.path.join(tmp_dir, "teacher_hf")
     if not os.path.isdir(hf_dir):
-        save_hf("qwen3", hf_dir, seed=0)
+        _publish(hf_dir, lambda tmp: save_hf("qwen3", tmp, seed=0))
     prompts = os.path.join(tmp_dir, "prompts.jsonl")
     if not os.path.exists(prompts):
-        write_prompts(prompts)
+        _publish(prompts, write_prompts)
     model = model_config_from_hf(read_hf_config(hf_dir), attention_backend="sdpa", max_position_embeddings=256)
     cfg = RunConfig(
         name="tiny",
