@@ -104,8 +104,9 @@ class Shape:
     teacher_dp: int
     """The teacher's replicas: world / (teacher TP x PP)."""
     own_teacher: bool
-    """The teacher has its own layout (``parallel.teacher``), even one equal to the student's: it then
-    computes the targets of a whole step before the student's pass (``distill/teacher_exchange.py``)."""
+    """The teacher has its own layout (``parallel.teacher``), even one equal to the student's: its
+    targets are exchanged (``distill/teacher_exchange.py``), one micro-batch at a time or a whole
+    step's before the student's pass (:func:`exchanged_per_microbatch`)."""
 
     @property
     def served(self) -> int:
@@ -450,14 +451,23 @@ def _target_bytes(top_k: Optional[int], rows: int, shape: Shape, vocab_shard: in
     return rows * shape.response * (vocab_shard * 4 if top_k is None else top_k * (4 + 8))
 
 
+def exchanged_per_microbatch(cfg, shape: Shape) -> bool:
+    """A teacher at its own layout whose targets are exchanged one micro-batch at a time, inside the
+    student's loss (``ParallelLayout.exchange_per_microbatch``: one student stage, padded rows)."""
+    return shape.own_teacher and cfg.parallel.exchange_per_microbatch(cfg.train.pack_tokens is not None)
+
+
 def held_targets(cfg, shape: Shape) -> tuple[str, int]:
     """(label, bytes) of the teacher targets alive on the student's last stage during its pass.
 
-    Shared layout: one micro-batch's, in the teacher's vocabulary shard (streamed). Own layout: all of
-    the rank's micro-batches', computed before the pass and re-cut to the student's vocabulary shard."""
+    Shared layout: one micro-batch's, in the teacher's vocabulary shard (streamed). Own layout:
+    re-cut to the student's vocabulary shard, one micro-batch's when they are exchanged per
+    micro-batch, else all of the rank's micro-batches', computed before the pass."""
     k = cfg.distill.top_k
-    model, rows, which = (cfg.model, shape.rows_per_rank, f"all {shape.num_microbatches} micro-batches") \
-        if shape.own_teacher else (cfg.teacher, shape.micro_batch, "one micro-batch")
+    model = cfg.model if shape.own_teacher else cfg.teacher
+    rows, which = (shape.micro_batch, "one micro-batch")
+    if shape.own_teacher and not exchanged_per_microbatch(cfg, shape):
+        rows, which = shape.rows_per_rank, f"all {shape.num_microbatches} micro-batches"
     kind = "full vocabulary (fp32)" if k is None else f"top-{k}"
     vocab = model.padded_vocab_size(shape.tp) // shape.tp
     return f"teacher targets, {kind} ({which})", _target_bytes(k, rows, shape, vocab)
@@ -468,8 +478,9 @@ def teacher_phase(cfg, shape: Shape, stage: int) -> dict[str, float]:
 
     One micro-batch at a time at the teacher's TP. Shared layout: logits and targets on the student's
     last stage only. Own layout: every rank may be a teacher last stage (exact at teacher PP=1), whose
-    ranks keep the targets of one served student replica at a time and a copy of them to send; the
-    student's last stage receives its whole step's targets."""
+    ranks keep the targets of one served student replica at a time (one micro-batch of it when they
+    are exchanged per micro-batch, else its whole step) and a copy of them to send; the student's
+    last stage receives them (:func:`held_targets`)."""
     teacher, t_tp, mb = cfg.teacher, shape.teacher_tp, shape.micro_batch
     t_tokens = mb * shape.teacher_row
     t_vocab = teacher.padded_vocab_size(t_tp) // t_tp
@@ -482,8 +493,10 @@ def teacher_phase(cfg, shape: Shape, stage: int) -> dict[str, float]:
         out["teacher logits (transient)"] = (t_tokens * t_vocab * _bytes(teacher.params_dtype)
                                              + 2 * mb * shape.response * t_vocab * 4)
     if shape.own_teacher:  # one served replica per round (teacher_exchange.exchange_targets)
-        out["teacher targets of one served student replica (+ send copy)"] = \
-            2 * _target_bytes(cfg.distill.top_k, shape.rows_per_rank, shape, t_vocab)
+        per_mb = exchanged_per_microbatch(cfg, shape)
+        label = "one served micro-batch" if per_mb else "one served student replica"
+        rows = shape.micro_batch if per_mb else shape.rows_per_rank
+        out[f"teacher targets of {label} (+ send copy)"] = 2 * _target_bytes(cfg.distill.top_k, rows, shape, t_vocab)
     if student_last:
         label, held = held_targets(cfg, shape)
         out[label] = held
@@ -506,11 +519,17 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
       (``training/teacher_stream.py``), so a micro-batch's targets live from its forward to its
       backward, which 1F1B runs back to back on the last stage (full vocabulary: fp32 log-probs of
       this rank's vocabulary shard; top-k: fp32 values + int64 ids).
-    - teacher targets, own layout (``parallel.teacher``): the teacher runs on other groups and cannot
-      ride the student's pipeline, so the targets of all of the rank's micro-batches are computed
-      first and live through the whole pass on the last stage (``distill/teacher_exchange.py``);
-      during the exchange the teacher side holds them for one student replica it serves at a time
+    - teacher targets, own layout (``parallel.teacher``): the teacher runs on other groups and is
+      exchanged with (``distill/teacher_exchange.py``). With one student stage and padded rows, one
+      micro-batch at a time inside the loss; otherwise (it cannot ride the student's pipeline) the
+      targets of all of the rank's micro-batches are computed first and live through the whole pass
+      on the last stage. The teacher side holds them for one student replica it serves at a time
       (:func:`teacher_phase`).
+    - a teacher that runs inside the student's loss does so before the loss's fp32 temporaries and
+      its own targets exist: per row its logits, ``(P + L) x V x 2 + L x V x 8`` bytes (the "teacher"
+      column), plus the student's bf16 logits ``(P + 2L) x V x 2`` stay under the train column's
+      ``4 (P + 2L) V + 12 L V`` when the teacher's vocabulary shard is no wider than the student's;
+      only its small forward transient is not counted there.
     - training: rows of ``P + 2L`` tokens; 1F1B keeps ``pp - stage`` micro-batches in flight on a
       stage; full recompute keeps each layer's input and rebuilds one layer at a time; the last stage
       holds bf16 logits (and their gradient) for the whole row and fp32 log-softmax temporaries for xt.

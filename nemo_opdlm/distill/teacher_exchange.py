@@ -11,9 +11,12 @@ padding past either vocabulary ``-inf`` (probability 0), as the teacher's own pa
 Student replica ``d`` is served by teacher replica ``d mod DP_t``: with a bigger teacher DP_t <=
 DP_s, and every teacher replica serves the same number of student replicas when DP_t divides DP_s.
 Every rank holds both a student and a teacher shard, so every rank takes part: the same point-to-point
-exchange runs over gloo on CPU and NCCL on GPU (``dist.batch_isend_irecv``). The targets of all of a
-rank's micro-batches are computed before the student's pass (the teacher runs on other groups and
-cannot ride the student's pipeline, ``training/teacher_stream.py``); ``opdlm plan`` counts them.
+exchange runs over gloo on CPU and NCCL on GPU (``dist.batch_isend_irecv``). With one student
+pipeline stage and padded micro-batches it runs once per micro-batch, inside the student's loss
+function (``ParallelLayout.exchange_per_microbatch``), so one micro-batch of targets is alive at a
+time; otherwise the targets of all of a rank's micro-batches are computed before the student's pass
+(the teacher runs on other groups and cannot ride the student's pipeline,
+``training/teacher_stream.py``). ``opdlm plan`` counts either.
 Non-goals: the groups (``runtime/teacher_groups.py``), the targets' math (``teacher_targets.py``).
 """
 
@@ -125,7 +128,8 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
                      student_vocab: int, teacher_vocab: int) -> list[TeacherTargets]:
     """This rank's micro-batches' teacher targets, computed by a teacher at another layout.
 
-    Collective over the world: every rank calls it once per step with its micro-batches' ``rows``.
+    Collective over the world: every rank calls it with its micro-batches' ``rows``, once per step or
+    once per micro-batch (``ParallelLayout.exchange_per_microbatch``).
     ``student_vocab``/``teacher_vocab``: each model's padded vocabulary (both layouts' shards are
     cut from them). Returns one ``TeacherTargets`` per micro-batch on the student's last pipeline
     stage (its vocabulary shard for full-vocabulary targets), an empty list elsewhere.

@@ -131,19 +131,33 @@ def own_layout(teacher: list) -> bool:
     return parallel_of(teacher).own_groups
 
 
+EXCHANGE_ROWS = "teacher_rows"
+"""Where a micro-batch carries its inputs for a teacher at its own layout whose targets are
+exchanged inside the loss function (``teacher_exchange.Rows``)."""
+
+
+def targets_in_pass(cfg: RunConfig, teacher: list, *, upfront: bool, packed: bool) -> bool:
+    """Whether each micro-batch's teacher targets are made during the student's pass (inside the
+    loss function, or riding the pipeline: ``teacher_stream.py``) rather than all before it.
+
+    During the pass at most the micro-batches in flight hold targets (full-vocabulary targets are
+    ``L x V`` floats per row). ``upfront`` (a benchmark's choice: the teacher's time apart) asks for
+    all before it; so does a teacher at its own layout whose exchange cannot run per micro-batch
+    (``ParallelLayout.exchange_per_microbatch``: not with packed rows or student PP > 1)."""
+    if upfront:
+        return False
+    return not own_layout(teacher) or cfg.parallel.exchange_per_microbatch(packed)
+
+
 def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, microbatches: list[dict], *,
                            student: ParallelContext, upfront: bool = False,
                            groups: Optional[list[Tensor]] = None) -> None:
-    """Give each micro-batch its teacher's inputs, or with ``upfront`` its targets.
+    """Give each micro-batch its teacher's inputs, or (``targets_in_pass`` false) its targets, on
+    ``student``'s last stage.
 
-    The default keeps at most the micro-batches in flight holding targets (full-vocabulary targets
-    are ``L x V`` floats per row): the teacher then runs for one micro-batch at a time, inside the
-    loss function on a single pipeline stage and riding the student's own pipeline pass otherwise
-    (``teacher_stream.py``). ``upfront`` (a benchmark's choice: the teacher's time apart) runs the
-    teacher's pass over every micro-batch first and stores the targets, on the last stage. ``groups``:
-    each micro-batch's row indices (packed rows, ``packing.pack_rows``); None = consecutive equal splits.
-    A teacher at its own layout (``own_layout``) always computes the targets first, on its own
-    groups, and sends them to ``student``'s last stage (``distill/teacher_exchange.py``).
+    ``groups``: each micro-batch's row indices (packed rows, ``packing.pack_rows``); None =
+    consecutive equal splits. A teacher at its own layout (``own_layout``) runs on its own groups
+    and sends the targets to ``student``'s last stage (``distill/teacher_exchange.py``).
     """
     n = len(microbatches)
     per_row = dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid)
@@ -151,19 +165,28 @@ def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, micro
         rows = split_microbatches(per_row, n)
     else:
         rows = [{k: v[index] for k, v in per_row.items()} for index in groups]
+    in_pass = targets_in_pass(cfg, teacher, upfront=upfront, packed=groups is not None)
     if own_layout(teacher):
-        targets = exchange_targets(teacher, student, rows, cfg.distill.top_k,
-                                   student_vocab=cfg.model.padded_vocab_size(student.tp_size),
-                                   teacher_vocab=cfg.teacher.padded_vocab_size(parallel_of(teacher).tp_size))
-        _store_targets(microbatches, targets)
+        if in_pass:
+            for mb, r in zip(microbatches, rows):
+                mb[EXCHANGE_ROWS] = r
+        else:
+            _store_targets(microbatches, _exchanged(cfg, teacher, student, rows))
         return
     batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in rows]
-    if not upfront:
+    if in_pass:
         for mb, tb in zip(microbatches, batches):
             mb.update({f"teacher_{k}": v for k, v in tb.items()})
         return
     _store_targets(microbatches, compute_targets(teacher, batches, resp.prompt_ids.shape[1], resp.tokens.shape[1],
                                                  cfg.distill.top_k))
+
+
+def _exchanged(cfg: RunConfig, teacher: list, student: ParallelContext, rows: list[dict]) -> list:
+    """``rows``' targets from a teacher at its own layout (``teacher_exchange.exchange_targets``)."""
+    return exchange_targets(teacher, student, rows, cfg.distill.top_k,
+                            student_vocab=cfg.model.padded_vocab_size(student.tp_size),
+                            teacher_vocab=cfg.teacher.padded_vocab_size(parallel_of(teacher).tp_size))
 
 
 def _store_targets(microbatches: list[dict], targets: list) -> None:
@@ -179,6 +202,25 @@ def teacher_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
     return {"teacher_batch": dict({k: batch[k] for k in TEACHER_KEYS}, response_len=batch["loss_mask"].shape[1])}
 
 
+TargetsFn = Callable[[dict], tuple[Tensor, Optional[Tensor]]]
+"""A micro-batch's teacher inputs -> its targets ``(log-probs, top-k ids or None)``."""
+
+
+def in_loss_targets(cfg: RunConfig, teacher: list, student: ParallelContext) -> TargetsFn:
+    """How the loss function turns the inputs ``attach_teacher_targets`` left in a micro-batch into
+    its targets: the teacher's forward on the student's groups, or for a teacher at its own layout
+    the exchange with it, one micro-batch per call on every rank
+    (``ParallelLayout.exchange_per_microbatch``)."""
+    if not own_layout(teacher):
+        return lambda batch: _lazy_targets(teacher, batch, cfg.distill.top_k)
+
+    def exchanged(batch: dict) -> tuple[Tensor, Optional[Tensor]]:
+        (target,) = _exchanged(cfg, teacher, student, [batch[EXCHANGE_ROWS]])
+        return target.logprobs, target.ids
+
+    return exchanged
+
+
 @torch.no_grad()
 def _lazy_targets(teacher: list, batch: dict[str, Tensor], top_k: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
     ids = batch["teacher_input_ids"]
@@ -190,15 +232,15 @@ def _lazy_targets(teacher: list, batch: dict[str, Tensor], top_k: Optional[int])
 
 
 def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_group: Group,
-                 teacher: Optional[list] = None, top_k: Optional[int] = None):
+                 targets: Optional[TargetsFn] = None):
     """megatron-core ``loss_func`` for one micro-batch: ``(loss * scale, reported metrics)``.
 
     ``method``'s loss (a ``distill.method`` name or its ``Method``). ``scale`` = micro-batches x DP
     size: the schedule divides by the former and DDP averages over the latter, while
     ``distill/loss.py`` already divides by the global sequence count. ``tp_group``: the group the
-    student's vocabulary is split over. ``teacher``/``top_k``: on a single pipeline stage, the
-    teacher that turns the inputs ``attach_teacher_targets`` stored into targets here; with a
-    streamed teacher the targets arrive with the logits (``teacher_stream.split_outputs``).
+    student's vocabulary is split over. ``targets``: on a single pipeline stage, how the inputs
+    ``attach_teacher_targets`` stored become targets here (``in_loss_targets``); with a teacher
+    riding the pipeline the targets arrive with the logits (``teacher_stream.split_outputs``).
     """
     kind = (get_method(method) if isinstance(method, str) else method).loss
 
@@ -218,8 +260,8 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
             elif "t_logprobs" in batch:
                 t_logprobs, t_ids = batch["t_logprobs"], batch.get("t_ids")
             else:
-                assert teacher is not None, "micro-batch without teacher targets and no teacher to compute them"
-                t_logprobs, t_ids = _lazy_targets(teacher, batch, top_k)
+                assert targets is not None, "micro-batch without teacher targets and no teacher to compute them"
+                t_logprobs, t_ids = targets(batch)
             width = loss_mask.shape[1]  # L, or a packed micro-batch's W
             t_logprobs, t_ids = t_logprobs[:, :width], None if t_ids is None else t_ids[:, :width]
             loss, metrics = losses.kl_loss(logits, loss_mask, t_logprobs, t_ids,
@@ -251,8 +293,8 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     """Responses -> states -> teacher targets -> forward/backward of the student, gradients left in
     the DDP buffers for the optimizer (the trainer's step and the GPU benchmark's, one code path).
 
-    ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``upfront_teacher``
-    see ``attach_teacher_targets``; ``sync`` is called before each phase ends (a benchmark passes
+    ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``upfront_teacher``:
+    see ``targets_in_pass``; ``sync`` is called before each phase ends (a benchmark passes
     ``torch.cuda.synchronize`` so that the seconds are the device's).
     """
     parallel = parallel_of(state.chunks)
@@ -269,18 +311,18 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
         attach_teacher_targets(cfg, teacher, resp, microbatches, student=parallel, upfront=upfront_teacher,
                                groups=groups)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
-    lazy = teacher is not None and not upfront_teacher and not own_layout(teacher)
+    lazy = teacher is not None and targets_in_pass(cfg, teacher, upfront=upfront_teacher,
+                                                   packed=groups is not None)
     sync()
     t2 = time.perf_counter()
     zero_grads(state)
-    chunks, in_loss = state.chunks, teacher if lazy else None
+    chunks, in_loss = state.chunks, in_loss_targets(cfg, teacher, parallel) if lazy else None
     schedule_args = student_outputs(cfg, rows) if groups is None else {}  # packed: per micro-batch columns
-    if lazy and parallel.pp_size > 1:
+    if lazy and parallel.pp_size > 1:  # a teacher sharing the student's layout (an own one streams at PP=1 only)
         chunks, in_loss = stream_chunks(state.chunks, teacher, cfg.distill.top_k), None
         schedule_args.update(model_kwargs=teacher_inputs, seq_length=streamed_seq_length(
             chunks, rows["input_ids"].shape[1], microbatches[0]["teacher_input_ids"].shape[1]))
-    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * parallel.dp_size, parallel.tp_group, in_loss,
-                           cfg.distill.top_k)
+    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * parallel.dp_size, parallel.tp_group, in_loss)
     reported = run_schedule(chunks, microbatches, loss_fn, forward_only=False, **schedule_args)
     sync()
     seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}

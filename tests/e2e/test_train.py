@@ -972,6 +972,62 @@ def test_teacher_layouts_on_four_ranks_recut_full_vocabulary_targets(tmp_path):
                                                atol=1e-5, rtol=1e-5)
 
 
+def worker_own_layout_stream(tmp_dir):
+    """One step at student TP=1 x DP=2, 8 prompts, full-vocabulary targets from a teacher at its own
+    layout; the directory's name ``{how}_{N}_{teacher}`` says how the targets come (``stream``: the
+    trainer's path, exchanged per micro-batch inside the loss; ``first``: all before the pass), in N
+    micro-batches per rank, from a teacher at ``tp2`` or ``pp2``. Saves the metrics and the live
+    count of exchanged target tensors on this rank."""
+    import weakref
+
+    from nemo_opdlm.training import loop as loop_module
+
+    how, n, layout = os.path.basename(tmp_dir).split("_")
+    counter = {"live": 0, "peak": 0, "made": 0}
+    real_exchange, real_fb = train_step.exchange_targets, loop_module.forward_backward
+
+    def counted(*args, **kwargs):
+        out = real_exchange(*args, **kwargs)
+        for target in out:
+            counter["live"] += 1
+            counter["made"] += 1
+            counter["peak"] = max(counter["peak"], counter["live"])
+            weakref.finalize(target.logprobs, lambda: counter.__setitem__("live", counter["live"] - 1))
+        return out
+
+    train_step.exchange_targets = counted
+    loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, upfront_teacher=how == "first"))
+    teacher = {"tp2": "parallel.teacher.tp=2", "pp2": "parallel.teacher.pp=2"}[layout]
+    _run_layout(tmp_dir, teacher, "run", "distill.top_k=null", "train.prompts_per_step=8",
+                f"train.micro_batch_size={4 // int(n)}", "train.steps=1")
+    with open(os.path.join(tmp_dir, f"live_targets_{os.environ['RANK']}.json"), "w") as f:
+        json.dump(counter, f)
+
+
+@pytest.mark.distributed
+def test_own_teacher_layout_streams_targets_per_micro_batch(tmp_path):
+    """A teacher at its own layout beside a one-stage student exchanges each micro-batch's targets
+    inside the loss: one target tensor alive at a time on every rank, at 2 or 4 micro-batches per
+    rank, where exchanging them before the pass holds all 4; the same loss and gradient norm (and so,
+    by ``test_teacher_with_its_own_layout_gives_the_same_step``, those of the shared layout)."""
+    got = {}
+    for how in ("first_4_tp2", "stream_4_tp2", "stream_2_pp2"):
+        run = tmp_path / how
+        run.mkdir()
+        torchrun("tests.e2e.test_train:worker_own_layout_stream", 2, run, timeout=300)
+        got[how] = ([json.load(open(run / f"live_targets_{r}.json")) for r in (0, 1)],
+                    json.load(open(run / "run_0.json")))
+    for how, (counts, _) in got.items():
+        n = int(how.split("_")[1])
+        for c in counts:
+            assert c["made"] == n and c["live"] == 0, (how, counts)
+            assert c["peak"] == (1 if how.startswith("stream") else n), (how, counts)
+    want = got.pop("first_4_tp2")[1]
+    for how, (_, metrics) in got.items():
+        close(metrics["loss"], want["loss"], 1e-5)
+        close(metrics["grad_norm"], want["grad_norm"], 1e-4)
+
+
 PACKED_PP = {"sft": ("distill.method=sft",), "opdlm": ("distill.method=opdlm", "parallel.teacher.pp=2")}
 """Packed rows at PP=2: without a teacher, and with the teacher at its own layout (targets first)."""
 

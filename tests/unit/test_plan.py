@@ -161,11 +161,12 @@ def test_own_teacher_layout_closed_forms_llama_70b_to_8b():
     assert est.static["student weights"] == 2 * student
     # the teacher's logits at its own vocabulary shard (128256 / 8), on every rank (teacher PP=1)
     assert est.phases["teacher"]["teacher logits (transient)"] == 5024 * 16032 * 2 + 2 * 4000 * 16032 * 4
-    # all 16 micro-batches' top-16 targets live through the student's pass
-    assert est.phases["train"]["teacher targets, top-16 (all 16 micro-batches)"] == 16 * 4000 * 16 * 12
-    # the teacher side serves its 4 student replicas one per round: one replica's targets and a copy to send
-    served = est.phases["teacher"]["teacher targets of one served student replica (+ send copy)"]
-    assert served == 2 * 16 * 4000 * 16 * 12
+    # one student stage, padded rows: the targets are exchanged one micro-batch (1 row) at a time
+    assert shape.micro_batch == 1 and shape.num_microbatches == 16
+    assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == 4000 * 16 * 12
+    # the teacher side serves its 4 student replicas one per round: one micro-batch's targets and a copy to send
+    served = est.phases["teacher"]["teacher targets of one served micro-batch (+ send copy)"]
+    assert served == 2 * 4000 * 16 * 12
 
 
 def _held_targets(spec, overrides, cluster):
@@ -175,24 +176,37 @@ def _held_targets(spec, overrides, cluster):
     return {k: v for k, v in train.items() if k.startswith("teacher targets")}
 
 
-def test_targets_scale_with_the_micro_batches_only_with_an_own_teacher_layout():
-    own = [_held_targets(LLAMA_16G, [f"train.prompts_per_step={n}"], H100x16) for n in (128, 256)]
-    assert own == [{"teacher targets, top-16 (all 16 micro-batches)": 16 * 4000 * 16 * 12},
-                   {"teacher targets, top-16 (all 32 micro-batches)": 32 * 4000 * 16 * 12}]
+def test_targets_scale_with_the_micro_batches_only_when_exchanged_before_the_pass():
+    """An own teacher layout exchanges targets per micro-batch at student PP=1 (the recipe), and a
+    whole step's before the pass at PP=2 (student DP 4: 32 or 64 rows per rank); the shared layout
+    streams them."""
+    one = {"teacher targets, top-16 (one micro-batch)": 4000 * 16 * 12}
+    per_mb = [_held_targets(LLAMA_16G, [f"train.prompts_per_step={n}"], H100x16) for n in (128, 256)]
+    assert per_mb == [one, one]
+    first = [_held_targets(LLAMA_16G, ["parallel.pp=2", f"train.prompts_per_step={n}"], H100x16) for n in (128, 256)]
+    assert first == [{"teacher targets, top-16 (all 32 micro-batches)": 32 * 4000 * 16 * 12},
+                     {"teacher targets, top-16 (all 64 micro-batches)": 64 * 4000 * 16 * 12}]
     shared = [_held_targets(LLAMA_16G, ["parallel.teacher=null", f"train.prompts_per_step={n}"], H100x16)
               for n in (128, 256)]
-    assert shared[0] == shared[1] == {"teacher targets, top-16 (one micro-batch)": 4000 * 16 * 12}
+    assert shared == [one, one]
 
 
 def test_own_teacher_full_vocabulary_targets_are_cut_to_the_student_shard():
-    """Qwen3-4B -> 0.6B (full vocabulary) with the teacher at TP=2: the student (TP=1) holds its 16 rows'
-    log-probs over all 151936 ids; each teacher rank keeps its half for one student replica at a time."""
+    """Qwen3-4B -> 0.6B (full vocabulary) with the teacher at TP=2: the student (TP=1) holds one row's
+    log-probs over all 151936 ids (one micro-batch; with packed rows all 16 rows'); each teacher rank
+    keeps its half for one student micro-batch (packed: replica) at a time."""
     cfg = resolve("qwen3_4b_to_0_6b_tp1_pp1_8g", ["parallel.teacher.tp=2"])
     shape, _ = check_layout(cfg, H100x8)
-    assert (shape.dp, shape.teacher_dp, shape.served) == (8, 4, 2)
+    assert (shape.dp, shape.teacher_dp, shape.served, shape.micro_batch) == (8, 4, 2, 1)
     est = estimate_stage(cfg, shape, 0, GPU3)
-    held = est.phases["train"]["teacher targets, full vocabulary (fp32) (all 16 micro-batches)"]
-    assert held == 16 * 4000 * 151936 * 4
+    held = est.phases["train"]["teacher targets, full vocabulary (fp32) (one micro-batch)"]
+    assert held == 4000 * 151936 * 4
+    assert est.phases["teacher"]["teacher targets of one served micro-batch (+ send copy)"] == (
+        2 * 4000 * (151936 // 2) * 4)
+    packed = resolve("qwen3_4b_to_0_6b_tp1_pp1_8g", ["parallel.teacher.tp=2", "train.pack_tokens=16384"])
+    est = estimate_stage(packed, shape, 0, GPU3)
+    assert est.phases["train"]["teacher targets, full vocabulary (fp32) (all 16 micro-batches)"] == (
+        16 * 4000 * 151936 * 4)
     assert est.phases["teacher"]["teacher targets of one served student replica (+ send copy)"] == (
         2 * 16 * 4000 * (151936 // 2) * 4)
 
