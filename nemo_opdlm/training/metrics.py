@@ -39,9 +39,10 @@ def describe_run(cfg: Any, tp: int, pp: int, dp: int) -> str:
     teacher = "" if cfg.teacher_model is None else (f"; teacher {cfg.teacher.num_layers} x {cfg.teacher.hidden_size} "
                                                    f"from {source}, student from {init.student_hf}")
     data = cfg.data.path if cfg.data is not None else "(none)"
-    own = cfg.parallel.teacher
-    layout = f"TP={tp} PP={pp} DP={dp}" + ("" if own is None else
-                                          f" (teacher TP={own.tp} PP={own.pp} DP={tp * pp * dp // (own.tp * own.pp)})")
+    own, layout = cfg.parallel.teacher, f"TP={tp} PP={pp} DP={dp}"
+    if own is not None:
+        world = tp * pp * cfg.parallel.cp * dp
+        layout += f" (teacher TP={own.tp} PP={own.pp} DP={cfg.parallel.teacher_dp(world)})"
     return (f"run {cfg.name}: distill.method={cfg.distill.method}, {cfg.train.steps} steps, {layout}; "
             f"building: tokenizer ({init.tokenizer or source}), prompts ({data}), then the models "
             f"({cfg.model.family} {cfg.model.num_layers} x {cfg.model.hidden_size} from {source}{teacher})")

@@ -59,13 +59,15 @@ def test_wandb_run_id_is_stored_in_the_run_dir_and_resumed(tmp_path, monkeypatch
 
 
 def test_progress_lines_say_what_is_built_and_how_the_run_ended():
-    from nemo_opdlm.config import load_recipe
+    from nemo_opdlm.config import load_recipe, resolve
     from nemo_opdlm.training.metrics import describe_run, run_summary
 
     cfg = load_recipe("tiny:tiny_4l_to_2l_tp1_pp1_2g")
     line = describe_run(cfg, 1, 1, 2)
     assert line.startswith("run tiny_4l_to_2l_tp1_pp1_2g: distill.method=opdlm, 2 steps, TP=1 PP=1 DP=2; building:")
     assert "prompts (data/tiny/train.jsonl)" in line and "teacher 4 x 64 from data/tiny/hf_teacher" in line
+    own = resolve("tiny:tiny_4l_to_2l_tp1_pp1_2g", ["parallel.tp=2", "parallel.teacher.tp=1"])
+    assert ", TP=2 PP=1 DP=2 (teacher TP=1 PP=1 DP=4); building:" in describe_run(own, 2, 1, 2)
     history = [dict(step=3, loss=0.5, **{"throughput/tokens_per_s": 100.0}),
                dict(step=4, loss=math.nan, **{"throughput/tokens_per_s": 300.0}),
                dict(step=5, loss=0.25, **{"throughput/tokens_per_s": 200.0})]
