@@ -68,7 +68,7 @@ def state_diagnostics(cfg, student, teacher, batch, eos, pad, *, seed: int, stat
                                                                    static_fraction=0.0))
     length = cfg.rollout.max_length
     scfg = S.sampler_config(cfg, eos, pad, seed, max_new_tokens=length)
-    resp = S.get_responses(cfg, batch, student, teacher, scfg, length)
+    resp = S.on_grid(cfg, S.get_responses(cfg, batch, student, teacher, scfg, length), pad)  # the states' frame
     rows = S.training_rows(cfg, resp, eos, torch.Generator().manual_seed(seed))
     with torch.no_grad():
         tb = teacher_batch(resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.valid)
@@ -87,7 +87,7 @@ def state_diagnostics(cfg, student, teacher, batch, eos, pad, *, seed: int, stat
     position = (torch.arange(width) % bs).expand(batch_rows, -1)[lm]  # [N]
     masked = rows["xt_masked"].view(batch_rows, -1, bs).sum(-1, keepdim=True).expand(-1, -1, bs)
     n_masked = masked.reshape(batch_rows, width)[lm] - 1  # [N] 0..bs-1: masked tokens in the block, minus one
-    rounds = resp.step_map[resp.valid]
+    rounds = resp.step_map[resp.valid if resp.given is None else resp.valid & ~resp.given]
     return {
         "kl": round(float(kl.mean()), 4), "agree": round(float(agree.float().mean()), 4),
         "kl_by_position": _bucket(kl, position, bs), "agree_by_position": _bucket(agree, position, bs),
@@ -136,7 +136,8 @@ def diagnose_run(cfg, run_dir: str, teacher_info: dict[str, Any], rows: int) -> 
             student = load_model(rt.ctx, ckpt=path, tokenizer=data["tokenizer"],
                                  shift_logits=cfg.diffusion.shift_logits).chunks
             scores = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
-                                           shift_logits=cfg.diffusion.shift_logits)
+                                           shift_logits=cfg.diffusion.shift_logits,
+                                           block_grid=cfg.diffusion.block_grid, as_student=step != 0)
             out.append({"step": step,
                         "accuracy": {m: scores[m].accuracy for m in ("static", "dynamic")},
                         "tokens_per_round": {m: scores[m].tokens_per_round for m in ("static", "dynamic")},
@@ -159,7 +160,8 @@ def accuracy_curve(cfg, run_dir: str, teacher_info: dict[str, Any]) -> list[dict
     with runtime(ParallelLayout(), seed=1234) as rt:
         for step, path in [(0, teacher_info["checkpoint"])] + D.checkpoints(run_dir):
             res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task, ("static", "dynamic"), D.DemoConfig(),
-                                        shift_logits=cfg.diffusion.shift_logits)
+                                        shift_logits=cfg.diffusion.shift_logits,
+                                        block_grid=cfg.diffusion.block_grid, as_student=step != 0)
             out.append({"step": step, "static": res["static"].accuracy, "dynamic": res["dynamic"].accuracy,
                         "tokens_per_round": res["dynamic"].tokens_per_round})
     return out
@@ -179,7 +181,8 @@ def decoded_examples(cfg, run_dir: str, teacher_info: dict[str, Any], steps: lis
         for step in steps:
             path = teacher_info["checkpoint"] if step == 0 else ckpts[step]
             res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task, ("static",), D.DemoConfig(),
-                                        shift_logits=cfg.diffusion.shift_logits)
+                                        shift_logits=cfg.diffusion.shift_logits,
+                                        block_grid=cfg.diffusion.block_grid, as_student=step != 0)
             out[str(step)] = [s["question"] + s["generation"] for s in res["static"].samples]
     return out
 

@@ -21,6 +21,13 @@ whole budget, when it never does) and their ratio to OPDLM's; the spread over se
 the budget; and the drop from static to threshold decoding. The plot shows each method's mean
 with its min/max band.
 
+The block grid (``diffusion.block_grid``, ``models/grid.py``) is a dimension (``--grids``): a
+method converted on the absolute grid (SGLang's, lmdeploy's and JetEngine's) is reported as
+``METHOD@absolute`` beside the response-grid runs, each scored on its own grid at every checkpoint
+and, at the end of its budget, on the other grid too (trained on one grid, served on the other:
+the paper's reference code's situation). The held-out prompts' share with ``P mod b != 0`` (where
+the grids differ) is recorded per task.
+
 Every run is its own process with a fixed thread count (``--threads``, recorded), ``--jobs`` of
 them at a time. A finished run leaves ``curve.json`` in its directory and is not recomputed when
 the benchmark is started again (it resumes); ``--resummarize JSON`` recomputes the summary and the
@@ -29,6 +36,7 @@ plot from a result file's per-seed curves alone. The committed JSON names the co
     python benchmarks/token_efficiency.py                      # both tasks, 4 methods, seeds 0 1 2
     python benchmarks/token_efficiency.py --tasks sort --methods opdlm sft --seeds 0 --quick
     python benchmarks/token_efficiency.py --resummarize benchmarks/results/token_efficiency.json
+    python benchmarks/token_efficiency.py --methods opdlm --grids response absolute --name grid_efficiency
 """
 
 from __future__ import annotations
@@ -48,6 +56,8 @@ sys.path.insert(0, ROOT)
 
 METHODS = ("opdlm", "random_mask", "off_policy", "sft")
 TASKS = ("arithmetic", "sort")
+GRIDS = ("response", "absolute")
+"""``models.grid.GRIDS``, restated so that ``--help`` imports nothing heavy (a test keeps them equal)."""
 MODES = ("static", "dynamic")
 FRACTIONS = (0.5, 0.8, 0.9, 0.95)
 """Fractions of the teacher's accuracy at which the tokens to reach them are reported."""
@@ -137,14 +147,48 @@ def final_spread(runs_by_method: dict[str, list[dict[str, Any]]]) -> dict[str, A
     return out
 
 
+def label(method: str, grid: str) -> str:
+    """A run's name in the summaries: the method, marked ``@absolute`` off the response grid."""
+    return method if grid == "response" else f"{method}@{grid}"
+
+
+def grid_table(runs_by_label: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Per method converted on more than one grid: final accuracy (mean, min, max over seeds) and
+    tokens per round, trained on each grid x decoded on each grid x decoding mode. Decoded on its
+    own grid: the last checkpoint's scores; on another: the run's ``cross`` scores of that checkpoint."""
+    by_method: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, runs in runs_by_label.items():
+        method, _, grid = name.partition("@")
+        by_method.setdefault(method, {})[grid or "response"] = runs
+    out: dict[str, Any] = {}
+    for method, grids in by_method.items():
+        if len(grids) < 2:
+            continue
+        out[method] = {}
+        for trained, runs in grids.items():
+            cell: dict[str, Any] = {}
+            for decoded in grids:
+                scores = [r["points"][-1] if decoded == trained else r["cross"][decoded] for r in runs]
+                cell[f"decoded_{decoded}"] = {
+                    mode: {"accuracy": _stats([s[mode]["accuracy"] for s in scores]),
+                           "tokens_per_round": statistics.fmean(s[mode]["tokens_per_round"] for s in scores)}
+                    for mode in MODES}
+            out[method][f"trained_{trained}"] = cell
+    return out
+
+
 def summarize_task(task: dict[str, Any]) -> dict[str, Any]:
     runs = task["runs"]
     teacher = task["teacher"]["ar"]["accuracy"]
-    return {
+    out = {
         "points": {m: summarize_method(r) for m, r in runs.items()},
         "reach": reach_table(runs, teacher),
         "final": final_spread(runs),
     }
+    grids = grid_table(runs)
+    if grids:
+        out["grids"] = grids
+    return out
 
 
 # --- printing and plotting ---------------------------------------------------------------------
@@ -172,6 +216,16 @@ def print_summary(result: dict[str, Any]) -> None:
         print("tokens to reach a fraction of the teacher (mean over seeds, x OPDLM's; '>=': some seed never "
               "did, its whole budget counted); static minus threshold accuracy at the end: "
               + ", ".join(f"{m} {v['static_minus_dynamic']['mean']:+.3f}" for m, v in s["final"].items()))
+        for method, table in s.get("grids", {}).items():
+            share = task["teacher"].get("unaligned_share")
+            print(f"{method}: trained on one grid, decoded on each (final accuracy mean [min, max]; "
+                  f"{share:.0%} of the held-out prompts have P mod b != 0)" if share is not None else
+                  f"{method}: trained on one grid, decoded on each")
+            for trained, row in table.items():
+                for decoded, cell in row.items():
+                    print(f"  {trained:<18} {decoded:<18} " + "  ".join(
+                        f"{mode} {c['accuracy']['mean']:.3f} [{c['accuracy']['min']:.2f}, {c['accuracy']['max']:.2f}]"
+                        f" {c['tokens_per_round']:.2f} tok/round" for mode, c in cell.items()))
 
 
 def plot(result: dict[str, Any], png: str) -> Optional[str]:
@@ -261,7 +315,7 @@ def prepare_task(args: argparse.Namespace, task: str, log) -> dict[str, Any]:
     os.makedirs(cfg.out_dir, exist_ok=True)
     cached = _read_json(os.path.join(cfg.out_dir, "teacher.json"))
     if cached is not None and cached.get("teacher_steps") == cfg.teacher_steps:
-        return cached
+        return teacher_on_grids(cached, args.grids, cfg, log)
     data = S.write_task(os.path.join(cfg.out_dir, "task"), cfg.task, num_train=cfg.num_train,
                         num_test=cfg.num_test, seed=cfg.seed)
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
@@ -289,19 +343,59 @@ def prepare_task(args: argparse.Namespace, task: str, log) -> dict[str, Any]:
     _write_json(os.path.join(cfg.out_dir, "teacher.json"), info)
     log(f"{task}: teacher AR accuracy {res['ar'].accuracy:.3f}; as a shifted diffusion model before conversion: "
         f"static {res['static'].accuracy:.3f}, threshold {res['dynamic'].accuracy:.3f}")
+    return teacher_on_grids(info, args.grids, cfg, log)
+
+
+def teacher_on_grids(info: dict[str, Any], grids: list[str], cfg, log) -> dict[str, Any]:
+    """``info`` (teacher.json) with the teacher's weights scored as a student on each of ``grids``
+    (every conversion's step 0; the response grid's are ``info[mode]``) and the held-out prompts'
+    share with ``P mod b != 0``, computed once and saved."""
+    missing = [g for g in grids if g != "response" and g not in info.get("as_student", {})]
+    if not missing and "unaligned_share" in info:
+        return info
+    from nemo_opdlm import demo as D
+    from nemo_opdlm.eval import tasks as T
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+    data = info["data"]
+    task = T.load_task(data["eval_format"], data["test"])
+    convert = D.conversion_config()
+    with runtime(ParallelLayout(), seed=1234) as rt:
+        for grid in missing:
+            res = D.evaluate_checkpoint(rt.ctx, info["checkpoint"], data["tokenizer"], task, MODES, cfg,
+                                        shift_logits=convert.diffusion.shift_logits, block_grid=grid, as_student=False)
+            info.setdefault("as_student", {})[grid] = {m: res[m].as_dict(with_samples=False) for m in MODES}
+            log(f"teacher as a student on the {grid} grid: static {res['static'].accuracy:.3f}, "
+                f"threshold {res['dynamic'].accuracy:.3f}")
+    info["unaligned_share"] = unaligned_share(task, data["tokenizer"], convert.diffusion.block_size)
+    _write_json(os.path.join(cfg.out_dir, "teacher.json"), info)
     return info
 
 
-def run_dir(args: argparse.Namespace, task: str, method: str, seed: int) -> str:
-    return os.path.join(args.work_dir, task, f"{method}_seed{seed}")
+def unaligned_share(task, tokenizer_dir: str, block_size: int) -> float:
+    """Share of the task's prompts, as the evaluation encodes them, whose length is not a multiple of
+    ``block_size``: where the absolute and the response grids cut different blocks."""
+    from transformers import AutoTokenizer
+
+    from nemo_opdlm.eval import tasks as T
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompts = [T.build_prompt(task, ex, tok, chat=False) for ex in task.examples]
+    lengths = [len(ids) for ids in tok(prompts, add_special_tokens=True)["input_ids"]]
+    return sum(n % block_size != 0 for n in lengths) / len(lengths)
+
+
+def run_dir(args: argparse.Namespace, task: str, method: str, seed: int, grid: str = "response") -> str:
+    return os.path.join(args.work_dir, task, f"{label(method, grid).replace('@', '_')}_seed{seed}")
 
 
 def budget(args: argparse.Namespace, method: str) -> int:
     return args.steps if method == "opdlm" else args.baseline_steps or args.steps
 
 
-def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
-    """One conversion (this process): train, score every checkpoint, write ``curve.json``."""
+def one_run(args: argparse.Namespace, task: str, method: str, seed: int, grid: str = "response") -> int:
+    """One conversion (this process) on ``grid``: train, score every checkpoint on that grid and the
+    last one on every other grid of ``--grids`` too, write ``curve.json``."""
     import torch
 
     from nemo_opdlm import demo as D
@@ -314,7 +408,7 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
     teacher = _read_json(os.path.join(args.work_dir, task, "teacher.json"))
     assert teacher is not None, "prepare_task runs first"
     cfg = _demo_config(args, task)
-    out = run_dir(args, task, method, seed)
+    out = run_dir(args, task, method, seed, grid)
     steps = budget(args, method)
     every = max(1, args.eval_every)
     data = teacher["data"]
@@ -323,50 +417,61 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int) -> int:
         teacher_checkpoint=teacher["checkpoint"], data_path=data["train"], tokenizer=data["tokenizer"], save_dir=out,
         method=method, steps=steps, save_every=every, seed=demo_train_seed(seed), prompts_per_step=cfg.prompts_per_step,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        response_field=None if method == "off_policy" else "response"))
+        response_field=None if method == "off_policy" else "response", block_grid=grid))
     train_s = time.perf_counter() - t
     tokens = D.cumulative_tokens(run["history"], method, data["mean_response_tokens"], cfg.prompts_per_step)
     task_obj = T.load_task(data["eval_format"], data["test"])
-    # step 0: the teacher's weights read as the student (every method's starting point)
-    points = [{"step": 0, "tokens": 0.0, **{m: {k: teacher[m][k] for k in ("accuracy", "tokens_per_round")}
+    # step 0: the teacher's weights read as the student (every method's starting point), on this grid
+    start = teacher if grid == "response" else teacher["as_student"][grid]
+    points = [{"step": 0, "tokens": 0.0, **{m: {k: start[m][k] for k in ("accuracy", "tokens_per_round")}
                                             for m in MODES}}]
+    cross: dict[str, Any] = {}
     t = time.perf_counter()
     with runtime(ParallelLayout(), seed=1234) as rt:
-        for step, path in D.checkpoints(out):
+        ckpts = D.checkpoints(out)
+        for step, path in ckpts:
             res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task_obj, MODES, cfg)
-            points.append({"step": step, "tokens": tokens[step],
-                           **{m: {"accuracy": res[m].accuracy, "tokens_per_round": res[m].tokens_per_round}
-                              for m in MODES}})
+            points.append({"step": step, "tokens": tokens[step], **_scores(res)})
+        for other in (g for g in args.grids if g != grid):  # served on a grid it was not trained on
+            res = D.evaluate_checkpoint(rt.ctx, ckpts[-1][1], data["tokenizer"], task_obj, MODES, cfg,
+                                        block_grid=other, as_student=False)
+            cross[other] = _scores(res)
     kl = [h["kl"] for h in run["history"] if "kl" in h]
     _write_json(os.path.join(out, "curve.json"), {
-        "task": task, "method": method, "seed": seed, "steps": steps, "points": points, "train_s": train_s,
+        "task": task, "method": method, "seed": seed, "grid": grid, "steps": steps, "points": points, "cross": cross,
+        "train_s": train_s,
         "eval_s": time.perf_counter() - t, "threads": args.threads,
         "first_kl": kl[:5], "grad_norm_mean": statistics.fmean(h["grad_norm"] for h in run["history"]),
     })
     return 0
 
 
-def _child(args: argparse.Namespace, task: str, method: str, seed: int) -> subprocess.Popen:
+def _scores(res: dict[str, Any]) -> dict[str, Any]:
+    return {m: {"accuracy": res[m].accuracy, "tokens_per_round": res[m].tokens_per_round} for m in MODES}
+
+
+def _child(args: argparse.Namespace, task: str, method: str, seed: int, grid: str) -> subprocess.Popen:
     cmd = [sys.executable, os.path.abspath(__file__), "--one", task, method, str(seed), "--work-dir", args.work_dir,
-           "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--threads", str(args.threads)]
+           "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--threads", str(args.threads),
+           "--grid", grid, "--grids", *args.grids]
     for key in ("baseline_steps", "teacher_steps", "num_test"):
         if getattr(args, key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.quick:
         cmd.append("--quick")
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONWARNINGS="ignore")
-    logf = open(os.path.join(args.work_dir, task, f"{method}_seed{seed}.log"), "w")
+    logf = open(run_dir(args, task, method, seed, grid) + ".log", "w")
     return subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT)
 
 
 def run_all(args: argparse.Namespace, log) -> dict[str, Any]:
     """Every (task, method, seed) not finished yet, ``--jobs`` at a time; returns the task results."""
     tasks = {task: prepare_task(args, task, log) for task in args.tasks}
-    todo = [(t, m, s) for t in args.tasks for m in args.methods for s in args.seeds
-            if _read_json(os.path.join(run_dir(args, t, m, s), "curve.json")) is None]
-    done = len(args.tasks) * len(args.methods) * len(args.seeds) - len(todo)
+    todo = [(t, m, s, g) for t in args.tasks for g in args.grids for m in args.methods for s in args.seeds
+            if _read_json(os.path.join(run_dir(args, t, m, s, g), "curve.json")) is None]
+    done = len(args.tasks) * len(args.grids) * len(args.methods) * len(args.seeds) - len(todo)
     log(f"{len(todo)} runs to do ({done} finished earlier), {args.jobs} at a time, {args.threads} thread(s) each")
-    running: list[tuple[tuple[str, str, int], subprocess.Popen, float]] = []
+    running: list[tuple[tuple[str, str, int, str], subprocess.Popen, float]] = []
     failed = []
     while todo or running:
         while todo and len(running) < args.jobs:
@@ -384,15 +489,15 @@ def run_all(args: argparse.Namespace, log) -> dict[str, Any]:
                 log(f"  {key} failed (rc {proc.returncode}); see {run_dir(args, *key)}.log")
                 continue
             last = curve["points"][-1]
-            log(f"  {key[0]} {key[1]} seed {key[2]}: {curve['steps']} steps, {last['tokens'] / 1e3:.0f}K tokens, static "
+            log(f"  {key[0]} {label(key[1], key[3])} seed {key[2]}: {curve['steps']} steps, {last['tokens'] / 1e3:.0f}K tokens, static "
                 f"{last['static']['accuracy']:.2f}, threshold {last['dynamic']['accuracy']:.2f} "
                 f"({last['dynamic']['tokens_per_round']:.2f} tok/round) in {time.perf_counter() - start:.0f}s")
     if failed:
         raise SystemExit(f"token_efficiency: {len(failed)} run(s) failed: {failed}")
     out = {}
     for task, teacher in tasks.items():
-        runs = {m: [_read_json(os.path.join(run_dir(args, task, m, s), "curve.json")) for s in args.seeds]
-                for m in args.methods}
+        runs = {label(m, g): [_read_json(os.path.join(run_dir(args, task, m, s, g), "curve.json")) for s in args.seeds]
+                for g in args.grids for m in args.methods}
         out[task] = {"teacher": teacher, "runs": runs}
     return out
 
@@ -411,6 +516,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p.add_argument("--num-test", type=int, default=None, help="held-out problems (default: the demo's)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per run (fixed, recorded)")
     p.add_argument("--jobs", type=int, default=2, help="runs at a time (one process each)")
+    p.add_argument("--grids", nargs="+", default=["response"], choices=GRIDS,
+                   help="block grids to convert on (diffusion.block_grid); each run is also scored on the others")
+    p.add_argument("--grid", default="response", choices=GRIDS, help=argparse.SUPPRESS)
+    p.add_argument("--name", default="token_efficiency", help="results file name (JSON and plot) under --results")
     p.add_argument("--quick", action="store_true", help="a smoke run: the demo's CI sizes, 4 steps")
     p.add_argument("--resummarize", metavar="JSON", help="only recompute the summary and plot of a result file")
     p.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
@@ -431,7 +540,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return resummarize(args.resummarize, argv)
     if args.one:
         task, method, seed = args.one
-        return one_run(args, task, method, int(seed))
+        return one_run(args, task, method, int(seed), args.grid)
     from nemo_opdlm import demo as D
 
     log = D.Progress()
@@ -440,13 +549,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     for task in tasks.values():
         task["summary"] = summarize_task(task)
     os.makedirs(args.results, exist_ok=True)
-    name = "token_efficiency_quick" if args.quick else "token_efficiency"
+    name = f"{args.name}_quick" if args.quick else args.name
     png = os.path.join(args.results, f"{name}.png")
     result = {
         "command": "python benchmarks/token_efficiency.py " + " ".join(argv),
         "commit": commit(),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-        "setup": {"seeds": args.seeds, "methods": args.methods, "steps": {m: budget(args, m) for m in args.methods},
+        "setup": {"seeds": args.seeds, "methods": args.methods, "grids": args.grids,
+                  "steps": {m: budget(args, m) for m in args.methods},
                   "eval_every": args.eval_every, "threads_per_run": args.threads, "parallel_runs": args.jobs,
                   "recipe": "nemo_opdlm.demo.conversion_config (tiny:tiny_convert_4l_tp1_pp1_1g)",
                   "conversion": _conversion_summary()},

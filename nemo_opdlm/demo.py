@@ -110,7 +110,8 @@ def model_config(hidden_size: int = 128, num_layers: int = 4):
 def _tiny_run(*, name: str, method: str, data_path: str, tokenizer: str, save_dir: str, steps: int, lr: float,
               warmup_steps: int, save_every: int, seed: int, prompts_per_step: int, hidden_size: int,
               num_layers: int, shift_logits: bool, static_fraction: float,
-              teacher_checkpoint: Optional[str] = None, response_field: Optional[str] = "response"):
+              teacher_checkpoint: Optional[str] = None, response_field: Optional[str] = "response",
+              block_grid: Optional[str] = None):
     from nemo_opdlm.config import (
         DistillConfig, InitConfig, OptimConfig, PromptDataConfig, RolloutConfig, RunConfig, TrainConfig,
     )
@@ -119,7 +120,8 @@ def _tiny_run(*, name: str, method: str, data_path: str, tokenizer: str, save_di
     return RunConfig(
         name=name,
         model=model_config(hidden_size, num_layers),
-        diffusion=DiffusionConfig(mask_token_id=MASK_ID, shift_logits=shift_logits),
+        diffusion=DiffusionConfig(mask_token_id=MASK_ID, shift_logits=shift_logits,
+                                  **({} if block_grid is None else {"block_grid": block_grid})),
         init=InitConfig(tokenizer=tokenizer, teacher_checkpoint=teacher_checkpoint),
         data=PromptDataConfig(path=data_path, response_field=response_field, chat_template="never",
                               max_prompt_tokens=32),
@@ -150,7 +152,7 @@ def conversion_config(*, teacher_checkpoint: str = "runs/demo/teacher/step_00007
                       save_dir: str = "runs/demo/student", method: str = "opdlm", steps: int = 300,
                       save_every: int = 50, seed: int = 1234, prompts_per_step: int = 32, hidden_size: int = 128,
                       num_layers: int = 4, response_field: Optional[str] = "response",
-                      name: str = "tiny_convert_4l_tp1_pp1_1g"):
+                      block_grid: Optional[str] = None, name: str = "tiny_convert_4l_tp1_pp1_1g"):
     """Conversion of a tiny AR teacher into a block-4 student: the settings measured to work.
 
     ``benchmarks/token_efficiency.py`` runs them for every method, three seeds and both synthetic
@@ -169,13 +171,13 @@ def conversion_config(*, teacher_checkpoint: str = "runs/demo/teacher/step_00007
 
     ``method`` picks the ablation (``random_mask``, ``off_policy``, ``sft``) under the same settings;
     ``response_field=None`` hides the file's responses (off-policy KD then uses the teacher's own
-    rollouts).
+    rollouts); ``block_grid`` the grid (None: ``DiffusionConfig``'s default).
     """
     return _tiny_run(name=name, method=method, data_path=data_path, tokenizer=tokenizer,
                      save_dir=save_dir, steps=steps, lr=5e-4, warmup_steps=10, save_every=save_every, seed=seed,
                      prompts_per_step=prompts_per_step, hidden_size=hidden_size, num_layers=num_layers,
                      shift_logits=True, static_fraction=0.25, teacher_checkpoint=teacher_checkpoint,
-                     response_field=response_field)
+                     response_field=response_field, block_grid=block_grid)
 
 
 def demo_paths(cfg: DemoConfig) -> dict[str, str]:
@@ -229,14 +231,19 @@ def cumulative_tokens(history: Sequence[dict[str, float]], method: str, mean_res
 
 
 def evaluate_checkpoint(parallel, ckpt: str, tokenizer_dir: str, task, modes: Sequence[str], cfg: DemoConfig,
-                        shift_logits: Optional[bool] = None) -> dict[str, Any]:
+                        shift_logits: Optional[bool] = None, block_grid: Optional[str] = None,
+                        as_student: bool = True) -> dict[str, Any]:
     """Accuracy / tokens-per-round / tokens-per-second of one checkpoint in each decoding mode
-    (greedy; ``shift_logits``: read the weights as a shifted student, default the checkpoint's),
-    loaded at ``parallel``'s layout (the runtime's ``ctx``)."""
+    (greedy; ``shift_logits``: read the weights as a shifted student, default the checkpoint's;
+    ``block_grid``: the grid, default the checkpoint's), loaded at ``parallel``'s layout (the
+    runtime's ``ctx``). ``as_student=False``: an AR checkpoint read as a student (the weights every
+    conversion starts from), on whatever grid it is asked, since it was never trained on one; a
+    student decoded on a grid other than its own is refused."""
     from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate
 
-    model = load_model(parallel, ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, shift_logits=shift_logits)
+    model = load_model(parallel, ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, shift_logits=shift_logits,
+                       block_grid=block_grid, allow_grid_mismatch=not as_student)
     out = {}
     for mode in modes:  # the evaluation's decoding defaults: greedy, threshold 0.9, the model's block size
         settings = DecodeSettings(mode=mode, max_new_tokens=MAX_NEW_TOKENS, chat_template="never",
@@ -333,8 +340,9 @@ def _evaluate_runs(cfg: DemoConfig, data: Any, convert: Any, tokens: dict[str, d
         for step, path in teacher_ckpts:
             modes = ("ar", "static", "dynamic") if path == teacher_final else ("ar",)
             # as diffusion: the weights the student starts from, read the way the student reads them
-            res = evaluate_checkpoint(rt.ctx, path, data.tokenizer, task, modes, cfg,
-                                      shift_logits=convert.diffusion.shift_logits)
+            res = evaluate_checkpoint(rt.ctx, path, data.tokenizer, task, modes, cfg, as_student=False,
+                                      shift_logits=convert.diffusion.shift_logits,
+                                      block_grid=convert.diffusion.block_grid)
             curves["teacher_ar"].append((tokens["teacher"][step], res["ar"].accuracy))
             log(f"  teacher step {step}: AR accuracy {res['ar'].accuracy:.3f}")
             if path == teacher_final:

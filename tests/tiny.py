@@ -17,7 +17,7 @@ def tiny_model(**overrides) -> ModelConfig:
 
 DECODE_FIELDS = ("mode", "threshold", "steps_per_block", "temperature", "top_k", "top_p", "use_cache",
                  "pad_commit_slots")
-DIFFUSION_FIELDS = ("block_size", "mask_token_id", "shift_logits")
+DIFFUSION_FIELDS = ("block_size", "mask_token_id", "shift_logits", "block_grid")
 
 
 def sampler_config(**kw):

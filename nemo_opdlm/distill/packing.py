@@ -102,6 +102,9 @@ def segment_columns(width: int, response_len: int, seg: Segment, start: int, blo
     x0_at, xt_at = start + p, start + p + n  # where the segment's x0 and xt begin
     in_xt = cols >= width + response_len
     packed = torch.where(in_xt, cols - (width + response_len) + xt_at, cols - width + x0_at)  # x0 or prompt tail
+    # A segment with an empty prompt (the absolute grid's frame when P < b: its first x0 token is a
+    # given head, outside the loss) has no column before its x0: its own first column stands in.
+    packed = packed.clamp(min=start)
     return torch.where(torch.arange(response_len) < n, packed, torch.zeros_like(packed))
 
 

@@ -21,11 +21,15 @@ shares on CPU).
 
 The loss mask keeps masked xt positions that are valid, not after the first end-of-sequence token
 and (``exclude_eos``, the reference's choice) not that token itself.
+
+Rows come in the frame of their block grid (``models/grid.py``): on the absolute grid a response
+starts with its prompt's last ``P mod b`` tokens, ``given``: valid (they are real tokens, clean in
+x0 and present in xt), but never masked, never in the loss and never an end of sequence.
 """
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -131,7 +135,7 @@ def loss_positions(response: Tensor, valid: Tensor, masked: Tensor, eos_ids: Seq
 
 def assemble(prompt_ids: Tensor, prompt_lens: Tensor, response: Tensor, valid: Tensor, masked: Tensor,
              *, block_size: int, mask_token_id: int, eos_ids: Sequence[int],
-             exclude_eos: bool = True) -> dict[str, Tensor]:
+             exclude_eos: bool = True, given: Optional[Tensor] = None) -> dict[str, Tensor]:
     """The training micro-batch for rows ``[left-padded prompt | x0 | xt]``.
 
     Args:
@@ -140,6 +144,7 @@ def assemble(prompt_ids: Tensor, prompt_lens: Tensor, response: Tensor, valid: T
         response: ``[B, L]`` decoded (or given) response tokens x0.
         valid: ``[B, L]`` bool, False for response padding.
         masked: ``[B, L]`` bool, positions replaced by ``mask_token_id`` in xt (only valid ones are).
+        given: ``[B, L]`` bool, the framed heads (see the module docstring); None: none.
 
     Returns a dict of tensors: ``input_ids [B, P+2L]``, ``position_ids [B, P+2L]``,
     ``meta [B, 2, P+2L]`` (see ``models/masks.py``), ``loss_mask [B, L]`` (positions that count in
@@ -151,14 +156,15 @@ def assemble(prompt_ids: Tensor, prompt_lens: Tensor, response: Tensor, valid: T
     _check_response("masked", masked, valid)
     if prompt_ids.shape[0] != response.shape[0]:
         raise ValueError(f"prompt batch {prompt_ids.shape[0]} != response batch {response.shape[0]}")
-    masked = masked.bool() & valid
+    learned = valid if given is None else valid & ~given.bool()  # [B, L] the response's own tokens
+    masked = masked.bool() & learned
     layout = masks.build_layout(prompt_lens, prompt_ids.shape[1], valid, block_size, with_xt=True)
     xt = torch.where(masked, torch.full_like(response, mask_token_id), response)  # [B, L]
     return dict(
         input_ids=torch.cat([prompt_ids, response, xt], dim=1),  # [B, P + 2L]
         position_ids=layout.position_ids,  # [B, P + 2L]
         meta=layout.meta,  # [B, 2, P + 2L]
-        loss_mask=loss_positions(response, valid, masked, eos_ids, exclude_eos),  # [B, L]
+        loss_mask=loss_positions(response, learned, masked, eos_ids, exclude_eos),  # [B, L]
         x0=response,  # [B, L]
         xt_masked=masked,  # [B, L]
     )
@@ -185,22 +191,23 @@ def response_valid(response: Tensor, lengths: Tensor | None = None, eos_ids: Seq
 def build_states(prompt_ids: Tensor, prompt_lens: Tensor, response: Tensor, step_map: Tensor | None,
                  valid: Tensor, *, block_size: int, steps_per_block: int, mask_token_id: int,
                  eos_ids: Sequence[int], generator: torch.Generator, masking: Masking = "on_policy",
-                 exclude_eos: bool = True) -> dict[str, Tensor]:
+                 exclude_eos: bool = True, given: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Sample one state per block and assemble the student's micro-batch (see :func:`assemble`).
 
     ``step_map`` (``[B, L]``, round of each token within its block) is needed for ``on_policy``
-    and ignored by ``random``.
+    and ignored by ``random``; ``given`` (``[B, L]``) marks the framed heads, never masked.
     """
+    learned = valid.bool() if given is None else valid.bool() & ~given.bool()  # [B, L]
     if masking == "on_policy":
         if step_map is None:
             raise ValueError("masking='on_policy' needs the rollout's step_map")
-        masked = on_policy_mask(step_map, valid, block_size, steps_per_block, generator)
+        masked = on_policy_mask(step_map, learned, block_size, steps_per_block, generator)
     elif masking == "random":
-        masked = random_mask(valid, block_size, generator)
+        masked = random_mask(learned, block_size, generator)
     else:
         raise ValueError(f"masking must be one of {MASKINGS}, got {masking!r}")
     return assemble(prompt_ids, prompt_lens, response, valid, masked, block_size=block_size,
-                    mask_token_id=mask_token_id, eos_ids=eos_ids, exclude_eos=exclude_eos)
+                    mask_token_id=mask_token_id, eos_ids=eos_ids, exclude_eos=exclude_eos, given=given)
 
 
 def split_microbatches(batch: dict[str, Tensor], num_microbatches: int) -> list[dict[str, Tensor]]:

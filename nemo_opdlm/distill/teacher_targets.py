@@ -35,10 +35,11 @@ class TeacherTargets:
 
 def teacher_batch(prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, x0: torch.Tensor,
                   x0_valid: torch.Tensor) -> Batch:
-    """Causal teacher input ``[left-padded prompt | x0]`` (block size 1, no xt)."""
-    if int(prompt_lens.min()) < 1:
-        raise ValueError("every row needs a non-empty prompt: the first response token is "
-                         "predicted from the last prompt token")
+    """Causal teacher input ``[left-padded prompt | x0]`` (block size 1, no xt).
+
+    A row with an empty prompt has no prediction of its first x0 token (its target is read off a
+    padding column): the training step refuses such prompts (``step.on_grid``), and on the absolute
+    grid an empty prefix only happens in front of a given head token, which no loss reads."""
     layout = masks.build_layout(prompt_lens, prompt_ids.shape[1], x0_valid, block_size=1, with_xt=False)
     return dict(
         input_ids=torch.cat([prompt_ids, x0], dim=1),

@@ -95,6 +95,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     dec.add_argument("--modes", nargs="+", default=["static", "dynamic"], choices=MODES,
                      help="decoding modes to score: ar (causal teacher), static, dynamic")
     dec.add_argument("--block-size", type=_positive, help="default: checkpoint metadata, else 4")
+    dec.add_argument("--block-grid", metavar="{response,absolute}",
+                     help="where blocks fall (diffusion.block_grid); default: the one the model records (a model "
+                          "that records none: the default grid); another one is refused")
+    dec.add_argument("--allow-grid-mismatch", action="store_true",
+                     help="decode on a --block-grid the model was not trained on (to measure the mismatch)")
     dec.add_argument("--steps-per-block", type=_positive, help="default: block size (1 token per round)")
     dec.add_argument("--threshold", type=float, default=_default("threshold"),
                      help="dynamic mode: unmask every position whose confidence exceeds this, in (0, 1]")
@@ -129,6 +134,10 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
 
     for mode in args.modes:  # bad decoding values are refused before the data and the model load
         settings_for(mode)
+    if args.block_grid is not None:
+        from nemo_opdlm.models.grid import resolve_grid
+
+        resolve_grid(None, args.block_grid, "the model")  # the name alone; the model's record is checked at load
     if args.output:
         check_output(args.output)
     overrides = {k: v for k, v in (("question_field", args.question_field), ("answer_field", args.answer_field))
@@ -137,8 +146,11 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
                      fewshot_path=args.fewshot_data, limit=args.limit, **overrides)
     with runtime(ParallelLayout(tp=args.tp, pp=args.pp)) as rt:
         loaded = load_model(rt.ctx, hf=args.hf, ckpt=args.ckpt, tokenizer=args.tokenizer, prefix=args.prefix,
-                            mask_token_id=args.mask_token_id)
+                            mask_token_id=args.mask_token_id, block_grid=args.block_grid,
+                            allow_grid_mismatch=args.allow_grid_mismatch)
         say = print if rt.is_main else (lambda *_: None)
+        if loaded.note:
+            say(loaded.note)
         say(f"{task.name}: {len(task.examples)} examples, {len(task.fewshot)} few-shot")
         rows = []
         for mode in args.modes:

@@ -38,6 +38,8 @@ class EvalResult:
     """Denoising rounds that committed a response token (summed over rows and blocks)."""
     wall_time_s: float
     samples: list[dict[str, Any]] = field(default_factory=list, repr=False)
+    block_grid: Optional[str] = None
+    """Where the blocks fell (``DiffusionConfig.block_grid``); None for AR decoding."""
 
     @property
     def accuracy(self) -> float:
@@ -52,9 +54,16 @@ class EvalResult:
         return self.tokens_generated / max(self.wall_time_s, 1e-9)
 
     def summary(self) -> str:
-        s = DecodeSettings(**self.settings)
         return (f"{self.task}: accuracy {self.accuracy:.4f} ({self.num_correct}/{self.num_examples}) | "
-                f"tokens/round {self.tokens_per_round:.2f} | tokens/s {self.tokens_per_s:.1f} | {s.describe()}")
+                f"tokens/round {self.tokens_per_round:.2f} | tokens/s {self.tokens_per_s:.1f} | {self.decoding()}")
+
+    def decoding(self) -> str:
+        """The settings that produced the score, in one line (the grid beside the block size)."""
+        line = DecodeSettings(**self.settings).describe()
+        if self.block_grid is None:
+            return line
+        head, sep, rest = line.partition(" | ")
+        return f"{head} grid={self.block_grid}{sep}{rest}"
 
     def as_dict(self, with_samples: bool = True) -> dict[str, Any]:
         out = asdict(self)
@@ -129,7 +138,7 @@ def evaluate(
     return EvalResult(
         task=task.name, settings=asdict(settings), num_examples=len(samples),
         num_correct=sum(bool(s["correct"]) for s in samples), tokens_generated=tokens, row_rounds=rounds,
-        wall_time_s=wall, samples=samples,
+        wall_time_s=wall, samples=samples, block_grid=sampler.config.block_grid if settings.mode != "ar" else None,
     )
 
 
@@ -145,5 +154,5 @@ def format_table(results: Sequence[tuple[str, EvalResult]]) -> str:
     lines = [TOKENS_PER_ROUND_NOTE, head, "-" * len(head) + "-" * 30]
     for label, r in results:
         lines.append(f"{label:<22} {r.task:<10} {r.accuracy:>9.3f} {r.tokens_per_round:>10.2f} "
-                     f"{r.tokens_per_s:>9.1f}  {DecodeSettings(**r.settings).describe()}")
+                     f"{r.tokens_per_s:>9.1f}  {r.decoding()}")
     return "\n".join(lines)

@@ -23,6 +23,7 @@ per denoising round (``tokens_per_round``: valid tokens / rounds the rows needed
 
 from __future__ import annotations
 
+import sys
 from dataclasses import replace
 from typing import Any, Optional, Sequence
 
@@ -61,11 +62,14 @@ class SamplerLM:
         mask_token_id: the student's [MASK] id (not needed for mode='ar').
         shift_logits: the student predicts token i at position i - 1 (default: the checkpoint's
             diffusion metadata when loading, else False).
+        block_grid: where its blocks fall (default: the checkpoint's record when loading, else the
+            default grid); ``allow_grid_mismatch`` lets it differ from the record.
     """
 
     def __init__(self, chunks: Optional[Sequence[Any]] = None, tokenizer: Any = None, *,
                  settings: Optional[DecodeSettings] = None, mask_token_id: Optional[int] = None,
-                 shift_logits: Optional[bool] = None, hf: Optional[str] = None, ckpt: Optional[str] = None,
+                 shift_logits: Optional[bool] = None, block_grid: Optional[str] = None,
+                 allow_grid_mismatch: bool = False, hf: Optional[str] = None, ckpt: Optional[str] = None,
                  **kwargs: Any) -> None:
         if chunks is None:
             if not (hf or ckpt):
@@ -75,9 +79,12 @@ class SamplerLM:
             parallel = start_single_runtime()
             loaded = load_model(parallel, hf=hf, ckpt=ckpt, tokenizer=tokenizer if isinstance(tokenizer, str) else None,
                                 mask_token_id=_coerce(mask_token_id), shift_logits=_coerce(shift_logits),
+                                block_grid=block_grid, allow_grid_mismatch=bool(_coerce(allow_grid_mismatch)),
                                 tokenizer_arg=TOKENIZER_ARG)
             chunks, tokenizer, mask_token_id = loaded.chunks, loaded.tokenizer, loaded.mask_token_id
-            shift_logits = loaded.shift_logits
+            shift_logits, block_grid = loaded.shift_logits, loaded.block_grid
+            if loaded.note:
+                print(loaded.note, file=sys.stderr)
             if "block_size" not in kwargs and loaded.block_size:
                 kwargs["block_size"] = loaded.block_size
         if tokenizer is None or isinstance(tokenizer, str):
@@ -86,12 +93,12 @@ class SamplerLM:
         unknown = sorted(set(kwargs) - set(fields))
         if unknown:
             raise ValueError(f"unknown opdlm model arguments {unknown}; valid: "
-                             f"{sorted(DecodeSettings.__dataclass_fields__) + ['hf', 'ckpt', 'tokenizer', 'mask_token_id', 'shift_logits']}")
+                             f"{sorted(DecodeSettings.__dataclass_fields__) + ['hf', 'ckpt', 'tokenizer', 'mask_token_id', 'shift_logits', 'block_grid', 'allow_grid_mismatch']}")
         self.settings = replace(settings or DecodeSettings(), **fields)
         self.chunks = list(chunks)
         self.tokenizer = tokenizer
         mask = mask_token_id if mask_token_id is not None else getattr(tokenizer, "mask_token_id", None)
-        self.diffusion = decoding_diffusion(mask, bool(_coerce(shift_logits)), self.settings.block_size)
+        self.diffusion = decoding_diffusion(mask, bool(_coerce(shift_logits)), self.settings.block_size, block_grid)
         self.eos = eos_ids(tokenizer)
         self.pad = pad_id(tokenizer)
         self.tokens_generated = 0
@@ -138,7 +145,9 @@ class SamplerLM:
 
     def get_model_info(self) -> dict[str, Any]:
         """Added by lm-eval to its results' ``config``: how the model decoded and how parallel it was."""
-        return {"opdlm_decoding": self.settings.describe(), "tokens_per_round": round(self.tokens_per_round, 4),
+        grid = None if self.diffusion is None or self.settings.mode == "ar" else self.diffusion.block_grid
+        return {"opdlm_decoding": self.settings.describe(), "block_grid": grid,
+                "tokens_per_round": round(self.tokens_per_round, 4),
                 "tokens_generated": self.tokens_generated, "denoising_rounds": self.row_rounds}
 
     def loglikelihood(self, requests: Sequence[Any], disable_tqdm: bool = False) -> list:

@@ -1,7 +1,7 @@
 """Loading a model for decoding: an HF directory of an AR model, or a megatron-core checkpoint.
 
 One job: build this rank's model chunks for the running runtime's layout, load their weights, and
-say what decoding needs to know about them (tokenizer, [MASK] id, block size, ``shift_logits``),
+say what decoding needs to know about them (tokenizer, [MASK] id, block size, ``shift_logits``, grid),
 from the checkpoint's metadata or the caller's arguments. Used by ``opdlm eval``, the lm-eval
 adapter, the demo and the benchmarks. Non-goals: decoding and scoring (``evaluate.py``).
 """
@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from nemo_opdlm.errors import CheckpointError, ConfigError
 from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab, decoding_diffusion
+from nemo_opdlm.models.grid import GRIDS, resolve_grid
 from nemo_opdlm.runtime.context import ParallelContext
 
 
@@ -29,12 +30,18 @@ class LoadedModel:
     block_size: Optional[int]
     shift_logits: bool = False
     """The student predicts token i at position i - 1 (``DiffusionConfig.shift_logits``)."""
+    block_grid: Optional[str] = None
+    """Where its blocks fall (``DiffusionConfig.block_grid``); None: nothing recorded or asked (the
+    default grid)."""
+    note: Optional[str] = None
+    """A line for the user about how the model's records were read (e.g. a checkpoint older than
+    ``diffusion.block_grid``), or None."""
 
     @property
     def diffusion(self) -> Optional[DiffusionConfig]:
-        """The model read as a block-diffusion student (its checkpoint's block size, else the
-        default), or None when no [MASK] id is known (an AR model: AR decoding only)."""
-        return decoding_diffusion(self.mask_token_id, self.shift_logits, self.block_size)
+        """The model read as a block-diffusion student (its checkpoint's block size and grid, else the
+        defaults), or None when no [MASK] id is known (an AR model: AR decoding only)."""
+        return decoding_diffusion(self.mask_token_id, self.shift_logits, self.block_size, self.block_grid)
 
 
 def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> ParallelContext:
@@ -97,6 +104,7 @@ def check_checkpoint_dir(ckpt: str) -> None:
 def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Optional[str] = None,
                tokenizer: Optional[str] = None, prefix: str = "", mask_token_id: Optional[int] = None,
                block_size: Optional[int] = None, shift_logits: Optional[bool] = None,
+               block_grid: Optional[str] = None, allow_grid_mismatch: bool = False,
                model_config: Any = None, tokenizer_arg: str = "--tokenizer DIR") -> LoadedModel:
     """Load weights for ``parallel``'s layout (the running runtime's ``Runtime.ctx``).
 
@@ -105,7 +113,9 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
     checkpoint; its ModelConfig comes from the converter's metadata (``opdlm_convert.json``) or
     from ``model_config`` (e.g. the training run's config). The [MASK] id and block size come from
     the arguments, else the checkpoint's diffusion metadata, else the tokenizer's mask token;
-    ``shift_logits`` from the argument, else the metadata, else False. The tokenizer and the [MASK]
+    ``shift_logits`` from the argument, else the metadata, else False; ``block_grid`` from the
+    metadata (a different one from the argument is refused unless ``allow_grid_mismatch``:
+    ``models.grid.resolve_grid``), else the argument. The tokenizer and the [MASK]
     id are checked against the model's vocabulary before the model is built. ``tokenizer_arg`` names
     the caller's argument for a tokenizer directory in the error raised when none is found.
     """
@@ -121,6 +131,8 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         raise ConfigError("give exactly one model: an HF directory (hf, --hf) or a checkpoint (ckpt, --ckpt)")
     if ckpt:
         check_checkpoint_dir(ckpt)
+    if block_grid is not None and block_grid not in GRIDS:  # before anything is read
+        raise ConfigError(f"--block-grid must be one of {GRIDS}, got {block_grid!r}")
     tok_dir = tokenizer_dir(tokenizer, hf, ckpt, tokenizer_arg)
     diffusion: dict = {}
     hf_cfg: Optional[dict] = None
@@ -149,6 +161,7 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         mask, source = tok.mask_token_id, f"the tokenizer in {tok_dir}"
     if mask is not None:
         check_mask_in_vocab(mask, cfg.vocab_size, f"from {source}")
+    grid, note = resolve_grid(diffusion, block_grid, hf or ckpt, allow_mismatch=allow_grid_mismatch)
     if hf:
         cfg, chunks = teacher_from_hf(hf, parallel)
     else:
@@ -157,4 +170,4 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
     for c in chunks:
         c.eval()
     shift = bool(diffusion.get("shift_logits", False)) if shift_logits is None else shift_logits
-    return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"), shift)
+    return LoadedModel(chunks, tok, cfg, mask, block_size or diffusion.get("block_size"), shift, grid, note)

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from nemo_opdlm.errors import ConfigError  # noqa: F401  (re-exported: the historical import path)
 from nemo_opdlm.models.families import FAMILIES
+from nemo_opdlm.models.grid import GRIDS
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTENTION_BACKENDS = ("auto", "local", "sdpa", "flex")
@@ -255,8 +256,17 @@ class DiffusionConfig:
     teacher the initial KL at a block's first position falls from 5.3 to 0.23 nats
     (``docs/conversion.md``). Training, rollouts, evaluation and the Hugging Face export all
     follow this setting."""
+    block_grid: str = "response"
+    """Where blocks fall (``models/grid.py``): 'response', blocks counted from the response's first
+    token; or 'absolute', blocks cut from position 0 as SGLang, lmdeploy and JetEngine serve SDAR
+    models, so the first denoising block holds the prompt's last ``P mod block_size`` tokens (clean,
+    never masked) and the first response tokens. Rollouts, training states, evaluation and the
+    exports all follow it, and a checkpoint records it (one written before this setting existed
+    reads as 'response'). ``docs/conversion.md`` has the measurements behind the default."""
 
     def __post_init__(self) -> None:
+        if self.block_grid not in GRIDS:
+            raise ConfigError(f"diffusion.block_grid must be one of {GRIDS}, got {self.block_grid!r}")
         if self.block_size < 1:
             raise ConfigError(f"diffusion.block_size must be >= 1, got {self.block_size}")
         if self.mask_token_id is not None and self.mask_token_id < 0:
@@ -270,14 +280,14 @@ class DiffusionConfig:
         check_mask_in_vocab(self.mask_token_id, vocab_size, "diffusion.mask_token_id")
 
 
-def decoding_diffusion(mask_token_id: Optional[int], shift_logits: bool,
-                       block_size: Optional[int] = None) -> Optional[DiffusionConfig]:
-    """A model read for block-diffusion decoding (its block size, else the default), or None when no
-    [MASK] id is known: an AR model, decoded autoregressively only."""
+def decoding_diffusion(mask_token_id: Optional[int], shift_logits: bool, block_size: Optional[int] = None,
+                       block_grid: Optional[str] = None) -> Optional[DiffusionConfig]:
+    """A model read for block-diffusion decoding (its block size and grid, else the defaults), or
+    None when no [MASK] id is known: an AR model, decoded autoregressively only."""
     if mask_token_id is None:
         return None
-    block = {} if block_size is None else {"block_size": block_size}
-    return DiffusionConfig(mask_token_id=mask_token_id, shift_logits=shift_logits, **block)
+    known = {k: v for k, v in (("block_size", block_size), ("block_grid", block_grid)) if v is not None}
+    return DiffusionConfig(mask_token_id=mask_token_id, shift_logits=shift_logits, **known)
 
 
 def check_mask_in_vocab(mask_token_id: int, vocab_size: int, source: str) -> None:

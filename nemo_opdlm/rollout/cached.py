@@ -27,7 +27,7 @@ from torch import Tensor
 
 from nemo_opdlm.models import masks
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
-from nemo_opdlm.rollout.rows import RowRecords, first_true
+from nemo_opdlm.rollout.rows import MASKED, RowRecords, first_true
 from nemo_opdlm.rollout.stages import MicroBatch
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class ActiveRows:
     x: Tensor
     """``[N, bs]`` the block's tokens ([MASK] where undecided)."""
     st: Tensor
-    """``[N, bs]`` round at which each position was unmasked, -1 while masked."""
+    """``[N, bs]`` round at which each position was unmasked, ``MASKED`` while masked (``GIVEN``: a head token)."""
     first: Optional[Tensor] = None
     """Shifted models: ``[N, V/tp]`` each row's prediction of its block's first token."""
     n: int = 0
@@ -87,11 +87,10 @@ class ActiveRows:
     """Host: highest block among the active rows."""
 
     @classmethod
-    def start(cls, batch: int, block_size: int, mask_id: int, device: torch.device) -> "ActiveRows":
-        x = torch.full((batch, block_size), mask_id, dtype=torch.long, device=device)
-        zeros = torch.zeros(batch, dtype=torch.long, device=device)
-        return cls(rows=torch.arange(batch, device=device), block=zeros, step=zeros.clone(), x=x,
-                   st=torch.full_like(x, -1), n=batch)
+    def start(cls, d: RowRecords, mask_id: int) -> "ActiveRows":
+        x, st = d.first_block(mask_id)  # [B, bs] each
+        zeros = torch.zeros(d.batch, dtype=torch.long, device=x.device)
+        return cls(rows=torch.arange(d.batch, device=x.device), block=zeros, step=zeros.clone(), x=x, st=st, n=d.batch)
 
 
 def shifted_predictions(logits: Tensor, first: Optional[Tensor], starting: Tensor) -> tuple[Tensor, Tensor]:
@@ -112,7 +111,7 @@ def decode_cached(sampler: "BlockSampler", d: RowRecords) -> int:
     """Fill ``d``'s records; returns the batch-level rounds."""
     cfg = sampler.config
     bs = d.block_size
-    a = ActiveRows.start(d.batch, bs, cfg.mask_id, sampler.device)
+    a = ActiveRows.start(d, cfg.mask_id)
     n_out = bs + int(cfg.shift_logits)  # logit columns per row; shifted: also the one before the block
     rounds = 0
     with sampler.session(d.batch, d.width + d.length + bs, use_cache=True) as cache:
@@ -198,7 +197,7 @@ def _decide(sampler: "BlockSampler", d: RowRecords, a: ActiveRows, logits: Tenso
 def _advance(d: RowRecords, a: ActiveRows, cache: BlockKVCache, mask_id: int) -> None:
     """After a round: record the complete blocks, move their rows on, drop the finished rows."""
     bs = d.block_size
-    complete = ~(a.st < 0).any(-1)  # [N]
+    complete = ~(a.st == MASKED).any(-1)  # [N]
     finished = complete & d.finishes(a.x, a.rows, a.block)  # [N]
     a.step = a.step + 1
     summary = RoundSummary.read(a.block, complete, finished)  # the round's host sync
@@ -212,7 +211,7 @@ def _advance(d: RowRecords, a: ActiveRows, cache: BlockKVCache, mask_id: int) ->
     a.block = torch.where(complete, a.block + 1, a.block)
     a.step = torch.where(complete, 0, a.step)
     a.x = torch.where(complete[:, None], mask_id, a.x)
-    a.st = torch.where(complete[:, None], -1, a.st)
+    a.st = torch.where(complete[:, None], MASKED, a.st)
     if summary.finished:
         a.n -= summary.finished
         kept = first_true(~finished, a.n)  # [n]

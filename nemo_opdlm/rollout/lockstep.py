@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nemo_opdlm.rollout.rows import RowRecords
+from nemo_opdlm.rollout.rows import MASKED, RowRecords
 
 if TYPE_CHECKING:
     from nemo_opdlm.rollout.sampler import BlockSampler
@@ -28,8 +28,11 @@ def decode_lockstep(sampler: "BlockSampler", d: RowRecords) -> int:
     with sampler.session(d.batch, 0, use_cache=False):
         for b in range(d.n_blocks):
             blk = width + b * bs  # first column of block b
-            x = torch.full((rows.numel(), bs), cfg.mask_id, dtype=torch.long, device=dev)  # [N, bs]
-            st = torch.full_like(x, -1)  # [N, bs]
+            if b == 0:  # every row: [head | masks] (the head only on the absolute grid)
+                x, st = d.first_block(cfg.mask_id)  # [N, bs] each
+            else:
+                x = torch.full((rows.numel(), bs), cfg.mask_id, dtype=torch.long, device=dev)  # [N, bs]
+                st = torch.full_like(x, MASKED)  # [N, bs]
             block = torch.full((rows.numel(),), b, dtype=torch.long, device=dev)  # [N]
             for r in range(len(d.counts)):
                 ids = torch.cat([d.prompt_ids[rows], d.tokens[rows, : b * bs], x], dim=1)  # [N, blk + bs]
@@ -46,7 +49,7 @@ def decode_lockstep(sampler: "BlockSampler", d: RowRecords) -> int:
                     x = torch.where(chosen, cand, x)
                     st = torch.where(chosen, r, st)
                 x, st = sampler.share(torch.stack([x, st])).unbind(0)
-                if not bool((st < 0).any()):
+                if not bool((st == MASKED).any()):
                     break
             d.tokens[rows, b * bs: (b + 1) * bs] = x
             d.step_map[rows, b * bs: (b + 1) * bs] = st

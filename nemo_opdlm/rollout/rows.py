@@ -6,6 +6,10 @@ filled (``tokens``, ``step_map``), each row's length limit and unmasking rule, t
 uniforms, and, once decoded, what was valid. Non-goals: running the model (``cached.py``,
 ``lockstep.py``), choosing tokens (``sampling.py``).
 
+Rows are in the frame of their block grid (``models/grid.py``): on the absolute grid the records'
+first positions hold each row's head (the prompt's last ``P mod b`` tokens), given before round 0
+(``GIVEN`` in ``step_map``), so that block ``b`` of every row starts at column ``b * block_size``.
+
 Uniforms: block ``b``'s ``[B, steps, block_size]`` draw is the ``b``-th draw of the sampler's
 stream (drawn lazily, in block order, when the first row reaches block ``b``), and row ``i`` in
 round ``r`` of block ``b`` reads ``[i, r]`` of it, whichever rows are decoding and whenever it gets
@@ -19,8 +23,13 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from nemo_opdlm.models import masks
+from nemo_opdlm.models import grid, masks
 from nemo_opdlm.rollout import schedules
+
+MASKED = -1
+"""``step_map`` of a position not decoded yet (or never: padding)."""
+GIVEN = -2
+"""``step_map`` of a head position (absolute grid): a prompt token decided before round 0."""
 
 Draw = Callable[..., Optional[Tensor]]
 """``draw(*shape)``: uniforms of that shape from the sampler's stream, or None (greedy, or not on
@@ -52,18 +61,20 @@ def valid_mask(tokens: Tensor, step_map: Tensor, eos: Tensor, limits: Tensor) ->
     return valid, (is_eos & valid).any(-1)
 
 
-def rows_rounds(step_map: Tensor, valid: Tensor, block_size: int) -> int:
+def rows_rounds(step_map: Tensor, valid: Tensor, block_index: Tensor, block_size: int) -> int:
     """Rounds that committed at least one response token, summed over rows and blocks: the
-    denominator of tokens per round. A round that only filled positions after a row's EOS (or past
-    its length limit) produced nothing the reader sees and is not counted, so static decoding
-    reads exactly 1 token per round and AR decoding 1 (counting those rounds showed static
-    decoding at 0.80-0.93 whenever an EOS ended a block early)."""
-    batch, length = step_map.shape
-    steps = step_map.view(batch, length // block_size, block_size)  # [B, nb, bs]
-    keep = valid.view(batch, length // block_size, block_size) & (steps >= 0)  # [B, nb, bs]
-    rounds = torch.arange(block_size, device=step_map.device)  # a block takes at most bs rounds
-    hit = (steps[..., None] == rounds) & keep[..., None]  # [B, nb, bs, R]
-    return int(hit.any(-2).sum())
+    denominator of tokens per round (``block_index [B, L]``: each position's block, on the row's
+    grid). A round that only filled positions after a row's EOS (or past its length limit)
+    produced nothing the reader sees and is not counted, so static decoding reads exactly 1 token
+    per round and AR decoding 1 (counting those rounds showed static decoding at 0.80-0.93 whenever
+    an EOS ended a block early)."""
+    keep = valid & (step_map >= 0)  # [B, L]
+    # one slot per (block, round) of each row: a block takes at most block_size rounds
+    slot = torch.where(keep, block_index * block_size + step_map, 0)  # [B, L]
+    width = (step_map.shape[1] // block_size + 2) * block_size  # block_index <= L / b + 1: no device read
+    hits = torch.zeros(step_map.shape[0], width, dtype=torch.long, device=step_map.device)
+    hits.scatter_add_(1, slot, keep.long())  # [B, slots] tokens committed in each (block, round)
+    return int((hits > 0).sum())
 
 
 def first_true(mask: Tensor, count: int) -> Tensor:
@@ -80,6 +91,7 @@ class RowRecords:
         prompt_ids: ``[B, P]`` left-padded prompts; ``prompt_lens`` ``[B]``.
         limits: ``[B]`` each row's response-length limit; ``longest`` its maximum (a host int).
         block_size, steps_per_block: the block and the static schedule's rounds per block.
+        block_grid: where blocks fall (``models/grid.py``); the records are kept in its frame.
         threshold: the dynamic rule's threshold, None for the static rule.
         static_rows: ``[B]`` bool, rows decoded with the static rule although ``threshold`` is set.
         mask_id, pad_id: fill of undecoded block positions / of response positions never decoded.
@@ -87,21 +99,26 @@ class RowRecords:
     """
 
     def __init__(self, prompt_ids: Tensor, prompt_lens: Tensor, limits: Tensor, longest: int, *, block_size: int,
-                 steps_per_block: int, threshold: Optional[float], static_rows: Optional[Tensor], pad_id: int,
-                 eos: Tensor, draw: Draw) -> None:
+                 block_grid: str, steps_per_block: int, threshold: Optional[float], static_rows: Optional[Tensor],
+                 pad_id: int, eos: Tensor, draw: Draw) -> None:
         dev = prompt_ids.device
-        self.prompt_ids = prompt_ids  # [B, P]
-        self.batch, self.width = prompt_ids.shape
+        frame = grid.frame_prompts(prompt_ids, prompt_lens, block_size, block_grid, pad_id)
+        self.frame = frame
+        self.head, self.head_ids = frame.head, frame.head_ids  # [B], [B, H]
+        self.prompt_ids = frame.prefix_ids  # [B, P] the prompts' aligned prefixes (the prompts on the response grid)
+        self.batch, self.width = self.prompt_ids.shape
         self.block_size = block_size
-        self.n_blocks = -(-longest // block_size)
+        self.response_width = -(-longest // block_size) * block_size  # what responses() returns, on either grid
+        self.n_blocks = self.response_width // block_size + frame.extra // block_size
         self.length = self.n_blocks * block_size
-        self.limits = limits  # [B] each row's length limit
-        self.last_block = (limits + block_size - 1) // block_size - 1  # [B] each row's last block
+        self.limits = limits + frame.head  # [B] each row's length limit, in framed columns
+        self.last_block = (self.limits + block_size - 1) // block_size - 1  # [B] each row's last block
         all_valid = torch.ones(self.batch, self.length, dtype=torch.bool, device=dev)
-        layout = masks.build_layout(prompt_lens, self.width, all_valid, block_size, with_xt=False)
+        layout = masks.build_layout(frame.prefix_lens, self.width, all_valid, block_size, with_xt=False)
         self.pos_all, self.meta_all = layout.position_ids, layout.meta  # [B, P+L], [B, 2, P+L]
         self.tokens = torch.full((self.batch, self.length), pad_id, dtype=torch.long, device=dev)  # [B, L]
-        self.step_map = torch.full((self.batch, self.length), -1, dtype=torch.long, device=dev)  # [B, L]
+        self.step_map = torch.full((self.batch, self.length), MASKED, dtype=torch.long, device=dev)  # [B, L]
+        self.pad_id = pad_id
         self.counts = torch.tensor(schedules.static_counts(block_size, steps_per_block), device=dev)
         self.threshold: Optional[float | Tensor] = threshold
         if static_rows is not None and threshold is not None:
@@ -111,6 +128,24 @@ class RowRecords:
         self._draw = draw
         self._drawn: list[Optional[Tensor]] = []  # per block: [B, steps, bs] (None once no row needs it)
         self._window: tuple[int, int, Optional[Tensor]] = (0, -1, None)
+
+    def first_block(self, mask_id: int) -> tuple[Tensor, Tensor]:
+        """Every row's first block before round 0: ``(x, st)``, both ``[B, bs]``: [MASK] and
+        ``MASKED``, except the head (absolute grid), which holds its prompt tokens, ``GIVEN``."""
+        x = torch.full((self.batch, self.block_size), mask_id, dtype=torch.long, device=self.tokens.device)
+        st = torch.full_like(x, MASKED)
+        if self.head_ids.shape[1]:
+            in_head = grid.given_mask(self.head, self.head_ids.shape[1])  # [B, H]
+            width = self.head_ids.shape[1]
+            x[:, :width] = torch.where(in_head, self.head_ids, mask_id)
+            st[:, :width] = torch.where(in_head, GIVEN, MASKED)
+        return x, st
+
+    def responses(self) -> tuple[Tensor, Tensor]:
+        """``(tokens, step_map)`` ``[B, L]`` per response token: the records without the heads (``L``
+        the longest limit in whole blocks, on either grid)."""
+        tokens = grid.unframe(self.tokens, self.frame, self.pad_id)[:, :self.response_width]
+        return tokens, grid.unframe(self.step_map, self.frame, MASKED)[:, :self.response_width]
 
     def uniforms(self, rows: Tensor, block: Tensor, step: Tensor, lo: int, hi: int) -> Optional[Tensor]:
         """Uniforms ``[N, bs]`` of rows ``rows`` (original ids) in round ``step`` of block ``block``
@@ -137,7 +172,7 @@ class RowRecords:
     def unmask(self, conf: Tensor, st: Tensor, step: Tensor | int, rows: Tensor) -> Tensor:
         """``[N, bs]``: the positions the unmasking rule picks this round for rows ``rows`` whose
         confidences are ``conf [N, bs]``, rounds-so-far ``st`` and round within the block ``step``."""
-        return schedules.select_unmask(conf, st < 0, self.counts[step], self.threshold_of(rows))
+        return schedules.select_unmask(conf, st == MASKED, self.counts[step], self.threshold_of(rows))
 
     def finishes(self, x: Tensor, rows: Tensor, block: Tensor) -> Tensor:
         """``[N]``: rows ``rows`` (original ids) whose block ``block`` now holds ``x [N, bs]`` are done
@@ -146,6 +181,6 @@ class RowRecords:
         if not self.eos.numel():
             return last
         cols = block[:, None] * self.block_size + torch.arange(self.block_size, device=x.device)  # [N, bs]
-        in_limit = cols < self.limits[rows, None]  # [N, bs]
-        eos = (x[..., None] == self.eos).any(-1) & in_limit  # [N, bs] (isin can sync)
+        response = (cols < self.limits[rows, None]) & (cols >= self.head[rows, None])  # [N, bs] not the head
+        eos = (x[..., None] == self.eos).any(-1) & response  # [N, bs] (isin can sync)
         return eos.any(-1) | last

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from nemo_opdlm.data.prompts import default_pad, left_pad  # noqa: F401  (left_pad: nemo_opdlm.rollout.left_pad)
 from nemo_opdlm.errors import ConfigError
+from nemo_opdlm.models import grid
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import unwrap
@@ -95,6 +96,10 @@ class SamplerConfig:
         return 1 if self.decode.mode == "ar" else self.diffusion.block_size
 
     @property
+    def block_grid(self) -> str:
+        return "response" if self.diffusion is None or self.decode.mode == "ar" else self.diffusion.block_grid
+
+    @property
     def mask_id(self) -> Optional[int]:
         return None if self.diffusion is None else self.diffusion.mask_token_id
 
@@ -137,13 +142,18 @@ class Rollout:
         prompt_lens: ``[B]`` true prompt lengths.
         tokens: ``[B, L]`` responses (x0); ``L`` is a multiple of ``block_size``. Blocks after a row
             finished hold ``pad_id``; the block holding the EOS keeps what was decoded after it.
+            On the absolute grid a row's first block starts with its prompt's last ``P mod b``
+            tokens, so its last columns are padding.
         step_map: ``[B, L]`` round within its block at which each token was unmasked; -1 where
             nothing was decoded.
-        block_index: ``[B, L]`` block of each response position.
+        block_index: ``[B, L]`` block of each response position, counted from the first denoising
+            block (on the absolute grid, position ``i`` of a row whose prompt has ``P`` tokens is in
+            block ``(P mod b + i) // b``).
         valid: ``[B, L]`` True for real response tokens: decoded, up to and including the first
             EOS, and within ``max_new_tokens``; False = padding.
         finished_eos: ``[B]`` the row ended with an EOS.
         block_size: tokens per block (1 for AR decoding).
+        block_grid: where the blocks fell (``models/grid.py``); the states cut the same blocks.
         metrics: see :class:`RolloutMetrics`.
     """
 
@@ -155,13 +165,14 @@ class Rollout:
     valid: Tensor
     finished_eos: Tensor
     block_size: int
+    block_grid: str
     metrics: RolloutMetrics = field(repr=False)
 
     @property
     def row_rounds(self) -> int:
         """Rounds that committed a response token, summed over rows and blocks (``tokens_per_round``'s
         denominator; ``rows.rows_rounds``)."""
-        return R.rows_rounds(self.step_map, self.valid, self.block_size)
+        return R.rows_rounds(self.step_map, self.valid, self.block_index, self.block_size)
 
 
 @contextlib.contextmanager
@@ -221,18 +232,20 @@ class BlockSampler:
                                        prompt_ids.shape[0], self.device)
         if cfg.decode.mode == "ar":
             tokens, step_map, rounds = decode_ar(self, prompt_ids, prompt_lens, limits, longest)
-            return self._finish(prompt_ids, prompt_lens, tokens, step_map, limits, rounds, start)
+            return self._finish(prompt_ids, prompt_lens, tokens, step_map, limits, rounds, start,
+                                head=torch.zeros_like(prompt_lens))
         if cfg.shift_logits and int(prompt_lens.min()) < 1:
             raise ValueError("a shifted model needs a non-empty prompt in every row: it predicts the first "
                              "response token from the last prompt token")
         if static_rows is not None and static_rows.shape != prompt_lens.shape:
             raise ValueError(f"static_rows must have shape {tuple(prompt_lens.shape)}, got {tuple(static_rows.shape)}")
         d = R.RowRecords(prompt_ids, prompt_lens, limits, longest, block_size=cfg.block_size,
-                         steps_per_block=cfg.decode.rounds_per_block(cfg.block_size),
+                         block_grid=cfg.block_grid, steps_per_block=cfg.decode.rounds_per_block(cfg.block_size),
                          threshold=cfg.decode.threshold if cfg.decode.mode == "dynamic" else None,
                          static_rows=static_rows, pad_id=cfg.pad_id, eos=self.eos, draw=self.draw)
         rounds = decode_cached(self, d) if cfg.decode.use_cache else decode_lockstep(self, d)
-        return self._finish(prompt_ids, prompt_lens, d.tokens, d.step_map, limits, rounds, start)
+        tokens, step_map = d.responses()
+        return self._finish(prompt_ids, prompt_lens, tokens, step_map, limits, rounds, start, head=d.head)
 
     # --- what the decoders share -------------------------------------------------------------
     @contextlib.contextmanager
@@ -299,24 +312,24 @@ class BlockSampler:
         return prompt_ids.to(self.device), prompt_lens.to(self.device)
 
     def _finish(self, prompt_ids: Tensor, prompt_lens: Tensor, tokens: Tensor, step_map: Tensor, limits: Tensor,
-                rounds: int, start: float) -> Rollout:
+                rounds: int, start: float, head: Tensor) -> Rollout:
         block_size = self.config.block_size
+        block_index = grid.block_index(head, tokens.shape[1], block_size)  # [B, L]
         valid, finished = R.valid_mask(tokens, step_map, self.eos, limits)
         n_tokens = int(valid.sum())
         wall = time.perf_counter() - start
         metrics = RolloutMetrics(
             tokens_generated=n_tokens,
             rounds=rounds,
-            tokens_per_round=n_tokens / max(R.rows_rounds(step_map, valid, block_size), 1),
+            tokens_per_round=n_tokens / max(R.rows_rounds(step_map, valid, block_index, block_size), 1),
             frac_finished_eos=float(finished.float().mean()),
             wall_time_s=wall,
             tokens_per_s=n_tokens / max(wall, 1e-9),
         )
-        cols = torch.arange(tokens.shape[1], device=tokens.device)
         return Rollout(
             prompt_ids=prompt_ids, prompt_lens=prompt_lens, tokens=tokens, step_map=step_map,
-            block_index=(cols // block_size).expand_as(tokens).clone(), valid=valid, finished_eos=finished,
-            block_size=block_size, metrics=metrics,
+            block_index=block_index, valid=valid, finished_eos=finished, block_size=block_size,
+            block_grid=self.config.block_grid, metrics=metrics,
         )
 
 

@@ -21,6 +21,7 @@ from typing import Any, Optional
 from nemo_opdlm.config import RunConfig, dump_yaml, from_dict, to_dict
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.models.grid import recorded_grid
 from nemo_opdlm.training.run_dir import CONFIG as CONFIG_FILE
 
 
@@ -109,7 +110,9 @@ class ResumeCheck:
 
 def check_resume(ckpt_dir: str, cfg: RunConfig) -> ResumeCheck:
     """Compare ``cfg`` with the config of the checkpoint a run resumes from. Raises ConfigError naming
-    each differing architecture field when the student's or the teacher's model differs."""
+    each differing architecture field when the student's or the teacher's model differs, or both
+    block grids when the grid differs (a checkpoint older than ``diffusion.block_grid`` records
+    'response': ``models.grid.recorded_grid``)."""
     saved = read(ckpt_dir)
     if saved is not None:
         source = os.path.join(ckpt_dir, CONFIG_FILE)
@@ -118,6 +121,7 @@ def check_resume(ckpt_dir: str, cfg: RunConfig) -> ResumeCheck:
         if saved.get("teacher_model") is not None or cfg.teacher_model is not None:  # else the teacher is the student
             teacher = _model(saved.get("teacher_model")) or student
             differ += model_differences(teacher, cfg.teacher, "teacher_model.")
+        saved_diffusion = saved.get("diffusion")
     else:
         from nemo_opdlm.convert.dist_checkpoint import META_FILE, read_checkpoint_meta
         from nemo_opdlm.convert.hf_config import model_config_from_dict
@@ -126,6 +130,13 @@ def check_resume(ckpt_dir: str, cfg: RunConfig) -> ResumeCheck:
         meta = read_checkpoint_meta(ckpt_dir) or {}
         student = model_config_from_dict(meta["model_config"]) if meta.get("model_config") else None
         differ = model_differences(student, cfg.model, "model.")
+        saved_diffusion = meta.get("diffusion")
+    grid, _ = recorded_grid(saved_diffusion, ckpt_dir)
+    if grid is not None and grid != cfg.diffusion.block_grid:
+        raise ConfigError(
+            f"cannot resume from {ckpt_dir}: it was trained on the {grid!r} block grid and the config asks for "
+            f"{cfg.diffusion.block_grid!r} (diffusion.block_grid): set diffusion.block_grid={grid} to resume it, or "
+            "start a new run (another train.save_dir)")
     if differ:
         raise ConfigError(
             f"cannot resume from {ckpt_dir}: the config's model differs from the one that wrote it "

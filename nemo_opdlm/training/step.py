@@ -25,7 +25,7 @@ from nemo_opdlm.distill.packing import pack_rows, row_logits
 from nemo_opdlm.distill.teacher_exchange import exchange_targets
 from nemo_opdlm.distill.states import build_states, response_valid, split_microbatches
 from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
-from nemo_opdlm.models import masks
+from nemo_opdlm.models import grid, masks
 from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig, with_mode
 from nemo_opdlm.runtime.comm import collective_device
@@ -48,6 +48,23 @@ class Responses:
     valid: Tensor  # [B, L]
     step_map: Optional[Tensor]  # [B, L] or None for given responses
     rollout_metrics: dict[str, float]
+    given: Optional[Tensor] = None  # [B, L] framed heads (``on_grid``), never masked nor learned
+
+
+def on_grid(cfg: RunConfig, resp: Responses, pad_id: int) -> Responses:
+    """``resp`` in the frame of ``diffusion.block_grid`` (``models/grid.py``), what the states, the
+    teacher and the layout read: on the absolute grid each response starts with its prompt's last
+    ``P mod block_size`` tokens (``given``); the identity on the response grid and for causal rows.
+    Every prompt must be non-empty: the teacher predicts the first response token from the last
+    prompt token."""
+    if int(resp.prompt_lens.min()) < 1:
+        raise ValueError("every row needs a non-empty prompt: the first response token is predicted from the last "
+                         "prompt token")
+    if get_method(cfg.distill.method).causal or cfg.diffusion.block_grid == "response":
+        return resp
+    f = grid.frame_rows(resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.valid, resp.step_map,
+                        cfg.diffusion.block_size, cfg.diffusion.block_grid, pad_id)
+    return Responses(f.prompt_ids, f.prompt_lens, f.tokens, f.valid, f.step_map, resp.rollout_metrics, f.given)
 
 
 def sampler_config(cfg: RunConfig, eos_ids: Sequence[int], pad_id: int, seed: int, *,
@@ -122,7 +139,7 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
         resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.step_map, resp.valid,
         block_size=cfg.diffusion.block_size, steps_per_block=cfg.rollout.rounds_per_block(cfg.diffusion.block_size),
         mask_token_id=cfg.diffusion.mask_token_id, eos_ids=eos_ids, generator=generator,
-        masking=method.masking, exclude_eos=cfg.distill.exclude_eos,
+        masking=method.masking, exclude_eos=cfg.distill.exclude_eos, given=resp.given,
     )
 
 
@@ -304,11 +321,12 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     sync()
     t1 = time.perf_counter()
     generator = torch.Generator().manual_seed(noise_seed(seed, parallel.dp_rank))
-    rows = training_rows(cfg, resp, eos_ids, generator)
+    framed = on_grid(cfg, resp, pad_id)
+    rows = training_rows(cfg, framed, eos_ids, generator)
     microbatches, groups = make_microbatches(cfg, rows, pad_id)
     n_mb = len(microbatches)
     if teacher is not None:
-        attach_teacher_targets(cfg, teacher, resp, microbatches, student=parallel, upfront=upfront_teacher,
+        attach_teacher_targets(cfg, teacher, framed, microbatches, student=parallel, upfront=upfront_teacher,
                                groups=groups)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
     lazy = teacher is not None and targets_in_pass(cfg, teacher, upfront=upfront_teacher,

@@ -63,7 +63,8 @@ def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
     assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in result["history"])
     ckpt = os.path.join(cfg.train.save_dir, "step_0000002")
     meta = json.load(open(os.path.join(ckpt, "opdlm_convert.json")))
-    assert meta["diffusion"] == {"block_size": 4, "mask_token_id": 99, "shift_logits": True}
+    assert meta["diffusion"] == {"block_size": 4, "mask_token_id": 99, "shift_logits": True,
+                                 "block_grid": cfg.diffusion.block_grid}
     assert meta["step"] == 2 and meta["hf_config"] == read_hf_config(cfg.init.teacher_hf)
     assert os.path.isfile(os.path.join(ckpt, "hf_assets", "tokenizer.json"))
     with runtime(ParallelLayout()) as rt:
@@ -81,6 +82,54 @@ def test_shifted_student_trains_and_its_checkpoint_says_so(tmp_path):
         generation = json.load(open(os.path.join(out, "generation_config.json")))  # EOS ids: generate stops
         assert generation["eos_token_id"] is not None and generation["block_size"] == 4
         assert os.path.isfile(os.path.join(out, "README.md"))
+
+
+def test_absolute_grid_trains_is_recorded_and_other_grids_are_refused(tmp_path, capsys):
+    """``diffusion.block_grid=absolute`` trains (its rows framed: some prompts here leave 1-3 tokens
+    in the first block), is recorded in the checkpoint, and is what evaluation decodes on; decoding
+    on the other grid is refused unless asked for, and so is a resume at the other grid, naming both.
+    A checkpoint saved before the setting existed reads as 'response', and says so."""
+    from nemo_opdlm.eval.loading import load_model
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+    framed = []
+    real = train_step.on_grid
+
+    def spy(*args):
+        out = real(*args)
+        framed.append(out.given)
+        return out
+
+    import unittest.mock as mock
+    cfg = make_run(str(tmp_path), "diffusion.block_grid=absolute", "diffusion.shift_logits=true", "train.steps=2",
+                   "train.save_every=2")
+    with mock.patch.object(train_step, "on_grid", spy):
+        result = train(cfg)
+    assert all(math.isfinite(h["loss"]) and h["loss"] > 0 for h in result["history"])
+    assert any(g is not None and g.any() for g in framed)  # heads were framed and trained around
+    ckpt = os.path.join(cfg.train.save_dir, "step_0000002")
+    meta_path = os.path.join(ckpt, "opdlm_convert.json")
+    assert json.load(open(meta_path))["diffusion"]["block_grid"] == "absolute"
+    with runtime(ParallelLayout()) as rt:
+        loaded = load_model(rt.ctx, ckpt=ckpt)
+        assert loaded.block_grid == "absolute" and loaded.diffusion.block_grid == "absolute" and loaded.note is None
+        with pytest.raises(ConfigError, match=r"trained on the 'absolute' block grid, not 'response' \(--block-grid\)"):
+            load_model(rt.ctx, ckpt=ckpt, block_grid="response")
+        assert load_model(rt.ctx, ckpt=ckpt, block_grid="response", allow_grid_mismatch=True).block_grid == "response"
+    with pytest.raises(ConfigError, match=r"cannot resume from .*step_0000002: it was trained on the 'absolute' "
+                                          r"block grid and the config asks for 'response' \(diffusion.block_grid\)"):
+        train(make_run(str(tmp_path), "diffusion.block_grid=response", "diffusion.shift_logits=true",
+                       "train.steps=3"))
+    # saved before the setting existed: no block_grid in the metadata (its manifest rewritten to match)
+    from nemo_opdlm.convert.dist_checkpoint import write_manifest
+
+    meta = json.load(open(meta_path))
+    del meta["diffusion"]["block_grid"]
+    json.dump(meta, open(meta_path, "w"))
+    write_manifest(ckpt)
+    with runtime(ParallelLayout()) as rt:
+        legacy = load_model(rt.ctx, ckpt=ckpt)
+    assert legacy.block_grid == "response" and "records no diffusion.block_grid" in legacy.note
 
 
 def test_static_rows_cosine_curriculum_and_domain_caps(tmp_path):
@@ -129,7 +178,8 @@ def test_microbatch_count_does_not_change_the_step(tmp_path):
 
 
 @pytest.mark.parametrize("overrides", [("distill.method=opdlm",), ("diffusion.shift_logits=true",),
-                                       ("distill.method=sft", "distill.top_k=8")])
+                                       ("distill.method=sft", "distill.top_k=8"),
+                                       ("diffusion.shift_logits=true", "diffusion.block_grid=absolute")])
 def test_packed_rows_do_not_change_the_step(tmp_path, overrides):
     """``train.pack_tokens`` (rows of up to 16 + 2 x 16 tokens packed into 48-token sequences) trains
     the same losses as padded micro-batches of two rows, step after step."""

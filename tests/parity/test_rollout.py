@@ -56,11 +56,14 @@ def _same(a, b):
     ],
 )
 @pytest.mark.parametrize("shift", [False, True])
-def test_cached_equals_uncached(model, prompts, settings, shift):
+@pytest.mark.parametrize("grid", ["response", "absolute"])
+def test_cached_equals_uncached(model, prompts, settings, shift, grid):
     """The cache (rows asynchronous; committing rows forwarded apart, or with PAD commit slots) and the
     lockstep reference without it decode the same tokens and rounds, for an unshifted and a shifted
-    model (a block's first token predicted from the clean token before it, kept across rounds)."""
-    settings = dict(settings, shift_logits=shift)
+    model (a block's first token predicted from the clean token before it, kept across rounds), on
+    both block grids (the prompts' lengths 5, 2, 1, 7, 3 leave 1, 2, 1, 3, 3 prompt tokens in the
+    first block of the absolute grid at block 4)."""
+    settings = dict(settings, shift_logits=shift, block_grid=grid)
     uncached = _run(model, prompts, use_cache=False, **settings)
     _same(_run(model, prompts, use_cache=True, **settings), uncached)
     _same(_run(model, prompts, use_cache=True, pad_commit_slots=True, **settings), uncached)
@@ -375,3 +378,76 @@ def test_rollout_lifts_the_cpu_device_mode(model):
     with rollout_mode(model):
         assert cpu_compat._MODE not in _get_current_function_mode_stack()
     assert _get_current_function_mode_stack()[-1] is cpu_compat._MODE
+
+
+def _engine_reference(net, prompt: list[int], new: int, block: int, threshold: float | None, shift: bool):
+    """One row decoded on the absolute grid as the serving engines describe it, without the frame,
+    the cache or the records: blocks cut from position 0; each round forwards the clean tokens of
+    the finished blocks (block-causal) and the current block (prompt tail given, decided tokens and
+    [MASK]s, all noisy); greedy; the most confident masked position unmasks (static), or every one
+    above ``threshold`` and at least one. Returns (response tokens, step_map) of ``new`` tokens."""
+    seq = list(prompt)  # clean tokens so far, prompt then response
+    steps: list[int] = []
+    while len(seq) < len(prompt) + new:
+        start = len(seq) // block * block  # the current block's first position
+        x = seq[start:] + [MASK] * (block - (len(seq) - start))  # [block] tail given, masks after
+        st = [-2] * (len(seq) - start) + [-1] * (block - (len(seq) - start))
+        for rnd in range(block):
+            ids = torch.tensor([seq[:start] + x])
+            pos = torch.arange(start + block)[None]
+            kind = [masks.CLEAN] * start + [masks.NOISY] * block
+            blocks = [p // block for p in range(start + block)]
+            meta = torch.tensor([[blocks, kind]])
+            with torch.no_grad():
+                logits = net(ids, pos, meta)[0].float()  # [S, V]
+            if shift:  # position j from j - 1: the block's first from the last clean token (none when
+                # the block starts the sequence: its first position is then a given prompt token)
+                logits = torch.cat([logits[max(start - 1, 0): max(start, 1)], logits[start: start + block - 1]])
+            else:
+                logits = logits[start:]
+            logits[:, MASK] = float("-inf")
+            probs = logits.softmax(-1)
+            conf, cand = probs.max(-1)
+            masked = torch.tensor([s == -1 for s in st])
+            conf = torch.where(masked, conf, -1.0)
+            pick = torch.zeros(block, dtype=torch.bool)
+            pick[int(conf.argmax())] = True  # ties: the leftmost
+            if threshold is not None:
+                pick |= masked & (conf > threshold)
+            for j in pick.nonzero().flatten().tolist():
+                x[j], st[j] = int(cand[j]), rnd
+            if -1 not in st:
+                break
+        seq = seq[:start] + x
+        steps += [s for s in st if s != -2]
+    return seq[len(prompt): len(prompt) + new], steps[:new]
+
+
+@pytest.mark.parametrize("threshold", [None, 0.5])
+@pytest.mark.parametrize("shift", [False, True])
+def test_absolute_grid_is_the_engines_decoding(model, prompts, threshold, shift):
+    """The absolute grid decodes, token for token and round for round, what a serving engine's
+    description of it gives: the prompt's last ``P mod b`` tokens share the first denoising block
+    with the first masks (given, attending both ways), later blocks whole, each row on its own."""
+    mode = dict(mode="static") if threshold is None else dict(mode="dynamic", threshold=threshold)
+    for use_cache in (True, False):
+        got = _run(model, prompts, max_new_tokens=14, block_grid="absolute", shift_logits=shift, use_cache=use_cache,
+                   **mode)
+        for row, prompt in enumerate(PROMPTS):
+            tokens, steps = _engine_reference(model[0], prompt, 14, 4, threshold, shift)
+            assert got.tokens[row, :14].tolist() == tokens, (row, use_cache)
+            assert got.step_map[row, :14].tolist() == steps, (row, use_cache)
+            head = len(prompt) % 4
+            assert got.block_index[row, :14].tolist() == [(head + i) // 4 for i in range(14)]
+    assert got.block_grid == "absolute"
+
+
+def test_aligned_prompts_decode_alike_on_both_grids(model):
+    """Prompts whose length is a multiple of the block size: the two grids are one."""
+    aligned = left_pad([[1, 2, 3, 4], [5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16]], pad_id=0)
+    for mode in (dict(mode="static"), dict(mode="dynamic", threshold=0.5, temperature=1.0)):
+        a = _run(model, aligned, block_grid="absolute", **mode)
+        b = _run(model, aligned, block_grid="response", **mode)
+        _same(a, b)
+        assert torch.equal(a.block_index, b.block_index)
+        assert a.metrics.tokens_per_round == b.metrics.tokens_per_round

@@ -326,6 +326,7 @@ def test_temperature_one_sampling_distribution(top_p):
 def test_rows_rounds_counts_rounds_that_committed_a_response_token():
     """tok/round's denominator: a round that only filled positions after the EOS is not counted, so
     static decoding reads exactly 1 token per round (it read 0.80-0.93 when such rounds counted)."""
+    from nemo_opdlm.models import grid
     from nemo_opdlm.rollout.rows import rows_rounds
 
     # row 0, static, block 4: EOS at position 1 decoded in round 2; positions 2, 3 (after EOS) in rounds 0, 3
@@ -335,6 +336,13 @@ def test_rows_rounds_counts_rounds_that_committed_a_response_token():
                              [0, 0, 1, 0, 0, 0, 1, 1]])
     valid = torch.tensor([[True, True, False, False, False, False, False, False],
                           [True, True, True, True, True, True, False, False]])
-    assert rows_rounds(step_map, valid, 4) == 2 + 2 + 1
-    assert int(valid[0].sum()) / rows_rounds(step_map[:1], valid[:1], 4) == 1.0  # static: 2 tokens, 2 rounds
-    assert int(valid[1].sum()) / rows_rounds(step_map[1:], valid[1:], 4) == 2.0  # 6 tokens, 3 rounds
+    blocks = (torch.arange(8) // 4).expand(2, -1)
+    assert rows_rounds(step_map, valid, blocks, 4) == 2 + 2 + 1
+    assert int(valid[0].sum()) / rows_rounds(step_map[:1], valid[:1], blocks[:1], 4) == 1.0  # static: 2 tokens, 2 rounds
+    assert int(valid[1].sum()) / rows_rounds(step_map[1:], valid[1:], blocks[1:], 4) == 2.0  # 6 tokens, 3 rounds
+    # The absolute grid: a prompt of P = 4k + 3 leaves one response position in the first block, so
+    # response positions 0 | 1-4 | 5-7 fall in blocks 0 | 1 | 2; row 1's rounds regroup accordingly:
+    # block 0: round 0; block 1: rounds 0, 1; block 2: round 0 (position 7 is past the limit).
+    shifted = grid.block_index(torch.tensor([3]), 8, 4)
+    assert shifted.tolist() == [[0, 1, 1, 1, 1, 2, 2, 2]]
+    assert rows_rounds(step_map[1:], valid[1:], shifted, 4) == 1 + 2 + 1

@@ -192,3 +192,95 @@ def test_split_microbatches():
     assert [p["b"].tolist() for p in parts] == [[0, 1], [2, 3]]
     with pytest.raises(ValueError):
         states.split_microbatches(batch, 3)
+
+
+def _absolute_rollout(prompt_lens, length, block_size, seed):
+    """Hand-made rollouts on the absolute grid: response position i of a row whose prompt has P tokens
+    is in block (P mod b + i) // b, and each block's response tokens were decoded in a random order,
+    one or two per round (so some blocks used fewer rounds than positions)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = len(prompt_lens)
+    step_map = torch.full((batch, length), -1)
+    for row, p in enumerate(prompt_lens):
+        blocks = (p % block_size + torch.arange(length)) // block_size
+        for b in blocks.unique().tolist():
+            cols = (blocks == b).nonzero().flatten()
+            per_round = 1 + int(torch.randint(2, (), generator=g))
+            order = cols[torch.randperm(cols.numel(), generator=g)]
+            step_map[row, order] = torch.arange(order.numel()) // per_round
+    return step_map
+
+
+def test_states_on_the_absolute_grid_follow_the_state_law():
+    """On the absolute grid each block's state is the sampler's state before one of the rounds it
+    used: a response token is clean iff it was decoded before that round in its (absolute) block;
+    the prompt's last P mod b tokens sit in the first block of x0 (clean) and xt (noisy, never
+    masked, never in the loss), and the prefix before them is the row's prompt."""
+    from nemo_opdlm.models import grid
+
+    bs, length = 4, 12
+    prompt_lens = [5, 6, 7, 8, 3]  # heads 1, 2, 3, 0, 3 (the last: no aligned prefix at all)
+    prompts = [list(range(10, 10 + p)) for p in prompt_lens]
+    width = max(prompt_lens)
+    prompt_ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    lens = torch.tensor(prompt_lens)
+    response = torch.randint(20, 90, (len(prompts), length), generator=_gen(3))
+    valid = torch.ones(len(prompts), length, dtype=torch.bool)
+    valid[1, 9:] = False  # a short response
+    for seed in range(10):
+        step_map = _absolute_rollout(prompt_lens, length, bs, seed)
+        f = grid.frame_rows(prompt_ids, lens, response, valid, step_map, bs, "absolute", pad_id=0)
+        rows = states.build_states(f.prompt_ids, f.prompt_lens, f.tokens, f.step_map, f.valid, block_size=bs,
+                                   steps_per_block=bs, mask_token_id=MASK, eos_ids=[EOS], generator=_gen(seed),
+                                   given=f.given)
+        framed_len = f.tokens.shape[1]
+        assert framed_len == length + bs
+        x0 = rows["input_ids"][:, width:width + framed_len]
+        xt = rows["input_ids"][:, width + framed_len:]
+        meta = rows["meta"]
+        for row, p in enumerate(prompt_lens):
+            head = p % bs
+            # the prefix is the prompt without its head, right-aligned; the head opens x0 and xt
+            assert rows["input_ids"][row, width - (p - head):width].tolist() == prompts[row][:p - head]
+            assert x0[row, :head].tolist() == prompts[row][p - head:]
+            assert xt[row, :head].tolist() == prompts[row][p - head:]
+            assert not rows["loss_mask"][row, :head].any() and not rows["xt_masked"][row, :head].any()
+            assert (meta[row, 0, width:width + head] == 0).all() and (meta[row, 1, width:width + head] == masks.CLEAN).all()
+            xt_meta = meta[row, :, width + framed_len:width + framed_len + head]
+            assert (xt_meta[0] == 0).all() and (xt_meta[1] == masks.NOISY).all()
+            assert (meta[row, 0, :width] < 0).all()  # the prefix's blocks come before block 0
+            # the response: x0 holds it after the head; xt masks exactly the tokens decoded at or after
+            # the block's sampled round, that round one the block used
+            n = int(valid[row].sum())
+            assert torch.equal(x0[row, head:head + n], response[row, :n])
+            blocks = (head + torch.arange(n)) // bs
+            masked = xt[row, head:head + n] == MASK
+            for b in blocks.unique().tolist():
+                sel = blocks == b
+                steps, m = step_map[row, :n][sel], masked[sel]
+                rounds = [r for r in steps.unique().tolist() if torch.equal(m, steps >= r)]
+                assert len(rounds) == 1, (row, b, steps, m)
+                assert torch.equal(xt[row, head:head + n][sel][~m], response[row, :n][sel][~m])
+            assert torch.equal(rows["loss_mask"][row, head:head + n], masked)  # no EOS in these responses
+
+
+def test_aligned_prompts_give_the_same_rows_on_both_grids():
+    """Prompts whose length is a multiple of the block size: the absolute grid's frame is the row
+    itself, and the states are the response grid's, token for token."""
+    from nemo_opdlm.models import grid
+
+    prompt_ids = torch.tensor([[0, 0, 0, 0, 1, 2, 3, 4], [1, 2, 3, 4, 5, 6, 7, 8]])
+    lens = torch.tensor([4, 8])
+    response = torch.randint(20, 90, (2, 8), generator=_gen(1))
+    valid = torch.ones(2, 8, dtype=torch.bool)
+    step_map = torch.tensor([[0, 1, 2, 3, 3, 2, 1, 0], [1, 0, 0, 1, 0, 0, 0, 0]])
+    built = []
+    for name in grid.GRIDS:
+        f = grid.frame_rows(prompt_ids, lens, response, valid, step_map, 4, name, pad_id=0)
+        assert not f.given.any() and torch.equal(f.tokens, response) and torch.equal(f.prompt_ids, prompt_ids)
+        built.append(states.build_states(f.prompt_ids, f.prompt_lens, f.tokens, f.step_map, f.valid, block_size=4,
+                                         steps_per_block=4, mask_token_id=MASK, eos_ids=[EOS], generator=_gen(5),
+                                         given=f.given))
+    assert built[0].keys() == built[1].keys()
+    for key in built[0]:
+        assert torch.equal(built[0][key], built[1][key]), key
