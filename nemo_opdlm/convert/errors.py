@@ -29,3 +29,8 @@ class VocabMismatchError(ConvertError):
 class ArchitectureMismatchError(ConvertError, CheckpointError):
     """Two descriptions of one model disagree on an architecture field (a checkpoint and the HF
     directory named as its source, a run's model config and the weights it loads)."""
+
+
+class ServingLayoutError(ConvertError):
+    """The student does not fit the layout the serving engines load (``--format sdar``): the wrong
+    family, [MASK] id, logit alignment or block grid."""

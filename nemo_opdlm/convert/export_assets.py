@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from nemo_opdlm.convert.errors import ConvertError
 from nemo_opdlm.data.prompts import check_mask_token
@@ -63,6 +63,8 @@ class CardFacts:
     """Entries of ``opdlm eval --output`` files (task, settings, accuracy, tokens_per_round, ...)."""
     rollout_tokens_per_round: Optional[float] = None
     """The training rollouts' tokens per round at ``step`` (the run's metrics.jsonl)."""
+    rollout: dict[str, Any] = field(default_factory=dict)
+    """How the training rollouts decoded (the run's ``rollout`` settings: mode, threshold, ...)."""
 
 
 def load_tokenizer(assets_dir: Optional[str]) -> Any:
@@ -75,10 +77,12 @@ def load_tokenizer(assets_dir: Optional[str]) -> Any:
     return AutoTokenizer.from_pretrained(assets_dir)
 
 
-def register_mask_token(tokenizer: Any, mask_token_id: int, source: str = "--mask-token-id") -> str:
+def register_mask_token(tokenizer: Any, mask_token_id: int, source: str = "--mask-token-id",
+                        token: str = MASK_TOKEN) -> str:
     """Make ``mask_token_id`` the tokenizer's mask token (see the module docstring); returns what
     was done, for the model card. Raises :class:`ConvertError` for an id that text uses
-    (``data.prompts.check_mask_token``, the rule the trainer applies; ``source`` names the setting)."""
+    (``data.prompts.check_mask_token``, the rule the trainer applies; ``source`` names the setting).
+    ``token``: the text of a new mask token (the SDAR format's tokenizers spell it ``<|MASK|>``)."""
     size = len(tokenizer)
     if tokenizer.mask_token_id == mask_token_id:
         return f"the tokenizer's own mask token {tokenizer.mask_token!r}"
@@ -95,12 +99,12 @@ def register_mask_token(tokenizer: Any, mask_token_id: int, source: str = "--mas
         from tokenizers import AddedToken
 
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in reserved], special_tokens=True)
-    tokenizer.add_special_tokens({"mask_token": MASK_TOKEN})
+    tokenizer.add_special_tokens({"mask_token": token})
     if tokenizer.mask_token_id != mask_token_id:  # pragma: no cover - the tokenizer numbered it otherwise
-        raise ConvertError(f"could not register {MASK_TOKEN} at id {mask_token_id} in the tokenizer "
+        raise ConvertError(f"could not register {token} at id {mask_token_id} in the tokenizer "
                            f"(it got id {tokenizer.mask_token_id})")
     note = f" ({len(reserved)} reserved placeholder(s) before it)" if reserved else ""
-    return f"a new special token {MASK_TOKEN!r} at id {mask_token_id}{note}"
+    return f"a new special token {token!r} at id {mask_token_id}{note}"
 
 
 def eos_ids(source_config: Optional[dict], source_generation: Optional[dict], tokenizer: Any) -> list[int]:
@@ -127,6 +131,7 @@ def generation_config(diffusion: DiffusionConfig, decoding: BlockDecoding, eos: 
         "steps_per_block": decoding.steps_per_block or diffusion.block_size,
         "threshold": decoding.threshold,
         "mask_token_id": diffusion.mask_token_id,
+        "block_grid": diffusion.block_grid,
         "eos_token_id": list(eos) if len(eos) != 1 else eos[0],
     }
     if src.get("bos_token_id", getattr(tokenizer, "bos_token_id", None)) is not None:
@@ -137,8 +142,11 @@ def generation_config(diffusion: DiffusionConfig, decoding: BlockDecoding, eos: 
 
 
 def model_card(source_architecture: str, diffusion: DiffusionConfig, gen: dict[str, Any], facts: CardFacts,
-               mask_note: str, dtype: str) -> str:
-    """README.md: what the model is, how it was made, how it decodes and how it scored."""
+               mask_note: str, dtype: str, warning: Optional[str] = None, sections: Sequence[str] = ()) -> str:
+    """README.md: what the model is, how it was made, how it decodes and how it scored.
+
+    ``warning``: a paragraph shown first (e.g. a block-grid mismatch); ``sections``: markdown
+    sections placed before the scores (e.g. the SDAR format's serve commands)."""
     teacher = f"`{facts.teacher}`" if facts.teacher else source_architecture
     method = facts.method or "opdlm"
     steps = gen["steps_per_block"]
@@ -153,6 +161,7 @@ def model_card(source_architecture: str, diffusion: DiffusionConfig, gen: dict[s
         "",
         f"# Block-diffusion student of {teacher}",
         "",
+        *([warning, ""] if warning else []),
         f"A block-diffusion language model converted from the autoregressive {teacher} by "
         f"{'on-policy distillation (OPDLM, arXiv 2606.06712)' if method == 'opdlm' else f'distill.method={method}'} "
         f"with nemo-opdlm{f', training step {facts.step}' if facts.step is not None else ''} "
@@ -164,6 +173,7 @@ def model_card(source_architecture: str, diffusion: DiffusionConfig, gen: dict[s
         "| setting | value |",
         "|---|---|",
         f"| block size | {diffusion.block_size} |",
+        f"| block grid | {GRID_NOTES[diffusion.block_grid]} |",
         f"| rounds per block (`steps_per_block`) | {steps} |",
         f"| threshold | {gen['threshold'] if gen['threshold'] is not None else 'none (static)'} ({decoding}) |",
         f"| [MASK] id | {diffusion.mask_token_id}: {mask_note} |",
@@ -183,9 +193,10 @@ def model_card(source_architecture: str, diffusion: DiffusionConfig, gen: dict[s
         "generation tasks (`opdlm lm-eval --model opdlm --model_args hf=PATH ...`, or lm-eval's `hf` model on "
         "`generate_until` tasks).",
         "",
-        "## Scores known at export",
-        "",
     ]
+    for section in sections:
+        lines += [section, ""]
+    lines += ["## Scores known at export", ""]
     if facts.rollout_tokens_per_round is not None:
         lines += [f"Training rollouts at step {facts.step}: {facts.rollout_tokens_per_round:.2f} tokens per round.", ""]
     if not facts.eval_results:
@@ -200,6 +211,33 @@ def model_card(source_architecture: str, diffusion: DiffusionConfig, gen: dict[s
                          f"gen {s.get('max_new_tokens')} |")
         lines += ["", "tokens/round: valid tokens decoded per denoising round the rows needed."]
     return "\n".join(lines) + "\n"
+
+
+GRID_NOTES = {
+    "response": "response (blocks start at the response's first token; as trained)",
+    "absolute": "absolute (blocks cut from position 0, as SGLang, lmdeploy and JetEngine serve; as trained)",
+}
+"""The card's statement of each ``diffusion.block_grid``."""
+
+
+def trained_with(diffusion: DiffusionConfig, facts: CardFacts) -> list[str]:
+    """Rows (``| setting | value |``) of the settings the student was trained with, where known."""
+    rows = [f"| block size | {diffusion.block_size} |",
+            f"| block grid (`diffusion.block_grid`) | {diffusion.block_grid} |",
+            f"| [MASK] id | {diffusion.mask_token_id} |",
+            f"| logits (`diffusion.shift_logits`) | {'shifted' if diffusion.shift_logits else 'unshifted'} |"]
+    if facts.method:
+        rows.append(f"| method (`distill.method`) | {facts.method} |")
+    if facts.teacher:
+        rows.append(f"| teacher | `{facts.teacher}` |")
+    if facts.step is not None:
+        rows.append(f"| training step | {facts.step} |")
+    for key in ("mode", "threshold", "steps_per_block", "temperature", "static_fraction"):
+        if facts.rollout.get(key) is not None:
+            rows.append(f"| rollouts: `rollout.{key}` | {facts.rollout[key]} |")
+    if facts.rollout_tokens_per_round is not None:
+        rows.append(f"| rollouts: tokens per round at that step | {facts.rollout_tokens_per_round:.2f} |")
+    return rows
 
 
 def read_eval_results(paths: Sequence[str]) -> list[dict[str, Any]]:
@@ -220,9 +258,13 @@ def read_eval_results(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 def write_student_assets(directory: str, source_architecture: str, diffusion: DiffusionConfig, *,
                          source_config: Optional[dict], assets_dir: Optional[str], decoding: BlockDecoding,
-                         facts: CardFacts, dtype: str) -> list[int]:
-    """Tokenizer (mask registered), generation_config.json and README.md into ``directory``, before
-    its config.json is written; returns the EOS ids (for config.json).
+                         facts: CardFacts, dtype: str, mask_token: str = MASK_TOKEN,
+                         card_warning: Optional[str] = None,
+                         card_sections: Callable[[dict[str, Any]], Sequence[str]] = lambda gen: ()) -> list[int]:
+    """Tokenizer (mask registered, as ``mask_token`` if new), generation_config.json and README.md
+    into ``directory``, before its config.json is written; returns the EOS ids (for config.json).
+    ``card_warning`` and ``card_sections(generation config)``: what the export's format adds to the
+    model card (``model_card``).
 
     The tokenizer files are copied as they are and rewritten only to register the [MASK], so the
     tokenizer is read here exactly as a user reads it from the export (by its tokenizer_config.json,
@@ -239,7 +281,7 @@ def write_student_assets(directory: str, source_architecture: str, diffusion: Di
         if tokenizer.mask_token_id == diffusion.mask_token_id:
             mask_note = f"the tokenizer's own mask token {tokenizer.mask_token!r}"
         else:
-            mask_note = register_mask_token(tokenizer, diffusion.mask_token_id)
+            mask_note = register_mask_token(tokenizer, diffusion.mask_token_id, token=mask_token)
             tokenizer.save_pretrained(directory)
         _name_tokenizer_class(directory, type(tokenizer).__name__)
     source_generation = None
@@ -252,7 +294,8 @@ def write_student_assets(directory: str, source_architecture: str, diffusion: Di
         json.dump(gen, f, indent=2)
         f.write("\n")
     with open(os.path.join(directory, MODEL_CARD), "w") as f:
-        f.write(model_card(source_architecture, diffusion, gen, facts, mask_note, dtype))
+        f.write(model_card(source_architecture, diffusion, gen, facts, mask_note, dtype, warning=card_warning,
+                           sections=card_sections(gen)))
     return eos
 
 

@@ -21,6 +21,8 @@ from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
 
 STUDENT_ARCHITECTURE = "OPDLMBlockDiffusionLM"
 STUDENT_MODEL_TYPE = "opdlm_block_diffusion"
+SDAR_ARCHITECTURE = "SDARForCausalLM"
+"""An SDAR-format export's architecture (``convert/sdar.py``); its weights keep Qwen3's names too."""
 MODELING_MODULE = "modeling_opdlm"
 ATTENTION_KIND = "block_causal"
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32",
@@ -102,8 +104,10 @@ def hf_dtype(hf: dict[str, Any]) -> str:
 
 
 def is_student_config(hf: dict[str, Any]) -> bool:
-    """An exported block-diffusion student's config.json (``student_hf_config``'s output)."""
-    return STUDENT_ARCHITECTURE in (hf.get("architectures") or []) or hf.get("model_type") == STUDENT_MODEL_TYPE
+    """An exported block-diffusion student's config.json (``student_hf_config``'s output, or an
+    SDAR-format export's, ``sdar.sdar_hf_config``)."""
+    archs = hf.get("architectures") or []
+    return STUDENT_ARCHITECTURE in archs or hf.get("model_type") == STUDENT_MODEL_TYPE or SDAR_ARCHITECTURE in archs
 
 
 def source_config_of_student(hf: dict[str, Any]) -> dict[str, Any]:
@@ -115,8 +119,11 @@ def source_config_of_student(hf: dict[str, Any]) -> dict[str, Any]:
             f"exported student with source_architecture={arch!r}; supported: {', '.join(supported_architectures())}")
     fam = FAMILIES[ARCHITECTURES[arch]]
     rope: dict[str, Any] = {"rope_theta": hf.get("rope_theta", 10000.0), "rope_type": "default"}
-    if hf.get("rope_llama3"):
-        rope.update(rope_type="llama3", **hf["rope_llama3"])
+    scaling = hf.get("rope_scaling") or {}  # the SDAR format spells Llama-3.1 scaling as Qwen3 does
+    llama3 = hf.get("rope_llama3") or ({k: v for k, v in scaling.items() if k not in ("rope_type", "type")}
+                                       if scaling.get("rope_type", scaling.get("type")) == "llama3" else None)
+    if llama3:
+        rope.update(rope_type="llama3", **llama3)
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
             "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings", "dtype",
             "bos_token_id", "eos_token_id", "pad_token_id")
@@ -125,12 +132,14 @@ def source_config_of_student(hf: dict[str, Any]) -> dict[str, Any]:
 
 
 def student_diffusion(hf: dict[str, Any]) -> DiffusionConfig:
-    """The diffusion settings recorded in an exported student's config.json."""
+    """The diffusion settings recorded in an exported student's config.json (no ``block_grid``: an
+    export written before the setting existed, whose student was trained on the response grid)."""
     if hf.get("mask_token_id") is None:
         raise UnsupportedArchitectureError("exported student config.json has no mask_token_id: re-export it with "
                                            "tools/export_hf.py --mask-token-id")
     return DiffusionConfig(mask_token_id=int(hf["mask_token_id"]), block_size=int(hf.get("block_size", 4)),
-                           shift_logits=bool(hf.get("shift_logits", False)))
+                           shift_logits=bool(hf.get("shift_logits", False)),
+                           block_grid=hf.get("block_grid") or "response")
 
 
 def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
@@ -259,6 +268,7 @@ def student_hf_config(cfg: ModelConfig, diffusion: DiffusionConfig, source: Opti
         "mask_token_id": diffusion.mask_token_id,
         "block_size": diffusion.block_size,
         "shift_logits": diffusion.shift_logits,
+        "block_grid": diffusion.block_grid,
         "attention_kind": ATTENTION_KIND,
         **keep,
     }

@@ -3,7 +3,9 @@
 One job: write the weights under the source architecture's HF names (safetensors shards + index),
 the config.json, the tokenizer files, and, for a block-diffusion student, the self-contained
 ``modeling_opdlm.py`` that ``transformers`` loads with ``trust_remote_code=True`` (its tokenizer,
-generation_config.json and model card come from ``export_assets.py``). A teacher (no diffusion
+generation_config.json and model card come from ``export_assets.py``). A student exported in the
+SDAR format (``export_format='sdar'``, ``sdar.py``) gets SDAR's config.json and remote-code files
+instead, so that SGLang, lmdeploy and JetEngine serve it. A teacher (no diffusion
 settings) is written back as its original architecture, config.json verbatim (but for the dtype
 of the weights written).
 Non-goals: training-time checkpoints (``training/checkpoint.py``), loading HF (``hf_to_mcore.py``).
@@ -26,7 +28,9 @@ import torch.distributed as dist
 
 from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert.errors import ArchitectureMismatchError, ConvertError
-from nemo_opdlm.convert.export_assets import MODEL_CARD, BlockDecoding, CardFacts, write_student_assets
+from nemo_opdlm.convert import sdar
+from nemo_opdlm.convert.export_assets import (MASK_TOKEN, MODEL_CARD, BlockDecoding, CardFacts, trained_with,
+                                              write_student_assets)
 from nemo_opdlm.convert.dist_checkpoint import ASSETS_DIR, load_dist_checkpoint, read_checkpoint_meta
 from nemo_opdlm.convert.hf_to_mcore import INDEX_FILE, SINGLE_FILE, check_layout, parameter_sources, without_random_init
 from nemo_opdlm.convert.key_maps import to_hf
@@ -38,10 +42,11 @@ from nemo_opdlm.models.families import FAMILIES
 from nemo_opdlm.models.student import build_chunks, unwrap
 from nemo_opdlm.runtime.context import ParallelContext
 
-MODELING_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_modeling", "modeling_opdlm.py")
+MODELING_FILE = os.path.join(sdar.HF_MODELING_DIR, "modeling_opdlm.py")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 HF_EXPORT = OutputKind("Hugging Face export", (
-    "config.json", "*.safetensors", INDEX_FILE, f"{hfc.MODELING_MODULE}.py", MODEL_CARD, *hfc.TOKENIZER_FILES))
+    "config.json", "*.safetensors", INDEX_FILE, f"{hfc.MODELING_MODULE}.py", *sdar.SDAR_FILES, MODEL_CARD,
+    *hfc.TOKENIZER_FILES))
 """Everything an export writes: ``--overwrite`` replaces a previous export, never other files."""
 
 
@@ -147,6 +152,8 @@ def export_chunks(
     dtype: Optional[torch.dtype] = None,
     decoding: Optional[BlockDecoding] = None,
     card: Optional[CardFacts] = None,
+    export_format: str = "opdlm",
+    allow_grid_mismatch: bool = False,
 ) -> None:
     """Write the chunks (this rank's share of a model at any layout) as an HF directory.
 
@@ -156,14 +163,33 @@ def export_chunks(
         assets_dir: where tokenizer files (and generation_config.json) are copied from.
         dtype: cast weights on the way out (default: the model's ``params_dtype``); config.json says which.
         decoding, card: a student's default decoding (generation_config.json) and model card facts.
+        export_format: 'opdlm' (this project's layout) or 'sdar' (what SGLang, lmdeploy and
+            JetEngine serve; a student that does not fit is refused before anything is written,
+            ``sdar.check_sdar_export``, and ``allow_grid_mismatch`` lets a response-grid one through).
     """
     check_layout(cfg, unwrap(chunks[0]).parallel)
+    check_export_format(cfg, diffusion, export_format, allow_grid_mismatch)
     with staged_dir(out_dir, overwrite, HF_EXPORT) as staging:
         records = _all_records(_write_weights(chunks, cfg, staging, max_shard_bytes, dtype))
         if is_rank0():
             _name_shards(staging, records)
             write_hf_metadata(staging, cfg, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
-                              dtype=dtype_name(dtype or cfg.dtype), decoding=decoding, card=card)
+                              dtype=dtype_name(dtype or cfg.dtype), decoding=decoding, card=card,
+                              export_format=export_format, allow_grid_mismatch=allow_grid_mismatch)
+
+
+def check_export_format(cfg: ModelConfig, diffusion: Optional[DiffusionConfig], export_format: str,
+                        allow_grid_mismatch: bool = False) -> Optional[str]:
+    """Refuse an unknown format, or a model the format cannot hold (``sdar.check_sdar_export``);
+    returns the SDAR card's grid warning, if any. Reads nothing: callers refuse before writing."""
+    if export_format not in sdar.EXPORT_FORMATS:
+        raise ConvertError(f"--format {export_format!r} is not an export format; choose one of {sdar.EXPORT_FORMATS}")
+    if export_format == "opdlm":
+        return None
+    if diffusion is None:
+        raise ConvertError("--format sdar exports a block-diffusion student, but this is an AR teacher (no diffusion "
+                           "settings, or --teacher): export it with --format opdlm, or give --mask-token-id")
+    return sdar.check_sdar_export(cfg, diffusion, allow_grid_mismatch)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -173,9 +199,10 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Optional[dict[str, Any]],
                       diffusion: Optional[DiffusionConfig], assets_dir: Optional[str], dtype: Optional[str] = None,
-                      decoding: Optional[BlockDecoding] = None, card: Optional[CardFacts] = None) -> None:
+                      decoding: Optional[BlockDecoding] = None, card: Optional[CardFacts] = None,
+                      export_format: str = "opdlm", allow_grid_mismatch: bool = False) -> None:
     """config.json (``dtype``: the weights' dtype as written), the tokenizer, and for a student the
-    modeling file, generation_config.json and README.md."""
+    modeling file(s), generation_config.json and README.md (``export_format``: see ``export_chunks``)."""
     if diffusion is None:
         for name in hfc.TOKENIZER_FILES:
             path = os.path.join(assets_dir, name) if assets_dir else ""
@@ -187,15 +214,34 @@ def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Option
             config["dtype"] = dtype
         _write_json(os.path.join(directory, "config.json"), config)
         return
-    eos = write_student_assets(directory, FAMILIES[cfg.family].architecture, diffusion, source_config=source_config, assets_dir=assets_dir,
-                               decoding=decoding or BlockDecoding(), facts=card or CardFacts(checkpoint="memory"),
-                               dtype=dtype or cfg.params_dtype)
-    config = hfc.student_hf_config(cfg, diffusion, source_config)
-    config["dtype"] = dtype or config["dtype"]
+    warning = check_export_format(cfg, diffusion, export_format, allow_grid_mismatch)
+    dtype = dtype or cfg.params_dtype
+    facts = card or CardFacts(checkpoint="memory")
+    as_sdar = export_format == "sdar"
+
+    def serve_sections(gen: dict[str, Any]) -> list[str]:
+        if not as_sdar:
+            return []
+        settings = sdar.ServeSettings(block_size=diffusion.block_size, steps_per_block=gen["steps_per_block"],
+                                      threshold=gen["threshold"])
+        return [sdar.serve_section(settings, trained_with(diffusion, facts))]
+
+    eos = write_student_assets(directory, FAMILIES[cfg.family].architecture, diffusion, source_config=source_config,
+                               assets_dir=assets_dir, decoding=decoding or BlockDecoding(), facts=facts, dtype=dtype,
+                               mask_token=sdar.SDAR_MASK_TOKEN if as_sdar else MASK_TOKEN, card_warning=warning,
+                               card_sections=serve_sections)
+    if as_sdar:
+        config = sdar.sdar_hf_config(cfg, diffusion, source_config, dtype)
+        modeling_files = sdar.SDAR_FILES
+    else:
+        config = hfc.student_hf_config(cfg, diffusion, source_config)
+        config["dtype"] = dtype
+        modeling_files = (hfc.MODELING_MODULE + ".py",)
     if config.get("eos_token_id") is None and eos:
         config["eos_token_id"] = eos if len(eos) > 1 else eos[0]
     _write_json(os.path.join(directory, "config.json"), config)
-    shutil.copy2(MODELING_FILE, os.path.join(directory, hfc.MODELING_MODULE + ".py"))
+    for name in modeling_files:
+        shutil.copy2(os.path.join(sdar.HF_MODELING_DIR, name), os.path.join(directory, name))
 
 
 def resolve_export(ckpt_dir: str, *, hf_source: Optional[str] = None, model_config: Optional[ModelConfig] = None,
@@ -249,6 +295,8 @@ def export_checkpoint(
     dtype: Optional[torch.dtype] = None,
     decoding: Optional[BlockDecoding] = None,
     eval_results: Optional[list[dict[str, Any]]] = None,
+    export_format: str = "opdlm",
+    allow_grid_mismatch: bool = False,
     **overrides: Any,
 ) -> ModelConfig:
     """A torch_dist checkpoint (saved at any TP/PP) -> HF directory, read at ``parallel``'s layout.
@@ -257,7 +305,8 @@ def export_checkpoint(
     settings come from ``diffusion`` or the checkpoint's metadata; ``as_teacher`` forces the AR
     export. ``prefix`` is the sharded-key prefix of the model inside a training checkpoint, if any.
     ``decoding`` and ``eval_results`` (``opdlm eval --output`` entries) go into a student's
-    generation_config.json and model card.
+    generation_config.json and model card; ``export_format`` and ``allow_grid_mismatch``: see
+    :func:`export_chunks` (checked before the checkpoint is read).
     """
     check_target(out_dir, overwrite, HF_EXPORT)
     meta = read_checkpoint_meta(ckpt_dir) or {}
@@ -267,12 +316,14 @@ def export_checkpoint(
         diffusion = DiffusionConfig(**meta["diffusion"])
     if as_teacher:
         diffusion = None
+    check_export_format(cfg, diffusion, export_format, allow_grid_mismatch)
     check_layout(cfg, parallel)
     chunks = build_chunks(without_random_init(cfg), parallel)
     load_dist_checkpoint(chunks, ckpt_dir, prefix=prefix, cfg=cfg)
     card = run_facts(ckpt_dir, meta.get("step"), source_config, hf_source, eval_results)
     export_chunks(chunks, cfg, out_dir, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
-                  overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype, decoding=decoding, card=card)
+                  overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype, decoding=decoding, card=card,
+                  export_format=export_format, allow_grid_mismatch=allow_grid_mismatch)
     return cfg
 
 
@@ -292,6 +343,8 @@ def run_facts(ckpt_dir: str, step: Optional[int], source_config: Optional[dict[s
                     data = yaml.safe_load(f) or {}
                 facts.method = (data.get("distill") or {}).get("method")
                 facts.teacher = (data.get("init") or {}).get("teacher_hf")
+                facts.rollout = {k: v for k, v in (data.get("rollout") or {}).items()
+                                 if k in ("mode", "threshold", "steps_per_block", "temperature", "static_fraction")}
             except (OSError, yaml.YAMLError, AttributeError):
                 pass
             break

@@ -141,6 +141,8 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         cfg = hfc.model_config_from_hf(hf_cfg)
         if hfc.is_student_config(hf_cfg):
             diffusion = dataclasses.asdict(hfc.student_diffusion(hf_cfg))
+            if "block_grid" not in hf_cfg:  # exported before the setting existed: recorded_grid says so
+                del diffusion["block_grid"]
     else:
         meta = read_checkpoint_meta(ckpt) or {}
         diffusion = meta.get("diffusion") or {}

@@ -68,10 +68,13 @@ def test_export_files_dtype_tokenizer_and_card(exported):
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
     gen = json.load(open(os.path.join(out, "generation_config.json")))
     assert gen == {"do_sample": False, "max_new_tokens": 256, "block_size": 4, "steps_per_block": 4,
-                   "threshold": None, "mask_token_id": MASK, "eos_token_id": 2, "bos_token_id": 1}
+                   "threshold": None, "mask_token_id": MASK, "block_grid": "response", "eos_token_id": 2,
+                   "bos_token_id": 1}
+    assert config["block_grid"] == "response"
     assert json.load(open(os.path.join(out, "tokenizer_config.json")))["tokenizer_class"]
     card = open(os.path.join(out, "README.md")).read()
     assert "LlamaForCausalLM" in card and "| block size | 4 |" in card and "none (static)" in card
+    assert "| block grid | response (blocks start at the response's first token; as trained) |" in card
     assert "| gsm8k | 50 | 0.6200 | 2.31 | dynamic thr=0.9, block 4, gen 256 |" in card
     assert "the tokenizer's own mask token 'w99'" in card
 
@@ -160,6 +163,8 @@ def test_stopping_criteria_end_rows(model, tok):
     ({"num_return_sequences": 2}, ValueError, "do_sample=True"),
     ({"do_sample": True, "temperature": 0.0}, ValueError, "temperature > 0"),
     ({"max_length": 3}, ValueError, "max_new_tokens"),
+    ({"block_grid": "absolute"}, ValueError, "block_grid='absolute' was asked of generate, but this model was "
+                                             "trained on the 'response' block grid"),
 ])
 def test_unsupported_generate_arguments_are_refused_by_name(model, tok, kwargs, error, match):
     with pytest.raises(error, match=match):
@@ -200,3 +205,25 @@ def test_mask_token_registration(exported, tmp_path, capsys):
     fresh = AutoTokenizer.from_pretrained(student, trust_remote_code=True)
     with pytest.raises(ConvertError, match="eos_token .*a token that text contains"):  # the trainer's rule
         register_mask_token(fresh, fresh.eos_token_id)
+
+
+def test_an_export_older_than_block_grids_reads_as_response_and_says_so(exported, tmp_path):
+    """``opdlm eval --hf`` on an export written before ``block_grid`` existed: the response grid,
+    with a line saying why; asking for the absolute grid is refused, naming both."""
+    import shutil
+
+    from nemo_opdlm.errors import ConfigError
+    from nemo_opdlm.eval.loading import load_model
+    from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
+
+    old = tmp_path / "old_export"
+    shutil.copytree(exported[1], old)
+    config = json.loads((old / "config.json").read_text())
+    del config["block_grid"]
+    (old / "config.json").write_text(json.dumps(config))
+    with runtime(ParallelLayout()) as rt:
+        loaded = load_model(rt.ctx, hf=str(old))
+        assert loaded.block_grid == "response" and "records no diffusion.block_grid" in loaded.note
+        assert load_model(rt.ctx, hf=exported[1]).note is None  # a current export records its grid
+        with pytest.raises(ConfigError, match="trained on the 'response' block grid, not 'absolute'"):
+            load_model(rt.ctx, hf=str(old), block_grid="absolute")

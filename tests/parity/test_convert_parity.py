@@ -4,6 +4,7 @@ PP=2 versions are in test_convert_dist.py."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -151,6 +152,14 @@ def test_exported_student_matches_megatron_student(rt, hf_dirs, tmp_path, family
         theirs = model(ids, position_ids=lay.position_ids, token_meta=lay.meta).logits  # [B, S, V]
     assert float((ours - theirs).abs().max()) <= TOL
     _generation_matches_project_sampler(chunks, model)
+    # the same weights trained on the absolute grid: the export records it and generate decodes on it
+    absolute = str(tmp_path / "absolute")
+    export_chunks(chunks, cfg, absolute, source_config=hfc.read_hf_config(directory),
+                  diffusion=dataclasses.replace(diffusion, block_grid="absolute"), assets_dir=directory)
+    assert json.load(open(os.path.join(absolute, "config.json")))["block_grid"] == "absolute"
+    model = AutoModelForCausalLM.from_pretrained(absolute, trust_remote_code=True).eval()
+    assert model.config.block_grid == "absolute"
+    _generation_matches_project_sampler(chunks, model, block_grid="absolute")
 
 
 def test_exported_shifted_student_matches_megatron_student(rt, hf_dirs, tmp_path):
@@ -169,32 +178,43 @@ def test_exported_shifted_student_matches_megatron_student(rt, hf_dirs, tmp_path
     model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
     assert model.config.shift_logits is True
     _generation_matches_project_sampler(chunks, model, shift_logits=True)
+    absolute = str(tmp_path / "absolute")
+    export_chunks(chunks, cfg, absolute, source_config=hfc.read_hf_config(directory),
+                  diffusion=dataclasses.replace(diffusion, block_grid="absolute"), assets_dir=directory)
+    model = AutoModelForCausalLM.from_pretrained(absolute, trust_remote_code=True).eval()
+    _generation_matches_project_sampler(chunks, model, shift_logits=True, block_grid="absolute")
 
 
-def _generation_matches_project_sampler(chunks, model, shift_logits: bool = False) -> None:
+def _generation_matches_project_sampler(chunks, model, shift_logits: bool = False,
+                                        block_grid: str = "response") -> None:
     """Greedy static and threshold decoding: the exported model and rollout/sampler.py agree token
-    for token (and round for round)."""
+    for token (and round for round), on the block grid the export records. The prompts' lengths 6, 4,
+    1 and 3 cover every ``P mod 4`` (and prompts shorter than a block: on the absolute grid nothing is
+    prefilled, and the whole prompt shares the first block with the masks)."""
     sampler_mod = pytest.importorskip("nemo_opdlm.rollout.sampler")
-    prompt = torch.randint(0, VOCAB - 1, (3, 6), generator=torch.Generator().manual_seed(5))
+    width = 6
+    prompt = torch.cat([torch.randint(0, VOCAB - 1, (3, width), generator=torch.Generator().manual_seed(5)),
+                        torch.randint(0, VOCAB - 1, (1, width), generator=torch.Generator().manual_seed(6))])
     am = torch.ones_like(prompt)
     am[1, :2] = 0
     am[2, :5] = 0
+    am[3, :3] = 0
     lens = am.sum(1)
     # An EOS that the model really emits mid-way, so that rows stop at different blocks.
-    probe = model.generate(prompt, attention_mask=am, max_new_tokens=16, eos_token_id=[])[:, 6:]
+    probe = model.generate(prompt, attention_mask=am, max_new_tokens=16, eos_token_id=[])[:, width:]
     eos = int(probe[0, 5])
     multi_round = False
     for mode, threshold in (("static", None), ("dynamic", 0.6)):
         cfg = sampler_config(mask_token_id=VOCAB - 1, block_size=4, steps_per_block=4, mode=mode,
                              threshold=threshold or 0.9, temperature=0.0, max_new_tokens=16,
-                             eos_token_ids=(eos,), shift_logits=shift_logits)
+                             eos_token_ids=(eos,), shift_logits=shift_logits, block_grid=block_grid)
         ours = sampler_mod.BlockSampler(chunks, cfg).generate(prompt, lens)
         theirs = model.generate(prompt, attention_mask=am, max_new_tokens=16, threshold=threshold,
                                 eos_token_id=eos, return_dict=True)
         # transformers' convention: a finished row holds padding (the EOS id here) after its EOS
         expected = torch.where(ours.valid, ours.tokens, eos)
-        assert torch.equal(theirs["sequences"][:, 6:], expected), (theirs["sequences"], expected)
-        assert torch.equal(theirs["step_map"], ours.step_map)
+        assert torch.equal(theirs["sequences"][:, width:], expected), (block_grid, mode, theirs["sequences"], expected)
+        assert torch.equal(theirs["step_map"], ours.step_map), (block_grid, mode, theirs["step_map"], ours.step_map)
         if mode == "dynamic":
             per_round = [(ours.step_map[:, b:b + 4] == r).sum(1) for b in range(0, 16, 4) for r in range(4)]
             multi_round = any(bool((n > 1).any()) for n in per_round)

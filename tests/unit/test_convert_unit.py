@@ -307,15 +307,46 @@ def _modeling_module():
     return mod
 
 
-def test_modeling_file_imports_only_torch_and_transformers():
-    tree = ast.parse(open(MODELING_FILE).read())
-    roots = set()
+@pytest.mark.parametrize("name", ["modeling_opdlm.py", "configuration_sdar.py", "modeling_sdar.py"])
+def test_modeling_files_import_only_torch_transformers_and_each_other(name):
+    """The shipped files run where nemo_opdlm is absent: beside the standard library, torch and
+    transformers they import only files shipped with them (relative imports)."""
+    from nemo_opdlm.convert.sdar import HF_MODELING_DIR, SDAR_FILES
+
+    tree = ast.parse(open(os.path.join(HF_MODELING_DIR, name)).read())
+    roots, siblings = set(), set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
             roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level:
+            siblings.add(f"{node.module}.py")
         elif isinstance(node, ast.ImportFrom) and node.module:
             roots.add(node.module.split(".")[0])
     assert roots <= {"__future__", "copy", "math", "typing", "torch", "transformers"}, roots
+    assert siblings <= set(SDAR_FILES), siblings
+
+
+def test_modeling_frame_equals_the_grid_module():
+    """The exported decoder's restatement of the block grids (heads, the frame of left-padded
+    prompts) equals ``models/grid.py``, the rule the sampler and the training states follow."""
+    from nemo_opdlm.models import grid
+
+    mod = _modeling_module()
+    g = torch.Generator().manual_seed(2)
+    lens = torch.tensor([0, 1, 3, 4, 5, 7, 8])
+    width = int(lens.max())
+    ids = torch.randint(1, 50, (len(lens), width), generator=g)
+    mask = (torch.arange(width)[None, :] >= (width - lens)[:, None]).long()
+    ids = ids * mask
+    for block_size, name in ((4, "absolute"), (3, "absolute"), (1, "absolute"), (4, "response")):
+        head = mod.head_lengths(lens, block_size, name)
+        assert torch.equal(head, grid.head_lengths(lens, block_size, name))
+        prefix, prefix_mask, head_ids = mod.frame_prompts(ids, mask, head, 0)
+        ref = grid.frame_prompts(ids, lens, block_size, name, pad_id=0)
+        assert torch.equal(prefix, ref.prefix_ids) and torch.equal(prefix_mask.sum(1), ref.prefix_lens)
+        assert torch.equal(head_ids, ref.head_ids)
+        room = torch.cat([ids, torch.zeros_like(ids[:, :block_size])], dim=1)  # columns to roll into
+        assert torch.equal(mod.roll_left(mod.roll_right(room, head, 0), head, 0), room)
 
 
 def test_modeling_mask_rule_equals_training_rule():
@@ -359,8 +390,27 @@ def test_exported_student_config_reads_back_as_its_source(family):
 
     source = hf_config(family).to_dict()
     cfg = hfc.model_config_from_hf(source)
-    diffusion = DiffusionConfig(block_size=8, mask_token_id=97, shift_logits=True)
+    diffusion = DiffusionConfig(block_size=8, mask_token_id=97, shift_logits=True, block_grid="absolute")
     student = json.loads(json.dumps(hfc.student_hf_config(cfg, diffusion, source)))
     assert hfc.is_student_config(student) and not hfc.is_student_config(source)
     assert hfc.model_config_from_hf(student) == cfg
     assert hfc.student_diffusion(student) == diffusion
+    del student["block_grid"]  # an export written before the setting existed: trained on the response grid
+    assert hfc.student_diffusion(student).block_grid == "response"
+
+
+def test_sdar_config_reads_back_as_its_source():
+    """An SDAR-format export's config.json (Qwen3's fields) gives the Qwen3 architecture and the
+    student's diffusion settings back, so the project's own readers load it as they load the source."""
+    from nemo_opdlm.convert import hf_config as hfc
+    from nemo_opdlm.convert.sdar import sdar_hf_config
+    from nemo_opdlm.models.config import DiffusionConfig
+    from tests.convert_models import hf_config
+
+    source = hf_config("qwen3").to_dict()
+    cfg = hfc.model_config_from_hf(source)
+    diffusion = DiffusionConfig(block_size=4, mask_token_id=99, block_grid="absolute")
+    sdar = json.loads(json.dumps(sdar_hf_config(cfg, diffusion, source, "float32")))
+    assert hfc.is_student_config(sdar)
+    assert hfc.model_config_from_hf(sdar) == cfg
+    assert hfc.student_diffusion(sdar) == diffusion

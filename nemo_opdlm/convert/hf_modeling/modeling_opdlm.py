@@ -28,6 +28,19 @@ Usage::
 of the raw logits. Static decoding unmasks a fixed count per round (most confident first);
 threshold decoding unmasks every masked position whose confidence is strictly above the
 threshold, and at least the scheduled count.
+
+Block grid (``config.block_grid``, the grid the student was trained on; ``generate`` decodes on it
+and refuses another):
+
+- ``response``: blocks start at the response's first token (prompt blocks counted back from the
+  prompt's end, as above).
+- ``absolute`` (SGLang, lmdeploy and JetEngine for SDAR models): blocks are cut from position 0. A
+  prompt of ``P`` tokens has a *head* of ``r = P mod block_size`` tokens: its first ``P - r``
+  tokens are prefilled, and the first denoising block holds the head (given: never masked, never
+  chosen, noisy-kind so that it attends both ways with the masks of its block) and
+  ``block_size - r`` masks. ``generate`` works in a *frame*: each row's prompt rolled right by its
+  head, so that the aligned prefix is the prompt and the head is the first tokens of the response;
+  every other rule above is unchanged, and with no head the frame is the row itself.
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ from transformers.generation import GenerateDecoderOnlyOutput
 from transformers.modeling_outputs import CausalLMOutput
 
 PAD, CLEAN, NOISY = 0, 1, 2
+GRIDS = ("response", "absolute")
+"""The block grids a student can be trained on (``config.block_grid``; see the module docstring)."""
 _TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
 
 
@@ -73,6 +88,7 @@ class OPDLMConfig(PretrainedConfig):
         mask_token_id: Optional[int] = None,
         block_size: int = 4,
         shift_logits: bool = False,
+        block_grid: str = "response",
         attention_kind: str = "block_causal",
         source_architecture: Optional[str] = None,
         source_model_type: Optional[str] = None,
@@ -94,6 +110,7 @@ class OPDLMConfig(PretrainedConfig):
         self.mask_token_id = mask_token_id
         self.block_size = block_size
         self.shift_logits = shift_logits
+        self.block_grid = check_grid(block_grid)
         self.attention_kind = attention_kind
         self.source_architecture = source_architecture
         self.source_model_type = source_model_type
@@ -101,6 +118,15 @@ class OPDLMConfig(PretrainedConfig):
             raise ValueError(f"attention_kind {attention_kind!r} is not supported (only 'block_causal')")
         super().__init__(tie_word_embeddings=tie_word_embeddings, **kwargs)
         self.tie_word_embeddings = tie_word_embeddings
+
+
+def check_grid(grid: Optional[str]) -> str:
+    """``grid`` if it is a known block grid; None (a config written before grids existed) reads as
+    'response', the only grid there was."""
+    grid = "response" if grid is None else grid
+    if grid not in GRIDS:
+        raise ValueError(f"block_grid must be one of {GRIDS}, got {grid!r}")
+    return grid
 
 
 # ---------------------------------------------------------------------------------------------
@@ -141,6 +167,50 @@ def response_layout(prompt_lens: torch.Tensor, start: int, length: int, block_si
     block = (idx // block_size).expand(prompt_lens.shape[0], -1)
     kinds = torch.full_like(block, kind)
     return torch.stack([block, kinds], dim=1).long(), (prompt_lens[:, None] + idx[None, :]).long()
+
+
+def head_lengths(prompt_lens: torch.Tensor, block_size: int, grid: str) -> torch.Tensor:
+    """``[B]``: each row's head, the prompt tokens that share the first denoising block with the
+    response (``P mod block_size`` on the absolute grid, 0 on the response grid)."""
+    if check_grid(grid) == "response" or block_size == 1:
+        return torch.zeros_like(prompt_lens)
+    return prompt_lens % block_size
+
+
+def roll_right(x: torch.Tensor, shift: torch.Tensor, fill) -> torch.Tensor:
+    """``x [B, S, ...]`` with row ``b`` moved ``shift[b]`` columns right (``fill`` enters on the left)."""
+    cols = torch.arange(x.shape[1], device=x.device)[None, :] - shift[:, None]  # [B, S]
+    return _gather_cols(x, cols, fill)
+
+
+def roll_left(x: torch.Tensor, shift: torch.Tensor, fill) -> torch.Tensor:
+    """``x [B, S, ...]`` with row ``b`` moved ``shift[b]`` columns left (``fill`` enters on the right)."""
+    cols = torch.arange(x.shape[1], device=x.device)[None, :] + shift[:, None]  # [B, S]
+    return _gather_cols(x, cols, fill)
+
+
+def _gather_cols(x: torch.Tensor, cols: torch.Tensor, fill) -> torch.Tensor:
+    """``out[b, j] = x[b, cols[b, j]]``, ``fill`` where ``cols`` falls outside ``[0, S)``."""
+    inside = (cols >= 0) & (cols < x.shape[1])  # [B, S]
+    trailing = [1] * (x.dim() - 2)
+    index = cols.clamp(0, x.shape[1] - 1).view(*cols.shape, *trailing).expand_as(x)
+    fill_value = torch.as_tensor(fill, dtype=x.dtype, device=x.device)
+    return torch.where(inside.view(*cols.shape, *trailing), x.gather(1, index), fill_value)
+
+
+def frame_prompts(input_ids: torch.Tensor, attention_mask: torch.Tensor, head: torch.Tensor,
+                  pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompts ``[B, P]`` in the frame: ``(prefix ids [B, P], prefix mask [B, P],
+    head ids [B, H])``, the block-aligned prefixes still right-aligned and each row's head tokens
+    in its first ``head[b]`` columns of ``H = max(head)`` (padding after)."""
+    width = int(head.max()) if head.numel() else 0
+    if width == 0:
+        return input_ids, attention_mask, input_ids.new_empty(input_ids.shape[0], 0)
+    extra = input_ids.new_full((input_ids.shape[0], width), pad_id)
+    ids = roll_right(torch.cat([input_ids, extra], dim=1), head, pad_id)  # [B, P + H]
+    mask = roll_right(torch.cat([attention_mask, torch.zeros_like(extra)], dim=1), head, 0)
+    cols = input_ids.shape[1]
+    return ids[:, :cols], mask[:, :cols], ids[:, cols:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +443,8 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel, GenerationMixin):
           scheduled count per round, most confident first, ties to the left; a float: every
           masked position whose confidence is strictly above it, and at least the scheduled
           count), ``mask_token_id``, ``suppress_mask_token`` (default True: [MASK] is never
-          chosen);
+          chosen), ``block_grid`` (only the grid of ``config.block_grid`` is accepted: the
+          student was trained on it);
         - the standard ones it honours: ``max_new_tokens`` / ``max_length`` (an explicit argument
           wins over the config; ``max_new_tokens`` over ``max_length``), ``do_sample`` with
           ``temperature`` / ``top_k`` / ``top_p`` (``do_sample=False``: greedy, and the others
@@ -399,6 +470,11 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel, GenerationMixin):
         With ``config.shift_logits`` position ``j`` of a block is predicted by the logits at
         ``j - 1``, and the block's first position by the last token before the block (the
         prompt's last token, or the previous block's last token when that block is committed).
+
+        On the absolute grid (``config.block_grid``) a row's first block holds its prompt's last
+        ``P mod block_size`` tokens and the first response tokens (module docstring); the rounds,
+        ``step_map``, scores, EOS and stopping criteria count response tokens only, and
+        ``max_new_tokens`` counts response tokens.
         """
         segments = kwargs.pop("token_type_ids", None)  # some tokenizers return them; one segment means nothing
         if segments is not None and bool(segments.any()):
@@ -424,40 +500,54 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel, GenerationMixin):
 
     def _decode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, s: "_Settings",
                 generator: Optional[torch.Generator], prompts: torch.Tensor, criteria: Optional[Any]):
-        """Left-padded prompts -> (tokens ``[B, L]``, step_map, scores and logits ``[B, L, V]`` or None);
-        ``prompts`` as given (for the stopping criteria)."""
-        bs, steps, mask_id = s.block_size, s.steps_per_block, s.mask_token_id
+        """Left-padded prompts -> (tokens ``[B, L]``, step_map, scores and logits ``[B, L, V]`` or None),
+        per response token; ``prompts`` as given (for the stopping criteria).
+
+        Works in the frame of ``s.block_grid`` (module docstring): the aligned prefixes are
+        prefilled, the heads sit in the first block as given tokens, and the results are moved back
+        to response positions at the end (on the response grid every head is 0 and nothing moves)."""
+        bs, steps, mask_id, pad = s.block_size, s.steps_per_block, s.mask_token_id, s.pad_token_id
         batch, _ = input_ids.shape
         device = input_ids.device
-        prompt_meta, prompt_pos = prompt_layout(attention_mask, bs)
-        prompt_lens = attention_mask.long().sum(dim=1)
-        n_blocks = -(-s.max_new_tokens // bs)
-        tokens = torch.full((batch, n_blocks * bs), s.pad_token_id, dtype=torch.long, device=device)
+        prompt_lens = attention_mask.long().sum(dim=1)  # [B]
+        head = head_lengths(prompt_lens, bs, s.block_grid)  # [B]
+        prefix_ids, prefix_mask, head_ids = frame_prompts(input_ids, attention_mask, head, pad)
+        prefix_lens = prompt_lens - head  # [B] multiples of bs on the absolute grid
+        prompt_meta, prompt_pos = prompt_layout(prefix_mask, bs)
+        n_blocks = -(-(int(head.max()) + s.max_new_tokens) // bs)  # rows with shorter heads discard their tail
+        width = n_blocks * bs
+        tokens = torch.full((batch, width), pad, dtype=torch.long, device=device)  # framed
         step_map = torch.full_like(tokens, -1)
         keep = s.output_scores or s.output_logits
         vocab = self.config.vocab_size
-        scores = torch.zeros(batch, n_blocks * bs, vocab, device=device) if s.output_scores else None
-        raw_logits = torch.zeros(batch, n_blocks * bs, vocab, device=device) if s.output_logits else None
-        done_at = torch.full((batch,), tokens.shape[1], dtype=torch.long, device=device)  # [B] first stop position
-        active = done_at == tokens.shape[1]
+        scores = torch.zeros(batch, width, vocab, device=device) if s.output_scores else None
+        raw_logits = torch.zeros(batch, width, vocab, device=device) if s.output_logits else None
+        done_at = torch.full((batch,), width, dtype=torch.long, device=device)  # [B] first stop, response positions
+        active = done_at == width
         shift = bool(getattr(self.config, "shift_logits", False))
         if shift and int(prompt_lens.min()) < 1:
             raise ValueError("a shifted model needs a non-empty prompt in every row")
-        logits, kv = self._logits_with_cache(input_ids, prompt_pos, prompt_meta, {})
+        logits, kv = self._logits_with_cache(prefix_ids, prompt_pos, prompt_meta, {})
         first = logits[:, -1:]  # [B, 1, V] shifted: the prediction of the next block's first token
         cache = {"kv": kv, "meta": prompt_meta}
+        cols_in_block = torch.arange(bs, device=device)[None, :]
+        given = cols_in_block < head[:, None]  # [B, bs] the heads (first block only)
+        head_block = torch.cat([head_ids, head_ids.new_full((batch, bs - head_ids.shape[1]), pad)], dim=1)
         for b in range(n_blocks):
             cols = slice(b * bs, (b + 1) * bs)
-            noisy_meta, pos = response_layout(prompt_lens, b * bs, bs, bs, NOISY)
+            noisy_meta, pos = response_layout(prefix_lens, b * bs, bs, bs, NOISY)
             x = torch.full((batch, bs), mask_id, dtype=torch.long, device=device)  # [B, bs]
-            st = torch.full_like(x, -1)  # [B, bs] round of unmasking, -1 = still masked
+            to_decode = torch.ones_like(given) if b > 0 else ~given  # [B, bs]
+            if b == 0:
+                x = torch.where(given, head_block, x)
+            st = torch.full_like(x, -1)  # [B, bs] round of unmasking, -1 = still masked (or given)
             for rnd, count in enumerate(_schedule(bs, steps)):
                 logits, _ = self._logits_with_cache(x, pos, noisy_meta, cache)  # [B, bs, V]
                 if shift:
                     logits = torch.cat([first, logits[:, :-1]], dim=1)  # [B, bs, V] position j from j - 1
                 chosen, confidence, processed = _choose(logits, s.temperature, s.top_k, s.top_p, generator,
                                                         mask_id if s.suppress_mask_token else None)
-                pick = _select(confidence, st < 0, count, s.threshold)  # [B, bs]
+                pick = _select(confidence, to_decode & (st < 0), count, s.threshold)  # [B, bs]
                 x = torch.where(pick, chosen, x)
                 st = torch.where(pick, rnd, st)
                 if keep:
@@ -466,19 +556,24 @@ class OPDLMBlockDiffusionLM(OPDLMPreTrainedModel, GenerationMixin):
                         scores[:, cols][rows] = processed[rows]
                     if raw_logits is not None:
                         raw_logits[:, cols][rows] = logits.float()[rows]
-                if s.threshold is not None and not bool((st[active] < 0).any()):
-                    break
+                if not bool((to_decode & (st < 0))[active].any()):
+                    break  # static decoding ends here too once a head leaves fewer masks than the schedule
             tokens[active, cols] = x[active]
             step_map[active, cols] = st[active]
-            done_at = _stops(tokens, done_at, prompts, s, criteria, b * bs, min((b + 1) * bs, s.max_new_tokens))
-            active = done_at == tokens.shape[1]
+            lo = (b * bs - head).clamp(min=0)  # [B] the response positions this block decoded
+            hi = ((b + 1) * bs - head).clamp(max=s.max_new_tokens)
+            done_at = _stops(roll_left(tokens, head, pad), done_at, prompts, s, criteria, lo, hi)
+            active = done_at == width
             if b == n_blocks - 1 or not bool(active.any()):
                 break
-            clean_meta, _ = response_layout(prompt_lens, b * bs, bs, bs, CLEAN)
+            clean_meta, _ = response_layout(prefix_lens, b * bs, bs, bs, CLEAN)
             logits, kv = self._logits_with_cache(x, pos, clean_meta, cache)
             first = logits[:, -1:]  # [B, 1, V]
             cache = {"kv": kv, "meta": torch.cat([cache["meta"], clean_meta], dim=-1)}
-        return _pad_after(tokens, done_at, s.pad_token_id), step_map, scores, raw_logits
+        tokens, step_map = roll_left(tokens, head, pad), roll_left(step_map, head, -1)
+        scores = None if scores is None else roll_left(scores, head, 0.0)
+        raw_logits = None if raw_logits is None else roll_left(raw_logits, head, 0.0)
+        return _pad_after(tokens, done_at, pad), step_map, scores, raw_logits
 
 
 _NO_LIKELIHOOD = (
@@ -489,7 +584,7 @@ _NO_LIKELIHOOD = (
     "(prompt_layout / response_layout in modeling_opdlm.py)")
 _FORWARD_IGNORED = ("return_dict", "use_cache", "output_attentions", "output_hidden_states")
 
-OWN_GENERATE_ARGS = ("block_size", "steps_per_block", "threshold", "mask_token_id", "suppress_mask_token")
+OWN_GENERATE_ARGS = ("block_size", "steps_per_block", "threshold", "mask_token_id", "suppress_mask_token", "block_grid")
 """The block decoder's settings (keyword arguments or ``generation_config.json`` fields)."""
 HONOURED = ("max_new_tokens", "max_length", "do_sample", "temperature", "top_k", "top_p", "eos_token_id",
             "pad_token_id", "bos_token_id", "num_return_sequences", "return_dict_in_generate", "output_scores",
@@ -562,10 +657,16 @@ def _resolve_settings(config: OPDLMConfig, generation_config: Optional[Generatio
     if n_ret > 1 and not do_sample:
         raise ValueError(f"num_return_sequences={n_ret} needs do_sample=True: greedy decoding returns one sequence")
     threshold = pick("threshold")
+    trained = check_grid(getattr(config, "block_grid", None))
+    grid = pick("block_grid") or trained
+    if grid != trained:
+        raise ValueError(f"block_grid={grid!r} was asked of generate, but this model was trained on the {trained!r} "
+                         f"block grid (config.json block_grid={trained!r}), and decoding on another grid feeds it "
+                         f"states it never saw: leave block_grid out (or pass {trained!r})")
     eos = _as_list(pick("eos_token_id"))
     pad = pick("pad_token_id")
     return _Settings(
-        block_size=block_size, steps_per_block=steps, mask_token_id=int(mask_id),
+        block_size=block_size, steps_per_block=steps, mask_token_id=int(mask_id), block_grid=grid,
         threshold=None if threshold is None else float(threshold),
         suppress_mask_token=bool(pick("suppress_mask_token", True)), max_new_tokens=int(new),
         temperature=temperature if do_sample else 0.0, top_k=int(pick("top_k")) if do_sample else 0,
@@ -590,21 +691,24 @@ def _pad_after(tokens: torch.Tensor, done_at: torch.Tensor, pad_id: int) -> torc
 
 
 def _stops(tokens: torch.Tensor, done_at: torch.Tensor, prompts: torch.Tensor, s: "_Settings",
-           criteria: Optional[Any], lo: int, hi: int) -> torch.Tensor:
-    """``done_at [B]`` updated with the new positions ``[lo, hi)``: a row stops at its first EOS, or
-    at the first token whose prefix meets a stopping criterion (called on ``[prompts | tokens up to
-    j]``, as after each step of AR decoding; a criterion may answer per row or for the batch)."""
+           criteria: Optional[Any], lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """``done_at [B]`` updated with each row's new response positions ``[lo[b], hi[b])``: a row stops
+    at its first EOS, or at the first token whose prefix meets a stopping criterion (called on
+    ``[prompts | tokens up to j]``, as after each step of AR decoding; a criterion may answer per
+    row or for the batch). The ranges differ per row only on the absolute grid (its heads shift
+    where a block's response tokens begin)."""
     eos = torch.tensor(s.eos_token_ids, dtype=torch.long, device=tokens.device)
     open_rows = tokens.shape[1]
-    for j in range(lo, hi):
+    for j in range(int(lo.min()), int(hi.max())):
         running = done_at == open_rows
         if not bool(running.any()):
             break
+        new = (lo <= j) & (j < hi)  # [B]
         hit = torch.isin(tokens[:, j], eos)
         if criteria is not None:
             prefix = torch.cat([prompts, _pad_after(tokens[:, :j + 1], done_at, s.pad_token_id)], dim=1)
             hit |= torch.as_tensor(criteria(prefix, None), device=tokens.device).bool().expand(tokens.shape[0])
-        done_at = torch.where(running & hit, j, done_at)
+        done_at = torch.where(running & new & hit, j, done_at)
     return done_at
 
 
