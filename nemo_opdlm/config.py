@@ -275,8 +275,17 @@ class RunConfig:
 
     @property
     def longest_row(self) -> Optional[int]:
-        """Tokens of the longest ``[prompt | x0 | xt]`` training row, when prompts come from files."""
-        return None if self.data is None else self.data.max_prompt_tokens + 2 * self.rollout.max_length
+        """Tokens of the longest ``[prompt | x0 | xt]`` training row, when prompts come from files. On
+        the absolute grid x0 and xt also hold the prompt's last ``P mod b`` tokens (``models/grid.py``):
+        up to ``b - 1`` more, as the rows are counted by ``train.pack_tokens``."""
+        if self.data is None:
+            return None
+        head = self.diffusion.block_size - 1 if self.diffusion.block_grid == "absolute" else 0
+        return self.data.max_prompt_tokens + 2 * self.rollout.max_length + head
+
+    def _head_term(self) -> str:
+        """How ``longest_row`` counts the absolute grid's heads, for its error messages."""
+        return " + (diffusion.block_size - 1)" if self.diffusion.block_grid == "absolute" else ""
 
     def complete(self) -> "RunConfig":
         """This config with what it leaves to its files read from them, validated: the ``model`` from
@@ -340,7 +349,7 @@ class RunConfig:
         if longest is not None and self.train.pack_tokens < longest:
             raise ConfigError(
                 f"train.pack_tokens={self.train.pack_tokens} cannot hold the longest row: "
-                f"data.max_prompt_tokens + 2 * rollout.max_length = {longest}; raise train.pack_tokens"
+                f"data.max_prompt_tokens + 2 * rollout.max_length{self._head_term()} = {longest}; raise train.pack_tokens"
             )
 
     def _validate_model(self) -> None:
@@ -360,7 +369,7 @@ class RunConfig:
         longest = self.longest_row
         if longest is not None and longest > self.model.max_position_embeddings:
             raise ConfigError(
-                f"rows are [prompt | x0 | xt]: data.max_prompt_tokens + 2 * rollout.max_length = {longest} "
+                f"rows are [prompt | x0 | xt]: data.max_prompt_tokens + 2 * rollout.max_length{self._head_term()} = {longest} "
                 f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}"
             )
 

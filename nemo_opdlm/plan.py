@@ -150,7 +150,9 @@ def check_layout(cfg, cluster: Cluster) -> tuple[Shape, list[Finding]]:
     shape = Shape(tp=par.tp, pp=par.pp, dp=dp, rows_per_rank=rows, micro_batch=train.micro_batch_size,
                   num_microbatches=rows // train.micro_batch_size,
                   prompt=cfg.data.max_prompt_tokens if cfg.data is not None else 64,
-                  response=-(-cfg.rollout.max_length // block) * block,
+                  # the absolute grid's frame adds a block: each prompt's last P mod b tokens (models/grid.py)
+                  response=-(-cfg.rollout.max_length // block) * block + (block if cfg.diffusion.block_grid == "absolute"
+                                                                           else 0),
                   teacher_tp=t_par.tp, teacher_pp=t_par.pp, teacher_dp=par.teacher_dp(cluster.world_size),
                   own_teacher=par.teacher is not None)
     findings = [Finding("ok", f"layout {_layout(shape)} on {cluster.world_size} GPUs divides both models and "

@@ -87,6 +87,11 @@ def test_pack_tokens_config_is_checked():
     assert packed.train.pack_tokens == 64
     with pytest.raises(ConfigError, match=r"train.pack_tokens=63 cannot hold the longest row.* = 64"):
         dataclasses.replace(packed, train=dataclasses.replace(cfg.train, pack_tokens=63))
+    # on the absolute grid x0 and xt also carry the prompt's last P mod 4 tokens: up to 3 more
+    absolute = dataclasses.replace(cfg.diffusion, block_grid="absolute")
+    with pytest.raises(ConfigError, match=r"rollout.max_length \+ \(diffusion.block_size - 1\) = 67; raise"):
+        dataclasses.replace(packed, diffusion=absolute)
+    dataclasses.replace(packed, diffusion=absolute, train=dataclasses.replace(cfg.train, pack_tokens=67))
     with pytest.raises(ConfigError, match=r"train.pack_tokens must be >= 1"):
         dataclasses.replace(cfg.train, pack_tokens=0)
     with pytest.raises(ConfigError, match=r"train.pack_tokens with parallel.pp=2 .*give the teacher its own layout"):
