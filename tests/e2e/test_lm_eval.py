@@ -74,7 +74,7 @@ def test_opdlm_lm_eval_on_an_exported_student(exported, adapter_runtime, tasks, 
     assert "opdlm generate_until" in err and "4/4" in err  # the progress bar
     results = json.load(open(glob.glob(os.path.join(out, "**", "results_*.json"), recursive=True)[0]))
     config = results["config"]
-    assert config["opdlm_decoding"].startswith("block=4 dynamic thr=0.5")
+    assert config["opdlm_decoding"].startswith("block=4 dynamic thr=0.5") and config["block_grid"] == "response"
     assert 4 <= config["tokens_generated"] <= 4 * 6  # max_gen_toks=6 per request
     assert config["tokens_per_round"] == pytest.approx(config["tokens_generated"] / config["denoising_rounds"], abs=1e-4)
     assert "exact_match,none" in results["results"]["opdlm_tiny_gen"]
@@ -113,3 +113,16 @@ def test_checkpoint_without_tokenizer_names_the_model_arg(exported, adapter_runt
             os.remove(os.path.join(ckpt, "hf_assets", name))
     with pytest.raises(ValueError, match="the opdlm model arg tokenizer=DIR"):
         SamplerLM(ckpt=ckpt)
+
+
+def test_block_grid_model_arg_repeats_the_models_or_is_refused(exported, adapter_runtime):
+    """``block_grid=`` may only name the grid the model was trained on (an export records it), unless
+    ``allow_grid_mismatch=true`` (strings, as lm-eval passes model args)."""
+    from nemo_opdlm.errors import ConfigError
+    from nemo_opdlm.eval.lm_eval_adapter import SamplerLM
+
+    assert SamplerLM(hf=exported[1]).diffusion.block_grid == "response"
+    with pytest.raises(ConfigError, match="trained on the 'response' block grid, not 'absolute'"):
+        SamplerLM(hf=exported[1], block_grid="absolute")
+    lm = SamplerLM(hf=exported[1], block_grid="absolute", allow_grid_mismatch="true")
+    assert lm.diffusion.block_grid == "absolute" and lm.get_model_info()["block_grid"] == "absolute"

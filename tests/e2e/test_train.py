@@ -179,12 +179,13 @@ def test_microbatch_count_does_not_change_the_step(tmp_path):
 
 @pytest.mark.parametrize("overrides", [("distill.method=opdlm",), ("diffusion.shift_logits=true",),
                                        ("distill.method=sft", "distill.top_k=8"),
-                                       ("diffusion.shift_logits=true", "diffusion.block_grid=absolute")])
+                                       ("diffusion.shift_logits=true", "diffusion.block_grid=response")])
 def test_packed_rows_do_not_change_the_step(tmp_path, overrides):
-    """``train.pack_tokens`` (rows of up to 16 + 2 x 16 tokens packed into 48-token sequences) trains
-    the same losses as padded micro-batches of two rows, step after step."""
+    """``train.pack_tokens`` (rows of up to 16 + 2 x 16 tokens, and 3 more on the absolute grid, packed
+    into 51-token sequences) trains the same losses as padded micro-batches of two rows, step after
+    step, on both block grids."""
     a = train(make_run(str(tmp_path), *overrides, "train.save_dir=null"))
-    b = train(make_run(str(tmp_path), *overrides, "train.pack_tokens=48", "train.save_dir=null"))
+    b = train(make_run(str(tmp_path), *overrides, "train.pack_tokens=51", "train.save_dir=null"))
     for x, y in zip(losses(a["history"]), losses(b["history"])):
         assert abs(x - y) <= 1e-5 * max(1.0, abs(x)), (losses(a["history"]), losses(b["history"]))
     assert [h["train/loss_tokens"] for h in a["history"]] == [h["train/loss_tokens"] for h in b["history"]]
@@ -542,7 +543,7 @@ def worker_dp2_packed(tmp_dir):
     if os.environ["RANK"] == "0":  # rank 0 packs one row per sequence: a valid packing, more micro-batches
         from nemo_opdlm.distill import packing
         packing.plan_packing = lambda segs, budget: [[seg] for seg in segs]
-    _run_layout(tmp_dir, "distill.method=sft", "dp2pack", "train.pack_tokens=48", "train.steps=3")
+    _run_layout(tmp_dir, "distill.method=sft", "dp2pack", "train.pack_tokens=51", "train.steps=3")
     with open(os.path.join(tmp_dir, f"dp2pack_counts_{os.environ['RANK']}.json"), "w") as f:
         json.dump(counts, f)
 
@@ -1084,7 +1085,7 @@ PACKED_PP = {"sft": ("distill.method=sft",), "opdlm": ("distill.method=opdlm", "
 
 def worker_pp2_packed(tmp_dir):
     method = os.path.basename(tmp_dir)
-    _run_layout(tmp_dir, "parallel.pp=2", "pp2pack", "train.pack_tokens=48", "train.steps=2", *PACKED_PP[method])
+    _run_layout(tmp_dir, "parallel.pp=2", "pp2pack", "train.pack_tokens=51", "train.steps=2", *PACKED_PP[method])
 
 
 @pytest.mark.distributed
@@ -1094,7 +1095,7 @@ def test_packed_rows_at_pp2_equal_pp1(tmp_path, method):
     at PP=2 the packed steps give PP=1's losses and gradient norms (the teacher, where the method has
     one, at its own layout: its targets are computed before the student's pass)."""
     extra = tuple(o for o in PACKED_PP[method] if not o.startswith("parallel.teacher"))
-    want = train(make_run(str(tmp_path), "train.save_dir=null", "train.pack_tokens=48", "train.steps=2",
+    want = train(make_run(str(tmp_path), "train.save_dir=null", "train.pack_tokens=51", "train.steps=2",
                           *extra))["history"]
     run = tmp_path / method
     run.mkdir()

@@ -135,7 +135,7 @@ def test_exported_student_matches_megatron_student(rt, hf_dirs, tmp_path, family
     from transformers import AutoModelForCausalLM
 
     directory, _ = hf_dirs[family]
-    diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1)
+    diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1, block_grid="response")
     cfg, chunks = student_from_hf(directory, diffusion, rt.ctx, attention_backend="sdpa")
     _perturb(chunks, scale_final_norm=40.0)
     out = str(tmp_path / "student")
@@ -168,7 +168,7 @@ def test_exported_shifted_student_matches_megatron_student(rt, hf_dirs, tmp_path
     from transformers import AutoModelForCausalLM
 
     directory, _ = hf_dirs["qwen3"]
-    diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1, shift_logits=True)
+    diffusion = DiffusionConfig(block_size=4, mask_token_id=VOCAB - 1, shift_logits=True, block_grid="response")
     cfg, chunks = student_from_hf(directory, diffusion, rt.ctx, attention_backend="sdpa")
     _perturb(chunks, scale_final_norm=40.0)
     out = str(tmp_path / "student")
@@ -191,7 +191,7 @@ def _generation_matches_project_sampler(chunks, model, shift_logits: bool = Fals
     for token (and round for round), on the block grid the export records. The prompts' lengths 6, 4,
     1 and 3 cover every ``P mod 4`` (and prompts shorter than a block: on the absolute grid nothing is
     prefilled, and the whole prompt shares the first block with the masks)."""
-    sampler_mod = pytest.importorskip("nemo_opdlm.rollout.sampler")
+    from nemo_opdlm.rollout import sampler as sampler_mod
     width = 6
     prompt = torch.cat([torch.randint(0, VOCAB - 1, (3, width), generator=torch.Generator().manual_seed(5)),
                         torch.randint(0, VOCAB - 1, (1, width), generator=torch.Generator().manual_seed(6))])

@@ -36,7 +36,9 @@ def prompts():
 
 
 def _run(chunks, prompts, **kw):
-    kw = dict(dict(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7), **kw)
+    """The sampler's rollout; on the response grid unless asked (most tests below pin its block
+    arithmetic: blocks at columns 4b of the response; the absolute grid has tests of its own)."""
+    kw = dict(dict(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7, block_grid="response"), **kw)
     return BlockSampler(chunks, sampler_config(**kw)).generate(*prompts)
 
 
@@ -110,7 +112,7 @@ def test_static_rows_decode_as_a_static_run(model, prompts, use_cache, temperatu
     rows = torch.tensor([True, False, True, False, False])
     dynamic = _run(model, prompts, mode="dynamic", **kw)
     static = _run(model, prompts, mode="static", use_cache=use_cache, temperature=temperature)
-    cfg = sampler_config(mask_token_id=MASK, max_new_tokens=22, seed=7, mode="dynamic", **kw)
+    cfg = sampler_config(mask_token_id=MASK, max_new_tokens=22, seed=7, mode="dynamic", block_grid="response", **kw)
     mixed = BlockSampler(model, cfg).generate(*prompts, static_rows=rows)
     for got, want, sel in ((mixed, static, rows), (mixed, dynamic, ~rows)):
         assert torch.equal(got.tokens[sel], want.tokens[sel])
@@ -121,17 +123,18 @@ def test_static_rows_decode_as_a_static_run(model, prompts, use_cache, temperatu
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_per_row_length_limits(model, prompts, use_cache):
+@pytest.mark.parametrize("grid", ["response", "absolute"])
+def test_per_row_length_limits(model, prompts, use_cache, grid):
     """``max_new_tokens`` per row: each row decodes exactly as in a run whose limit is its own, and
-    nothing beyond its limit is valid (block diffusion and AR decoding)."""
+    nothing beyond its limit is valid (block diffusion on both grids, and AR decoding)."""
     limits = torch.tensor([22, 8, 13, 22, 5])
     for kw in (dict(mode="dynamic", threshold=0.5), dict(mode="ar")):
         sampler = BlockSampler(model, sampler_config(mask_token_id=MASK, max_new_tokens=22, temperature=0.0, seed=7,
-                                                     use_cache=use_cache, **kw))
+                                                     use_cache=use_cache, block_grid=grid, **kw))
         mixed = sampler.generate(*prompts, limits)
         method = kw["mode"]
         for row, limit in enumerate(limits.tolist()):
-            alone = _run(model, prompts, max_new_tokens=limit, use_cache=use_cache, **kw)
+            alone = _run(model, prompts, max_new_tokens=limit, use_cache=use_cache, block_grid=grid, **kw)
             width = alone.tokens.shape[1]
             assert torch.equal(mixed.valid[row, :width], alone.valid[row]), (method, row)
             assert torch.equal(mixed.tokens[row, :width][alone.valid[row]], alone.tokens[row][alone.valid[row]])

@@ -83,12 +83,14 @@ def test_pack_tokens_config_is_checked():
     from nemo_opdlm.recipes.tiny import tiny_run
 
     cfg = tiny_run("t")
+    absolute = cfg.diffusion
+    assert absolute.block_grid == "absolute"  # the default
+    cfg = dataclasses.replace(cfg, diffusion=dataclasses.replace(cfg.diffusion, block_grid="response"))
     packed = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, pack_tokens=64))
     assert packed.train.pack_tokens == 64
     with pytest.raises(ConfigError, match=r"train.pack_tokens=63 cannot hold the longest row.* = 64"):
         dataclasses.replace(packed, train=dataclasses.replace(cfg.train, pack_tokens=63))
     # on the absolute grid x0 and xt also carry the prompt's last P mod 4 tokens: up to 3 more
-    absolute = dataclasses.replace(cfg.diffusion, block_grid="absolute")
     with pytest.raises(ConfigError, match=r"rollout.max_length \+ \(diffusion.block_size - 1\) = 67; raise"):
         dataclasses.replace(packed, diffusion=absolute)
     dataclasses.replace(packed, diffusion=absolute, train=dataclasses.replace(cfg.train, pack_tokens=67))

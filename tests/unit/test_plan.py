@@ -20,6 +20,10 @@ from nemo_opdlm.recipes.tiny import hf_config, tiny_shape
 
 H100x8 = Cluster(1, 8, "h100-80g")
 
+L = 4000 + 4
+"""The trained response width of the 4,000-token recipes: 4,000 tokens in whole blocks of 4, and the
+absolute grid's framed block (each prompt's last P mod 4 tokens, ``models/grid.py``)."""
+
 
 @pytest.mark.parametrize("name", sorted(recipes.ALL_RECIPES))
 def test_every_recipe_passes_on_its_cluster(name, capsys):
@@ -83,7 +87,7 @@ def test_memory_closed_forms_qwen3_8b_tp2():
     """Qwen3-8B at TP=2, DP=4, 32 rollouts per rank, rows of 1024 + 2 x 4000, top-16, bf16."""
     cfg = resolve("qwen3_8b_self_tp2_pp1_8g", [])
     shape, _ = check_layout(cfg, H100x8)
-    assert (shape.dp, shape.rows_per_rank, shape.student_row, shape.teacher_row) == (4, 32, 9024, 5024)
+    assert (shape.dp, shape.rows_per_rank, shape.student_row, shape.teacher_row) == (4, 32, (1024 + 2 * L), (1024 + L))
     est = estimate_stage(cfg, shape, 0, GPU3)
     # 8,190,735,360 parameters, of which 308,224 are norms (replicated); the rest is split in two
     per_rank = (8_190_735_360 - 308_224) // 2 + 308_224
@@ -92,12 +96,12 @@ def test_memory_closed_forms_qwen3_8b_tp2():
     assert est.static["optimizer (fp32 master + Adam m, v) / 4"] == pytest.approx(12 * per_rank / 4)
     assert est.static["teacher weights"] == 2 * per_rank
     # KV cache: 32 rows x 5024 columns x 36 layers x (k, v) x 4 KV heads x 128 x 2 bytes
-    assert est.phases["rollout"]["rollout KV cache"] == 32 * 5024 * 36 * 2 * 4 * 128 * 2
+    assert est.phases["rollout"]["rollout KV cache"] == 32 * (1024 + L) * 36 * 2 * 4 * 128 * 2
     # top-16 targets of one micro-batch: its rows x 4000 positions x 16 x (fp32 value + int64 id)
-    assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == shape.micro_batch * 4000 * 16 * 12
+    assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == shape.micro_batch * L * 16 * 12
     # full recompute: each of the 36 layers keeps its bf16 input [9024, 4096] + one layer rebuilt
     full = est.activations["full"]
-    assert 36 * 9024 * 4096 * 2 < full < 36 * 9024 * 4096 * 2 + 9024 * 4096 * 2 * 20
+    assert 36 * (1024 + 2 * L) * 4096 * 2 < full < 36 * (1024 + 2 * L) * 4096 * 2 + (1024 + 2 * L) * 4096 * 2 * 20
     assert est.activations["none"] > 5 * full
 
 
@@ -109,11 +113,11 @@ def test_full_vocabulary_targets_and_attention_backends():
     est = estimate_stage(cfg, shape, 0, GPU3)
     assert shape.micro_batch < shape.rows_per_rank == 16
     assert est.phases["train"]["teacher targets, full vocabulary (fp32) (one micro-batch)"] == (
-        shape.micro_batch * 4000 * 151936 * 4)
+        shape.micro_batch * L * 151936 * 4)
     local = estimate_stage(resolve("qwen3_0_6b_self_tp1_pp1_8g", ["model.attention_backend=local"]), shape, 0, GPU3)
     # no recompute: 28 layers x 9024 queries x 16 heads x 9024 keys x (fp32 + bf16 probabilities) more
     extra = local.activations["none"] - est.activations["none"]
-    assert extra == pytest.approx(28 * 9024 * (16 * 9024 * 6 + 9024 - 16 * 4), rel=1e-9)
+    assert extra == pytest.approx(28 * (1024 + 2 * L) * (16 * (1024 + 2 * L) * 6 + (1024 + 2 * L) - 16 * 4), rel=1e-9)
     assert local.activations["selective"] < 0.1 * local.activations["none"]  # selective drops the scores
 
 
@@ -160,13 +164,13 @@ def test_own_teacher_layout_closed_forms_llama_70b_to_8b():
     student = (8_030_261_248 - norms_s) // 2 + norms_s
     assert est.static["student weights"] == 2 * student
     # the teacher's logits at its own vocabulary shard (128256 / 8), on every rank (teacher PP=1)
-    assert est.phases["teacher"]["teacher logits (transient)"] == 5024 * 16032 * 2 + 2 * 4000 * 16032 * 4
+    assert est.phases["teacher"]["teacher logits (transient)"] == (1024 + L) * 16032 * 2 + 2 * L * 16032 * 4
     # one student stage, padded rows: the targets are exchanged one micro-batch (1 row) at a time
     assert shape.micro_batch == 1 and shape.num_microbatches == 16
-    assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == 4000 * 16 * 12
+    assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == L * 16 * 12
     # the teacher side serves its 4 student replicas one per round: one micro-batch's targets and a copy to send
     served = est.phases["teacher"]["teacher targets of one served micro-batch (+ send copy)"]
-    assert served == 2 * 4000 * 16 * 12
+    assert served == 2 * L * 16 * 12
 
 
 def _held_targets(spec, overrides, cluster):
@@ -180,12 +184,12 @@ def test_targets_scale_with_the_micro_batches_only_when_exchanged_before_the_pas
     """An own teacher layout exchanges targets per micro-batch at student PP=1 (the recipe), and a
     whole step's before the pass at PP=2 (student DP 4: 32 or 64 rows per rank); the shared layout
     streams them."""
-    one = {"teacher targets, top-16 (one micro-batch)": 4000 * 16 * 12}
+    one = {"teacher targets, top-16 (one micro-batch)": L * 16 * 12}
     per_mb = [_held_targets(LLAMA_16G, [f"train.prompts_per_step={n}"], H100x16) for n in (128, 256)]
     assert per_mb == [one, one]
     first = [_held_targets(LLAMA_16G, ["parallel.pp=2", f"train.prompts_per_step={n}"], H100x16) for n in (128, 256)]
-    assert first == [{"teacher targets, top-16 (all 32 micro-batches)": 32 * 4000 * 16 * 12},
-                     {"teacher targets, top-16 (all 64 micro-batches)": 64 * 4000 * 16 * 12}]
+    assert first == [{"teacher targets, top-16 (all 32 micro-batches)": 32 * L * 16 * 12},
+                     {"teacher targets, top-16 (all 64 micro-batches)": 64 * L * 16 * 12}]
     shared = [_held_targets(LLAMA_16G, ["parallel.teacher=null", f"train.prompts_per_step={n}"], H100x16)
               for n in (128, 256)]
     assert shared == [one, one]
@@ -200,15 +204,15 @@ def test_own_teacher_full_vocabulary_targets_are_cut_to_the_student_shard():
     assert (shape.dp, shape.teacher_dp, shape.served, shape.micro_batch) == (8, 4, 2, 1)
     est = estimate_stage(cfg, shape, 0, GPU3)
     held = est.phases["train"]["teacher targets, full vocabulary (fp32) (one micro-batch)"]
-    assert held == 4000 * 151936 * 4
+    assert held == L * 151936 * 4
     assert est.phases["teacher"]["teacher targets of one served micro-batch (+ send copy)"] == (
-        2 * 4000 * (151936 // 2) * 4)
+        2 * L * (151936 // 2) * 4)
     packed = resolve("qwen3_4b_to_0_6b_tp1_pp1_8g", ["parallel.teacher.tp=2", "train.pack_tokens=16384"])
     est = estimate_stage(packed, shape, 0, GPU3)
     assert est.phases["train"]["teacher targets, full vocabulary (fp32) (all 16 micro-batches)"] == (
-        16 * 4000 * 151936 * 4)
+        16 * L * 151936 * 4)
     assert est.phases["teacher"]["teacher targets of one served student replica (+ send copy)"] == (
-        2 * 16 * 4000 * (151936 // 2) * 4)
+        2 * 16 * L * (151936 // 2) * 4)
 
 
 def test_own_teacher_layout_in_the_report(capsys):
