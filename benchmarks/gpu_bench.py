@@ -426,25 +426,33 @@ def calibrate(chunks, s: Settings, mask_id: int, prompts: tuple[torch.Tensor, to
     output layer, predict [MASK] with all the mass, and no candidate would ever be confident.
     """
     unwrap(chunks[0]).embedding.word_embeddings.weight[mask_id].zero_()
-    norm = final_norm(chunks)
-    base = norm.weight.detach().clone()
     ids, lens = prompts[0][:32], prompts[1][:32]
     probe = min(64, s.rollout_tokens)
+    settings = sampler_settings(s, mask_id, "dynamic", probe)
+    return bisect_norm_scale(final_norm(chunks),
+                             lambda: BlockSampler(chunks, settings).generate(ids, lens).metrics.tokens_per_round,
+                             s.tokens_per_round, steps=8)
 
-    def parallelism(scale: float) -> float:
+
+def bisect_norm_scale(norm, parallelism: Callable[[], float], target: float, steps: int) -> dict[str, float]:
+    """Scale ``norm``'s weight (a final norm) until ``parallelism()``, the tokens per round of a
+    short threshold rollout, reaches about ``target``: bisection on the log scale over [1, 1e4]
+    (random weights are otherwise too unsure for a threshold to fire). Leaves the scale applied."""
+    base = norm.weight.detach().clone()
+
+    def at(scale: float) -> float:
         norm.weight.copy_(base * scale)
-        sampler = BlockSampler(chunks, sampler_settings(s, mask_id, "dynamic", probe))
-        return sampler.generate(ids, lens).metrics.tokens_per_round
+        return parallelism()
 
     lo, hi = 0.0, math.log(1e4)
-    for _ in range(8):
+    for _ in range(steps):
         mid = (lo + hi) / 2
-        if parallelism(math.exp(mid)) < s.tokens_per_round:
+        if at(math.exp(mid)) < target:
             lo = mid
         else:
             hi = mid
     scale = math.exp(hi)
-    return {"final_norm_scale": round(scale, 3), "probe_tokens_per_round": round(parallelism(scale), 3)}
+    return {"final_norm_scale": round(scale, 3), "probe_tokens_per_round": round(at(scale), 3)}
 
 
 def bench_rollout(chunks, s: Settings, mask_id: int, mode: str, prompts) -> dict[str, Any]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import platform
 import shutil
@@ -156,24 +155,13 @@ def decode_config(s: Settings, name: str, tokens: int) -> SamplerConfig:
 def calibrate(chunks, s: Settings, prompts: tuple[torch.Tensor, torch.Tensor]) -> dict[str, float]:
     """Scale the final norm so that threshold 0.9 gives about ``s.tokens_per_round`` tokens per
     round (bisection on the log scale, short rollouts of the first prompts)."""
-    norm = unwrap(chunks[-1]).decoder.final_layernorm
-    base = norm.weight.detach().clone()
+    from benchmarks.gpu_bench import bisect_norm_scale
+
     ids, lens = prompts[0][:8], prompts[1][:8]
-
-    def parallelism(scale: float) -> float:
-        norm.weight.copy_(base * scale)
-        sampler = BlockSampler(chunks, decode_config(s, "t0.9", 4 * s.block_size))
-        return sampler.generate(ids, lens).metrics.tokens_per_round
-
-    lo, hi = 0.0, math.log(1e4)
-    for _ in range(7):
-        mid = (lo + hi) / 2
-        if parallelism(math.exp(mid)) < s.tokens_per_round:
-            lo = mid
-        else:
-            hi = mid
-    scale = math.exp(hi)
-    return {"final_norm_scale": round(scale, 3), "probe_tokens_per_round": round(parallelism(scale), 3)}
+    settings = decode_config(s, "t0.9", 4 * s.block_size)
+    return bisect_norm_scale(unwrap(chunks[-1]).decoder.final_layernorm,
+                             lambda: BlockSampler(chunks, settings).generate(ids, lens).metrics.tokens_per_round,
+                             s.tokens_per_round, steps=7)
 
 
 def build_and_export(work: str, s: Settings, parallel) -> tuple[list, dict[str, Any], str]:

@@ -215,7 +215,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
         "architectures": [fam.architecture],
         "model_type": fam.model_type,
         "hidden_act": "silu",
-        **_shape_fields(cfg),
+        **shape_fields(cfg),
         "rope_parameters": rope,
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "dtype": cfg.params_dtype,
@@ -225,7 +225,7 @@ def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:
     return hf
 
 
-def _shape_fields(cfg: ModelConfig) -> dict[str, Any]:
+def shape_fields(cfg: ModelConfig) -> dict[str, Any]:
     """The HF config fields that give the decoder's shape (shared by the AR and student configs)."""
     return {
         "hidden_size": cfg.hidden_size,
@@ -258,7 +258,7 @@ def student_hf_config(cfg: ModelConfig, diffusion: DiffusionConfig, source: Opti
         },
         "source_architecture": FAMILIES[cfg.family].architecture,
         "source_model_type": FAMILIES[cfg.family].model_type,
-        **_shape_fields(cfg),
+        **shape_fields(cfg),
         "rope_theta": cfg.rotary_base,
         "rope_llama3": dataclasses.asdict(cfg.rope_scaling) if cfg.rope_scaling is not None else None,
         "qk_norm": cfg.qk_layernorm,

@@ -26,6 +26,7 @@ import os
 from typing import Any, Optional
 
 from nemo_opdlm.convert.errors import ServingLayoutError
+from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert.hf_config import SDAR_ARCHITECTURE
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.families import FAMILIES
@@ -107,17 +108,9 @@ def sdar_hf_config(cfg: ModelConfig, diffusion: DiffusionConfig, source: Optiona
             "AutoModel": "modeling_sdar.SDARModel",
             "AutoModelForCausalLM": "modeling_sdar.SDARForCausalLM",
         },
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
-        "intermediate_size": cfg.ffn_hidden_size,
-        "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": cfg.num_attention_heads,
-        "num_key_value_heads": cfg.num_query_groups,
-        "head_dim": cfg.kv_channels,
+        **hfc.shape_fields(cfg),
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_position_embeddings,
         "initializer_range": 0.02,
-        "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rotary_base,
         "rope_scaling": rope_scaling,
         "tie_word_embeddings": cfg.tie_word_embeddings,

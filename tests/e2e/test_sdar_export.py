@@ -21,14 +21,13 @@ import sys
 import pytest
 import torch
 
+from benchmarks.serve_check import save_tokenizer
 from tests.convert_models import hf_model, save_hf
 from tests.e2e.test_convert_cli import tool
 
 VOCAB = 151936
 """Qwen3's embedding rows, so that the engines' [MASK] id 151669 exists."""
 MASK = 151669
-TOKENS = 151669
-"""The test tokenizer's size (Qwen3's is 151669 too): the [MASK] becomes a new token at exactly 151669."""
 BLOCK = 4
 NEW = 12
 FINAL_NORM_SCALE = 6.0
@@ -36,21 +35,6 @@ FINAL_NORM_SCALE = 6.0
 norm makes some positions confident (the test asserts that threshold decoding did unmask several
 tokens in one round)."""
 THRESHOLD = 0.5
-
-
-def save_qwen_sized_tokenizer(directory: str) -> None:
-    """A word-level tokenizer of 151,669 ids (``w0`` ... ``w151668``), EOS ``w2``, no mask token."""
-    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(TOKENS)}, unk_token="w0"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-
-    def special(word: str) -> AddedToken:
-        return AddedToken(word, single_word=True, special=True, normalized=False)
-
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token=special("w0"), eos_token=special("w2"),
-                            bos_token=special("w1")).save_pretrained(directory)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +45,7 @@ def qwen_dir(tmp_path_factory) -> str:
     with torch.no_grad():
         model.get_input_embeddings().weight[MASK:].zero_()  # rows no token maps to, as in Qwen3
     model.save_pretrained(directory)
-    save_qwen_sized_tokenizer(directory)
+    save_tokenizer(directory)
     return directory
 
 
