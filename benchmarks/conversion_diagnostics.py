@@ -204,6 +204,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
 
     from nemo_opdlm import demo as D
+    from nemo_opdlm.recipes import tiny
     from nemo_opdlm.config import RunConfig, apply_overrides, from_dict, to_dict
     from nemo_opdlm.runtime.seeding import demo_train_seed
     from nemo_opdlm.training.loop import train
@@ -220,7 +221,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     def trained(name: str, seed: int):
         """The variant's config and history for ``seed`` (trained once; cached in its run directory)."""
         run_dir = os.path.join(args.work_dir, args.task, f"diagnostics_{name}_seed{seed}")
-        base = D.conversion_config(teacher_checkpoint=teacher["checkpoint"], data_path=data["train"],
+        base = tiny.conversion_config(teacher_checkpoint=teacher["checkpoint"], data_path=data["train"],
                                    tokenizer=data["tokenizer"], save_dir=run_dir, steps=args.steps,
                                    save_every=args.every, seed=demo_train_seed(seed))
         cfg = from_dict(RunConfig, apply_overrides(to_dict(base), list(VARIANTS[name])))

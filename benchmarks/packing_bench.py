@@ -64,7 +64,7 @@ MASK_ID, EOS_ID, PAD_ID, BLOCK, TOP_K = MODEL.vocab_size - 1, 1, 0, 4, 8
 
 def demo_lengths(rows: int, seed: int) -> tuple[list[int], list[int], int]:
     """Prompt and valid response lengths of the demo's arithmetic task, and its rollout width (32)."""
-    from nemo_opdlm.demo import MAX_NEW_TOKENS
+    from nemo_opdlm.recipes.tiny import MAX_NEW_TOKENS
     from nemo_opdlm.eval import synthetic
 
     tok = synthetic.build_tokenizer("arithmetic")

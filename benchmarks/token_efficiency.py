@@ -306,6 +306,7 @@ def _demo_config(args: argparse.Namespace, task: str):
 def prepare_task(args: argparse.Namespace, task: str, log) -> dict[str, Any]:
     """The task files and its teacher (trained once; reused when its final checkpoint exists)."""
     from nemo_opdlm import demo as D
+    from nemo_opdlm.recipes import tiny
     from nemo_opdlm.eval import synthetic as S
     from nemo_opdlm.eval import tasks as T
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
@@ -321,11 +322,11 @@ def prepare_task(args: argparse.Namespace, task: str, log) -> dict[str, Any]:
     teacher_dir = os.path.join(cfg.out_dir, "teacher")
     log(f"{task}: teacher, {cfg.teacher_steps} AR steps")
     t = time.perf_counter()
-    train(D.teacher_config(**D.demo_paths(cfg), save_dir=teacher_dir, steps=cfg.teacher_steps,
+    train(tiny.teacher_config(**D.demo_paths(cfg), save_dir=teacher_dir, steps=cfg.teacher_steps,
                            save_every=cfg.teacher_steps, **D._sizes(cfg)))
     train_s = time.perf_counter() - t
     ckpt = D.checkpoints(teacher_dir)[-1][1]
-    shift = D.conversion_config().diffusion.shift_logits
+    shift = tiny.conversion_config().diffusion.shift_logits
     with runtime(ParallelLayout(), seed=1234) as rt:
         res = D.evaluate_checkpoint(rt.ctx, ckpt, data.tokenizer, T.load_task(data.eval_format, data.test),
                                     ("ar",) + MODES, cfg, shift_logits=shift)
@@ -354,12 +355,13 @@ def teacher_on_grids(info: dict[str, Any], grids: list[str], cfg, log) -> dict[s
     if not missing and "unaligned_share" in info:
         return info
     from nemo_opdlm import demo as D
+    from nemo_opdlm.recipes import tiny
     from nemo_opdlm.eval import tasks as T
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
     data = info["data"]
     task = T.load_task(data["eval_format"], data["test"])
-    convert = D.conversion_config()
+    convert = tiny.conversion_config()
     with runtime(ParallelLayout(), seed=1234) as rt:
         for grid in missing:
             res = D.evaluate_checkpoint(rt.ctx, info["checkpoint"], data["tokenizer"], task, MODES, cfg,
@@ -399,6 +401,7 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int, grid: s
     import torch
 
     from nemo_opdlm import demo as D
+    from nemo_opdlm.recipes import tiny
     from nemo_opdlm.eval import tasks as T
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from nemo_opdlm.runtime.seeding import demo_train_seed
@@ -413,7 +416,7 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int, grid: s
     every = max(1, args.eval_every)
     data = teacher["data"]
     t = time.perf_counter()
-    run = train(D.conversion_config(
+    run = train(tiny.conversion_config(
         teacher_checkpoint=teacher["checkpoint"], data_path=data["train"], tokenizer=data["tokenizer"], save_dir=out,
         method=method, steps=steps, save_every=every, seed=demo_train_seed(seed), prompts_per_step=cfg.prompts_per_step,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
@@ -558,7 +561,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         "setup": {"seeds": args.seeds, "methods": args.methods, "grids": args.grids,
                   "steps": {m: budget(args, m) for m in args.methods},
                   "eval_every": args.eval_every, "threads_per_run": args.threads, "parallel_runs": args.jobs,
-                  "recipe": "nemo_opdlm.demo.conversion_config (tiny:tiny_convert_4l_tp1_pp1_1g)",
+                  "recipe": "nemo_opdlm.recipes.tiny.conversion_config (tiny:tiny_convert_4l_tp1_pp1_1g)",
                   "conversion": _conversion_summary()},
         "tasks": tasks,
         "wall_s": time.perf_counter() - t_start,
@@ -571,10 +574,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _conversion_summary() -> dict[str, Any]:
-    from nemo_opdlm import demo as D
     from nemo_opdlm.config import to_dict
+    from nemo_opdlm.recipes import tiny
 
-    cfg = D.conversion_config()
+    cfg = tiny.conversion_config()
     return {k: to_dict(getattr(cfg, k)) for k in ("diffusion", "rollout", "optim")} | {
         "prompts_per_step": cfg.train.prompts_per_step}
 

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import difflib
-import os
 import sys
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
+from nemo_opdlm.errors import DEBUG_ENV, debugging, error_line, guarded  # noqa: F401  (their old home)
 from nemo_opdlm.runtime.known_warnings import filter_known_warnings
 
 filter_known_warnings()  # megatron-core's 'Transformer Engine and Apex are not installed' and kin, in-process
@@ -41,7 +41,8 @@ def _train(argv: Sequence[str]) -> int:
     add_config_args(parser)
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args = parser.parse_intermixed_args(argv)
-    from nemo_opdlm.config import dump_yaml, resolve
+    from nemo_opdlm.config import dump_yaml
+    from nemo_opdlm.recipes.lookup import resolve
 
     cfg = resolve(args.recipe, list(args.overrides), args.config)
     if args.print_config:
@@ -91,44 +92,6 @@ COMMANDS = {
 }
 """Subcommand -> (one-line help, handler taking the remaining arguments). A handler imports what it
 needs itself, after its own ``--help`` is answered: ``opdlm X --help`` must not wait for torch."""
-
-
-DEBUG_ENV = "OPDLM_DEBUG"
-"""Set (to anything but 0) to see the traceback of a user error, as ``opdlm --debug`` does."""
-
-
-def debugging() -> bool:
-    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
-
-
-def error_line(prog: str, err: BaseException) -> str:
-    """The one line a user sees for ``err``: the program, the kind and the message (newlines folded)."""
-    from nemo_opdlm.errors import ConfigError, OPDLMError, describe_os_error
-
-    if isinstance(err, ConfigError):
-        kind, text = "config error", str(err)
-    elif isinstance(err, OSError) and not isinstance(err, OPDLMError):
-        kind, text = f"error ({type(err).__name__})", describe_os_error(err) + f" ({DEBUG_ENV}=1 for the traceback)"
-    else:
-        kind, text = f"error ({type(err).__name__})", str(err)
-    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
-    return f"{rank}{prog}: {kind}: " + " ".join(text.split("\n"))
-
-
-def guarded(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
-    """``fn()``, with a user error (OPDLMError, OSError) printed as one line and exit status 2.
-
-    With ``debug`` (or ``OPDLM_DEBUG`` set) the error is raised instead, traceback and all.
-    """
-    from nemo_opdlm.errors import OPDLMError
-
-    try:
-        return fn()
-    except (OPDLMError, OSError) as err:
-        if debug or debugging():
-            raise
-        print(error_line(prog, err), file=sys.stderr, flush=True)
-        return 2
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

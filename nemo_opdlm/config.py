@@ -294,7 +294,7 @@ class RunConfig:
         a YAML file is a config as written (its paths may be overridden); ``resolve`` completes it."""
         model, mask = self.model, self.diffusion.mask_token_id
         if model is None:
-            from nemo_opdlm.convert.hf_config import model_config_of_weights
+            from nemo_opdlm.convert.architecture import model_config_of_weights
 
             model = model_config_of_weights(*self.init.architecture_source(self.teacher_model is not None))
         if mask is None:
@@ -595,23 +595,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_recipe(spec: str) -> RunConfig:
-    """A recipe: ``module:function`` (or ``module.function``, or the bare function name) of
-    ``nemo_opdlm.recipes`` or of a module of the user's, returning a RunConfig; or a YAML path."""
-    if spec.endswith((".yaml", ".yml")):
-        return _load_yaml(spec)
-    if os.path.isfile(spec) and not spec.endswith(".py"):
-        raise ConfigError(f"--recipe {spec} is a file but not a YAML config (.yaml / .yml); a recipe is "
-                          "module:function, e.g. tiny:tiny_self_tp1_pp1_2g (opdlm recipes lists them)")
-    from nemo_opdlm.recipes.lookup import find
-
-    fn = find(spec)
-    cfg = fn()
-    if not isinstance(cfg, RunConfig):
-        raise ConfigError(f"recipe {spec} returned {type(cfg).__name__}, not RunConfig")
-    return cfg
-
-
 @contextlib.contextmanager
 def _named(source: str) -> Iterator[None]:
     """A ConfigError raised inside names ``source`` (the YAML file it came from)."""
@@ -659,7 +642,7 @@ def _check_whole(data: dict[str, Any], source: str) -> None:
                           f"recipe, apply it on top of one: --recipe RECIPE --config {source}")
 
 
-def _load_yaml(path: str) -> RunConfig:
+def load_yaml(path: str) -> RunConfig:
     """A whole RunConfig from a YAML file; every error names the file."""
     data = _resolved(_read_yaml(path), path)
     _check_whole(data, path)
@@ -667,20 +650,24 @@ def _load_yaml(path: str) -> RunConfig:
         return from_dict(RunConfig, data)
 
 
-def resolve(spec: str, overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> RunConfig:
-    """Recipe (or whole YAML config), then partial YAML ``overlays``, then ``key=value`` overrides ->
-    a validated RunConfig (``merge`` says how they combine), completed from its files
-    (``RunConfig.complete``: a model left out is read from the weights)."""
-    if not overrides and not overlays:
-        return load_recipe(spec).complete()
+def read_yaml(path: str) -> dict[str, Any]:
+    """A YAML config file as a plain dict, ``${...}`` interpolations kept (``compose`` resolves them)."""
     from omegaconf import OmegaConf
 
-    is_yaml = spec.endswith((".yaml", ".yml"))
-    base = OmegaConf.to_container(_read_yaml(spec), resolve=False) if is_yaml else to_dict(load_recipe(spec))
-    data = merge(base or {}, overlays, overrides)
-    if is_yaml:
-        _check_whole(data, spec)
-    with _named(spec) if is_yaml else contextlib.nullcontext():
+    return OmegaConf.to_container(_read_yaml(path), resolve=False) or {}
+
+
+def compose(base: dict[str, Any], overlays: Sequence[str] = (), overrides: Sequence[str] = (), *,
+            whole_yaml: Optional[str] = None) -> RunConfig:
+    """``base`` (a recipe's dict, or a whole YAML file's: ``whole_yaml`` names it, and its errors
+    then name the file), then partial YAML ``overlays``, then ``key=value`` overrides (``merge``
+    says how they combine) -> a validated RunConfig, completed from its files
+    (``RunConfig.complete``: a model left out is read from the weights). Choosing the base from
+    what ``--recipe`` says is ``recipes.lookup.resolve``'s job."""
+    data = merge(base, overlays, overrides)
+    if whole_yaml is not None:
+        _check_whole(data, whole_yaml)
+    with _named(whole_yaml) if whole_yaml is not None else contextlib.nullcontext():
         return from_dict(RunConfig, data).complete()
 
 
@@ -693,5 +680,6 @@ def dump_yaml(cfg: RunConfig) -> str:
 __all__ = [
     "RunConfig", "InitConfig", "RolloutConfig", "DistillConfig", "OptimConfig", "TrainConfig",
     "ModelConfig", "DiffusionConfig", "ParallelLayout", "PromptDataConfig", "RopeScaling",
-    "ConfigError", "from_dict", "to_dict", "apply_overrides", "merge", "load_recipe", "resolve", "dump_yaml", "config_keys",
+    "ConfigError", "from_dict", "to_dict", "apply_overrides", "merge", "load_yaml", "read_yaml", "compose", "dump_yaml",
+    "config_keys",
 ]

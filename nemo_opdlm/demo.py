@@ -5,18 +5,18 @@ trainer as a real job, and show the result:
 
 1. write a synthetic task (``eval/synthetic.py``: multi-step arithmetic by default, ``--task sort``
    for sorting letters): train / held-out JSONL + tokenizer;
-2. pre-train a tiny AR teacher from scratch on the training responses (``teacher_config``);
-3. convert it into a block-diffusion student with OPDLM (``conversion_config``, the recipe
-   ``tiny:tiny_convert_4l_tp1_pp1_1g``: the teacher loaded from step 2's checkpoint, the student
-   initialised with its weights);
+2. pre-train a tiny AR teacher from scratch on the training responses (``recipes.tiny.teacher_config``);
+3. convert it into a block-diffusion student with OPDLM (``recipes.tiny.conversion_config``, the
+   recipe ``tiny:tiny_convert_4l_tp1_pp1_1g``: the teacher loaded from step 2's checkpoint, the
+   student initialised with its weights);
 4. evaluate on the held-out split: the teacher (AR decoding), the teacher's weights read as a
    block-diffusion model before conversion, and the student (static: 1 token per round; dynamic:
    confidence threshold) at every saved checkpoint;
 5. print a table, save ``demo_results.json`` and a PNG of accuracy against training tokens.
 
 Non-goals: the GPU recipes' settings (the sizes and the conversion settings here are for a 0.8M-
-parameter teacher that has to convert in two minutes on 2 cores; ``conversion_config`` says why each
-differs from the paper's).
+parameter teacher that has to convert in two minutes on 2 cores; ``recipes.tiny.conversion_config``
+says why each differs from the paper's).
 Training tokens are response tokens the model trained on: dataset responses for the AR teacher,
 the student's own rollout tokens for OPDLM (T in the paper's FLOPs formula).
 """
@@ -43,15 +43,12 @@ def _train_seed(seed: int) -> int:
     return demo_train_seed(seed)
 
 
-MASK_ID = 2  # [MASK] in the synthetic tokenizer
-
-
 @dataclass(kw_only=True)
 class DemoConfig:
     """Sizes of the demo; the defaults finish in under 5 minutes on 2 CPU cores.
 
     The conversion's own settings (learning rate, rollouts, the shifted student) are not here: they
-    are :func:`conversion_config`, the recipe a user names as ``tiny:tiny_convert_4l_tp1_pp1_1g``.
+    are ``recipes.tiny.conversion_config``, the recipe a user names as ``tiny:tiny_convert_4l_tp1_pp1_1g``.
     """
 
     out_dir: str = "runs/demo"
@@ -90,94 +87,6 @@ QUICK = dict(num_train=200, num_test=16, hidden_size=64, num_layers=2, teacher_s
 """The CI-sized run: teacher 20 steps, student 5 steps (tests/test_demo.py)."""
 
 
-# --- the tiny recipes (``recipes/tiny.py`` names them) ---------------------------------------
-
-MAX_NEW_TOKENS = 32
-"""Rollout and evaluation length of the tiny tasks: the longest worked answer fits."""
-
-
-def model_config(hidden_size: int = 128, num_layers: int = 4):
-    """The tiny decoder: Qwen3-shaped, 4 query heads / 2 KV groups, tied embeddings, fp32."""
-    from nemo_opdlm.models.config import ModelConfig
-
-    return ModelConfig(family="qwen3", num_layers=num_layers, hidden_size=hidden_size,
-                       ffn_hidden_size=2 * hidden_size, num_attention_heads=4, num_query_groups=2,
-                       vocab_size=32, make_vocab_size_divisible_by=8, max_position_embeddings=256,
-                       rotary_base=10000.0, qk_layernorm=True, tie_word_embeddings=True, params_dtype="float32",
-                       attention_backend="sdpa")
-
-
-def _tiny_run(*, name: str, method: str, data_path: str, tokenizer: str, save_dir: str, steps: int, lr: float,
-              warmup_steps: int, save_every: int, seed: int, prompts_per_step: int, hidden_size: int,
-              num_layers: int, shift_logits: bool, static_fraction: float,
-              teacher_checkpoint: Optional[str] = None, response_field: Optional[str] = "response",
-              block_grid: Optional[str] = None):
-    from nemo_opdlm.config import (
-        DistillConfig, InitConfig, OptimConfig, PromptDataConfig, RolloutConfig, RunConfig, TrainConfig,
-    )
-    from nemo_opdlm.models.config import DiffusionConfig
-
-    return RunConfig(
-        name=name,
-        model=model_config(hidden_size, num_layers),
-        diffusion=DiffusionConfig(mask_token_id=MASK_ID, shift_logits=shift_logits,
-                                  **({} if block_grid is None else {"block_grid": block_grid})),
-        init=InitConfig(tokenizer=tokenizer, teacher_checkpoint=teacher_checkpoint),
-        data=PromptDataConfig(path=data_path, response_field=response_field, chat_template="never",
-                              max_prompt_tokens=32),
-        rollout=RolloutConfig(static_fraction=static_fraction, min_length=MAX_NEW_TOKENS, max_length=MAX_NEW_TOKENS,
-                              curriculum_steps=0),
-        distill=DistillConfig(method=method),
-        optim=OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps),
-        train=TrainConfig(steps=steps, prompts_per_step=prompts_per_step, micro_batch_size=prompts_per_step,
-                          seed=seed, log_every=max(1, min(25, steps // 10)), save_every=save_every,
-                          save_dir=save_dir),
-    )
-
-
-def teacher_config(*, data_path: str = "runs/demo/task/train.jsonl", tokenizer: str = "runs/demo/task/tokenizer",
-                   save_dir: str = "runs/demo/teacher", steps: int = 750, save_every: int = 250, seed: int = 1234,
-                   prompts_per_step: int = 32, hidden_size: int = 128, num_layers: int = 4,
-                   name: str = "tiny_teacher_4l_tp1_pp1_1g"):
-    """AR pre-training of the tiny teacher from random weights (``distill.method='ar'``) on the
-    task's responses: lr 2e-3 cosine to 2e-4, 10 warm-up steps."""
-    return _tiny_run(name=name, method="ar", data_path=data_path, tokenizer=tokenizer, save_dir=save_dir,
-                     steps=steps, lr=2e-3, warmup_steps=10, save_every=save_every, seed=seed,
-                     prompts_per_step=prompts_per_step, hidden_size=hidden_size, num_layers=num_layers,
-                     shift_logits=False, static_fraction=0.0)
-
-
-def conversion_config(*, teacher_checkpoint: str = "runs/demo/teacher/step_0000750",
-                      data_path: str = "runs/demo/task/train.jsonl", tokenizer: str = "runs/demo/task/tokenizer",
-                      save_dir: str = "runs/demo/student", method: str = "opdlm", steps: int = 300,
-                      save_every: int = 50, seed: int = 1234, prompts_per_step: int = 32, hidden_size: int = 128,
-                      num_layers: int = 4, response_field: Optional[str] = "response",
-                      block_grid: Optional[str] = None, name: str = "tiny_convert_4l_tp1_pp1_1g"):
-    """Conversion of a tiny AR teacher into a block-4 student: the settings measured to work.
-
-    ``benchmarks/token_efficiency.py`` runs them for every method, three seeds and both synthetic
-    tasks. What differs from the paper's GPU recipes, and why (``docs/conversion.md``; the numbers are
-    ``benchmarks/results/conversion_diagnostics.json``'s, arithmetic task, step 300 unless said):
-
-    - ``diffusion.shift_logits``: read as an unshifted student, the teacher's weights answer the
-      wrong position (held-out accuracy 0.02, KL 5.6 nats at every block position), and 300 steps
-      only reach 0.37. Shifted, a block's first token is the teacher's own prediction (KL 0.23 at
-      step 0) and the student is at 0.94 static / 0.95 threshold accuracy by step 150.
-    - ``rollout.static_fraction=0.25``: once confident, threshold rollouts decode 88% of the
-      tokens in a block's first round, so 91% of the loss tokens sit in fully masked blocks and
-      the partly decoded blocks of static (1 token per round) evaluation go short: their KL is
-      twice the rollouts' (0.128 vs 0.061); with a quarter of the rows static, 0.084.
-    - lr 5e-4 (cosine to 5e-5, 10 warm-up steps) instead of 1e-5: a 0.8M-parameter model, batch 32.
-
-    ``method`` picks the ablation (``random_mask``, ``off_policy``, ``sft``) under the same settings;
-    ``response_field=None`` hides the file's responses (off-policy KD then uses the teacher's own
-    rollouts); ``block_grid`` the grid (None: ``DiffusionConfig``'s default).
-    """
-    return _tiny_run(name=name, method=method, data_path=data_path, tokenizer=tokenizer,
-                     save_dir=save_dir, steps=steps, lr=5e-4, warmup_steps=10, save_every=save_every, seed=seed,
-                     prompts_per_step=prompts_per_step, hidden_size=hidden_size, num_layers=num_layers,
-                     shift_logits=True, static_fraction=0.25, teacher_checkpoint=teacher_checkpoint,
-                     response_field=response_field, block_grid=block_grid)
 
 
 def demo_paths(cfg: DemoConfig) -> dict[str, str]:
@@ -241,6 +150,7 @@ def evaluate_checkpoint(parallel, ckpt: str, tokenizer_dir: str, task, modes: Se
     student decoded on a grid other than its own is refused."""
     from nemo_opdlm.eval.loading import load_model
     from nemo_opdlm.eval.evaluate import DecodeSettings, evaluate
+    from nemo_opdlm.recipes.tiny import MASK_ID, MAX_NEW_TOKENS
 
     model = load_model(parallel, ckpt=ckpt, tokenizer=tokenizer_dir, mask_token_id=MASK_ID, shift_logits=shift_logits,
                        block_grid=block_grid, allow_grid_mismatch=not as_student)
@@ -269,6 +179,7 @@ class Progress:
 
 def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     """Run all stages; returns the results (also written to ``out_dir/demo_results.json``)."""
+    from nemo_opdlm.recipes.tiny import conversion_config, teacher_config
     from nemo_opdlm.training.loop import train
 
     log = log or Progress()

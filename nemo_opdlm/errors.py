@@ -17,13 +17,16 @@ Each also derives from the builtin a caller would have caught before (``ValueErr
 ``RuntimeError`` for runs), so existing ``except ValueError`` code keeps working.
 
 :func:`describe_os_error` turns an ``OSError`` (an unwritable directory, a full disk, a read-only
-filesystem) into the same kind of one-line message.
+filesystem) into the same kind of one-line message; :func:`guarded` runs a command and prints any of
+them as that line (:func:`error_line`), exit status 2, for ``opdlm`` and the tools alike.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import sys
+from typing import Callable
 
 
 class OPDLMError(Exception):
@@ -75,3 +78,37 @@ def describe_os_error(err: OSError) -> str:
     if err.errno == errno.EEXIST:
         return f"{path} exists and is not a directory" if os.path.isfile(path) else f"{path} already exists"
     return f"{reason}: {path}"
+
+
+DEBUG_ENV = "OPDLM_DEBUG"
+"""Set (to anything but 0) to see the traceback of a user error, as ``opdlm --debug`` does."""
+
+
+def debugging() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def error_line(prog: str, err: BaseException) -> str:
+    """The one line a user sees for ``err``: the program, the kind and the message (newlines folded)."""
+    if isinstance(err, ConfigError):
+        kind, text = "config error", str(err)
+    elif isinstance(err, OSError) and not isinstance(err, OPDLMError):
+        kind, text = f"error ({type(err).__name__})", describe_os_error(err) + f" ({DEBUG_ENV}=1 for the traceback)"
+    else:
+        kind, text = f"error ({type(err).__name__})", str(err)
+    rank = f"[rank {os.environ['RANK']}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
+    return f"{rank}{prog}: {kind}: " + " ".join(text.split("\n"))
+
+
+def guarded(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
+    """``fn()``, with a user error (OPDLMError, OSError) printed as one line and exit status 2.
+
+    With ``debug`` (or ``OPDLM_DEBUG`` set) the error is raised instead, traceback and all.
+    """
+    try:
+        return fn()
+    except (OPDLMError, OSError) as err:
+        if debug or debugging():
+            raise
+        print(error_line(prog, err), file=sys.stderr, flush=True)
+        return 2

@@ -856,7 +856,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def plan_main(argv: Optional[Sequence[str]] = None) -> int:
     """``opdlm plan``: 0 if the plan is valid and fits, 1 if refused, 2 if the config itself is invalid."""
     args = parse_args(argv)
-    from nemo_opdlm.config import resolve
+    from nemo_opdlm.recipes.lookup import resolve
 
     try:
         cfg = resolve(args.recipe, list(args.overrides), args.config)

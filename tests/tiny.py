@@ -1,5 +1,7 @@
 """Tiny model configs shared by the tests (random weights, built in the test)."""
 
+from typing import Any
+
 import torch
 
 from nemo_opdlm.models import masks
@@ -64,3 +66,40 @@ def reference_allowed(q_meta: torch.Tensor, k_meta: torch.Tensor) -> torch.Tenso
                     ok = False
                 out[b, i, j] = ok
     return out
+
+
+# --- files a test writes (the tiny recipes read them: ``opdlm train --recipe tiny:... init.teacher_hf=...``)
+
+def hf_config(model: ModelConfig) -> dict[str, Any]:
+    """The HF ``config.json`` of a tiny shape (Qwen3ForCausalLM, transformers-5 spelling)."""
+    from nemo_opdlm.convert.hf_config import hf_config_from_model
+
+    cfg = hf_config_from_model(model)
+    cfg.update(bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    return cfg
+
+
+def write_hf_model(directory: str, model: "ModelConfig | None" = None, seed: int = 0) -> str:
+    """Save a random-weight HF checkpoint of ``model`` (default: the tiny shape) with the task's tokenizer."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from nemo_opdlm.eval.synthetic import build_tokenizer
+
+    from nemo_opdlm.recipes.tiny import tiny_shape
+
+    model = model or tiny_shape()
+    raw = hf_config(model)
+    config = AutoConfig.for_model(raw.pop("model_type"), **{k: v for k, v in raw.items() if k != "architectures"})
+    torch.manual_seed(seed)
+    hf = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    hf.save_pretrained(directory)
+    build_tokenizer().save_pretrained(directory)
+    return directory
+
+
+def write_prompts(directory: str, num_train: int = 32, seed: int = 0) -> str:
+    """Arithmetic prompts (with reference responses) as ``train.jsonl``; returns its path."""
+    from nemo_opdlm.eval.synthetic import ArithmeticConfig, write_task
+
+    return write_task(directory, ArithmeticConfig(), num_train=num_train, num_test=4, seed=seed).train

@@ -71,6 +71,6 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from nemo_opdlm.cli import guarded
+    from nemo_opdlm.errors import guarded
 
     sys.exit(guarded("import_hf", main))

@@ -91,7 +91,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def recipe_facts(args: argparse.Namespace) -> RecipeFacts:
     """Resolve the recipe with its overrides: the cluster it asks for, ``train.steps``, ``train.save_dir``."""
-    from nemo_opdlm.config import resolve
+    from nemo_opdlm.recipes.lookup import resolve
     from nemo_opdlm.plan import recipe_cluster
 
     cluster = recipe_cluster(args.recipe)

@@ -15,7 +15,6 @@ import os
 from typing import Any, Optional
 
 from nemo_opdlm.convert.errors import UnsupportedArchitectureError, VocabMismatchError
-from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.families import ARCHITECTURES, FAMILIES
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
 
@@ -179,30 +178,6 @@ def model_config_from_hf(hf: dict[str, Any], **overrides: Any) -> ModelConfig:
     )
     fields.update(overrides)
     return ModelConfig(**fields)
-
-
-def model_config_of_weights(path: str, key: str) -> ModelConfig:
-    """The architecture of the weights at ``path`` (named by config key ``key`` in errors): an HF
-    directory's config.json, or the model config a megatron checkpoint recorded (``opdlm_convert.json``
-    of ``tools/import_hf.py`` and of every trainer step). What Megatron-Bridge's AutoBridge reads: a
-    run that leaves ``model`` out gets exactly the checkpoint's shape, RoPE, norm epsilon and tying."""
-    if not os.path.isdir(path):
-        raise ConfigError(f"{key}: {path} is not a directory, so the model's architecture cannot be read from "
-                          "it: fix the path, or set the model.* fields")
-    if os.path.isfile(os.path.join(path, "config.json")):
-        hf = read_hf_config(path)
-        try:
-            return model_config_from_hf(hf)
-        except KeyError as err:
-            raise ConfigError(f"{path}/config.json ({key}) lacks {err.args[0]!r}: not a complete "
-                              f"{'/'.join(supported_architectures())} config") from None
-    from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
-
-    meta = read_checkpoint_meta(path) or {}
-    if not meta.get("model_config"):
-        raise ConfigError(f"{key}: {path} has neither a config.json nor a recorded model config "
-                          "(opdlm_convert.json): set the model.* fields")
-    return model_config_from_dict(meta["model_config"])
 
 
 def hf_config_from_model(cfg: ModelConfig) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Sequence
 
+from nemo_opdlm.data.formats import FORMATS as TASK_FORMATS
 from nemo_opdlm.errors import ConfigError, DataError  # noqa: F401  (DataError re-exported)
 
 if TYPE_CHECKING:  # torch only where rows are built: reading and checking data (and --help) need none
@@ -96,8 +97,6 @@ class PromptDataConfig:
         if not self.prompt_field:
             raise DataError("data.prompt_field must name a record field, e.g. 'prompt' or 'question'")
         if self.prompt_template is not None and "{prompt}" not in self.prompt_template:
-            from nemo_opdlm.eval.tasks import FORMATS as TASK_FORMATS
-
             if self.prompt_template not in TASK_FORMATS:
                 raise DataError(f"data.prompt_template must hold '{{prompt}}' or name an eval task format "
                                 f"({', '.join(sorted(TASK_FORMATS))}), got {self.prompt_template!r}")
@@ -422,8 +421,6 @@ def apply_prompt_template(text: str, template: Optional[str], chat: bool) -> str
         return text
     if "{prompt}" in template:
         return template.replace("{prompt}", text)
-    from nemo_opdlm.eval.tasks import FORMATS as TASK_FORMATS
-
     fmt = TASK_FORMATS[template]
     return text + fmt.instruction if chat else fmt.template.format(question=text)
 

@@ -22,7 +22,7 @@ import os
 import sys
 from typing import Optional, Sequence
 
-from nemo_opdlm.eval.tasks import FORMATS
+from nemo_opdlm.data.formats import FORMATS
 from nemo_opdlm.rollout.decode import MODES
 
 
@@ -167,6 +167,6 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":  # torchrun -m nemo_opdlm.eval.cli ...: the same one-line errors as ``opdlm eval``
-    from nemo_opdlm.cli import guarded
+    from nemo_opdlm.errors import guarded
 
     sys.exit(guarded("opdlm eval", eval_main))

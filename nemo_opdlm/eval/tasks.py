@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, Callable, Optional, Sequence
 
+from nemo_opdlm.data.formats import FORMATS, MATCHES, TaskFormat
 from nemo_opdlm.data.prompts import PromptDataConfig, read_records, use_chat_template
 from nemo_opdlm.errors import DataError
 
@@ -165,6 +166,8 @@ MATCHERS: dict[str, Callable[[Optional[str], str], bool]] = {
     "exact": answers_match,
     "math": math_answers_match,
 }
+"""One function per ``data.formats.MATCHES`` name."""
+assert tuple(MATCHERS) == MATCHES
 
 
 def truncate_at(text: str, stops: Sequence[str]) -> str:
@@ -194,61 +197,6 @@ class Example:
     question: str
     gold: str
     solution: Optional[str] = None
-
-
-@dataclass(kw_only=True, frozen=True)
-class TaskFormat:
-    """How a task's records become prompts, and how its answers are extracted."""
-
-    name: str
-    question_field: str
-    answer_field: str
-    solution_field: Optional[str]
-    """Field holding a worked solution, used for few-shot examples (None: the answer field)."""
-    gold_from: str
-    """How the gold answer is read from ``answer_field``: 'number' (after '####'), 'boxed', 'exact'."""
-    extract: str
-    """How the prediction is read from the generation: 'number', 'boxed' or 'exact'."""
-    template: str
-    """Raw-text prompt for one question; ``{question}`` is replaced."""
-    shot_separator: str = "\n\n"
-    """Between few-shot examples (and before the question)."""
-    stop: tuple[str, ...] = ()
-    """Stop strings: the generation is cut at the first one before scoring (raw-text prompts)."""
-    instruction: str = ""
-    """Appended to the question when the chat template is used."""
-    match: str = "exact"
-    """How an extracted answer meets the gold (:data:`MATCHERS`): 'exact' (normalised, numbers by
-    value) or 'math' (also math-verify's symbolic equivalence, for MATH-style answers)."""
-
-    def __post_init__(self) -> None:
-        if self.match not in MATCHERS:
-            raise DataError(f"task {self.name!r}: match={self.match!r} is not one of {sorted(MATCHERS)}")
-
-
-FORMATS: dict[str, TaskFormat] = {
-    "gsm8k": TaskFormat(
-        name="gsm8k", question_field="question", answer_field="answer", solution_field="answer",
-        gold_from="number", extract="number", template="Question: {question}\nAnswer:",
-        stop=("\n\nQuestion:", "Question:", "</s>", "<|im_end|>"),
-        instruction="\nPlease reason step by step, and put your final answer after '####'.",
-    ),
-    "math": TaskFormat(
-        name="math", question_field="problem", answer_field="answer", solution_field="solution",
-        gold_from="exact", extract="boxed", template="Problem: {question}\nSolution:",
-        stop=("\n\nProblem:", "Problem:", "</s>", "<|im_end|>"),
-        instruction="\nPlease reason step by step, and put your final answer within \\boxed{}.",
-        match="math",
-    ),
-    "synthetic": TaskFormat(
-        name="synthetic", question_field="prompt", answer_field="answer", solution_field="response",
-        gold_from="exact", extract="number", template="{question}", shot_separator="\n", stop=("\n",),
-    ),
-    "sort": TaskFormat(  # eval/synthetic.py's sort family: the answer is the whole (sorted) response
-        name="sort", question_field="prompt", answer_field="answer", solution_field="response",
-        gold_from="exact", extract="exact", template="{question}", shot_separator="\n", stop=("\n",),
-    ),
-}
 
 
 def task_format(name: str, **overrides: Any) -> TaskFormat:

@@ -4,7 +4,9 @@ One job: turn ``tiny:tiny_self_tp1_pp1_2g``, ``tiny.tiny_self_tp1_pp1_2g``, a ba
 old checkout spellings (``recipes.tiny:...``), a module of the user's own (``my_recipes:fn``, importable
 or a ``.py`` path) into the function, and a name that is none of these into an error that names the
 closest recipes (a module without a function, ``--recipe tiny``, lists that module's recipes).
-Non-goals: calling the recipe or checking its config (``nemo_opdlm.config.load_recipe``).
+:func:`load_recipe` calls it (or reads a whole YAML config instead) and :func:`resolve` puts
+``--config`` overlays and ``key=value`` overrides on top (``config.compose``). Non-goals: the config
+schema and its YAML mechanics (``nemo_opdlm.config``).
 
 The recipes ship inside the package (``nemo_opdlm.recipes``, as ``megatron.bridge.recipes`` does), so an
 installed wheel finds them from any directory.
@@ -20,8 +22,9 @@ import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+from nemo_opdlm.config import RunConfig, compose, load_yaml, read_yaml, to_dict
 from nemo_opdlm.errors import ConfigError
 
 PACKAGE = "nemo_opdlm.recipes"
@@ -157,3 +160,27 @@ def find(spec: str) -> Callable:
             hint = f"; it is {known[name].__module__.rpartition('.')[2]}:{name}"
         raise ConfigError(f"recipe {name!r} not in {label}{hint}")
     return fn
+
+
+def load_recipe(spec: str) -> RunConfig:
+    """A recipe: ``module:function`` (or ``module.function``, or the bare function name) of
+    ``nemo_opdlm.recipes`` or of a module of the user's, returning a RunConfig; or a YAML path."""
+    if spec.endswith((".yaml", ".yml")):
+        return load_yaml(spec)
+    if os.path.isfile(spec) and not spec.endswith(".py"):
+        raise ConfigError(f"--recipe {spec} is a file but not a YAML config (.yaml / .yml); a recipe is "
+                          "module:function, e.g. tiny:tiny_self_tp1_pp1_2g (opdlm recipes lists them)")
+    cfg = find(spec)()
+    if not isinstance(cfg, RunConfig):
+        raise ConfigError(f"recipe {spec} returned {type(cfg).__name__}, not RunConfig")
+    return cfg
+
+
+def resolve(spec: str, overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> RunConfig:
+    """Recipe (or whole YAML config), then partial YAML ``overlays``, then ``key=value`` overrides ->
+    a validated RunConfig, completed from its files (``config.compose``)."""
+    if not overrides and not overlays:
+        return load_recipe(spec).complete()
+    if spec.endswith((".yaml", ".yml")):
+        return compose(read_yaml(spec), overlays, overrides, whole_yaml=spec)
+    return compose(to_dict(load_recipe(spec)), overlays, overrides)

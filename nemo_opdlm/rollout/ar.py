@@ -8,22 +8,19 @@ rollouts (the teacher's responses) and for evaluating the teacher. Non-goals: bl
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 from torch import Tensor
 
 from nemo_opdlm.models import masks
-
-if TYPE_CHECKING:
-    from nemo_opdlm.rollout.sampler import BlockSampler
+from nemo_opdlm.rollout.engine import DecodeEngine
 
 
-def decode_ar(sampler: "BlockSampler", prompt_ids: Tensor, prompt_lens: Tensor, limits: Tensor,
+
+def decode_ar(engine: DecodeEngine, prompt_ids: Tensor, prompt_lens: Tensor, limits: Tensor,
               max_new: int) -> tuple[Tensor, Tensor, int]:
     """``(tokens [B, max_new], step_map [B, max_new], rounds)``: each row decodes until an EOS or its
     limit (``limits [B]``, ``max_new`` their maximum); ``step_map`` is 0 for every decoded token."""
-    cfg, dev = sampler.config, sampler.device
+    cfg, dev = engine.config, engine.device
     if int(prompt_lens.min()) < 1:
         raise ValueError("autoregressive decoding needs a non-empty prompt in every row")
     batch, width = prompt_ids.shape
@@ -34,23 +31,23 @@ def decode_ar(sampler: "BlockSampler", prompt_ids: Tensor, prompt_lens: Tensor, 
     step_map = torch.full((batch, max_new), -1, dtype=torch.long, device=dev)
     rows = torch.arange(batch, device=dev)
     rounds = 0
-    with sampler.session(batch, width + max_new, cfg.decode.use_cache) as cache:
+    with engine.session(batch, width + max_new, cfg.decode.use_cache) as cache:
         for i in range(max_new):
             rounds += 1
             # Token i is predicted at column width + i - 1 (the last prompt token for i = 0).
             end = width + i
             lo = 0 if cache is None or i == 0 else end - 1
             ids = torch.cat([prompt_ids[rows, lo:width], tokens[rows, max(lo - width, 0): i]], dim=1)
-            logits = sampler.forward(ids, pos_all[rows, lo:end], meta_all[rows, :, lo:end], cache, commit=end - lo,
+            logits = engine.forward(ids, pos_all[rows, lo:end], meta_all[rows, :, lo:end], cache, commit=end - lo,
                                      keep_last=1)
             nxt = torch.zeros(rows.numel(), 1, dtype=torch.long, device=dev)  # [N, 1]
             if logits is not None:
-                uniform = sampler.draw(batch, 1)  # [B, 1] or None
-                nxt = sampler.choose(logits, None if uniform is None else uniform[rows])[0]
-            nxt = sampler.share(nxt)
+                uniform = engine.draw(batch, 1)  # [B, 1] or None
+                nxt = engine.choose(logits, None if uniform is None else uniform[rows])[0]
+            nxt = engine.share(nxt)
             tokens[rows, i] = nxt[:, 0]
             step_map[rows, i] = 0
-            done = torch.isin(nxt[:, 0], sampler.eos) | (i == limits[rows] - 1)  # [N]
+            done = torch.isin(nxt[:, 0], engine.eos) | (i == limits[rows] - 1)  # [N]
             if bool(done.any()):
                 keep = (~done).nonzero()[:, 0]
                 rows = rows[keep]

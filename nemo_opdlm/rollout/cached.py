@@ -20,18 +20,17 @@ device as masks, and index tensors come from sorts whose sizes the host knows (n
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
 
 from nemo_opdlm.models import masks
+from nemo_opdlm.rollout.engine import DecodeEngine
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
 from nemo_opdlm.rollout.rows import MASKED, RowRecords, first_true
 from nemo_opdlm.rollout.stages import MicroBatch
 
-if TYPE_CHECKING:
-    from nemo_opdlm.rollout.sampler import BlockSampler
 
 
 @dataclass(frozen=True)
@@ -107,54 +106,54 @@ def shifted_predictions(logits: Tensor, first: Optional[Tensor], starting: Tenso
     return torch.cat([first[:, None], logits[:, 1:-1]], dim=1), first
 
 
-def decode_cached(sampler: "BlockSampler", d: RowRecords) -> int:
+def decode_cached(engine: DecodeEngine, d: RowRecords) -> int:
     """Fill ``d``'s records; returns the batch-level rounds."""
-    cfg = sampler.config
+    cfg = engine.config
     bs = d.block_size
     a = ActiveRows.start(d, cfg.mask_id)
     n_out = bs + int(cfg.shift_logits)  # logit columns per row; shifted: also the one before the block
     rounds = 0
-    with sampler.session(d.batch, d.width + d.length + bs, use_cache=True) as cache:
+    with engine.session(d.batch, d.width + d.length + bs, use_cache=True) as cache:
         assert cache is not None
         while a.n:
             if rounds == 0:
-                logits = _first_round(sampler, d, a, cache, n_out)
+                logits = _first_round(engine, d, a, cache, n_out)
             else:
-                logits = _next_round(sampler, d, a, cache, n_out)
+                logits = _next_round(engine, d, a, cache, n_out)
             rounds += 1
             if logits is not None:
-                _decide(sampler, d, a, logits)
-            a.x, a.st = sampler.share(torch.stack([a.x, a.st])).unbind(0)
+                _decide(engine, d, a, logits)
+            a.x, a.st = engine.share(torch.stack([a.x, a.st])).unbind(0)
             _advance(d, a, cache, cfg.mask_id)
     return rounds
 
 
-def _first_round(sampler: "BlockSampler", d: RowRecords, a: ActiveRows, cache: BlockKVCache,
+def _first_round(engine: DecodeEngine, d: RowRecords, a: ActiveRows, cache: BlockKVCache,
                  n_out: int) -> Optional[Tensor]:
     """``[prompt | block 0]`` for every row; the prompt is committed."""
     width = d.width + d.block_size
     ids = torch.cat([d.prompt_ids, a.x], dim=1)  # [B, P + bs]
-    mbs = sampler.microbatches(ids, d.pos_all[:, :width], d.meta_all[:, :, :width], slice(0, d.batch))
-    logits = sampler.stages.run(mbs, cache, n_out)
+    mbs = engine.microbatches(ids, d.pos_all[:, :width], d.meta_all[:, :, :width], slice(0, d.batch))
+    logits = engine.stages.run(mbs, cache, n_out)
     cache.commit(d.width)
     return logits
 
 
-def _next_round(sampler: "BlockSampler", d: RowRecords, a: ActiveRows, cache: BlockKVCache,
+def _next_round(engine: DecodeEngine, d: RowRecords, a: ActiveRows, cache: BlockKVCache,
                 n_out: int) -> Optional[Tensor]:
     """Every active row's current block, after its commit slot for the rows starting a new block."""
     bs = d.block_size
     committing = (a.step == 0) & (a.block > 0)  # [N] (n_commit of them)
     order: Optional[Tensor] = None
-    if a.n_commit in (0, a.n) or sampler.pad_commit_slots:
+    if a.n_commit in (0, a.n) or engine.pad_commit_slots:
         groups: list[tuple[slice | Tensor, bool]] = [(slice(0, a.n), a.n_commit > 0)]
     else:
         order = first_true(committing, a.n)  # [N] committing rows first, then the others
         groups = [(order[:a.n_commit], True), (order[a.n_commit:], False)]
     mbs: list[MicroBatch] = []
     for index, with_slot in groups:
-        mbs += sampler.microbatches(*_round_inputs(d, a, committing, index, with_slot, sampler.config.pad_id), index)
-    logits = sampler.stages.run(mbs, cache, n_out)
+        mbs += engine.microbatches(*_round_inputs(d, a, committing, index, with_slot, engine.config.pad_id), index)
+    logits = engine.stages.run(mbs, cache, n_out)
     if logits is not None and order is not None:
         logits = torch.empty_like(logits).index_copy_(0, order, logits)
     # A row in block b has committed its prompt and blocks 0..b-1 after this commit.
@@ -183,12 +182,12 @@ def _round_inputs(d: RowRecords, a: ActiveRows, committing: Tensor, index: slice
     return ids, pos, meta
 
 
-def _decide(sampler: "BlockSampler", d: RowRecords, a: ActiveRows, logits: Tensor) -> None:
+def _decide(engine: DecodeEngine, d: RowRecords, a: ActiveRows, logits: Tensor) -> None:
     """Unmask this round's positions of every active row (last pipeline stage)."""
-    if sampler.config.shift_logits:
+    if engine.config.shift_logits:
         logits, a.first = shifted_predictions(logits, a.first, a.step == 0)
     uniform = d.uniforms(a.rows, a.block, a.step, a.lo, a.hi)  # [N, bs] or None
-    cand, conf = sampler.choose(logits, uniform)  # [N, bs], [N, bs]
+    cand, conf = engine.choose(logits, uniform)  # [N, bs], [N, bs]
     chosen = d.unmask(conf, a.st, a.step, a.rows)  # [N, bs]
     a.x = torch.where(chosen, cand, a.x)
     a.st = torch.where(chosen, a.step[:, None], a.st)

@@ -9,23 +9,20 @@ speed (every round costs a full forward of the prefix).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
+from nemo_opdlm.rollout.engine import DecodeEngine
 from nemo_opdlm.rollout.rows import MASKED, RowRecords
 
-if TYPE_CHECKING:
-    from nemo_opdlm.rollout.sampler import BlockSampler
 
 
-def decode_lockstep(sampler: "BlockSampler", d: RowRecords) -> int:
+def decode_lockstep(engine: DecodeEngine, d: RowRecords) -> int:
     """Fill ``d``'s records; returns the batch-level rounds."""
-    cfg, dev = sampler.config, sampler.device
+    cfg, dev = engine.config, engine.device
     bs, width = d.block_size, d.width
     rows = torch.arange(d.batch, device=dev)
     rounds = 0
-    with sampler.session(d.batch, 0, use_cache=False):
+    with engine.session(d.batch, 0, use_cache=False):
         for b in range(d.n_blocks):
             blk = width + b * bs  # first column of block b
             if b == 0:  # every row: [head | masks] (the head only on the absolute grid)
@@ -38,17 +35,17 @@ def decode_lockstep(sampler: "BlockSampler", d: RowRecords) -> int:
                 ids = torch.cat([d.prompt_ids[rows], d.tokens[rows, : b * bs], x], dim=1)  # [N, blk + bs]
                 # Shifted: the column before the block (its clean context's last token) predicts
                 # the block's first token, and each block column predicts the next one.
-                logits = sampler.forward(ids, d.pos_all[rows, : blk + bs], d.meta_all[rows, :, : blk + bs], None, 0,
+                logits = engine.forward(ids, d.pos_all[rows, : blk + bs], d.meta_all[rows, :, : blk + bs], None, 0,
                                          keep_last=bs + int(cfg.shift_logits))
                 rounds += 1
                 if logits is not None:
                     logits = logits[:, :bs]  # [N, bs, V/tp] the predictions of the block's positions
                     step = torch.full_like(block, r)  # [N]
-                    cand, conf = sampler.choose(logits, d.uniforms(rows, block, step, b, b))  # [N, bs], [N, bs]
+                    cand, conf = engine.choose(logits, d.uniforms(rows, block, step, b, b))  # [N, bs], [N, bs]
                     chosen = d.unmask(conf, st, r, rows)  # [N, bs]
                     x = torch.where(chosen, cand, x)
                     st = torch.where(chosen, r, st)
-                x, st = sampler.share(torch.stack([x, st])).unbind(0)
+                x, st = engine.share(torch.stack([x, st])).unbind(0)
                 if not bool((st == MASKED).any()):
                     break
             d.tokens[rows, b * bs: (b + 1) * bs] = x

@@ -76,7 +76,7 @@ def tool_main(name: str) -> Callable[[list[str]], int]:
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
     from nemo_opdlm.eval import synthetic as S
-    from nemo_opdlm.recipes.tiny import write_hf_model
+    from tests.tiny import write_hf_model
 
     root = str(tmp_path_factory.mktemp("bad"))
     cfg = make_run(root, "train.save_dir=null")

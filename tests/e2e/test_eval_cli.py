@@ -11,7 +11,7 @@ from nemo_opdlm.eval.cli import eval_main
 
 
 def test_eval_cli_hf_and_checkpoint_agree(tmp_path, capsys):
-    from nemo_opdlm.recipes.tiny import write_hf_model
+    from tests.tiny import write_hf_model
 
     hf = write_hf_model(str(tmp_path / "hf"))
     data = S.write_task(str(tmp_path / "task"), S.ArithmeticConfig(), num_train=1, num_test=5, seed=0)

@@ -144,7 +144,7 @@ def test_dry_run_passes_and_refuses(tmp_path):
 
 
 def _tiny_inputs(tmp) -> tuple[str, str]:
-    from nemo_opdlm.recipes.tiny import write_hf_model, write_prompts
+    from tests.tiny import write_hf_model, write_prompts
 
     hf = os.path.join(tmp, "hf")
     if not os.path.isdir(hf):

@@ -820,7 +820,7 @@ def test_run_config_is_saved_and_a_resume_with_another_model_is_refused(tmp_path
     back as the run's config; a resume lists every changed key and that the new config wins; a resume
     whose model differs is refused before anything loads, naming the fields; the run says what it
     builds before step 1, each checkpoint it saves, and how it ended."""
-    from nemo_opdlm.config import resolve
+    from nemo_opdlm.recipes.lookup import resolve
     from nemo_opdlm.training.checkpoint import damage
 
     cfg = make_run(str(tmp_path), "train.steps=2", "train.save_every=1")

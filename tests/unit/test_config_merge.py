@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from nemo_opdlm.config import ConfigError, load_recipe, resolve, to_dict
+from nemo_opdlm.config import ConfigError, to_dict
+from nemo_opdlm.recipes.lookup import load_recipe, resolve
 from nemo_opdlm.recipes import lookup
 
 RECIPE = "tiny:tiny_self_tp1_pp1_2g"
@@ -64,7 +65,7 @@ def test_whole_yaml_config_takes_overlays_and_overrides(tmp_path):
     ("qwen:qwen3_8b_self_tp2_pp1_8g", "recipe module 'qwen' not found; did you mean 'qwen3'"),
     ("qwen3_8b_self", "no recipe named 'qwen3_8b_self'; did you mean 'qwen3_8b_self_tp2_pp1_8g'"),
     ("llama31:qwen3_8b_self_tp2_pp1_8g", "it is qwen3:qwen3_8b_self_tp2_pp1_8g"),
-    ("tiny:hf_config", "recipe 'hf_config' not in tiny"),  # a helper of the module, not a recipe
+    ("tiny:tiny_shape", "recipe 'tiny_shape' not in tiny"),  # a helper of the module, not a recipe
 ])
 def test_recipe_misspellings_suggest_names(spec, needle):
     with pytest.raises(ConfigError) as err:

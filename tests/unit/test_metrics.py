@@ -59,7 +59,7 @@ def test_wandb_run_id_is_stored_in_the_run_dir_and_resumed(tmp_path, monkeypatch
 
 
 def test_progress_lines_say_what_is_built_and_how_the_run_ended():
-    from nemo_opdlm.config import load_recipe, resolve
+    from nemo_opdlm.recipes.lookup import load_recipe, resolve
     from nemo_opdlm.training.metrics import describe_run, run_summary
 
     cfg = load_recipe("tiny:tiny_4l_to_2l_tp1_pp1_2g")

@@ -12,11 +12,12 @@ import os
 import pytest
 
 from nemo_opdlm import recipes
-from nemo_opdlm.config import resolve
+from nemo_opdlm.recipes.lookup import resolve
 from nemo_opdlm.plan import (
     GIB, GPUS, Cluster, GpuSpec, check_layout, estimate_stage, make_plan, plan_main, suggest, usable_bytes,
 )
-from nemo_opdlm.recipes.tiny import hf_config, tiny_shape
+from nemo_opdlm.recipes.tiny import tiny_shape
+from tests.tiny import hf_config
 
 H100x8 = Cluster(1, 8, "h100-80g")
 

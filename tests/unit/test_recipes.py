@@ -7,7 +7,8 @@ import re
 import pytest
 
 from nemo_opdlm import recipes
-from nemo_opdlm.config import ConfigError, load_recipe, resolve
+from nemo_opdlm.config import ConfigError
+from nemo_opdlm.recipes.lookup import load_recipe, resolve
 from nemo_opdlm.plan import Cluster, check_layout, make_plan, stage_params
 from nemo_opdlm.recipes import models as m
 from nemo_opdlm.runtime.distributed import TeacherLayout
