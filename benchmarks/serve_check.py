@@ -55,7 +55,6 @@ sys.path.insert(0, ROOT)
 warnings.filterwarnings("ignore", message=r".*(Apex|Transformer Engine|full scope is deprecated).*")
 
 from nemo_opdlm.convert import hf_config as hfc  # noqa: E402
-from nemo_opdlm.convert.export_assets import BlockDecoding  # noqa: E402
 from nemo_opdlm.convert.hf_to_mcore import load_hf_weights, without_random_init  # noqa: E402
 from nemo_opdlm.convert.mcore_to_hf import export_chunks  # noqa: E402
 from nemo_opdlm.convert.sdar import SDAR_MASK_TOKEN_ID, ServeSettings, serve_commands  # noqa: E402
@@ -180,7 +179,7 @@ def build_and_export(work: str, s: Settings, parallel) -> tuple[list, dict[str, 
         shutil.rmtree(export)
     export_chunks(chunks, cfg, export, source_config=hfc.read_hf_config(source), diffusion=diffusion,
                   assets_dir=source, export_format="sdar",
-                  decoding=BlockDecoding(threshold=THRESHOLDS["t0.9"], max_new_tokens=s.max_new_tokens))
+                  decoding=DecodeConfig(mode="dynamic", threshold=THRESHOLDS["t0.9"]), max_new_tokens=s.max_new_tokens)
     student = {"weights": "random init (seeded), [MASK] row zeroed, final norm scaled; untrained",
                "shape": {k: getattr(s, k) for k in ("hidden", "layers", "heads", "kv_heads", "head_dim", "ffn")},
                "vocab_size": VOCAB, "mask_token_id": SDAR_MASK_TOKEN_ID, "block_size": s.block_size,

@@ -21,7 +21,7 @@ from nemo_opdlm.distill.methods import get_method
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
 from nemo_opdlm.rollout.decode import BLOCK_MODES, DecodeConfig
-from nemo_opdlm.rollout.schedules import CURRICULA
+from nemo_opdlm.rollout.schedules import CURRICULA, BlockSchedule
 from nemo_opdlm.runtime.distributed import ParallelLayout
 
 
@@ -314,7 +314,7 @@ class RunConfig:
         method = get_method(self.distill.method)
         if method.needs_dataset_responses and self.data is not None and not self.data.response_field:
             raise ConfigError(f"distill.method={method.name} needs data.response_field (the responses to learn)")
-        self.rollout.rounds_per_block(self.diffusion.block_size)  # steps_per_block fits the block
+        BlockSchedule.of(self.diffusion, self.rollout)  # rollout.steps_per_block fits the block
         if self.rollout.max_length_by_domain and (self.data is None or not self.data.domain_field):
             raise ConfigError("rollout.max_length_by_domain caps rollouts by each prompt's domain: set "
                               "data.domain_field to the record field that names it")

@@ -100,19 +100,33 @@ def trained_grid(recorded: Optional[dict], block_grid: Optional[str], ckpt: str)
     return block_grid or saved or "response"
 
 
+def default_decoding(threshold: Optional[float], steps_per_block: Optional[int]):
+    """``--threshold`` / ``--steps-per-block`` as the one decoding schema (``rollout.decode.DecodeConfig``):
+    static without a threshold, else dynamic; its range checks name these flags."""
+    from nemo_opdlm.errors import ConfigError
+    from nemo_opdlm.rollout.decode import DecodeConfig
+
+    mode = {"mode": "static"} if threshold is None else {"mode": "dynamic", "threshold": threshold}
+    try:
+        return DecodeConfig(steps_per_block=steps_per_block, **mode)
+    except ConfigError as err:
+        raise ConfigError(f"--threshold / --steps-per-block: {err}") from None
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     import torch
 
-    from nemo_opdlm.convert.export_assets import (MASK_TOKEN, BlockDecoding, load_tokenizer, read_eval_results,
+    from nemo_opdlm.convert.export_assets import (MASK_TOKEN, load_tokenizer, read_eval_results,
                                                   register_mask_token)
     from nemo_opdlm.convert.mcore_to_hf import HF_EXPORT, check_export_format, export_checkpoint, resolve_export
     from nemo_opdlm.convert.sdar import SDAR_MASK_TOKEN
     from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
     from nemo_opdlm.convert.staging import check_target
     from nemo_opdlm.runtime.comm import is_rank0
-    from nemo_opdlm.errors import ConfigError, OPDLMError
+    from nemo_opdlm.errors import OPDLMError
     from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab
+    from nemo_opdlm.rollout.schedules import BlockSchedule
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
     try:  # everything that can be refused is refused before the runtime starts, and nothing is written
@@ -131,11 +145,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             grid = trained_grid(meta["diffusion"], args.block_grid, args.ckpt)
             diffusion = DiffusionConfig(**dict(meta["diffusion"], block_grid=grid))
         check_export_format(cfg, diffusion, args.export_format, args.allow_grid_mismatch)
-        decoding = BlockDecoding(steps_per_block=args.steps_per_block, threshold=args.threshold,
-                                 max_new_tokens=args.max_new_tokens)
-        if diffusion is not None and decoding.steps_per_block is not None and decoding.steps_per_block > diffusion.block_size:
-            raise ConfigError(f"--steps-per-block {decoding.steps_per_block} is more than the block size "
-                              f"{diffusion.block_size}")
+        decoding = default_decoding(args.threshold, args.steps_per_block)
+        if diffusion is not None:
+            BlockSchedule.of(diffusion, decoding)  # --steps-per-block fits the block
         tokenizer = load_tokenizer(assets_dir) if diffusion is not None else None
         if tokenizer is not None:  # an ordinary word as [MASK] is refused here, before anything is written
             source = "--mask-token-id" if args.mask_token_id is not None else f"{args.ckpt}'s diffusion.mask_token_id"
@@ -151,6 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = export_checkpoint(args.ckpt, args.out, rt.ctx, diffusion=diffusion, as_teacher=args.teacher,
                                 hf_source=args.hf_source, prefix=args.prefix, overwrite=args.overwrite,
                                 max_shard_bytes=args.max_shard_size, dtype=dtype, decoding=decoding,
+                                max_new_tokens=args.max_new_tokens,
                                 eval_results=eval_results, export_format=args.export_format,
                                 allow_grid_mismatch=args.allow_grid_mismatch)
         if is_rank0():

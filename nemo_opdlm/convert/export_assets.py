@@ -25,6 +25,8 @@ from nemo_opdlm.convert.errors import ConvertError
 from nemo_opdlm.data.prompts import check_mask_token
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import DiffusionConfig
+from nemo_opdlm.rollout.decode import DecodeConfig
+from nemo_opdlm.rollout.schedules import BlockSchedule
 
 MASK_TOKEN = "<|mask|>"
 RESERVED_TOKEN = "<|opdlm_reserved_{}|>"
@@ -32,23 +34,6 @@ GENERATION_CONFIG = "generation_config.json"
 MODEL_CARD = "README.md"
 DEFAULT_MAX_NEW_TOKENS = 256
 """Written into generation_config.json; an explicit ``max_new_tokens`` or ``max_length`` wins."""
-
-
-@dataclass(frozen=True)
-class BlockDecoding:
-    """How the exported student decodes by default (generation_config.json)."""
-
-    steps_per_block: Optional[int] = None
-    """Rounds per block; None: ``block_size`` (static decoding: one token per round)."""
-    threshold: Optional[float] = None
-    """Confidence threshold (dynamic decoding); None: static decoding."""
-    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
-
-    def __post_init__(self) -> None:
-        if self.steps_per_block is not None and self.steps_per_block < 1:
-            raise ConvertError(f"--steps-per-block must be >= 1, got {self.steps_per_block}")
-        if self.threshold is not None and not 0.0 < self.threshold < 1.0:
-            raise ConvertError(f"--threshold must be in (0, 1), got {self.threshold}")
 
 
 @dataclass
@@ -116,9 +101,10 @@ def eos_ids(source_config: Optional[dict], source_generation: Optional[dict], to
     return []
 
 
-def generation_config(diffusion: DiffusionConfig, decoding: BlockDecoding, eos: Sequence[int],
+def generation_config(diffusion: DiffusionConfig, schedule: BlockSchedule, max_new_tokens: int, eos: Sequence[int],
                       source_generation: Optional[dict], tokenizer: Any) -> dict[str, Any]:
-    """generation_config.json of the student: its decoder's settings, greedy, the source's token ids.
+    """generation_config.json of the student: its decoder's settings (``schedule``: block size,
+    rounds per block, threshold, grid), greedy, the source's token ids.
 
     The source's sampling settings (an AR model's ``temperature`` / ``top_p``) are not carried over:
     they were tuned for left-to-right sampling, and the student was trained and evaluated greedy."""
@@ -126,12 +112,12 @@ def generation_config(diffusion: DiffusionConfig, decoding: BlockDecoding, eos: 
     pad = src.get("pad_token_id", getattr(tokenizer, "pad_token_id", None))
     out: dict[str, Any] = {
         "do_sample": False,
-        "max_new_tokens": decoding.max_new_tokens,
-        "block_size": diffusion.block_size,
-        "steps_per_block": decoding.steps_per_block or diffusion.block_size,
-        "threshold": decoding.threshold,
+        "max_new_tokens": max_new_tokens,
+        "block_size": schedule.block_size,
+        "steps_per_block": schedule.rounds_per_block,
+        "threshold": schedule.threshold,
         "mask_token_id": diffusion.mask_token_id,
-        "block_grid": diffusion.block_grid,
+        "block_grid": schedule.block_grid,
         "eos_token_id": list(eos) if len(eos) != 1 else eos[0],
     }
     if src.get("bos_token_id", getattr(tokenizer, "bos_token_id", None)) is not None:
@@ -257,12 +243,13 @@ def read_eval_results(paths: Sequence[str]) -> list[dict[str, Any]]:
 
 
 def write_student_assets(directory: str, source_architecture: str, diffusion: DiffusionConfig, *,
-                         source_config: Optional[dict], assets_dir: Optional[str], decoding: BlockDecoding,
-                         facts: CardFacts, dtype: str, mask_token: str = MASK_TOKEN,
+                         source_config: Optional[dict], assets_dir: Optional[str], decoding: DecodeConfig,
+                         max_new_tokens: int, facts: CardFacts, dtype: str, mask_token: str = MASK_TOKEN,
                          card_warning: Optional[str] = None,
                          card_sections: Callable[[dict[str, Any]], Sequence[str]] = lambda gen: ()) -> list[int]:
-    """Tokenizer (mask registered, as ``mask_token`` if new), generation_config.json and README.md
-    into ``directory``, before its config.json is written; returns the EOS ids (for config.json).
+    """Tokenizer (mask registered, as ``mask_token`` if new), generation_config.json (``decoding`` on
+    this student: ``BlockSchedule.of``) and README.md into ``directory``, before its config.json is
+    written; returns the EOS ids (for config.json).
     ``card_warning`` and ``card_sections(generation config)``: what the export's format adds to the
     model card (``model_card``).
 
@@ -289,7 +276,8 @@ def write_student_assets(directory: str, source_architecture: str, diffusion: Di
         with open(os.path.join(assets_dir, GENERATION_CONFIG)) as f:
             source_generation = json.load(f)
     eos = eos_ids(source_config, source_generation, tokenizer)
-    gen = generation_config(diffusion, decoding, eos, source_generation, tokenizer)
+    gen = generation_config(diffusion, BlockSchedule.of(diffusion, decoding), max_new_tokens, eos, source_generation,
+                            tokenizer)
     with open(os.path.join(directory, GENERATION_CONFIG), "w") as f:
         json.dump(gen, f, indent=2)
         f.write("\n")

@@ -29,14 +29,15 @@ import torch.distributed as dist
 from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert.errors import ArchitectureMismatchError, ConvertError
 from nemo_opdlm.convert import sdar
-from nemo_opdlm.convert.export_assets import (MASK_TOKEN, MODEL_CARD, BlockDecoding, CardFacts, trained_with,
-                                              write_student_assets)
+from nemo_opdlm.convert.export_assets import (DEFAULT_MAX_NEW_TOKENS, MASK_TOKEN, MODEL_CARD, CardFacts,
+                                              trained_with, write_student_assets)
 from nemo_opdlm.convert.dist_checkpoint import ASSETS_DIR, load_dist_checkpoint, read_checkpoint_meta
 from nemo_opdlm.convert.hf_to_mcore import INDEX_FILE, SINGLE_FILE, check_layout, parameter_sources, without_random_init
 from nemo_opdlm.convert.key_maps import to_hf
 from nemo_opdlm.convert.safetensors_io import write_safetensors
 from nemo_opdlm.convert.staging import OutputKind, check_target, staged_dir
 from nemo_opdlm.runtime.comm import is_rank0
+from nemo_opdlm.rollout.decode import DecodeConfig
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.families import FAMILIES
 from nemo_opdlm.models.student import build_chunks, unwrap
@@ -150,7 +151,8 @@ def export_chunks(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: Optional[torch.dtype] = None,
-    decoding: Optional[BlockDecoding] = None,
+    decoding: Optional[DecodeConfig] = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     card: Optional[CardFacts] = None,
     export_format: str = "opdlm",
     allow_grid_mismatch: bool = False,
@@ -162,7 +164,8 @@ def export_chunks(
         diffusion: the student's settings; None exports the unchanged AR architecture.
         assets_dir: where tokenizer files (and generation_config.json) are copied from.
         dtype: cast weights on the way out (default: the model's ``params_dtype``); config.json says which.
-        decoding, card: a student's default decoding (generation_config.json) and model card facts.
+        decoding, max_new_tokens, card: a student's default decoding (generation_config.json;
+            None: static, one token per round) and model card facts.
         export_format: 'opdlm' (this project's layout) or 'sdar' (what SGLang, lmdeploy and
             JetEngine serve; a student that does not fit is refused before anything is written,
             ``sdar.check_sdar_export``, and ``allow_grid_mismatch`` lets a response-grid one through).
@@ -174,7 +177,8 @@ def export_chunks(
         if is_rank0():
             _name_shards(staging, records)
             write_hf_metadata(staging, cfg, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
-                              dtype=dtype_name(dtype or cfg.dtype), decoding=decoding, card=card,
+                              dtype=dtype_name(dtype or cfg.dtype), decoding=decoding, max_new_tokens=max_new_tokens,
+                              card=card,
                               export_format=export_format, allow_grid_mismatch=allow_grid_mismatch)
 
 
@@ -199,7 +203,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Optional[dict[str, Any]],
                       diffusion: Optional[DiffusionConfig], assets_dir: Optional[str], dtype: Optional[str] = None,
-                      decoding: Optional[BlockDecoding] = None, card: Optional[CardFacts] = None,
+                      decoding: Optional[DecodeConfig] = None, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+                      card: Optional[CardFacts] = None,
                       export_format: str = "opdlm", allow_grid_mismatch: bool = False) -> None:
     """config.json (``dtype``: the weights' dtype as written), the tokenizer, and for a student the
     modeling file(s), generation_config.json and README.md (``export_format``: see ``export_chunks``)."""
@@ -227,7 +232,8 @@ def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Option
         return [sdar.serve_section(settings, trained_with(diffusion, facts))]
 
     eos = write_student_assets(directory, FAMILIES[cfg.family].architecture, diffusion, source_config=source_config,
-                               assets_dir=assets_dir, decoding=decoding or BlockDecoding(), facts=facts, dtype=dtype,
+                               assets_dir=assets_dir, decoding=decoding or DecodeConfig(),
+                               max_new_tokens=max_new_tokens, facts=facts, dtype=dtype,
                                mask_token=sdar.SDAR_MASK_TOKEN if as_sdar else MASK_TOKEN, card_warning=warning,
                                card_sections=serve_sections)
     if as_sdar:
@@ -293,7 +299,8 @@ def export_checkpoint(
     overwrite: bool = False,
     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: Optional[torch.dtype] = None,
-    decoding: Optional[BlockDecoding] = None,
+    decoding: Optional[DecodeConfig] = None,
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     eval_results: Optional[list[dict[str, Any]]] = None,
     export_format: str = "opdlm",
     allow_grid_mismatch: bool = False,
@@ -322,7 +329,8 @@ def export_checkpoint(
     load_dist_checkpoint(chunks, ckpt_dir, prefix=prefix, cfg=cfg)
     card = run_facts(ckpt_dir, meta.get("step"), source_config, hf_source, eval_results)
     export_chunks(chunks, cfg, out_dir, source_config=source_config, diffusion=diffusion, assets_dir=assets_dir,
-                  overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype, decoding=decoding, card=card,
+                  overwrite=overwrite, max_shard_bytes=max_shard_bytes, dtype=dtype, decoding=decoding,
+                  max_new_tokens=max_new_tokens, card=card,
                   export_format=export_format, allow_grid_mismatch=allow_grid_mismatch)
     return cfg
 

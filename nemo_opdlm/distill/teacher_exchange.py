@@ -154,8 +154,10 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
         for d in replicas:
             if d in inputs:  # this rank's teacher replica serves d
                 sizes_d, p, l_ = shapes[d]
-                batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"])
-                           for r in _unpack_inputs(inputs.pop(d), sizes_d, p, l_)]
+                parts = _unpack_inputs(inputs.pop(d), sizes_d, p, l_)
+                if t_ctx.pp_size > 1:
+                    parts = _equal_microbatches(parts)
+                batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in parts]
                 computed[d] = compute_targets(teacher, batches, p, l_, top_k)  # filled on its last stage only
         _send_targets(plan, me, replicas, computed, out, s_width, t_width)
     if not out:
@@ -163,6 +165,17 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
     values = out[0].split(sizes)
     ids = out[1].split(sizes) if top_k is not None else [None] * len(sizes)
     return [TeacherTargets(v, i) for v, i in zip(values, ids)]
+
+
+def _equal_microbatches(parts: list[Rows]) -> list[Rows]:
+    """``parts`` as micro-batches of one size: a pipeline's stages send each other tensors of one
+    shape for every micro-batch, and packed student rows come in groups of different sizes. Unequal
+    groups are cut into one-row micro-batches (each row's targets depend on that row alone, and the
+    rows keep their order: the targets are concatenated along the rows again)."""
+    if len({int(r["x0"].shape[0]) for r in parts}) <= 1:
+        return parts
+    whole = {k: torch.cat([r[k] for r in parts]) for k in parts[0]}
+    return [{k: v[i:i + 1] for k, v in whole.items()} for i in range(int(whole["x0"].shape[0]))]
 
 
 def _replica_shapes(student_dp: int, rows: Sequence[Rows]) -> dict[int, tuple[list[int], int, int]]:

@@ -12,7 +12,7 @@ Non-goals: the decoding rules themselves (the decoders, ``rows.py``, ``schedules
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -25,6 +25,7 @@ from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.rollout.decode import DecodeConfig
 from nemo_opdlm.rollout.kv_cache import BlockKVCache
+from nemo_opdlm.rollout.schedules import BlockSchedule
 from nemo_opdlm.rollout.sampling import choose_tokens
 from nemo_opdlm.rollout.stages import MicroBatch, StageRunner, attention_layers, share_decisions, split_rows
 from nemo_opdlm.runtime.device import decoding_scope
@@ -53,6 +54,8 @@ class SamplerConfig:
     """Never emit [MASK] as a decoded token (it still counts in the confidence's softmax)."""
     seed: int = 0
     """Seed of the sampler's random stream (offset by the data-parallel rank; same on TP/PP peers)."""
+    schedule: BlockSchedule = field(init=False)
+    """The blocks' schedule (``schedules.BlockSchedule.of(diffusion, decode)``), made here once."""
 
     def __post_init__(self) -> None:
         self.eos_token_ids = tuple(int(t) for t in self.eos_token_ids)
@@ -64,17 +67,17 @@ class SamplerConfig:
             if self.diffusion is None:
                 raise ConfigError(f"decoding mode {self.decode.mode!r} is block diffusion: the sampler needs the "
                                   "model's diffusion settings (block size, [MASK] id)")
-            self.decode.rounds_per_block(self.diffusion.block_size)  # checks steps_per_block
             if self.diffusion.mask_token_id in self.eos_token_ids:
                 raise ConfigError("the [MASK] id must not be an EOS id")
+        self.schedule = BlockSchedule.of(self.diffusion, self.decode)  # checks steps_per_block
 
     @property
     def block_size(self) -> int:
-        return 1 if self.decode.mode == "ar" else self.diffusion.block_size
+        return self.schedule.block_size
 
     @property
     def block_grid(self) -> str:
-        return "response" if self.diffusion is None or self.decode.mode == "ar" else self.diffusion.block_grid
+        return self.schedule.block_grid
 
     @property
     def mask_id(self) -> Optional[int]:

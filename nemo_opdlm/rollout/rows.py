@@ -90,19 +90,19 @@ class RowRecords:
     Args:
         prompt_ids: ``[B, P]`` left-padded prompts; ``prompt_lens`` ``[B]``.
         limits: ``[B]`` each row's response-length limit; ``longest`` its maximum (a host int).
-        block_size, steps_per_block: the block and the static schedule's rounds per block.
-        block_grid: where blocks fall (``models/grid.py``); the records are kept in its frame.
-        threshold: the dynamic rule's threshold, None for the static rule.
-        static_rows: ``[B]`` bool, rows decoded with the static rule although ``threshold`` is set.
+        schedule: the block size, the grid (the records are kept in its frame, ``models/grid.py``),
+            the static schedule's rounds per block and the dynamic rule's threshold (None: static).
+        static_rows: ``[B]`` bool, rows decoded with the static rule although the schedule has a threshold.
         mask_id, pad_id: fill of undecoded block positions / of response positions never decoded.
         eos: ``[E]`` EOS ids; ``draw``: the sampler's uniforms.
     """
 
-    def __init__(self, prompt_ids: Tensor, prompt_lens: Tensor, limits: Tensor, longest: int, *, block_size: int,
-                 block_grid: str, steps_per_block: int, threshold: Optional[float], static_rows: Optional[Tensor],
-                 pad_id: int, eos: Tensor, draw: Draw) -> None:
+    def __init__(self, prompt_ids: Tensor, prompt_lens: Tensor, limits: Tensor, longest: int, *,
+                 schedule: schedules.BlockSchedule, static_rows: Optional[Tensor], pad_id: int, eos: Tensor,
+                 draw: Draw) -> None:
         dev = prompt_ids.device
-        frame = grid.frame_prompts(prompt_ids, prompt_lens, block_size, block_grid, pad_id)
+        block_size, threshold = schedule.block_size, schedule.threshold
+        frame = grid.frame_prompts(prompt_ids, prompt_lens, block_size, schedule.block_grid, pad_id)
         self.frame = frame
         self.head, self.head_ids = frame.head, frame.head_ids  # [B], [B, H]
         self.prompt_ids = frame.prefix_ids  # [B, P] the prompts' aligned prefixes (the prompts on the response grid)
@@ -119,7 +119,7 @@ class RowRecords:
         self.tokens = torch.full((self.batch, self.length), pad_id, dtype=torch.long, device=dev)  # [B, L]
         self.step_map = torch.full((self.batch, self.length), MASKED, dtype=torch.long, device=dev)  # [B, L]
         self.pad_id = pad_id
-        self.counts = torch.tensor(schedules.static_counts(block_size, steps_per_block), device=dev)
+        self.counts = torch.tensor(schedule.counts, device=dev)
         self.threshold: Optional[float | Tensor] = threshold
         if static_rows is not None and threshold is not None:
             # [B, 1]: rows decoded with the static rule get a threshold no confidence exceeds

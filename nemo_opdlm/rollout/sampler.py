@@ -43,6 +43,7 @@ from nemo_opdlm.rollout.cached import decode_cached
 from nemo_opdlm.rollout.decode import DecodeConfig
 from nemo_opdlm.rollout.engine import DecodeEngine, SamplerConfig, rollout_mode  # noqa: F401  (their old home)
 from nemo_opdlm.rollout.lockstep import decode_lockstep
+from nemo_opdlm.rollout.schedules import BlockSchedule
 
 
 @dataclass
@@ -85,8 +86,8 @@ class Rollout:
         valid: ``[B, L]`` True for real response tokens: decoded, up to and including the first
             EOS, and within ``max_new_tokens``; False = padding.
         finished_eos: ``[B]`` the row ended with an EOS.
-        block_size: tokens per block (1 for AR decoding).
-        block_grid: where the blocks fell (``models/grid.py``); the states cut the same blocks.
+        schedule: how its blocks were decoded (block size, 1 for AR decoding; grid; rounds per block;
+            threshold): what the states cut and the export states.
         metrics: see :class:`RolloutMetrics`.
     """
 
@@ -97,9 +98,16 @@ class Rollout:
     block_index: Tensor
     valid: Tensor
     finished_eos: Tensor
-    block_size: int
-    block_grid: str
+    schedule: BlockSchedule
     metrics: RolloutMetrics = field(repr=False)
+
+    @property
+    def block_size(self) -> int:
+        return self.schedule.block_size
+
+    @property
+    def block_grid(self) -> str:
+        return self.schedule.block_grid
 
     @property
     def row_rounds(self) -> int:
@@ -140,10 +148,8 @@ class BlockSampler(DecodeEngine):
                              "response token from the last prompt token")
         if static_rows is not None and static_rows.shape != prompt_lens.shape:
             raise ValueError(f"static_rows must have shape {tuple(prompt_lens.shape)}, got {tuple(static_rows.shape)}")
-        d = R.RowRecords(prompt_ids, prompt_lens, limits, longest, block_size=cfg.block_size,
-                         block_grid=cfg.block_grid, steps_per_block=cfg.decode.rounds_per_block(cfg.block_size),
-                         threshold=cfg.decode.threshold if cfg.decode.mode == "dynamic" else None,
-                         static_rows=static_rows, pad_id=cfg.pad_id, eos=self.eos, draw=self.draw)
+        d = R.RowRecords(prompt_ids, prompt_lens, limits, longest, schedule=cfg.schedule, static_rows=static_rows,
+                         pad_id=cfg.pad_id, eos=self.eos, draw=self.draw)
         rounds = decode_cached(self, d) if cfg.decode.use_cache else decode_lockstep(self, d)
         tokens, step_map = d.responses()
         return self._finish(prompt_ids, prompt_lens, tokens, step_map, limits, rounds, start, head=d.head)
@@ -175,8 +181,8 @@ class BlockSampler(DecodeEngine):
         )
         return Rollout(
             prompt_ids=prompt_ids, prompt_lens=prompt_lens, tokens=tokens, step_map=step_map,
-            block_index=block_index, valid=valid, finished_eos=finished, block_size=block_size,
-            block_grid=self.config.block_grid, metrics=metrics,
+            block_index=block_index, valid=valid, finished_eos=finished, schedule=self.config.schedule,
+            metrics=metrics,
         )
 
 

@@ -2,8 +2,10 @@
 
 One job: decide *which* masked positions of a block are unmasked in a round (static: the k most
 confident; dynamic: every position whose confidence is strictly above a threshold, and at least the
-static count), and how long rollouts are at a training step. Non-goals: computing confidences
-(``sampling.py``) and running the model (``sampler.py``).
+static count), the schedule a trajectory is decoded under (:class:`BlockSchedule`, made once from the
+model's and the decoding's settings and carried by the rollout to the states and the export), and
+how long rollouts are at a training step. Non-goals: computing confidences (``sampling.py``) and
+running the model (``sampler.py``).
 """
 
 from __future__ import annotations
@@ -15,6 +17,45 @@ from typing import Optional
 import torch
 
 from nemo_opdlm.errors import ConfigError
+from nemo_opdlm.models.config import DiffusionConfig
+from nemo_opdlm.rollout.decode import DecodeConfig
+
+@dataclass(frozen=True)
+class BlockSchedule:
+    """How a trajectory's blocks are decoded: the facts every reader of it needs, in one place.
+
+    Made once (:meth:`of`) from the model's diffusion settings and the decoding settings; the
+    sampler decodes under it, the rollout carries it, and the training states (which blocks, which
+    rounds), the row records, the length curriculum and the exported ``generation_config.json`` read
+    it, so no reader rebuilds it from the config and can disagree with the sampler.
+    """
+
+    block_size: int
+    """Tokens per block (1: causal decoding)."""
+    block_grid: str
+    """Where blocks fall (``models/grid.py``)."""
+    rounds_per_block: int
+    """Rounds of the static schedule (and the minimum per round under a threshold)."""
+    threshold: Optional[float]
+    """The dynamic rule's threshold (every masked position strictly above it, and at least the
+    static count), or None: the static rule."""
+
+    @classmethod
+    def of(cls, diffusion: Optional[DiffusionConfig], decode: DecodeConfig) -> "BlockSchedule":
+        """The schedule of ``decode`` on a model described by ``diffusion`` (None, or ``decode.mode``
+        'ar': causal decoding, one token per block and round). Checks ``steps_per_block`` against
+        the block size."""
+        if decode.mode == "ar" or diffusion is None:
+            return cls(block_size=1, block_grid="response", rounds_per_block=1, threshold=None)
+        return cls(block_size=diffusion.block_size, block_grid=diffusion.block_grid,
+                   rounds_per_block=decode.rounds_per_block(diffusion.block_size),
+                   threshold=decode.threshold if decode.mode == "dynamic" else None)
+
+    @property
+    def counts(self) -> list[int]:
+        """Tokens the static rule unmasks in each round (``static_counts``)."""
+        return static_counts(self.block_size, self.rounds_per_block)
+
 
 def static_counts(block_size: int, steps_per_block: int) -> list[int]:
     """Tokens to unmask in each round of a block; they sum to ``block_size``.

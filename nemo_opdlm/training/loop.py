@@ -29,7 +29,7 @@ from nemo_opdlm.training.finite import NonFiniteSteps, agreed_problem, step_prob
 from nemo_opdlm.training.metrics import MetricsLogger, describe_run, run_summary
 from nemo_opdlm.training.optim import TrainState, optimizer_step, wrap_for_training
 from nemo_opdlm.training.setup import build
-from nemo_opdlm.training.step import forward_backward, reduce_reported
+from nemo_opdlm.training.step import forward_backward, reduce_reported, student_schedule
 
 
 def train(cfg: RunConfig) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
     start = _resume(resume_from, state, s.loader, log) if resume_from else 0
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
-                                  block_size=cfg.diffusion.block_size)
+                                  block_size=student_schedule(cfg).block_size)
     dp = parallel.dp_size
     history: list[dict[str, float]] = []
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row, log.note)

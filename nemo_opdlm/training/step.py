@@ -28,6 +28,7 @@ from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, s
 from nemo_opdlm.models import grid, masks
 from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig, with_mode
+from nemo_opdlm.rollout.schedules import BlockSchedule
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.context import ParallelContext
 from nemo_opdlm.runtime.pipeline import run_schedule
@@ -48,7 +49,15 @@ class Responses:
     valid: Tensor  # [B, L]
     step_map: Optional[Tensor]  # [B, L] or None for given responses
     rollout_metrics: dict[str, float]
+    schedule: BlockSchedule
+    """The blocks the states cut: the student's rollout's own schedule, or for given responses
+    (dataset, teacher) the student's (``student_schedule``)."""
     given: Optional[Tensor] = None  # [B, L] framed heads (``on_grid``), never masked nor learned
+
+
+def student_schedule(cfg: RunConfig) -> BlockSchedule:
+    """The student's block schedule under the rollouts' decoding (``rollout.*`` on ``diffusion.*``)."""
+    return BlockSchedule.of(cfg.diffusion, cfg.rollout)
 
 
 def on_grid(cfg: RunConfig, resp: Responses, pad_id: int) -> Responses:
@@ -60,11 +69,12 @@ def on_grid(cfg: RunConfig, resp: Responses, pad_id: int) -> Responses:
     if int(resp.prompt_lens.min()) < 1:
         raise ValueError("every row needs a non-empty prompt: the first response token is predicted from the last "
                          "prompt token")
-    if get_method(cfg.distill.method).causal or cfg.diffusion.block_grid == "response":
+    if get_method(cfg.distill.method).causal or resp.schedule.block_grid == "response":
         return resp
     f = grid.frame_rows(resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.valid, resp.step_map,
-                        cfg.diffusion.block_size, cfg.diffusion.block_grid, pad_id)
-    return Responses(f.prompt_ids, f.prompt_lens, f.tokens, f.valid, f.step_map, resp.rollout_metrics, f.given)
+                        resp.schedule.block_size, resp.schedule.block_grid, pad_id)
+    return Responses(f.prompt_ids, f.prompt_lens, f.tokens, f.valid, f.step_map, resp.rollout_metrics, resp.schedule,
+                     f.given)
 
 
 def sampler_config(cfg: RunConfig, eos_ids: Sequence[int], pad_id: int, seed: int, *,
@@ -74,16 +84,18 @@ def sampler_config(cfg: RunConfig, eos_ids: Sequence[int], pad_id: int, seed: in
                          eos_token_ids=tuple(eos_ids), pad_token_id=pad_id, seed=seed)
 
 
-def _from_rollout(rollout: Rollout) -> Responses:
+def _from_rollout(rollout: Rollout, schedule: Optional[BlockSchedule] = None) -> Responses:
+    """The rollout's responses under its own schedule, or (the teacher's causal rollouts, given
+    responses to the student) under ``schedule``."""
     return Responses(rollout.prompt_ids, rollout.prompt_lens, rollout.tokens, rollout.valid,
-                     rollout.step_map, rollout.metrics.as_dict())
+                     rollout.step_map, rollout.metrics.as_dict(), schedule or rollout.schedule)
 
 
-def _from_dataset(batch: PromptBatch, eos_ids: Sequence[int]) -> Responses:
+def _from_dataset(batch: PromptBatch, eos_ids: Sequence[int], schedule: BlockSchedule) -> Responses:
     if batch.response_ids is None:
         raise ValueError("this method trains on dataset responses: set data.response_field")
     valid = response_valid(batch.response_ids, batch.response_lens, eos_ids)
-    return Responses(batch.prompt_ids, batch.prompt_lens, batch.response_ids, valid, None, {})
+    return Responses(batch.prompt_ids, batch.prompt_lens, batch.response_ids, valid, None, {}, schedule)
 
 
 def rollout_lengths(cfg: RunConfig, batch: PromptBatch, length: int) -> int | Tensor:
@@ -107,8 +119,9 @@ def get_responses(cfg: RunConfig, batch: PromptBatch, student: list, teacher: Op
     if method.responses == "teacher" and batch.response_ids is None:
         assert teacher is not None  # the teacher decodes causally, with the rollouts' sampling settings
         teacher_cfg = dataclasses.replace(sampler_cfg, decode=with_mode(sampler_cfg.decode, "ar"))
-        return _from_rollout(BlockSampler(teacher, teacher_cfg).generate(batch.prompt_ids, batch.prompt_lens, limits))
-    return _from_dataset(batch, sampler_cfg.eos_token_ids)
+        rollout = BlockSampler(teacher, teacher_cfg).generate(batch.prompt_ids, batch.prompt_lens, limits)
+        return _from_rollout(rollout, sampler_cfg.schedule)
+    return _from_dataset(batch, sampler_cfg.eos_token_ids, sampler_cfg.schedule)
 
 
 def static_rows(cfg: RunConfig, batch: int) -> Optional[Tensor]:
@@ -137,7 +150,7 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
         return ar_rows(resp)
     return build_states(
         resp.prompt_ids, resp.prompt_lens, resp.tokens, resp.step_map, resp.valid,
-        block_size=cfg.diffusion.block_size, steps_per_block=cfg.rollout.rounds_per_block(cfg.diffusion.block_size),
+        block_size=resp.schedule.block_size, steps_per_block=resp.schedule.rounds_per_block,
         mask_token_id=cfg.diffusion.mask_token_id, eos_ids=eos_ids, generator=generator,
         masking=method.masking, exclude_eos=cfg.distill.exclude_eos, given=resp.given,
     )

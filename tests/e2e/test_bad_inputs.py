@@ -299,6 +299,14 @@ CASES: dict[str, dict[str, Builder]] = {
             ("users_dir is not a previous megatron-core checkpoint", "(config.json, notes.txt)"), tool="import_hf"),
         "export_target_is_a_file": lambda e: Case(["--ckpt", e.ckpt, "--out", e.path("a_file")],
                                                   ("a_file exists and is not a directory",), tool="export_hf"),
+        "export_threshold_above_one": lambda e: Case(
+            ["--ckpt", e.ckpt, "--out", e.path("exp_thr"), "--threshold", "1.5"],
+            ("--threshold / --steps-per-block: decode.threshold must be in (0, 1]",), absent=[e.path("exp_thr")],
+            tool="export_hf"),
+        "export_steps_beyond_the_block": lambda e: Case(
+            ["--ckpt", e.ckpt, "--out", e.path("exp_steps"), "--mask-token-id", "99", "--steps-per-block", "8"],
+            ("steps_per_block=8 exceeds the block size (diffusion.block_size=4)",), absent=[e.path("exp_steps")],
+            tool="export_hf"),
         "export_no_model_description": lambda e: Case(["--ckpt", e.path("task"), "--out", e.path("exp_none")],
                                                       ("carries no model description", "--hf-source"),
                                                       absent=[e.path("exp_none")], tool="export_hf"),
@@ -338,7 +346,7 @@ def test_sweep_counts():
     tokenizer, checkpoint, save_dir, eval (and the conversion tools)."""
     counts = {cat: len(cases) for cat, cases in CASES.items()}
     assert counts == {"config": 24, "data": 15, "tokenizer": 3, "checkpoint": 6, "save_dir": 4, "eval": 11,
-                      "convert": 5}, counts
+                      "convert": 7}, counts
     assert sum(counts.values()) >= 40
 
 

@@ -91,6 +91,7 @@ def test_teacher_inputs_and_targets_follow_the_packed_rows(runtime):
     up-front targets are its own rows' (equal to the whole batch's targets indexed by the group)."""
     from types import SimpleNamespace
 
+    from nemo_opdlm.rollout.schedules import BlockSchedule
     from nemo_opdlm.training.step import Responses, attach_teacher_targets
 
     torch.manual_seed(0)
@@ -102,7 +103,8 @@ def test_teacher_inputs_and_targets_follow_the_packed_rows(runtime):
                                generator=torch.Generator().manual_seed(1))
     whole = compute_targets(teacher, [teacher_batch(prompt_ids, prompt_lens, response, valid)],
                             prompt_ids.shape[1], response.shape[1], top_k=5)[0]
-    resp = Responses(prompt_ids, prompt_lens, response, valid, step_map, {})
+    schedule = BlockSchedule(block_size=BLOCK, block_grid="response", rounds_per_block=4, threshold=None)
+    resp = Responses(prompt_ids, prompt_lens, response, valid, step_map, {}, schedule)
     cfg = SimpleNamespace(distill=SimpleNamespace(top_k=5))
     lazy, groups = packing.pack_rows(rows, BUDGET, block_size=BLOCK, shift=False, pad_id=PAD_ID)
     attach_teacher_targets(cfg, teacher, resp, lazy, student=runtime.ctx, groups=groups)

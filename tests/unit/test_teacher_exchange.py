@@ -3,6 +3,7 @@ the rank grid both layouts share (``runtime/teacher_groups.py``): pure arithmeti
 The exchange itself runs on 2 gloo ranks in ``tests/e2e/test_train.py``."""
 
 import pytest
+import torch
 
 from nemo_opdlm.distill.teacher_exchange import Routes
 from nemo_opdlm.runtime.teacher_groups import Grid
@@ -73,3 +74,20 @@ def test_top_k_targets_go_whole_to_each_student_tp_rank_from_the_teacher_last_st
     pieces = plan.target_pieces(0, student_vocab=64, teacher_vocab=None)
     assert [(s, d) for s, d, *_ in pieces] == [(2, 2), (3, 3)]
     assert all(t == slice(None) and c == slice(None) for _, _, t, c in pieces)
+
+
+def test_unequal_packed_groups_become_equal_microbatches_for_a_pipelined_teacher():
+    """A teacher at PP > 1 sends one tensor shape per micro-batch: packed groups of 2 and 1 rows
+    become three one-row micro-batches, in order; equal groups are left alone."""
+    from nemo_opdlm.distill.teacher_exchange import _equal_microbatches
+
+    def rows(first: int, n: int) -> dict:
+        ids = torch.arange(first, first + n)[:, None]
+        return dict(prompt_ids=ids.repeat(1, 3), prompt_lens=torch.full((n,), 3), x0=ids.repeat(1, 4),
+                    valid=torch.ones(n, 4, dtype=torch.bool))
+
+    parts = _equal_microbatches([rows(0, 2), rows(2, 1)])
+    assert [int(p["x0"].shape[0]) for p in parts] == [1, 1, 1]
+    assert [int(p["x0"][0, 0]) for p in parts] == [0, 1, 2]
+    equal = [rows(0, 2), rows(2, 2)]
+    assert _equal_microbatches(equal) is equal
