@@ -60,7 +60,8 @@ def state_diagnostics(cfg, student, teacher, batch, eos, pad, *, seed: int, stat
     import torch
 
     from nemo_opdlm.distill import loss as L
-    from nemo_opdlm.distill.teacher_targets import logits_needed, shifted_targets, teacher_batch
+    from nemo_opdlm.models.masks import logits_needed
+    from nemo_opdlm.teacher.targets import shifted_targets, teacher_batch
     from nemo_opdlm.training import step as S
 
     if static_eval:  # greedy, 1 token per round: the states static evaluation visits

@@ -62,7 +62,8 @@ from nemo_opdlm.config import DistillConfig, OptimConfig, RolloutConfig, RunConf
 from nemo_opdlm.convert.hf_config import hf_config_from_model  # noqa: E402
 from nemo_opdlm.data.sampler import PromptBatch  # noqa: E402
 from nemo_opdlm.distill.states import build_states  # noqa: E402
-from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, teacher_batch  # noqa: E402
+from nemo_opdlm.models.masks import logits_needed  # noqa: E402
+from nemo_opdlm.teacher.targets import compute_targets, teacher_batch  # noqa: E402
 from nemo_opdlm.models import masks  # noqa: E402
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig  # noqa: E402
 from nemo_opdlm.models.student import build_student, from_teacher, parallel_of, unwrap  # noqa: E402
@@ -486,8 +487,7 @@ def bench_opdlm_step(state, teacher, cfg: ModelConfig, s: Settings, mask_id: int
     batch = PromptBatch(indices=list(range(ids.shape[0])), prompt_ids=ids, prompt_lens=lens)
 
     def step(seed: int) -> dict[str, float]:
-        out = forward_backward(run, batch, state, teacher, (), 0, seed=seed, length=s.step_tokens,
-                               upfront_teacher=True, sync=sync)
+        out = forward_backward(run, batch, state, teacher, (), 0, seed=seed, length=s.step_tokens, route="before_pass")
         t_opt, _ = timed(lambda: optimizer_step(state))
         return dict(out.seconds, optimizer_s=t_opt, step_s=sum(out.seconds.values()) + t_opt,
                     rollout_tokens=float(out.responses.valid.sum()),

@@ -22,6 +22,7 @@ from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
 from nemo_opdlm.rollout.decode import BLOCK_MODES, DecodeConfig
 from nemo_opdlm.rollout.schedules import CURRICULA, BlockSchedule
+from nemo_opdlm.teacher.route import choose_route
 from nemo_opdlm.runtime.distributed import ParallelLayout
 
 
@@ -283,6 +284,15 @@ class RunConfig:
         head = self.diffusion.block_size - 1 if self.diffusion.block_grid == "absolute" else 0
         return self.data.max_prompt_tokens + 2 * self.rollout.max_length + head
 
+    def teacher_route(self, packed: Optional[bool] = None) -> Optional[str]:
+        """The route of this run's teacher targets (``teacher.route.choose_route``: the one table),
+        or None for the combination none serves. ``packed``: packed micro-batches (default: whether
+        ``train.pack_tokens`` is set)."""
+        return choose_route(teacher=get_method(self.distill.method).needs_teacher,
+                            own_layout=self.parallel.teacher is not None,
+                            pipelined=self.parallel.pp > 1 or self.parallel.vpp is not None,
+                            packed=self.train.pack_tokens is not None if packed is None else packed)
+
     def _head_term(self) -> str:
         """How ``longest_row`` counts the absolute grid's heads, for its error messages."""
         return " + (diffusion.block_size - 1)" if self.diffusion.block_grid == "absolute" else ""
@@ -339,7 +349,7 @@ class RunConfig:
         if method.causal:
             raise ConfigError(f"train.pack_tokens packs [prompt | x0 | xt] rows; distill.method={method.name} "
                               "trains causal rows: set train.pack_tokens=null")
-        if self.parallel.pp > 1 and method.needs_teacher and self.parallel.teacher is None:
+        if self.teacher_route() is None:
             raise ConfigError(
                 f"train.pack_tokens with parallel.pp={self.parallel.pp} and distill.method={method.name}: the teacher "
                 "sharing the student's layout rides its pipeline pass on padded rows; give the teacher its own "

@@ -105,8 +105,8 @@ class Shape:
     """The teacher's replicas: world / (teacher TP x PP)."""
     own_teacher: bool
     """The teacher has its own layout (``parallel.teacher``), even one equal to the student's: its
-    targets are exchanged (``distill/teacher_exchange.py``), one micro-batch at a time or a whole
-    step's before the student's pass (:func:`exchanged_per_microbatch`)."""
+    targets are exchanged (``teacher/exchange.py``), one micro-batch at a time or a whole
+    step's before the student's pass (``RunConfig.teacher_route``)."""
 
     @property
     def served(self) -> int:
@@ -453,22 +453,18 @@ def _target_bytes(top_k: Optional[int], rows: int, shape: Shape, vocab_shard: in
     return rows * shape.response * (vocab_shard * 4 if top_k is None else top_k * (4 + 8))
 
 
-def exchanged_per_microbatch(cfg, shape: Shape) -> bool:
-    """A teacher at its own layout whose targets are exchanged one micro-batch at a time, inside the
-    student's loss (``ParallelLayout.exchange_per_microbatch``: one student stage, padded rows)."""
-    return shape.own_teacher and cfg.parallel.exchange_per_microbatch(cfg.train.pack_tokens is not None)
-
-
 def held_targets(cfg, shape: Shape) -> tuple[str, int]:
     """(label, bytes) of the teacher targets alive on the student's last stage during its pass.
 
-    Shared layout: one micro-batch's, in the teacher's vocabulary shard (streamed). Own layout:
-    re-cut to the student's vocabulary shard, one micro-batch's when they are exchanged per
-    micro-batch, else all of the rank's micro-batches', computed before the pass."""
+    How many: the route's (``RunConfig.teacher_route``, ``teacher.route.HELD``): one micro-batch's,
+    or, computed before the pass, all of the rank's micro-batches'. Shared layout: in the teacher's
+    vocabulary shard; own layout: re-cut to the student's vocabulary shard."""
+    from nemo_opdlm.teacher.route import HELD
+
     k = cfg.distill.top_k
     model = cfg.model if shape.own_teacher else cfg.teacher
     rows, which = (shape.micro_batch, "one micro-batch")
-    if shape.own_teacher and not exchanged_per_microbatch(cfg, shape):
+    if HELD[cfg.teacher_route()] != "one micro-batch":
         rows, which = shape.rows_per_rank, f"all {shape.num_microbatches} micro-batches"
     kind = "full vocabulary (fp32)" if k is None else f"top-{k}"
     vocab = model.padded_vocab_size(shape.tp) // shape.tp
@@ -494,8 +490,10 @@ def teacher_phase(cfg, shape: Shape, stage: int) -> dict[str, float]:
     if shape.own_teacher or student_last:
         out["teacher logits (transient)"] = (t_tokens * t_vocab * _bytes(teacher.params_dtype)
                                              + 2 * mb * shape.response * t_vocab * 4)
-    if shape.own_teacher:  # one served replica per round (teacher_exchange.exchange_targets)
-        per_mb = exchanged_per_microbatch(cfg, shape)
+    if shape.own_teacher:  # one served replica per round (teacher.exchange.exchange_targets)
+        from nemo_opdlm.teacher.route import HELD
+
+        per_mb = HELD[cfg.teacher_route()] == "one micro-batch"
         label = "one served micro-batch" if per_mb else "one served student replica"
         rows = shape.micro_batch if per_mb else shape.rows_per_rank
         out[f"teacher targets of {label} (+ send copy)"] = 2 * _target_bytes(cfg.distill.top_k, rows, shape, t_vocab)
@@ -518,11 +516,11 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
       row for every layer of the stage; the prompt prefill runs in ``pp`` micro-batches.
     - teacher targets, shared layout: one micro-batch's at a time on the last stage: the teacher runs
       inside the loss with one stage and rides the student's pipeline pass with more
-      (``training/teacher_stream.py``), so a micro-batch's targets live from its forward to its
+      (``teacher/stream.py``), so a micro-batch's targets live from its forward to its
       backward, which 1F1B runs back to back on the last stage (full vocabulary: fp32 log-probs of
       this rank's vocabulary shard; top-k: fp32 values + int64 ids).
     - teacher targets, own layout (``parallel.teacher``): the teacher runs on other groups and is
-      exchanged with (``distill/teacher_exchange.py``). With one student stage and padded rows, one
+      exchanged with (``teacher/exchange.py``). With one student stage and padded rows, one
       micro-batch at a time inside the loss; otherwise (it cannot ride the student's pipeline) the
       targets of all of the rank's micro-batches are computed first and live through the whole pass
       on the last stage. The teacher side holds them for one student replica it serves at a time

@@ -202,8 +202,9 @@ def check_readable(ckpt_dir: str) -> None:
 
 @torch.no_grad()
 def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix: str = "",
-                         cfg: Optional[ModelConfig] = None) -> None:
-    """Load a torch_dist checkpoint saved at any TP/PP into this rank's chunks.
+                         cfg: Optional[ModelConfig] = None, global_groups: bool = True) -> None:
+    """Load a torch_dist checkpoint saved at any TP/PP into this rank's chunks (``global_groups``
+    False: chunks on process groups of their own, a teacher at ``parallel.teacher``'s layout).
 
     The padded vocabulary depends on TP (``ModelConfig.padded_vocab_size``), so a checkpoint
     saved at another TP can have more or fewer padding rows than this layout: such vocabulary
@@ -247,8 +248,7 @@ def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix
     # megatron-core stamps replica ids from its global groups (the student's): they do not describe a
     # teacher on groups of its own (parallel.teacher), whose integrity check would then fail. Reading
     # does not depend on them: each rank reads the pieces its shard's offsets name.
-    own_groups = unwrap(chunks[0]).parallel.own_groups
-    loaded = dist_checkpointing.load(sharded, ckpt_dir, validate_access_integrity=not (recut or own_groups))
+    loaded = dist_checkpointing.load(sharded, ckpt_dir, validate_access_integrity=global_groups and not recut)
     for ckey, skey, _, real in recut:
         full = loaded[ckey][skey]
         local = sharded_local_rows(chunks, ckey, skey)

@@ -2,7 +2,7 @@
 
 One job: per-token loss at the loss-mask positions of a micro-batch, vocabulary-parallel, and its
 reduction. Non-goals: choosing the positions (``states.py``), teacher forwards
-(``teacher_targets.py``), the megatron-core schedule (``training/``).
+(``targets.py``), the megatron-core schedule (``training/``).
 
 The student predicts the token at its own position (no shift): the logits for response position i
 are column ``S - L + i`` of the row ``[prompt | x0 | xt]`` (xt is the last L columns).
@@ -153,12 +153,12 @@ def causal_cross_entropy_loss(logits: Tensor, loss_mask: Tensor, targets: Tensor
                               num_sequences: Union[int, Tensor]) -> tuple[Tensor, Metrics]:
     """Next-token cross-entropy on the response of causal ``[prompt | response]`` rows (the ``ar``
     method), same reduction: response token i is predicted at column ``P + i - 1``, the teacher's
-    window (``teacher_targets.next_token_logits``).
+    window (``models.masks.next_token_logits``).
 
     ``logits`` cover ``[prompt | response]`` or their last ``logits_needed(L)`` columns;
     ``loss_mask`` and ``targets`` are ``[B, L]``. Metrics as :func:`kl_loss` with ``ce_sum``.
     """
-    from nemo_opdlm.distill.teacher_targets import next_token_logits
+    from nemo_opdlm.models.masks import next_token_logits
 
     loss_mask = loss_mask.bool()
     per_token = token_cross_entropy(next_token_logits(logits, loss_mask.shape[1])[loss_mask],

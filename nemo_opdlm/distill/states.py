@@ -2,7 +2,7 @@
 
 One job: choose which response tokens are masked in xt (one noisy state per block) and assemble
 the row, its position ids, its mask metadata and the loss mask. Non-goals: decoding (the
-sampler), teacher targets (``teacher_targets.py``), the loss itself (``loss.py``).
+sampler), teacher targets (``targets.py``), the loss itself (``loss.py``).
 
 Two ways to choose the state of a block (``masking``):
 

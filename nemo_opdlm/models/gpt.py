@@ -10,7 +10,7 @@ state dict, PP hooks) and replaces only ``forward``, for two reasons megatron-co
   minimum, so that no softmax, top-k or KL ever gives it mass (and no -inf makes NaN).
 
 There is no logit shift here: a position's logits predict the token *at* that position for the
-student; the teacher's right shift lives in ``distill/teacher_targets.py``.
+student; the teacher's right shift lives in ``teacher/targets.py``.
 """
 
 from __future__ import annotations

@@ -194,3 +194,17 @@ def flex_mask_mod(q_meta: torch.Tensor, k_meta: torch.Tensor):
         return ((clean_ok | noisy_ok) & same_doc) | (kv_idx == q_idx + offset)
 
     return mask_mod
+
+
+def logits_needed(response_len: int) -> int:
+    """Trailing columns of ``[prompt | response]`` whose logits a shifted target or a causal loss
+    reads: the last prompt column predicts the first response token; the last column predicts
+    nothing, but keeping it keeps every slice a plain "last n columns"."""
+    return response_len + 1
+
+
+def next_token_logits(logits: torch.Tensor, response_len: int) -> torch.Tensor:
+    """The causal model's predictions of the response's tokens ``[B, L, V/tp]``: columns
+    ``P - 1 .. P + L - 2`` of ``[prompt | response]`` logits, counted from the end (so the logits
+    may also be only the last ``logits_needed(L)`` columns)."""
+    return logits[:, -response_len - 1: -1]

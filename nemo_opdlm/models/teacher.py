@@ -1,7 +1,7 @@
 """The frozen AR teacher: the same decoder as the student, read with a causal mask.
 
 One job: build the teacher's chunks frozen (eval mode, no gradients) and give its logits.
-Targets (shift, log-probs, top-k) are computed in ``distill/teacher_targets.py``.
+Targets (shift, log-probs, top-k) are computed in ``teacher/targets.py``.
 """
 
 from __future__ import annotations

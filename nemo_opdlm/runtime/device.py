@@ -1,6 +1,6 @@
 """Device scopes the runtime offers to the code above it.
 
-One job: the runtime's answer to "this block of code only decodes": on a CPU machine the
+One job: the runtime's answers to "this block of code only decodes" and "wait for the device": on a CPU machine the
 compatibility layer rewrites every ``device='cuda'`` of megatron-core to the CPU with a torch-function
 mode that sees every torch call, and a decode (many short forwards, no backward, no optimizer)
 never asks for CUDA, so the mode is lifted for it; on a GPU nothing changes. Callers (the rollout
@@ -21,3 +21,12 @@ def decoding_scope() -> Iterator[None]:
     """Run a decode (forward-only model calls) with the least device machinery around it."""
     with cpu_compat.device_mode_suspended():
         yield
+
+
+def synchronize() -> None:
+    """Wait for the device's queued work (on a GPU), so that a wall-clock phase time is the device's;
+    nothing on a CPU. One wait per phase of a step costs nothing next to the phase."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()

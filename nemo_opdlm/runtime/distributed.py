@@ -42,7 +42,7 @@ class TeacherLayout:
 
     A 70B teacher needs TP=8 to fit where an 8B student trains faster at TP=2 x DP=4: each model
     gets its own groups (``runtime/teacher_groups.py``), and the teacher's inputs and targets move
-    between the two layouts (``distill/teacher_exchange.py``)."""
+    between the two layouts (``teacher/exchange.py``)."""
 
     tp: int = 1
     """The teacher's tensor-parallel size."""
@@ -109,18 +109,6 @@ class ParallelLayout:
     def teacher_dp(self, world_size: int) -> int:
         """The teacher's data-parallel size: its replicas, each serving some student replicas."""
         return self.teacher_layout().dp(world_size)
-
-    def exchange_per_microbatch(self, packed: bool) -> bool:
-        """Whether a teacher at its own layout can exchange targets one micro-batch at a time,
-        inside the student's loss function (``distill/teacher_exchange.py``), instead of a whole
-        step's before the student's pass.
-
-        The exchange is collective over the world, so every rank must reach each call in the same
-        order: true with one student pipeline stage (the schedule then runs the micro-batches in
-        lockstep on every rank) and padded micro-batches (the same count on every rank). Packed rows
-        (``packed``) give each rank its own count; at PP > 1 a stage waiting for another's
-        activations cannot also wait in an exchange."""
-        return self.pp == 1 and self.vpp is None and not packed
 
     def check_teacher(self, model: "ModelConfig") -> None:
         """``check_model`` for the teacher, at the layout it runs at (named in the error)."""

@@ -7,7 +7,7 @@ modules, its pipeline schedule and its vocabulary-parallel targets take. megatro
 
 Ranks are ordered as megatron-core orders them by default ("tp-cp-ep-dp-pp" with cp = ep = 1):
 world rank = tp + TP * (dp + DP * pp). :class:`Grid` is that formula, shared with the code that
-routes teacher inputs and targets between the two layouts (``distill/teacher_exchange.py``).
+routes teacher inputs and targets between the two layouts (``teacher/exchange.py``).
 Non-goals: the student's groups (``distributed.py`` has megatron-core build them).
 """
 

@@ -22,7 +22,7 @@ from nemo_opdlm.data.sampler import PromptLoader, ShardedSampler
 from nemo_opdlm.distill.methods import get_method
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.gpt import DiffusionGPTModel
-from nemo_opdlm.models.student import build_student, from_teacher, parallel_of
+from nemo_opdlm.models.student import build_student, from_teacher
 from nemo_opdlm.models.teacher import build_teacher, offload
 from nemo_opdlm.runtime.context import ParallelContext
 
@@ -52,14 +52,16 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
     return ids
 
 
-def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str], ckpt: Optional[str]) -> bool:
+def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str], ckpt: Optional[str],
+                  global_groups: bool = True) -> bool:
+    """``hf`` or ``ckpt``'s weights into ``chunks`` (``global_groups`` False: a teacher at its own layout)."""
     if hf:
         load_hf_weights(chunks, hf, cfg_model)
         return True
     if ckpt:
         if not os.path.isdir(ckpt):
             raise ConfigError(f"init.teacher_checkpoint: {ckpt} does not exist")
-        load_dist_checkpoint(chunks, ckpt, cfg=cfg_model)
+        load_dist_checkpoint(chunks, ckpt, cfg=cfg_model, global_groups=global_groups)
         return True
     return False
 
@@ -91,13 +93,14 @@ def build_models(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Op
             raise ConfigError(f"distill.method={cfg.distill.method} needs the teacher's weights: "
                               "set init.teacher_hf or init.teacher_checkpoint")
         teacher = build_teacher(cfg.teacher, teacher_parallel or parallel)
-        _load_weights(teacher, cfg.teacher, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)
+        _load_weights(teacher, cfg.teacher, cfg.init.teacher_hf, cfg.init.teacher_checkpoint,
+                      global_groups=cfg.parallel.teacher is None)
         if cfg.distill.teacher_offload and torch.cuda.is_available():
             offload(teacher, "cpu")  # brought to the GPU only while a step uses it
     student = build_student(cfg.model, cfg.diffusion, parallel)
     if cfg.init.student_hf:
         load_hf_weights(student, cfg.init.student_hf, cfg.model)
-    elif teacher is not None and cfg.teacher_model is None and not parallel_of(teacher).own_groups:
+    elif teacher is not None and cfg.teacher_model is None and cfg.parallel.teacher is None:
         from_teacher(student, teacher)  # self-distillation: the student starts as the teacher
     elif teacher is not None and cfg.teacher_model is None:  # the same weights, read at the student's layout
         _load_weights(student, cfg.model, cfg.init.teacher_hf, cfg.init.teacher_checkpoint)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -22,22 +22,21 @@ from nemo_opdlm.data.sampler import PromptBatch
 from nemo_opdlm.distill import loss as losses
 from nemo_opdlm.distill.methods import Method, get_method
 from nemo_opdlm.distill.packing import pack_rows, row_logits
-from nemo_opdlm.distill.teacher_exchange import exchange_targets
 from nemo_opdlm.distill.states import build_states, response_valid, split_microbatches
-from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
 from nemo_opdlm.models import grid, masks
 from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig, with_mode
 from nemo_opdlm.rollout.schedules import BlockSchedule
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.context import ParallelContext
+from nemo_opdlm.runtime.device import synchronize
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.runtime.seeding import noise_seed
 from nemo_opdlm.runtime.vocab_parallel import Group
+from nemo_opdlm.teacher.route import TargetRoute, TargetsFn, make_route
+from nemo_opdlm.teacher.stream import split_outputs
 from nemo_opdlm.training.finite import TEACHER_NONFINITE, count_bad_targets
 from nemo_opdlm.training.optim import TrainState, zero_grads
-from nemo_opdlm.training.teacher_stream import TEACHER_KEYS, split_outputs, stream_chunks, streamed_seq_length
-
 
 @dataclass
 class Responses:
@@ -156,109 +155,27 @@ def training_rows(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], gener
     )
 
 
-def own_layout(teacher: list) -> bool:
-    """The teacher runs at a layout of its own (``parallel.teacher``), on groups of its own."""
-    return parallel_of(teacher).own_groups
-
-
-EXCHANGE_ROWS = "teacher_rows"
-"""Where a micro-batch carries its inputs for a teacher at its own layout whose targets are
-exchanged inside the loss function (``teacher_exchange.Rows``)."""
-
-
-def targets_in_pass(cfg: RunConfig, teacher: list, *, upfront: bool, packed: bool) -> bool:
-    """Whether each micro-batch's teacher targets are made during the student's pass (inside the
-    loss function, or riding the pipeline: ``teacher_stream.py``) rather than all before it.
-
-    During the pass at most the micro-batches in flight hold targets (full-vocabulary targets are
-    ``L x V`` floats per row). ``upfront`` (a benchmark's choice: the teacher's time apart) asks for
-    all before it; so does a teacher at its own layout whose exchange cannot run per micro-batch
-    (``ParallelLayout.exchange_per_microbatch``: not with packed rows or student PP > 1)."""
-    if upfront:
-        return False
-    return not own_layout(teacher) or cfg.parallel.exchange_per_microbatch(packed)
-
-
-def attach_teacher_targets(cfg: RunConfig, teacher: list, resp: Responses, microbatches: list[dict], *,
-                           student: ParallelContext, upfront: bool = False,
-                           groups: Optional[list[Tensor]] = None) -> None:
-    """Give each micro-batch its teacher's inputs, or (``targets_in_pass`` false) its targets, on
-    ``student``'s last stage.
-
-    ``groups``: each micro-batch's row indices (packed rows, ``packing.pack_rows``); None =
-    consecutive equal splits. A teacher at its own layout (``own_layout``) runs on its own groups
-    and sends the targets to ``student``'s last stage (``distill/teacher_exchange.py``).
-    """
-    n = len(microbatches)
+def teacher_rows(resp: Responses, microbatches: list[dict], groups: Optional[list[Tensor]]) -> list[dict]:
+    """Each micro-batch's teacher inputs (``teacher.exchange.Rows``: the responses' prompt and x0):
+    consecutive equal splits of the rows, or with packed rows (``groups``, ``packing.pack_rows``)
+    each micro-batch's own rows."""
     per_row = dict(prompt_ids=resp.prompt_ids, prompt_lens=resp.prompt_lens, x0=resp.tokens, valid=resp.valid)
     if groups is None:
-        rows = split_microbatches(per_row, n)
-    else:
-        rows = [{k: v[index] for k, v in per_row.items()} for index in groups]
-    in_pass = targets_in_pass(cfg, teacher, upfront=upfront, packed=groups is not None)
-    if own_layout(teacher):
-        if in_pass:
-            for mb, r in zip(microbatches, rows):
-                mb[EXCHANGE_ROWS] = r
-        else:
-            _store_targets(microbatches, _exchanged(cfg, teacher, student, rows))
-        return
-    batches = [teacher_batch(r["prompt_ids"], r["prompt_lens"], r["x0"], r["valid"]) for r in rows]
-    if in_pass:
-        for mb, tb in zip(microbatches, batches):
-            mb.update({f"teacher_{k}": v for k, v in tb.items()})
-        return
-    _store_targets(microbatches, compute_targets(teacher, batches, resp.prompt_ids.shape[1], resp.tokens.shape[1],
-                                                 cfg.distill.top_k))
+        return split_microbatches(per_row, len(microbatches))
+    return [{k: v[index] for k, v in per_row.items()} for index in groups]
 
 
-def _exchanged(cfg: RunConfig, teacher: list, student: ParallelContext, rows: list[dict]) -> list:
-    """``rows``' targets from a teacher at its own layout (``teacher_exchange.exchange_targets``)."""
-    return exchange_targets(teacher, student, rows, cfg.distill.top_k,
-                            student_vocab=cfg.model.padded_vocab_size(student.tp_size),
-                            teacher_vocab=cfg.teacher.padded_vocab_size(parallel_of(teacher).tp_size))
-
-
-def _store_targets(microbatches: list[dict], targets: list) -> None:
-    """Each micro-batch's targets (present on the student's last stage only)."""
-    for mb, target in zip(microbatches, targets):
-        mb["t_logprobs"] = target.logprobs
-        if target.ids is not None:
-            mb["t_ids"] = target.ids
-
-
-def teacher_inputs(batch: dict[str, Tensor]) -> dict[str, Any]:
-    """A micro-batch's teacher inputs for a streamed teacher chunk (``teacher_stream.py``)."""
-    return {"teacher_batch": dict({k: batch[k] for k in TEACHER_KEYS}, response_len=batch["loss_mask"].shape[1])}
-
-
-TargetsFn = Callable[[dict], tuple[Tensor, Optional[Tensor]]]
-"""A micro-batch's teacher inputs -> its targets ``(log-probs, top-k ids or None)``."""
-
-
-def in_loss_targets(cfg: RunConfig, teacher: list, student: ParallelContext) -> TargetsFn:
-    """How the loss function turns the inputs ``attach_teacher_targets`` left in a micro-batch into
-    its targets: the teacher's forward on the student's groups, or for a teacher at its own layout
-    the exchange with it, one micro-batch per call on every rank
-    (``ParallelLayout.exchange_per_microbatch``)."""
-    if not own_layout(teacher):
-        return lambda batch: _lazy_targets(teacher, batch, cfg.distill.top_k)
-
-    def exchanged(batch: dict) -> tuple[Tensor, Optional[Tensor]]:
-        (target,) = _exchanged(cfg, teacher, student, [batch[EXCHANGE_ROWS]])
-        return target.logprobs, target.ids
-
-    return exchanged
-
-
-@torch.no_grad()
-def _lazy_targets(teacher: list, batch: dict[str, Tensor], top_k: Optional[int]) -> tuple[Tensor, Optional[Tensor]]:
-    ids = batch["teacher_input_ids"]
-    length = batch["loss_mask"].shape[1]
-    logits = teacher[0](ids, batch["teacher_position_ids"], batch["teacher_meta"],
-                        logits_last=logits_needed(length))  # [B, L + 1, V/tp]
-    target = shifted_targets(logits, ids.shape[1] - length, length, top_k, parallel_of(teacher).tp_group)
-    return target.logprobs, target.ids
+def teacher_route(cfg: RunConfig, teacher: Optional[list], student: ParallelContext,
+                  name: Optional[str] = None) -> TargetRoute:
+    """This step's route for the teacher's targets (``teacher/route.py``): ``RunConfig.teacher_route``'s
+    choice, or ``name`` (a measurement's: e.g. ``before_pass`` to time the teacher apart)."""
+    name = name or cfg.teacher_route()
+    if teacher is None:
+        name = "none"
+    t_tp = parallel_of(teacher).tp_size if teacher is not None else student.tp_size
+    return make_route(name, teacher=teacher, student=student, own_layout=cfg.parallel.teacher is not None,
+                      top_k=cfg.distill.top_k, student_vocab=cfg.model.padded_vocab_size(student.tp_size),
+                      teacher_vocab=cfg.teacher.padded_vocab_size(t_tp))
 
 
 def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_group: Group,
@@ -268,9 +185,10 @@ def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_grou
     ``method``'s loss (a ``distill.method`` name or its ``Method``). ``scale`` = micro-batches x DP
     size: the schedule divides by the former and DDP averages over the latter, while
     ``distill/loss.py`` already divides by the global sequence count. ``tp_group``: the group the
-    student's vocabulary is split over. ``targets``: on a single pipeline stage, how the inputs
-    ``attach_teacher_targets`` stored become targets here (``in_loss_targets``); with a teacher
-    riding the pipeline the targets arrive with the logits (``teacher_stream.split_outputs``).
+    student's vocabulary is split over. ``targets``: how the inputs the teacher's route stored in
+    a micro-batch become targets here (``TargetRoute.targets``); a route that computed them before
+    the pass left them in the micro-batch, and a teacher riding the pipeline sends them with the
+    logits (``stream.split_outputs``).
     """
     kind = (get_method(method) if isinstance(method, str) else method).loss
 
@@ -318,44 +236,39 @@ class StepOutcome:
 
 
 def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teacher: Optional[list],
-                     eos_ids: Sequence[int], pad_id: int, *, seed: int, length: int, upfront_teacher: bool = False,
-                     sync: Callable[[], None] = lambda: None) -> StepOutcome:
-    """Responses -> states -> teacher targets -> forward/backward of the student, gradients left in
-    the DDP buffers for the optimizer (the trainer's step and the GPU benchmark's, one code path).
+                     eos_ids: Sequence[int], pad_id: int, *, seed: int, length: int,
+                     route: Optional[str] = None) -> StepOutcome:
+    """Responses -> rows -> micro-batches -> the teacher's route -> the student's schedule, gradients
+    left in the DDP buffers for the optimizer (the trainer's step and the GPU benchmark's, one code
+    path).
 
-    ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``upfront_teacher``:
-    see ``targets_in_pass``; ``sync`` is called before each phase ends (a benchmark passes
-    ``torch.cuda.synchronize`` so that the seconds are the device's).
+    ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``route``: the
+    teacher targets' route (``teacher/route.py``), default the config's. Each phase's seconds are
+    the device's (``runtime.device.synchronize`` at its end).
     """
     parallel = parallel_of(state.chunks)
     t0 = time.perf_counter()
     scfg = sampler_config(cfg, eos_ids, pad_id, seed, max_new_tokens=length)
     resp = get_responses(cfg, batch, state.chunks, teacher, scfg, length)
-    sync()
+    synchronize()
     t1 = time.perf_counter()
     generator = torch.Generator().manual_seed(noise_seed(seed, parallel.dp_rank))
     framed = on_grid(cfg, resp, pad_id)
     rows = training_rows(cfg, framed, eos_ids, generator)
     microbatches, groups = make_microbatches(cfg, rows, pad_id)
-    n_mb = len(microbatches)
-    if teacher is not None:
-        attach_teacher_targets(cfg, teacher, framed, microbatches, student=parallel, upfront=upfront_teacher,
-                               groups=groups)
+    targets = teacher_route(cfg, teacher, parallel, route)
+    targets.prepare(teacher_rows(framed, microbatches, groups), microbatches)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
-    lazy = teacher is not None and targets_in_pass(cfg, teacher, upfront=upfront_teacher,
-                                                   packed=groups is not None)
-    sync()
+    synchronize()
     t2 = time.perf_counter()
     zero_grads(state)
-    chunks, in_loss = state.chunks, in_loss_targets(cfg, teacher, parallel) if lazy else None
-    schedule_args = student_outputs(cfg, rows) if groups is None else {}  # packed: per micro-batch columns
-    if lazy and parallel.pp_size > 1:  # a teacher sharing the student's layout (an own one streams at PP=1 only)
-        chunks, in_loss = stream_chunks(state.chunks, teacher, cfg.distill.top_k), None
-        schedule_args.update(model_kwargs=teacher_inputs, seq_length=streamed_seq_length(
-            chunks, rows["input_ids"].shape[1], microbatches[0]["teacher_input_ids"].shape[1]))
-    loss_fn = make_loss_fn(cfg.distill.method, num_seq, n_mb * parallel.dp_size, parallel.tp_group, in_loss)
+    chunks, schedule_args = targets.schedule(state.chunks, microbatches, rows["input_ids"].shape[1])
+    if groups is None:  # packed micro-batches carry their own columns
+        schedule_args.update(student_outputs(cfg, rows))
+    loss_fn = make_loss_fn(cfg.distill.method, num_seq, len(microbatches) * parallel.dp_size, parallel.tp_group,
+                           targets.targets())
     reported = run_schedule(chunks, microbatches, loss_fn, forward_only=False, **schedule_args)
-    sync()
+    synchronize()
     seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
     return StepOutcome(resp, rows, reported, seconds)
 
@@ -385,7 +298,7 @@ def student_outputs(cfg: RunConfig, rows: dict[str, Tensor]) -> dict[str, Any]:
     """
     length = rows["loss_mask"].shape[1]
     if not cfg.diffusion.shift_logits or get_method(cfg.distill.method).causal:
-        return {"logits_last": logits_needed(length)}
+        return {"logits_last": masks.logits_needed(length)}
     prompt_width = rows["input_ids"].shape[1] - 2 * length
     return {"logits_columns": masks.prediction_columns(prompt_width, length, cfg.diffusion.block_size, True)}
 

@@ -868,11 +868,10 @@ def _count_live_targets(monkeypatch_targets):
     it is alive; returns the counter ``{"live", "peak", "made"}``."""
     import weakref
 
-    from nemo_opdlm.distill import teacher_targets
-    from nemo_opdlm.training import teacher_stream
+    from nemo_opdlm.teacher import route, stream, targets
 
     counter = {"live": 0, "peak": 0, "made": 0}
-    real = teacher_targets.shifted_targets
+    real = targets.shifted_targets
 
     def counted(*args, **kwargs):
         out = real(*args, **kwargs)
@@ -882,7 +881,7 @@ def _count_live_targets(monkeypatch_targets):
         weakref.finalize(out.logprobs, lambda: counter.__setitem__("live", counter["live"] - 1))
         return out
 
-    for module in (teacher_targets, teacher_stream):
+    for module in (targets, stream, route):
         monkeypatch_targets(module, "shifted_targets", counted)
     return counter
 
@@ -902,7 +901,8 @@ def worker_pp2_targets(tmp_dir):
 
     counter = _count_live_targets(patch)
     real = loop_module.forward_backward
-    patch(loop_module, "forward_backward", lambda *a, **k: real(*a, upfront_teacher=how == "upfront", **k))
+    patch(loop_module, "forward_backward",
+          lambda *a, **k: real(*a, route="before_pass" if how == "upfront" else None, **k))
     _run_layout(tmp_dir, "parallel.pp=2", "targets", "distill.top_k=null", f"train.micro_batch_size={4 // int(n)}",
                 "train.steps=1")
     with open(os.path.join(tmp_dir, f"live_targets_{os.environ['RANK']}.json"), "w") as f:
@@ -942,15 +942,17 @@ def worker_teacher_layout(tmp_dir):
                "pp2": ("parallel.teacher.pp=2",), "tp2ckpt": ("parallel.teacher.tp=2",) + from_ckpt,
                "pp2ckpt": ("parallel.teacher.pp=2",) + from_ckpt}
     top_k = {"topk": "distill.top_k=16", "full": "distill.top_k=null"}
-    real_fb, real_attach = loop_module.forward_backward, train_step.attach_teacher_targets
+    from nemo_opdlm.teacher.route import BeforePass
+
+    real_fb, real_prepare = loop_module.forward_backward, BeforePass.prepare
     saved = []
 
-    def attach(cfg, teacher, resp, microbatches, **kwargs):
-        real_attach(cfg, teacher, resp, microbatches, **dict(kwargs, upfront=True))
+    def prepare(self, rows, microbatches):
+        real_prepare(self, rows, microbatches)
         saved.append([{k: mb[k] for k in ("t_logprobs", "t_ids") if k in mb} for mb in microbatches])
 
-    loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, upfront_teacher=True))
-    train_step.attach_teacher_targets = attach
+    loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, route="before_pass"))
+    BeforePass.prepare = prepare
     student = ("parallel.tp=2",) if int(os.environ["WORLD_SIZE"]) == 4 else ()  # 4 ranks: student TP=2 x DP=2
     _run_layout(tmp_dir, "distill.method=opdlm", "run", *student, *teacher[layout], top_k[targets], "train.steps=2",
                 "train.micro_batch_size=1")
@@ -1035,7 +1037,9 @@ def worker_own_layout_stream(tmp_dir):
 
     how, n, layout = os.path.basename(tmp_dir).split("_")
     counter = {"live": 0, "peak": 0, "made": 0}
-    real_exchange, real_fb = train_step.exchange_targets, loop_module.forward_backward
+    from nemo_opdlm.teacher import route as route_module
+
+    real_exchange, real_fb = route_module.exchange_targets, loop_module.forward_backward
 
     def counted(*args, **kwargs):
         out = real_exchange(*args, **kwargs)
@@ -1046,8 +1050,8 @@ def worker_own_layout_stream(tmp_dir):
             weakref.finalize(target.logprobs, lambda: counter.__setitem__("live", counter["live"] - 1))
         return out
 
-    train_step.exchange_targets = counted
-    loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, upfront_teacher=how == "first"))
+    route_module.exchange_targets = counted
+    loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, route="before_pass" if how == "first" else None))
     teacher = {"tp2": "parallel.teacher.tp=2", "pp2": "parallel.teacher.pp=2"}[layout]
     _run_layout(tmp_dir, teacher, "run", "distill.top_k=null", "train.prompts_per_step=8",
                 f"train.micro_batch_size={4 // int(n)}", "train.steps=1")

@@ -10,7 +10,8 @@ import torch
 
 from nemo_opdlm.distill import loss as L
 from nemo_opdlm.distill import states
-from nemo_opdlm.distill.teacher_targets import compute_targets, logits_needed, shifted_targets, teacher_batch
+from nemo_opdlm.models.masks import logits_needed
+from nemo_opdlm.teacher.targets import compute_targets, shifted_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.models.student import build_student, from_teacher

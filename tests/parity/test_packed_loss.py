@@ -12,7 +12,7 @@ import torch
 
 from nemo_opdlm.distill import loss as L
 from nemo_opdlm.distill import packing, states
-from nemo_opdlm.distill.teacher_targets import compute_targets, teacher_batch
+from nemo_opdlm.teacher.targets import compute_targets, teacher_batch
 from nemo_opdlm.models import masks
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.models.student import build_student
@@ -87,12 +87,12 @@ def test_packed_rows_give_the_padded_loss_and_gradients(runtime, backend, shift,
 
 
 def test_teacher_inputs_and_targets_follow_the_packed_rows(runtime):
-    """``attach_teacher_targets`` with packed groups: each micro-batch's teacher inputs (lazy) and
-    up-front targets are its own rows' (equal to the whole batch's targets indexed by the group)."""
-    from types import SimpleNamespace
-
+    """The teacher's routes with packed groups (``step.teacher_rows``): each micro-batch's teacher
+    inputs (``in_loss``) and targets computed before the pass (``before_pass``) are its own rows'
+    (equal to the whole batch's targets indexed by the group)."""
     from nemo_opdlm.rollout.schedules import BlockSchedule
-    from nemo_opdlm.training.step import Responses, attach_teacher_targets
+    from nemo_opdlm.teacher.route import make_route
+    from nemo_opdlm.training.step import Responses, teacher_rows
 
     torch.manual_seed(0)
     teacher = build_student(tiny_model(attention_backend="local"), DiffusionConfig(block_size=1, mask_token_id=MASK),
@@ -105,11 +105,13 @@ def test_teacher_inputs_and_targets_follow_the_packed_rows(runtime):
                             prompt_ids.shape[1], response.shape[1], top_k=5)[0]
     schedule = BlockSchedule(block_size=BLOCK, block_grid="response", rounds_per_block=4, threshold=None)
     resp = Responses(prompt_ids, prompt_lens, response, valid, step_map, {}, schedule)
-    cfg = SimpleNamespace(distill=SimpleNamespace(top_k=5))
+    def route(name: str):
+        return make_route(name, teacher=teacher, student=runtime.ctx, own_layout=False, top_k=5)
+
     lazy, groups = packing.pack_rows(rows, BUDGET, block_size=BLOCK, shift=False, pad_id=PAD_ID)
-    attach_teacher_targets(cfg, teacher, resp, lazy, student=runtime.ctx, groups=groups)
+    route("in_loss").prepare(teacher_rows(resp, lazy, groups), lazy)
     upfront, _ = packing.pack_rows(rows, BUDGET, block_size=BLOCK, shift=False, pad_id=PAD_ID)
-    attach_teacher_targets(cfg, teacher, resp, upfront, student=runtime.ctx, upfront=True, groups=groups)
+    route("before_pass").prepare(teacher_rows(resp, upfront, groups), upfront)
     for mb, up, index in zip(lazy, upfront, groups):
         assert torch.equal(mb["teacher_input_ids"][:, -response.shape[1]:], response[index])
         assert torch.allclose(up["t_logprobs"], whole.logprobs[index], atol=1e-5, rtol=0)

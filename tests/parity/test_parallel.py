@@ -66,7 +66,7 @@ def _gather_vocab(local, ctx):
 
 
 def worker_tensor_parallel(tmp_dir):
-    from nemo_opdlm.distill.teacher_targets import shifted_targets
+    from nemo_opdlm.teacher.targets import shifted_targets
     from nemo_opdlm.models.student import build_chunks
     from nemo_opdlm.models.teacher import build_teacher
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime

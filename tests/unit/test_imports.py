@@ -22,6 +22,7 @@ LAYERS = (
     ("data",),
     ("rollout",),
     ("distill",),
+    ("teacher",),
     ("convert",),
     ("config",),
     ("training",),

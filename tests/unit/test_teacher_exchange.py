@@ -1,11 +1,11 @@
-"""Who sends what to whom when the teacher has its own layout (``distill/teacher_exchange.py``), and
+"""Who sends what to whom when the teacher has its own layout (``teacher/exchange.py``), and
 the rank grid both layouts share (``runtime/teacher_groups.py``): pure arithmetic, no processes.
 The exchange itself runs on 2 gloo ranks in ``tests/e2e/test_train.py``."""
 
 import pytest
 import torch
 
-from nemo_opdlm.distill.teacher_exchange import Routes
+from nemo_opdlm.teacher.exchange import Routes
 from nemo_opdlm.runtime.teacher_groups import Grid
 
 
@@ -79,7 +79,7 @@ def test_top_k_targets_go_whole_to_each_student_tp_rank_from_the_teacher_last_st
 def test_unequal_packed_groups_become_equal_microbatches_for_a_pipelined_teacher():
     """A teacher at PP > 1 sends one tensor shape per micro-batch: packed groups of 2 and 1 rows
     become three one-row micro-batches, in order; equal groups are left alone."""
-    from nemo_opdlm.distill.teacher_exchange import _equal_microbatches
+    from nemo_opdlm.teacher.exchange import _equal_microbatches
 
     def rows(first: int, n: int) -> dict:
         ids = torch.arange(first, first + n)[:, None]

@@ -13,11 +13,11 @@ DP_s, and every teacher replica serves the same number of student replicas when 
 Every rank holds both a student and a teacher shard, so every rank takes part: the same point-to-point
 exchange runs over gloo on CPU and NCCL on GPU (``dist.batch_isend_irecv``). With one student
 pipeline stage and padded micro-batches it runs once per micro-batch, inside the student's loss
-function (``ParallelLayout.exchange_per_microbatch``), so one micro-batch of targets is alive at a
+function (``route.py``'s ``in_loss`` route), so one micro-batch of targets is alive at a
 time; otherwise the targets of all of a rank's micro-batches are computed before the student's pass
 (the teacher runs on other groups and cannot ride the student's pipeline,
-``training/teacher_stream.py``). ``opdlm plan`` counts either.
-Non-goals: the groups (``runtime/teacher_groups.py``), the targets' math (``teacher_targets.py``).
+``teacher/stream.py``). ``opdlm plan`` counts either.
+Non-goals: the groups (``runtime/teacher_groups.py``), the targets' math (``targets.py``).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from nemo_opdlm.distill.teacher_targets import TeacherTargets, compute_targets, teacher_batch
+from nemo_opdlm.teacher.targets import TeacherTargets, compute_targets, teacher_batch
 from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.context import ParallelContext
@@ -129,7 +129,7 @@ def exchange_targets(teacher: list, student: ParallelContext, rows: Sequence[Row
     """This rank's micro-batches' teacher targets, computed by a teacher at another layout.
 
     Collective over the world: every rank calls it with its micro-batches' ``rows``, once per step or
-    once per micro-batch (``ParallelLayout.exchange_per_microbatch``).
+    once per micro-batch (``route.py``: ``before_pass`` or ``in_loss``).
     ``student_vocab``/``teacher_vocab``: each model's padded vocabulary (both layouts' shards are
     cut from them). Returns one ``TeacherTargets`` per micro-batch on the student's last pipeline
     stage (its vocabulary shard for full-vocabulary targets), an empty list elsewhere.

@@ -15,6 +15,7 @@ from typing import Optional, Sequence
 import torch
 
 from nemo_opdlm.models import masks
+from nemo_opdlm.models.masks import logits_needed, next_token_logits
 from nemo_opdlm.models.student import parallel_of
 from nemo_opdlm.runtime import vocab_parallel
 from nemo_opdlm.runtime.pipeline import Batch, forward_collect
@@ -46,20 +47,6 @@ def teacher_batch(prompt_ids: torch.Tensor, prompt_lens: torch.Tensor, x0: torch
         position_ids=layout.position_ids,
         meta=layout.meta,
     )
-
-
-def logits_needed(response_len: int) -> int:
-    """Trailing columns of ``[prompt | response]`` whose logits a shifted target or a causal loss
-    reads: the last prompt column predicts the first response token; the last column predicts
-    nothing, but keeping it keeps every slice a plain "last n columns"."""
-    return response_len + 1
-
-
-def next_token_logits(logits: torch.Tensor, response_len: int) -> torch.Tensor:
-    """The causal model's predictions of the response's tokens ``[B, L, V/tp]``: columns
-    ``P - 1 .. P + L - 2`` of ``[prompt | response]`` logits, counted from the end (so the logits
-    may also be only the last ``logits_needed(L)`` columns)."""
-    return logits[:, -response_len - 1: -1]
 
 
 def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,

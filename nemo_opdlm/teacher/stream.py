@@ -9,9 +9,9 @@ teacher's hidden states travel to the next stage packed behind the student's in 
 point-to-point tensor (megatron-core's schedules send one tensor per micro-batch). The last stage
 turns the teacher's logits into that micro-batch's targets just before its loss, so at most the
 micro-batches in flight hold targets, whatever the micro-batch count, and the 1F1B schedule (and
-its bubble) is unchanged. Non-goals: the targets' arithmetic (``distill/teacher_targets.py``), a
+its bubble) is unchanged. Non-goals: the targets' arithmetic (``teacher/targets.py``), a
 teacher with its own parallel layout (it cannot ride the student's pipeline:
-``distill/teacher_exchange.py``).
+``teacher/exchange.py``).
 
 The packing: the student's hidden states ``[S, B, H]`` and the teacher's ``[T, B, H_t]`` (its width
 may differ) go out as ``[S + n, B, H]``, the teacher's flattened per row into ``n = ceil(T * H_t / H)``
@@ -26,11 +26,12 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-from nemo_opdlm.distill.teacher_targets import TeacherTargets, logits_needed, shifted_targets
+from nemo_opdlm.models.masks import logits_needed
+from nemo_opdlm.teacher.targets import TeacherTargets, shifted_targets
 from nemo_opdlm.models.student import parallel_of, unwrap
 
 TEACHER_KEYS = ("teacher_input_ids", "teacher_position_ids", "teacher_meta")
-"""Where a micro-batch carries the teacher's inputs (``step.attach_teacher_targets``)."""
+"""Where a micro-batch carries the teacher's inputs (``route.LocalInLoss.prepare``)."""
 
 
 def packed_columns(teacher_len: int, teacher_hidden: int, hidden: int) -> int:
