@@ -21,7 +21,6 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = [os.path.join(ROOT, "slurm", n) for n in ("convert_8b.sh", "convert_70b.sh", "opdlm_job.sh")]
-HAS_TRAINER = os.path.isfile(os.path.join(ROOT, "nemo_opdlm", "training", "loop.py"))
 
 FAKE_SRUN = textwrap.dedent(r"""
     #!/bin/bash
@@ -208,7 +207,6 @@ def test_container_flags_when_image_is_set(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.skipif(not HAS_TRAINER, reason="needs `opdlm train` (nemo_opdlm/training/loop.py)")
 def test_convert_8b_end_to_end_with_fake_srun(tmp_path):
     hf, data = _tiny_inputs(str(tmp_path))
     env = _fake_slurm(str(tmp_path), TEACHER_HF=hf, DATA=data)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.distributed
 
 
 def _reference_and_grad(student, loss_mask, token_fn, n_seq):
-    from tests.unit.test_loss import reference_loss
+    from tests.unit.distill.test_loss import reference_loss
 
     s = student.double().requires_grad_(True)
     ref = reference_loss(s, loss_mask, token_fn, n_seq)
@@ -28,7 +28,7 @@ def _check_tp(student, teacher, loss_mask, targets, n_seq, group):
 
     from nemo_opdlm.distill import loss as L
     from nemo_opdlm.runtime import vocab_parallel
-    from tests.unit.test_loss import V_REAL, reference_token_kl
+    from tests.unit.distill.test_loss import V_REAL, reference_token_kl
 
     rank = torch.distributed.get_rank()
     local = student.shape[-1] // 2
@@ -89,7 +89,7 @@ def worker_tp_dp(tmp_dir):
 
     from nemo_opdlm.distill import loss as L
     from nemo_opdlm.runtime.distributed import ParallelLayout, parallel_context, runtime
-    from tests.unit.test_loss import V_REAL, random_case
+    from tests.unit.distill.test_loss import V_REAL, random_case
 
     student, teacher, loss_mask = random_case(seed=21, batch=4)
     targets = torch.randint(0, V_REAL, loss_mask.shape, generator=torch.Generator().manual_seed(2))

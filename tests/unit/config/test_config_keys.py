@@ -5,7 +5,7 @@ import os
 
 from nemo_opdlm.config import config_keys
 
-FROZEN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config_keys.txt")
+FROZEN = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "config_keys.txt")
 
 
 def test_config_keys_are_frozen():

@@ -32,7 +32,7 @@ def test_figure_holds_the_series_bands_reference_lines_and_labels():
     axes = fig.axes
     assert len(axes) == 4 and not axes[3].axison  # 3 panels on a 2 x 2 grid, the spare one hidden
     assert fig.get_size_inches().tolist() == [11.0, 8.4]
-    assert fig._suptitle.get_text() == "accuracy vs training tokens"
+    assert fig.get_suptitle() == "accuracy vs training tokens"
     ax = axes[0]
     assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_ylim()) == (
         "conversion", "training tokens", "held-out accuracy", (0.0, 1.0))
@@ -76,7 +76,7 @@ def test_token_efficiency_plot_from_the_committed_results(tmp_path):
     pytest.importorskip("matplotlib")
     from benchmarks import token_efficiency as B
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     with open(os.path.join(root, "benchmarks", "results", "token_efficiency.json")) as f:
         result = json.load(f)
     png = str(tmp_path / "te.png")

@@ -72,10 +72,13 @@ def test_progress_lines_say_what_is_built_and_how_the_run_ended():
                dict(step=4, loss=math.nan, **{"throughput/tokens_per_s": 300.0}),
                dict(step=5, loss=0.25, **{"throughput/tokens_per_s": 200.0})]
     done = run_summary("completed", 2, 5, 5, history, 75.0, "/r/step_0000005", "/r")
-    assert done == ("completed: steps 3-5 of 5 in 0:01:15; loss 0.5 -> 0.25; 200 tokens/s; last checkpoint "
-                    "/r/step_0000005; metrics and config.yaml in /r")
-    assert run_summary("completed", 5, 5, 5, [], 0.0, None, None) == \
-        "completed: no step run (already at step 5 of 5); no checkpoint (train.save_dir is not set)"
+    # the facts of the run, whatever the wording: status, steps, time, first and last finite loss,
+    # the median throughput, where the last checkpoint and the metrics are
+    assert done.startswith("completed")
+    for fact in ("3-5 of 5", "0:01:15", "0.5 -> 0.25", "200 tokens/s", "/r/step_0000005", "config.yaml in /r"):
+        assert fact in done, (fact, done)
+    idle = run_summary("completed", 5, 5, 5, [], 0.0, None, None)
+    assert "no step run" in idle and "step 5 of 5" in idle and "train.save_dir is not set" in idle
 
 
 def test_tensorboard_scalars_are_written_under_the_run_directory(tmp_path):
