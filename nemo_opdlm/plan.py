@@ -194,41 +194,16 @@ def _layout_notes(cfg, shape: Shape, cluster: Cluster) -> list[Finding]:
 # ----------------------------------------------------------------------------------------------
 # Checkpoints and tokenizers (only what is on this machine)
 
-ARCH_FIELDS = ("family", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-               "num_query_groups", "kv_channels", "vocab_size", "tie_word_embeddings", "qk_layernorm",
-               "add_qkv_bias", "rotary_base", "rope_scaling", "norm_eps")
-
-
-def _arch(model: ModelConfig) -> dict[str, Any]:
-    out = {name: getattr(model, name) for name in ARCH_FIELDS}
-    out["rope_scaling"] = dataclasses.asdict(model.rope_scaling) if model.rope_scaling is not None else None
-    return out
-
-
 def compare_architecture(expected: ModelConfig, found: ModelConfig, what: str, source: str) -> list[Finding]:
-    """An error per architecture number where the checkpoint and the recipe disagree."""
-    want, got = _arch(expected), _arch(found)
-    diffs = [f"{k}: recipe {want[k]!r}, checkpoint {got[k]!r}" for k in ARCH_FIELDS if want[k] != got[k]]
+    """An error naming every architecture field where the checkpoint and the recipe disagree
+    (``hf_config.architecture_differences``: the trainer's own check, the same wording)."""
+    from nemo_opdlm.convert import hf_config as hfc
+
+    diffs = hfc.architecture_differences(expected, found)
     if diffs:
         return [Finding("error", f"{what} does not match {source}: " + "; ".join(diffs)
                         + " (wrong checkpoint for this recipe, or fix the recipe's shape)")]
     return [Finding("ok", f"{what} matches {source}")]
-
-
-def _model_from_source(path: str) -> tuple[Optional[ModelConfig], str]:
-    """The architecture in an HF directory (config.json) or a converted checkpoint (opdlm_convert.json)."""
-    from nemo_opdlm.convert import hf_config as hfc
-
-    meta = os.path.join(path, "opdlm_convert.json")
-    if os.path.isfile(meta):
-        with open(meta) as f:
-            data = json.load(f)["model_config"]
-        data.update(linear_impl="local", fp8=None)  # only the architecture is compared; TE may be absent here
-        return hfc.model_config_from_dict(data), meta
-    if os.path.isfile(os.path.join(path, "config.json")):
-        return hfc.model_config_from_hf(hfc.read_hf_config(path), linear_impl="local", fp8=None), \
-            os.path.join(path, "config.json")
-    return None, path
 
 
 def _tokenizer_json(path: Optional[str]) -> Optional[dict[str, Any]]:
@@ -295,6 +270,8 @@ def check_tokenizers(cfg) -> list[Finding]:
 
 def check_checkpoints(cfg, require_paths: bool = False) -> list[Finding]:
     """Compare the recipe with the checkpoints and data on this machine; skip (or refuse) what is absent."""
+    from nemo_opdlm.convert.architecture import model_config_of_weights
+
     init = cfg.init
     findings: list[Finding] = []
     missing = "error" if require_paths else "note"
@@ -308,11 +285,12 @@ def check_checkpoints(cfg, require_paths: bool = False) -> list[Finding]:
         if not os.path.exists(path):
             findings.append(Finding(missing, f"{what} checkpoint {path} not found here: its config checks skipped"))
             continue
-        found, source = _model_from_source(path)
-        if found is None:
-            findings.append(Finding("error", f"{path} has neither config.json nor opdlm_convert.json"))
+        try:  # only the architecture is compared: Transformer Engine may be absent here
+            found = model_config_of_weights(path, f"init.{what}", linear_impl="local", fp8=None)
+        except ConfigError as err:
+            findings.append(Finding("error", str(err)))
             continue
-        findings += compare_architecture(model, found, f"the recipe's {what}", source)
+        findings += compare_architecture(model, found, f"the recipe's {what}", path)
     if any(os.path.exists(p) for p in (init.tokenizer, init.teacher_hf, init.teacher_checkpoint) if p):
         findings += check_tokenizers(cfg)
     if cfg.data is not None:
@@ -359,11 +337,6 @@ def stage_params(m: ModelConfig, tp: int, pp: int, stage: int) -> int:
     return total
 
 
-def resolve_backend(m: ModelConfig) -> str:
-    """The attention back end on the GPUs: 'auto' is flex there (``ModelConfig.resolved_attention_backend``)."""
-    return "flex" if m.attention_backend == "auto" else m.attention_backend
-
-
 def attention_bytes_per_token(m: ModelConfig, tp: int, keys: int) -> int:
     """What the core attention keeps per query token beyond q, k, v and its output, for ``keys`` keys.
 
@@ -372,7 +345,7 @@ def attention_bytes_per_token(m: ModelConfig, tp: int, keys: int) -> int:
     head, plus the boolean mask.
     """
     heads = m.num_attention_heads // tp
-    backend = resolve_backend(m)
+    backend = m.resolved_attention_backend(on_gpu=True)
     if backend == "flex":
         return 4 * heads
     if backend == "sdpa":
@@ -401,7 +374,7 @@ def forward_transient_bytes(m: ModelConfig, tp: int, tokens: int, keys: int) -> 
     b, hd, h = _bytes(m.params_dtype), m.kv_channels, m.hidden_size
     nq, ng = m.num_attention_heads * hd // tp, m.num_query_groups * hd // tp
     elems = 3 * h + nq + 2 * ng + nq + 3 * m.ffn_hidden_size // tp
-    backend = resolve_backend(m)
+    backend = m.resolved_attention_backend(on_gpu=True)
     attn = 0 if backend == "flex" else (3 * keys if backend == "sdpa" else
                                         m.num_attention_heads // tp * keys * (4 + b) + keys)
     return tokens * (b * elems + attn)
@@ -429,12 +402,6 @@ class MemoryEstimate:
     @property
     def peak_phase(self) -> str:
         return max(self.phases, key=self.phase_total)
-
-
-def uses_fp8(model: ModelConfig, gpu: GpuSpec) -> bool:
-    """Whether the job will run FP8 GEMMs: ``fp8='auto'`` resolves on the GPU the job runs on, so the
-    plan resolves it by the GPU kind (TE's presence there is assumed; a GPU without TE runs bf16)."""
-    return model.fp8 not in (None, "auto") or (model.fp8 == "auto" and gpu.fp8)
 
 
 def teacher_weight_bytes(teacher: ModelConfig, shape: Shape, stage: int) -> float:
@@ -546,7 +513,7 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     est.static["student weights"] = p_s * b_s
     est.static["student grads (fp32)"] = p_s * 4
     est.static[f"optimizer (fp32 master + Adam m, v) / {shard}"] = p_s * opt_bytes
-    if uses_fp8(student, gpu):
+    if student.resolved_fp8(fp8_capable=gpu.fp8) is not None:  # fp8="auto" resolves by the GPU kind
         est.static["student FP8 weight copies"] = p_s * 2
     if not cfg.distill.teacher_offload:
         est.static["teacher weights"] = teacher_weight_bytes(cfg.teacher, shape, stage)
@@ -749,7 +716,7 @@ def format_report(rep: PlanReport, with_suggestions: bool = True) -> str:
         f"  layout  {_layout(sh)}; {sh.rows_per_rank} rollouts per DP rank per step, "
         f"micro-batch {sh.micro_batch} -> {sh.num_microbatches} micro-batches",
         f"  rows    prompt {sh.prompt} + response {sh.response}: student {sh.student_row} tokens "
-        f"[prompt|x0|xt], teacher {sh.teacher_row}; attention {resolve_backend(cfg.model)}; "
+        f"[prompt|x0|xt], teacher {sh.teacher_row}; attention {cfg.model.resolved_attention_backend(on_gpu=True)}; "
         f"KL {'full vocabulary' if cfg.distill.top_k is None else f'top-{cfg.distill.top_k}'}",
         "checks:",
     ]

@@ -155,26 +155,33 @@ class ModelConfig:
         multiple = math.lcm(self.make_vocab_size_divisible_by, tp_size)
         return -(-self.vocab_size // multiple) * multiple
 
-    def resolved_attention_backend(self) -> str:
+    def resolved_attention_backend(self, on_gpu: Optional[bool] = None) -> str:
+        """The attention back end: 'auto' is flex on a GPU (where FlexAttention imports), sdpa on a
+        CPU. ``on_gpu``: whether the model runs on a GPU (None: this machine's answer; a login node
+        planning a GPU job passes True)."""
         if self.attention_backend != "auto":
             return self.attention_backend
         from nemo_opdlm.models.attention import flex_available
 
-        return "flex" if torch.cuda.is_available() and flex_available() else "sdpa"
+        on_gpu = torch.cuda.is_available() if on_gpu is None else on_gpu
+        return "flex" if on_gpu and flex_available() else "sdpa"
 
     def resolved_linear_impl(self) -> str:
         if self.linear_impl != "auto":
             return self.linear_impl
         return "te" if torch.cuda.is_available() and te_available() else "local"
 
-    def resolved_fp8(self) -> Optional[str]:
-        """The FP8 recipe on this machine: 'auto' is 'hybrid' (e4m3 forward, e5m2 backward) with TE
-        linear layers on a GPU of compute capability >= 8.9 (Hopper, Ada), else None."""
+    def resolved_fp8(self, fp8_capable: Optional[bool] = None) -> Optional[str]:
+        """The FP8 recipe: 'auto' is 'hybrid' (e4m3 forward, e5m2 backward) where FP8 GEMMs run,
+        else None. ``fp8_capable``: whether they run there (Transformer Engine's linear layers on a
+        GPU of compute capability >= 8.9: Hopper, Ada); None: this machine's answer (a login node
+        planning a GPU job passes the GPU kind's)."""
         if self.fp8 != "auto":
             return self.fp8
-        if self.resolved_linear_impl() != "te" or not torch.cuda.is_available():
-            return None
-        return "hybrid" if torch.cuda.get_device_capability() >= (8, 9) else None
+        if fp8_capable is None:
+            fp8_capable = (self.resolved_linear_impl() == "te" and torch.cuda.is_available()
+                           and torch.cuda.get_device_capability() >= (8, 9))
+        return "hybrid" if fp8_capable else None
 
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)

@@ -295,7 +295,7 @@ def test_matching_checkpoint_passes(tiny_dirs):
 def test_checkpoint_with_other_architecture_is_refused(tiny_dirs):
     rep = _plan("tiny:tiny_self_tp1_pp1_2g", [f"init.teacher_hf={tiny_dirs['t4']}", f"data.path={tiny_dirs['data']}"])
     assert not rep.ok
-    assert "num_layers: recipe 2, checkpoint 4" in _errors(rep)[0]
+    assert "num_layers=2 vs num_hidden_layers=4" in _errors(rep)[0]
 
 
 def test_mask_id_that_is_a_real_token_is_refused(tiny_dirs):
