@@ -138,7 +138,7 @@ def evaluate(
     return EvalResult(
         task=task.name, settings=asdict(settings), num_examples=len(samples),
         num_correct=sum(bool(s["correct"]) for s in samples), tokens_generated=tokens, row_rounds=rounds,
-        wall_time_s=wall, samples=samples, block_grid=sampler.config.block_grid if settings.mode != "ar" else None,
+        wall_time_s=wall, samples=samples, block_grid=sampler.config.schedule.block_grid if settings.mode != "ar" else None,
     )
 
 

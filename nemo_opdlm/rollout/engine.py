@@ -72,14 +72,6 @@ class SamplerConfig:
         self.schedule = BlockSchedule.of(self.diffusion, self.decode)  # checks steps_per_block
 
     @property
-    def block_size(self) -> int:
-        return self.schedule.block_size
-
-    @property
-    def block_grid(self) -> str:
-        return self.schedule.block_grid
-
-    @property
     def mask_id(self) -> Optional[int]:
         return None if self.diffusion is None else self.diffusion.mask_token_id
 

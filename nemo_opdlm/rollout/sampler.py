@@ -166,7 +166,7 @@ class BlockSampler(DecodeEngine):
 
     def _finish(self, prompt_ids: Tensor, prompt_lens: Tensor, tokens: Tensor, step_map: Tensor, limits: Tensor,
                 rounds: int, start: float, head: Tensor) -> Rollout:
-        block_size = self.config.block_size
+        block_size = self.config.schedule.block_size
         block_index = grid.block_index(head, tokens.shape[1], block_size)  # [B, L]
         valid, finished = R.valid_mask(tokens, step_map, self.eos, limits)
         n_tokens = int(valid.sum())
