@@ -415,6 +415,18 @@ def teacher_weight_bytes(teacher: ModelConfig, shape: Shape, stage: int) -> floa
     return params * _bytes(teacher.params_dtype)
 
 
+def fp32_vocab_bytes(top_k: Optional[int], positions: int, vocab_shard: int, copies: int) -> int:
+    """The fp32 ``[positions, V/tp]`` temporaries of a log-softmax over the vocabulary: ``copies`` of the
+    whole for full-vocabulary targets (the exact path); one chunk of positions for top-k ones
+    (``runtime.vocab_parallel``: the normaliser and the KL's gradient a chunk at a time,
+    ``benchmarks/results/targets_memory.json``)."""
+    if top_k is None:
+        return copies * positions * vocab_shard * 4
+    from nemo_opdlm.runtime.vocab_parallel import CHUNK_ROWS
+
+    return min(positions, CHUNK_ROWS) * vocab_shard * 4
+
+
 def _target_bytes(top_k: Optional[int], rows: int, shape: Shape, vocab_shard: int) -> int:
     """Teacher targets of ``rows`` rows: fp32 log-probs of a vocabulary shard, or top-k fp32 values + int64 ids."""
     return rows * shape.response * (vocab_shard * 4 if top_k is None else top_k * (4 + 8))
@@ -456,7 +468,7 @@ def teacher_phase(cfg, shape: Shape, stage: int) -> dict[str, float]:
     student_last = stage == shape.pp - 1
     if shape.own_teacher or student_last:
         out["teacher logits (transient)"] = (t_tokens * t_vocab * _bytes(teacher.params_dtype)
-                                             + 2 * mb * shape.response * t_vocab * 4)
+                                             + fp32_vocab_bytes(cfg.distill.top_k, mb * shape.response, t_vocab, 2))
     if shape.own_teacher:  # one served replica per round (teacher.exchange.exchange_targets)
         from nemo_opdlm.teacher.route import HELD
 
@@ -546,7 +558,8 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     train = {f"student activations (recompute={student.recompute})": est.activations[student.recompute]}
     if last:
         xt_tokens = shape.micro_batch * shape.response
-        train["student logits + loss"] = tokens * vocab_shard * b_s * 2 + xt_tokens * vocab_shard * 4 * 3
+        train["student logits + loss"] = (tokens * vocab_shard * b_s * 2
+                                          + fp32_vocab_bytes(cfg.distill.top_k, xt_tokens, vocab_shard, 3))
         label, held = held_targets(cfg, shape)
         train[label] = held
     est.phases["train"] = train

@@ -11,7 +11,9 @@ Per token:
 
 - ``kl``: ``sum_v p_T(v) (log p_T(v) - log p_S(v))`` over the full (sharded) vocabulary, or over the
   teacher's top-k ids with the student's log-softmax taken over the FULL vocabulary and the teacher's
-  top-k log-probs not renormalised (the reference's choice).
+  top-k log-probs not renormalised (the reference's choice). The top-k form needs only the student's
+  log-normaliser and its k gathered logits (``vocab_parallel.topk_kl``: never the ``[N, V/tp]`` fp32
+  log-softmax); the full form keeps the exact log-softmax.
 - ``ce``: ``-log p_S(x0_i)`` (masked-diffusion cross-entropy: SFT / random-mask conversion baseline).
 
 Reduction (the one mean every caller gets): mean over the loss tokens of each sequence, then the sum
@@ -69,17 +71,17 @@ def token_kl(student: Tensor, teacher_logprobs: Tensor, teacher_ids: Optional[Te
         teacher_ids: ``[N, k]`` global vocabulary ids of the top-k values; None for full-vocab.
         tp_group: the group the student's vocabulary is split over (None: not split).
     """
-    logp_s = vocab_parallel.log_softmax(student, tp_group)  # [N, V/tp] fp32
     logp_t = teacher_logprobs.float()
     if teacher_ids is None:
+        logp_s = vocab_parallel.log_softmax(student, tp_group)  # [N, V/tp] fp32
         if logp_t.shape != logp_s.shape:
             raise ValueError(f"full-vocab teacher log-probs {tuple(logp_t.shape)} do not match the "
                              f"student's logits shard {tuple(logp_s.shape)} (same tokenizer and TP?)")
         return vocab_parallel.reduce_sum(_weighted_terms(logp_t, logp_s).sum(-1), tp_group)  # [N]
     if teacher_ids.shape != logp_t.shape:
         raise ValueError(f"top-k ids {tuple(teacher_ids.shape)} != top-k log-probs {tuple(logp_t.shape)}")
-    logp_s_k = vocab_parallel.gather_global(logp_s, teacher_ids.long(), tp_group)  # [N, k]
-    return _weighted_terms(logp_t, logp_s_k).sum(-1)  # [N]
+    # the normaliser and the k gathered logits only: no [N, V/tp] fp32 log-softmax, forward or backward
+    return vocab_parallel.topk_kl(student, logp_t, teacher_ids, tp_group)  # [N]
 
 
 def token_cross_entropy(student: Tensor, targets: Tensor) -> Tensor:

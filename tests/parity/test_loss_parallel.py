@@ -1,7 +1,9 @@
 """Distillation losses under TP=2 (vocabulary split) and DP=2 (sequences split): 2 gloo processes.
 
 TP=2: each rank holds half of the (padded) vocabulary of random logits; loss and logits gradients
-must equal the float64 full-vocabulary reference of ``test_loss.py`` (which the TP=1 path matches).
+must equal the float64 full-vocabulary reference of ``test_loss.py`` (which the TP=1 path matches),
+the top-k KL's chunked normaliser and gradient included; the chunked top-k targets equal the top-k
+of the full log-softmax.
 DP=2: each rank holds half of the sequences and the global sequence count; the summed losses and
 gradients equal the single-rank values on the whole batch.
 """
@@ -36,6 +38,10 @@ def _check_tp(student, teacher, loss_mask, targets, n_seq, group):
     shard = lambda x: x[..., cols].contiguous()  # noqa: E731
     values, ids = vocab_parallel.topk(shard(teacher), 6, group)  # global top-6 from the shards
     assert torch.equal(ids, teacher.topk(6, dim=-1).indices)
+    # top-k targets from raw logits and a chunked normaliser == the top-k of the full log-softmax
+    want_v, want_i = vocab_parallel.topk(vocab_parallel.log_softmax(shard(teacher), group), 6, group)
+    got_v, got_i = vocab_parallel.topk_log_probs(shard(teacher), 6, group, chunk=2)
+    assert torch.equal(got_i, want_i) and (got_v - want_v).abs().max().item() < 1e-6
 
     cases = {
         "full": (lambda s: L.kl_loss(s, loss_mask, shard(teacher), num_sequences=n_seq, tp_group=group),

@@ -100,6 +100,13 @@ def test_memory_closed_forms_qwen3_8b_tp2():
     assert est.phases["rollout"]["rollout KV cache"] == 32 * (1024 + L) * 36 * 2 * 4 * 128 * 2
     # top-16 targets of one micro-batch: its rows x 4000 positions x 16 x (fp32 value + int64 id)
     assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == shape.micro_batch * L * 16 * 12
+    # the student's logits (bf16, and their gradient) and, for top-16 targets, one 256-position chunk of
+    # fp32 over its vocabulary shard (151936 / 2), never the whole [L, V/tp] fp32 log-softmax
+    last = estimate_stage(cfg, shape, shape.pp - 1, GPU3)
+    tokens, xt = shape.micro_batch * (1024 + 2 * L), shape.micro_batch * L
+    assert last.phases["train"]["student logits + loss"] == tokens * 75968 * 2 * 2 + 256 * 75968 * 4
+    full_vocab = estimate_stage(resolve("qwen3_8b_self_tp2_pp1_8g", ["distill.top_k=null"]), shape, 0, GPU3)
+    assert full_vocab.phases["train"]["student logits + loss"] == tokens * 75968 * 2 * 2 + 3 * xt * 75968 * 4
     # full recompute: each of the 36 layers keeps its bf16 input [9024, 4096] + one layer rebuilt
     full = est.activations["full"]
     assert 36 * (1024 + 2 * L) * 4096 * 2 < full < 36 * (1024 + 2 * L) * 4096 * 2 + (1024 + 2 * L) * 4096 * 2 * 20
@@ -164,8 +171,9 @@ def test_own_teacher_layout_closed_forms_llama_70b_to_8b():
     norms_s = 32 * 2 * 4096 + 4096
     student = (8_030_261_248 - norms_s) // 2 + norms_s
     assert est.static["student weights"] == 2 * student
-    # the teacher's logits at its own vocabulary shard (128256 / 8), on every rank (teacher PP=1)
-    assert est.phases["teacher"]["teacher logits (transient)"] == (1024 + L) * 16032 * 2 + 2 * L * 16032 * 4
+    # the teacher's logits at its own vocabulary shard (128256 / 8), on every rank (teacher PP=1), and
+    # for top-16 targets one 256-position chunk of the fp32 normaliser
+    assert est.phases["teacher"]["teacher logits (transient)"] == (1024 + L) * 16032 * 2 + 256 * 16032 * 4
     # one student stage, padded rows: the targets are exchanged one micro-batch (1 row) at a time
     assert shape.micro_batch == 1 and shape.num_microbatches == 16
     assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == L * 16 * 12
