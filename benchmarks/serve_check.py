@@ -97,13 +97,13 @@ class Settings:
 # --- the student ------------------------------------------------------------------------------
 
 
-def save_tokenizer(directory: str) -> None:
-    """A word-level tokenizer of Qwen3's size (``w0`` ... ``w151668``; EOS ``w2``): text decodes and
-    re-encodes to the same ids, so an engine fed text sees exactly the prompt's ids."""
+def save_tokenizer(directory: str, size: int = TOKENIZER_SIZE) -> None:
+    """A word-level tokenizer of Qwen3's size (``w0`` ... ``w151668``; EOS ``w2``) or ``size`` words:
+    text decodes and re-encodes to the same ids, so an engine fed text sees exactly the prompt's ids."""
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(TOKENIZER_SIZE)}, unk_token="w0"))
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(size)}, unk_token="w0"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
 
     def special(word: str) -> AddedToken:

@@ -9,6 +9,19 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest
 
 
+def pytest_collection_modifyitems(config, items):
+    """GPU-marked tests (``tests/gpu``) need CUDA: without it each is skipped, saying so, rather than
+    run on a CPU where what they check (compiled backward, CUDA memory) does not exist."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device: benchmarks/gpu_check.sh runs it on one GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def single_rank():
     """A one-process gloo runtime with megatron-core groups (TP=PP=1), torn down after the module."""

@@ -1,10 +1,12 @@
-"""Tiny model configs shared by the tests (random weights, built in the test)."""
+"""Tiny model configs and training rows shared by the tests (random weights, built in the test)."""
 
+import math
 from typing import Any
 
 import torch
 
-from nemo_opdlm.models import masks
+from nemo_opdlm.distill import states
+from nemo_opdlm.models import grid, masks
 from nemo_opdlm.models.config import ModelConfig
 
 
@@ -103,3 +105,35 @@ def write_prompts(directory: str, num_train: int = 32, seed: int = 0) -> str:
     from nemo_opdlm.eval.synthetic import ArithmeticConfig, write_task
 
     return write_task(directory, ArithmeticConfig(), num_train=num_train, num_test=4, seed=seed).train
+
+
+def block_rows(block_grid: str, response_len: int = 12, seed: int = 0) -> dict:
+    """Training rows ``[prompt | x0 | xt]`` of four prompts (lengths 3, 5, 6, 8: every P mod 4), on a grid."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.tensor([3, 5, 6, 8])
+    width = int(lens.max())
+    prompt_ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), torch.randint(3, 90, (n,),
+                                                                                               generator=g)])
+                              for n in lens.tolist()])
+    response = torch.randint(3, 90, (4, response_len), generator=g)
+    valid = torch.ones(4, response_len, dtype=torch.bool)
+    valid[1, response_len - 3:] = False
+    step_map = torch.randint(0, 4, (4, response_len), generator=g)
+    f = grid.frame_rows(prompt_ids, lens, response, valid, step_map, 4, block_grid, pad_id=0)
+    return states.build_states(f.prompt_ids, f.prompt_lens, f.tokens, None, f.valid, block_size=4, steps_per_block=4,
+                               mask_token_id=99, eos_ids=[1], generator=g, masking="random", given=f.given)
+
+
+def random_qkv(meta: torch.Tensor, heads: int = 4, groups: int = 2, dim: int = 16, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    b, s = meta.shape[0], meta.shape[-1]
+    return (torch.randn(b, heads, s, dim, generator=g), torch.randn(b, groups, s, dim, generator=g),
+            torch.randn(b, groups, s, dim, generator=g))
+
+
+def written_out_attention(q, k, v, allowed):
+    """Attention written out (the local path's math): softmax of masked scores, GQA by repetition."""
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1) @ v

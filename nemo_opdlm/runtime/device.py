@@ -30,3 +30,18 @@ def synchronize() -> None:
 
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.synchronize()
+
+
+def peak_gib_since_last_call() -> "float | None":
+    """The device's peak allocated memory (GiB) since the previous call, then the peak is reset, so
+    that consecutive calls give each phase of a step its own peak (megatron-core's
+    ``mem-max-allocated-bytes``, per phase); None without a CUDA device. Allocated tensors only:
+    the CUDA context, NCCL buffers and the allocator's cache are not in it (``opdlm plan`` counts
+    them apart)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return None
+    peak = torch.cuda.max_memory_allocated() / 2**30
+    torch.cuda.reset_peak_memory_stats()
+    return peak

@@ -21,6 +21,7 @@ from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
 from nemo_opdlm.runtime.comm import agree, is_rank0
 from nemo_opdlm.runtime.context import ParallelContext
+from nemo_opdlm.runtime.device import peak_gib_since_last_call
 from nemo_opdlm.runtime.distributed import init_runtime, shutdown_runtime
 from nemo_opdlm.runtime.preemption import Preemption
 from nemo_opdlm.runtime.seeding import seed_everything, step_seed
@@ -116,9 +117,11 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
             lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
             grad_norm = _update(state, metrics, step, nonfinite)
             t_train = time.perf_counter() - t1
+            peaks = dict(out.peak_gib, optimizer=peak_gib_since_last_call())
 
             scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, lr, t_rollout, t_train,
                                time.perf_counter() - t0, dp)
+            scalars.update({f"memory/{phase}_peak_gib": gib for phase, gib in peaks.items() if gib is not None})
             history.append(dict(step=step, **scalars))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.log(step, scalars)

@@ -29,7 +29,7 @@ from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig, wit
 from nemo_opdlm.rollout.schedules import BlockSchedule
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.context import ParallelContext
-from nemo_opdlm.runtime.device import synchronize
+from nemo_opdlm.runtime.device import peak_gib_since_last_call, synchronize
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.runtime.seeding import noise_seed
 from nemo_opdlm.runtime.vocab_parallel import Group
@@ -233,6 +233,9 @@ class StepOutcome:
     seconds: dict[str, float]
     """``rollout_s``; ``teacher_s``: states, micro-batches and teacher targets (the targets ~0 when
     lazy: the teacher then runs inside the schedule); ``student_fwd_bwd_s``."""
+    peak_gib: dict[str, float]
+    """Peak allocated device memory of each phase (``rollout``, ``teacher``, ``train``), the
+    phases ``opdlm plan`` estimates; empty without a CUDA device."""
 
 
 def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teacher: Optional[list],
@@ -247,10 +250,12 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     the device's (``runtime.device.synchronize`` at its end).
     """
     parallel = parallel_of(state.chunks)
+    peaks: dict[str, Optional[float]] = {"before": peak_gib_since_last_call()}
     t0 = time.perf_counter()
     scfg = sampler_config(cfg, eos_ids, pad_id, seed, max_new_tokens=length)
     resp = get_responses(cfg, batch, state.chunks, teacher, scfg, length)
     synchronize()
+    peaks["rollout"] = peak_gib_since_last_call()
     t1 = time.perf_counter()
     generator = torch.Generator().manual_seed(noise_seed(seed, parallel.dp_rank))
     framed = on_grid(cfg, resp, pad_id)
@@ -260,6 +265,7 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
     targets.prepare(teacher_rows(framed, microbatches, groups), microbatches)
     num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
     synchronize()
+    peaks["teacher"] = peak_gib_since_last_call()
     t2 = time.perf_counter()
     zero_grads(state)
     chunks, schedule_args = targets.schedule(state.chunks, microbatches, rows["input_ids"].shape[1])
@@ -269,8 +275,10 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
                            targets.targets())
     reported = run_schedule(chunks, microbatches, loss_fn, forward_only=False, **schedule_args)
     synchronize()
+    peaks["train"] = peak_gib_since_last_call()
     seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
-    return StepOutcome(resp, rows, reported, seconds)
+    peak_gib = {k: v for k, v in peaks.items() if k != "before" and v is not None}
+    return StepOutcome(resp, rows, reported, seconds, peak_gib)
 
 
 def make_microbatches(cfg: RunConfig, rows: dict[str, Tensor], pad_id: int

@@ -16,59 +16,26 @@ import math
 import pytest
 import torch
 
-from nemo_opdlm.models import attention, grid, masks
+from nemo_opdlm.models import attention, masks
 from nemo_opdlm.models.config import DiffusionConfig
 from nemo_opdlm.models.student import build_student
-from nemo_opdlm.distill import states
-from tests.tiny import tiny_model
+from tests.tiny import block_rows, random_qkv, tiny_model, written_out_attention
 
 from torch.nn.attention.flex_attention import flex_attention  # noqa: E402  (torch >= 2.5: the package needs it)
 
 
-def _rows(block_grid: str, response_len: int = 12, seed: int = 0) -> dict:
-    """Training rows ``[prompt | x0 | xt]`` of four prompts (lengths 3, 5, 6, 8: every P mod 4), on a grid."""
-    g = torch.Generator().manual_seed(seed)
-    lens = torch.tensor([3, 5, 6, 8])
-    width = int(lens.max())
-    prompt_ids = torch.stack([torch.cat([torch.zeros(width - n, dtype=torch.long), torch.randint(3, 90, (n,),
-                                                                                               generator=g)])
-                              for n in lens.tolist()])
-    response = torch.randint(3, 90, (4, response_len), generator=g)
-    valid = torch.ones(4, response_len, dtype=torch.bool)
-    valid[1, response_len - 3:] = False
-    step_map = torch.randint(0, 4, (4, response_len), generator=g)
-    f = grid.frame_rows(prompt_ids, lens, response, valid, step_map, 4, block_grid, pad_id=0)
-    return states.build_states(f.prompt_ids, f.prompt_lens, f.tokens, None, f.valid, block_size=4, steps_per_block=4,
-                               mask_token_id=99, eos_ids=[1], generator=g, masking="random", given=f.given)
-
-
-def _qkv(meta: torch.Tensor, heads: int = 4, groups: int = 2, dim: int = 16, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    b, s = meta.shape[0], meta.shape[-1]
-    return (torch.randn(b, heads, s, dim, generator=g), torch.randn(b, groups, s, dim, generator=g),
-            torch.randn(b, groups, s, dim, generator=g))
-
-
-def _reference(q, k, v, allowed):
-    """Attention written out (the local path's math): softmax of masked scores, GQA by repetition."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-    scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
-    return scores.masked_fill(~allowed[:, None], float("-inf")).softmax(-1) @ v
-
-
 @pytest.mark.parametrize("block_grid", ["response", "absolute"])
 def test_compiled_flex_equals_sdpa_and_the_written_out_attention(block_grid):
-    rows = _rows(block_grid)
+    rows = block_rows(block_grid)
     meta = rows["meta"]
-    q, k, v = _qkv(meta)
+    q, k, v = random_qkv(meta)
     allowed = masks.allowed(meta, meta)
     block_mask = attention._flex_block_mask(None, meta, meta)
     torch._dynamo.reset()
     with torch.no_grad():
         flex = torch.compile(flex_attention)(q, k, v, block_mask=block_mask, enable_gqa=True)
         sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], enable_gqa=True)
-    ref = _reference(q, k, v, allowed)
+    ref = written_out_attention(q, k, v, allowed)
     assert (flex - ref).abs().max().item() < 1e-5
     assert (sdpa - ref).abs().max().item() < 1e-5
 
@@ -78,7 +45,7 @@ def test_a_student_with_compiled_flex_gives_the_sdpa_students_logits(monkeypatch
     the same weights on SDPA (the CPU default) and on megatron's local path."""
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
 
-    rows = _rows("absolute")
+    rows = block_rows("absolute")
     compiled = torch.compile(flex_attention)
     monkeypatch.setattr(attention, "_compiled_flex", lambda: compiled)
     torch._dynamo.reset()
