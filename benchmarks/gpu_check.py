@@ -66,6 +66,9 @@ class MemoryRun:
     """Overrides of the recipe's model (the dry run's tiny shape)."""
 
 
+MEASURED_PHASE = {"rollout": "rollout", "teacher": "teacher", "train": "student_fwd_bwd"}
+"""``opdlm plan``'s phases -> the trainer's (``training.step.forward_backward``; its ``memory/*`` logs)."""
+
 GPU_RUN = MemoryRun()
 DRY_RUN = MemoryRun(prompts=2, prompt_tokens=8, response_tokens=8,
                     model=("model.num_layers=2", "model.hidden_size=64", "model.ffn_hidden_size=128",
@@ -219,7 +222,8 @@ def plan_phases(cfg) -> tuple[dict[str, float], dict[str, Any]]:
     """``opdlm plan``'s estimate for ``cfg`` on this one device: per phase, the GiB the allocator
     holds (the plan's total less its CUDA-context overhead, which ``max_memory_allocated`` never
     sees), and every component in GiB."""
-    from nemo_opdlm.plan import GIB, Cluster, check_layout, estimate_memory
+    from nemo_opdlm.plan.layout import GIB, Cluster, check_layout
+    from nemo_opdlm.plan.memory import estimate_memory
 
     cluster = Cluster(1, 1, plan_gpu())
     model = cfg.model.replace(fp8=cfg.model.resolved_fp8())  # what this machine builds
@@ -266,7 +270,7 @@ def memory_child(work: str, dry_run: bool, fp8: bool, out: str) -> None:
     report["loss"] = [h.get("loss") for h in history]
     report["phases"] = {}
     for phase, gib in planned.items():
-        measured = last.get(f"memory/{phase}_peak_gib")
+        measured = last.get(f"memory/{MEASURED_PHASE[phase]}_peak_gib")
         report["phases"][phase] = {"plan_gib": round(gib, 3),
                                    "measured_gib": None if measured is None else round(measured, 3),
                                    "measured_over_plan": None if measured is None else round(measured / gib, 3)}

@@ -1,4 +1,4 @@
-"""Peak memory of the teacher's top-k targets and the student's top-k KL, today's forms against the chunked ones.
+"""Peak memory of the teacher's targets and the student's KL, top-k and full vocabulary, the exact forms against the chunked ones.
 
 One job: measure, with ``torch.profiler`` (``profile_memory=True``, the CPU memory timeline), the
 peak that each step allocates beyond its inputs, at Qwen3's vocabulary (151,936 ids) and a
@@ -9,7 +9,11 @@ peak that each step allocates beyond its inputs, at Qwen3's vocabulary (151,936 
   time (``vocab_parallel.topk_log_probs``, after);
 - the student's top-k KL, forward and backward: the ``[N, V]`` fp32 log-softmax gathered at the ids
   (before), against ``vocab_parallel.topk_kl`` (the normaliser and the k gathered logits forward,
-  a chunk at a time backward), after.
+  a chunk at a time backward), after;
+- full-vocabulary targets: ``log_softmax`` (before) against ``vocab_parallel.log_probs`` (the same
+  fp32 output, written a chunk at a time after a chunked normaliser), after;
+- the student's full-vocabulary KL: the log-softmax composition (before) against
+  ``vocab_parallel.full_kl`` (terms and gradient a chunk at a time), after.
 
 The inputs (the logits, and for the KL the gradient the step must return, ``[N, V]`` in the logits'
 dtype) are the same in both forms and are not counted. Writes one JSON::
@@ -61,12 +65,32 @@ def _new_targets(logits, k):
 
 def _old_kl(student, logp_t, ids):
     logp_s = VP.gather_global(VP.log_softmax(student, None), ids, None)
-    p_t = logp_t.exp()
-    return torch.where(p_t > 0, p_t * (logp_t - logp_s), torch.zeros_like(p_t)).sum(-1)
+    return _terms(logp_t, logp_s)
 
 
 def _new_kl(student, logp_t, ids):
     return VP.topk_kl(student, logp_t, ids, None)
+
+
+def _old_full_kl(student, logp_t, ids=None):
+    return _terms(logp_t, VP.log_softmax(student, None))
+
+
+def _new_full_kl(student, logp_t, ids=None):
+    return VP.full_kl(student, logp_t, None)
+
+
+def _terms(logp_t, logp_s):
+    p_t = logp_t.exp()
+    return torch.where(p_t > 0, p_t * (logp_t - logp_s), torch.zeros_like(p_t)).sum(-1)
+
+
+FORMS = {
+    "topk": {"targets": (_old_targets, _new_targets), "kl": (_old_kl, _new_kl)},
+    "full": {"targets": (lambda x, k: VP.log_softmax(x, None), lambda x, k: VP.log_probs(x, None)),
+             "kl": (_old_full_kl, _new_full_kl)},
+}
+"""Per kind of target: (today's form, the chunked one) of the teacher's targets and of the KL."""
 
 
 def measure(vocab: int, positions: int, k: int, dtype: torch.dtype) -> dict:
@@ -74,18 +98,20 @@ def measure(vocab: int, positions: int, k: int, dtype: torch.dtype) -> dict:
     logits = torch.randn(positions, vocab, generator=g).to(dtype)
     inputs = logits.numel() * logits.element_size() / MIB
     out: dict = {"dtype": str(dtype).split(".")[-1], "input_logits_mib": round(inputs, 1)}
-    for name, fn in (("before", _old_targets), ("after", _new_targets)):
-        out[f"targets_{name}_mib"] = round(peak_mib(lambda: fn(logits, k)) - inputs, 1)
-    logp_t, ids = VP.topk_log_probs(logits, k, None)
-    for name, fn in (("before", _old_kl), ("after", _new_kl)):
-        def step():
-            student = logits.detach().clone().requires_grad_(True)
-            fn(student, logp_t, ids).sum().backward()
-            return student.grad
-        # the logits, the student's copy of them and its gradient exist either way: count what the KL adds
-        out[f"kl_fwd_bwd_{name}_mib"] = round(peak_mib(step) - 3 * inputs, 1)
-    for what in ("targets", "kl_fwd_bwd"):
-        out[f"{what}_after_over_before"] = round(out[f"{what}_after_mib"] / out[f"{what}_before_mib"], 3)
+    for kind, forms in FORMS.items():
+        for name, fn in zip(("before", "after"), forms["targets"]):
+            out[f"{kind}_targets_{name}_mib"] = round(peak_mib(lambda: fn(logits, k)) - inputs, 1)
+        logp_t, ids = VP.topk_log_probs(logits, k, None) if kind == "topk" else (VP.log_probs(logits, None), None)
+        for name, fn in zip(("before", "after"), forms["kl"]):
+            def step():
+                student = logits.detach().clone().requires_grad_(True)
+                fn(student, logp_t, ids).sum().backward()
+                return student.grad
+            # the logits, the student's copy of them and its gradient exist either way: count what the KL adds
+            out[f"{kind}_kl_fwd_bwd_{name}_mib"] = round(peak_mib(step) - 3 * inputs, 1)
+        for what in ("targets", "kl_fwd_bwd"):
+            out[f"{kind}_{what}_after_over_before"] = round(
+                out[f"{kind}_{what}_after_mib"] / out[f"{kind}_{what}_before_mib"], 3)
     return out
 
 

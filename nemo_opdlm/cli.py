@@ -85,7 +85,7 @@ COMMANDS = {
     "demo": ("the embedded CPU demo: AR teacher -> OPDLM student -> evaluation",
              lambda a: _delegate("nemo_opdlm.demo", "demo_main", a)),
     "eval": ("generation-based evaluation", lambda a: _delegate("nemo_opdlm.eval.cli", "eval_main", a)),
-    "plan": ("dry run + per-GPU memory plan of a recipe", lambda a: _delegate("nemo_opdlm.plan", "plan_main", a)),
+    "plan": ("dry run + per-GPU memory plan of a recipe", lambda a: _delegate("nemo_opdlm.plan.cli", "plan_main", a)),
     "recipes": ("list the installed recipes", _recipes),
     "lm-eval": ("lm-evaluation-harness with the opdlm model (opdlm lm-eval --model opdlm --model_args ... --tasks ...)",
                 lambda a: _delegate("nemo_opdlm.eval.lm_eval_cli", "lm_eval_main", a)),

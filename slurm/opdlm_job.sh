@@ -40,7 +40,7 @@ opdlm_job_main() {
   local dry_run=0
   if [[ "${1:-}" == "--dry-run" ]]; then dry_run=1; shift; fi
   [[ -n "${RECIPE:-}" ]] || die "RECIPE is not set"
-  [[ -f "$REPO/nemo_opdlm/plan.py" ]] || die "REPO=$REPO is not the opdlm repository (submit from its root or set REPO)"
+  [[ -f "$REPO/nemo_opdlm/plan/cli.py" ]] || die "REPO=$REPO is not the opdlm repository (submit from its root or set REPO)"
   cd "$REPO"
   export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
   PYTHON=${PYTHON:-python}

@@ -92,7 +92,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def recipe_facts(args: argparse.Namespace) -> RecipeFacts:
     """Resolve the recipe with its overrides: the cluster it asks for, ``train.steps``, ``train.save_dir``."""
     from nemo_opdlm.recipes.lookup import resolve
-    from nemo_opdlm.plan import recipe_cluster
+    from nemo_opdlm.plan.cli import recipe_cluster
 
     cluster = recipe_cluster(args.recipe)
     cfg = resolve(args.recipe, list(args.overrides))
@@ -103,7 +103,7 @@ def recipe_facts(args: argparse.Namespace) -> RecipeFacts:
 
 def check_plan(args: argparse.Namespace, facts: RecipeFacts) -> int:
     """``opdlm plan`` for the target cluster; its exit code (0: the run fits)."""
-    from nemo_opdlm.plan import plan_main
+    from nemo_opdlm.plan.cli import plan_main
 
     plan_args = [args.recipe, *args.overrides, "--nodes", str(facts.nodes), "--gpus-per-node", str(facts.gpus_per_node)]
     if args.gpu:

@@ -54,12 +54,6 @@ def xt_logits(logits: Tensor, response_len: int) -> Tensor:
     return logits[:, -response_len:]
 
 
-def _weighted_terms(logp_t: Tensor, logp_s: Tensor) -> Tensor:
-    """``p_T (log p_T - log p_S)`` elementwise; 0 where p_T = 0 (no 0 * -inf)."""
-    p_t = logp_t.exp()
-    return torch.where(p_t > 0, p_t * (logp_t - logp_s), torch.zeros_like(p_t))
-
-
 def token_kl(student: Tensor, teacher_logprobs: Tensor, teacher_ids: Optional[Tensor] = None, *,
              tp_group: Group) -> Tensor:
     """Forward KL(teacher || student) per token ``[N]`` (fp32), replicated over the TP group.
@@ -71,16 +65,13 @@ def token_kl(student: Tensor, teacher_logprobs: Tensor, teacher_ids: Optional[Te
         teacher_ids: ``[N, k]`` global vocabulary ids of the top-k values; None for full-vocab.
         tp_group: the group the student's vocabulary is split over (None: not split).
     """
-    logp_t = teacher_logprobs.float()
+    # neither form holds the [N, V/tp] fp32 log-softmax whole, forward or backward (a chunk of
+    # positions at a time: runtime/vocab_parallel.py, benchmarks/results/targets_memory.json)
     if teacher_ids is None:
-        logp_s = vocab_parallel.log_softmax(student, tp_group)  # [N, V/tp] fp32
-        if logp_t.shape != logp_s.shape:
-            raise ValueError(f"full-vocab teacher log-probs {tuple(logp_t.shape)} do not match the "
-                             f"student's logits shard {tuple(logp_s.shape)} (same tokenizer and TP?)")
-        return vocab_parallel.reduce_sum(_weighted_terms(logp_t, logp_s).sum(-1), tp_group)  # [N]
+        return vocab_parallel.full_kl(student, teacher_logprobs, tp_group)  # [N]
+    logp_t = teacher_logprobs.float()
     if teacher_ids.shape != logp_t.shape:
         raise ValueError(f"top-k ids {tuple(teacher_ids.shape)} != top-k log-probs {tuple(logp_t.shape)}")
-    # the normaliser and the k gathered logits only: no [N, V/tp] fp32 log-softmax, forward or backward
     return vocab_parallel.topk_kl(student, logp_t, teacher_ids, tp_group)  # [N]
 
 

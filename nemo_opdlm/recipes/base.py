@@ -3,7 +3,7 @@
 One job: turn (student shape, teacher shape, layout, checkpoint paths) into a complete
 ``RunConfig`` with the paper's defaults, and record, per recipe function, the cluster it was
 sized for (``opdlm plan`` checks it there unless told otherwise). Non-goals: model shapes
-(``recipes/models.py``), validation (``RunConfig`` and ``nemo_opdlm/plan.py``).
+(``recipes/models.py``), validation (``RunConfig`` and ``nemo_opdlm/plan/``).
 
 The defaults (Su et al. 2026, arXiv 2606.06712): AdamW, lr 1e-5 -> 1e-6 cosine with 5 warm-up
 steps, grad clip 1.0, bf16, activation recompute; block 4; dynamic decoding with threshold 0.9,
@@ -40,7 +40,7 @@ class ClusterShape:
     nodes: int
     gpus_per_node: int
     gpu: str = "h100-80g"
-    """A key of ``nemo_opdlm.plan.GPUS`` ('cpu' for the tiny CPU recipes)."""
+    """A key of ``nemo_opdlm.plan.layout.GPUS`` ('cpu' for the tiny CPU recipes)."""
 
     @property
     def world_size(self) -> int:

@@ -11,6 +11,7 @@ themselves (``cpu_compat.py``).
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Iterator
 
 from nemo_opdlm.runtime import cpu_compat
@@ -45,3 +46,24 @@ def peak_gib_since_last_call() -> "float | None":
     peak = torch.cuda.max_memory_allocated() / 2**30
     torch.cuda.reset_peak_memory_stats()
     return peak
+
+
+class PhaseClock:
+    """Seconds and peak device memory of consecutive phases of a step: ``mark(name)`` ends the
+    phase ``name`` (the device synchronised first, so the time is the device's) and starts the
+    next. ``seconds[f"{name}_s"]``; ``peak_gib[name]`` only with a CUDA device."""
+
+    def __init__(self) -> None:
+        peak_gib_since_last_call()
+        self._start = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+        self.peak_gib: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        synchronize()
+        now = time.perf_counter()
+        self.seconds[f"{name}_s"] = now - self._start
+        self._start = now
+        peak = peak_gib_since_last_call()
+        if peak is not None:
+            self.peak_gib[name] = peak

@@ -134,6 +134,66 @@ def topk_log_probs(logits: Tensor, k: int, group: Group, chunk: int = CHUNK_ROWS
     return values.float() - log_normaliser(logits, group, chunk)[..., None], ids
 
 
+def log_probs(logits: Tensor, group: Group, chunk: int = CHUNK_ROWS) -> Tensor:
+    """The log-softmax of sharded ``logits [..., V/tp]`` over the full vocabulary, this rank's shard in
+    fp32, without gradient: the output and one chunk's fp32 copy are the only ``[., V/tp]`` tensors
+    alive (``log_softmax`` holds three: the upcast, the shifted copy and its exponential)."""
+    flat = logits.detach().reshape(-1, logits.shape[-1])  # [N, V/tp]
+    lse = log_normaliser(flat, group, chunk)  # [N]
+    out = torch.empty(flat.shape, dtype=torch.float32, device=logits.device)
+    for lo in range(0, flat.shape[0], chunk):
+        out[lo:lo + chunk] = flat[lo:lo + chunk].to(torch.float32, copy=True).sub_(lse[lo:lo + chunk, None])
+    return out.view(logits.shape)
+
+
+def full_kl(student: Tensor, teacher_logprobs: Tensor, group: Group, chunk: int = CHUNK_ROWS) -> Tensor:
+    """Forward KL per token ``[N]`` (fp32, replicated over the TP group) of full-vocabulary teacher
+    log-probs (``[N, V/tp]``, the student's sharding) against the student's softmax (``student
+    [N, V/tp]`` logits, any dtype): ``sum_v p_v (log p_v - log q_v)``. Differentiable in ``student``.
+
+    The log-normaliser forward, then the terms a chunk of positions at a time; backward builds
+    ``d/ds_v = g * (q_v * sum p - p_v)`` a chunk at a time. Neither pass holds the ``[N, V/tp]``
+    fp32 log-softmax or its temporaries whole (the exact composition keeps about seven)."""
+    if teacher_logprobs.shape != student.shape:
+        raise ValueError(f"full-vocab teacher log-probs {tuple(teacher_logprobs.shape)} do not match the "
+                         f"student's logits shard {tuple(student.shape)} (same tokenizer and TP?)")
+    return _FullKL.apply(student, teacher_logprobs, group, chunk)
+
+
+class _FullKL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, student: Tensor, logp_t: Tensor, group: Group, chunk: int) -> Tensor:
+        lse = log_normaliser(student, group, chunk)  # [N]
+        terms = torch.empty(student.shape[0], dtype=torch.float32, device=student.device)
+        mass = torch.empty_like(terms)
+        for lo in range(0, student.shape[0], chunk):
+            hi = lo + chunk
+            t = logp_t[lo:hi].float()
+            p = t.exp()  # [c, V/tp]
+            log_q = student[lo:hi].to(torch.float32, copy=True).sub_(lse[lo:hi, None])
+            terms[lo:hi] = torch.where(p > 0, p * (t - log_q), torch.zeros_like(p)).sum(dim=-1)
+            mass[lo:hi] = p.sum(dim=-1)
+            del t, p, log_q  # one chunk alive at a time
+        if group is not None:
+            dist.all_reduce(terms, group=group)
+            dist.all_reduce(mass, group=group)
+        ctx.save_for_backward(student, logp_t, lse, mass)
+        ctx.chunk = chunk
+        return terms
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        student, logp_t, lse, mass = ctx.saved_tensors
+        out = torch.empty_like(student)
+        for lo in range(0, student.shape[0], ctx.chunk):
+            hi = lo + ctx.chunk
+            q = student[lo:hi].to(torch.float32, copy=True).sub_(lse[lo:hi, None]).exp_()  # [c, V/tp]
+            q.mul_(mass[lo:hi, None]).sub_(logp_t[lo:hi].float().exp())
+            out[lo:hi] = q.mul_(grad[lo:hi, None].float())
+            del q
+        return out, None, None, None
+
+
 def topk_kl(student: Tensor, teacher_logprobs: Tensor, teacher_ids: Tensor, group: Group,
             chunk: int = CHUNK_ROWS) -> Tensor:
     """Forward KL per token ``[N]`` (fp32, replicated over the TP group) of top-k teacher targets

@@ -61,10 +61,11 @@ def shifted_targets(logits: torch.Tensor, prompt_width: int, response_len: int,
         raise ValueError(f"teacher logits {tuple(logits.shape)} are neither the {prompt_width} + {response_len} "
                          f"columns of [prompt | x0] nor their last {logits_needed(response_len)}")
     window = next_token_logits(logits, response_len)  # [B, L, V/tp]
+    # the log-normaliser in fp32 a chunk of positions at a time: full-vocabulary targets hold their
+    # [B, L, V/tp] fp32 log-probs and one chunk (not the log-softmax's temporaries); top-k targets
+    # are the top-k of the raw logits minus it, and no [B, L, V/tp] fp32 tensor is ever built
     if top_k is None:
-        return TeacherTargets(vocab_parallel.log_softmax(window, tp_group))  # [B, L, V/tp] fp32
-    # top-k of the raw logits minus the log-normaliser (fp32, a chunk of positions at a time): the
-    # [B, L, V/tp] fp32 log-softmax is never built (2.4 GB per 4,000-token row at 151,936 ids)
+        return TeacherTargets(vocab_parallel.log_probs(window, tp_group))  # [B, L, V/tp] fp32
     values, ids = vocab_parallel.topk_log_probs(window, top_k, tp_group)  # [B, L, k]
     return TeacherTargets(values, ids)
 

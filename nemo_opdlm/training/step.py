@@ -10,7 +10,6 @@ step, checkpoints, logging (``loop.py``).
 from __future__ import annotations
 
 import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
@@ -29,7 +28,7 @@ from nemo_opdlm.rollout.sampler import BlockSampler, Rollout, SamplerConfig, wit
 from nemo_opdlm.rollout.schedules import BlockSchedule
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.context import ParallelContext
-from nemo_opdlm.runtime.device import peak_gib_since_last_call, synchronize
+from nemo_opdlm.runtime.device import PhaseClock
 from nemo_opdlm.runtime.pipeline import run_schedule
 from nemo_opdlm.runtime.seeding import noise_seed
 from nemo_opdlm.runtime.vocab_parallel import Group
@@ -234,8 +233,21 @@ class StepOutcome:
     """``rollout_s``; ``teacher_s``: states, micro-batches and teacher targets (the targets ~0 when
     lazy: the teacher then runs inside the schedule); ``student_fwd_bwd_s``."""
     peak_gib: dict[str, float]
-    """Peak allocated device memory of each phase (``rollout``, ``teacher``, ``train``), the
-    phases ``opdlm plan`` estimates; empty without a CUDA device."""
+    """Peak allocated device memory of each phase (``rollout``, ``teacher``, ``student_fwd_bwd``;
+    ``opdlm plan``'s rollout, teacher and train phases); empty without a CUDA device."""
+
+
+@dataclass
+class StepBatch:
+    """A step's rows, built on the host from its responses: what the teacher and the student read."""
+
+    rows: dict[str, Tensor]
+    """The student's rows (all of this rank's sequences)."""
+    microbatches: list[dict[str, Tensor]]
+    groups: Optional[list[Tensor]]
+    """Packed micro-batches' row indices (``train.pack_tokens``), else None."""
+    teacher_rows: list[dict]
+    """The teacher's ``[prompt | x0]`` rows per micro-batch (``teacher_rows``)."""
 
 
 def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teacher: Optional[list],
@@ -247,38 +259,49 @@ def forward_backward(cfg: RunConfig, batch: PromptBatch, state: TrainState, teac
 
     ``seed`` seeds the rollout and the states (offset by the data-parallel rank); ``route``: the
     teacher targets' route (``teacher/route.py``), default the config's. Each phase's seconds are
-    the device's (``runtime.device.synchronize`` at its end).
+    the device's, and with CUDA its peak memory is recorded (``runtime.device.PhaseClock``).
     """
-    parallel = parallel_of(state.chunks)
-    peaks: dict[str, Optional[float]] = {"before": peak_gib_since_last_call()}
-    t0 = time.perf_counter()
-    scfg = sampler_config(cfg, eos_ids, pad_id, seed, max_new_tokens=length)
-    resp = get_responses(cfg, batch, state.chunks, teacher, scfg, length)
-    synchronize()
-    peaks["rollout"] = peak_gib_since_last_call()
-    t1 = time.perf_counter()
-    generator = torch.Generator().manual_seed(noise_seed(seed, parallel.dp_rank))
+    clock = PhaseClock()
+    resp = get_responses(cfg, batch, state.chunks, teacher, sampler_config(cfg, eos_ids, pad_id, seed,
+                                                                           max_new_tokens=length), length)
+    clock.mark("rollout")
+    generator = torch.Generator().manual_seed(noise_seed(seed, parallel_of(state.chunks).dp_rank))
+    step = step_batch(cfg, resp, eos_ids, pad_id, generator)
+    reported = learn_from(cfg, step, state, teacher, route=route, clock=clock)
+    return StepOutcome(resp, step.rows, reported, clock.seconds, clock.peak_gib)
+
+
+def step_batch(cfg: RunConfig, resp: Responses, eos_ids: Sequence[int], pad_id: int,
+               generator: torch.Generator) -> StepBatch:
+    """Responses -> the frame of the grid -> training rows (the states) -> micro-batches, and the
+    teacher's rows; host work, no model."""
     framed = on_grid(cfg, resp, pad_id)
     rows = training_rows(cfg, framed, eos_ids, generator)
     microbatches, groups = make_microbatches(cfg, rows, pad_id)
+    return StepBatch(rows, microbatches, groups, teacher_rows(framed, microbatches, groups))
+
+
+def learn_from(cfg: RunConfig, step: StepBatch, state: TrainState, teacher: Optional[list], *,
+               route: Optional[str] = None, clock: Optional[PhaseClock] = None) -> list[dict[str, Tensor]]:
+    """The teacher's targets on their route, then the student's forward and backward over the
+    step's micro-batches (the model work of ``forward_backward``: ``opdlm plan --measure`` runs
+    it under fake tensors). The loss function's reports; ``clock`` marks the ``teacher`` and
+    ``student_fwd_bwd`` phases."""
+    clock = clock or PhaseClock()
+    parallel = parallel_of(state.chunks)
     targets = teacher_route(cfg, teacher, parallel, route)
-    targets.prepare(teacher_rows(framed, microbatches, groups), microbatches)
-    num_seq = losses.count_sequences([mb["loss_mask"] for mb in microbatches], parallel.dp_group)
-    synchronize()
-    peaks["teacher"] = peak_gib_since_last_call()
-    t2 = time.perf_counter()
+    targets.prepare(step.teacher_rows, step.microbatches)
+    num_seq = losses.count_sequences([mb["loss_mask"] for mb in step.microbatches], parallel.dp_group)
+    clock.mark("teacher")
     zero_grads(state)
-    chunks, schedule_args = targets.schedule(state.chunks, microbatches, rows["input_ids"].shape[1])
-    if groups is None:  # packed micro-batches carry their own columns
-        schedule_args.update(student_outputs(cfg, rows))
-    loss_fn = make_loss_fn(cfg.distill.method, num_seq, len(microbatches) * parallel.dp_size, parallel.tp_group,
+    chunks, schedule_args = targets.schedule(state.chunks, step.microbatches, step.rows["input_ids"].shape[1])
+    if step.groups is None:  # packed micro-batches carry their own columns
+        schedule_args.update(student_outputs(cfg, step.rows))
+    loss_fn = make_loss_fn(cfg.distill.method, num_seq, len(step.microbatches) * parallel.dp_size, parallel.tp_group,
                            targets.targets())
-    reported = run_schedule(chunks, microbatches, loss_fn, forward_only=False, **schedule_args)
-    synchronize()
-    peaks["train"] = peak_gib_since_last_call()
-    seconds = {"rollout_s": t1 - t0, "teacher_s": t2 - t1, "student_fwd_bwd_s": time.perf_counter() - t2}
-    peak_gib = {k: v for k, v in peaks.items() if k != "before" and v is not None}
-    return StepOutcome(resp, rows, reported, seconds, peak_gib)
+    reported = run_schedule(chunks, step.microbatches, loss_fn, forward_only=False, **schedule_args)
+    clock.mark("student_fwd_bwd")
+    return reported
 
 
 def make_microbatches(cfg: RunConfig, rows: dict[str, Tensor], pad_id: int

@@ -88,7 +88,8 @@ def test_eval_train_and_plan_options_all_have_help(capsys, monkeypatch):
     ``opdlm train`` and ``opdlm plan`` says what it does in ``--help``."""
     import argparse
 
-    from nemo_opdlm import cli, plan
+    from nemo_opdlm import cli
+    from nemo_opdlm.plan import cli as plan_cli
     from nemo_opdlm.eval import cli as eval_cli
 
     parsers: dict[str, argparse.ArgumentParser] = {}
@@ -99,7 +100,7 @@ def test_eval_train_and_plan_options_all_have_help(capsys, monkeypatch):
         return real(self, *args, **kwargs)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", keep)
-    for run in (lambda: eval_cli.parse_args(["--help"]), lambda: plan.parse_args(["--help"]),
+    for run in (lambda: eval_cli.parse_args(["--help"]), lambda: plan_cli.parse_args(["--help"]),
                 lambda: cli.main(["train", "--help"])):
         try:
             run()

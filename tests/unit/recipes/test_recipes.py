@@ -9,7 +9,9 @@ import pytest
 from nemo_opdlm import recipes
 from nemo_opdlm.config import ConfigError
 from nemo_opdlm.recipes.lookup import load_recipe, resolve
-from nemo_opdlm.plan import Cluster, check_layout, make_plan, stage_params
+from nemo_opdlm.plan.layout import Cluster, check_layout
+from nemo_opdlm.plan.memory import stage_params
+from nemo_opdlm.plan.report import make_plan
 from nemo_opdlm.recipes import models as m
 from nemo_opdlm.runtime.distributed import TeacherLayout
 

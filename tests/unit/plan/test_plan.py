@@ -13,9 +13,11 @@ import pytest
 
 from nemo_opdlm import recipes
 from nemo_opdlm.recipes.lookup import resolve
-from nemo_opdlm.plan import (
-    GIB, GPUS, Cluster, GpuSpec, check_layout, estimate_stage, make_plan, plan_main, suggest, usable_bytes,
-)
+from nemo_opdlm.plan.cli import plan_main
+from nemo_opdlm.plan.layout import GIB, GPUS, Cluster, GpuSpec, check_layout, usable_bytes
+from nemo_opdlm.plan.memory import estimate_stage
+from nemo_opdlm.plan.remedies import suggest
+from nemo_opdlm.plan.report import make_plan
 from nemo_opdlm.recipes.tiny import tiny_shape
 from tests.tiny import hf_config
 
@@ -100,13 +102,15 @@ def test_memory_closed_forms_qwen3_8b_tp2():
     assert est.phases["rollout"]["rollout KV cache"] == 32 * (1024 + L) * 36 * 2 * 4 * 128 * 2
     # top-16 targets of one micro-batch: its rows x 4000 positions x 16 x (fp32 value + int64 id)
     assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == shape.micro_batch * L * 16 * 12
-    # the student's logits (bf16, and their gradient) and, for top-16 targets, one 256-position chunk of
-    # fp32 over its vocabulary shard (151936 / 2), never the whole [L, V/tp] fp32 log-softmax
+    # the student's logits of L + 1 columns in fp32 (Float16Module upcasts the last stage's output), at
+    # the (at most L) loss positions a gathered fp32 copy and its gradient (+ the teacher's log-probs
+    # gathered, full vocabulary), and one 256-position chunk of fp32 over its vocabulary shard
+    # (151936 / 2): never the whole [L, V/tp] fp32 log-softmax (measured: ``plan/measure.py``)
     last = estimate_stage(cfg, shape, shape.pp - 1, GPU3)
-    tokens, xt = shape.micro_batch * (1024 + 2 * L), shape.micro_batch * L
-    assert last.phases["train"]["student logits + loss"] == tokens * 75968 * 2 * 2 + 256 * 75968 * 4
+    cols, xt = shape.micro_batch * (L + 1), shape.micro_batch * L
+    assert last.phases["train"]["student logits + loss"] == (cols + 2 * xt + 256) * 75968 * 4
     full_vocab = estimate_stage(resolve("qwen3_8b_self_tp2_pp1_8g", ["distill.top_k=null"]), shape, 0, GPU3)
-    assert full_vocab.phases["train"]["student logits + loss"] == tokens * 75968 * 2 * 2 + 3 * xt * 75968 * 4
+    assert full_vocab.phases["train"]["student logits + loss"] == (cols + 3 * xt + 256) * 75968 * 4
     # full recompute: each of the 36 layers keeps its bf16 input [9024, 4096] + one layer rebuilt
     full = est.activations["full"]
     assert 36 * (1024 + 2 * L) * 4096 * 2 < full < 36 * (1024 + 2 * L) * 4096 * 2 + (1024 + 2 * L) * 4096 * 2 * 20
@@ -171,9 +175,9 @@ def test_own_teacher_layout_closed_forms_llama_70b_to_8b():
     norms_s = 32 * 2 * 4096 + 4096
     student = (8_030_261_248 - norms_s) // 2 + norms_s
     assert est.static["student weights"] == 2 * student
-    # the teacher's logits at its own vocabulary shard (128256 / 8), on every rank (teacher PP=1), and
-    # for top-16 targets one 256-position chunk of the fp32 normaliser
-    assert est.phases["teacher"]["teacher logits (transient)"] == (1024 + L) * 16032 * 2 + 256 * 16032 * 4
+    # the teacher's logits of its last L + 1 columns at its own vocabulary shard (128256 / 8), on every
+    # rank (teacher PP=1), and one 256-position chunk of the fp32 normaliser
+    assert est.phases["teacher"]["teacher logits (transient)"] == (L + 1) * 16032 * 2 + 256 * 16032 * 4
     # one student stage, padded rows: the targets are exchanged one micro-batch (1 row) at a time
     assert shape.micro_batch == 1 and shape.num_microbatches == 16
     assert est.phases["train"]["teacher targets, top-16 (one micro-batch)"] == L * 16 * 12
