@@ -66,7 +66,7 @@ class MemoryRun:
     """Overrides of the recipe's model (the dry run's tiny shape)."""
 
 
-MEASURED_PHASE = {"rollout": "rollout", "teacher": "teacher", "train": "student_fwd_bwd"}
+MEASURED_PHASE = {"rollout": "rollout", "teacher": "teacher", "train": "student_fwd_bwd", "optimizer": "optimizer"}
 """``opdlm plan``'s phases -> the trainer's (``training.step.forward_backward``; its ``memory/*`` logs)."""
 
 GPU_RUN = MemoryRun()
@@ -274,7 +274,6 @@ def memory_child(work: str, dry_run: bool, fp8: bool, out: str) -> None:
         report["phases"][phase] = {"plan_gib": round(gib, 3),
                                    "measured_gib": None if measured is None else round(measured, 3),
                                    "measured_over_plan": None if measured is None else round(measured / gib, 3)}
-    report["phases"]["optimizer"] = {"measured_gib": last.get("memory/optimizer_peak_gib")}
     plan_peak = max(planned.values())
     measured_peak = max((v for k, v in last.items() if k.startswith("memory/")), default=None)
     report["peak"] = {"plan_gib": round(plan_peak, 3), "measured_gib": measured_peak,

@@ -33,7 +33,7 @@ def lm_eval_main(argv: Sequence[str]) -> int:
         from lm_eval.__main__ import cli_evaluate
     except ImportError as err:
         print(f"opdlm lm-eval: {INSTALL_HINT} ({err})", file=sys.stderr)
-        return 2
+        return 0 if asks_help else 2  # the help asked for was given (ours; lm-eval's needs it installed)
     if not asks_help:  # lm-eval's own help needs no model (and the adapter imports megatron-core)
         from nemo_opdlm.eval.lm_eval_adapter import harness_class
 
