@@ -51,7 +51,7 @@ def _train(argv: Sequence[str]) -> int:
     from nemo_opdlm.training.loop import train
 
     result = train(cfg)
-    return 0 if result["status"] in ("completed", "preempted") else 1
+    return 0 if result["status"] in ("completed", "preempted", "exited") else 1
 
 
 def _recipes(argv: Sequence[str]) -> int:

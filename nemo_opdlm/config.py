@@ -208,6 +208,10 @@ class TrainConfig:
     """Print and record metrics every N steps."""
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end and on SIGTERM/SIGUSR1)."""
+    exit_interval: Optional[int] = None
+    """Stop with a checkpoint after a step divisible by N, before ``train.steps`` (Megatron-LM's
+    ``--exit-interval``): a long schedule run in segments, each started again to resume (status
+    ``exited``). Needs ``save_dir``. None = run to ``train.steps``."""
     save_dir: Optional[str] = None
     """Checkpoint directory (step_N/ sub-directories and a 'latest' file); None = no checkpoints."""
     resume: bool = True
@@ -231,6 +235,11 @@ class TrainConfig:
             raise ConfigError(f"train.save_every must be >= 0, got {self.save_every}")
         if self.pack_tokens is not None and self.pack_tokens < 1:
             raise ConfigError(f"train.pack_tokens must be >= 1 or null, got {self.pack_tokens}")
+        if self.exit_interval is not None:
+            if self.exit_interval < 1:
+                raise ConfigError(f"train.exit_interval must be >= 1 or null, got {self.exit_interval}")
+            if self.save_dir is None:
+                raise ConfigError("train.exit_interval stops the run to be resumed: set train.save_dir")
 
 
 @dataclass(kw_only=True)

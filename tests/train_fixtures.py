@@ -1,4 +1,5 @@
-"""A tiny but complete training setup on disk: HF teacher, tokenizer, prompt file, RunConfig."""
+"""A tiny but complete training setup on disk (HF teacher, tokenizer, prompt file, RunConfig) and
+what the trainer's end-to-end tests share: the subprocess environment, the CLI command, losses."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import sys
 
 from nemo_opdlm.config import (
     DiffusionConfig,
@@ -71,3 +73,27 @@ def make_run(tmp_dir: str, *overrides: str) -> RunConfig:
     if overrides:
         cfg = from_dict(RunConfig, apply_overrides(to_dict(cfg), list(overrides)))
     return cfg
+
+
+ENV = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), OMP_NUM_THREADS="1",
+           PYTHONWARNINGS="ignore")
+"""The environment of a trainer subprocess: this checkout importable, one thread, no warnings."""
+
+
+def cli_cmd(cfg_path: str, *extra: str) -> list[str]:
+    """``opdlm train --recipe CFG ...`` as a subprocess command."""
+    return [sys.executable, "-m", "nemo_opdlm.cli", "train", "--recipe", cfg_path, *extra]
+
+
+def losses(history: list[dict]) -> list[float]:
+    return [h["loss"] for h in history]
+
+
+def read_metrics(run_dir: str) -> dict[int, float]:
+    """step -> loss from a run's ``metrics.jsonl`` (a resumed run's lines replace the killed run's)."""
+    by_step = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            row = json.loads(line)
+            by_step[row["step"]] = row["loss"]
+    return by_step

@@ -126,12 +126,19 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 log.log(step, scalars)
             stop = agree(preempt.seen)
-            if stop or step == cfg.train.steps or (cfg.train.save_every and step % cfg.train.save_every == 0):
+            exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
+            if (stop or exit_now or step == cfg.train.steps
+                    or (cfg.train.save_every and step % cfg.train.save_every == 0)):
                 save(step)
                 stop = stop or agree(preempt.seen)  # signalled during this save: it is the checkpoint
             if stop and step < cfg.train.steps:
                 status = "preempted"
                 log.note(f"pre-emption signal: checkpoint saved at step {step}, exiting")
+                break
+            if exit_now:
+                status = "exited"
+                log.note(f"train.exit_interval={cfg.train.exit_interval}: checkpoint saved at step {step}, exiting "
+                         f"(start the run again to resume towards step {cfg.train.steps})")
                 break
     log.note(run_summary(status, start, step, cfg.train.steps, history, time.perf_counter() - t_loop,
                          saved[-1] if saved else None, cfg.train.save_dir))

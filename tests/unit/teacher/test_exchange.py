@@ -1,6 +1,6 @@
 """Who sends what to whom when the teacher has its own layout (``teacher/exchange.py``), and
 the rank grid both layouts share (``runtime/teacher_groups.py``): pure arithmetic, no processes.
-The exchange itself runs on 2 gloo ranks in ``tests/e2e/test_train.py``."""
+The exchange itself runs on 2 gloo ranks in ``tests/e2e/test_train_parallel.py``."""
 
 import pytest
 import torch
