@@ -42,7 +42,9 @@ plot from a result file's per-seed curves alone. The committed JSON names the co
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
 import os
 import platform
 import statistics
@@ -397,7 +399,15 @@ def budget(args: argparse.Namespace, method: str) -> int:
 
 def one_run(args: argparse.Namespace, task: str, method: str, seed: int, grid: str = "response") -> int:
     """One conversion (this process) on ``grid``: train, score every checkpoint on that grid and the
-    last one on every other grid of ``--grids`` too, write ``curve.json``."""
+    last one on every other grid of ``--grids`` too, write ``curve.json``.
+
+    With ``--until-ratio`` a baseline's schedule spans its token cap (``cap.json``: that many times
+    OPDLM's tokens to 90% of the teacher) and it trains in segments of ``--segment-steps``
+    (``train.exit_interval``, each resuming the last), scored as they end, until every fraction of
+    ``FRACTIONS`` of the teacher is reached under both decodings or the cap is; scored checkpoints
+    but the last are removed (disk)."""
+    import shutil
+
     import torch
 
     from nemo_opdlm import demo as D
@@ -412,41 +422,84 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int, grid: s
     assert teacher is not None, "prepare_task runs first"
     cfg = _demo_config(args, task)
     out = run_dir(args, task, method, seed, grid)
-    steps = budget(args, method)
     every = max(1, args.eval_every)
     data = teacher["data"]
-    t = time.perf_counter()
-    run = train(tiny.conversion_config(
+    step_tokens = cfg.prompts_per_step * data["mean_response_tokens"]  # about; the curve counts the real ones
+    cap = _read_json(os.path.join(args.work_dir, task, "cap.json")) if _extends(args, method) else None
+    steps = budget(args, method) if cap is None else max(budget(args, method), math.ceil(cap["tokens"] / step_tokens))
+    run_cfg = tiny.conversion_config(
         teacher_checkpoint=teacher["checkpoint"], data_path=data["train"], tokenizer=data["tokenizer"], save_dir=out,
         method=method, steps=steps, save_every=every, seed=demo_train_seed(seed), prompts_per_step=cfg.prompts_per_step,
         hidden_size=cfg.hidden_size, num_layers=cfg.num_layers,
-        response_field=None if method == "off_policy" else "response", block_grid=grid))
-    train_s = time.perf_counter() - t
-    tokens = D.cumulative_tokens(run["history"], method, data["mean_response_tokens"], cfg.prompts_per_step)
+        response_field=None if method == "off_policy" else "response", block_grid=grid)
+    if cap is not None:
+        segment = max(every, args.segment_steps // every * every)
+        run_cfg = dataclasses.replace(run_cfg, train=dataclasses.replace(run_cfg.train, exit_interval=segment))
     task_obj = T.load_task(data["eval_format"], data["test"])
     # step 0: the teacher's weights read as the student (every method's starting point), on this grid
     start = teacher if grid == "response" else teacher["as_student"][grid]
     points = [{"step": 0, "tokens": 0.0, **{m: {k: start[m][k] for k in ("accuracy", "tokens_per_round")}
                                             for m in MODES}}]
+    history: list[dict[str, Any]] = []
     cross: dict[str, Any] = {}
-    t = time.perf_counter()
-    with runtime(ParallelLayout(), seed=1234) as rt:
+    train_s = eval_s = 0.0
+    stopped = "budget"
+    while True:  # train() runs its own runtime; the scoring one is started after it
+        t = time.perf_counter()
+        run = train(run_cfg)
+        train_s += time.perf_counter() - t
+        history += run["history"]
+        tokens = D.cumulative_tokens(history, method, data["mean_response_tokens"], cfg.prompts_per_step)
+        t = time.perf_counter()
         ckpts = D.checkpoints(out)
-        for step, path in ckpts:
-            res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task_obj, MODES, cfg)
-            points.append({"step": step, "tokens": tokens[step], **_scores(res)})
+        with runtime(ParallelLayout(), seed=1234) as rt:
+            for step, path in ckpts:
+                if step > points[-1]["step"]:
+                    res = D.evaluate_checkpoint(rt.ctx, path, data["tokenizer"], task_obj, MODES, cfg)
+                    points.append({"step": step, "tokens": tokens[step], **_scores(res)})
+        eval_s += time.perf_counter() - t
+        if cap is None or run["status"] != "exited":
+            break
+        for _, path in ckpts[:-1]:  # scored; the last one is where the next segment resumes
+            shutil.rmtree(path, ignore_errors=True)
+        if _reached_all(points, teacher) or points[-1]["tokens"] >= cap["tokens"]:
+            stopped = "reached" if _reached_all(points, teacher) else "cap"
+            break
+    with runtime(ParallelLayout(), seed=1234) as rt:
+        last = D.checkpoints(out)[-1][1]
         for other in (g for g in args.grids if g != grid):  # served on a grid it was not trained on
-            res = D.evaluate_checkpoint(rt.ctx, ckpts[-1][1], data["tokenizer"], task_obj, MODES, cfg,
+            res = D.evaluate_checkpoint(rt.ctx, last, data["tokenizer"], task_obj, MODES, cfg,
                                         block_grid=other, as_student=False)
             cross[other] = _scores(res)
-    kl = [h["kl"] for h in run["history"] if "kl" in h]
+    kl = [h["kl"] for h in history if "kl" in h]
     _write_json(os.path.join(out, "curve.json"), {
-        "task": task, "method": method, "seed": seed, "grid": grid, "steps": steps, "points": points, "cross": cross,
-        "train_s": train_s,
-        "eval_s": time.perf_counter() - t, "threads": args.threads,
-        "first_kl": kl[:5], "grad_norm_mean": statistics.fmean(h["grad_norm"] for h in run["history"]),
+        "task": task, "method": method, "seed": seed, "grid": grid, "steps": points[-1]["step"],
+        "scheduled_steps": steps, "stopped": stopped if cap is not None else "budget",
+        "cap_tokens": None if cap is None else cap["tokens"], "points": points, "cross": cross,
+        "train_s": train_s, "eval_s": eval_s, "threads": args.threads,
+        "first_kl": kl[:5], "grad_norm_mean": statistics.fmean(h["grad_norm"] for h in history),
     })
     return 0
+
+
+def _extends(args: argparse.Namespace, method: str) -> bool:
+    """Whether this method's run continues past its budget towards the cap (``--until-ratio``)."""
+    return args.until_ratio is not None and method != "opdlm"
+
+
+def _reached_all(points: list[dict[str, Any]], teacher: dict[str, Any]) -> bool:
+    """Every fraction of ``FRACTIONS`` of the teacher's accuracy reached under both decodings."""
+    return all(any(p[m]["accuracy"] >= max(FRACTIONS) * teacher[m]["accuracy"] for p in points) for m in MODES)
+
+
+def opdlm_tokens_to(runs: list[dict[str, Any]], teacher: dict[str, Any], fraction: float = 0.9,
+                    mode: str = "dynamic") -> tuple[float, bool]:
+    """OPDLM's mean tokens to ``fraction`` of the teacher under ``mode`` over its seeds, and whether
+    every seed got there (else the mean counts a seed's whole budget: a lower bound)."""
+    target = fraction * teacher[mode]["accuracy"]
+    reached = [tokens_to_reach([(p["tokens"], p[mode]["accuracy"]) for p in r["points"]], target) for r in runs]
+    values = [t if t is not None else r["points"][-1]["tokens"] for t, r in zip(reached, runs)]
+    return statistics.fmean(values), all(t is not None for t in reached)
 
 
 def _scores(res: dict[str, Any]) -> dict[str, Any]:
@@ -457,7 +510,7 @@ def _child(args: argparse.Namespace, task: str, method: str, seed: int, grid: st
     cmd = [sys.executable, os.path.abspath(__file__), "--one", task, method, str(seed), "--work-dir", args.work_dir,
            "--steps", str(args.steps), "--eval-every", str(args.eval_every), "--threads", str(args.threads),
            "--grid", grid, "--grids", *args.grids]
-    for key in ("baseline_steps", "teacher_steps", "num_test"):
+    for key in ("baseline_steps", "teacher_steps", "num_test", "until_ratio", "segment_steps"):
         if getattr(args, key) is not None:
             cmd += [f"--{key.replace('_', '-')}", str(getattr(args, key))]
     if args.quick:
@@ -474,10 +527,13 @@ def run_all(args: argparse.Namespace, log) -> dict[str, Any]:
             if _read_json(os.path.join(run_dir(args, t, m, s, g), "curve.json")) is None]
     done = len(args.tasks) * len(args.grids) * len(args.methods) * len(args.seeds) - len(todo)
     log(f"{len(todo)} runs to do ({done} finished earlier), {args.jobs} at a time, {args.threads} thread(s) each")
+    todo.sort(key=lambda k: k[1] != "opdlm")  # OPDLM first: with --until-ratio its tokens set the baselines' cap
     running: list[tuple[tuple[str, str, int, str], subprocess.Popen, float]] = []
     failed = []
     while todo or running:
         while todo and len(running) < args.jobs:
+            if _extends(args, todo[0][1]) and not _cap_ready(args, todo[0], running, log):
+                break
             key = todo.pop(0)
             running.append((key, _child(args, *key), time.perf_counter()))
         time.sleep(2)
@@ -505,6 +561,28 @@ def run_all(args: argparse.Namespace, log) -> dict[str, Any]:
     return out
 
 
+def _cap_ready(args: argparse.Namespace, key: tuple[str, str, int, str], running: list, log) -> bool:
+    """Whether the baselines of ``key``'s task may start: their cap written (``cap.json``), once every
+    OPDLM run of the task on ``key``'s grid has finished."""
+    task, _, _, grid = key
+    path = os.path.join(args.work_dir, task, "cap.json")
+    if _read_json(path) is not None:
+        return True
+    if any(k[0] == task and k[1] == "opdlm" for k, _, _ in running):
+        return False
+    runs = [_read_json(os.path.join(run_dir(args, task, "opdlm", s, grid), "curve.json")) for s in args.seeds]
+    if any(r is None for r in runs):
+        raise SystemExit(f"--until-ratio needs OPDLM's runs of {task} (seeds {args.seeds}); include --methods opdlm")
+    teacher = _read_json(os.path.join(args.work_dir, task, "teacher.json"))
+    tokens, all_reached = opdlm_tokens_to(runs, teacher)
+    cap = {"tokens": args.until_ratio * tokens, "ratio": args.until_ratio, "opdlm_tokens_to_90pct_dynamic": tokens,
+           "opdlm_reached_in_every_seed": all_reached}
+    _write_json(path, cap)
+    log(f"  {task}: OPDLM reaches 90% of the teacher (threshold) at {tokens / 1e3:.0f}K tokens on average; "
+        f"baselines run until {max(FRACTIONS):.0%} or {cap['tokens'] / 1e3:.0f}K tokens ({args.until_ratio:g}x)")
+    return True
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--work-dir", default="/tmp/opdlm_token_efficiency", help="checkpoints and per-run curves")
@@ -523,6 +601,11 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                    help="block grids to convert on (diffusion.block_grid); each run is also scored on the others")
     p.add_argument("--grid", default="response", choices=GRIDS, help=argparse.SUPPRESS)
     p.add_argument("--name", default="token_efficiency", help="results file name (JSON and plot) under --results")
+    p.add_argument("--until-ratio", type=float, default=None, metavar="R",
+                   help="baselines train on past their budget until they reach every fraction of the teacher "
+                        "(both decodings) or R x OPDLM's mean tokens to 90%% (threshold); OPDLM runs first")
+    p.add_argument("--segment-steps", type=int, default=300,
+                   help="with --until-ratio: steps between checks of the stopping rule (train.exit_interval)")
     p.add_argument("--quick", action="store_true", help="a smoke run: the demo's CI sizes, 4 steps")
     p.add_argument("--resummarize", metavar="JSON", help="only recompute the summary and plot of a result file")
     p.add_argument("--one", nargs=3, metavar=("TASK", "METHOD", "SEED"), help=argparse.SUPPRESS)
