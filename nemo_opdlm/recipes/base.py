@@ -14,6 +14,7 @@ tokens from 4B up.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
@@ -162,3 +163,20 @@ def paper_run(
         train=TrainConfig(steps=steps, prompts_per_step=128, micro_batch_size=1, save_every=20,
                           save_dir=os.path.join("runs", name), log_every=1),
     )
+
+
+def continued_at_block(cfg: RunConfig, *, name: str, block_size: int, steps: int) -> RunConfig:
+    """``cfg``'s conversion continued at a larger block: the same run directory (``train.save_dir``),
+    so that starting it resumes the last checkpoint (weights, optimizer, data cursor) and trains on
+    to step ``steps`` at ``block_size``. The rollouts, the states, the [MASK] layout and the block
+    schedule follow ``diffusion.block_size`` (``rollout.steps_per_block`` unset: static rows decode
+    one token per round at any block); a resume that changes anything else about the model is
+    refused (``training.run_config.check_resume``). SDAR gets its block 8-64 models by continued
+    training from block 4 in the same way."""
+    if block_size <= cfg.diffusion.block_size:
+        raise ValueError(f"a continuation goes to a larger block: {block_size} <= {cfg.diffusion.block_size}")
+    if steps <= cfg.train.steps:
+        raise ValueError(f"a continuation trains past the run's {cfg.train.steps} steps, got steps={steps}")
+    return dataclasses.replace(cfg, name=name, diffusion=dataclasses.replace(cfg.diffusion, block_size=block_size),
+                               rollout=dataclasses.replace(cfg.rollout, steps_per_block=None),
+                               train=dataclasses.replace(cfg.train, steps=steps))

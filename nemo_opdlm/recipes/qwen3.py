@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from nemo_opdlm.config import RunConfig
 from nemo_opdlm.recipes import models as m
-from nemo_opdlm.recipes.base import paper_run, recipe, teacher_model, training_model
+from nemo_opdlm.recipes.base import continued_at_block, paper_run, recipe, teacher_model, training_model
 
 
 def _self(name: str, shape, hf_name: str, tp: int, pp: int = 1, **kw) -> RunConfig:
@@ -25,6 +25,24 @@ def _self(name: str, shape, hf_name: str, tp: int, pp: int = 1, **kw) -> RunConf
 def qwen3_0_6b_self_tp1_pp1_8g() -> RunConfig:
     """Qwen3-0.6B -> itself, full-vocabulary KL, DP=8."""
     return _self("qwen3_0_6b_self_tp1_pp1_8g", m.qwen3_0_6b, "Qwen3-0.6B", tp=1)
+
+
+@recipe(nodes=1, gpus_per_node=8)
+def qwen3_0_6b_self_b8_tp1_pp1_8g() -> RunConfig:
+    """The Qwen3-0.6B conversion continued at block 8 (more tokens per round): run it after
+    ``qwen3_0_6b_self_tp1_pp1_8g`` (same run directory, so it resumes that run's last checkpoint)
+    for 240 more steps, half the block-4 stage's, as the reference's newer scripts continue OPD
+    from a block-4 checkpoint."""
+    return continued_at_block(qwen3_0_6b_self_tp1_pp1_8g(), name="qwen3_0_6b_self_b8_tp1_pp1_8g", block_size=8,
+                              steps=720)
+
+
+@recipe(nodes=1, gpus_per_node=8)
+def qwen3_0_6b_self_b16_tp1_pp1_8g() -> RunConfig:
+    """... and at block 16 after that (240 more steps; the paper's Figure 3 reaches about 3.5 tokens
+    per round at block 16)."""
+    return continued_at_block(qwen3_0_6b_self_b8_tp1_pp1_8g(), name="qwen3_0_6b_self_b16_tp1_pp1_8g",
+                              block_size=16, steps=960)
 
 
 @recipe(nodes=1, gpus_per_node=8)

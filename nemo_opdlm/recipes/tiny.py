@@ -20,7 +20,7 @@ from nemo_opdlm.config import (
     TrainConfig,
 )
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
-from nemo_opdlm.recipes.base import recipe
+from nemo_opdlm.recipes.base import continued_at_block, recipe
 
 MASK_ID = 2
 """[MASK] in the synthetic task's tokenizer ([PAD]=0, [EOS]=1, [MASK]=2, [UNK]=3)."""
@@ -169,6 +169,27 @@ def tiny_teacher_4l_tp1_pp1_1g() -> RunConfig:
     """The demo's AR teacher: 4 layers x 128 pre-trained from random weights on a synthetic task
     (750 steps; ``opdlm demo`` writes the task files under runs/demo/task)."""
     return teacher_config()
+
+
+CONTINUATION_STEPS = 300
+"""Steps of each larger-block stage of the tiny conversion (as many as the block-4 stage's)."""
+
+
+@recipe(nodes=1, gpus_per_node=1, gpu="cpu")
+def tiny_convert_4l_b8_tp1_pp1_1g() -> RunConfig:
+    """The demo's conversion continued at block 8: run after ``tiny_convert_4l_tp1_pp1_1g`` (its run
+    directory: the block-4 stage's last checkpoint is resumed) for 300 more steps."""
+    cfg = conversion_config()
+    return continued_at_block(cfg, name="tiny_convert_4l_b8_tp1_pp1_1g", block_size=8,
+                              steps=cfg.train.steps + CONTINUATION_STEPS)
+
+
+@recipe(nodes=1, gpus_per_node=1, gpu="cpu")
+def tiny_convert_4l_b16_tp1_pp1_1g() -> RunConfig:
+    """... then at block 16 (two blocks of the 32-token answers) for 300 more."""
+    cfg = tiny_convert_4l_b8_tp1_pp1_1g()
+    return continued_at_block(cfg, name="tiny_convert_4l_b16_tp1_pp1_1g", block_size=16,
+                              steps=cfg.train.steps + CONTINUATION_STEPS)
 
 
 @recipe(nodes=1, gpus_per_node=1, gpu="cpu")

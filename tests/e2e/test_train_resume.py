@@ -2,6 +2,7 @@
 refused, damaged checkpoints passed over, train.exit_interval segments, the config's schedule on
 resume, and a resume with another model refused."""
 
+import dataclasses
 import math
 import os
 import signal
@@ -9,8 +10,10 @@ import subprocess
 import time
 
 import pytest
+import torch
 
 from nemo_opdlm.config import ConfigError, dump_yaml
+from nemo_opdlm.training import step as train_step
 from nemo_opdlm.training.loop import train
 from tests.train_fixtures import ENV, cli_cmd, losses, make_run, read_metrics
 
@@ -213,3 +216,40 @@ def test_exit_interval_runs_a_schedule_in_segments_that_resume_exactly(tmp_path)
     assert [h["lr"] for h in history] == [h["lr"] for h in whole["history"]]
     with pytest.raises(ConfigError, match="train.exit_interval stops the run to be resumed: set train.save_dir"):
         make_run(str(tmp_path / "whole"), "train.exit_interval=2", "train.save_dir=null")
+
+
+def test_a_conversion_continues_at_a_larger_block(tmp_path, monkeypatch, capsys):
+    """Two steps at block 4, then the run resumed at block 8 (``recipes.base.continued_at_block``):
+    the resumed steps' rollouts are decoded on block 8's schedule, their states mask and attend in
+    blocks of 8, and the checkpoint records block 8 (an evaluation or export reads it from there);
+    the same resume that also changes a model field is refused, naming it."""
+    from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
+    from nemo_opdlm.models.masks import NOISY
+    from nemo_opdlm.recipes.base import continued_at_block
+
+    seen = []
+    real = train_step.step_batch
+
+    def record(cfg, resp, *args, **kwargs):
+        out = real(cfg, resp, *args, **kwargs)
+        seen.append((resp.schedule.block_size, out.rows["meta"]))
+        return out
+
+    monkeypatch.setattr(train_step, "step_batch", record)
+    first = make_run(str(tmp_path), "train.steps=2", "rollout.max_length=16", "rollout.min_length=16")
+    train(first)
+    later = continued_at_block(first, name="tiny_b8", block_size=8, steps=4)
+    with pytest.raises(ConfigError, match=r"model differs .*model.rotary_base: 10000.0 -> 500.0"):
+        train(dataclasses.replace(later, model=later.model.replace(rotary_base=500.0)))
+    capsys.readouterr()
+    run = train(later)
+    assert (run["status"], run["step"]) == ("completed", 4)
+    assert "diffusion.block_size: 4 -> 8" in capsys.readouterr().out
+    assert [b for b, _ in seen] == [4, 4, 8, 8]
+    for block, meta in seen:
+        for row in meta:  # the xt copy's positions share a block id per block: block_size of them
+            counts = torch.unique(row[0][row[1] == NOISY], return_counts=True)[1]
+            assert counts.max().item() == block, (block, counts)
+    step4 = read_checkpoint_meta(os.path.join(first.train.save_dir, "step_0000004"))
+    step2 = read_checkpoint_meta(os.path.join(first.train.save_dir, "step_0000002"))
+    assert (step2["diffusion"]["block_size"], step4["diffusion"]["block_size"]) == (4, 8)

@@ -40,8 +40,10 @@ def test_paper_hyperparameters(name):
     o, r = cfg.optim, cfg.rollout
     assert (o.lr, o.min_lr, o.warmup_steps, o.clip_grad) == (1e-5, 1e-6, 5, 1.0)
     assert o.distributed_optimizer
-    assert cfg.diffusion.block_size == 4
-    assert (r.mode, r.threshold, r.steps_per_block, r.temperature, r.top_p, r.top_k) == ("dynamic", 0.9, 4, 1.0, 1.0, 0)
+    # block 4, one token per round statically; the larger-block continuations keep that rule
+    assert cfg.diffusion.block_size == 4 or "_b8_" in name or "_b16_" in name
+    assert (r.steps_per_block or cfg.diffusion.block_size) == cfg.diffusion.block_size
+    assert (r.mode, r.threshold, r.temperature, r.top_p, r.top_k) == ("dynamic", 0.9, 1.0, 1.0, 0)
     assert (r.min_length, r.max_length, r.curriculum_steps) == (100, 4000, 100)
     assert cfg.train.prompts_per_step == 128 and cfg.train.micro_batch_size == 1
     assert cfg.model.params_dtype == "bfloat16" and cfg.model.recompute == "full"
@@ -128,3 +130,23 @@ def test_mixed_family_teacher_is_refused():
                 [f"model.{k}={v}" for k, v in dict(vocab_size=151936, num_layers=36, hidden_size=4096,
                                                    ffn_hidden_size=12288, num_attention_heads=32,
                                                    num_query_groups=8).items()])
+
+
+@pytest.mark.parametrize("base, continued", [
+    ("qwen3_0_6b_self_tp1_pp1_8g", "qwen3_0_6b_self_b8_tp1_pp1_8g"),
+    ("qwen3_0_6b_self_b8_tp1_pp1_8g", "qwen3_0_6b_self_b16_tp1_pp1_8g"),
+    ("tiny_convert_4l_tp1_pp1_1g", "tiny_convert_4l_b8_tp1_pp1_1g"),
+    ("tiny_convert_4l_b8_tp1_pp1_1g", "tiny_convert_4l_b16_tp1_pp1_1g"),
+])
+def test_a_larger_block_stage_changes_only_the_block_its_schedule_and_the_steps(base, continued):
+    """A continuation resumes its base's run directory: nothing but the name, the block size, the
+    rounds per block (unset: the block size) and the steps may differ, or the resume would refuse it
+    or train something else."""
+    from nemo_opdlm.config import to_dict
+    from nemo_opdlm.training.run_config import changes
+
+    a, b = resolve(base), resolve(continued)
+    assert b.train.save_dir == a.train.save_dir and b.diffusion.block_size == 2 * a.diffusion.block_size
+    assert b.train.steps > a.train.steps and b.rollout.max_length % b.diffusion.block_size == 0
+    changed = {line.split(":")[0] for line in changes(to_dict(a), b)}
+    assert changed <= {"name", "diffusion.block_size", "rollout.steps_per_block", "train.steps"}, changed
