@@ -60,7 +60,7 @@ def test_whole_yaml_config_takes_overlays_and_overrides(tmp_path):
 
 @pytest.mark.parametrize("spec,needle", [
     ("tiny", "names a module, not a recipe: choose one of tiny:tiny_4l_to_2l_tp1_pp1_2g"),
-    ("qwen3", "choose one of qwen3:qwen3_0_6b_self_tp1_pp1_8g"),
+    ("qwen3", "names a module, not a recipe: choose one of qwen3:qwen3_0_6b_self_"),
     ("tiny:tiny_self_tp1", "did you mean 'tiny_self_tp1_pp1_2g' or 'tiny_self_tp1_pp2_2g'"),
     ("qwen:qwen3_8b_self_tp2_pp1_8g", "recipe module 'qwen' not found; did you mean 'qwen3'"),
     ("qwen3_8b_self", "no recipe named 'qwen3_8b_self'; did you mean 'qwen3_8b_self_tp2_pp1_8g'"),
