@@ -30,7 +30,8 @@ the grids differ) is recorded per task.
 
 Every run is its own process with a fixed thread count (``--threads``, recorded), ``--jobs`` of
 them at a time. A finished run leaves ``curve.json`` in its directory and is not recomputed when
-the benchmark is started again (it resumes); ``--resummarize JSON`` recomputes the summary and the
+the benchmark is started again (it resumes; a run stopped midway starts over: its per-step token
+counts lived in the process that trained it); ``--resummarize JSON`` recomputes the summary and the
 plot from a result file's per-seed curves alone. The committed JSON names the commit it measured.
 
     python benchmarks/token_efficiency.py                      # both tasks, 4 methods, seeds 0 1 2
@@ -422,6 +423,9 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int, grid: s
     assert teacher is not None, "prepare_task runs first"
     cfg = _demo_config(args, task)
     out = run_dir(args, task, method, seed, grid)
+    if os.path.isdir(out):  # stopped midway (curve.json missing): its token counts went with its process
+        print(f"[token_efficiency] {out} is an unfinished run: starting it over", flush=True)
+        shutil.rmtree(out)
     every = max(1, args.eval_every)
     data = teacher["data"]
     step_tokens = cfg.prompts_per_step * data["mean_response_tokens"]  # about; the curve counts the real ones
