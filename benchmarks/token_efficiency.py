@@ -492,15 +492,17 @@ def _extends(args: argparse.Namespace, method: str) -> bool:
 
 
 def _reached_all(points: list[dict[str, Any]], teacher: dict[str, Any]) -> bool:
-    """Every fraction of ``FRACTIONS`` of the teacher's accuracy reached under both decodings."""
-    return all(any(p[m]["accuracy"] >= max(FRACTIONS) * teacher[m]["accuracy"] for p in points) for m in MODES)
+    """Every fraction of ``FRACTIONS`` of the teacher's (AR) accuracy reached under both decodings."""
+    target = max(FRACTIONS) * teacher["ar"]["accuracy"]
+    return all(any(p[m]["accuracy"] >= target for p in points) for m in MODES)
 
 
 def opdlm_tokens_to(runs: list[dict[str, Any]], teacher: dict[str, Any], fraction: float = 0.9,
                     mode: str = "dynamic") -> tuple[float, bool]:
-    """OPDLM's mean tokens to ``fraction`` of the teacher under ``mode`` over its seeds, and whether
-    every seed got there (else the mean counts a seed's whole budget: a lower bound)."""
-    target = fraction * teacher[mode]["accuracy"]
+    """OPDLM's mean tokens to ``fraction`` of the teacher's AR accuracy under ``mode`` over its seeds,
+    and whether every seed got there (else the mean counts a seed's whole budget: a lower bound).
+    (``teacher[mode]`` is the teacher read as a diffusion student before conversion: not the bar.)"""
+    target = fraction * teacher["ar"]["accuracy"]
     reached = [tokens_to_reach([(p["tokens"], p[mode]["accuracy"]) for p in r["points"]], target) for r in runs]
     values = [t if t is not None else r["points"][-1]["tokens"] for t, r in zip(reached, runs)]
     return statistics.fmean(values), all(t is not None for t in reached)

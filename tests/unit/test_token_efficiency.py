@@ -39,3 +39,19 @@ def test_reach_ratios_and_lower_bounds():
     final = TE.final_spread(runs)
     assert final["sft"]["static"]["spread"] == pytest.approx(0.6)
     assert final["opdlm"]["static_minus_dynamic"]["mean"] == pytest.approx(0.1)
+
+
+def test_the_stopping_rule_and_the_cap_measure_against_the_teachers_ar_accuracy():
+    """``--until-ratio``'s bar is the teacher's AR accuracy, not its score read as a diffusion student
+    before conversion (0.02 here: against that, step 0 already 'reached' 90% and the cap was 0 tokens)."""
+    teacher = {"ar": {"accuracy": 1.0}, "static": {"accuracy": 0.26}, "dynamic": {"accuracy": 0.02}}
+
+    def point(tokens, static, dynamic):
+        return {"tokens": tokens, "static": {"accuracy": static}, "dynamic": {"accuracy": dynamic}}
+
+    runs = [{"points": [point(0, 0.26, 0.02), point(100, 0.8, 0.8), point(200, 0.96, 0.95)]},
+            {"points": [point(0, 0.26, 0.02), point(100, 0.9, 0.9), point(200, 0.97, 0.97)]}]
+    tokens, every_seed = TE.opdlm_tokens_to(runs, teacher)
+    assert tokens == pytest.approx((166.666666 + 100) / 2) and every_seed  # 0.8 -> 0.95 crosses 0.9 at 2/3
+    assert not TE._reached_all(runs[0]["points"][:2], teacher)
+    assert TE._reached_all(runs[0]["points"], teacher) == (0.95 >= max(TE.FRACTIONS))
