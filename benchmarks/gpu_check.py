@@ -186,7 +186,7 @@ def memory_config(work: str, run: MemoryRun, fp8: bool):
     overrides = [f"init.teacher_hf={os.path.join(work, 'hf')}", f"data.path={os.path.join(work, 'prompts.jsonl')}",
                  "data.chat_template=never", f"data.max_prompt_tokens={run.prompt_tokens}",
                  f"rollout.min_length={run.response_tokens}", f"rollout.max_length={run.response_tokens}",
-                 f"train.prompts_per_step={run.prompts}", f"train.steps={run.steps}", "train.save_dir=null",
+                 f"train.prompts_per_step={run.prompts}", f"train.steps={run.steps}", "optim.warmup_steps=0", "train.save_dir=null",
                  *run.model]
     if fp8:
         overrides += ["model.linear_impl=te", "model.fp8=hybrid"]

@@ -27,11 +27,12 @@ filter_known_warnings()  # megatron-core's 'Transformer Engine and Apex are not 
 def add_config_args(parser: argparse.ArgumentParser) -> None:
     """The config arguments ``opdlm train`` and ``opdlm plan`` share: a recipe, partial YAML overlays
     on top of it, then ``key=value`` overrides (``${...}`` interpolations resolve against the result)."""
-    parser.add_argument("--recipe", required=True,
+    parser.add_argument("--recipe", default=None,
                         help="a recipe (module:function or its bare name: `opdlm recipes` lists them), or a "
                              "whole YAML config file")
     parser.add_argument("--config", action="append", default=[], metavar="YAML",
-                        help="a partial YAML config merged on top of the recipe (repeatable, in order)")
+                        help="a partial YAML config merged on top of the recipe (repeatable, in order); without "
+                             "--recipe the first is the whole config, e.g. recipes/qwen3_8b_self_tp2_pp1_8g.yaml")
     parser.add_argument("overrides", nargs="*",
                         help="key=value overrides, applied last, e.g. train.steps=10 train.save_dir=runs/${name}")
 
@@ -57,7 +58,17 @@ def _train(argv: Sequence[str]) -> int:
 def _recipes(argv: Sequence[str]) -> int:
     parser = argparse.ArgumentParser(prog="opdlm recipes", description="List the installed recipes: what "
                                      "--recipe takes, the cluster each is sized for, and what it runs.")
-    parser.parse_args(argv)
+    parser.add_argument("--export", metavar="DIR", default=None,
+                        help="write each as DIR/NAME.yaml (what `opdlm train --recipe NAME --print-config` gives, "
+                             "the cluster in a header comment); the repository's recipes/ is written this way")
+    args = parser.parse_args(argv)
+    if args.export is not None:
+        from nemo_opdlm.recipes.export import export
+
+        written, removed = export(args.export)
+        gone = f"; removed {len(removed)} whose recipe is gone: {', '.join(removed)}" if removed else ""
+        print(f"wrote {len(written)} recipes to {args.export}{gone}")
+        return 0
     from nemo_opdlm.recipes.lookup import table
 
     rows = table()

@@ -57,6 +57,13 @@ class InitConfig:
             raise ConfigError("set init.tokenizer (or init.teacher_hf) to a directory with the tokenizer files")
         if not os.path.isdir(path):
             raise ConfigError(f"init.tokenizer: {path} is not a directory")
+        from nemo_opdlm.convert.hf_config import VOCABULARY_FILES, has_tokenizer_files
+
+        if not has_tokenizer_files(path):
+            key = "init.tokenizer" if self.tokenizer else "init.teacher_hf" if self.teacher_hf else \
+                "init.student_hf" if self.student_hf else "init.teacher_checkpoint"
+            raise ConfigError(f"{key}: {path} has no tokenizer files (none of {', '.join(VOCABULARY_FILES)}): set "
+                              "init.tokenizer to the directory the model's tokenizer was saved to (its HF directory)")
         return path
 
     def architecture_source(self, separate_teacher: bool) -> tuple[str, str]:
@@ -178,6 +185,9 @@ class OptimConfig:
     """Shard optimizer state across data-parallel ranks (megatron-core distributed optimizer)."""
 
     def __post_init__(self) -> None:
+        if not self.lr >= 0:  # NaN too: the min_lr check below would blame optim.min_lr for it
+            raise ConfigError(f"optim.lr must be a number >= 0, got {self.lr}: set optim.lr to the peak "
+                              "learning rate, e.g. optim.lr=1e-5")
         if not 0 <= self.min_lr <= self.lr:
             raise ConfigError(f"optim.min_lr ({self.min_lr}) must be in [0, optim.lr={self.lr}]")
         if self.warmup_steps < 0:
@@ -281,7 +291,24 @@ class RunConfig:
 
     @property
     def teacher(self) -> Optional[ModelConfig]:
+        """The teacher as configured (``teacher_model``, else the student's architecture)."""
         return self.teacher_model or self.model
+
+    @property
+    def teacher_built(self) -> Optional[ModelConfig]:
+        """The teacher as this run builds it: with the student's vocabulary rows.
+
+        A teacher whose vocabulary differs from the student's only in padding rows (Qwen2.5-7B's
+        152,064 rows against 1.5B's 151,936, one tokenizer of 151,665 ids for both) is read with its
+        rows past ``model.vocab_size`` dropped: both models' logits then cover the same ids, the
+        padding past them masked (``models/gpt.mask_vocab_padding``), so the KL runs over the shared
+        ids (full, top-k, any TP, the teacher's own layout) and no teacher top-k id can fall past the
+        student's rows. ``_validate_model`` accepts only a teacher at least as large;
+        ``training/setup.load_tokenizer`` checks that the tokenizer fits the shared rows."""
+        t, m = self.teacher, self.model
+        if t is None or m is None or t.vocab_size == m.vocab_size:
+            return t
+        return dataclasses.replace(t, vocab_size=m.vocab_size, make_vocab_size_divisible_by=m.make_vocab_size_divisible_by)
 
     @property
     def longest_row(self) -> Optional[int]:
@@ -350,8 +377,20 @@ class RunConfig:
             raise ConfigError(f"distill.method={method.name} without data.response_field has the teacher decode the "
                               "responses, which runs at the student's layout: set parallel.teacher=null, or give "
                               "the teacher's responses in data.response_field")
+        self._validate_warmup()
         if self.model is not None:
             self._validate_model()
+
+    def _validate_warmup(self) -> None:
+        """A warm-up as long as the run leaves no step at the peak learning rate (with
+        ``warmup_steps >= steps`` every step is in the ramp, the first at lr 0): refused, naming both.
+        ``train.steps`` is the whole schedule's length, a resumed or continued run's too."""
+        warmup, steps = self.optim.warmup_steps, self.train.steps
+        if warmup and warmup >= steps:
+            raise ConfigError(
+                f"optim.warmup_steps={warmup} >= train.steps={steps}: every step would be in the learning-rate "
+                f"warm-up (the first at lr 0) and none at optim.lr: set optim.warmup_steps below train.steps "
+                f"(e.g. optim.warmup_steps={min(warmup, steps // 10)}) or raise train.steps")
 
     def _validate_packing(self, method) -> None:
         """``train.pack_tokens``: what packed rows support today, and a budget that holds any row."""
@@ -375,10 +414,11 @@ class RunConfig:
         """The checks that need the student's architecture."""
         if self.diffusion.mask_token_id is not None:
             self.diffusion.check_vocab(self.model.vocab_size)
-        if self.teacher.vocab_size != self.model.vocab_size:
+        if self.teacher.vocab_size < self.model.vocab_size:
             raise ConfigError(
-                f"teacher_model.vocab_size={self.teacher.vocab_size} differs from model.vocab_size="
-                f"{self.model.vocab_size}: teacher and student must share a tokenizer"
+                f"teacher_model.vocab_size={self.teacher.vocab_size} is below model.vocab_size={self.model.vocab_size}: "
+                "the student's rows past the teacher's would have no teacher probability; distill into a student "
+                "whose vocabulary is at most the teacher's (a larger teacher's extra padding rows are dropped)"
             )
         self.parallel.check_model(self.model, "model")
         if self.teacher_model is not None or self.parallel.teacher is not None:

@@ -194,6 +194,7 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     paths = demo_paths(cfg)
     teacher_run = train(teacher_config(**paths, save_dir=os.path.join(cfg.out_dir, "teacher"), steps=cfg.teacher_steps,
                                        save_every=cfg.teacher_eval_every, **_sizes(cfg)))
+    _check_finished(teacher_run, "the AR teacher's training", cfg.teacher_steps)
     timings["teacher_train_s"] = time.perf_counter() - t
     teacher_final = checkpoints(os.path.join(cfg.out_dir, "teacher"))[-1][1]
 
@@ -206,6 +207,7 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
         f"static, T={r.temperature:g}, shift_logits={convert.diffusion.shift_logits}), teacher = {teacher_final}")
     t = time.perf_counter()
     student_run = train(convert)
+    _check_finished(student_run, "the OPDLM conversion", cfg.student_steps)
     timings["student_train_s"] = time.perf_counter() - t
 
     log(f"4/4 evaluation on {cfg.num_test} held-out problems (greedy)")
@@ -218,6 +220,18 @@ def run_demo(cfg: DemoConfig, log: Optional[Progress] = None) -> dict[str, Any]:
     log(f"done in {timings['total_s']:.0f}s: {os.path.join(cfg.out_dir, 'demo_results.json')}, "
         f"plot {results['plot'] or '(none: matplotlib is not installed)'}")
     return results
+
+
+class DemoStopped(Exception):
+    """A training stage ended before its last step (pre-empted by a signal): nothing to evaluate."""
+
+
+def _check_finished(run: dict[str, Any], what: str, steps: int) -> None:
+    """Stop the demo when ``run`` did not complete: scoring a half-trained stage as the result would
+    print a table that means nothing."""
+    if run["status"] != "completed":
+        raise DemoStopped(f"{what} stopped at step {run['step']} of {steps} ({run['status']}): nothing was evaluated; "
+                          "run `opdlm demo --overwrite` again")
 
 
 def _write_task(cfg: DemoConfig, log: Progress) -> tuple[Any, float]:
@@ -367,7 +381,11 @@ def demo_main(argv: Optional[Sequence[str]] = None) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
-    run_demo(cfg)
+    try:
+        run_demo(cfg)
+    except DemoStopped as stop:
+        print(f"opdlm demo: {stop}", file=sys.stderr)
+        return 1
     return 0
 
 

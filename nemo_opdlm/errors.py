@@ -10,6 +10,7 @@ keeps its traceback.
 - :class:`CheckpointError`: a checkpoint or weights file that is missing, damaged or of another model.
 - :class:`ConvertError`: a Hugging Face <-> megatron-core conversion that cannot proceed
   (``convert/errors.py`` refines it).
+- :class:`CollectiveError`: a collective across ranks timed out or lost a rank (``runtime/collective_errors.py``).
 - :class:`NonFiniteLossError`: training diverged (too many non-finite steps in a row);
   :class:`NonFiniteStateError`: the student's weights or optimizer state are not finite (nothing saved).
 
@@ -47,6 +48,11 @@ class CheckpointError(OPDLMError, RuntimeError):
 
 class ConvertError(OPDLMError, ValueError):
     """A conversion cannot proceed; nothing has been written to the target."""
+
+
+class CollectiveError(OPDLMError, RuntimeError):
+    """A collective across ranks timed out (a rank stopped or hung) or a rank left mid-collective;
+    the message names the collective's place, the rank(s) to look at and the remedy."""
 
 
 class NonFiniteLossError(OPDLMError, RuntimeError):
@@ -100,6 +106,26 @@ def error_line(prog: str, err: BaseException) -> str:
     return f"{rank}{prog}: {kind}: " + " ".join(text.split("\n"))
 
 
+LAUNCHER_ERROR_FILE_ENV = "TORCHELASTIC_ERROR_FILE"
+"""Where torchrun's agent asks a worker to leave its error (read back as the failure's message)."""
+
+
+def report_to_launcher(line: str) -> None:
+    """Leave ``line`` where torchrun's agent reads a failed worker's error (its ``error_file``), so the
+    launcher's one-line summary (``runtime/torchrun.py``) can quote it. A no-op outside torchrun."""
+    path = os.environ.get(LAUNCHER_ERROR_FILE_ENV)
+    if not path:
+        return
+    import json
+    import time
+
+    try:
+        with open(path, "w") as f:
+            json.dump({"message": line, "timestamp": int(time.time())}, f)
+    except OSError:  # a full disk may be why we are here: the summary then says "exit code N"
+        pass
+
+
 def guarded(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
     """``fn()``, with a user error (OPDLMError, OSError) printed as one line and exit status 2.
 
@@ -110,5 +136,7 @@ def guarded(prog: str, fn: Callable[[], int], debug: bool = False) -> int:
     except (OPDLMError, OSError) as err:
         if debug or debugging():
             raise
-        print(error_line(prog, err), file=sys.stderr, flush=True)
+        line = error_line(prog, err)
+        print(line, file=sys.stderr, flush=True)
+        report_to_launcher(line)
         return 2

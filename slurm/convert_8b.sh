@@ -4,6 +4,7 @@
 #   sbatch slurm/convert_8b.sh                                   # submit from the repository root
 #   TEACHER_HF=/models/Qwen3-8B DATA=/data/prompts.jsonl sbatch slurm/convert_8b.sh
 #   RECIPE=llama31_8b_self_tp2_pp1_8g TEACHER_HF=/models/Llama-3.1-8B-Instruct sbatch slurm/convert_8b.sh
+#   RECIPE=recipes/qwen3_8b_self_tp2_pp1_8g.yaml sbatch slurm/convert_8b.sh   # a YAML recipe (or your copy)
 #   sbatch slurm/convert_8b.sh train.steps=100 rollout.threshold=0.8     # extra key=value overrides
 #   SBATCH_PARTITION=gpu SBATCH_ACCOUNT=myproj SBATCH_TIMELIMIT=12:00:00 sbatch slurm/convert_8b.sh
 #   sbatch --signal=B:USR1@600 slurm/convert_8b.sh                # more time to checkpoint before the limit

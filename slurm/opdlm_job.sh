@@ -14,7 +14,7 @@
 #      `scontrol requeue` the job unless training is finished.
 #
 # Knobs (environment variables; every one is optional unless the recipe's paths do not exist):
-#   RECIPE           recipe (module:function or bare name); set by the calling script
+#   RECIPE           recipe (module:function, bare name, or a YAML file such as recipes/NAME.yaml); set by the calling script
 #   TEACHER_HF       HF directory of the teacher (default: the recipe's init.teacher_hf)
 #   STUDENT_HF       HF directory of the student's initial weights (default: the recipe's)
 #   DATA             prompt file or dataset (default: the recipe's data.path)

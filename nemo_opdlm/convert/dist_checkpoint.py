@@ -201,15 +201,31 @@ def check_readable(ckpt_dir: str) -> None:
 
 
 @torch.no_grad()
+def check_finite(tensor: torch.Tensor, name: str, where: str) -> None:
+    """Refuse a weight holding NaN/inf as it is read, naming it: loaded, it would surface only after
+    a training step, as a diverged run ("lower optim.lr") whose losses read 0. One pass over a
+    tensor already in memory; integer tensors cannot hold either."""
+    if not tensor.is_floating_point() or bool(torch.isfinite(tensor).all()):
+        return
+    bad = int((~torch.isfinite(tensor)).sum())
+    kinds = " and ".join(k for k, hit in (("NaN", bool(torch.isnan(tensor).any())),
+                                           ("inf", bool(torch.isinf(tensor).any()))) if hit)
+    raise CheckpointFileError(f"{where}: the weight {name!r} holds {kinds} ({bad} of {tensor.numel()} values): the "
+                              "weights are damaged; download or export them again (the model cannot learn from them)")
+
+
 def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix: str = "",
-                         cfg: Optional[ModelConfig] = None, global_groups: bool = True) -> None:
+                         cfg: Optional[ModelConfig] = None, global_groups: bool = True,
+                         checked_as: Optional[ModelConfig] = None) -> None:
     """Load a torch_dist checkpoint saved at any TP/PP into this rank's chunks (``global_groups``
     False: chunks on process groups of their own, a teacher at ``parallel.teacher``'s layout).
 
     The padded vocabulary depends on TP (``ModelConfig.padded_vocab_size``), so a checkpoint
     saved at another TP can have more or fewer padding rows than this layout: such vocabulary
     tensors are read whole and re-cut here (real rows copied, padding zero-filled); everything
-    else goes through megatron-core's resharding unchanged.
+    else goes through megatron-core's resharding unchanged. ``checked_as``: the architecture the
+    checkpoint must hold when ``cfg`` reads only its first ``cfg.vocab_size`` vocabulary rows (a
+    teacher cut to its student's, ``RunConfig.teacher_built``): the same re-cut drops the rest.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
@@ -219,7 +235,7 @@ def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix
         raise CheckpointFileError(f"cannot load {ckpt_dir}: {problem}")
     check_readable(ckpt_dir)
     if cfg is not None:
-        check_checkpoint_config(ckpt_dir, cfg)
+        check_checkpoint_config(ckpt_dir, checked_as or cfg)
     saved = dist_checkpointing.load_tensors_metadata(ckpt_dir)
     tp_rank = unwrap(chunks[0]).parallel.tp_rank
     sharded = sharded_model_state(chunks, prefix)
@@ -258,7 +274,15 @@ def load_dist_checkpoint(chunks: list[torch.nn.Module], ckpt_dir: str, *, prefix
         piece[:n] = full[start:start + n]
         loaded[ckey][skey] = piece
     for ckey, chunk in zip(_chunk_keys(chunks), chunks):
+        _check_finite_state(loaded[ckey], ckpt_dir)
         unwrap(chunk).load_state_dict(loaded[ckey], strict=True)
+
+
+def _check_finite_state(state: dict[str, Any], ckpt_dir: str) -> None:
+    """Every loaded weight is finite (``check_finite``, which names the first that is not)."""
+    for key, value in state.items():
+        if isinstance(value, torch.Tensor):
+            check_finite(value, key, ckpt_dir)
 
 
 def sharded_local_rows(chunks: list[torch.nn.Module], ckey: str, skey: str) -> int:

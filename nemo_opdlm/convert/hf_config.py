@@ -31,6 +31,17 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.json", "generation_config.json")
 
 
+VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+"""Files of which a tokenizer directory holds at least one (the rest of ``TOKENIZER_FILES`` come
+beside them: merges, templates, generation settings)."""
+
+
+def has_tokenizer_files(directory: str) -> bool:
+    """``directory`` holds a tokenizer (checked before ``AutoTokenizer``, whose answer for a folder
+    without one is a traceback about sentencepiece)."""
+    return any(os.path.isfile(os.path.join(directory, name)) for name in VOCABULARY_FILES)
+
+
 def read_hf_config(hf_dir: str) -> dict[str, Any]:
     path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(path):

@@ -25,7 +25,7 @@ from nemo_opdlm.convert.errors import (ArchitectureMismatchError, CheckpointFile
                                        UnsupportedArchitectureError, VocabMismatchError)
 from nemo_opdlm.convert.key_maps import (GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule, expected_hf_shapes, fuse_gate_up,
                                          fuse_qkv, rule_for, shard_rows, split_layer_name)
-from nemo_opdlm.convert.dist_checkpoint import DIST_CHECKPOINT, save_dist_checkpoint
+from nemo_opdlm.convert.dist_checkpoint import DIST_CHECKPOINT, check_finite, save_dist_checkpoint
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile
 from nemo_opdlm.convert.staging import check_target
 from nemo_opdlm.models.config import ModelConfig
@@ -80,9 +80,12 @@ class HFCheckpoint:
         return self.shard_names.index(shard), self.files[shard].entries[name].begin
 
     def read(self, name: str, rows: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Tensor ``name`` (or rows of it), refused when it holds NaN/inf (``check_finite``)."""
         if name not in self.weight_map:
             raise CheckpointFileError(f"{self.hf_dir} has no tensor {name!r}")
-        return self.files[self.weight_map[name]].read(name, rows)
+        tensor = self.files[self.weight_map[name]].read(name, rows)
+        check_finite(tensor, name, os.path.join(self.hf_dir, self.weight_map[name]))
+        return tensor
 
     def check_matches(self, cfg: ModelConfig, prefix: str = "") -> None:
         """The directory holds ``cfg``'s model: its config.json agrees on every architecture field
@@ -174,11 +177,14 @@ def read_tp_shard(ckpt: HFCheckpoint, rule: Rule, hf_names: list[str], cfg: Mode
 
 
 @torch.no_grad()
-def load_hf_weights(chunks: list[torch.nn.Module], ckpt: HFCheckpoint | str, cfg: ModelConfig) -> None:
-    """Fill this rank's chunks from an HF directory (any TP/PP/VPP layout; zero vocab padding)."""
+def load_hf_weights(chunks: list[torch.nn.Module], ckpt: HFCheckpoint | str, cfg: ModelConfig,
+                    checked_as: Optional[ModelConfig] = None) -> None:
+    """Fill this rank's chunks from an HF directory (any TP/PP/VPP layout; zero vocab padding).
+    ``checked_as``: the architecture the directory must hold when ``cfg`` reads only its first
+    ``cfg.vocab_size`` vocabulary rows (a teacher cut to its student's, ``RunConfig.teacher_built``)."""
     if isinstance(ckpt, str):
         ckpt = HFCheckpoint(ckpt)
-    ckpt.check_matches(cfg)
+    ckpt.check_matches(checked_as or cfg)
     parallel = unwrap(chunks[0]).parallel
     tp_rank, tp_size = parallel.tp_rank, parallel.tp_size
     work = [item for chunk in chunks for item in parameter_sources(unwrap(chunk), cfg)]

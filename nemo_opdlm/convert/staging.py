@@ -24,6 +24,7 @@ import fnmatch
 import os
 import shutil
 import socket
+import stat
 import tempfile
 import time
 from dataclasses import dataclass
@@ -118,6 +119,30 @@ def clear_leftovers(target: str, note: Callable[[str], None] = print) -> None:
                 note(f"removed {path}, left by a writer of {target} that did not finish")
 
 
+def current_umask() -> int:
+    """This process's umask. Read from ``/proc/self/status`` (Linux >= 4.7), since ``os.umask`` can
+    only read it by setting it (a moment in which another thread's files get the wrong mode)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def make_mode_plain(path: str) -> None:
+    """Give a directory ``tempfile.mkdtemp`` created the mode a plain ``mkdir`` would have (0777 less
+    the umask, typically 0755): mkdtemp makes it 0700, and once renamed into place a checkpoint or
+    export other users of a shared cluster (or a group) could not read. The setgid bit a shared
+    group directory passes on is kept."""
+    setgid = os.stat(path).st_mode & stat.S_ISGID
+    os.chmod(path, (0o777 & ~current_umask()) | setgid)
+
+
 def _commit(staging: str, target: str) -> None:
     old = None
     if os.path.lexists(target):
@@ -183,6 +208,7 @@ def staged_dir(target: str, overwrite: bool, kind: Optional[OutputKind] = None,
     if is_rank0():
         clear_leftovers(target, note)
         staging = tempfile.mkdtemp(prefix=_tag(target, "tmp"), dir=os.path.dirname(target))
+        make_mode_plain(staging)  # the target gets this mode when the staging directory is renamed
     staging = broadcast_object(staging)
     try:
         yield staging

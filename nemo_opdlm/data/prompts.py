@@ -290,6 +290,9 @@ def _read_files(builder: str, path: str) -> tuple[list[dict], Optional[list[int]
     for file in files:
         if not os.access(file, os.R_OK):
             raise DataError(f"data.path {file} cannot be read (permission denied)")
+    if plain_json and not _first_record_is_object(files[0]):
+        # datasets would make up a field 'text' for records that are not objects: read them as they are
+        return _read_jsonl(files[0]) if _extension(files[0]) == ".jsonl" else _read_json(files[0])
     try:
         rows = _load(builder, files, path).to_list()
     except Exception as err:  # noqa: BLE001  (datasets wraps parser errors in several types)
@@ -299,6 +302,42 @@ def _read_files(builder: str, path: str) -> tuple[list[dict], Optional[list[int]
                         f"{str(err).splitlines()[0] if str(err) else ''}); check the files' format") from None
     lines = _record_lines(files[0], len(rows)) if plain_json else None
     return rows, lines
+
+
+def _first_record_is_object(path: str) -> bool:
+    """The first record of a plain JSON / JSON-lines file starts as an object (``{``): checked on its
+    first bytes, since ``datasets`` reads an array or lines of numbers as records of a field 'text'."""
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip()
+    if head.startswith(b"["):  # a JSON array: its first element; or a JSON-lines record that is a list
+        head = head[1:].lstrip()
+    return not head or head.startswith((b"{", b"]"))
+
+
+def _kind(value: Any) -> str:
+    """A JSON value's kind as a user names it (``a number``, ``a list``), with the value, for errors."""
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list", dict: "an object"}
+    shown = repr(value)
+    return f"{names.get(type(value), 'a ' + type(value).__name__)} ({shown[:40] + '...' if len(shown) > 40 else shown})"
+
+
+def _check_record(records: "Records", i: int, fields: Sequence[str], cfg: PromptDataConfig) -> None:
+    """Record ``i`` is an object holding every configured field with a value: a record that is not
+    an object, a missing field and a null / NaN one are three different mistakes, each named."""
+    rec = records.rows[i]
+    if not isinstance(rec, dict):
+        raise DataError(f"{records.where(i)}: the record is {_kind(rec)}, not an object: each record must be a JSON "
+                        f"object with the field {cfg.prompt_field!r} (data.prompt_field)")
+    for name in fields:
+        key = f"data.{'prompt' if name == cfg.prompt_field else 'response'}_field"
+        value = rec.get(name)
+        if name not in rec:
+            where = cfg.path if i == 0 else records.where(i)
+            raise DataError(f"{where}: no field {name!r}; fields are {sorted(rec)} (set {key})")
+        if value is None or (isinstance(value, float) and value != value):
+            what = "NaN" if value is not None else "null or NaN"
+            raise DataError(f"{records.where(i)}: the field {name!r} ({key}) is {what}, not a string: give it text, "
+                            "or remove the record")
 
 
 def _record_lines(path: str, count: int) -> Optional[list[int]]:
@@ -341,14 +380,8 @@ def read_dataset(cfg: PromptDataConfig, all_columns: bool = False) -> Records:
     if not rows:
         raise DataError(f"data.path {cfg.path} holds no records")
     records = Records(cfg.path, rows, lines)
-    for i, rec in enumerate(rows):
-        if not isinstance(rec, dict):
-            raise DataError(f"{records.where(i)}: the record is a {type(rec).__name__}, not an object")
-        for name in fields:
-            if rec.get(name) is None:
-                where = cfg.path if i == 0 else records.where(i)
-                raise DataError(f"{where}: no field {name!r}; fields are {sorted(rec)} "
-                                f"(set data.{'prompt' if name == cfg.prompt_field else 'response'}_field)")
+    for i in range(len(rows)):
+        _check_record(records, i, fields, cfg)
     return records
 
 

@@ -75,12 +75,25 @@ class ShardedSampler:
         return dict(epoch=self.epoch, position=self.position, seed=self.seed, shuffle=self.shuffle,
                     num_examples=self.num_examples, global_batch_size=self.global_batch_size)
 
+    CURSOR_FIELDS = {"num_examples": "the usable prompts of data.path", "global_batch_size": "train.prompts_per_step",
+                     "seed": "train.seed", "shuffle": "the shuffling"}
+    """What a saved cursor depends on, and the config that decides each (for the refusal)."""
+    CURSOR_KEYS = {"num_examples": "data.path", "global_batch_size": "train.prompts_per_step", "seed": "train.seed"}
+    """The config key to set back for each (the shuffling is not configurable)."""
+
+    def mismatches(self, state: dict[str, Any]) -> dict[str, str]:
+        """``key -> "what: saved when saved, now now"`` for each thing a saved cursor depends on that
+        differs now (empty: it can be resumed). Checked at resume before any model is built
+        (``training.setup.check_data_cursor``)."""
+        return {key: f"{what}: {state[key]} when saved, {getattr(self, key)} now"
+                for key, what in self.CURSOR_FIELDS.items() if state[key] != getattr(self, key)}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue from a saved cursor; the dataset, seed and global batch must be the same."""
-        for key in ("num_examples", "global_batch_size", "seed", "shuffle"):
-            if state[key] != getattr(self, key):
-                raise DataError(f"cannot resume the data cursor: {key} was {state[key]} when saved, "
-                                f"now {getattr(self, key)} (same dataset, filter, seed and batch needed)")
+        differ = self.mismatches(state)
+        if differ:
+            raise DataError(f"cannot resume the data cursor ({'; '.join(differ.values())}): the same dataset, "
+                            "filter, seed and batch are needed")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 

@@ -138,6 +138,11 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         from nemo_opdlm.models.grid import resolve_grid
 
         resolve_grid(None, args.block_grid, "the model")  # the name alone; the model's record is checked at load
+    ar_note = None
+    if "ar" in args.modes:  # a block-diffusion student decoded causally: refused, or said what it measures
+        from nemo_opdlm.eval.loading import causal_decoding_note
+
+        ar_note = causal_decoding_note(args.hf, args.ckpt)
     if args.output:
         check_output(args.output)
     overrides = {k: v for k, v in (("question_field", args.question_field), ("answer_field", args.answer_field))
@@ -151,6 +156,8 @@ def eval_main(argv: Optional[Sequence[str]] = None) -> int:
         say = print if rt.is_main else (lambda *_: None)
         if loaded.note:
             say(loaded.note)
+        if ar_note:
+            say(ar_note)
         say(f"{task.name}: {len(task.examples)} examples, {len(task.fewshot)} few-shot")
         rows = []
         for mode in args.modes:

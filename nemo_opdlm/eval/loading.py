@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from nemo_opdlm.errors import CheckpointError, ConfigError
+from nemo_opdlm.errors import CheckpointError, ConfigError, OPDLMError
 from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab, decoding_diffusion
 from nemo_opdlm.models.grid import GRIDS, resolve_grid
 from nemo_opdlm.runtime.context import ParallelContext
@@ -55,10 +55,9 @@ def start_single_runtime(tp: int = 1, pp: int = 1, seed: int = 1234) -> Parallel
 
 def has_tokenizer(directory: str) -> bool:
     """``directory`` holds tokenizer files (a checkpoint's ``hf_assets/`` may hold only config.json)."""
-    from nemo_opdlm.convert.hf_config import TOKENIZER_FILES
+    from nemo_opdlm.convert.hf_config import has_tokenizer_files
 
-    return any(os.path.isfile(os.path.join(directory, name)) for name in TOKENIZER_FILES
-               if name not in ("generation_config.json", "chat_template.jinja", "chat_template.json"))
+    return has_tokenizer_files(directory)
 
 
 def tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[str], how: str = "--tokenizer DIR") -> str:
@@ -75,6 +74,64 @@ def tokenizer_dir(tokenizer: Optional[str], hf: Optional[str], ckpt: Optional[st
             return path
     raise ConfigError(f"no tokenizer found for {ckpt} (no tokenizer files in its hf_assets/ or tokenizer/): give the "
                       f"tokenizer directory ({how})")
+
+
+@dataclass(frozen=True)
+class StudentRecord:
+    """What a model's own files say about it being a block-diffusion student (read before it is built)."""
+
+    shift_logits: bool
+    """It predicts token i at position i - 1 (``diffusion.shift_logits``)."""
+    source: str
+    """The file that says so, with what it says."""
+
+
+def student_record(hf: Optional[str], ckpt: Optional[str]) -> Optional[StudentRecord]:
+    """The record of a block-diffusion student: an exported student's config.json, or a training
+    checkpoint's config.yaml whose ``distill.method`` is not causal. None for an AR model and for
+    a model whose files do not say (an import, or a checkpoint older than config.yaml); unreadable
+    files are left to ``load_model``, which names them."""
+    from nemo_opdlm.convert import hf_config as hfc
+
+    try:
+        if hf and not ckpt and os.path.isfile(os.path.join(hf, "config.json")):
+            cfg = hfc.read_hf_config(hf)
+            if hfc.is_student_config(cfg):
+                shift = bool(cfg.get("shift_logits", False))
+                return StudentRecord(shift, f"{hf}/config.json: an exported student, shift_logits={shift}")
+        if ckpt and not hf and os.path.isfile(os.path.join(ckpt, "metadata.json")):
+            from nemo_opdlm.distill.methods import get_method
+            from nemo_opdlm.training.run_config import read
+
+            saved = read(ckpt) or {}
+            method = (saved.get("distill") or {}).get("method")
+            if method and not get_method(method).causal:
+                shift = bool((saved.get("diffusion") or {}).get("shift_logits", False))
+                return StudentRecord(shift, f"{ckpt}/config.yaml: distill.method={method}, "
+                                            f"diffusion.shift_logits={str(shift).lower()}")
+    except (OPDLMError, OSError, ValueError, TypeError, AttributeError):
+        return None
+    return None
+
+
+def causal_decoding_note(hf: Optional[str], ckpt: Optional[str]) -> Optional[str]:
+    """Whether ``--modes ar`` means anything for this model, decided from its files before it is
+    built: an unshifted block-diffusion student predicts each masked token at its own position, so
+    causal decoding would read its logits as next-token ones and report a meaningless score (the
+    exported model refuses the same for log-likelihoods): refused. A shifted student's logits do
+    predict the next token: allowed, with the note returned to print. None: an AR model."""
+    record = student_record(hf, ckpt)
+    if record is None:
+        return None
+    model = hf or ckpt
+    if not record.shift_logits:
+        raise ConfigError(
+            f"--modes ar: {model} is a block-diffusion student ({record.source}) that predicts each masked token at "
+            "its own position, so causal decoding would read its logits as next-token ones and score nothing "
+            "meaningful: score it with --modes static dynamic, and its AR teacher with --modes ar")
+    return (f"note: --modes ar decodes {model}, a block-diffusion student with shifted logits ({record.source}), "
+            "causally, one token per forward from the next-token logits: it measures the student as a left-to-right "
+            "model, not its block decoding (static, dynamic)")
 
 
 def check_checkpoint_dir(ckpt: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from typing import Any, Optional, Sequence
 
@@ -14,9 +15,13 @@ from nemo_opdlm.plan.report import format_report, make_plan
 
 
 def recipe_cluster(spec: str) -> Optional[Cluster]:
-    """The cluster a recipe function was registered for (``@recipe``), or None (YAML, unregistered)."""
+    """The cluster a recipe function was registered for (``@recipe``), or a YAML recipe's ``# cluster:``
+    header (``opdlm recipes --export``); None when neither says."""
     if spec.endswith((".yaml", ".yml")):
-        return None
+        from nemo_opdlm.recipes.export import yaml_cluster
+
+        shape = yaml_cluster(spec)
+        return None if shape is None else Cluster(*shape)
     try:
         from nemo_opdlm.recipes.base import CLUSTERS
     except ImportError:
@@ -47,7 +52,9 @@ def plan_doc() -> str:
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="opdlm plan", description=plan_doc().split("\n\n")[0])
-    p.add_argument("recipe", help="recipe (module:function, a bare recipe name, or a YAML file)")
+    p.add_argument("recipe", nargs="?", default=None,
+                   help="recipe (module:function, a bare recipe name, or a YAML file such as recipes/NAME.yaml); "
+                        "left out, the first --config is the whole config")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.micro_batch_size=2")
     p.add_argument("--config", action="append", default=[], metavar="YAML",
                    help="a partial YAML config merged on top of the recipe before the overrides (repeatable)")
@@ -68,9 +75,13 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
 def plan_main(argv: Optional[Sequence[str]] = None) -> int:
     """``opdlm plan``: 0 if the plan is valid and fits, 1 if refused, 2 if the config itself is invalid."""
     args = parse_args(argv)
-    from nemo_opdlm.recipes.lookup import resolve
+    from nemo_opdlm.recipes.lookup import base_spec, resolve
 
+    if args.recipe and "=" in args.recipe and not os.path.exists(args.recipe):  # `plan --config F k=v`
+        args.overrides.insert(0, args.recipe)
+        args.recipe = None
     try:
+        args.recipe, args.config = base_spec(args.recipe, args.config)
         cfg = resolve(args.recipe, list(args.overrides), args.config)
         if args.get:
             for key in args.get:

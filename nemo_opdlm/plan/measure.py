@@ -318,7 +318,7 @@ def measure_step(cfg, cluster: Cluster) -> Measured:
         with fake_mode, host_mode, tracker:
             student = build_student(cfg.model, cfg.diffusion, rt.ctx)
             out.points["student weights"] = tracker.held()
-            teacher = build_teacher(cfg.teacher, rt.teacher_ctx)
+            teacher = build_teacher(cfg.teacher_built, rt.teacher_ctx)
             out.points["+ teacher weights"] = tracker.held()
             state = wrap_for_training(student, cfg.model, cfg.optim, total_steps=10)
             _as_on_a_gpu(state)

@@ -166,7 +166,7 @@ def held_targets(cfg, shape: Shape) -> tuple[str, int]:
     from nemo_opdlm.teacher.route import HELD
 
     k = cfg.distill.top_k
-    model = cfg.model if shape.own_teacher else cfg.teacher
+    model = cfg.model if shape.own_teacher else cfg.teacher_built
     rows, which = (shape.micro_batch, "one micro-batch")
     if HELD[cfg.teacher_route()] != "one micro-batch":
         rows, which = shape.rows_per_rank, f"all {shape.num_microbatches} micro-batches"
@@ -183,7 +183,7 @@ def teacher_phase(cfg, shape: Shape, stage: int) -> dict[str, float]:
     ranks keep the targets of one served student replica at a time (one micro-batch of it when they
     are exchanged per micro-batch, else its whole step) and a copy of them to send; the student's
     last stage receives them (:func:`held_targets`)."""
-    teacher, t_tp, mb = cfg.teacher, shape.teacher_tp, shape.micro_batch
+    teacher, t_tp, mb = cfg.teacher_built, shape.teacher_tp, shape.micro_batch
     t_tokens = mb * shape.teacher_row
     t_vocab = teacher.padded_vocab_size(t_tp) // t_tp
     out: dict[str, float] = {}
@@ -259,7 +259,7 @@ def estimate_stage(cfg, shape: Shape, stage: int, gpu: GpuSpec) -> MemoryEstimat
     if student.resolved_fp8(fp8_capable=gpu.fp8) is not None:  # fp8="auto" resolves by the GPU kind
         est.static["student FP8 weight copies"] = p_s * 2
     if not cfg.distill.teacher_offload:
-        est.static["teacher weights"] = teacher_weight_bytes(cfg.teacher, shape, stage)
+        est.static["teacher weights"] = teacher_weight_bytes(cfg.teacher_built, shape, stage)
     est.static["CUDA context, NCCL, workspaces"] = gpu.overhead_gib * GIB
     # --- rollout
     n_layers = student.num_layers // pp

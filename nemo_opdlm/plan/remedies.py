@@ -69,7 +69,7 @@ def teacher_tp_remedy(cfg, cluster: Cluster) -> list[Remedy]:
     largest; none when the teacher's weights are a small share or no larger TP is valid."""
     shape, _ = check_layout(cfg, cluster)
     est = estimate_memory(cfg, shape, cluster)
-    if teacher_weight_bytes(cfg.teacher, shape, est.stage) < TEACHER_SHARE * est.peak:
+    if teacher_weight_bytes(cfg.teacher_built, shape, est.stage) < TEACHER_SHARE * est.peak:
         return []
     options = [Remedy(f"teacher at its own TP ({tp})",
                       (f"parallel.teacher.tp={tp}", f"parallel.teacher.pp={shape.teacher_pp}"))

@@ -25,7 +25,7 @@ from nemo_opdlm.recipes.qwen3 import (
     qwen3_8b_self_tp2_pp1_8g, qwen3_8b_self_tp2_pp1_16g, qwen3_8b_to_4b_tp1_pp1_8g, qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g,
     qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g,
 )
-from nemo_opdlm.recipes.qwen25 import qwen25_32b_tp4_pp1_to_7b_tp2_pp1_8g
+from nemo_opdlm.recipes.qwen25 import qwen25_7b_to_1_5b_tp1_pp1_8g, qwen25_32b_tp4_pp1_to_7b_tp2_pp1_8g
 from nemo_opdlm.recipes.tiny import (
     tiny_4l_to_2l_tp1_pp1_2g, tiny_convert_4l_b8_tp1_pp1_1g, tiny_convert_4l_b16_tp1_pp1_1g, tiny_convert_4l_tp1_pp1_1g, tiny_self_tp1_pp1_2g, tiny_self_tp1_pp2_2g,
     tiny_self_tp2_pp1_2g, tiny_teacher_4l_tp1_pp1_1g,
@@ -36,7 +36,7 @@ GPU_RECIPES: dict[str, Callable[[], RunConfig]] = {
         qwen3_0_6b_self_tp1_pp1_8g, qwen3_0_6b_self_b8_tp1_pp1_8g, qwen3_0_6b_self_b16_tp1_pp1_8g,
         qwen3_1_7b_self_tp1_pp1_8g, qwen3_4b_self_tp1_pp1_8g, qwen3_8b_self_tp2_pp1_8g,
         qwen3_8b_self_tp2_pp1_16g, qwen3_4b_to_0_6b_tp1_pp1_8g, qwen3_8b_to_4b_tp1_pp1_8g,
-        qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g, qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g, qwen25_32b_tp4_pp1_to_7b_tp2_pp1_8g,
+        qwen3_32b_tp8_pp1_to_8b_tp2_pp1_8g, qwen3_32b_tp4_pp1_to_8b_tp2_pp1_16g, qwen25_32b_tp4_pp1_to_7b_tp2_pp1_8g, qwen25_7b_to_1_5b_tp1_pp1_8g,
         llama31_8b_self_tp2_pp1_8g, llama31_70b_tp8_pp1_to_8b_tp2_pp1_16g, llama31_70b_tp8_pp1_to_8b_tp2_pp1_32g,
     )
 }

@@ -22,7 +22,7 @@ import os
 import sys
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from nemo_opdlm.config import RunConfig, compose, load_yaml, read_yaml, to_dict
 from nemo_opdlm.errors import ConfigError
@@ -124,6 +124,32 @@ def _import_own(module: str) -> ModuleType:
         raise ConfigError(f"recipe module {module!r} not found{hint}") from None
 
 
+def not_a_recipe(obj: Any) -> Optional[str]:
+    """What ``obj``, found under a recipe's name, is when it is not a recipe (None: nothing there, or
+    nothing to say): a model shape or a helper needing arguments is named as such, since "not in
+    MODULE" with an empty list sent users looking for a recipe that was right there."""
+    if obj is None:
+        return None
+    if not callable(obj):
+        return f"a {type(obj).__name__}"
+    try:
+        sig = inspect.signature(obj)
+    except (TypeError, ValueError):
+        return None
+    returns = sig.return_annotation
+    returns = getattr(returns, "__name__", returns)
+    if returns == "ModelConfig":
+        return "a model config (a function returning a ModelConfig, the model.* section of a recipe)"
+    required = [p.name for p in sig.parameters.values()
+                if p.default is p.empty and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    if required:
+        shown = ", ".join(required[:5]) + (", ..." if len(required) > 5 else "")
+        return f"a function needing arguments ({shown}) that recipes call"
+    if returns not in (sig.empty, "RunConfig"):
+        return f"a function returning {returns}"
+    return None
+
+
 def find(spec: str) -> Callable:
     """The recipe function ``spec`` names (see the module docstring for the spellings)."""
     if ":" in spec:
@@ -155,7 +181,14 @@ def find(spec: str) -> Callable:
                           "(opdlm recipes lists them all)")
     fn = getattr(mod, name, None)
     if not inspect.isfunction(fn) or name not in options:
-        hint = _suggest(name, options, f"recipes in {label}")
+        what = not_a_recipe(fn)
+        if what:
+            held = ", ".join(options[:4]) + (", ..." if len(options) > 4 else "")
+            raise ConfigError(f"--recipe {spec} is {what}, not a recipe (a function of no arguments returning a "
+                              f"RunConfig): `opdlm recipes` lists the recipes" + (
+                                  f", and {label} holds {held}" if options else ""))
+        hint = _suggest(name, options, f"recipes in {label}") if options else \
+            f"; {label} holds no recipes (opdlm recipes lists them all)"
         if fn is None and name in known:  # the right recipe under the wrong module
             hint = f"; it is {known[name].__module__.rpartition('.')[2]}:{name}"
         raise ConfigError(f"recipe {name!r} not in {label}{hint}")
@@ -176,9 +209,25 @@ def load_recipe(spec: str) -> RunConfig:
     return cfg
 
 
-def resolve(spec: str, overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> RunConfig:
+def base_spec(spec: Optional[str], overlays: Sequence[str] = ()) -> tuple[str, list[str]]:
+    """What the config starts from and the overlays on top: ``--recipe`` when given, else the first
+    ``--config`` as a whole YAML config (``opdlm train --config recipes/NAME.yaml``)."""
+    if spec:
+        return spec, list(overlays)
+    if not overlays:
+        raise ConfigError("no config given: name a recipe (`opdlm recipes` lists them: opdlm train --recipe NAME, "
+                          "opdlm plan NAME) or a whole YAML config (--config recipes/NAME.yaml)")
+    if not overlays[0].endswith((".yaml", ".yml")):
+        raise ConfigError(f"--config {overlays[0]}: without --recipe the first --config is the whole config, "
+                          "a .yaml/.yml file (e.g. recipes/tiny_self_tp1_pp1_2g.yaml)")
+    return overlays[0], list(overlays[1:])
+
+
+def resolve(spec: Optional[str], overrides: Sequence[str] = (), overlays: Sequence[str] = ()) -> RunConfig:
     """Recipe (or whole YAML config), then partial YAML ``overlays``, then ``key=value`` overrides ->
-    a validated RunConfig, completed from its files (``config.compose``)."""
+    a validated RunConfig, completed from its files (``config.compose``). Without a recipe the first
+    overlay is the whole config (:func:`base_spec`)."""
+    spec, overlays = base_spec(spec, overlays)
     if not overrides and not overlays:
         return load_recipe(spec).complete()
     if spec.endswith((".yaml", ".yml")):

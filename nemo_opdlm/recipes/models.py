@@ -86,6 +86,13 @@ def qwen25_7b(**overrides: Any) -> ModelConfig:
                    num_query_groups=4, **overrides)
 
 
+def qwen25_1_5b(**overrides: Any) -> ModelConfig:
+    """Qwen2.5-1.5B-Instruct: 28 x 1536, FFN 8960, 12 heads / 2 KV heads of 128, q/k/v biases, tied
+    embeddings, 151,936 rows (the 7B and larger have 152,064: the same 151,665-id tokenizer, more padding)."""
+    return _qwen25(num_layers=28, hidden_size=1536, ffn_hidden_size=8960, num_attention_heads=12,
+                   num_query_groups=2, vocab_size=151936, tie_word_embeddings=True, **overrides)
+
+
 def qwen25_32b(**overrides: Any) -> ModelConfig:
     """Qwen2.5-32B-Instruct: 64 x 5120, FFN 27648, 40 heads / 8 KV heads of 128, q/k/v biases."""
     return _qwen25(num_layers=64, hidden_size=5120, ffn_hidden_size=27648, num_attention_heads=40,

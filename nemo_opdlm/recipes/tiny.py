@@ -56,7 +56,9 @@ def _tiny_run(*, name: str, method: str, data_path: str, tokenizer: str, save_di
         rollout=RolloutConfig(static_fraction=static_fraction, min_length=MAX_NEW_TOKENS, max_length=MAX_NEW_TOKENS,
                               curriculum_steps=0),
         distill=DistillConfig(method=method),
-        optim=OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=warmup_steps),
+        # a run shorter than its warm-up (the demo's CI size) warms up over all but its last step: a
+        # warm-up of every step is refused (RunConfig._validate_warmup)
+        optim=OptimConfig(lr=lr, min_lr=lr / 10, warmup_steps=min(warmup_steps, steps - 1)),
         train=TrainConfig(steps=steps, prompts_per_step=prompts_per_step, micro_batch_size=prompts_per_step,
                           seed=seed, log_every=max(1, min(25, steps // 10)), save_every=save_every,
                           save_dir=save_dir),

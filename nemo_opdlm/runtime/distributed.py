@@ -69,11 +69,18 @@ class ParallelLayout:
     """Virtual pipeline stages per rank (interleaved schedule), or None."""
     teacher: Optional[TeacherLayout] = None
     """The teacher's own TP/PP on the same ranks; None: the teacher shares the student's layout."""
+    timeout_minutes: float = 30.0
+    """How long a collective waits for the other ranks before it fails (Megatron-LM's
+    ``--distributed-timeout-minutes``): a stopped or hung rank ends the job after this long, naming
+    the rank. Raise it if a step or a checkpoint save legitimately keeps ranks apart longer."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "cp"):
             if getattr(self, name) < 1:
                 raise LayoutError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.timeout_minutes > 0:  # also refuses NaN
+            raise LayoutError(f"parallel.timeout_minutes must be > 0 (minutes, may be fractional), got "
+                              f"{self.timeout_minutes}")
         if self.vpp is not None and (self.vpp < 2 or self.pp < 2):
             raise LayoutError(f"parallel.vpp={self.vpp} needs vpp >= 2 and pp >= 2 (pp={self.pp})")
         if self.cp > 1:
@@ -303,7 +310,7 @@ def init_runtime(
     seed: int = 1234,
     models: tuple[tuple[str, "ModelConfig"], ...] = (),
     backend: Optional[str] = None,
-    timeout_minutes: int = 30,
+    timeout_minutes: Optional[float] = None,
     environ: Optional[dict[str, str]] = None,
 ) -> Runtime:
     """Initialise torch.distributed and megatron-core groups for ``layout``; validate first.
@@ -313,13 +320,15 @@ def init_runtime(
         seed: base seed (see :func:`seeding.seed_everything`).
         models: (name, config) pairs to validate the layout against before anything is built.
         backend: 'nccl' or 'gloo'; default nccl when CUDA is available, else gloo.
-        timeout_minutes: collective timeout.
+        timeout_minutes: collective timeout; default ``layout.timeout_minutes``.
         environ: launcher variables (default ``os.environ``).
     """
     from megatron.core import parallel_state
 
     env = read_launch_env(environ)
     layout.dp(env.world_size)
+    if timeout_minutes is None:
+        timeout_minutes = layout.timeout_minutes
     for name, model in models:
         if name == "teacher_model":
             layout.check_teacher(model)
@@ -353,7 +362,8 @@ def init_runtime(
     if layout.teacher is not None:
         from nemo_opdlm.runtime.teacher_groups import teacher_context
 
-        teacher_ctx = teacher_context(layout.teacher.tp, layout.teacher.pp, env.world_size, env.rank)
+        teacher_ctx = teacher_context(layout.teacher.tp, layout.teacher.pp, env.world_size, env.rank,
+                                      timeout=timedelta(minutes=timeout_minutes))
     seed_everything(seed, ctx)
     global _CURRENT
     _CURRENT = Runtime(env=env, layout=layout, device=device, backend=backend, seed=seed, ctx=ctx,

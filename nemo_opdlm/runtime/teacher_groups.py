@@ -14,7 +14,8 @@ Non-goals: the student's groups (``distributed.py`` has megatron-core build them
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from datetime import timedelta
+from typing import Iterator, Optional
 
 import torch.distributed as dist
 
@@ -70,19 +71,22 @@ def _product(sizes: list[int]) -> Iterator[tuple[int, ...]]:
             yield (head,) + tail
 
 
-def _my_group(grid: Grid, vary: str, rank: int) -> tuple[dist.ProcessGroup, list[int]]:
+def _my_group(grid: Grid, vary: str, rank: int,
+              timeout: Optional[timedelta] = None) -> tuple[dist.ProcessGroup, list[int]]:
     """Create every group of the family ``vary`` (each rank must create them all) and return this
-    rank's, with its members."""
+    rank's, with its members. ``timeout``: the collective timeout (torch's default, 30 min, if None:
+    ``new_group`` does not inherit the world group's)."""
     mine = None
     for members in grid.groups(vary):
-        group = dist.new_group(members)
+        group = dist.new_group(members, timeout=timeout)
         if rank in members:
             mine = (group, members)
     assert mine is not None
     return mine
 
 
-def teacher_context(tp: int, pp: int, world_size: int, rank: int) -> ParallelContext:
+def teacher_context(tp: int, pp: int, world_size: int, rank: int,
+                    timeout: Optional[timedelta] = None) -> ParallelContext:
     """This rank's place in the teacher's TP x DP x PP split, with its own process groups.
 
     Collective: every rank of the world calls it, with the same sizes."""
@@ -90,16 +94,16 @@ def teacher_context(tp: int, pp: int, world_size: int, rank: int) -> ParallelCon
 
     grid = Grid.of(tp, pp, world_size)
     t, d, p = grid.coords(rank)
-    tp_group, _ = _my_group(grid, "t", rank)
-    dp_group, _ = _my_group(grid, "d", rank)
-    pp_group, pp_members = _my_group(grid, "p", rank)
-    mp_group, _ = _my_group(grid, "tp", rank)
-    tp_dp_group, _ = _my_group(grid, "td", rank)
-    single, _ = _my_group(grid, "", rank)  # context parallelism is 1: a group of one
+    tp_group, _ = _my_group(grid, "t", rank, timeout)
+    dp_group, _ = _my_group(grid, "d", rank, timeout)
+    pp_group, pp_members = _my_group(grid, "p", rank, timeout)
+    mp_group, _ = _my_group(grid, "tp", rank, timeout)
+    tp_dp_group, _ = _my_group(grid, "td", rank, timeout)
+    single, _ = _my_group(grid, "", rank, timeout)  # context parallelism is 1: a group of one
     embd = pos_embd = None
     for members in grid.groups("p"):  # tied embeddings: the first and last stage of each pipeline
         ends = sorted({members[0], members[-1]})
-        group, first = dist.new_group(ends), dist.new_group([members[0]])
+        group, first = dist.new_group(ends, timeout=timeout), dist.new_group([members[0]], timeout=timeout)
         if rank in ends:
             embd = group
         if rank == members[0]:

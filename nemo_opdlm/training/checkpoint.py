@@ -185,6 +185,19 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
     return target
 
 
+def saved_data_cursor(ckpt_dir: str) -> Optional[dict[str, Any]]:
+    """The data cursor ``ckpt_dir`` saved (``PromptLoader.state_dict``), read from its small common
+    state alone: a resume that cannot continue it is refused before any model is built."""
+    from megatron.core import dist_checkpointing
+
+    try:
+        common = dist_checkpointing.load_common_state_dict(ckpt_dir)
+    except Exception:  # noqa: BLE001  (a damaged checkpoint is named by load(), which reads it next)
+        return None
+    data = (common.get("common") or {}).get("data") if isinstance(common, dict) else None
+    return data if isinstance(data, dict) else None
+
+
 @torch.no_grad()
 def load(ckpt_dir: str, state: TrainState) -> dict[str, Any]:
     """Restore weights and optimizer state from ``ckpt_dir``, and the config's schedule at the saved

@@ -11,18 +11,21 @@ keeps non-finite weights out of every checkpoint).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.data.sampler import PromptLoader
 from nemo_opdlm.distill.packing import real_tokens
-from nemo_opdlm.errors import NonFiniteLossError  # noqa: F401  (re-exported)
+from nemo_opdlm.errors import NonFiniteLossError, OPDLMError  # noqa: F401  (NonFiniteLossError: re-exported)
 from nemo_opdlm.models.teacher import resident
 from nemo_opdlm.rollout.schedules import LengthCurriculum
+from nemo_opdlm.runtime.collective_errors import as_collective_error
 from nemo_opdlm.runtime.comm import agree, is_rank0
 from nemo_opdlm.runtime.context import ParallelContext
 from nemo_opdlm.runtime.device import peak_gib_since_last_call
 from nemo_opdlm.runtime.distributed import init_runtime, shutdown_runtime
+from nemo_opdlm.runtime.orphans import ParentWatch
 from nemo_opdlm.runtime.preemption import Preemption
 from nemo_opdlm.runtime.seeding import seed_everything, step_seed
 from nemo_opdlm.training import checkpoint, run_config, run_dir
@@ -33,12 +36,32 @@ from nemo_opdlm.training.setup import build
 from nemo_opdlm.training.step import forward_backward, reduce_reported, student_schedule
 
 
+@dataclass
+class Where:
+    """Where the run is (``"step 4 (checkpoint save)"``): what a failed collective's message names."""
+
+    label: str = "setup (building the models, resuming)"
+
+
 def train(cfg: RunConfig) -> dict[str, Any]:
-    """Run ``cfg`` in this process (one rank of a torchrun/srun job). Returns a summary."""
+    """Run ``cfg`` in this process (one rank of a torchrun/srun job). Returns a summary.
+
+    A torchrun worker dies with its launcher (``runtime/orphans.py``). A collective that times out
+    (a stopped or hung rank) or loses a rank that exited is raised as one-line CollectiveError naming
+    where and whom (``runtime/collective_errors.py``)."""
+    parent = ParentWatch.start()
     rt = init_runtime(cfg.parallel, seed=cfg.train.seed,
                       models=(("model", cfg.model), ("teacher_model", cfg.teacher)))
+    where = Where()
     try:
-        return _train(cfg, rt.ctx, rt.teacher_ctx)
+        return _train(cfg, rt.ctx, rt.teacher_ctx, parent, where)
+    except BaseException as err:  # a checkpoint save wraps a rank's failure in a BaseException
+        if isinstance(err, (OPDLMError, KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        failure = as_collective_error(err, where.label, cfg.parallel.timeout_minutes)
+        if failure is None:
+            raise
+        raise failure from err
     finally:
         shutdown_runtime()
 
@@ -48,7 +71,8 @@ def _note(message: str) -> None:
         print(f"[opdlm] {message}", flush=True)
 
 
-def _train(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelContext) -> dict[str, Any]:
+def _train(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelContext, parent: ParentWatch,
+           where: Where) -> dict[str, Any]:
     lock, resume_from = None, None
     if cfg.train.save_dir:  # one writer per run directory; decided before the models load
         lock, resume_from = run_dir.open_run(cfg.train.save_dir, resume=cfg.train.resume,
@@ -61,24 +85,24 @@ def _train(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Parallel
                 _note(f"resuming with a config that differs from {check.source}: {'; '.join(check.changed)}. "
                       "This run's config wins for each (optim.* and train.steps: the LR schedule is rebuilt "
                       "from it at the checkpoint's update count)")
-        return _run(cfg, parallel, teacher_parallel, resume_from)
+        return _run(cfg, parallel, teacher_parallel, resume_from, parent, where)
     finally:
         if lock is not None:
             lock.release()
 
 
 def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelContext,
-         resume_from: Optional[str]) -> dict[str, Any]:
+         resume_from: Optional[str], parent: ParentWatch, where: Where) -> dict[str, Any]:
     t_build = time.perf_counter()
     _note(describe_run(cfg, parallel.tp_size, parallel.pp_size, parallel.dp_size))
-    s = build(cfg, parallel, teacher_parallel)
+    s = build(cfg, parallel, teacher_parallel, resume_from)
     state = wrap_for_training(s.student, cfg.model, cfg.optim, cfg.train.steps)
-    if cfg.train.save_dir and is_rank0():
-        run_config.write(cfg.train.save_dir, cfg)  # the config this run uses (each step_N/ keeps its own)
     log = MetricsLogger(enabled=parallel.is_logging_rank, total_steps=cfg.train.steps, out_dir=cfg.train.save_dir,
                         tensorboard_dir=cfg.train.tensorboard_dir, wandb_project=cfg.train.wandb_project,
                         run_name=cfg.name, config=to_dict(cfg))
     start = _resume(resume_from, state, s.loader, log) if resume_from else 0
+    if cfg.train.save_dir and is_rank0():  # once the run is accepted: a refused one leaves the record as it was
+        run_config.write(cfg.train.save_dir, cfg)  # the config this run uses (each step_N/ keeps its own)
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
                                   block_size=student_schedule(cfg).block_size)
@@ -91,6 +115,8 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
 
     def save(at: int) -> None:
         if cfg.train.save_dir:
+            parent.check(f"before saving step {at}")
+            where.label = f"step {at} (checkpoint save)"
             t = time.perf_counter()
             saved.append(checkpoint.save(cfg.train.save_dir, at, state, extra={"data": s.loader.state_dict()},
                                          model=cfg.model, diffusion=cfg.diffusion, hf_config=s.hf_config,
@@ -103,6 +129,8 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
     t_loop = time.perf_counter()
     with Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):
+            parent.check(f"before step {step}")
+            where.label = f"step {step} (rollout, teacher targets, forward/backward)"
             t0 = time.perf_counter()
             seed = step_seed(cfg.train.seed, step)
             seed_everything(seed, parallel)
@@ -113,6 +141,7 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
             resp, rows, reported = out.responses, out.rows, out.reported
             t_rollout = out.seconds["rollout_s"]
             t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
+            where.label = f"step {step} (metrics all-reduce, optimizer step)"
             metrics = reduce_reported(reported, parallel.dp_group)
             lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
             grad_norm = _update(state, metrics, step, nonfinite)
@@ -124,7 +153,9 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
             scalars.update({f"memory/{phase}_peak_gib": gib for phase, gib in peaks.items() if gib is not None})
             history.append(dict(step=step, **scalars))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                parent.check(f"before logging step {step}")
                 log.log(step, scalars)
+            where.label = f"step {step} (pre-emption check)"
             stop = agree(preempt.seen)
             exit_now = bool(cfg.train.exit_interval) and step % cfg.train.exit_interval == 0 and step < cfg.train.steps
             if (stop or exit_now or step == cfg.train.steps

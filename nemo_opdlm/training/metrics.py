@@ -143,14 +143,24 @@ class MetricsLogger:
         )
         print(f"[opdlm] step {step}/{self.total_steps} {shown} eta={_fmt_time(eta)}", flush=True)
         if self.jsonl:
-            self.jsonl.write(json_line(dict(step=step, **scalars)) + "\n")
-            self.jsonl.flush()
+            self._write_line(json_line(dict(step=step, **scalars)) + "\n")
         if self.tb:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)
             self.tb.flush()
         if self.wandb:
             self.wandb.log(scalars, step=step)
+
+    def _write_line(self, line: str) -> None:
+        """Append ``line`` to metrics.jsonl; an OSError (a full disk) names the file, which a write
+        to an open file leaves out (the user saw "no space left to write ?")."""
+        try:
+            self.jsonl.write(line)
+            self.jsonl.flush()
+        except OSError as err:
+            if err.filename is None:
+                err.filename = self.jsonl.name
+            raise
 
     def note(self, message: str) -> None:
         if self.enabled:

@@ -23,6 +23,7 @@ from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.grid import recorded_grid
 from nemo_opdlm.training.run_dir import CONFIG as CONFIG_FILE
+from nemo_opdlm.training.run_dir import step_of
 
 
 def write(directory: str, cfg: RunConfig) -> str:
@@ -108,11 +109,24 @@ class ResumeCheck:
     """``key: saved -> now`` for every other change; the starting config wins for each."""
 
 
+def check_steps(ckpt_dir: str, cfg: RunConfig) -> None:
+    """A resume needs ``train.steps`` at least the checkpoint's step: below it the run would start
+    "step 4 of 2" and run nothing (``train.steps`` is the whole schedule's length, not the steps
+    still to run)."""
+    done = step_of(ckpt_dir)
+    if cfg.train.steps < done:
+        raise ConfigError(
+            f"cannot resume from {ckpt_dir}: it is at step {done}, past train.steps={cfg.train.steps} (the whole run's "
+            f"length, not the steps still to run): set train.steps above {done} to train further, or start a new run "
+            "(another train.save_dir, or train.resume=false train.overwrite=true)")
+
+
 def check_resume(ckpt_dir: str, cfg: RunConfig) -> ResumeCheck:
     """Compare ``cfg`` with the config of the checkpoint a run resumes from. Raises ConfigError naming
     each differing architecture field when the student's or the teacher's model differs, or both
     block grids when the grid differs (a checkpoint older than ``diffusion.block_grid`` records
-    'response': ``models.grid.recorded_grid``)."""
+    'response': ``models.grid.recorded_grid``), or ``train.steps`` below its step (``check_steps``)."""
+    check_steps(ckpt_dir, cfg)
     saved = read(ckpt_dir)
     if saved is not None:
         source = os.path.join(ckpt_dir, CONFIG_FILE)

@@ -16,8 +16,8 @@ written by a killed first save) the newest complete ``step_N`` directory, said s
 start from step 0 in a directory that already holds checkpoints (``train.resume=false``) is
 refused unless ``train.overwrite=true``, which removes them (and ``metrics.jsonl``, ``config.yaml`` and
 the W&B run id) first. A resumed
-run's ``metrics.jsonl`` is cut back to the resumed step, so steps a killed run logged after its
-last checkpoint are not listed twice.
+run's ``metrics.jsonl`` is cut back to the resumed step (a run from step 0's to nothing), so steps a
+killed run logged after its last checkpoint are not listed twice.
 """
 
 from __future__ import annotations
@@ -201,7 +201,9 @@ def resume_point(save_dir: str, latest: str, note: Callable[[str], None] = print
         with open(pointer) as f:
             name = f.read().strip()
         ckpt = os.path.join(save_dir, name)
-        if ckpt in steps:
+        if not name:
+            _empty_pointer(pointer, save_dir, steps, note)
+        elif ckpt in steps:
             candidates = [ckpt] + [p for p in reversed(steps) if p < ckpt]
         elif steps:
             note(f"{pointer} names {name}, which is not a complete checkpoint: trying {steps[-1]} instead")
@@ -219,6 +221,31 @@ def resume_point(save_dir: str, latest: str, note: Callable[[str], None] = print
         raise CheckpointError(f"every checkpoint in {save_dir} is damaged (the newest: {damage(candidates[0])}); "
                               "restore them, or set train.resume=false train.overwrite=true to start over")
     return None
+
+
+def _empty_pointer(pointer: str, save_dir: str, steps: list[str], note: Callable[[str], None]) -> None:
+    """An empty ``latest`` (its write cut short, or emptied by hand) names nothing: the newest complete
+    checkpoint is used instead, said so; with none, the run is refused with what to do (it used to
+    print "latest names , which ...")."""
+    if steps:
+        note(f"{pointer} is empty: resuming from the newest complete checkpoint {steps[-1]}")
+        return
+    raise CheckpointError(f"{pointer} is empty and {save_dir} holds no complete checkpoint: delete {pointer} to "
+                          "start afresh, or set train.save_dir to another directory")
+
+
+def check_step_names(save_dir: str) -> None:
+    """Refuse, at start, a file named like a checkpoint (``step_N``) in ``save_dir``: the run saves
+    its checkpoints as ``step_N/`` directories there, and the save that met it would fail only
+    then, hours in, with another tool's remedy."""
+    if not os.path.isdir(save_dir):
+        return
+    for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
+        if name.startswith("step_") and name[5:].isdigit() and not os.path.isdir(path):
+            raise CheckpointError(f"train.save_dir={save_dir}: {path} is a file, where the run saves its checkpoints "
+                                  "as step_N directories: remove or move it, or set train.save_dir to another "
+                                  "directory")
 
 
 def start_fresh(save_dir: str, latest: str, overwrite: bool, note: Callable[[str], None] = print) -> None:
@@ -264,7 +291,8 @@ def truncate_metrics(save_dir: str, step: int) -> None:
         os.replace(tmp, path)
 
 
-def _step_of(ckpt: str) -> int:
+def step_of(ckpt: str) -> int:
+    """The step of a ``step_N`` checkpoint directory."""
     return int(os.path.basename(ckpt)[5:])
 
 
@@ -280,12 +308,14 @@ def open_run(save_dir: str, *, resume: bool, overwrite: bool, latest: str, note:
         if is_rank0():
             try:
                 clear_leftovers(save_dir, note)
+                check_step_names(save_dir)
                 if resume:
                     verdict = ("start", resume_point(save_dir, latest, note, damage))
-                    if verdict[1] is not None:
-                        truncate_metrics(save_dir, _step_of(verdict[1]))
                 else:
                     start_fresh(save_dir, latest, overwrite, note)
+                # a killed run's lines past the step this run starts at (all of them from step 0: a run
+                # killed before its first checkpoint) would be listed twice
+                truncate_metrics(save_dir, step_of(verdict[1]) if verdict[1] is not None else 0)
             except CheckpointError as err:
                 verdict = ("error", str(err))
         kind, value = broadcast_object(verdict)

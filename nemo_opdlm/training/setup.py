@@ -32,6 +32,7 @@ def load_tokenizer(cfg: RunConfig):
 
     where = cfg.init.tokenizer_dir()
     tok = AutoTokenizer.from_pretrained(where)
+    check_shared_vocab(len(tok), cfg, where)  # first: it names both sizes where they differ
     check_vocab_fits(tok, cfg.model.vocab_size, where, "model.vocab_size")
     check_mask_token(cfg.diffusion.mask_token_id, tok, where)
     if cfg.init.student_hf and cfg.init.teacher_hf and cfg.init.student_hf != cfg.init.teacher_hf:
@@ -44,6 +45,17 @@ def load_tokenizer(cfg: RunConfig):
     return tok
 
 
+def check_shared_vocab(tokenizer_len: int, cfg: RunConfig, where: str) -> None:
+    """A teacher and student whose vocabularies differ in padding rows (``RunConfig.teacher_built``)
+    must both cover every id of the tokenizer, else the rows dropped from the teacher are real ids."""
+    t, s = cfg.teacher.vocab_size, cfg.model.vocab_size
+    if t != s and tokenizer_len > min(t, s):
+        raise ConfigError(
+            f"teacher_model.vocab_size={t} and model.vocab_size={s} differ, and the tokenizer in {where} has "
+            f"{tokenizer_len} ids: vocabularies may differ only in padding rows past the tokenizer; use a "
+            "teacher and student of one family that share this tokenizer")
+
+
 def eos_ids(tokenizer) -> tuple[int, ...]:
     """The tokenizer's EOS and end-of-turn tokens; a run whose responses could never end is refused."""
     ids = tokenizer_eos_ids(tokenizer)
@@ -53,15 +65,17 @@ def eos_ids(tokenizer) -> tuple[int, ...]:
 
 
 def _load_weights(chunks: list[DiffusionGPTModel], cfg_model, hf: Optional[str], ckpt: Optional[str],
-                  global_groups: bool = True) -> bool:
-    """``hf`` or ``ckpt``'s weights into ``chunks`` (``global_groups`` False: a teacher at its own layout)."""
+                  global_groups: bool = True, checked_as=None) -> bool:
+    """``hf`` or ``ckpt``'s weights into ``chunks`` (``global_groups`` False: a teacher at its own layout;
+    ``checked_as``: the architecture the source is checked against when ``cfg_model`` cuts its
+    vocabulary, ``RunConfig.teacher_built``)."""
     if hf:
-        load_hf_weights(chunks, hf, cfg_model)
+        load_hf_weights(chunks, hf, cfg_model, checked_as=checked_as)
         return True
     if ckpt:
         if not os.path.isdir(ckpt):
             raise ConfigError(f"init.teacher_checkpoint: {ckpt} does not exist")
-        load_dist_checkpoint(chunks, ckpt, cfg=cfg_model, global_groups=global_groups)
+        load_dist_checkpoint(chunks, ckpt, cfg=cfg_model, global_groups=global_groups, checked_as=checked_as)
         return True
     return False
 
@@ -92,9 +106,9 @@ def build_models(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Op
         if not (cfg.init.teacher_hf or cfg.init.teacher_checkpoint):
             raise ConfigError(f"distill.method={cfg.distill.method} needs the teacher's weights: "
                               "set init.teacher_hf or init.teacher_checkpoint")
-        teacher = build_teacher(cfg.teacher, teacher_parallel or parallel)
-        _load_weights(teacher, cfg.teacher, cfg.init.teacher_hf, cfg.init.teacher_checkpoint,
-                      global_groups=cfg.parallel.teacher is None)
+        teacher = build_teacher(cfg.teacher_built, teacher_parallel or parallel)
+        _load_weights(teacher, cfg.teacher_built, cfg.init.teacher_hf, cfg.init.teacher_checkpoint,
+                      global_groups=cfg.parallel.teacher is None, checked_as=cfg.teacher)
         if cfg.distill.teacher_offload and torch.cuda.is_available():
             offload(teacher, "cpu")  # brought to the GPU only while a step uses it
     student = build_student(cfg.model, cfg.diffusion, parallel)
@@ -144,11 +158,34 @@ class Setup:
     one: checkpoints record it, so that the HF export needs no ``--hf-source``."""
 
 
-def build(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Optional[ParallelContext] = None) -> Setup:
-    """Tokenizer and prompts first (cheap, most likely to be wrong), then the models (the teacher at
+def check_data_cursor(loader: PromptLoader, ckpt_dir: str) -> None:
+    """A resume from ``ckpt_dir`` can continue its data cursor with this run's prompts, seed and
+    batch: checked once the prompts are read and before the models are built (the refusal used to
+    come after both models had loaded, with config.yaml already rewritten)."""
+    from nemo_opdlm.data.sampler import ShardedSampler
+    from nemo_opdlm.errors import DataError
+    from nemo_opdlm.training.checkpoint import saved_data_cursor
+
+    saved = saved_data_cursor(ckpt_dir)
+    if not saved or any(key not in saved for key in ShardedSampler.CURSOR_FIELDS):
+        return  # unreadable or older: checkpoint.load names the problem
+    differ = loader.sampler.mismatches(saved)
+    if differ:
+        keys = " and ".join(ShardedSampler.CURSOR_KEYS[k] for k in differ if k in ShardedSampler.CURSOR_KEYS)
+        raise DataError(f"cannot resume the data cursor of {ckpt_dir} ({'; '.join(differ.values())}): set "
+                        f"{keys or 'them'} back to resume it, or start a new run (another train.save_dir, or "
+                        "train.resume=false train.overwrite=true)")
+
+
+def build(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Optional[ParallelContext] = None,
+          resume_from: Optional[str] = None) -> Setup:
+    """Tokenizer and prompts first (cheap, most likely to be wrong), then, once a resume from
+    ``resume_from`` is known to continue its data cursor, the models (the teacher at
     ``teacher_parallel``'s layout when it has its own)."""
     tokenizer = load_tokenizer(cfg)
     loader = build_loader(cfg, tokenizer, parallel)
+    if resume_from:
+        check_data_cursor(loader, resume_from)
     student, teacher = build_models(cfg, parallel, teacher_parallel)
     source = cfg.init.student_hf or (cfg.init.teacher_hf if cfg.teacher_model is None else None)
     return Setup(tokenizer, eos_ids(tokenizer), pad_id(tokenizer), student, teacher, loader, cfg.init.tokenizer_dir(),

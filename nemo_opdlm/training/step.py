@@ -174,7 +174,7 @@ def teacher_route(cfg: RunConfig, teacher: Optional[list], student: ParallelCont
     t_tp = parallel_of(teacher).tp_size if teacher is not None else student.tp_size
     return make_route(name, teacher=teacher, student=student, own_layout=cfg.parallel.teacher is not None,
                       top_k=cfg.distill.top_k, student_vocab=cfg.model.padded_vocab_size(student.tp_size),
-                      teacher_vocab=cfg.teacher.padded_vocab_size(t_tp))
+                      teacher_vocab=cfg.teacher_built.padded_vocab_size(t_tp))
 
 
 def make_loss_fn(method: str | Method, num_sequences: int, scale: float, tp_group: Group,

@@ -10,6 +10,7 @@ pins the counts the closing note of the issue gives.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -41,6 +42,10 @@ class Env:
     eval_hf: str
     task: str
     run_dir: str
+    trained: str
+    """A real 2-step run directory (checkpoint step_0000002, config.yaml, metrics.jsonl)."""
+    student_ckpt: str
+    """A checkpoint whose config.yaml records an unshifted block-diffusion student."""
 
     def path(self, name: str) -> str:
         return os.path.join(self.root, name)
@@ -62,6 +67,8 @@ class Case:
     """Paths that must not exist afterwards (no half-written output)."""
     tool: str = ""
     """'import_hf' / 'export_hf': run that tool's main instead of opdlm."""
+    unchanged: list[str] = field(default_factory=list)
+    """Files that must be byte-identical afterwards (a refused run leaves the record as it was)."""
 
 
 def tool_main(name: str) -> Callable[[list[str]], int]:
@@ -110,7 +117,34 @@ def env(tmp_path_factory) -> Env:
     os.makedirs(os.path.join(root, "users_dir"))
     for name in ("notes.txt", "config.json"):
         open(os.path.join(root, "users_dir", name), "w").write("the user's")
-    return Env(root, recipe, cfg.init.teacher_hf, llama, ckpt, eval_hf, task, run_dir)
+    os.makedirs(os.path.join(root, "no_tok_files"))  # a folder with a config.json but no tokenizer
+    shutil.copy(os.path.join(cfg.init.teacher_hf, "config.json"), os.path.join(root, "no_tok_files"))
+    _nan_weights(cfg.init.teacher_hf, os.path.join(root, "nan_hf"))
+    os.makedirs(os.path.join(root, "step_file_run"))
+    open(os.path.join(root, "step_file_run", "step_0000003"), "w").write("not a checkpoint")
+    os.makedirs(os.path.join(root, "empty_latest"))
+    open(os.path.join(root, "empty_latest", "latest"), "w").close()
+    student = os.path.join(root, "student_ckpt")  # the import, recorded as a trained (unshifted) student
+    shutil.copytree(ckpt, student)
+    with open(os.path.join(student, "config.yaml"), "w") as f:
+        f.write(dump_yaml(cfg))
+    trained = os.path.join(root, "trained")
+    from nemo_opdlm.training.loop import train as run_training
+
+    run_training(make_run(root, "train.steps=2", f"train.save_dir={trained}"))
+    return Env(root, recipe, cfg.init.teacher_hf, llama, ckpt, eval_hf, task, run_dir, trained, student)
+
+
+def _nan_weights(hf_dir: str, out: str) -> None:
+    """A copy of ``hf_dir`` with one NaN in the first layer's MLP up-projection."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(hf_dir, out)
+    with open(os.path.join(out, "model.safetensors.index.json")) as f:
+        shard = json.load(f)["weight_map"]["model.layers.0.mlp.up_proj.weight"]
+    tensors = load_file(os.path.join(out, shard))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, os.path.join(out, shard), metadata={"format": "pt"})
 
 
 def train(e: Env, *overrides: str, save: str = "") -> list[str]:
@@ -135,6 +169,13 @@ def data(e: Env, name: str, body: bytes | str, *extra: str) -> list[str]:
 def from_ckpt(e: Env, ckpt: str, *extra: str) -> list[str]:
     """Train with the teacher from a megatron checkpoint instead of the HF directory."""
     return train(e, "init.teacher_hf=null", f"init.tokenizer={e.teacher_hf}", f"init.teacher_checkpoint={ckpt}", *extra)
+
+
+def resume(e: Env, *overrides: str) -> Case:
+    """Resume the trained run with ``overrides``: refused before any model is built, its
+    config.yaml and metrics.jsonl as they were."""
+    record = [os.path.join(e.trained, name) for name in ("config.yaml", "metrics.jsonl", "latest")]
+    return Case(["train", "--recipe", e.recipe, f"train.save_dir={e.trained}", *overrides], (), unchanged=record)
 
 
 def eval_data(e: Env, name: str, body: bytes | str) -> list[str]:
@@ -184,6 +225,18 @@ CASES: dict[str, dict[str, Builder]] = {
         "method_unknown": lambda e: Case(train(e, "distill.method=nope"), ("'nope'",)),
         "sft_without_responses": lambda e: Case(train(e, "distill.method=sft", "data.response_field=null"),
                                                 ("distill.method=sft needs data.response_field",)),
+        "lr_nan": lambda e: Case(train(e, "optim.lr=.nan"), ("optim.lr must be a number >= 0, got nan",)),
+        "lr_negative": lambda e: Case(train(e, "optim.lr=-0.001"), ("optim.lr must be a number >= 0, got -0.001",)),
+        "warmup_not_below_steps": lambda e: Case(
+            train(e, "optim.warmup_steps=3"),
+            ("optim.warmup_steps=3 >= train.steps=3", "set optim.warmup_steps below train.steps")),
+        "recipe_is_a_model": lambda e: Case(
+            ["train", "--recipe", "nemo_opdlm.recipes.models:qwen3_0_6b"],
+            ("--recipe nemo_opdlm.recipes.models:qwen3_0_6b is a model config", "`opdlm recipes` lists the recipes")),
+        "recipe_needs_arguments": lambda e: Case(
+            ["train", "--recipe", "nemo_opdlm.recipes.base:paper_run"],
+            ("is a function needing arguments (name, student, ", "`opdlm recipes` lists the recipes")),
+        "plan_without_a_config": lambda e: Case(["plan"], ("no config given", "--config")),
     },
     "data": {
         "data_missing": lambda e: Case(train(e, f"data.path={e.path('absent.jsonl')}"),
@@ -217,6 +270,11 @@ CASES: dict[str, dict[str, Builder]] = {
                                                                              "data.format")),
         "data_jsonl_format_on_a_folder": lambda e: Case(train(e, f"data.path={e.path('task')}", "data.format=jsonl"),
                                                         ("is a folder, not a jsonl file",)),
+        "data_prompt_nan": lambda e: Case(data(e, "nan.jsonl", OK + '\n{"prompt": NaN, "response": "w13"}\n'),
+                                          ("nan.jsonl:2: the field 'prompt' (data.prompt_field) is ",
+                                           "NaN, not a string", "give it text, or remove the record")),
+        "data_array_of_numbers": lambda e: Case(data(e, "nums.json", "[1, 2, 3]\n"),
+                                                ("nums.json (record 0): the record is a number (1), not an object",)),
     },
     "tokenizer": {
         "tokenizer_missing": lambda e: Case(train(e, f"init.tokenizer={e.path('no_tok')}"),
@@ -225,6 +283,9 @@ CASES: dict[str, dict[str, Builder]] = {
                                                       ("tok150 has 150 tokens but model.vocab_size=100",)),
         "mask_is_an_ordinary_token": lambda e: Case(train(e, "diffusion.mask_token_id=42"),
                                                     ("diffusion.mask_token_id=42 is the ordinary token 'w42'",)),
+        "tokenizer_folder_without_files": lambda e: Case(
+            train(e, f"init.tokenizer={e.path('no_tok_files')}"),
+            ("init.tokenizer: ", "no_tok_files has no tokenizer files (none of tokenizer.json", "set init.tokenizer")),
     },
     "checkpoint": {
         "model_fewer_layers_than_weights": lambda e: Case(
@@ -243,6 +304,10 @@ CASES: dict[str, dict[str, Builder]] = {
                                                                "model.num_layers=1 vs")),
         "teacher_checkpoint_truncated": lambda e: Case(from_ckpt(e, e.path("damaged_ckpt")),
                                                        ("damaged_ckpt/__0_", "truncated or cut short")),
+        "teacher_weights_nan": lambda e: Case(
+            train(e, f"init.teacher_hf={e.path('nan_hf')}"),
+            ("nan_hf/model-0", "the weight 'model.layers.0.mlp.up_proj.weight' holds NaN (1 of ",
+             "download or export them again")),
     },
     "save_dir": {
         "save_dir_under_a_file": lambda e: Case(train(e, save=e.path("a_file/run")),
@@ -253,6 +318,27 @@ CASES: dict[str, dict[str, Builder]] = {
                                                         ("already holds 1 checkpoint(s)", "train.overwrite=true")),
         "save_dir_locked_by_a_live_run": lambda e: Case(train(e, save=e.path("locked")),
                                                         ("being written by another run", f"pid {os.getppid()}")),
+        "save_dir_step_name_is_a_file": lambda e: Case(
+            train(e, save=e.path("step_file_run")),
+            ("train.save_dir=", "step_file_run/step_0000003 is a file", "remove or move it")),
+        "save_dir_latest_is_empty": lambda e: Case(
+            train(e, save=e.path("empty_latest")),
+            ("empty_latest/latest is empty and", "holds no complete checkpoint: delete")),
+    },
+    "resume": {
+        "resume_with_another_dataset": lambda e: dataclasses.replace(
+            resume(e, f"data.path={e.write('other.jsonl', (OK + chr(10)) * 12)}"),
+            needles=("cannot resume the data cursor of", "trained/step_0000002",
+                     "the usable prompts of data.path: 16 when saved, 12 now", "set data.path back")),
+        "resume_with_another_seed": lambda e: dataclasses.replace(
+            resume(e, "train.seed=7"), needles=("cannot resume the data cursor", "train.seed: 1234 when saved, 7 now", "set train.seed back")),
+        "resume_with_another_batch": lambda e: dataclasses.replace(
+            resume(e, "train.prompts_per_step=8"),
+            needles=("cannot resume the data cursor", "train.prompts_per_step: 4 when saved, 8 now",
+                     "set train.prompts_per_step back")),
+        "resume_with_fewer_steps": lambda e: dataclasses.replace(
+            resume(e, "train.steps=1", "optim.warmup_steps=0"),
+            needles=("trained/step_0000002: it is at step 2, past train.steps=1", "set train.steps above 2")),
     },
     "eval": {
         "eval_ckpt_is_a_run_directory": lambda e: Case(
@@ -282,6 +368,11 @@ CASES: dict[str, dict[str, Builder]] = {
                                                    ("threshold must be in (0, 1]",)),
         "eval_two_models": lambda e: Case(evaluate(e, "--hf", e.eval_hf, "--ckpt", e.ckpt),
                                           ("give exactly one model",)),
+        "eval_ar_on_an_unshifted_student": lambda e: Case(
+            evaluate(e, "--ckpt", e.student_ckpt, "--modes", "ar"),
+            ("--modes ar: ", "student_ckpt is a block-diffusion student", "distill.method=opdlm",
+             "diffusion.shift_logits=false", "predicts each masked token at its own position",
+             "--modes static dynamic")),
     },
     "convert": {
         "export_wrong_hf_source": lambda e: Case(
@@ -324,6 +415,9 @@ def test_bad_input_is_one_line(env, category, name, capsys, monkeypatch):
     case = CASES[category][name](env)
     if category == "eval":  # every refusal comes before the evaluation runs
         monkeypatch.setattr("nemo_opdlm.eval.evaluate.evaluate", lambda *a, **k: pytest.fail("evaluation ran"))
+    if category == "resume":  # refused before any model is built
+        monkeypatch.setattr("nemo_opdlm.training.setup.build_models", lambda *a, **k: pytest.fail("models built"))
+    kept = {path: open(path, "rb").read() for path in case.unchanged}
     before = sorted(os.listdir(env.root))
     capsys.readouterr()
     rc = tool_main(case.tool)(case.argv) if case.tool else cli.main(case.argv)
@@ -338,15 +432,18 @@ def test_bad_input_is_one_line(env, category, name, capsys, monkeypatch):
     for path in case.absent + [env.path("never_written")]:
         assert not os.path.exists(path), path
     assert sorted(os.listdir(env.root)) == before  # nothing new beside the inputs (no staging, no empty run dir)
+    for path, data in kept.items():
+        assert open(path, "rb").read() == data, path
     assert not _leftovers(env.root), _leftovers(env.root)
 
 
 def test_sweep_counts():
     """The counts the issue's closing note quotes: at least 40 bad inputs over config, data,
-    tokenizer, checkpoint, save_dir, eval (and the conversion tools)."""
+    tokenizer, checkpoint, save_dir, eval (and the conversion tools); issue 26 item 5 added 22, among
+    them the resume category (a refused resume leaves config.yaml and metrics.jsonl as they were)."""
     counts = {cat: len(cases) for cat, cases in CASES.items()}
-    assert counts == {"config": 24, "data": 15, "tokenizer": 3, "checkpoint": 6, "save_dir": 4, "eval": 11,
-                      "convert": 7}, counts
+    assert counts == {"config": 30, "data": 17, "tokenizer": 4, "checkpoint": 7, "save_dir": 6, "resume": 4,
+                      "eval": 12, "convert": 7}, counts
     assert sum(counts.values()) >= 40
 
 
@@ -430,7 +527,7 @@ def test_full_disk_during_a_checkpoint_save(env, capsys, monkeypatch):
     monkeypatch.setattr(sh, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 4096))
     run = env.path("full_run")
     capsys.readouterr()
-    assert cli.main(train(env, "train.steps=1", save=run)) == 2
+    assert cli.main(train(env, "train.steps=1", "optim.warmup_steps=0", save=run)) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if not line.startswith("[opdlm] ")]  # progress notes
     assert len(err) == 1 and "disk full: no space left to write" in err[0] and "full_run/step_0000001" in err[0], err
     assert "4096 bytes free" in err[0] and "unexpected pos 704 vs 598" in err[0]
@@ -482,3 +579,32 @@ def test_under_torchrun_each_failing_rank_prints_one_line(env):
     assert 1 <= len(ranks) == len(set(ranks)) and set(ranks) <= {"[rank 0", "[rank 1"}, out[-3000:]
     assert all("a part of this path is a file" in line for line in ours)
     assert "[rank0]:" not in out and "[rank1]:" not in out, out[-3000:]
+
+
+def test_causal_decoding_of_a_student_is_refused_or_said_what_it_measures(env, tmp_path):
+    """``opdlm eval --modes ar`` reads a model's records before building it: an unshifted student
+    (a trainer checkpoint's config.yaml, an exported config.json) is refused (the sweep's
+    eval_ar_on_an_unshifted_student through the CLI); a shifted one is decoded, with a note saying
+    what the score measures; an AR model (an import: no config.yaml) is neither."""
+    import yaml
+
+    from nemo_opdlm.convert.hf_config import STUDENT_ARCHITECTURE
+    from nemo_opdlm.errors import ConfigError
+    from nemo_opdlm.eval.loading import causal_decoding_note
+
+    shifted = str(tmp_path / "shifted")
+    shutil.copytree(env.student_ckpt, shifted)
+    saved = yaml.safe_load(open(os.path.join(shifted, "config.yaml")))
+    saved["diffusion"]["shift_logits"] = True
+    with open(os.path.join(shifted, "config.yaml"), "w") as f:
+        yaml.safe_dump(saved, f)
+    note = causal_decoding_note(None, shifted)
+    assert note.startswith(f"note: --modes ar decodes {shifted}, a block-diffusion student with shifted logits ("), note
+    assert "diffusion.shift_logits=true" in note and "not its block decoding" in note
+    assert causal_decoding_note(None, env.ckpt) is None and causal_decoding_note(env.eval_hf, None) is None
+    exported = tmp_path / "exported"
+    exported.mkdir()
+    (exported / "config.json").write_text(json.dumps({"architectures": [STUDENT_ARCHITECTURE], "shift_logits": False}))
+    with pytest.raises(ConfigError, match=r"--modes ar: .*exported is a block-diffusion student \(.*config.json: an "
+                                          r"exported student, shift_logits=False\)"):
+        causal_decoding_note(str(exported), None)

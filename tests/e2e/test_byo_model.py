@@ -30,7 +30,7 @@ def test_train_reads_the_model_and_mask_from_the_users_files(tmp_path, capsys):
            "data": {"path": str(tmp_path / "chat.jsonl"), "prompt_field": "messages", "response_field": "messages",
                     "chat_template": "never", "max_prompt_tokens": 16},
            "distill": {"method": "sft"},
-           "rollout": {"min_length": 8, "max_length": 8},
+           "rollout": {"min_length": 8, "max_length": 8}, "optim": {"warmup_steps": 0},
            "train": {"steps": 1, "prompts_per_step": 2, "save_dir": str(tmp_path / "run")}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(run))
     # chat records need a chat template: the word-level tokenizer has none, so the run says so

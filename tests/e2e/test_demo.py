@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -44,3 +45,25 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
         assert results["plot"] is None
     else:
         assert open(results["plot"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_preempted_stage_stops_the_demo_without_scoring_it(tmp_path, capsys, monkeypatch):
+    """A signal that stops the teacher's training (status ``preempted``) ends the demo with one line and
+    exit 1: the half-trained teacher is neither converted nor scored."""
+    from nemo_opdlm.training import loop
+
+    real_train = loop.train
+
+    def preempted(cfg):
+        short = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=2, save_every=2),
+                                    optim=dataclasses.replace(cfg.optim, warmup_steps=0))
+        result = real_train(short)
+        return dict(result, status="preempted")
+
+    monkeypatch.setattr(loop, "train", preempted)
+    out = str(tmp_path / "demo")
+    assert demo.demo_main(["--quick", "--out", out]) == 1
+    captured = capsys.readouterr()
+    assert ("opdlm demo: the AR teacher's training stopped at step 2 of 20 (preempted): nothing was evaluated; "
+            "run `opdlm demo --overwrite` again") in captured.err
+    assert "3/4" not in captured.out and not os.path.exists(os.path.join(out, "student"))

@@ -142,6 +142,20 @@ def test_dry_run_passes_and_refuses(tmp_path):
     assert _calls(env) == ""  # nothing was launched
 
 
+def test_dry_run_takes_a_yaml_recipe(tmp_path):
+    """``RECIPE=recipes/NAME.yaml sbatch slurm/convert_8b.sh``: the exported file is planned on the
+    cluster its header names, with key=value overrides on top."""
+    env = _fake_slurm(str(tmp_path))
+    env = {k: v for k, v in env.items() if not k.startswith("SLURM_") and k not in ("GPU_KIND", "RUN_DIR")}
+    env["RECIPE"] = "recipes/qwen3_8b_self_tp2_pp1_8g.yaml"
+    ok = subprocess.run(["bash", SCRIPTS[0], "--dry-run", "train.steps=100"], env=env, capture_output=True,
+                        text=True, timeout=120)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "opdlm plan: recipes/qwen3_8b_self_tp2_pp1_8g.yaml on 1 node(s) x 8 GPUs (h100-80g" in ok.stdout
+    assert ok.stdout.rstrip().endswith("ok")
+    assert _calls(env) == ""
+
+
 def _tiny_inputs(tmp) -> tuple[str, str]:
     from tests.tiny import write_hf_model, write_prompts
 

@@ -50,8 +50,8 @@ def _watch_models(monkeypatch, poison_teacher=False):
     from nemo_opdlm.training import loop
     real, seen = loop.build, {}
 
-    def build(cfg, parallel, teacher_parallel=None):
-        s = real(cfg, parallel, teacher_parallel)
+    def build(cfg, parallel, teacher_parallel=None, resume_from=None):
+        s = real(cfg, parallel, teacher_parallel, resume_from)
         if poison_teacher:
             w = next(p for n, p in s.teacher[0].named_parameters() if "linear_qkv.weight" in n)
             with torch.no_grad():
@@ -129,7 +129,7 @@ def test_infinite_lr_stops_without_writing_a_nonfinite_checkpoint(tmp_path):
         train(fresh)
     assert not [n for n in os.listdir(fresh.train.save_dir) if "step_" in n or n == "latest"]
 
-    train(make_run(str(tmp_path), "train.steps=1"))  # a good checkpoint at step 1
+    train(make_run(str(tmp_path), "train.steps=1", "optim.warmup_steps=0"))  # a good checkpoint at step 1
     run = tmp_path / "run"
     with pytest.raises(NonFiniteStateError, match=r"not saving step 2: .*NaN/inf \(weight .*"
                                                   r"the last good checkpoint step_0000001 stays latest"):
@@ -182,7 +182,7 @@ def test_cli_run_prints_no_known_library_warnings(tmp_path):
     """``opdlm train`` without PYTHONWARNINGS: megatron-core's Transformer Engine / Apex notices and
     its deprecation notices are filtered in the process (18 lines reached stderr before)."""
     cfg_path = tmp_path / "run.yaml"
-    cfg_path.write_text(dump_yaml(make_run(str(tmp_path), "train.steps=1", "train.save_dir=null")))
+    cfg_path.write_text(dump_yaml(make_run(str(tmp_path), "train.steps=1", "optim.warmup_steps=0", "train.save_dir=null")))
     env = {k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"}
     out = subprocess.run(cli_cmd(str(cfg_path)), env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr

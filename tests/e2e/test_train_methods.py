@@ -139,7 +139,7 @@ def test_static_rows_cosine_curriculum_and_domain_caps(tmp_path):
 
 def test_off_policy_teacher_rollouts_and_topk(tmp_path):
     cfg = make_run(str(tmp_path), "distill.method=off_policy", "data.response_field=null", "distill.top_k=8",
-                   "train.save_dir=null", "train.steps=1")
+                   "train.save_dir=null", "train.steps=1", "optim.warmup_steps=0")
     h = train(cfg)["history"][0]
     assert h["rollout/tokens_generated"] > 0 and math.isfinite(h["loss"])
     # 4 rows [prompt | x0 | xt] padded to the longest: the real tokens are fewer, and at least x0 and xt

@@ -160,7 +160,7 @@ def worker_pp2_targets(tmp_dir):
     patch(loop_module, "forward_backward",
           lambda *a, **k: real(*a, route="before_pass" if how == "upfront" else None, **k))
     _run_layout(tmp_dir, "parallel.pp=2", "targets", "distill.top_k=null", f"train.micro_batch_size={4 // int(n)}",
-                "train.steps=1")
+                "train.steps=1", "optim.warmup_steps=0")
     with open(os.path.join(tmp_dir, f"live_targets_{os.environ['RANK']}.json"), "w") as f:
         json.dump(counter, f)
 
@@ -310,7 +310,7 @@ def worker_own_layout_stream(tmp_dir):
     loop_module.forward_backward = lambda *a, **k: real_fb(*a, **dict(k, route="before_pass" if how == "first" else None))
     teacher = {"tp2": "parallel.teacher.tp=2", "pp2": "parallel.teacher.pp=2"}[layout]
     _run_layout(tmp_dir, teacher, "run", "distill.top_k=null", "train.prompts_per_step=8",
-                f"train.micro_batch_size={4 // int(n)}", "train.steps=1")
+                f"train.micro_batch_size={4 // int(n)}", "train.steps=1", "optim.warmup_steps=0")
     with open(os.path.join(tmp_dir, f"live_targets_{os.environ['RANK']}.json"), "w") as f:
         json.dump(counter, f)
 

@@ -208,3 +208,144 @@ def test_distributed_optimizer_sigkill_then_resume_gives_the_same_losses(tmp_pat
         refused = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
         assert refused.returncode != 0, refused.stdout[-2000:] + refused.stderr[-2000:]
         assert message in refused.stdout + refused.stderr, refused.stderr[-2000:]
+
+
+# --- Faults around the launcher (issue 26, item 5): an orphaned worker, a stopped rank, failed workers ---
+
+
+def _workers(launcher_pid):
+    """rank -> pid of the training workers under a torchrun agent (read from their RANK variable)."""
+    found = {}
+    for pid in _descendants(launcher_pid):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+        except OSError:
+            continue
+        if b"RANK" in env and _cmdline(pid) and b"nemo_opdlm.cli" in _cmdline(pid):
+            found.setdefault(int(env[b"RANK"]), pid)  # the trainer, not its forked helpers (same RANK)
+    return found
+
+
+def _alive(pid):
+    """Running (a zombie left for a dead parent to reap counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _checkpoints(run):
+    return sorted(n for n in os.listdir(run) if n.startswith("step_"))
+
+
+@pytest.mark.distributed
+def test_sigkill_to_plain_torchrun_takes_its_workers_with_it(tmp_path, signal_recipe):
+    """SIGKILL to plain torchrun's agent (what a kill of the launcher's process group reaches: the
+    workers run in sessions of their own): the workers lived on and committed two more checkpoints.
+    Now they die within seconds, and no checkpoint or metrics line appears afterwards."""
+    recipe, _ = signal_recipe
+    run = tmp_path / "run"
+    proc = _start(_torchrun_cmd(recipe, f"train.save_dir={run}", launcher="torch.distributed.run"))
+    _read_until(proc, f"step 2/{SIGNAL_STEPS}")
+    workers = _workers(proc.pid)
+    assert sorted(workers) == [0, 1], workers
+    helpers = [p for p in _descendants(proc.pid) if p != proc.pid]
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        proc.wait(timeout=30)
+        while any(_alive(p) for p in workers.values()) and time.monotonic() - killed < 10:
+            time.sleep(0.05)
+        gone_after = time.monotonic() - killed
+        assert not any(_alive(p) for p in workers.values()), f"workers still running {gone_after:.1f} s after the kill"
+        steps, metrics = _checkpoints(run), (run / "metrics.jsonl").read_text()
+        time.sleep(5)  # several steps' time: an orphan would have trained and saved on by now
+        assert _checkpoints(run) == steps and (run / "metrics.jsonl").read_text() == metrics
+        assert len(steps) < SIGNAL_STEPS
+    finally:  # the checkpoint writer's spawned Manager outlives a SIGKILLed worker (idle, it writes nothing)
+        _signal_all([p for p in helpers if _alive(p)], signal.SIGKILL)
+
+
+@pytest.mark.distributed
+def test_failed_workers_are_summarised_in_one_line_by_the_launcher(tmp_path, signal_recipe):
+    """Both workers fail with a one-line error: plain torchrun followed them with a ChildFailedError
+    traceback and a table; the project's launcher prints one summary line quoting the first error and
+    exits with the workers' status (2)."""
+    recipe, _ = signal_recipe
+    done = subprocess.run(_torchrun_cmd(recipe, f"train.save_dir={tmp_path / 'run'}", "train.steps=0"), env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "Traceback" not in done.stderr and "ChildFailedError" not in done.stderr, done.stderr[-4000:]
+    summary = [line for line in done.stderr.splitlines() if line.startswith("opdlm launcher:")]
+    assert len(summary) == 1, done.stderr[-4000:]
+    assert summary[0].startswith("opdlm launcher: 2 of 2 ranks failed (exit 2); first error (rank "), summary[0]
+    assert "): [rank " in summary[0] and "train.steps" in summary[0] and "; logs: " in summary[0], summary[0]
+
+
+@pytest.mark.distributed
+def test_a_stopped_rank_ends_the_job_in_one_line_per_rank_and_resumes_exactly(tmp_path, signal_recipe_2ranks):
+    """SIGSTOP one worker mid-run: the other waited for the 30-minute collective timeout, which the
+    config could not set. At parallel.timeout_minutes=0.25 the live rank gives up after 15 s with one
+    line naming the stopped rank; continued, the stopped rank says the others gave up on it; the
+    launcher adds one summary line, no traceback; resuming gives every step the uninterrupted loss."""
+    recipe, want = signal_recipe_2ranks
+    run = tmp_path / "run"
+    proc = _start(_torchrun_cmd(recipe, f"train.save_dir={run}", "parallel.timeout_minutes=0.25"))
+    _read_until(proc, f"step 3/{SIGNAL_STEPS}")
+    stuck = _workers(proc.pid)[1]
+    os.kill(stuck, signal.SIGSTOP)
+    stopped_at = time.monotonic()
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith("[rank 0] opdlm train: error (CollectiveError)"):
+            break
+    waited = time.monotonic() - stopped_at
+    os.kill(stuck, signal.SIGCONT)
+    out = "".join(lines) + proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2, out[-4000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-4000:]
+    errors = {line.split("]")[0] + "]": line for line in out.splitlines()
+              if line.startswith("[rank ") and "error (CollectiveError)" in line}
+    assert set(errors) == {"[rank 0]", "[rank 1]"}, out[-4000:]
+    assert "timed out after waiting 0.25 min" in errors["[rank 0]"] and "rank 1 likely stuck" in errors["[rank 0]"]
+    assert "raise parallel.timeout_minutes" in errors["[rank 0]"], errors["[rank 0]"]
+    assert "rank 0 timed out waiting for this rank (1)" in errors["[rank 1]"], errors["[rank 1]"]
+    summary = [line for line in out.splitlines() if line.startswith("opdlm launcher: ")]
+    assert len(summary) == 1 and "2 of 2 ranks failed (exit 2); first error (rank 0): " in summary[0], summary
+    assert 15 <= waited < 60, waited
+
+    done = subprocess.run(_torchrun_cmd(recipe, f"train.save_dir={run}"), env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    got = read_metrics(run)
+    assert sorted(got) == list(range(1, SIGNAL_STEPS + 1))
+    assert [got[s] for s in sorted(got)] == [want[s] for s in sorted(want)]
+
+
+def test_checkpoint_directories_get_a_plain_mkdir_mode(tmp_path):
+    """``step_N/`` (and every staged output) was 0700 (tempfile.mkdtemp) inside a 0755 run directory:
+    unreadable for the rest of a shared cluster. It now gets a plain mkdir's mode: 0777 less the umask."""
+    from nemo_opdlm.convert.staging import staged_dir
+
+    old = os.umask(0o027)
+    try:
+        for mask in (0o022, 0o027):
+            os.umask(mask)
+            target = tmp_path / f"step_{mask:o}"
+            with staged_dir(str(target), overwrite=False, note=lambda _: None) as staging:
+                (tmp_path / staging / "f").write_text("x")
+            assert (target.stat().st_mode & 0o7777) == 0o777 & ~mask
+    finally:
+        os.umask(old)
+
+
+@pytest.mark.slow
+def test_a_trained_run_s_checkpoints_have_the_run_directory_s_mode(signal_recipe):
+    """The uninterrupted run of the fixture (umask 022): every step_N/ is 0755 like its run directory."""
+    recipe, _ = signal_recipe
+    run = recipe.parent / "straight"
+    modes = {n: (run / n).stat().st_mode & 0o7777 for n in _checkpoints(run)}
+    assert modes and set(modes.values()) == {run.stat().st_mode & 0o7777}, modes

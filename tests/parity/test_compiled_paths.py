@@ -72,6 +72,7 @@ def test_a_bf16_step_equals_the_fp32_step_within_bf16_precision(tmp_path, method
     got = {}
     for dtype in ("float32", "bfloat16"):
         history = train(make_run(str(tmp_path), f"distill.method={method}", "train.save_dir=null", "train.steps=1",
+                                 "optim.warmup_steps=0",
                                  f"model.params_dtype={dtype}"))["history"]
         got[dtype] = history[0]
     for key in ("loss", "grad_norm"):

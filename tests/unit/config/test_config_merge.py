@@ -65,7 +65,7 @@ def test_whole_yaml_config_takes_overlays_and_overrides(tmp_path):
     ("qwen:qwen3_8b_self_tp2_pp1_8g", "recipe module 'qwen' not found; did you mean 'qwen3'"),
     ("qwen3_8b_self", "no recipe named 'qwen3_8b_self'; did you mean 'qwen3_8b_self_tp2_pp1_8g'"),
     ("llama31:qwen3_8b_self_tp2_pp1_8g", "it is qwen3:qwen3_8b_self_tp2_pp1_8g"),
-    ("tiny:tiny_shape", "recipe 'tiny_shape' not in tiny"),  # a helper of the module, not a recipe
+    ("tiny:tiny_shape", "--recipe tiny:tiny_shape is a model config"),  # a helper of the module, not a recipe
 ])
 def test_recipe_misspellings_suggest_names(spec, needle):
     with pytest.raises(ConfigError) as err:

@@ -123,13 +123,15 @@ def test_overrides_apply_and_typos_are_refused():
         load_recipe("qwen3:qwen3_8b_self_tp2_pp1_8")
 
 
-def test_mixed_family_teacher_is_refused():
-    """A Qwen2.5 teacher (152,064 rows) cannot teach a Qwen3 student (151,936): one vocabulary is needed."""
-    with pytest.raises(ConfigError, match="must share a tokenizer"):
+def test_teacher_with_fewer_rows_than_its_student_is_refused():
+    """A Qwen3 teacher (151,936 rows) cannot teach a Qwen2.5-7B student (152,064): the student's last rows
+    would have no teacher probability. (A larger teacher of another family passes this check; the
+    tokenizers' comparison at start-up, ``training.setup.load_tokenizer``, refuses that pair.)"""
+    with pytest.raises(ConfigError, match="teacher_model.vocab_size=151936 is below model.vocab_size=152064"):
         resolve("qwen25_32b_tp4_pp1_to_7b_tp2_pp1_8g",
-                [f"model.{k}={v}" for k, v in dict(vocab_size=151936, num_layers=36, hidden_size=4096,
-                                                   ffn_hidden_size=12288, num_attention_heads=32,
-                                                   num_query_groups=8).items()])
+                [f"teacher_model.{k}={v}" for k, v in dict(vocab_size=151936, num_layers=36, hidden_size=4096,
+                                                           ffn_hidden_size=12288, num_attention_heads=32,
+                                                           num_query_groups=8).items()])
 
 
 @pytest.mark.parametrize("base, continued", [
@@ -150,3 +152,12 @@ def test_a_larger_block_stage_changes_only_the_block_its_schedule_and_the_steps(
     assert b.train.steps > a.train.steps and b.rollout.max_length % b.diffusion.block_size == 0
     changed = {line.split(":")[0] for line in changes(to_dict(a), b)}
     assert changed <= {"name", "diffusion.block_size", "rollout.steps_per_block", "train.steps"}, changed
+
+
+def test_qwen25_7b_teacher_is_read_with_the_1_5b_students_rows():
+    """Qwen2.5-7B (152,064 rows) into Qwen2.5-1.5B (151,936): one tokenizer, the teacher's extra rows
+    are padding and are dropped when it is built (``RunConfig.teacher_built``)."""
+    cfg = load_recipe("qwen25_7b_to_1_5b_tp1_pp1_8g")
+    assert (cfg.teacher.vocab_size, cfg.teacher_built.vocab_size, cfg.model.vocab_size) == (152064, 151936, 151936)
+    assert cfg.teacher_built.num_layers == cfg.teacher.num_layers == 28 and cfg.model.hidden_size == 1536
+    assert cfg.diffusion.mask_token_id == m.QWEN25_MASK_ID < cfg.model.vocab_size

@@ -99,3 +99,31 @@ def test_tensorboard_scalars_are_written_under_the_run_directory(tmp_path):
     loss = events.Scalars("loss")
     assert [e.step for e in loss] == [1, 2, 3]
     assert [round(e.value, 6) for e in loss] == [1.0, 0.5, round(1 / 3, 6)]
+
+
+def test_a_full_disk_while_logging_names_metrics_jsonl(tmp_path, monkeypatch):
+    """A write to an open file raises an OSError without a file name: the one-line error said "no
+    space left to write ?"; it names metrics.jsonl now."""
+    import errno
+
+    from nemo_opdlm.errors import describe_os_error
+    from nemo_opdlm.training.metrics import MetricsLogger
+
+    log = MetricsLogger(enabled=True, total_steps=3, out_dir=str(tmp_path / "run"), tensorboard_dir=None,
+                        wandb_project=None, run_name="tiny", config={})
+    if log.tb is not None:
+        log.tb.close()
+        log.tb = None
+
+    class Full:
+        name = log.jsonl.name
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    log.jsonl.close()
+    log.jsonl = Full()
+    with pytest.raises(OSError) as err:
+        log.log(1, {"loss": 1.0})
+    line = describe_os_error(err.value)
+    assert line.startswith(f"disk full: no space left to write {tmp_path / 'run' / 'metrics.jsonl'} "), line

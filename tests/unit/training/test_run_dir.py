@@ -90,3 +90,37 @@ def test_where_a_run_starts(tmp_path):
     lock, start = R.open_run(str(run), resume=False, overwrite=True, latest="latest", note=notes.append)
     lock.release()
     assert start is None and R.step_dirs(str(run)) == [] and not (run / "metrics.jsonl").exists()
+
+
+def test_a_fresh_start_drops_the_metrics_of_a_run_killed_before_its_first_checkpoint(tmp_path):
+    """Such a run left steps 1.. in metrics.jsonl; the next starts at step 0 and used to append, so
+    step 1 was listed twice. A run from step 0 (no checkpoint to resume) truncates them."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (1, 2)))
+    for resume in (True, False):
+        lock, start = R.open_run(str(run), resume=resume, overwrite=False, latest="latest", note=lambda m: None)
+        lock.release()
+        assert start is None and (run / "metrics.jsonl").read_text() == ""
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n")
+
+
+def test_an_empty_latest_pointer_and_a_file_named_like_a_checkpoint(tmp_path):
+    """An empty ``latest`` is said so (it read "latest names , which ..."): the newest checkpoint is
+    used, or with none the run is refused with what to do. A file named ``step_N`` is refused at
+    start, not at the save that meets it."""
+    notes = []
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest").write_text("\n")
+    with pytest.raises(CheckpointError, match=r"latest is empty and .* holds no complete checkpoint: delete .*latest"):
+        R.open_run(str(run), resume=True, overwrite=False, latest="latest", note=notes.append)
+    newest = _step(run, 3)
+    lock, start = R.open_run(str(run), resume=True, overwrite=False, latest="latest", note=notes.append)
+    lock.release()
+    assert start == newest and notes[-1] == f"{run / 'latest'} is empty: resuming from the newest complete checkpoint {newest}"
+    (run / "step_0000005").write_text("x")
+    with pytest.raises(CheckpointError, match=r"step_0000005 is a file, where the run saves its checkpoints as step_N "
+                                              r"directories: remove or move it"):
+        R.open_run(str(run), resume=True, overwrite=False, latest="latest", note=notes.append)
+    assert not (run / R.LOCK).exists()
