@@ -32,7 +32,7 @@ from nemo_opdlm.training import checkpoint, run_config, run_dir
 from nemo_opdlm.training.finite import NonFiniteSteps, agreed_problem, step_problem
 from nemo_opdlm.training.metrics import MetricsLogger, describe_run, run_summary
 from nemo_opdlm.training.optim import TrainState, optimizer_step, wrap_for_training
-from nemo_opdlm.training.setup import build
+from nemo_opdlm.training.setup import Setup, build
 from nemo_opdlm.training.step import forward_backward, reduce_reported, student_schedule
 
 
@@ -106,7 +106,6 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
     curriculum = LengthCurriculum(min_length=cfg.rollout.min_length, max_length=cfg.rollout.max_length,
                                   warmup_steps=cfg.rollout.curriculum_steps, shape=cfg.rollout.curriculum,
                                   block_size=student_schedule(cfg).block_size)
-    dp = parallel.dp_size
     history: list[dict[str, float]] = []
     nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_in_row, log.note)
     step, status = start, "completed"
@@ -130,27 +129,7 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
     with Preemption() as preempt:
         for step in range(start + 1, cfg.train.steps + 1):
             parent.check(f"before step {step}")
-            where.label = f"step {step} (rollout, teacher targets, forward/backward)"
-            t0 = time.perf_counter()
-            seed = step_seed(cfg.train.seed, step)
-            seed_everything(seed, parallel)
-            batch = s.loader.next_batch()
-            length = curriculum.length(step - 1)
-            with resident(s.teacher, cfg.distill.teacher_offload):
-                out = forward_backward(cfg, batch, state, s.teacher, s.eos_ids, s.pad_id, seed=seed, length=length)
-            resp, rows, reported = out.responses, out.rows, out.reported
-            t_rollout = out.seconds["rollout_s"]
-            t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
-            where.label = f"step {step} (metrics all-reduce, optimizer step)"
-            metrics = reduce_reported(reported, parallel.dp_group)
-            lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
-            grad_norm = _update(state, metrics, step, nonfinite)
-            t_train = time.perf_counter() - t1
-            peaks = dict(out.peak_gib, optimizer=peak_gib_since_last_call())
-
-            scalars = _scalars(metrics, resp.rollout_metrics, rows, length, grad_norm, lr, t_rollout, t_train,
-                               time.perf_counter() - t0, dp)
-            scalars.update({f"memory/{phase}_peak_gib": gib for phase, gib in peaks.items() if gib is not None})
+            scalars = _train_step(cfg, s, state, step, curriculum.length(step - 1), nonfinite, parallel, where)
             history.append(dict(step=step, **scalars))
             if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                 parent.check(f"before logging step {step}")
@@ -175,6 +154,31 @@ def _run(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: ParallelCo
                          saved[-1] if saved else None, cfg.train.save_dir))
     log.close()
     return {"status": status, "step": step, "history": history}
+
+
+def _train_step(cfg: RunConfig, s: Setup, state: TrainState, step: int, length: int, nonfinite: NonFiniteSteps,
+                parallel: ParallelContext, where: Where) -> dict[str, float]:
+    """One step: rollouts of up to ``length`` tokens, teacher targets, forward/backward, the update
+    (skipped when not finite); returns the step's scalars (``where`` names the phase for a
+    collective's timeout)."""
+    where.label = f"step {step} (rollout, teacher targets, forward/backward)"
+    t0 = time.perf_counter()
+    seed = step_seed(cfg.train.seed, step)
+    seed_everything(seed, parallel)
+    batch = s.loader.next_batch()
+    with resident(s.teacher, cfg.distill.teacher_offload):
+        out = forward_backward(cfg, batch, state, s.teacher, s.eos_ids, s.pad_id, seed=seed, length=length)
+    t1 = time.perf_counter() - out.seconds["student_fwd_bwd_s"]
+    where.label = f"step {step} (metrics all-reduce, optimizer step)"
+    metrics = reduce_reported(out.reported, parallel.dp_group)
+    lr = float(state.optimizer.param_groups[0]["lr"])  # this step's (the scheduler moves it on after)
+    grad_norm = _update(state, metrics, step, nonfinite)
+    t_train = time.perf_counter() - t1
+    peaks = dict(out.peak_gib, optimizer=peak_gib_since_last_call())
+    scalars = _scalars(metrics, out.responses.rollout_metrics, out.rows, length, grad_norm, lr, out.seconds["rollout_s"],
+                       t_train, time.perf_counter() - t0, parallel.dp_size)
+    scalars.update({f"memory/{phase}_peak_gib": gib for phase, gib in peaks.items() if gib is not None})
+    return scalars
 
 
 def _resume(resume_from: str, state: TrainState, loader: PromptLoader, log: MetricsLogger) -> int:
