@@ -124,7 +124,7 @@ def mean_response_tokens(path: str, tokenizer) -> float:
 
 def checkpoints(save_dir: str) -> list[tuple[int, str]]:
     """(step, path) of every saved checkpoint, oldest first."""
-    from nemo_opdlm.training.run_dir import step_dirs
+    from nemo_opdlm.checkpoint.run_dir import step_dirs
 
     return step_dirs(save_dir)
 

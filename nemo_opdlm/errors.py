@@ -9,7 +9,7 @@ keeps its traceback.
 - :class:`DataError`: a dataset (file, record, field).
 - :class:`CheckpointError`: a checkpoint or weights file that is missing, damaged or of another model.
 - :class:`ConvertError`: a Hugging Face <-> megatron-core conversion that cannot proceed
-  (``convert/errors.py`` refines it).
+  (``convert/errors.py`` and ``checkpoint/errors.py`` refine it).
 - :class:`CollectiveError`: a collective across ranks timed out or lost a rank (``runtime/collective_errors.py``).
 - :class:`NonFiniteLossError`: training diverged (too many non-finite steps in a row);
   :class:`NonFiniteStateError`: the student's weights or optimizer state are not finite (nothing saved).

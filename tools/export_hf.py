@@ -121,8 +121,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                                                   register_mask_token)
     from nemo_opdlm.convert.mcore_to_hf import HF_EXPORT, check_export_format, export_checkpoint, resolve_export
     from nemo_opdlm.convert.sdar import SDAR_MASK_TOKEN
-    from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
-    from nemo_opdlm.convert.staging import check_target
+    from nemo_opdlm.checkpoint.format import read_checkpoint_meta
+    from nemo_opdlm.checkpoint.staging import check_target
     from nemo_opdlm.runtime.comm import is_rank0
     from nemo_opdlm.errors import OPDLMError
     from nemo_opdlm.models.config import DiffusionConfig, check_mask_in_vocab

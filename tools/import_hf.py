@@ -40,8 +40,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from nemo_opdlm.convert import hf_config as hfc
     from nemo_opdlm.convert.errors import ConvertError
     from nemo_opdlm.convert.hf_to_mcore import HFCheckpoint, import_hf
-    from nemo_opdlm.convert.dist_checkpoint import DIST_CHECKPOINT
-    from nemo_opdlm.convert.staging import check_target
+    from nemo_opdlm.checkpoint.format import DIST_CHECKPOINT
+    from nemo_opdlm.checkpoint.staging import check_target
     from nemo_opdlm.runtime.comm import is_rank0
     from nemo_opdlm.errors import ConfigError
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime

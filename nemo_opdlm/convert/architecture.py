@@ -2,7 +2,7 @@
 
 One job: read the architecture (a ``ModelConfig``) off an HF directory's config.json or off the model
 config a megatron-core checkpoint recorded, whichever the directory is, as Megatron-Bridge's
-AutoBridge does. It sits above both readers (``hf_config.py``, ``dist_checkpoint.py``), which do not
+AutoBridge does. It sits above both readers (``hf_config.py``, ``checkpoint/format.py``), which do not
 know each other. Non-goals: converting weights (``hf_to_mcore.py``, ``mcore_to_hf.py``).
 """
 
@@ -11,10 +11,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from nemo_opdlm.checkpoint.format import read_checkpoint_meta
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.models.describe import model_config_from_dict
 
 
 def model_config_of_weights(path: str, key: str, **overrides: Any) -> ModelConfig:
@@ -38,4 +39,4 @@ def model_config_of_weights(path: str, key: str, **overrides: Any) -> ModelConfi
     if not meta.get("model_config"):
         raise ConfigError(f"{key}: {path} has neither a config.json nor a recorded model config "
                           "(opdlm_convert.json): set the model.* fields")
-    return hfc.model_config_from_dict(dict(meta["model_config"], **overrides))
+    return model_config_from_dict(dict(meta["model_config"], **overrides))

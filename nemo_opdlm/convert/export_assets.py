@@ -256,7 +256,7 @@ def write_student_assets(directory: str, source_architecture: str, diffusion: Di
     The tokenizer files are copied as they are and rewritten only to register the [MASK], so the
     tokenizer is read here exactly as a user reads it from the export (by its tokenizer_config.json,
     not by the source model's type)."""
-    from nemo_opdlm.convert.hf_config import TOKENIZER_FILES
+    from nemo_opdlm.checkpoint.format import TOKENIZER_FILES
 
     for name in TOKENIZER_FILES:
         path = os.path.join(assets_dir, name) if assets_dir else ""

@@ -14,7 +14,8 @@ import json
 import os
 from typing import Any, Optional
 
-from nemo_opdlm.convert.errors import UnsupportedArchitectureError, VocabMismatchError
+from nemo_opdlm.checkpoint.errors import VocabMismatchError
+from nemo_opdlm.convert.errors import UnsupportedArchitectureError
 from nemo_opdlm.models.families import ARCHITECTURES, FAMILIES
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig, RopeScaling
 
@@ -26,14 +27,11 @@ MODELING_MODULE = "modeling_opdlm"
 ATTENTION_KIND = "block_causal"
 TORCH_DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16", "fp32": "float32",
                 "bf16": "bfloat16", "fp16": "float16"}
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
-                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
-                   "chat_template.json", "generation_config.json")
 
 
 VOCABULARY_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 """Files of which a tokenizer directory holds at least one (the rest of ``TOKENIZER_FILES`` come
-beside them: merges, templates, generation settings)."""
+beside them: merges, templates, generation settings; ``checkpoint.format.TOKENIZER_FILES``)."""
 
 
 def has_tokenizer_files(directory: str) -> bool:
@@ -261,17 +259,6 @@ def student_hf_config(cfg: ModelConfig, diffusion: DiffusionConfig, source: Opti
     return out
 
 
-def model_config_to_dict(cfg: ModelConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
-
-
-def model_config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    data = dict(data)
-    if data.get("rope_scaling") is not None:
-        data["rope_scaling"] = RopeScaling(**data["rope_scaling"])
-    return ModelConfig(**data)
-
-
 def tokenizer_vocab_size(hf_dir: str) -> Optional[int]:
     """1 + the largest token id in ``tokenizer.json`` (vocab + added tokens), or None if absent."""
     path = os.path.join(hf_dir, "tokenizer.json")
@@ -293,37 +280,6 @@ def check_tokenizer_fits(hf_dir: str, vocab_size: int) -> None:
             f"the tokenizer in {hf_dir} has token ids up to {n - 1} but the model's vocab_size is "
             f"{vocab_size}: tokenizer and weights come from different models"
         )
-
-
-ARCHITECTURE_FIELDS: dict[str, Optional[str]] = {
-    "family": "architectures", "num_layers": "num_hidden_layers", "hidden_size": "hidden_size",
-    "ffn_hidden_size": "intermediate_size", "num_attention_heads": "num_attention_heads",
-    "num_query_groups": "num_key_value_heads", "head_dim": "head_dim", "vocab_size": "vocab_size",
-    "rotary_base": "rope_theta", "rope_scaling": "rope_scaling", "norm_eps": "rms_norm_eps",
-    "qk_layernorm": None, "add_qkv_bias": None, "tie_word_embeddings": "tie_word_embeddings",
-}
-"""The :class:`ModelConfig` fields that decide the weights' shapes or what the model computes, with
-their config.json names (None: implied by the architecture); ``head_dim`` is compared as resolved
-(``kv_channels``). Not compared: how a model is run (dtype, backends, recompute, vocabulary
-padding) and ``max_position_embeddings``, a usage limit no weight depends on."""
-
-
-def architecture_differences(ours: ModelConfig, theirs: ModelConfig, prefix: str = "") -> list[str]:
-    """Every architecture field on which two configs disagree, as ``{prefix}field=A vs hf_name=B``
-    (``prefix``: how the reader names ``ours``' fields, e.g. ``model.``)."""
-    out = []
-    for name, hf_name in ARCHITECTURE_FIELDS.items():
-        attr = "kv_channels" if name == "head_dim" else name
-        a, b = getattr(ours, attr), getattr(theirs, attr)
-        if a != b:
-            out.append(f"{prefix}{name}={a!r} vs {hf_name or name}={b!r}")
-    return out
-
-
-def fix_fields(prefix: str) -> str:
-    """The remedy for :func:`architecture_differences`: the fields to set, or the weights to load."""
-    fields = f"{prefix}*" if prefix else "the model config"
-    return f"set {fields} to the checkpoint's values, or load the checkpoint meant for this model"
 
 
 def check_same_vocab(teacher: ModelConfig, student: ModelConfig) -> None:

@@ -4,7 +4,7 @@ One job: fill the parameters of already-built ``DiffusionGPTModel`` chunks (teac
 whatever TP/PP/VPP layout megatron-core was initialised with) straight from a Hugging Face
 directory, reading only the rows each rank owns, tensor by tensor, shard file by shard file, and
 ``import_hf``: an HF directory saved as a megatron-core checkpoint. Non-goals: building the parallel
-runtime (``runtime/distributed.py``), dist-checkpoint I/O itself (``dist_checkpoint.py``), exporting
+runtime (``runtime/distributed.py``), dist-checkpoint I/O itself (``checkpoint/format.py``), exporting
 (``mcore_to_hf.py``).
 
 Memory: a rank holds its model chunks plus one HF tensor slice at a time; files are read with
@@ -20,15 +20,16 @@ from typing import Any, Iterable, Optional
 
 import torch
 
+from nemo_opdlm.checkpoint.errors import ArchitectureMismatchError, CheckpointFileError, VocabMismatchError
+from nemo_opdlm.checkpoint.format import DIST_CHECKPOINT, check_finite, save_dist_checkpoint
+from nemo_opdlm.checkpoint.staging import check_target
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.errors import (ArchitectureMismatchError, CheckpointFileError, ConvertError,
-                                       UnsupportedArchitectureError, VocabMismatchError)
+from nemo_opdlm.convert.errors import ConvertError, UnsupportedArchitectureError
 from nemo_opdlm.convert.key_maps import (GATE_UP, IGNORED_HF_SUFFIXES, QKV, Rule, expected_hf_shapes, fuse_gate_up,
                                          fuse_qkv, rule_for, shard_rows, split_layer_name)
-from nemo_opdlm.convert.dist_checkpoint import DIST_CHECKPOINT, check_finite, save_dist_checkpoint
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile
-from nemo_opdlm.convert.staging import check_target
 from nemo_opdlm.models.config import ModelConfig
+from nemo_opdlm.models.describe import architecture_differences, fix_fields
 from nemo_opdlm.models.gpt import DiffusionGPTModel
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.models.teacher import build_teacher
@@ -126,11 +127,11 @@ def check_hf_config(hf_dir: str, cfg: ModelConfig, prefix: str = "") -> None:
         theirs = hfc.model_config_from_hf(hfc.read_hf_config(hf_dir))
     except (ConvertError, KeyError, ValueError, TypeError):
         return  # no usable config.json: the tensors alone are checked
-    differ = hfc.architecture_differences(cfg, theirs, prefix)
+    differ = architecture_differences(cfg, theirs, prefix)
     if differ:
         raise ArchitectureMismatchError(
             f"{hf_dir}/config.json describes another model than the one being loaded: {'; '.join(differ)} "
-            f"(the loaded model's value first): {hfc.fix_fields(prefix)}")
+            f"(the loaded model's value first): {fix_fields(prefix)}")
 
 
 def check_layout(cfg: ModelConfig, parallel: ParallelContext) -> None:

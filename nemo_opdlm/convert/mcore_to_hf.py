@@ -26,19 +26,22 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from nemo_opdlm.checkpoint.errors import ArchitectureMismatchError
+from nemo_opdlm.checkpoint.format import (ASSETS_DIR, TOKENIZER_FILES, load_dist_checkpoint,
+                                          read_checkpoint_meta)
+from nemo_opdlm.checkpoint.staging import OutputKind, check_target, staged_dir
 from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.errors import ArchitectureMismatchError, ConvertError
+from nemo_opdlm.convert.errors import ConvertError
 from nemo_opdlm.convert import sdar
 from nemo_opdlm.convert.export_assets import (DEFAULT_MAX_NEW_TOKENS, MASK_TOKEN, MODEL_CARD, CardFacts,
                                               trained_with, write_student_assets)
-from nemo_opdlm.convert.dist_checkpoint import ASSETS_DIR, load_dist_checkpoint, read_checkpoint_meta
 from nemo_opdlm.convert.hf_to_mcore import INDEX_FILE, SINGLE_FILE, check_layout, parameter_sources, without_random_init
 from nemo_opdlm.convert.key_maps import to_hf
 from nemo_opdlm.convert.safetensors_io import write_safetensors
-from nemo_opdlm.convert.staging import OutputKind, check_target, staged_dir
 from nemo_opdlm.runtime.comm import is_rank0
 from nemo_opdlm.rollout.decode import DecodeConfig
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
+from nemo_opdlm.models.describe import architecture_differences, model_config_from_dict
 from nemo_opdlm.models.families import FAMILIES
 from nemo_opdlm.models.student import build_chunks, unwrap
 from nemo_opdlm.runtime.context import ParallelContext
@@ -47,7 +50,7 @@ MODELING_FILE = os.path.join(sdar.HF_MODELING_DIR, "modeling_opdlm.py")
 DEFAULT_MAX_SHARD_BYTES = 5 * 1024**3
 HF_EXPORT = OutputKind("Hugging Face export", (
     "config.json", "*.safetensors", INDEX_FILE, f"{hfc.MODELING_MODULE}.py", *sdar.SDAR_FILES, MODEL_CARD,
-    *hfc.TOKENIZER_FILES))
+    *TOKENIZER_FILES))
 """Everything an export writes: ``--overwrite`` replaces a previous export, never other files."""
 
 
@@ -209,7 +212,7 @@ def write_hf_metadata(directory: str, cfg: ModelConfig, *, source_config: Option
     """config.json (``dtype``: the weights' dtype as written), the tokenizer, and for a student the
     modeling file(s), generation_config.json and README.md (``export_format``: see ``export_chunks``)."""
     if diffusion is None:
-        for name in hfc.TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             path = os.path.join(assets_dir, name) if assets_dir else ""
             if path and os.path.isfile(path):
                 shutil.copy2(path, os.path.join(directory, name))
@@ -256,7 +259,7 @@ def resolve_export(ckpt_dir: str, *, hf_source: Optional[str] = None, model_conf
 
     The architecture comes from, in order: ``model_config``, the checkpoint's own
     ``opdlm_convert.json``, or ``hf_source``'s config.json. An ``hf_source`` that describes another
-    model than the checkpoint (any field of ``hf_config.ARCHITECTURE_FIELDS``) is refused with
+    model than the checkpoint (any field of ``models.describe.ARCHITECTURE_FIELDS``) is refused with
     every differing field named: its config.json and tokenizer would be written beside weights
     they do not describe. Reads only small files, so the tool can refuse before the runtime starts.
     """
@@ -267,7 +270,7 @@ def resolve_export(ckpt_dir: str, *, hf_source: Optional[str] = None, model_conf
         source_config, assets_dir = hfc.read_hf_config(hf_source), hf_source
     cfg = model_config
     if cfg is None and meta.get("model_config"):
-        cfg = hfc.model_config_from_dict(meta["model_config"])
+        cfg = model_config_from_dict(meta["model_config"])
     if cfg is None and source_config is not None:
         cfg = hfc.model_config_from_hf(source_config)
     if cfg is None:
@@ -275,7 +278,7 @@ def resolve_export(ckpt_dir: str, *, hf_source: Optional[str] = None, model_conf
     if overrides:
         cfg = cfg.replace(**overrides)
     if source_config is not None:
-        differ = hfc.architecture_differences(cfg, hfc.model_config_from_hf(source_config))
+        differ = architecture_differences(cfg, hfc.model_config_from_hf(source_config))
         if differ:
             source = os.path.join(hf_source, "config.json") if hf_source else f"{ckpt_dir}'s stored HF config"
             raise ArchitectureMismatchError(

@@ -22,7 +22,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from nemo_opdlm.convert.errors import CheckpointFileError
+from nemo_opdlm.checkpoint.errors import CheckpointFileError
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,

@@ -137,7 +137,7 @@ def causal_decoding_note(hf: Optional[str], ckpt: Optional[str]) -> Optional[str
 def check_checkpoint_dir(ckpt: str) -> None:
     """``ckpt`` is a megatron-core checkpoint; a training run's directory is answered with the
     ``step_N`` checkpoints in it (the one ``latest`` names first), not with a missing metadata file."""
-    from nemo_opdlm.training.run_dir import step_dirs
+    from nemo_opdlm.checkpoint.run_dir import step_dirs
 
     if not os.path.isdir(ckpt):
         raise CheckpointError(f"--ckpt {ckpt} " + ("is a file, not a checkpoint directory" if os.path.exists(ckpt)
@@ -178,10 +178,11 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
     """
     from transformers import AutoTokenizer
 
+    from nemo_opdlm.checkpoint.format import load_dist_checkpoint, read_checkpoint_meta
     from nemo_opdlm.convert import hf_config as hfc
-    from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint, read_checkpoint_meta
     from nemo_opdlm.convert.hf_to_mcore import teacher_from_hf
     from nemo_opdlm.data.prompts import check_vocab_fits
+    from nemo_opdlm.models.describe import model_config_from_dict
     from nemo_opdlm.models.student import build_chunks
 
     if bool(hf) == bool(ckpt):
@@ -205,7 +206,7 @@ def load_model(parallel: ParallelContext, *, hf: Optional[str] = None, ckpt: Opt
         diffusion = meta.get("diffusion") or {}
         cfg = model_config
         if cfg is None and meta.get("model_config"):
-            cfg = hfc.model_config_from_dict(meta["model_config"])
+            cfg = model_config_from_dict(meta["model_config"])
         if cfg is None:
             raise CheckpointError(f"{ckpt} has no opdlm_convert.json: its model config is unknown "
                                   "(evaluate through the training run, or use tools/import_hf.py)")

@@ -20,10 +20,10 @@ if TYPE_CHECKING:  # annotations only: models.config imports torch, which `opdlm
 
 def compare_architecture(expected: ModelConfig, found: ModelConfig, what: str, source: str) -> list[Finding]:
     """An error naming every architecture field where the checkpoint and the recipe disagree
-    (``hf_config.architecture_differences``: the trainer's own check, the same wording)."""
-    from nemo_opdlm.convert import hf_config as hfc
+    (``models.describe.architecture_differences``: the trainer's own check, the same wording)."""
+    from nemo_opdlm.models.describe import architecture_differences
 
-    diffs = hfc.architecture_differences(expected, found)
+    diffs = architecture_differences(expected, found)
     if diffs:
         return [Finding("error", f"{what} does not match {source}: " + "; ".join(diffs)
                         + " (wrong checkpoint for this recipe, or fix the recipe's shape)")]

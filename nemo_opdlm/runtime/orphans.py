@@ -12,7 +12,7 @@ the job into the same run directory. Two mechanisms:
 - Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` at worker start: the kernel kills the worker the moment
   its parent dies, wherever it is (inside a collective, a save, C code). SIGKILL so that nothing can
   be written afterwards; a save cut short leaves only a staging directory, which the next writer
-  clears (``convert/staging.py``), and ``latest`` keeps naming the last complete checkpoint.
+  clears (``checkpoint/staging.py``), and ``latest`` keeps naming the last complete checkpoint.
 - :meth:`ParentWatch.check`, called by the training loop before each step and each save: compares
   ``os.getppid()`` with the parent recorded at start, for systems without ``prctl`` and for a
   parent that died before ``prctl`` took effect. It prints one line and ``os._exit``\\ s (no

@@ -11,7 +11,7 @@ optimizer state are not finite is never saved (``finite.check_saveable``).
 
 Layout: ``save_dir/step_0000042/`` (a torch_dist checkpoint the HF exporter can read: model under
 ``model``, plus ``opdlm_convert.json``, the tokenizer in ``hf_assets/`` and the run's ``config.yaml``)
-and ``save_dir/latest`` naming the newest complete one (``run_dir.py`` decides which one a starting
+and ``save_dir/latest`` naming the newest complete one (``checkpoint/run_dir.py`` decides which one a starting
 run resumes from).
 A checkpoint is written to a staging directory and renamed into place, and ``latest`` is replaced
 atomically afterwards, so a crash while writing never damages the previous good checkpoint.
@@ -27,8 +27,9 @@ from typing import Any, Optional
 
 import torch
 
-from nemo_opdlm.convert.dist_checkpoint import check_readable, damage, sharded_model_state, write_metadata
-from nemo_opdlm.convert.staging import staged_dir
+from nemo_opdlm.checkpoint.format import check_readable, sharded_model_state, write_metadata
+from nemo_opdlm.checkpoint.manifest import damage
+from nemo_opdlm.checkpoint.staging import staged_dir
 from nemo_opdlm.errors import CheckpointError  # noqa: F401  (re-exported)
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
 from nemo_opdlm.models.student import parallel_of, unwrap
@@ -154,7 +155,7 @@ def save(save_dir: str, step: int, state: TrainState, *, extra: dict[str, Any], 
 
     Beside the state it carries what evaluation and export need without being told: the model and
     diffusion settings, the teacher's HF config (``hf_config``) and the tokenizer files of
-    ``assets_dir`` (``convert.dist_checkpoint.write_metadata``), and the whole ``run_config`` (a
+    ``assets_dir`` (``checkpoint.format.write_metadata``), and the whole ``run_config`` (a
     RunConfig) as ``config.yaml``, covered by the manifest like every other file.
 
     Refuses (:class:`NonFiniteStateError`, nothing written) when the student's weights or optimizer

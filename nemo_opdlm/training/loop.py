@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from nemo_opdlm.checkpoint import run_dir
+from nemo_opdlm.checkpoint.manifest import damage
 from nemo_opdlm.config import RunConfig, to_dict
 from nemo_opdlm.data.sampler import PromptLoader
 from nemo_opdlm.distill.packing import real_tokens
@@ -28,7 +30,7 @@ from nemo_opdlm.runtime.distributed import init_runtime, shutdown_runtime
 from nemo_opdlm.runtime.orphans import ParentWatch
 from nemo_opdlm.runtime.preemption import Preemption
 from nemo_opdlm.runtime.seeding import seed_everything, step_seed
-from nemo_opdlm.training import checkpoint, run_config, run_dir
+from nemo_opdlm.training import checkpoint, run_config
 from nemo_opdlm.training.finite import NonFiniteSteps, agreed_problem, step_problem
 from nemo_opdlm.training.metrics import MetricsLogger, describe_run, run_summary
 from nemo_opdlm.training.optim import TrainState, optimizer_step, wrap_for_training
@@ -77,7 +79,7 @@ def _train(cfg: RunConfig, parallel: ParallelContext, teacher_parallel: Parallel
     if cfg.train.save_dir:  # one writer per run directory; decided before the models load
         lock, resume_from = run_dir.open_run(cfg.train.save_dir, resume=cfg.train.resume,
                                              overwrite=cfg.train.overwrite, latest=checkpoint.LATEST,
-                                             note=_note, damage=checkpoint.damage)
+                                             note=_note, damage=damage)
     try:
         if resume_from:  # a different model is refused here, before anything loads
             check = run_config.check_resume(resume_from, cfg)

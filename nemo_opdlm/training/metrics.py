@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Any, Optional
 
-from nemo_opdlm.training.run_dir import WANDB_ID
+from nemo_opdlm.checkpoint.run_dir import WANDB_ID
 
 
 def _fmt_time(seconds: float) -> str:

@@ -22,8 +22,8 @@ from nemo_opdlm.config import RunConfig, dump_yaml, from_dict, to_dict
 from nemo_opdlm.errors import ConfigError
 from nemo_opdlm.models.config import ModelConfig
 from nemo_opdlm.models.grid import recorded_grid
-from nemo_opdlm.training.run_dir import CONFIG as CONFIG_FILE
-from nemo_opdlm.training.run_dir import step_of
+from nemo_opdlm.checkpoint.run_dir import CONFIG as CONFIG_FILE
+from nemo_opdlm.checkpoint.run_dir import step_of
 
 
 def write(directory: str, cfg: RunConfig) -> str:
@@ -84,9 +84,9 @@ def _model(section: Any) -> Optional[ModelConfig]:
 
 
 def model_differences(saved_model: Optional[ModelConfig], now: ModelConfig, prefix: str) -> list[str]:
-    """``prefix+field: saved -> now`` for every architecture field (``convert.hf_config.ARCHITECTURE_FIELDS``:
+    """``prefix+field: saved -> now`` for every architecture field (``models.describe.ARCHITECTURE_FIELDS``:
     what decides the weights' shapes or what they compute; not dtype, back ends or recompute)."""
-    from nemo_opdlm.convert.hf_config import ARCHITECTURE_FIELDS
+    from nemo_opdlm.models.describe import ARCHITECTURE_FIELDS
 
     if saved_model is None:
         return []
@@ -137,8 +137,8 @@ def check_resume(ckpt_dir: str, cfg: RunConfig) -> ResumeCheck:
             differ += model_differences(teacher, cfg.teacher, "teacher_model.")
         saved_diffusion = saved.get("diffusion")
     else:
-        from nemo_opdlm.convert.dist_checkpoint import META_FILE, read_checkpoint_meta
-        from nemo_opdlm.convert.hf_config import model_config_from_dict
+        from nemo_opdlm.checkpoint.format import META_FILE, read_checkpoint_meta
+        from nemo_opdlm.models.describe import model_config_from_dict
 
         source = os.path.join(ckpt_dir, META_FILE)
         meta = read_checkpoint_meta(ckpt_dir) or {}

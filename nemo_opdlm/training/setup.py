@@ -12,9 +12,9 @@ from typing import Optional
 
 import torch
 
+from nemo_opdlm.checkpoint.format import check_checkpoint_config, load_dist_checkpoint
 from nemo_opdlm.config import RunConfig
 from nemo_opdlm.convert.hf_config import read_hf_config
-from nemo_opdlm.convert.dist_checkpoint import check_checkpoint_config, load_dist_checkpoint
 from nemo_opdlm.convert.hf_to_mcore import check_hf_config, load_hf_weights
 from nemo_opdlm.data.prompts import check_mask_token, check_vocab_fits, load_prompts, pad_id
 from nemo_opdlm.data.prompts import eos_ids as tokenizer_eos_ids

@@ -537,7 +537,7 @@ def test_full_disk_during_a_checkpoint_save(env, capsys, monkeypatch):
 def test_a_killed_imports_staging_is_cleared_by_the_next(env, capsys):
     """A SIGKILLed tools/import_hf.py left .NAME.tmp-* beside --out forever: the next import to that
     --out removes what a dead process left, and keeps what a live one is writing."""
-    from nemo_opdlm.convert.staging import clear_leftovers
+    from nemo_opdlm.checkpoint.staging import clear_leftovers
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()

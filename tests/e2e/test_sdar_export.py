@@ -58,7 +58,8 @@ def ckpt(qwen_dir, tmp_path_factory) -> str:
 
 def _with_recorded_diffusion(ckpt: str, directory: str, diffusion: dict) -> str:
     """A copy of ``ckpt`` whose opdlm_convert.json records ``diffusion`` (as a trainer's does)."""
-    from nemo_opdlm.convert.dist_checkpoint import META_FILE, write_manifest
+    from nemo_opdlm.checkpoint.format import META_FILE
+    from nemo_opdlm.checkpoint.manifest import write_manifest
 
     shutil.copytree(ckpt, directory)
     path = os.path.join(directory, META_FILE)

@@ -121,7 +121,7 @@ def test_infinite_lr_stops_without_writing_a_nonfinite_checkpoint(tmp_path):
     with no checkpoint stops without writing one, and a resumed run stops with its last good
     checkpoint still latest and intact."""
     from nemo_opdlm.errors import NonFiniteStateError
-    from nemo_opdlm.training.checkpoint import damage
+    from nemo_opdlm.checkpoint.manifest import damage
 
     fresh = make_run(str(tmp_path), "optim.lr=inf", "train.steps=4", "train.save_every=1",
                      f"train.save_dir={tmp_path / 'fresh'}")

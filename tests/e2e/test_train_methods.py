@@ -98,7 +98,7 @@ def test_absolute_grid_trains_is_recorded_and_other_grids_are_refused(tmp_path, 
         train(make_run(str(tmp_path), "diffusion.block_grid=response", "diffusion.shift_logits=true",
                        "train.steps=3"))
     # saved before the setting existed: no block_grid in the metadata (its manifest rewritten to match)
-    from nemo_opdlm.convert.dist_checkpoint import write_manifest
+    from nemo_opdlm.checkpoint.manifest import write_manifest
 
     meta = json.load(open(meta_path))
     del meta["diffusion"]["block_grid"]

@@ -79,7 +79,7 @@ def test_damaged_checkpoints_are_named_and_passed_over(tmp_path, capsys):
     """16 bytes of the newest checkpoint's largest shard overwritten (which resumed silently, with a
     loss 2e4 times the intact one): the damage names the file, and a resumed run falls back to the
     step before it, with losses equal to an uninterrupted run's; a truncated shard is named too."""
-    from nemo_opdlm.training.checkpoint import damage
+    from nemo_opdlm.checkpoint.manifest import damage
 
     cfg = make_run(str(tmp_path / "a"), "train.steps=2", "train.save_every=1")
     train(cfg)
@@ -171,7 +171,7 @@ def test_run_config_is_saved_and_a_resume_with_another_model_is_refused(tmp_path
     whose model differs is refused before anything loads, naming the fields; the run says what it
     builds before step 1, each checkpoint it saves, and how it ended."""
     from nemo_opdlm.recipes.lookup import resolve
-    from nemo_opdlm.training.checkpoint import damage
+    from nemo_opdlm.checkpoint.manifest import damage
 
     cfg = make_run(str(tmp_path), "train.steps=2", "train.save_every=1")
     capsys.readouterr()
@@ -223,7 +223,7 @@ def test_a_conversion_continues_at_a_larger_block(tmp_path, monkeypatch, capsys)
     the resumed steps' rollouts are decoded on block 8's schedule, their states mask and attend in
     blocks of 8, and the checkpoint records block 8 (an evaluation or export reads it from there);
     the same resume that also changes a model field is refused, naming it."""
-    from nemo_opdlm.convert.dist_checkpoint import read_checkpoint_meta
+    from nemo_opdlm.checkpoint.format import read_checkpoint_meta
     from nemo_opdlm.models.masks import NOISY
     from nemo_opdlm.recipes.base import continued_at_block
 

@@ -328,7 +328,7 @@ def test_a_stopped_rank_ends_the_job_in_one_line_per_rank_and_resumes_exactly(tm
 def test_checkpoint_directories_get_a_plain_mkdir_mode(tmp_path):
     """``step_N/`` (and every staged output) was 0700 (tempfile.mkdtemp) inside a 0755 run directory:
     unreadable for the rest of a shared cluster. It now gets a plain mkdir's mode: 0777 less the umask."""
-    from nemo_opdlm.convert.staging import staged_dir
+    from nemo_opdlm.checkpoint.staging import staged_dir
 
     old = os.umask(0o027)
     try:

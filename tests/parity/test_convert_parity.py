@@ -89,7 +89,7 @@ def test_bf16_checkpoint_round_trips_bit_identically_in_bf16(rt, tmp_path):
 
 
 def test_student_and_teacher_must_share_a_vocabulary(rt, hf_dirs):
-    from nemo_opdlm.convert.errors import VocabMismatchError
+    from nemo_opdlm.checkpoint.errors import VocabMismatchError
 
     directory, _ = hf_dirs["qwen2"]
     teacher = hfc.model_config_from_hf(hfc.read_hf_config(directory)).replace(vocab_size=VOCAB + 28)
@@ -98,8 +98,8 @@ def test_student_and_teacher_must_share_a_vocabulary(rt, hf_dirs):
 
 
 def test_loading_a_checkpoint_into_another_architecture_is_refused(rt, hf_dirs, tmp_path):
-    from nemo_opdlm.convert.errors import CheckpointFileError
-    from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint
+    from nemo_opdlm.checkpoint.errors import CheckpointFileError
+    from nemo_opdlm.checkpoint.format import load_dist_checkpoint
     from nemo_opdlm.convert.hf_to_mcore import import_hf
     from nemo_opdlm.models.student import build_chunks
 

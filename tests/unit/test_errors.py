@@ -5,16 +5,17 @@ from __future__ import annotations
 import json
 
 from nemo_opdlm import cli, errors
+from nemo_opdlm.checkpoint import errors as checkpoint_errors
 from nemo_opdlm.convert import errors as convert_errors
 
 
 def test_hierarchy():
     for cls in (errors.ConfigError, errors.DataError, errors.CheckpointError, errors.ConvertError,
                 errors.NonFiniteLossError, convert_errors.UnsupportedArchitectureError,
-                convert_errors.CheckpointFileError):
+                checkpoint_errors.CheckpointFileError):
         assert issubclass(cls, errors.OPDLMError), cls
     assert issubclass(errors.ConfigError, ValueError) and issubclass(errors.DataError, ValueError)
-    assert issubclass(convert_errors.CheckpointFileError, errors.CheckpointError)  # one "damaged checkpoint"
+    assert issubclass(checkpoint_errors.CheckpointFileError, errors.CheckpointError)  # one "damaged checkpoint"
     assert not issubclass(errors.ConvertError, errors.ConfigError)
     from nemo_opdlm.config import ConfigError
     from nemo_opdlm.data.prompts import DataError

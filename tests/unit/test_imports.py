@@ -19,6 +19,7 @@ LAYERS = (
     ("errors",),
     ("runtime",),
     ("models",),
+    ("checkpoint",),
     ("data",),
     ("rollout",),
     ("distill",),

@@ -14,12 +14,13 @@ import os
 
 import pytest
 
+from nemo_opdlm.checkpoint.errors import ArchitectureMismatchError
 from nemo_opdlm.config import RunConfig, from_dict, to_dict
 from nemo_opdlm.recipes.lookup import resolve
 from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert.architecture import model_config_of_weights
-from nemo_opdlm.convert.errors import ArchitectureMismatchError
 from nemo_opdlm.errors import ConfigError
+from nemo_opdlm.models.describe import model_config_to_dict
 from tests.convert_models import save_hf, save_tokenizer
 
 pytest.importorskip("transformers")
@@ -99,7 +100,7 @@ def test_model_sources_and_their_errors(user_model, tmp_path):
     ckpt = tmp_path / "step_1"
     ckpt.mkdir()
     recorded = hfc.model_config_from_hf(hfc.read_hf_config(user_model)).replace(num_layers=3)
-    (ckpt / "opdlm_convert.json").write_text(json.dumps({"model_config": hfc.model_config_to_dict(recorded)}))
+    (ckpt / "opdlm_convert.json").write_text(json.dumps({"model_config": model_config_to_dict(recorded)}))
     assert model_config_of_weights(str(ckpt), "init.teacher_checkpoint") == recorded
     with pytest.raises(ConfigError, match="init.teacher_hf: .* is not a directory.*set the model"):
         from_dict(RunConfig, _run(str(tmp_path / "nowhere"), diffusion={"mask_token_id": 99})).complete()

@@ -1,5 +1,5 @@
-"""Converter pieces against independent references: fusing rules, safetensors I/O, HF configs,
-staging (nothing half-written), the exported modeling file's mask rule. No megatron runtime."""
+"""Converter pieces against independent references: fusing rules, safetensors I/O, HF configs, the
+exported modeling file's mask rule. No megatron runtime."""
 
 from __future__ import annotations
 
@@ -13,12 +13,11 @@ import torch
 
 from nemo_opdlm.convert import hf_config as hfc
 from nemo_opdlm.convert import key_maps as km
-from nemo_opdlm.convert.errors import (CheckpointFileError, TargetExistsError, UnsupportedArchitectureError,
-                                       VocabMismatchError)
+from nemo_opdlm.checkpoint.errors import CheckpointFileError, VocabMismatchError
+from nemo_opdlm.convert.errors import UnsupportedArchitectureError
 from nemo_opdlm.convert.hf_to_mcore import HFCheckpoint
 from nemo_opdlm.convert.mcore_to_hf import MODELING_FILE
 from nemo_opdlm.convert.safetensors_io import SafetensorsFile, write_safetensors
-from nemo_opdlm.convert.staging import staged_dir
 from nemo_opdlm.models import masks
 from tests.convert_models import hf_config, save_hf, save_tokenizer
 from tests.tiny import tiny_model
@@ -162,7 +161,7 @@ def test_hf_checkpoint_refuses_vocab_and_shape_mismatch(tmp_path):
     """A model config that differs from the directory's config.json names every differing field (a
     run with model.num_layers=1 on a 2-layer teacher used to hear of 'an architecture feature that
     is not supported'); without a config.json, the tensors themselves are checked."""
-    from nemo_opdlm.convert.errors import ArchitectureMismatchError
+    from nemo_opdlm.checkpoint.errors import ArchitectureMismatchError
 
     d = str(tmp_path / "ll")
     save_hf("llama", d)
@@ -243,57 +242,6 @@ def test_tokenizer_larger_than_embedding_is_refused(tmp_path):
         hfc.check_tokenizer_fits(str(tmp_path), 100)
     with pytest.raises(VocabMismatchError, match="teacher vocab_size=100"):
         hfc.check_same_vocab(tiny_model(vocab_size=100), tiny_model(vocab_size=101))
-
-
-# --- staging ----------------------------------------------------------------------------------
-
-def test_staged_dir_is_all_or_nothing(tmp_path):
-    target = str(tmp_path / "out")
-    with staged_dir(target, overwrite=False) as st:
-        open(os.path.join(st, "a"), "w").write("1")
-    assert os.listdir(target) == ["a"]
-    with pytest.raises(TargetExistsError, match="--overwrite"):
-        with staged_dir(target, overwrite=False):
-            pass
-    with pytest.raises(RuntimeError):
-        with staged_dir(target, overwrite=True) as st:
-            open(os.path.join(st, "b"), "w").write("2")
-            raise RuntimeError("half-way")
-    assert os.listdir(target) == ["a"]  # the previous complete version survives
-    assert sorted(os.listdir(tmp_path)) == ["out"]  # no staging left behind
-    with staged_dir(target, overwrite=True) as st:
-        open(os.path.join(st, "b"), "w").write("2")
-    assert os.listdir(target) == ["b"] and sorted(os.listdir(tmp_path)) == ["out"]
-
-
-def test_staged_dir_names_a_full_disk_and_guards_other_files(tmp_path):
-    """A writer's ENOSPC (here wrapped, as megatron wraps it) is re-raised as ENOSPC naming the
-    target; --overwrite of a directory holding files the writer does not write is refused."""
-    import errno
-
-    from nemo_opdlm.convert.staging import OutputKind
-
-    target = str(tmp_path / "out")
-    with pytest.raises(OSError) as info:
-        with staged_dir(target, overwrite=False):
-            try:
-                raise OSError(errno.ENOSPC, "No space left on device", "shard")
-            except OSError as err:
-                raise RuntimeError("unexpected pos 704 vs 598") from err
-    assert info.value.errno == errno.ENOSPC and info.value.filename == target
-    assert "unexpected pos 704 vs 598" in info.value.strerror and os.listdir(tmp_path) == []
-    kind = OutputKind("thing", ("a", "*.bin"))
-    os.makedirs(target)
-    for name in ("a", "x.bin", "notes.txt"):
-        open(os.path.join(target, name), "w").write("1")
-    with pytest.raises(TargetExistsError, match="out is not a previous thing: it holds 1 entry one does not "
-                                                r"\(notes.txt\), which --overwrite would delete"):
-        with staged_dir(target, overwrite=True, kind=kind):
-            pass
-    os.remove(os.path.join(target, "notes.txt"))
-    with staged_dir(target, overwrite=True, kind=kind) as st:
-        open(os.path.join(st, "b.bin"), "w").write("2")
-    assert os.listdir(target) == ["b.bin"]
 
 
 # --- the exported modeling file ---------------------------------------------------------------

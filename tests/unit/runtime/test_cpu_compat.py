@@ -12,8 +12,8 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 
-from nemo_opdlm.convert.errors import CheckpointFileError
-from nemo_opdlm.convert.dist_checkpoint import check_readable
+from nemo_opdlm.checkpoint.errors import CheckpointFileError
+from nemo_opdlm.checkpoint.format import check_readable
 from nemo_opdlm.runtime.comm import collective_device
 from nemo_opdlm.runtime.pipeline import model_device, to_device
 
@@ -67,7 +67,7 @@ def test_check_readable(tmp_path):
 def test_a_removed_common_pt_is_damage_not_a_newer_megatron(tmp_path):
     """A checkpoint this megatron-core wrote, with common.pt deleted: named as a missing file (it
     was diagnosed as 'written by megatron-core >= 0.17'); the intact copy loads."""
-    from nemo_opdlm.convert.dist_checkpoint import load_dist_checkpoint, save_dist_checkpoint
+    from nemo_opdlm.checkpoint.format import load_dist_checkpoint, save_dist_checkpoint
     from nemo_opdlm.models.student import build_chunks
     from nemo_opdlm.runtime.distributed import ParallelLayout, runtime
     from tests.tiny import tiny_model

@@ -30,7 +30,7 @@ def test_wandb_run_id_is_stored_in_the_run_dir_and_resumed(tmp_path, monkeypatch
     the id file (a replaced run) a new id is drawn. Needs the `wandb` package (pip extra: wandb)."""
     wandb = pytest.importorskip("wandb")
     from nemo_opdlm.training.metrics import MetricsLogger
-    from nemo_opdlm.training.run_dir import WANDB_ID
+    from nemo_opdlm.checkpoint.run_dir import WANDB_ID
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

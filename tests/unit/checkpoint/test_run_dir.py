@@ -11,7 +11,7 @@ import time
 import pytest
 
 from nemo_opdlm.errors import CheckpointError
-from nemo_opdlm.training import run_dir as R
+from nemo_opdlm.checkpoint import run_dir as R
 
 
 def _step(save_dir, n):

@@ -4,16 +4,15 @@ One job: the on-disk format every part of the package shares (the importer, the 
 trainer's checkpoints, evaluation): megatron-core's sharded files with global layer keys, so any
 TP/PP/VPP layout can load them, plus ``opdlm_convert.json`` (the ModelConfig, the source HF config,
 the diffusion settings) and ``hf_assets/`` (config + tokenizer files). Non-goals: HF safetensors
-(``hf_to_mcore.py``, ``mcore_to_hf.py``), optimizer state and the trainer's step directories
-(``training/checkpoint.py``). ``manifest.json`` (every file's size and BLAKE2b digest) is written
-at save and checked before a load, so a damaged file is named instead of loading silently wrong
-weights or failing with a bare ``EOFError``.
+(``convert/hf_to_mcore.py``, ``convert/mcore_to_hf.py``), optimizer state (``training/checkpoint.py``)
+and the trainer's step directories (``run_dir.py``). ``manifest.json`` (``manifest.py``: every file's
+size and BLAKE2b digest) is written at save and checked before a load, so a damaged file is named
+instead of loading silently wrong weights or failing with a bare ``EOFError``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import shutil
@@ -21,68 +20,24 @@ from typing import Any, Iterable, Optional
 
 import torch
 
-from nemo_opdlm.convert import hf_config as hfc
-from nemo_opdlm.convert.errors import ArchitectureMismatchError, CheckpointFileError, VocabMismatchError
-from nemo_opdlm.convert.staging import OutputKind, staged_dir
+from nemo_opdlm.checkpoint.errors import ArchitectureMismatchError, CheckpointFileError, VocabMismatchError
+from nemo_opdlm.checkpoint.manifest import MANIFEST, damage, write_manifest
+from nemo_opdlm.checkpoint.staging import OutputKind, staged_dir
 from nemo_opdlm.models.config import DiffusionConfig, ModelConfig
+from nemo_opdlm.models.describe import architecture_differences, fix_fields, model_config_from_dict, model_config_to_dict
 from nemo_opdlm.models.student import unwrap
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 
 META_FILE = "opdlm_convert.json"
 ASSETS_DIR = "hf_assets"
 META_VERSION = 1
-MANIFEST = "manifest.json"
-"""Every file of a checkpoint with its size and BLAKE2b digest, written at save, checked at load."""
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                   "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+"""The tokenizer files (beside ``config.json``) a checkpoint keeps in ``hf_assets/`` and an export copies."""
 DIST_CHECKPOINT = OutputKind("megatron-core checkpoint", (
     "metadata.json", ".metadata", "common.pt", "*.distcp", META_FILE, MANIFEST, ASSETS_DIR))
 """Everything :func:`save_dist_checkpoint` writes: ``--overwrite`` replaces such a checkpoint only."""
-
-
-def _digest(path: str) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _files(ckpt_dir: str) -> list[str]:
-    out = []
-    for root, _, names in os.walk(ckpt_dir):
-        out += [os.path.relpath(os.path.join(root, n), ckpt_dir) for n in names if n != MANIFEST]
-    return sorted(out)
-
-
-def write_manifest(ckpt_dir: str) -> None:
-    """``manifest.json``: the size and BLAKE2b digest of every file of the checkpoint."""
-    files = {name: {"bytes": os.path.getsize(os.path.join(ckpt_dir, name)), "blake2b": _digest(os.path.join(ckpt_dir, name))}
-             for name in _files(ckpt_dir)}
-    with open(os.path.join(ckpt_dir, MANIFEST), "w") as f:
-        json.dump({"files": files}, f, indent=1)
-
-
-def damage(ckpt_dir: str) -> Optional[str]:
-    """What is wrong with a checkpoint's files against its manifest (None: intact, or a checkpoint
-    written before manifests existed). Names the first damaged file: missing, of another size
-    (truncated, or a full disk), or of other content (bytes overwritten)."""
-    path = os.path.join(ckpt_dir, MANIFEST)
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError) as err:
-        return f"{path} is unreadable ({err})"
-    for name, want in files.items():
-        full = os.path.join(ckpt_dir, name)
-        if not os.path.isfile(full):
-            return f"{full} is missing"
-        size = os.path.getsize(full)
-        if size != want["bytes"]:
-            return f"{full} has {size} bytes, {want['bytes']} when saved (truncated or cut short)"
-        if _digest(full) != want["blake2b"]:
-            return f"{full} differs from what was saved (its checksum does not match): the file is damaged"
-    return None
 
 
 def _chunk_keys(chunks: list[torch.nn.Module]) -> list[str]:
@@ -138,14 +93,14 @@ def write_metadata(directory: str, cfg: ModelConfig, *, hf_config: Optional[dict
     ``assets_dir``) and the ``manifest.json`` of every file, written last."""
     meta = {
         "format_version": META_VERSION,
-        "model_config": hfc.model_config_to_dict(cfg),
+        "model_config": model_config_to_dict(cfg),
         "hf_config": hf_config,
         "diffusion": None if diffusion is None else dataclasses.asdict(diffusion),
         **extra,
     }
     with open(os.path.join(directory, META_FILE), "w") as f:
         json.dump(meta, f, indent=2)
-    _copy_assets(assets_dir, os.path.join(directory, ASSETS_DIR), ("config.json",) + hfc.TOKENIZER_FILES)
+    _copy_assets(assets_dir, os.path.join(directory, ASSETS_DIR), ("config.json",) + TOKENIZER_FILES)
     write_manifest(directory)
 
 
@@ -165,11 +120,11 @@ def check_checkpoint_config(ckpt_dir: str, cfg: ModelConfig, prefix: str = "") -
     meta = read_checkpoint_meta(ckpt_dir) or {}
     if not meta.get("model_config"):
         return
-    differ = hfc.architecture_differences(cfg, hfc.model_config_from_dict(meta["model_config"]), prefix)
+    differ = architecture_differences(cfg, model_config_from_dict(meta["model_config"]), prefix)
     if differ:
         raise ArchitectureMismatchError(
             f"{ckpt_dir} holds another model than the one being loaded: {'; '.join(differ)} (the loaded model's "
-            f"value first): {hfc.fix_fields(prefix)}")
+            f"value first): {fix_fields(prefix)}")
 
 
 VOCAB_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
-from nemo_opdlm.convert.errors import TargetExistsError
+from nemo_opdlm.checkpoint.errors import TargetExistsError
 from nemo_opdlm.runtime.comm import barrier, broadcast_object, is_rank0
 
 STALE_S = 3600.0

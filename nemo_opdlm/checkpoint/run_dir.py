@@ -2,7 +2,7 @@
 
 One job: before a run writes anything under ``save_dir``, take the directory's lock (refusing a
 second writer, taking over a lock its dead owner left), clear what a killed save left behind, and
-decide where the run starts. Non-goals: writing checkpoints (``checkpoint.py``).
+decide where the run starts. Non-goals: writing checkpoints (``format.py``, ``training/checkpoint.py``).
 
 The lock is ``save_dir/.opdlm.lock``: JSON naming its holder (host, pid, Slurm job, start time),
 created exclusively and touched every ``HEARTBEAT_S`` seconds by a daemon thread of rank 0. A
@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from nemo_opdlm.convert.staging import process_alive
+from nemo_opdlm.checkpoint.staging import process_alive
 from nemo_opdlm.errors import CheckpointError, describe_os_error
 from nemo_opdlm.runtime.comm import broadcast_object, is_rank0
 
