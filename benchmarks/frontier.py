@@ -214,7 +214,7 @@ def plot(result: dict[str, Any], png: str) -> Optional[str]:
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    return png
+    return os.path.relpath(png, ROOT)  # the result file names it from the repository, on any machine
 
 
 # --- driver -------------------------------------------------------------------------------------

@@ -125,7 +125,8 @@ def reach_table(runs_by_method: dict[str, list[dict[str, Any]]], teacher_accurac
                 }
         for method in per:
             for mode in MODES:
-                cell, ref = per[method][mode], per.get("opdlm", {}).get(mode)
+                grid = method.partition("@")[2] or "response"  # compared with OPDLM on its own grid
+                cell, ref = per[method][mode], per.get(label("opdlm", grid), {}).get(mode)
                 ok = ref is not None and not ref["lower_bound"] and ref["mean_tokens"] > 0
                 cell["ratio_to_opdlm"] = cell["mean_tokens"] / ref["mean_tokens"] if ok else None
         out[f"{round(100 * frac)}pct"] = {"target_accuracy": target, "methods": per}
@@ -463,6 +464,8 @@ def one_run(args: argparse.Namespace, task: str, method: str, seed: int, grid: s
                     points.append({"step": step, "tokens": tokens[step], **_scores(res)})
         eval_s += time.perf_counter() - t
         if cap is None or run["status"] != "exited":
+            if cap is not None:  # the schedule spans the cap: its last step ends the run there
+                stopped = "reached" if _reached_all(points, teacher) else "cap"
             break
         for _, path in ckpts[:-1]:  # scored; the last one is where the next segment resumes
             shutil.rmtree(path, ignore_errors=True)

@@ -36,6 +36,8 @@ def test_reach_ratios_and_lower_bounds():
     sft = cell["sft"]["static"]
     assert sft["reached"] == "1/2" and sft["lower_bound"] and sft["mean_tokens"] == 300.0
     assert sft["ratio_to_opdlm"] == pytest.approx(2.0)
+    on_grid = TE.reach_table({f"{m}@absolute": r for m, r in runs.items()}, 1.0)["90pct"]["methods"]
+    assert on_grid["sft@absolute"]["static"]["ratio_to_opdlm"] == pytest.approx(2.0)  # against opdlm@absolute
     final = TE.final_spread(runs)
     assert final["sft"]["static"]["spread"] == pytest.approx(0.6)
     assert final["opdlm"]["static_minus_dynamic"]["mean"] == pytest.approx(0.1)
